@@ -1,0 +1,1054 @@
+// Device memory over host memory.
+//
+// Device allocations live in anonymous host mappings but are handed out at
+// fake device addresses (from 1 << 44 up, never reused), so a host dereference
+// of a device pointer faults as it would on a GPU and a stale pointer is never
+// silently valid again. Managed and pinned host memory are host-accessible,
+// so they use their host address, as with unified addressing. Every charge
+// goes through the shared file (mem_charge), so the device's memory is one
+// budget for all processes.
+#include "sim.h"
+
+#include <algorithm>
+#include <cstring>
+#include <sys/mman.h>
+
+namespace sim {
+
+namespace {
+
+std::map<uint64_t, Alloc *> g_allocs;      // by base address
+uint64_t g_next_addr = 1ull << 44;         // fake device address space
+unsigned long long g_next_id = 1;
+
+struct Pool {
+    int dev = 0;
+    uint64_t release_threshold = 0;
+    uint64_t used = 0, used_high = 0;
+    bool is_default = false;
+};
+std::vector<Pool *> g_pools;
+
+struct Physical {                          // cuMemCreate
+    int dev = 0;
+    uint64_t size = 0;
+    void *host = nullptr;
+    int mappings = 0;
+    bool released = false;
+    CUmemAllocationProp prop{};
+};
+std::map<uint64_t, uint64_t> g_reservations;   // cuMemAddressReserve: base -> size
+
+uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+void *map_host(uint64_t size) {
+    void *p = mmap(nullptr, round_up(size ? size : 1, 4096), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? nullptr : p;
+}
+
+void unmap_host(void *p, uint64_t size) { munmap(p, round_up(size ? size : 1, 4096)); }
+
+uint64_t take_addresses(uint64_t size, uint64_t align) {
+    g_next_addr = round_up(g_next_addr, align);
+    uint64_t a = g_next_addr;
+    g_next_addr += round_up(size ? size : 1, kAllocAlign);
+    return a;
+}
+
+// Allocates and charges. Caller holds g_mu.
+CUresult alloc_common(Context *c, uint64_t size, MemKind kind, Pool *pool, Alloc **out) {
+    if (size == 0) return CUDA_ERROR_INVALID_VALUE;
+    uint64_t charge = round_up(size, kAllocAlign);
+    int phys = g_devices[c->dev].phys;
+    if (!mem_charge(phys, charge)) return CUDA_ERROR_OUT_OF_MEMORY;
+    void *host = map_host(size);
+    if (!host) {
+        mem_uncharge(phys, charge);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    Alloc *a = new Alloc();
+    a->base = kind == MemKind::Managed ? reinterpret_cast<uint64_t>(host) : take_addresses(size, kAllocAlign);
+    a->size = size;
+    a->charged = charge;
+    a->host = host;
+    a->kind = kind;
+    a->ctx = c;
+    a->dev = c->dev;
+    a->id = g_next_id++;
+    if (pool) {
+        a->pool = reinterpret_cast<CUmemoryPool>(pool);
+        pool->used += charge;
+        pool->used_high = std::max(pool->used_high, pool->used);
+    }
+    g_allocs[a->base] = a;
+    *out = a;
+    return CUDA_SUCCESS;
+}
+
+void release(Alloc *a) {
+    g_allocs.erase(a->base);
+    if (a->charged) mem_uncharge(g_devices[a->dev].phys, a->charged);
+    if (a->pool) reinterpret_cast<Pool *>(a->pool)->used -= a->charged;
+    if (a->owned_host && a->host) unmap_host(a->host, a->size);
+    delete a;
+}
+
+Pool *default_pool(int dev) {
+    Device &d = g_devices[dev];
+    if (!d.default_pool) {
+        Pool *p = new Pool();
+        p->dev = dev;
+        p->is_default = true;
+        g_pools.push_back(p);
+        d.default_pool = reinterpret_cast<CUmemoryPool>(p);
+    }
+    if (!d.current_pool) d.current_pool = d.default_pool;
+    return reinterpret_cast<Pool *>(d.current_pool);
+}
+
+bool valid_pool(CUmemoryPool h) {
+    return std::find(g_pools.begin(), g_pools.end(), reinterpret_cast<Pool *>(h)) != g_pools.end();
+}
+
+void free_physical_if_unused(Physical *p) {
+    if (p->released && p->mappings == 0) {
+        mem_uncharge(g_devices[p->dev].phys, p->size);
+        unmap_host(p->host, p->size);
+        delete p;
+    }
+}
+
+}  // namespace
+
+Alloc *find_alloc(uint64_t addr) {
+    auto it = g_allocs.upper_bound(addr);
+    if (it == g_allocs.begin()) return nullptr;
+    --it;
+    Alloc *a = it->second;
+    return addr < a->base + std::max<uint64_t>(a->size, 1) ? a : nullptr;
+}
+
+void *translate(uint64_t addr, uint64_t len, Alloc **out) {
+    Alloc *a = find_alloc(addr);
+    if (!a || addr + len > a->base + a->size || addr + len < addr) return nullptr;
+    if (out) *out = a;
+    return static_cast<char *>(a->host) + (addr - a->base);
+}
+
+void free_context_memory(Context *c) {
+    std::vector<Alloc *> mine;
+    for (auto &kv : g_allocs)
+        if (kv.second->ctx == c && kv.second->kind != MemKind::Physical) mine.push_back(kv.second);
+    for (Alloc *a : mine) release(a);
+}
+
+}  // namespace sim
+
+using namespace sim;
+
+namespace {
+
+// Resolve a copy endpoint: device/managed/pinned memory through the allocation
+// table, anything else is taken as ordinary host memory (unified addressing).
+void *resolve(uint64_t addr, uint64_t len, bool must_be_device) {
+    void *p = translate(addr, len);
+    if (p) return p;
+    if (must_be_device) return nullptr;
+    return reinterpret_cast<void *>(addr);
+}
+
+CUresult copy(uint64_t dst, uint64_t src, size_t n, bool dst_dev, bool src_dev, CUstream h, bool per_thread,
+              bool wait) {
+    std::unique_lock<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    if (n == 0) return CUDA_SUCCESS;
+    void *d = resolve(dst, n, dst_dev), *s = resolve(src, n, src_dev);
+    if (!d || !s) return CUDA_ERROR_INVALID_VALUE;
+    Stream *st;
+    rc = resolve_stream(h, per_thread, &st);
+    if (rc != CUDA_SUCCESS) return rc;
+    engine_run_ordered(lk, st, [d, s, n] { memmove(d, s, n); }, wait);
+    return wait ? c->sticky : CUDA_SUCCESS;
+}
+
+template <typename T>
+CUresult memset_n(uint64_t dst, T value, size_t n, size_t pitch, size_t height, CUstream h, bool per_thread,
+                  bool wait) {
+    std::unique_lock<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    if (n == 0 || height == 0) return CUDA_SUCCESS;
+    if (pitch == 0) pitch = n * sizeof(T);
+    size_t span = pitch * (height - 1) + n * sizeof(T);
+    char *p = static_cast<char *>(translate(dst, span));
+    if (!p) return CUDA_ERROR_INVALID_VALUE;
+    Stream *st;
+    rc = resolve_stream(h, per_thread, &st);
+    if (rc != CUDA_SUCCESS) return rc;
+    engine_run_ordered(lk, st, [p, value, n, pitch, height] {
+        for (size_t row = 0; row < height; row++) {
+            T *q = reinterpret_cast<T *>(p + row * pitch);
+            if (sizeof(T) == 1) memset(q, (int)value, n);
+            else std::fill(q, q + n, value);
+        }
+    }, wait);
+    return wait ? c->sticky : CUDA_SUCCESS;
+}
+
+// 2D/3D copies: each endpoint is host, device, array or unified memory.
+struct Endpoint {
+    CUmemorytype type;
+    const void *host;
+    CUdeviceptr dev;
+    CUarray array;
+    size_t x, y, z, pitch, height;
+};
+
+char *endpoint_base(const Endpoint &e, size_t span) {
+    uint64_t off = e.x + e.y * e.pitch + e.z * e.pitch * e.height;
+    switch (e.type) {
+    case CU_MEMORYTYPE_HOST: return static_cast<char *>(const_cast<void *>(e.host)) + off;
+    case CU_MEMORYTYPE_DEVICE: return static_cast<char *>(translate(e.dev + off, span));
+    case CU_MEMORYTYPE_UNIFIED: return static_cast<char *>(resolve(e.dev + off, span, false));
+    case CU_MEMORYTYPE_ARRAY: {
+        Alloc *a = reinterpret_cast<Alloc *>(e.array);
+        if (!a || !g_allocs.count(a->base) || off + span > a->size) return nullptr;
+        return static_cast<char *>(a->host) + off;
+    }
+    }
+    return nullptr;
+}
+
+CUresult copy3d(Endpoint s, Endpoint d, size_t width, size_t height, size_t depth, CUstream h, bool per_thread,
+                bool wait) {
+    std::unique_lock<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    if (width == 0 || height == 0 || depth == 0) return CUDA_SUCCESS;
+    if (s.pitch == 0) s.pitch = width;
+    if (d.pitch == 0) d.pitch = width;
+    if (s.pitch < width || d.pitch < width) return CUDA_ERROR_INVALID_VALUE;
+    if (s.height == 0) s.height = height;
+    if (d.height == 0) d.height = height;
+    size_t sspan = s.pitch * s.height * (depth - 1) + s.pitch * (height - 1) + width;
+    size_t dspan = d.pitch * d.height * (depth - 1) + d.pitch * (height - 1) + width;
+    char *sp = endpoint_base(s, sspan), *dp = endpoint_base(d, dspan);
+    if (!sp || !dp) return CUDA_ERROR_INVALID_VALUE;
+    Stream *st;
+    rc = resolve_stream(h, per_thread, &st);
+    if (rc != CUDA_SUCCESS) return rc;
+    engine_run_ordered(lk, st, [=] {
+        for (size_t z = 0; z < depth; z++)
+            for (size_t y = 0; y < height; y++)
+                memmove(dp + z * d.pitch * d.height + y * d.pitch, sp + z * s.pitch * s.height + y * s.pitch, width);
+    }, wait);
+    return wait ? c->sticky : CUDA_SUCCESS;
+}
+
+CUresult copy2d(const CUDA_MEMCPY2D *p, CUstream h, bool per_thread, bool wait) {
+    if (!p) return CUDA_ERROR_INVALID_VALUE;
+    Endpoint s{p->srcMemoryType, p->srcHost, p->srcDevice, p->srcArray, p->srcXInBytes, p->srcY, 0, p->srcPitch, 0};
+    Endpoint d{p->dstMemoryType, p->dstHost, p->dstDevice, p->dstArray, p->dstXInBytes, p->dstY, 0, p->dstPitch, 0};
+    return copy3d(s, d, p->WidthInBytes, p->Height, 1, h, per_thread, wait);
+}
+
+CUresult copy3d_desc(const CUDA_MEMCPY3D *p, CUstream h, bool per_thread, bool wait) {
+    if (!p) return CUDA_ERROR_INVALID_VALUE;
+    Endpoint s{p->srcMemoryType, p->srcHost, p->srcDevice, p->srcArray, p->srcXInBytes, p->srcY, p->srcZ,
+               p->srcPitch, p->srcHeight};
+    Endpoint d{p->dstMemoryType, p->dstHost, p->dstDevice, p->dstArray, p->dstXInBytes, p->dstY, p->dstZ,
+               p->dstPitch, p->dstHeight};
+    return copy3d(s, d, p->WidthInBytes, p->Height, p->Depth, h, per_thread, wait);
+}
+
+CUresult free_common(CUdeviceptr dptr, MemKind expect) {
+    std::unique_lock<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    if (dptr == 0) return CUDA_SUCCESS;
+    auto it = g_allocs.find(dptr);
+    if (it == g_allocs.end()) return CUDA_ERROR_INVALID_VALUE;
+    Alloc *a = it->second;
+    if (expect == MemKind::Host ? a->kind != MemKind::Host
+                                : (a->kind != MemKind::Device && a->kind != MemKind::Managed))
+        return CUDA_ERROR_INVALID_VALUE;
+    // Freeing memory that queued work may still use waits for that work, as
+    // cuMemFree synchronizes.
+    if (a->ctx && valid_context(a->ctx)) engine_sync_context(lk, a->ctx);
+    release(a);
+    return CUDA_SUCCESS;
+}
+
+size_t format_bytes(CUarray_format f) {
+    switch (f) {
+    case CU_AD_FORMAT_UNSIGNED_INT8:
+    case CU_AD_FORMAT_SIGNED_INT8: return 1;
+    case CU_AD_FORMAT_UNSIGNED_INT16:
+    case CU_AD_FORMAT_SIGNED_INT16:
+    case CU_AD_FORMAT_HALF: return 2;
+    case CU_AD_FORMAT_UNSIGNED_INT32:
+    case CU_AD_FORMAT_SIGNED_INT32:
+    case CU_AD_FORMAT_FLOAT: return 4;
+    default: return 0;
+    }
+}
+
+struct ArrayInfo {
+    CUDA_ARRAY3D_DESCRIPTOR desc;
+};
+std::map<Alloc *, ArrayInfo> g_arrays;
+
+CUresult array_create(CUarray *h, const CUDA_ARRAY3D_DESCRIPTOR *d) {
+    if (!h || !d) return CUDA_ERROR_INVALID_VALUE;
+    size_t eb = format_bytes(d->Format);
+    if (!eb || d->Width == 0 || (d->NumChannels != 1 && d->NumChannels != 2 && d->NumChannels != 4))
+        return CUDA_ERROR_INVALID_VALUE;
+    uint64_t bytes = (uint64_t)d->Width * std::max<size_t>(d->Height, 1) * std::max<size_t>(d->Depth, 1) *
+                     d->NumChannels * eb;
+    std::lock_guard<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    Alloc *a;
+    rc = alloc_common(c, bytes, MemKind::Array, nullptr, &a);
+    if (rc != CUDA_SUCCESS) return rc;
+    g_arrays[a] = ArrayInfo{*d};
+    *h = reinterpret_cast<CUarray>(a);
+    return CUDA_SUCCESS;
+}
+
+Alloc *as_array(CUarray h) {
+    Alloc *a = reinterpret_cast<Alloc *>(h);
+    return g_arrays.count(a) ? a : nullptr;
+}
+
+}  // namespace
+
+// --- allocation --------------------------------------------------------------
+
+SIM_API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
+    if (!dptr) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    Alloc *a;
+    rc = alloc_common(c, bytesize, MemKind::Device, nullptr, &a);
+    if (rc == CUDA_SUCCESS) *dptr = a->base;
+    return rc;
+}
+
+SIM_API CUresult cuMemAlloc(CUdeviceptr_v1 *dptr, unsigned int bytesize) {
+    if (!dptr) return CUDA_ERROR_INVALID_VALUE;
+    CUdeviceptr p = 0;
+    CUresult rc = cuMemAlloc_v2(&p, bytesize);
+    *dptr = (CUdeviceptr_v1)p;   // the 32-bit API: truncated, as it always was
+    return rc;
+}
+
+SIM_API CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pPitch, size_t width, size_t height,
+                                    unsigned int elementSize) {
+    if (!dptr || !pPitch || width == 0 || height == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (elementSize != 4 && elementSize != 8 && elementSize != 16) return CUDA_ERROR_INVALID_VALUE;
+    size_t pitch = (width + 511) / 512 * 512;
+    CUresult rc = cuMemAlloc_v2(dptr, pitch * height);
+    if (rc == CUDA_SUCCESS) *pPitch = pitch;
+    return rc;
+}
+
+SIM_API CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags) {
+    if (!dptr) return CUDA_ERROR_INVALID_VALUE;
+    if (flags != CU_MEM_ATTACH_GLOBAL && flags != CU_MEM_ATTACH_HOST) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    Alloc *a;
+    rc = alloc_common(c, bytesize, MemKind::Managed, nullptr, &a);
+    if (rc == CUDA_SUCCESS) *dptr = a->base;
+    return rc;
+}
+
+SIM_API CUresult cuMemFree_v2(CUdeviceptr dptr) { return free_common(dptr, MemKind::Device); }
+SIM_API CUresult cuMemFree(CUdeviceptr_v1 dptr) { return free_common(dptr, MemKind::Device); }
+
+SIM_API CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    uint64_t used = mem_used(g_devices[c->dev].phys);
+    if (free_bytes) *free_bytes = used >= g_cfg.memory ? 0 : g_cfg.memory - used;
+    if (total) *total = g_cfg.memory;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemGetInfo(unsigned int *free_bytes, unsigned int *total) {
+    size_t f = 0, t = 0;
+    CUresult rc = cuMemGetInfo_v2(&f, &t);
+    if (rc == CUDA_SUCCESS) {
+        if (free_bytes) *free_bytes = f > 0xffffffffu ? 0xffffffffu : (unsigned)f;
+        if (total) *total = t > 0xffffffffu ? 0xffffffffu : (unsigned)t;
+    }
+    return rc;
+}
+
+SIM_API CUresult cuMemGetAddressRange_v2(CUdeviceptr *pbase, size_t *psize, CUdeviceptr dptr) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    Alloc *a = find_alloc(dptr);
+    if (!a) return CUDA_ERROR_NOT_FOUND;
+    if (pbase) *pbase = a->base;
+    if (psize) *psize = a->size;
+    return CUDA_SUCCESS;
+}
+
+// --- host memory ---------------------------------------------------------------
+
+SIM_API CUresult cuMemHostAlloc(void **pp, size_t bytesize, unsigned int flags) {
+    if (!pp || bytesize == 0) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    void *host = map_host(bytesize);
+    if (!host) return CUDA_ERROR_OUT_OF_MEMORY;
+    Alloc *a = new Alloc();
+    a->base = reinterpret_cast<uint64_t>(host);
+    a->size = bytesize;
+    a->host = host;
+    a->kind = MemKind::Host;
+    a->ctx = c;
+    a->dev = c->dev;
+    a->id = g_next_id++;
+    g_allocs[a->base] = a;
+    *pp = host;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemAllocHost_v2(void **pp, size_t bytesize) { return cuMemHostAlloc(pp, bytesize, 0); }
+SIM_API CUresult cuMemAllocHost(void **pp, unsigned int bytesize) { return cuMemHostAlloc(pp, bytesize, 0); }
+SIM_API CUresult cuMemFreeHost(void *p) { return free_common(reinterpret_cast<uint64_t>(p), MemKind::Host); }
+
+SIM_API CUresult cuMemHostRegister_v2(void *p, size_t bytesize, unsigned int flags) {
+    if (!p || bytesize == 0) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    uint64_t base = reinterpret_cast<uint64_t>(p);
+    if (find_alloc(base)) return CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
+    Alloc *a = new Alloc();
+    a->base = base;
+    a->size = bytesize;
+    a->host = p;
+    a->kind = MemKind::Host;
+    a->ctx = c;
+    a->dev = c->dev;
+    a->owned_host = false;
+    a->id = g_next_id++;
+    g_allocs[base] = a;
+    return CUDA_SUCCESS;
+}
+SIM_API CUresult cuMemHostRegister(void *p, size_t bytesize, unsigned int flags) {
+    return cuMemHostRegister_v2(p, bytesize, flags);
+}
+
+SIM_API CUresult cuMemHostUnregister(void *p) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    auto it = g_allocs.find(reinterpret_cast<uint64_t>(p));
+    if (it == g_allocs.end() || it->second->owned_host) return CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED;
+    release(it->second);
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr *pdptr, void *p, unsigned int flags) {
+    if (!pdptr || flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    Alloc *a = find_alloc(reinterpret_cast<uint64_t>(p));
+    if (!a || a->kind != MemKind::Host) return CUDA_ERROR_INVALID_VALUE;
+    *pdptr = reinterpret_cast<uint64_t>(p);
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemHostGetFlags(unsigned int *flags, void *p) {
+    if (!flags) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    Alloc *a = find_alloc(reinterpret_cast<uint64_t>(p));
+    if (!a || a->kind != MemKind::Host) return CUDA_ERROR_INVALID_VALUE;
+    *flags = CU_MEMHOSTALLOC_DEVICEMAP;
+    return CUDA_SUCCESS;
+}
+
+// --- pointer attributes --------------------------------------------------------
+
+static CUresult pointer_attribute(void *data, CUpointer_attribute attr, CUdeviceptr ptr, bool lenient) {
+    Alloc *a = find_alloc(ptr);
+    if (!a) {
+        if (!lenient) return CUDA_ERROR_INVALID_VALUE;
+        // cuPointerGetAttributes reports unknown (host) pointers as such.
+        switch (attr) {
+        case CU_POINTER_ATTRIBUTE_MEMORY_TYPE: *static_cast<unsigned *>(data) = 0; break;
+        case CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: *static_cast<int *>(data) = -2; break;
+        case CU_POINTER_ATTRIBUTE_CONTEXT: *static_cast<CUcontext *>(data) = nullptr; break;
+        case CU_POINTER_ATTRIBUTE_IS_MANAGED:
+        case CU_POINTER_ATTRIBUTE_MAPPED: *static_cast<int *>(data) = 0; break;
+        default: break;
+        }
+        return CUDA_SUCCESS;
+    }
+    switch (attr) {
+    case CU_POINTER_ATTRIBUTE_CONTEXT: *static_cast<CUcontext *>(data) = reinterpret_cast<CUcontext>(a->ctx); break;
+    case CU_POINTER_ATTRIBUTE_MEMORY_TYPE:
+        *static_cast<unsigned *>(data) = a->kind == MemKind::Host ? CU_MEMORYTYPE_HOST : CU_MEMORYTYPE_DEVICE;
+        break;
+    case CU_POINTER_ATTRIBUTE_DEVICE_POINTER: *static_cast<CUdeviceptr *>(data) = ptr; break;
+    case CU_POINTER_ATTRIBUTE_HOST_POINTER:
+        if (a->kind != MemKind::Host && a->kind != MemKind::Managed) return CUDA_ERROR_INVALID_VALUE;
+        *static_cast<void **>(data) = reinterpret_cast<void *>(ptr);
+        break;
+    case CU_POINTER_ATTRIBUTE_SYNC_MEMOPS: *static_cast<int *>(data) = 1; break;
+    case CU_POINTER_ATTRIBUTE_BUFFER_ID: *static_cast<unsigned long long *>(data) = a->id; break;
+    case CU_POINTER_ATTRIBUTE_IS_MANAGED: *static_cast<int *>(data) = a->kind == MemKind::Managed; break;
+    case CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL: *static_cast<int *>(data) = a->dev; break;
+    case CU_POINTER_ATTRIBUTE_RANGE_START_ADDR: *static_cast<CUdeviceptr *>(data) = a->base; break;
+    case CU_POINTER_ATTRIBUTE_RANGE_SIZE: *static_cast<size_t *>(data) = a->size; break;
+    case CU_POINTER_ATTRIBUTE_MAPPED: *static_cast<int *>(data) = 1; break;
+    case CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE: *static_cast<int *>(data) = 0; break;
+    case CU_POINTER_ATTRIBUTE_ALLOWED_HANDLE_TYPES: *static_cast<unsigned long long *>(data) = 0; break;
+    case CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE: *static_cast<CUmemoryPool *>(data) = a->pool; break;
+    default: return CUDA_ERROR_INVALID_VALUE;
+    }
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuPointerGetAttribute(void *data, CUpointer_attribute attribute, CUdeviceptr ptr) {
+    if (!data) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    return pointer_attribute(data, attribute, ptr, false);
+}
+
+SIM_API CUresult cuPointerGetAttributes(unsigned int n, CUpointer_attribute *attrs, void **data, CUdeviceptr ptr) {
+    if (!attrs || !data) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    for (unsigned i = 0; i < n; i++) {
+        if (!data[i]) continue;
+        rc = pointer_attribute(data[i], attrs[i], ptr, true);
+        if (rc != CUDA_SUCCESS) return rc;
+    }
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuPointerSetAttribute(const void *value, CUpointer_attribute attribute, CUdeviceptr ptr) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    return find_alloc(ptr) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+// --- copies and sets -------------------------------------------------------------
+
+#define HOST(p) reinterpret_cast<uint64_t>(p)
+
+SIM_API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
+    return copy(dst, HOST(src), n, true, false, nullptr, false, true);
+}
+SIM_API CUresult cuMemcpyHtoD_v2_ptds(CUdeviceptr dst, const void *src, size_t n) {
+    return copy(dst, HOST(src), n, true, false, nullptr, true, true);
+}
+SIM_API CUresult cuMemcpyHtoD(CUdeviceptr_v1 dst, const void *src, unsigned int n) {
+    return copy(dst, HOST(src), n, true, false, nullptr, false, true);
+}
+SIM_API CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
+    return copy(HOST(dst), src, n, false, true, nullptr, false, true);
+}
+SIM_API CUresult cuMemcpyDtoH_v2_ptds(void *dst, CUdeviceptr src, size_t n) {
+    return copy(HOST(dst), src, n, false, true, nullptr, true, true);
+}
+SIM_API CUresult cuMemcpyDtoH(void *dst, CUdeviceptr_v1 src, unsigned int n) {
+    return copy(HOST(dst), src, n, false, true, nullptr, false, true);
+}
+SIM_API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    return copy(dst, src, n, true, true, nullptr, false, true);
+}
+SIM_API CUresult cuMemcpyDtoD_v2_ptds(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    return copy(dst, src, n, true, true, nullptr, true, true);
+}
+SIM_API CUresult cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    return copy(dst, src, n, false, false, nullptr, false, true);
+}
+SIM_API CUresult cuMemcpy_ptds(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    return copy(dst, src, n, false, false, nullptr, true, true);
+}
+SIM_API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, CUstream s) {
+    return copy(dst, HOST(src), n, true, false, s, false, false);
+}
+SIM_API CUresult cuMemcpyHtoDAsync_v2_ptsz(CUdeviceptr dst, const void *src, size_t n, CUstream s) {
+    return copy(dst, HOST(src), n, true, false, s, true, false);
+}
+SIM_API CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, CUstream s) {
+    return copy(HOST(dst), src, n, false, true, s, false, false);
+}
+SIM_API CUresult cuMemcpyDtoHAsync_v2_ptsz(void *dst, CUdeviceptr src, size_t n, CUstream s) {
+    return copy(HOST(dst), src, n, false, true, s, true, false);
+}
+SIM_API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
+    return copy(dst, src, n, true, true, s, false, false);
+}
+SIM_API CUresult cuMemcpyDtoDAsync_v2_ptsz(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
+    return copy(dst, src, n, true, true, s, true, false);
+}
+SIM_API CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
+    return copy(dst, src, n, false, false, s, false, false);
+}
+SIM_API CUresult cuMemcpyAsync_ptsz(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s) {
+    return copy(dst, src, n, false, false, s, true, false);
+}
+SIM_API CUresult cuMemcpyPeer(CUdeviceptr dst, CUcontext dc, CUdeviceptr src, CUcontext sc, size_t n) {
+    return copy(dst, src, n, true, true, nullptr, false, true);
+}
+SIM_API CUresult cuMemcpyPeerAsync(CUdeviceptr dst, CUcontext dc, CUdeviceptr src, CUcontext sc, size_t n,
+                                   CUstream s) {
+    return copy(dst, src, n, true, true, s, false, false);
+}
+SIM_API CUresult cuMemcpy2D_v2(const CUDA_MEMCPY2D *p) { return copy2d(p, nullptr, false, true); }
+SIM_API CUresult cuMemcpy2D_v2_ptds(const CUDA_MEMCPY2D *p) { return copy2d(p, nullptr, true, true); }
+SIM_API CUresult cuMemcpy2DUnaligned_v2(const CUDA_MEMCPY2D *p) { return copy2d(p, nullptr, false, true); }
+SIM_API CUresult cuMemcpy2DUnaligned_v2_ptds(const CUDA_MEMCPY2D *p) { return copy2d(p, nullptr, true, true); }
+SIM_API CUresult cuMemcpy2DAsync_v2(const CUDA_MEMCPY2D *p, CUstream s) { return copy2d(p, s, false, false); }
+SIM_API CUresult cuMemcpy2DAsync_v2_ptsz(const CUDA_MEMCPY2D *p, CUstream s) { return copy2d(p, s, true, false); }
+SIM_API CUresult cuMemcpy3D_v2(const CUDA_MEMCPY3D *p) { return copy3d_desc(p, nullptr, false, true); }
+SIM_API CUresult cuMemcpy3D_v2_ptds(const CUDA_MEMCPY3D *p) { return copy3d_desc(p, nullptr, true, true); }
+SIM_API CUresult cuMemcpy3DAsync_v2(const CUDA_MEMCPY3D *p, CUstream s) { return copy3d_desc(p, s, false, false); }
+SIM_API CUresult cuMemcpy3DAsync_v2_ptsz(const CUDA_MEMCPY3D *p, CUstream s) {
+    return copy3d_desc(p, s, true, false);
+}
+
+static CUresult array_copy(CUarray arr, size_t off, uint64_t other, size_t n, bool to_array, bool other_dev,
+                           CUstream s, bool wait) {
+    uint64_t abase;
+    {
+        std::lock_guard<std::mutex> lk(g_mu);
+        Alloc *a = as_array(arr);
+        if (!a || off + n > a->size) return CUDA_ERROR_INVALID_VALUE;
+        abase = reinterpret_cast<uint64_t>(a->host) + off;
+    }
+    // The array's backing is host memory: copy as unified memory.
+    return to_array ? copy(abase, other, n, false, other_dev, s, false, wait)
+                    : copy(other, abase, n, other_dev, false, s, false, wait);
+}
+
+SIM_API CUresult cuMemcpyHtoA_v2(CUarray dst, size_t off, const void *src, size_t n) {
+    return array_copy(dst, off, HOST(src), n, true, false, nullptr, true);
+}
+SIM_API CUresult cuMemcpyAtoH_v2(void *dst, CUarray src, size_t off, size_t n) {
+    return array_copy(src, off, HOST(dst), n, false, false, nullptr, true);
+}
+SIM_API CUresult cuMemcpyDtoA_v2(CUarray dst, size_t off, CUdeviceptr src, size_t n) {
+    return array_copy(dst, off, src, n, true, true, nullptr, true);
+}
+SIM_API CUresult cuMemcpyAtoD_v2(CUdeviceptr dst, CUarray src, size_t off, size_t n) {
+    return array_copy(src, off, dst, n, false, true, nullptr, true);
+}
+SIM_API CUresult cuMemcpyHtoAAsync_v2(CUarray dst, size_t off, const void *src, size_t n, CUstream s) {
+    return array_copy(dst, off, HOST(src), n, true, false, s, false);
+}
+SIM_API CUresult cuMemcpyAtoHAsync_v2(void *dst, CUarray src, size_t off, size_t n, CUstream s) {
+    return array_copy(src, off, HOST(dst), n, false, false, s, false);
+}
+
+#define MEMSET_FAMILY(NAME, T, SUFFIX, PT)                                                                \
+    SIM_API CUresult NAME##SUFFIX(CUdeviceptr d, T v, size_t n) {                                       \
+        return memset_n<T>(d, v, n, 0, 1, nullptr, PT, true);                                            \
+    }
+MEMSET_FAMILY(cuMemsetD8, unsigned char, _v2, false)
+MEMSET_FAMILY(cuMemsetD16, unsigned short, _v2, false)
+MEMSET_FAMILY(cuMemsetD32, unsigned int, _v2, false)
+MEMSET_FAMILY(cuMemsetD8, unsigned char, _v2_ptds, true)
+MEMSET_FAMILY(cuMemsetD16, unsigned short, _v2_ptds, true)
+MEMSET_FAMILY(cuMemsetD32, unsigned int, _v2_ptds, true)
+#undef MEMSET_FAMILY
+
+#define MEMSET_ASYNC(NAME, T, SUFFIX, PT)                                                                 \
+    SIM_API CUresult NAME##SUFFIX(CUdeviceptr d, T v, size_t n, CUstream s) {                            \
+        return memset_n<T>(d, v, n, 0, 1, s, PT, false);                                                   \
+    }
+MEMSET_ASYNC(cuMemsetD8Async, unsigned char, , false)
+MEMSET_ASYNC(cuMemsetD16Async, unsigned short, , false)
+MEMSET_ASYNC(cuMemsetD32Async, unsigned int, , false)
+MEMSET_ASYNC(cuMemsetD8Async, unsigned char, _ptsz, true)
+MEMSET_ASYNC(cuMemsetD16Async, unsigned short, _ptsz, true)
+MEMSET_ASYNC(cuMemsetD32Async, unsigned int, _ptsz, true)
+#undef MEMSET_ASYNC
+
+#define MEMSET_2D(NAME, T, SUFFIX, PT)                                                                    \
+    SIM_API CUresult NAME##SUFFIX(CUdeviceptr d, size_t pitch, T v, size_t w, size_t h) {                \
+        return memset_n<T>(d, v, w, pitch, h, nullptr, PT, true);                                         \
+    }
+MEMSET_2D(cuMemsetD2D8, unsigned char, _v2, false)
+MEMSET_2D(cuMemsetD2D16, unsigned short, _v2, false)
+MEMSET_2D(cuMemsetD2D32, unsigned int, _v2, false)
+MEMSET_2D(cuMemsetD2D8, unsigned char, _v2_ptds, true)
+MEMSET_2D(cuMemsetD2D16, unsigned short, _v2_ptds, true)
+MEMSET_2D(cuMemsetD2D32, unsigned int, _v2_ptds, true)
+#undef MEMSET_2D
+
+#define MEMSET_2D_ASYNC(NAME, T, SUFFIX, PT)                                                              \
+    SIM_API CUresult NAME##SUFFIX(CUdeviceptr d, size_t pitch, T v, size_t w, size_t h, CUstream s) {    \
+        return memset_n<T>(d, v, w, pitch, h, s, PT, false);                                               \
+    }
+MEMSET_2D_ASYNC(cuMemsetD2D8Async, unsigned char, , false)
+MEMSET_2D_ASYNC(cuMemsetD2D16Async, unsigned short, , false)
+MEMSET_2D_ASYNC(cuMemsetD2D32Async, unsigned int, , false)
+MEMSET_2D_ASYNC(cuMemsetD2D8Async, unsigned char, _ptsz, true)
+MEMSET_2D_ASYNC(cuMemsetD2D16Async, unsigned short, _ptsz, true)
+MEMSET_2D_ASYNC(cuMemsetD2D32Async, unsigned int, _ptsz, true)
+#undef MEMSET_2D_ASYNC
+
+// --- arrays ----------------------------------------------------------------------
+
+SIM_API CUresult cuArrayCreate_v2(CUarray *h, const CUDA_ARRAY_DESCRIPTOR *d) {
+    if (!d) return CUDA_ERROR_INVALID_VALUE;
+    CUDA_ARRAY3D_DESCRIPTOR d3{};
+    d3.Width = d->Width;
+    d3.Height = d->Height;
+    d3.Format = d->Format;
+    d3.NumChannels = d->NumChannels;
+    return array_create(h, &d3);
+}
+SIM_API CUresult cuArray3DCreate_v2(CUarray *h, const CUDA_ARRAY3D_DESCRIPTOR *d) { return array_create(h, d); }
+
+SIM_API CUresult cuArrayDestroy(CUarray h) {
+    std::unique_lock<std::mutex> lk(g_mu);
+    Alloc *a = as_array(h);
+    if (!a) return CUDA_ERROR_INVALID_HANDLE;
+    if (valid_context(a->ctx)) engine_sync_context(lk, a->ctx);
+    g_arrays.erase(a);
+    release(a);
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuArray3DGetDescriptor_v2(CUDA_ARRAY3D_DESCRIPTOR *d, CUarray h) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    Alloc *a = as_array(h);
+    if (!a || !d) return CUDA_ERROR_INVALID_HANDLE;
+    *d = g_arrays[a].desc;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuArrayGetDescriptor_v2(CUDA_ARRAY_DESCRIPTOR *d, CUarray h) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    Alloc *a = as_array(h);
+    if (!a || !d) return CUDA_ERROR_INVALID_HANDLE;
+    const CUDA_ARRAY3D_DESCRIPTOR &s = g_arrays[a].desc;
+    d->Width = s.Width;
+    d->Height = s.Height;
+    d->Format = s.Format;
+    d->NumChannels = s.NumChannels;
+    return CUDA_SUCCESS;
+}
+
+// --- stream-ordered allocation and pools ---------------------------------------------
+
+static CUresult alloc_async(CUdeviceptr *dptr, size_t size, CUmemoryPool hpool, CUstream h, bool pt) {
+    if (!dptr) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    Stream *s;
+    rc = resolve_stream(h, pt, &s);
+    if (rc != CUDA_SUCCESS) return rc;
+    Pool *pool;
+    if (hpool) {
+        if (!valid_pool(hpool)) return CUDA_ERROR_INVALID_VALUE;
+        pool = reinterpret_cast<Pool *>(hpool);
+    } else {
+        pool = default_pool(s->ctx->dev);
+    }
+    // Memory is taken at once (the pool keeps nothing cached), so what the
+    // device shows in use is what the stream order will have live.
+    Alloc *a;
+    rc = alloc_common(s->ctx, size, MemKind::Device, pool, &a);
+    if (rc == CUDA_SUCCESS) *dptr = a->base;
+    return rc;
+}
+
+SIM_API CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t size, CUstream s) {
+    return alloc_async(dptr, size, nullptr, s, false);
+}
+SIM_API CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t size, CUstream s) {
+    return alloc_async(dptr, size, nullptr, s, true);
+}
+SIM_API CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t size, CUmemoryPool pool, CUstream s) {
+    if (!pool) return CUDA_ERROR_INVALID_VALUE;
+    return alloc_async(dptr, size, pool, s, false);
+}
+SIM_API CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t size, CUmemoryPool pool, CUstream s) {
+    if (!pool) return CUDA_ERROR_INVALID_VALUE;
+    return alloc_async(dptr, size, pool, s, true);
+}
+
+static CUresult free_async(CUdeviceptr dptr, CUstream h, bool pt) {
+    std::unique_lock<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    auto it = g_allocs.find(dptr);
+    if (it == g_allocs.end() || it->second->kind != MemKind::Device) return CUDA_ERROR_INVALID_VALUE;
+    Stream *s;
+    rc = resolve_stream(h, pt, &s);
+    if (rc != CUDA_SUCCESS) return rc;
+    Alloc *a = it->second;
+    // Released when the stream reaches this point.
+    engine_run_ordered(lk, s, [a] { release(a); }, false);
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream s) { return free_async(dptr, s, false); }
+SIM_API CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream s) { return free_async(dptr, s, true); }
+
+SIM_API CUresult cuDeviceGetDefaultMemPool(CUmemoryPool *pool, CUdevice dev) {
+    CUresult rc = check_device(dev);
+    if (rc != CUDA_SUCCESS) return rc;
+    if (!pool) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    default_pool(dev);
+    *pool = g_devices[dev].default_pool;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuDeviceGetMemPool(CUmemoryPool *pool, CUdevice dev) {
+    CUresult rc = check_device(dev);
+    if (rc != CUDA_SUCCESS) return rc;
+    if (!pool) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    *pool = reinterpret_cast<CUmemoryPool>(default_pool(dev));
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuDeviceSetMemPool(CUdevice dev, CUmemoryPool pool) {
+    CUresult rc = check_device(dev);
+    if (rc != CUDA_SUCCESS) return rc;
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!valid_pool(pool) || reinterpret_cast<Pool *>(pool)->dev != dev) return CUDA_ERROR_INVALID_VALUE;
+    g_devices[dev].current_pool = pool;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemPoolCreate(CUmemoryPool *pool, const CUmemPoolProps *props) {
+    if (!pool || !props || props->location.type != CU_MEM_LOCATION_TYPE_DEVICE) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = check_device(props->location.id);
+    if (rc != CUDA_SUCCESS) return rc;
+    std::lock_guard<std::mutex> lk(g_mu);
+    Pool *p = new Pool();
+    p->dev = props->location.id;
+    g_pools.push_back(p);
+    *pool = reinterpret_cast<CUmemoryPool>(p);
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemPoolDestroy(CUmemoryPool pool) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!valid_pool(pool) || reinterpret_cast<Pool *>(pool)->is_default) return CUDA_ERROR_INVALID_VALUE;
+    Pool *p = reinterpret_cast<Pool *>(pool);
+    for (Device &d : g_devices)
+        if (d.current_pool == pool) d.current_pool = d.default_pool;
+    g_pools.erase(std::find(g_pools.begin(), g_pools.end(), p));
+    for (auto &kv : g_allocs)
+        if (kv.second->pool == pool) kv.second->pool = nullptr;
+    delete p;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t minBytesToKeep) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    return valid_pool(pool) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+SIM_API CUresult cuMemPoolSetAttribute(CUmemoryPool pool, CUmemPool_attribute attr, void *value) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!valid_pool(pool) || !value) return CUDA_ERROR_INVALID_VALUE;
+    Pool *p = reinterpret_cast<Pool *>(pool);
+    switch (attr) {
+    case CU_MEMPOOL_ATTR_RELEASE_THRESHOLD: p->release_threshold = *static_cast<cuuint64_t *>(value); break;
+    case CU_MEMPOOL_ATTR_USED_MEM_HIGH:
+    case CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH: p->used_high = p->used; break;
+    default: break;
+    }
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemPoolGetAttribute(CUmemoryPool pool, CUmemPool_attribute attr, void *value) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!valid_pool(pool) || !value) return CUDA_ERROR_INVALID_VALUE;
+    Pool *p = reinterpret_cast<Pool *>(pool);
+    switch (attr) {
+    case CU_MEMPOOL_ATTR_RELEASE_THRESHOLD: *static_cast<cuuint64_t *>(value) = p->release_threshold; break;
+    case CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT:
+    case CU_MEMPOOL_ATTR_USED_MEM_CURRENT: *static_cast<cuuint64_t *>(value) = p->used; break;
+    case CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH:
+    case CU_MEMPOOL_ATTR_USED_MEM_HIGH: *static_cast<cuuint64_t *>(value) = p->used_high; break;
+    default: *static_cast<int *>(value) = 1; break;   // the reuse policies: all on
+    }
+    return CUDA_SUCCESS;
+}
+
+// --- virtual memory management -------------------------------------------------------
+
+SIM_API CUresult cuMemGetAllocationGranularity(size_t *g, const CUmemAllocationProp *prop,
+                                               CUmemAllocationGranularity_flags option) {
+    if (!g || !prop) return CUDA_ERROR_INVALID_VALUE;
+    *g = kVmmGranularity;
+    return check_init();
+}
+
+SIM_API CUresult cuMemAddressReserve(CUdeviceptr *ptr, size_t size, size_t alignment, CUdeviceptr addr,
+                                     unsigned long long flags) {
+    if (!ptr || size == 0 || size % kVmmGranularity) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    uint64_t base = take_addresses(size, std::max<uint64_t>(alignment, kVmmGranularity));
+    g_reservations[base] = size;
+    *ptr = base;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemAddressFree(CUdeviceptr ptr, size_t size) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    auto it = g_reservations.find(ptr);
+    if (it == g_reservations.end() || it->second != size) return CUDA_ERROR_INVALID_VALUE;
+    g_reservations.erase(it);
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, const CUmemAllocationProp *prop,
+                             unsigned long long flags) {
+    if (!handle || !prop || size == 0 || size % kVmmGranularity) return CUDA_ERROR_INVALID_VALUE;
+    if (prop->type != CU_MEM_ALLOCATION_TYPE_PINNED || prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE)
+        return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = check_device(prop->location.id);
+    if (rc != CUDA_SUCCESS) return rc;
+    std::lock_guard<std::mutex> lk(g_mu);
+    int dev = prop->location.id;
+    if (!mem_charge(g_devices[dev].phys, size)) return CUDA_ERROR_OUT_OF_MEMORY;
+    void *host = map_host(size);
+    if (!host) {
+        mem_uncharge(g_devices[dev].phys, size);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    Physical *p = new Physical();
+    p->dev = dev;
+    p->size = size;
+    p->host = host;
+    p->prop = *prop;
+    *handle = reinterpret_cast<CUmemGenericAllocationHandle>(p);
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    Physical *p = reinterpret_cast<Physical *>(handle);
+    if (!p || p->released) return CUDA_ERROR_INVALID_VALUE;
+    p->released = true;
+    free_physical_if_unused(p);   // otherwise when its last mapping goes
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAllocationHandle handle,
+                          unsigned long long flags) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    Physical *p = reinterpret_cast<Physical *>(handle);
+    if (!p || p->released || offset + size > p->size || size == 0) return CUDA_ERROR_INVALID_VALUE;
+    auto r = g_reservations.upper_bound(ptr);
+    if (r == g_reservations.begin()) return CUDA_ERROR_INVALID_VALUE;
+    --r;
+    if (ptr + size > r->first + r->second) return CUDA_ERROR_INVALID_VALUE;
+    if (find_alloc(ptr) || find_alloc(ptr + size - 1)) return CUDA_ERROR_INVALID_VALUE;
+    Alloc *a = new Alloc();
+    a->base = ptr;
+    a->size = size;
+    a->host = static_cast<char *>(p->host) + offset;
+    a->kind = MemKind::Physical;
+    a->dev = p->dev;
+    a->owned_host = false;
+    a->id = reinterpret_cast<unsigned long long>(p);   // the physical handle, for cuMemRetainAllocationHandle
+    a->ctx = current_context();
+    g_allocs[ptr] = a;
+    p->mappings++;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemUnmap(CUdeviceptr ptr, size_t size) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    std::vector<Alloc *> gone;
+    for (auto it = g_allocs.lower_bound(ptr); it != g_allocs.end() && it->first < ptr + size; ++it)
+        if (it->second->kind == MemKind::Physical) gone.push_back(it->second);
+    if (gone.empty()) return CUDA_ERROR_INVALID_VALUE;
+    for (Alloc *a : gone) {
+        Physical *p = reinterpret_cast<Physical *>(a->id);
+        g_allocs.erase(a->base);
+        delete a;
+        p->mappings--;
+        free_physical_if_unused(p);
+    }
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *desc, size_t count) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!desc || count == 0) return CUDA_ERROR_INVALID_VALUE;
+    Alloc *a = find_alloc(ptr);
+    return a && a->kind == MemKind::Physical ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+SIM_API CUresult cuMemGetAccess(unsigned long long *flags, const CUmemLocation *location, CUdeviceptr ptr) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!flags) return CUDA_ERROR_INVALID_VALUE;
+    Alloc *a = find_alloc(ptr);
+    *flags = a ? CU_MEM_ACCESS_FLAGS_PROT_READWRITE : CU_MEM_ACCESS_FLAGS_PROT_NONE;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handle, void *addr) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    Alloc *a = find_alloc(reinterpret_cast<uint64_t>(addr));
+    if (!handle || !a || a->kind != MemKind::Physical) return CUDA_ERROR_INVALID_VALUE;
+    *handle = static_cast<CUmemGenericAllocationHandle>(a->id);
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemGetAllocationPropertiesFromHandle(CUmemAllocationProp *prop,
+                                                        CUmemGenericAllocationHandle handle) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    Physical *p = reinterpret_cast<Physical *>(handle);
+    if (!prop || !p) return CUDA_ERROR_INVALID_VALUE;
+    *prop = p->prop;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemAdvise_v2(CUdeviceptr ptr, size_t count, CUmem_advise advice, CUmemLocation location) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    Alloc *a = find_alloc(ptr);
+    return a && a->kind == MemKind::Managed ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+SIM_API CUresult cuMemPrefetchAsync_v2(CUdeviceptr ptr, size_t count, CUmemLocation location, unsigned int flags,
+                                       CUstream s) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    Alloc *a = find_alloc(ptr);
+    return a && a->kind == MemKind::Managed ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}

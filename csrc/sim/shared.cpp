@@ -1,0 +1,438 @@
+// The shared file of one simulated GPU.
+//
+// Every process that uses the simulated GPU maps the same file, so what one
+// process allocates the others see missing from cuMemGetInfo, and all their
+// kernels are placed on one device timeline (busy_until per device, advanced
+// with compare-and-swap: no lock on the launch path).
+//
+// The file name carries a hash of the configuration, so a GPU of another size
+// is another file: two configurations never fight over one region. It is
+// created complete under a temporary name and linked into place, so nobody
+// ever maps a half-initialised file. Memory use is kept per process slot
+// (pid + start time) under a robust process-shared mutex; the device total is
+// the sum over live slots, so a process killed at any moment, even holding the
+// lock, leaves nothing behind: its slot is reaped by whoever looks next.
+#include "sim.h"
+
+#include <cerrno>
+#include <cinttypes>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace sim {
+
+namespace {
+
+constexpr char kMagic[8] = {'F', 'G', 'S', 'I', 'M', 'G', 'P', 'U'};
+constexpr uint32_t kLayoutVersion = 1;
+constexpr int kMaxProcs = 256;
+
+struct SharedDevice {
+    uint64_t busy_until;      // device timeline: end of the last placed kernel (atomic)
+    uint64_t kernels;         // kernels placed (atomic, statistics)
+    uint64_t busy_ns;         // device time placed (atomic, statistics)
+    uint8_t uuid[16];
+};
+
+struct SharedProc {
+    int32_t pid;              // 0: free
+    uint32_t pad;
+    uint64_t start_time;      // /proc/<pid>/stat field 22, so a reused pid is not this process
+    uint64_t used[kMaxDevices];
+};
+
+struct SharedRegion {
+    char magic[8];
+    uint32_t layout_version;
+    uint32_t header_size;
+    uint64_t file_size;
+    uint64_t memory;
+    uint64_t context_memory;
+    int32_t sms;
+    int32_t devices;
+    char name[256];
+    pthread_mutex_t lock;
+    SharedDevice dev[kMaxDevices];
+    SharedProc procs[kMaxProcs];
+};
+
+SharedRegion *g_region = nullptr;
+int g_slot = -1;
+pid_t g_owner_pid = 0;
+
+uint64_t fnv1a(const void *data, size_t n, uint64_t h = 1469598103934665603ull) {
+    const unsigned char *p = static_cast<const unsigned char *>(data);
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+// Start time of a process in clock ticks since boot; 0 if it is gone or a zombie
+// (a zombie holds no GPU memory: the driver releases it at exit).
+uint64_t process_start_time(pid_t pid) {
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    const char *p = strrchr(buf, ')');  // the command name may hold spaces and parens
+    if (!p) return 0;
+    p += 2;                              // state
+    if (*p == 'Z' || *p == 'X') return 0;
+    for (int field = 3; field < 22; field++) {
+        p = strchr(p, ' ');
+        if (!p) return 0;
+        p++;
+    }
+    return strtoull(p, nullptr, 10);
+}
+
+bool slot_alive(const SharedProc &s) {
+    if (s.pid == 0) return false;
+    if (kill(s.pid, 0) != 0 && errno == ESRCH) return false;
+    return process_start_time(s.pid) == s.start_time;
+}
+
+class RegionLock {
+  public:
+    RegionLock() {
+        int rc = pthread_mutex_lock(&g_region->lock);
+        if (rc == EOWNERDEAD) {
+            // The holder died inside. Everything under the lock is per-slot and
+            // derived, so the state is consistent as it stands.
+            pthread_mutex_consistent(&g_region->lock);
+        } else if (rc != 0) {
+            warn("the simulated GPU's lock is unusable (%s); delete %s to reset it", strerror(rc),
+                 g_cfg.dir.c_str());
+            abort();
+        }
+    }
+    ~RegionLock() { pthread_mutex_unlock(&g_region->lock); }
+};
+
+void reap_locked() {
+    for (int i = 0; i < kMaxProcs; i++) {
+        SharedProc &s = g_region->procs[i];
+        if (s.pid != 0 && i != g_slot && !slot_alive(s)) memset(&s, 0, sizeof s);
+    }
+}
+
+uint64_t used_locked(int phys) {
+    uint64_t sum = 0;
+    for (int i = 0; i < kMaxProcs; i++)
+        if (g_region->procs[i].pid != 0) sum += g_region->procs[i].used[phys];
+    return sum;
+}
+
+bool parse_u64(const char *name, const char *text, uint64_t lo, uint64_t hi, uint64_t *out) {
+    // Plain decimal with an optional binary unit; the CLI writes plain bytes.
+    char *end = nullptr;
+    errno = 0;
+    if (!text || !*text || *text == '-') goto bad;
+    {
+        unsigned long long v = strtoull(text, &end, 10);
+        if (errno || end == text) goto bad;
+        uint64_t mul = 1;
+        if (!strcasecmp(end, "") || !strcasecmp(end, "B")) mul = 1;
+        else if (!strcasecmp(end, "K") || !strcasecmp(end, "KiB")) mul = 1ull << 10;
+        else if (!strcasecmp(end, "M") || !strcasecmp(end, "MiB")) mul = 1ull << 20;
+        else if (!strcasecmp(end, "G") || !strcasecmp(end, "GiB")) mul = 1ull << 30;
+        else if (!strcasecmp(end, "T") || !strcasecmp(end, "TiB")) mul = 1ull << 40;
+        else goto bad;
+        if (v > hi / mul || v * mul < lo) goto bad;
+        *out = v * mul;
+        return true;
+    }
+bad:
+    warn("%s='%s' is not valid: give a whole number from %" PRIu64 " to %" PRIu64
+         " (bytes, or with K/M/G/T), or use `fracgpu sim env` to write the settings",
+         name, text ? text : "", lo, hi);
+    return false;
+}
+
+CUresult make_dir(const std::string &dir) {
+    if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+        warn("cannot create the simulated GPU's folder %s: %s", dir.c_str(), strerror(errno));
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    struct stat st;
+    if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+        warn("%s is not a folder; set FRACGPU_SIM_DIR to a folder of yours", dir.c_str());
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    if (st.st_uid != geteuid() && !(st.st_mode & S_ISVTX)) {
+        warn("the simulated GPU's folder %s belongs to another user; set FRACGPU_SIM_DIR to a folder of yours",
+             dir.c_str());
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult init_region(SharedRegion *r, const Config &cfg, const std::string &dir, size_t size) {
+    memset(r, 0, size);
+    memcpy(r->magic, kMagic, sizeof kMagic);
+    r->layout_version = kLayoutVersion;
+    r->header_size = sizeof(SharedRegion);
+    r->file_size = size;
+    r->memory = cfg.memory;
+    r->context_memory = cfg.context_memory;
+    r->sms = cfg.sms;
+    r->devices = cfg.devices;
+    snprintf(r->name, sizeof r->name, "%s", cfg.name.c_str());
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    int rc = pthread_mutex_init(&r->lock, &a);
+    pthread_mutexattr_destroy(&a);
+    if (rc != 0) return CUDA_ERROR_OPERATING_SYSTEM;
+    // A stable identity per (folder, configuration, index): the same simulated
+    // GPU keeps its UUID across runs, another folder is another GPU.
+    for (int d = 0; d < cfg.devices; d++) {
+        uint64_t h1 = fnv1a(dir.data(), dir.size(), fnv1a(&d, sizeof d, 0x9e3779b97f4a7c15ull));
+        h1 = fnv1a(r->name, strlen(r->name), fnv1a(&cfg.memory, sizeof cfg.memory, h1));
+        uint64_t h2 = fnv1a(&h1, sizeof h1, 0x243f6a8885a308d3ull);
+        memcpy(r->dev[d].uuid, &h1, 8);
+        memcpy(r->dev[d].uuid + 8, &h2, 8);
+        r->dev[d].uuid[6] = (r->dev[d].uuid[6] & 0x0f) | 0x40;   // RFC 4122 version 4 shape
+        r->dev[d].uuid[8] = (r->dev[d].uuid[8] & 0x3f) | 0x80;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult validate_region(const SharedRegion *r, size_t file_size, const char *path) {
+    if (file_size < sizeof(r->magic) + 8 || memcmp(r->magic, kMagic, sizeof kMagic) != 0) {
+        warn("%s is not a simulated GPU file (truncated or foreign); remove it and retry", path);
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    if (r->layout_version != kLayoutVersion) {
+        warn("%s has layout version %u, this simulator uses %u; stop the processes using it, "
+             "remove it and retry", path, r->layout_version, kLayoutVersion);
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    if (r->header_size != sizeof(SharedRegion) || r->file_size != file_size ||
+        file_size < sizeof(SharedRegion)) {
+        warn("%s is truncated or of another build; remove it and retry", path);
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    return CUDA_SUCCESS;
+}
+
+}  // namespace
+
+uint64_t now_ns() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+void warn(const char *fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "fracgpu-sim: %s\n", buf);
+}
+
+CUresult load_config(Config &cfg) {
+    cfg = Config();
+    const char *v;
+    uint64_t x;
+    if ((v = getenv("FRACGPU_SIM_MEMORY")) && *v) {
+        if (!parse_u64("FRACGPU_SIM_MEMORY", v, 1, 64ull << 40, &x)) return CUDA_ERROR_INVALID_VALUE;
+        cfg.memory = x;
+    }
+    if ((v = getenv("FRACGPU_SIM_SMS")) && *v) {
+        if (!parse_u64("FRACGPU_SIM_SMS", v, 1, 1024, &x)) return CUDA_ERROR_INVALID_VALUE;
+        cfg.sms = (int)x;
+    }
+    if ((v = getenv("FRACGPU_SIM_DEVICES")) && *v) {
+        if (!parse_u64("FRACGPU_SIM_DEVICES", v, 1, kMaxDevices, &x)) return CUDA_ERROR_INVALID_VALUE;
+        cfg.devices = (int)x;
+    }
+    if ((v = getenv("FRACGPU_SIM_CONTEXT_MEMORY")) && *v) {
+        if (!parse_u64("FRACGPU_SIM_CONTEXT_MEMORY", v, 0, cfg.memory - 1, &x))
+            return CUDA_ERROR_INVALID_VALUE;
+        cfg.context_memory = x;
+    }
+    if ((v = getenv("FRACGPU_SIM_NAME")) && *v) {
+        if (strlen(v) > 200) {
+            warn("FRACGPU_SIM_NAME is longer than 200 characters");
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+        cfg.name = v;
+    }
+    if ((v = getenv("FRACGPU_SIM_DIR")) && *v) {
+        cfg.dir = v;
+    } else {
+        const char *xdg = getenv("XDG_RUNTIME_DIR");
+        struct stat st;
+        if (xdg && *xdg && stat(xdg, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == geteuid())
+            cfg.dir = std::string(xdg) + "/fracgpu-sim";
+        else
+            cfg.dir = "/tmp/fracgpu-sim-" + std::to_string((unsigned)geteuid());
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult shared_attach(const Config &cfg) {
+    CUresult rc = make_dir(cfg.dir);
+    if (rc != CUDA_SUCCESS) return rc;
+    uint64_t key = fnv1a(&kLayoutVersion, sizeof kLayoutVersion);
+    key = fnv1a(&cfg.memory, sizeof cfg.memory, key);
+    key = fnv1a(&cfg.sms, sizeof cfg.sms, key);
+    key = fnv1a(&cfg.devices, sizeof cfg.devices, key);
+    key = fnv1a(&cfg.context_memory, sizeof cfg.context_memory, key);
+    key = fnv1a(cfg.name.data(), cfg.name.size(), key);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/gpu-%016" PRIx64 ".sim", cfg.dir.c_str(), key);
+    const size_t size = (sizeof(SharedRegion) + 4095) & ~(size_t)4095;
+
+    int fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0 && errno == ENOENT) {
+        // Build the file complete under a private name, then link it into place.
+        char tmp[4200];
+        snprintf(tmp, sizeof tmp, "%s.%d.tmp", path, (int)getpid());
+        int tfd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        if (tfd < 0) {
+            warn("cannot create %s: %s", tmp, strerror(errno));
+            return CUDA_ERROR_OPERATING_SYSTEM;
+        }
+        void *m = MAP_FAILED;
+        if (ftruncate(tfd, (off_t)size) == 0)
+            m = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, tfd, 0);
+        if (m == MAP_FAILED || init_region(static_cast<SharedRegion *>(m), cfg, cfg.dir, size) != CUDA_SUCCESS) {
+            warn("cannot initialise %s: %s", tmp, strerror(errno));
+            if (m != MAP_FAILED) munmap(m, size);
+            close(tfd);
+            unlink(tmp);
+            return CUDA_ERROR_OPERATING_SYSTEM;
+        }
+        munmap(m, size);
+        close(tfd);
+        if (link(tmp, path) != 0 && errno != EEXIST) {
+            warn("cannot create %s: %s", path, strerror(errno));
+            unlink(tmp);
+            return CUDA_ERROR_OPERATING_SYSTEM;
+        }
+        unlink(tmp);
+        fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    }
+    if (fd < 0) {
+        warn("cannot open %s: %s", path, strerror(errno));
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        warn("%s is not a regular file; remove it and retry", path);
+        close(fd);
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    if (st.st_uid != geteuid() || (st.st_mode & 0022)) {
+        warn("%s belongs to another user or is writable by others; refusing to use it", path);
+        close(fd);
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    if ((size_t)st.st_size < sizeof(SharedRegion::magic) + 8) {
+        warn("%s is truncated; remove it and retry", path);
+        close(fd);
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    void *m = mmap(nullptr, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED) {
+        warn("cannot map %s: %s", path, strerror(errno));
+        return CUDA_ERROR_OPERATING_SYSTEM;
+    }
+    rc = validate_region(static_cast<SharedRegion *>(m), (size_t)st.st_size, path);
+    if (rc != CUDA_SUCCESS) {
+        munmap(m, (size_t)st.st_size);
+        return rc;
+    }
+    g_region = static_cast<SharedRegion *>(m);
+
+    RegionLock lock;
+    reap_locked();
+    for (int i = 0; i < kMaxProcs; i++) {
+        if (g_region->procs[i].pid == 0) {
+            SharedProc &s = g_region->procs[i];
+            memset(&s, 0, sizeof s);
+            s.start_time = process_start_time(getpid());
+            s.pid = getpid();
+            g_slot = i;
+            g_owner_pid = getpid();
+            return CUDA_SUCCESS;
+        }
+    }
+    warn("more than %d processes use the simulated GPU at once", kMaxProcs);
+    return CUDA_ERROR_OPERATING_SYSTEM;
+}
+
+void shared_detach() {
+    // At exit, and in a forked child (which must not release its parent's slot).
+    if (!g_region || g_slot < 0) return;
+    if (getpid() == g_owner_pid) {
+        RegionLock lock;
+        memset(&g_region->procs[g_slot], 0, sizeof(SharedProc));
+    }
+    g_slot = -1;
+}
+
+const CUuuid &device_uuid(int phys) {
+    return *reinterpret_cast<const CUuuid *>(g_region->dev[phys].uuid);
+}
+
+bool mem_charge(int phys, uint64_t bytes) {
+    RegionLock lock;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        uint64_t used = used_locked(phys);
+        if (used <= g_region->memory && bytes <= g_region->memory - used) {
+            g_region->procs[g_slot].used[phys] += bytes;
+            return true;
+        }
+        reap_locked();   // a dead process may still hold what we need
+    }
+    return false;
+}
+
+void mem_uncharge(int phys, uint64_t bytes) {
+    RegionLock lock;
+    uint64_t &u = g_region->procs[g_slot].used[phys];
+    u = bytes > u ? 0 : u - bytes;
+}
+
+uint64_t mem_used(int phys) {
+    RegionLock lock;
+    reap_locked();
+    return used_locked(phys);
+}
+
+uint64_t timeline_reserve(int phys, uint64_t not_before, uint64_t dur) {
+    SharedDevice &d = g_region->dev[phys];
+    uint64_t cur = __atomic_load_n(&d.busy_until, __ATOMIC_ACQUIRE);
+    uint64_t start;
+    do {
+        start = cur > not_before ? cur : not_before;
+    } while (!__atomic_compare_exchange_n(&d.busy_until, &cur, start + dur, false, __ATOMIC_ACQ_REL,
+                                          __ATOMIC_ACQUIRE));
+    __atomic_add_fetch(&d.kernels, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&d.busy_ns, dur, __ATOMIC_RELAXED);
+    return start;
+}
+
+}  // namespace sim

@@ -1,0 +1,194 @@
+// The simulated CUDA driver: internal types shared by its source files.
+//
+// It is a real libcuda.so.1 (SONAME and every exported entry point) that runs
+// the driver API over host memory, so the whole project can be tested on a
+// machine without a GPU. It shares no code with the fracgpu shim beyond the
+// CUDA headers and the generated tables: a bug in one cannot hide one in the
+// other.
+//
+// What is simulated, and how:
+// - Device memory is host memory (anonymous mappings) behind fake device
+//   addresses, so copies, memsets and the fill kernel really move bytes.
+// - One simulated GPU is shared by every process that uses it, through a file
+//   of its own (shared.cpp): memory use is global across processes and every
+//   kernel of every process is placed on one device timeline.
+// - Kernels run by name (fracgpu_spin, fracgpu_fill) on a per-process worker
+//   thread that executes stream work in order (engine.cpp).
+#pragma once
+
+#include <cuda.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <condition_variable>
+#include <string>
+#include <vector>
+
+#define SIM_API extern "C" __attribute__((visibility("default")))
+
+namespace sim {
+
+constexpr int kMaxDevices = 16;
+constexpr uint64_t kAllocAlign = 512;                 // what cuMemAlloc returns and charges
+constexpr uint64_t kVmmGranularity = 2ull << 20;      // cuMemGetAllocationGranularity
+constexpr size_t kMaxPendingOps = 1024;               // a stream's launch queue depth
+
+uint64_t now_ns();                                    // CLOCK_MONOTONIC, same clock in every process
+void warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// ---------------------------------------------------------------------------
+// Configuration (environment) and the shared file of one simulated GPU
+// ---------------------------------------------------------------------------
+struct Config {
+    uint64_t memory = 16ull << 30;
+    int sms = 132;
+    int devices = 1;
+    std::string name = "fracgpu simulated GPU";
+    uint64_t context_memory = 0;
+    std::string dir;
+};
+
+// Reads FRACGPU_SIM_*; CUDA_SUCCESS or an error after one line on stderr.
+CUresult load_config(Config &cfg);
+
+// Attach to (creating if needed) the shared file for cfg; registers this process.
+CUresult shared_attach(const Config &cfg);
+void shared_detach();
+const CUuuid &device_uuid(int phys);
+// Global memory accounting across processes (phys = physical device index).
+bool mem_charge(int phys, uint64_t bytes);           // false: device out of memory
+void mem_uncharge(int phys, uint64_t bytes);
+uint64_t mem_used(int phys);                          // all processes, dead ones reaped
+// The device timeline: reserve [start, start+dur) with start >= not_before and
+// after everything already placed on the device. Returns start.
+uint64_t timeline_reserve(int phys, uint64_t not_before, uint64_t dur);
+
+// ---------------------------------------------------------------------------
+// Process-wide state
+// ---------------------------------------------------------------------------
+struct Context;
+struct Stream;
+
+struct Device {
+    int phys = 0;                     // index on the simulated GPU (after CUDA_VISIBLE_DEVICES)
+    Context *primary = nullptr;
+    unsigned primary_flags = 0;
+    int primary_refs = 0;
+    CUmemoryPool default_pool = nullptr;
+    CUmemoryPool current_pool = nullptr;
+};
+
+extern Config &g_cfg;
+extern std::vector<Device> &g_devices;   // visible devices, by ordinal
+extern std::mutex g_mu;                 // guards every table below and the engine
+
+bool initialized();                     // cuInit succeeded in this process
+CUresult check_init();                  // CUDA_ERROR_NOT_INITIALIZED / _DEINITIALIZED, or success
+CUresult check_device(CUdevice dev);
+
+// ---------------------------------------------------------------------------
+// Memory
+// ---------------------------------------------------------------------------
+enum class MemKind { Device, Managed, Host, Array, Physical };
+
+struct Alloc {
+    uint64_t base = 0;        // the address clients see (fake for device memory)
+    uint64_t size = 0;        // requested size
+    uint64_t charged = 0;     // bytes charged to the device
+    void *host = nullptr;     // backing host memory
+    MemKind kind = MemKind::Device;
+    Context *ctx = nullptr;
+    int dev = 0;              // ordinal
+    CUmemoryPool pool = nullptr;
+    unsigned long long id = 0;
+    bool owned_host = true;   // false for cuMemHostRegister'ed memory
+};
+
+// Translate an address range to host memory. nullptr when [addr, addr+len)
+// is not inside one known allocation. *out (optional) receives the allocation.
+void *translate(uint64_t addr, uint64_t len, Alloc **out = nullptr);
+Alloc *find_alloc(uint64_t addr);          // allocation containing addr
+void free_context_memory(Context *ctx);     // everything a destroyed context owned
+
+// ---------------------------------------------------------------------------
+// Contexts, streams, events
+// ---------------------------------------------------------------------------
+struct Context {
+    int dev = 0;                          // ordinal
+    bool primary = false;
+    bool alive = true;
+    unsigned flags = 0;
+    unsigned long long id = 0;
+    uint64_t reserved = 0;                // the context's own reservation, charged to the device
+    Stream *null_stream = nullptr;
+    std::vector<Stream *> streams;        // created streams (not the null one)
+    CUresult sticky = CUDA_SUCCESS;       // an error from device work (illegal address)
+    std::map<CUlimit, size_t> limits;
+};
+
+struct Record {                            // one cuEventRecord (or an internal marker)
+    bool done = false;
+    uint64_t ts = 0;                       // completion time on the device timeline
+};
+
+struct Op {
+    enum Kind { Kernel, Host, Callback, RecordEv, Wait } kind;   // Host runs under g_mu, Callback without
+    uint64_t enqueued = 0;
+    uint64_t dur = 0;                      // Kernel: device time
+    std::function<void()> action;          // Kernel/Host: what it does to memory
+    std::shared_ptr<Record> rec;           // RecordEv: to complete; Wait: to wait for
+};
+
+struct Stream {
+    Context *ctx = nullptr;
+    unsigned flags = 0;
+    int priority = 0;
+    bool is_null = false;                  // the legacy default stream
+    bool per_thread = false;               // a per-thread default stream
+    bool alive = true;
+    unsigned long long id = 0;
+    std::deque<Op> q;
+    uint64_t last_end = 0;                 // when the last work placed on it ends
+    bool inflight = false;                 // a kernel occupies the device until last_end
+};
+
+struct Event {
+    Context *ctx = nullptr;
+    unsigned flags = 0;
+    std::shared_ptr<Record> rec;           // the latest record; null before the first
+};
+
+Context *current_context();                // this thread's current context (may be null)
+CUresult get_context(Context **out);       // current context or CUDA_ERROR_INVALID_CONTEXT
+bool valid_context(Context *c);
+Context *context_create(int dev, unsigned flags, bool primary, CUresult *err);
+void context_destroy(Context *c);
+
+// Resolves a client stream handle (0, CU_STREAM_LEGACY, CU_STREAM_PER_THREAD,
+// or a created stream). per_thread_api: called through a _ptsz/_ptds entry.
+CUresult resolve_stream(CUstream h, bool per_thread_api, Stream **out);
+void stream_forget(Stream *s);            // its handle is no longer valid (context destroyed)
+
+// Engine (engine.cpp): all stream work. Callers hold g_mu.
+void engine_enqueue(std::unique_lock<std::mutex> &lk, Stream *s, Op op);   // may block on a full queue
+// Runs `action` in stream order: inline when the stream has nothing pending.
+void engine_run_ordered(std::unique_lock<std::mutex> &lk, Stream *s, std::function<void()> action,
+                        bool wait);
+void engine_release_stream(Stream *s);   // frees it now or once its queued work is done
+std::shared_ptr<Record> engine_mark(Stream *s);                  // a record at the stream's tail
+void engine_wait(std::unique_lock<std::mutex> &lk, const std::shared_ptr<Record> &r);
+bool engine_stream_idle(Stream *s);
+void engine_sync_context(std::unique_lock<std::mutex> &lk, Context *c);
+void engine_drop_context(Context *c);     // discard queued work of a dying context
+
+// ---------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------
+enum class KernelId { Spin, Fill };
+
+}  // namespace sim

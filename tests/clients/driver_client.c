@@ -1,0 +1,208 @@
+/* A CUDA driver API client used by the tests, on the simulated GPU and on a
+ * real one (it loads the kernels of cuda/ by file name).
+ *
+ * Built two ways from this one file:
+ *   default       linked with -lcuda, calling the driver directly
+ *   -DUSE_DLOPEN  dlopen("libcuda.so.1") and every entry point resolved through
+ *                 cuGetProcAddress_v2, as cudart, cuda-bindings and numba do
+ *
+ * Usage: driver_client COMMAND [ARGS]   (prints one "key value" line per fact)
+ *   info                          device count, name, memory as the client sees it
+ *   alloc-until-oom MIB [MAX]     allocate MIB-sized blocks until the driver refuses
+ *   fill COUNT VALUE MODULE       fracgpu_fill COUNT values, copy back, check them
+ *   spin MS MODULE                one fracgpu_spin of MS milliseconds timed with events
+ *   spins N MS MODULE             N spins of MS back to back, then wall time
+ *   hold MIB SECONDS              allocate MIB and keep it for SECONDS
+ */
+#include <cuda.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef USE_DLOPEN
+#include <dlfcn.h>
+#endif
+
+// name, signature, and the API version the dlopen build asks cuGetProcAddress for:
+// cuCtxSynchronize at CUDA 13 is the _v2 form that takes a context, so this
+// client, which calls the void form, asks for the original version.
+#define API_LIST(X)                                                                           \
+    X(cuInit, (unsigned int), CUDA_VERSION)                                                   \
+    X(cuDeviceGetCount, (int *), CUDA_VERSION)                                                \
+    X(cuDeviceGet, (CUdevice *, int), CUDA_VERSION)                                           \
+    X(cuDeviceGetName, (char *, int, CUdevice), CUDA_VERSION)                                 \
+    X(cuDeviceTotalMem, (size_t *, CUdevice), CUDA_VERSION)                                   \
+    X(cuDevicePrimaryCtxRetain, (CUcontext *, CUdevice), CUDA_VERSION)                        \
+    X(cuCtxSetCurrent, (CUcontext), CUDA_VERSION)                                             \
+    X(cuMemGetInfo, (size_t *, size_t *), CUDA_VERSION)                                       \
+    X(cuMemAlloc, (CUdeviceptr *, size_t), CUDA_VERSION)                                      \
+    X(cuMemFree, (CUdeviceptr), CUDA_VERSION)                                                 \
+    X(cuMemcpyDtoH, (void *, CUdeviceptr, size_t), CUDA_VERSION)                              \
+    X(cuModuleLoad, (CUmodule *, const char *), CUDA_VERSION)                                 \
+    X(cuModuleGetFunction, (CUfunction *, CUmodule, const char *), CUDA_VERSION)              \
+    X(cuLaunchKernel, (CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,          \
+                       unsigned, unsigned, CUstream, void **, void **), CUDA_VERSION)         \
+    X(cuEventCreate, (CUevent *, unsigned int), CUDA_VERSION)                                 \
+    X(cuEventRecord, (CUevent, CUstream), CUDA_VERSION)                                       \
+    X(cuEventSynchronize, (CUevent), CUDA_VERSION)                                            \
+    X(cuEventElapsedTime, (float *, CUevent, CUevent), CUDA_VERSION)                          \
+    X(cuCtxSynchronize, (void), 2000)                                                         \
+    X(cuGetErrorName, (CUresult, const char **), CUDA_VERSION)
+
+#define DECLARE(name, args, ver) static CUresult (*p_##name) args;
+API_LIST(DECLARE)
+
+static const char *err_name(CUresult rc) {
+    const char *s = NULL;
+    if (p_cuGetErrorName(rc, &s) != CUDA_SUCCESS || !s) return "unknown error";
+    return s;
+}
+
+#define CHECK(call)                                                                         \
+    do {                                                                                    \
+        CUresult rc_ = (call);                                                              \
+        if (rc_ != CUDA_SUCCESS) {                                                          \
+            printf("error %s %s\n", #call, err_name(rc_));                                  \
+            exit(1);                                                                        \
+        }                                                                                   \
+    } while (0)
+
+static void load_api(void) {
+#ifdef USE_DLOPEN
+    void *h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        printf("error dlopen %s\n", dlerror());
+        exit(1);
+    }
+    CUresult (*gpa)(const char *, void **, int, cuuint64_t, CUdriverProcAddressQueryResult *) =
+        (CUresult(*)(const char *, void **, int, cuuint64_t, CUdriverProcAddressQueryResult *))dlsym(
+            h, "cuGetProcAddress_v2");
+    if (!gpa) {
+        printf("error dlsym cuGetProcAddress_v2\n");
+        exit(1);
+    }
+#define RESOLVE(name, args, ver)                                                                 \
+    {                                                                                       \
+        CUdriverProcAddressQueryResult q;                                                   \
+        if (gpa(#name, (void **)&p_##name, ver, CU_GET_PROC_ADDRESS_DEFAULT, &q) != \
+                CUDA_SUCCESS ||                                                             \
+            !p_##name) {                                                                    \
+            printf("error cuGetProcAddress %s %d\n", #name, (int)q);                        \
+            exit(1);                                                                        \
+        }                                                                                   \
+    }
+    API_LIST(RESOLVE)
+#else
+#define BIND(name, args, ver) p_##name = name;
+    API_LIST(BIND)
+#endif
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static CUfunction kernel(const char *module, const char *name) {
+    CUmodule m;
+    CUfunction f;
+    CHECK(p_cuModuleLoad(&m, module));
+    CHECK(p_cuModuleGetFunction(&f, m, name));
+    return f;
+}
+
+static void spin(CUfunction f, double ms) {
+    unsigned long long ns = (unsigned long long)(ms * 1e6);
+    void *args[] = {&ns};
+    CHECK(p_cuLaunchKernel(f, 1, 1, 1, 1, 1, 1, 0, NULL, args, NULL));
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s info|alloc-until-oom|fill|spin|spins|hold ...\n", argv[0]);
+        return 2;
+    }
+    load_api();
+    const char *cmd = argv[1];
+    CUdevice dev;
+    CUcontext ctx;
+    CHECK(p_cuInit(0));
+    CHECK(p_cuDeviceGet(&dev, 0));
+    CHECK(p_cuDevicePrimaryCtxRetain(&ctx, dev));
+    CHECK(p_cuCtxSetCurrent(ctx));
+
+    if (!strcmp(cmd, "info")) {
+        int count;
+        char name[256];
+        size_t total, mfree, mtotal;
+        CHECK(p_cuDeviceGetCount(&count));
+        CHECK(p_cuDeviceGetName(name, sizeof name, dev));
+        CHECK(p_cuDeviceTotalMem(&total, dev));
+        CHECK(p_cuMemGetInfo(&mfree, &mtotal));
+        printf("devices %d\nname %s\ntotal_mem %zu\nmeminfo_free %zu\nmeminfo_total %zu\n", count, name, total,
+               mfree, mtotal);
+    } else if (!strcmp(cmd, "alloc-until-oom") && argc >= 3) {
+        size_t block = (size_t)atoll(argv[2]) << 20;
+        long max = argc >= 4 ? atol(argv[3]) : 1000000;
+        long n = 0;
+        CUresult rc = CUDA_SUCCESS;
+        for (; n < max; n++) {
+            CUdeviceptr p;
+            rc = p_cuMemAlloc(&p, block);
+            if (rc != CUDA_SUCCESS) break;
+        }
+        printf("blocks %ld\nbytes %zu\nresult %s\n", n, (size_t)n * block, n == max ? "CUDA_SUCCESS" : err_name(rc));
+    } else if (!strcmp(cmd, "fill") && argc >= 5) {
+        unsigned long long count = strtoull(argv[2], NULL, 0);
+        unsigned value = (unsigned)strtoul(argv[3], NULL, 0);
+        CUfunction f = kernel(argv[4], "fracgpu_fill");
+        CUdeviceptr d;
+        CHECK(p_cuMemAlloc(&d, count * 4));
+        void *args[] = {&d, &value, &count};
+        CHECK(p_cuLaunchKernel(f, 64, 1, 1, 256, 1, 1, 0, NULL, args, NULL));
+        unsigned *h = malloc(count * 4);
+        CHECK(p_cuMemcpyDtoH(h, d, count * 4));
+        unsigned long long bad = 0;
+        for (unsigned long long i = 0; i < count; i++) bad += h[i] != value;
+        printf("filled %llu\nwrong %llu\nfirst 0x%x\nlast 0x%x\n", count, bad, h[0], h[count - 1]);
+        free(h);
+        CHECK(p_cuMemFree(d));
+    } else if (!strcmp(cmd, "spin") && argc >= 4) {
+        CUfunction f = kernel(argv[3], "fracgpu_spin");
+        CUevent a, b;
+        float ms;
+        CHECK(p_cuEventCreate(&a, 0));
+        CHECK(p_cuEventCreate(&b, 0));
+        spin(f, 0.001);   /* warm-up */
+        CHECK(p_cuCtxSynchronize());
+        double t0 = now_ms();
+        CHECK(p_cuEventRecord(a, NULL));
+        spin(f, atof(argv[2]));
+        CHECK(p_cuEventRecord(b, NULL));
+        CHECK(p_cuEventSynchronize(b));
+        double t1 = now_ms();
+        CHECK(p_cuEventElapsedTime(&ms, a, b));
+        printf("event_ms %.4f\nwall_ms %.4f\n", ms, t1 - t0);
+    } else if (!strcmp(cmd, "spins") && argc >= 5) {
+        int n = atoi(argv[2]);
+        double ms = atof(argv[3]);
+        CUfunction f = kernel(argv[4], "fracgpu_spin");
+        double t0 = now_ms();
+        for (int i = 0; i < n; i++) spin(f, ms);
+        CHECK(p_cuCtxSynchronize());
+        printf("wall_ms %.4f\n", now_ms() - t0);
+    } else if (!strcmp(cmd, "hold") && argc >= 4) {
+        CUdeviceptr d;
+        CHECK(p_cuMemAlloc(&d, (size_t)atoll(argv[2]) << 20));
+        printf("holding %s\n", argv[2]);
+        fflush(stdout);
+        usleep((useconds_t)(atof(argv[3]) * 1e6));
+    } else {
+        fprintf(stderr, "unknown command or missing arguments: %s\n", cmd);
+        return 2;
+    }
+    return 0;
+}
