@@ -1,0 +1,51 @@
+/* Sizes and shares in the forms people write ("4GiB", "512MiB", "25%", "0.25").
+ *
+ * Shared by the Python module and the CUDA shim, which parses FRACGPU_*
+ * variables inside every job before anything else runs: so this is plain C,
+ * allocates nothing, keeps no state, and never depends on the locale.
+ */
+#ifndef FRACGPU_UNITS_H
+#define FRACGPU_UNITS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The accepted forms, as error messages spell them out. */
+#define FRACGPU_SIZE_FORMS                                                    \
+  "write a byte count like 1048576, a size like 512MiB, 4GiB or 4GB "       \
+  "(K/KiB, M/MiB, G/GiB, T/TiB are powers of 1024; KB, MB, GB, TB powers of " \
+  "1000; B is bytes), or a percentage of the device like 25%"
+#define FRACGPU_SHARE_FORMS "write a percentage like 25% or a fraction like 0.25"
+
+/* Parses a memory size. Success (0): either *bytes > 0 and *fraction == 0, or,
+ * for "N%", *bytes == 0 and *fraction in (0, 1]. Sizes round down to a whole
+ * byte, must come to at least one byte and stay below 2^63. Digits past the
+ * 15th after the decimal point only tell zero and the limits apart; they do
+ * not change the value. Failure (-1): err holds one line
+ * naming the problem and the accepted forms. Any pointer argument but text
+ * may be NULL (to only validate, or to skip the message). */
+int fracgpu_parse_size(const char *text, uint64_t *bytes, double *fraction,
+                       char *err, size_t errlen);
+
+/* Parses a compute share: "25%" or "0.25", with 0 < *share <= 1. */
+int fracgpu_parse_share(const char *text, double *share, char *err, size_t errlen);
+
+/* Writes bytes in the largest binary unit (B, KiB, MiB, GiB, TiB) giving a
+ * value >= 1, with at most two decimals: "256MiB", "1.5GiB", "1000B".
+ * Returns the length of the full text, as snprintf does (>= len: truncated). */
+size_t fracgpu_format_size(uint64_t bytes, char *buf, size_t len);
+
+/* Writes a share as a percentage with at most two decimals: "25%", "12.5%".
+ * Returns the length of the full text, or 0 (and writes "") when share is
+ * negative, not finite, or too large to print. */
+size_t fracgpu_format_share(double share, char *buf, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FRACGPU_UNITS_H */

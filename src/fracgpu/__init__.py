@@ -1,0 +1,35 @@
+"""fracgpu: share one NVIDIA GPU between jobs, with memory quotas, compute shares and accounting.
+
+Importing fracgpu is cheap: it loads no CUDA library and starts no process.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+import pathlib
+
+from fracgpu.units import format_share, format_size, parse_share, parse_size
+
+try:
+    __version__ = importlib.metadata.version("fracgpu")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0+unknown"
+
+__all__ = ["__version__", "kernels_path", "parse_size", "parse_share", "format_size", "format_share"]
+
+
+def kernels_path() -> pathlib.Path:
+    """The fatbin of fracgpu's CUDA kernels installed with the package.
+
+    Raises FileNotFoundError when the package was built without nvcc.
+    """
+    fatbin = importlib.resources.files(__name__) / "kernels" / "fracgpu_kernels.fatbin"
+    if not fatbin.is_file():
+        raise FileNotFoundError(
+            f"fracgpu's CUDA kernels are not installed ({fatbin} is missing): this package was "
+            "built without nvcc. Set CUDA_HOME to a CUDA toolkit, or `pip install nvidia-cuda-nvcc`, "
+            "then rebuild fracgpu (`pip install --force-reinstall --no-binary fracgpu fracgpu`, or "
+            "`pip install .` in a checkout). The simulated GPU does not need the kernels."
+        )
+    return pathlib.Path(str(fatbin))

@@ -1,0 +1,122 @@
+"""The simulated GPU: its configuration, and the environment that selects it.
+
+fracgpu builds a ``libcuda.so.1`` that simulates a GPU over host memory and
+installs it in ``fracgpu/_sim``. Putting that folder first on
+``LD_LIBRARY_PATH`` makes every ``dlopen("libcuda.so.1")`` in a job find it
+instead of a real driver. The simulated driver reads its devices from the
+``FRACGPU_SIM_*`` variables written here: those names, and plain decimal byte
+counts for sizes, are the contract with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import os
+import pathlib
+import shlex
+from collections.abc import Callable, Mapping
+
+from fracgpu.units import format_size
+
+__all__ = ["SimConfig", "ConfigError", "library_dir", "environment", "shell_exports"]
+
+GiB = 1 << 30
+TiB = 1 << 40
+MAX_MEMORY = 64 * TiB
+MAX_SMS = 1024
+MAX_DEVICES = 16
+MAX_NAME_BYTES = 200
+
+
+class ConfigError(ValueError):
+    """A setting of SimConfig is out of range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.problem = message
+
+
+@dataclasses.dataclass
+class SimConfig:
+    """The simulated GPU(s): every device gets the same memory, SMs and name."""
+
+    memory: int = 16 * GiB  # bytes per device
+    sms: int = 132
+    devices: int = 1
+    name: str = "fracgpu simulated GPU"
+    context_memory: int = 0  # bytes each context reserves on its device
+    state_dir: str | None = None  # where the shared simulated GPU keeps its file
+
+    def validate(self) -> None:
+        """Raises ConfigError (a ValueError) naming the first bad setting."""
+        _check_int("memory", self.memory, 1, MAX_MEMORY, "at least 1 byte and at most 64TiB", format_size)
+        _check_int("sms", self.sms, 1, MAX_SMS, f"between 1 and {MAX_SMS}")
+        _check_int("devices", self.devices, 1, MAX_DEVICES, f"between 1 and {MAX_DEVICES}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError("name", "must be a non-empty string")
+        if not self.name.isprintable():
+            raise ConfigError("name", f"must be printable text (no control characters), not {self.name!r}")
+        if len(self.name.encode()) > MAX_NAME_BYTES:
+            raise ConfigError("name", f"must be at most {MAX_NAME_BYTES} bytes long (UTF-8)")
+        _check_int("context_memory", self.context_memory, 0, self.memory - 1,
+                   f"less than the device's memory ({format_size(self.memory)})", format_size)
+        if self.state_dir is not None:
+            if not isinstance(self.state_dir, (str, os.PathLike)) or not os.fspath(self.state_dir):
+                raise ConfigError("state_dir", "must be a non-empty path")
+            if "\0" in os.fspath(self.state_dir):
+                raise ConfigError("state_dir", "must not contain a NUL character")
+
+
+def _check_int(field: str, value: object, low: int, high: int, expected: str,
+               show: Callable[[int], str] = str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field, f"must be an int, not {type(value).__name__}")
+    if not low <= value <= high:
+        shown = show(value) if 0 <= value < 2**63 else str(value)
+        raise ConfigError(field, f"must be {expected}, not {shown}")
+
+
+def library_dir() -> pathlib.Path:
+    """The installed folder holding the simulated ``libcuda.so.1``."""
+    folder = importlib.resources.files("fracgpu") / "_sim"
+    if not (folder / "libcuda.so.1").is_file():
+        raise FileNotFoundError(
+            f"the simulated CUDA driver is not installed ({folder}/libcuda.so.1 is missing); "
+            "install fracgpu with pip (`pip install .` in a checkout) to build it"
+        )
+    return pathlib.Path(str(folder))
+
+
+def environment(config: SimConfig, base_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables to set (on top of ``base_env``) to run a job on the simulated GPU."""
+    config.validate()
+    lib = str(library_dir())
+    env = {
+        "FRACGPU_SIM_MEMORY": str(config.memory),
+        "FRACGPU_SIM_SMS": str(config.sms),
+        "FRACGPU_SIM_DEVICES": str(config.devices),
+        "FRACGPU_SIM_NAME": config.name,
+        "FRACGPU_SIM_CONTEXT_MEMORY": str(config.context_memory),
+    }
+    if config.state_dir is not None:
+        env["FRACGPU_SIM_DIR"] = os.fspath(config.state_dir)
+    existing = (os.environ if base_env is None else base_env).get("LD_LIBRARY_PATH", "")
+    if existing == lib or existing.startswith(lib + ":"):
+        env["LD_LIBRARY_PATH"] = existing
+    else:
+        env["LD_LIBRARY_PATH"] = f"{lib}:{existing}" if existing else lib
+    return env
+
+
+def shell_exports(config: SimConfig) -> str:
+    """``export`` lines for a POSIX shell; LD_LIBRARY_PATH is extended in that shell."""
+    lines = []
+    for name, value in environment(config, base_env={}).items():
+        if name == "LD_LIBRARY_PATH":
+            # Expanded by the user's shell, so it keeps what is set there.
+            lines.append(f"export LD_LIBRARY_PATH={shlex.quote(value)}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}")
+        else:
+            lines.append(f"export {name}={shlex.quote(value)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,99 @@
+"""Sizes and shares in the forms people write: ``"4GiB"``, ``"512MiB"``, ``"25%"``, ``0.25``.
+
+Parsing is done by the same C code the CUDA shim uses for ``FRACGPU_*``
+variables, so a value is read the same way on the command line and in a job.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from fracgpu import _native
+
+__all__ = ["parse_size", "parse_share", "format_size", "format_share"]
+
+SIZE_FORMS = (
+    "write a byte count like 1048576, a size like 512MiB, 4GiB or 4GB "
+    "(K/KiB, M/MiB, G/GiB, T/TiB are powers of 1024; KB, MB, GB, TB powers of 1000; "
+    "B is bytes), or a percentage of the device like 25%"
+)
+SHARE_FORMS = "write a percentage like 25% or a fraction like 0.25"
+
+_MAX_BYTES = 2**63 - 1
+# "0", "0.0", "0 MiB": the C parser rejects every zero, as a quota of zero is
+# always a mistake; a few settings (a context's own memory) mean it.
+_ZERO = re.compile(r"\s*0+(?:\.0+)?\s*([^\s%]*)\s*")
+
+
+def parse_size(value: str | int, device_total: int | None = None, *, allow_zero: bool = False) -> int:
+    """Bytes from ``"4GiB"``, ``"4GB"``, ``"1048576"``, a positive int, or ``"25%"``.
+
+    A percentage is of ``device_total`` bytes (rounded down), which it needs.
+    Zero is an error unless ``allow_zero``. Raises ValueError naming the input
+    and the accepted forms.
+    """
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TypeError(f"a size must be a str or an int, not {type(value).__name__}; {SIZE_FORMS}")
+    if allow_zero and (value == 0 or (isinstance(value, str) and _is_zero(value))):
+        return 0
+    if isinstance(value, int):
+        if not 0 < value <= _MAX_BYTES:
+            raise ValueError(f"invalid size {value}: it must be at least 1 byte and below 2^63; {SIZE_FORMS}")
+        return value
+    size, fraction = _native.parse_size(value)
+    if not fraction:
+        return size
+    if device_total is None:
+        raise ValueError(
+            f"invalid size {value!r}: a percentage of the device needs the device's memory size; "
+            "write an absolute size like 4GiB instead"
+        )
+    if isinstance(device_total, bool) or not isinstance(device_total, int) or device_total <= 0:
+        raise ValueError(f"device_total must be a positive number of bytes, not {device_total!r}")
+    size = math.floor(fraction * device_total)
+    if size <= 0:
+        raise ValueError(f"invalid size {value!r}: it is less than one byte of a {device_total}-byte device")
+    return size
+
+
+def _is_zero(text: str) -> bool:
+    zero = _ZERO.fullmatch(text)
+    if not zero:
+        return False
+    try:
+        _native.parse_size("1" + zero.group(1))  # a zero with a unit the parser knows
+    except ValueError:
+        return False
+    return True
+
+
+def parse_share(value: str | float) -> float:
+    """A fraction in (0, 1] from ``"25%"``, ``"0.25"`` or a number such as ``0.25``."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(f"a share must be a str or a number, not {type(value).__name__}; {SHARE_FORMS}")
+    if isinstance(value, str):
+        return _native.parse_share(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"invalid share {value!r}: it must be above 0; {SHARE_FORMS}")
+    if value > 1:
+        # Most likely a percentage without its sign, as the C parser says too.
+        hint = f"write {value:g}% or {value / 100:g}" if value <= 100 else SHARE_FORMS
+        raise ValueError(f"invalid share {value!r}: a share without % is a fraction of at most 1; {hint}")
+    return float(value)
+
+
+def format_size(size: int) -> str:
+    """``268435456`` -> ``"256MiB"``, ``1610612736`` -> ``"1.5GiB"``, ``1000`` -> ``"1000B"``."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"format_size needs an int number of bytes, not {type(size).__name__}")
+    if not 0 <= size < 2**64:
+        raise ValueError(f"format_size needs a byte count from 0 to 2^64-1, not {size}")
+    return _native.format_size(size)
+
+
+def format_share(share: float) -> str:
+    """``0.25`` -> ``"25%"``, ``0.125`` -> ``"12.5%"`` (at most two decimals)."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)):
+        raise TypeError(f"format_share needs a number, not {type(share).__name__}")
+    return _native.format_share(float(share))
