@@ -43,7 +43,7 @@ def test_env_output_is_shell_that_sets_the_variables():
 
 
 def test_env_quotes_values_for_the_shell():
-    result = fracgpu("sim", "env", "--name", "it's a $HOME `gpu`", "--state-dir", "/tmp/a b;rm -rf x",
+    result = fracgpu("sim", "env", "--name", "it's a $HOME `gpu`", "--dir", "/tmp/a b;rm -rf x",
                      "--sms", "8", "--devices", "2", "--context-memory", "300MiB")
     assert result.returncode == 0, result.stderr
     script = result.stdout + 'printf "%s\\n" "$FRACGPU_SIM_NAME" "$FRACGPU_SIM_DIR" "$FRACGPU_SIM_SMS" ' \
@@ -68,7 +68,7 @@ def run_env(*options, **env_changes):
 
 def test_run_gives_the_command_the_variables():
     env = run_env("--memory", "4GB", "--sms", "16", "--devices", "3", "--name", "Test GPU",
-                  "--context-memory", "0", "--state-dir", "/tmp/fracgpu-test-state", LD_LIBRARY_PATH="/opt/lib")
+                  "--context-memory", "0", "--dir", "/tmp/fracgpu-test-state", LD_LIBRARY_PATH="/opt/lib")
     lib = str(sim.library_dir())
     assert env["FRACGPU_SIM_MEMORY"] == "4000000000"
     assert env["FRACGPU_SIM_SMS"] == "16"
@@ -136,7 +136,7 @@ def test_run_without_a_command_is_a_usage_error():
 
 def test_run_of_a_command_not_found_is_an_error():
     result = fracgpu("sim", "run", "--", "fracgpu-no-such-command-xyz", "arg")
-    assert result.returncode == 2
+    assert result.returncode == 127
     assert "command not found: fracgpu-no-such-command-xyz" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -11,7 +11,7 @@ namespace sim {
 
 namespace {
 
-std::set<Context *> g_contexts;                 // live contexts
+std::set<Context *> &g_contexts = *new std::set<Context *>;                 // live contexts
 thread_local std::vector<Context *> t_stack;    // this thread's context stack
 unsigned long long g_next_ctx_id = 1;
 

@@ -34,8 +34,8 @@ struct Module {
     bool is_library = false;
     Function spin, fill;
 };
-std::set<Module *> g_modules;
-std::set<Function *> g_functions;
+std::set<Module *> &g_modules = *new std::set<Module *>;
+std::set<Function *> &g_functions = *new std::set<Function *>;
 
 Module *new_module(Context *c, bool library) {
     Module *m = new Module();

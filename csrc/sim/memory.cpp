@@ -17,7 +17,7 @@ namespace sim {
 
 namespace {
 
-std::map<uint64_t, Alloc *> g_allocs;      // by base address
+std::map<uint64_t, Alloc *> &g_allocs = *new std::map<uint64_t, Alloc *>;      // by base address
 uint64_t g_next_addr = 1ull << 44;         // fake device address space
 unsigned long long g_next_id = 1;
 
@@ -27,7 +27,7 @@ struct Pool {
     uint64_t used = 0, used_high = 0;
     bool is_default = false;
 };
-std::vector<Pool *> g_pools;
+std::vector<Pool *> &g_pools = *new std::vector<Pool *>;
 
 struct Physical {                          // cuMemCreate
     int dev = 0;
@@ -37,7 +37,7 @@ struct Physical {                          // cuMemCreate
     bool released = false;
     CUmemAllocationProp prop{};
 };
-std::map<uint64_t, uint64_t> g_reservations;   // cuMemAddressReserve: base -> size
+std::map<uint64_t, uint64_t> &g_reservations = *new std::map<uint64_t, uint64_t>;   // cuMemAddressReserve: base -> size
 
 uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
@@ -301,7 +301,7 @@ size_t format_bytes(CUarray_format f) {
 struct ArrayInfo {
     CUDA_ARRAY3D_DESCRIPTOR desc;
 };
-std::map<Alloc *, ArrayInfo> g_arrays;
+std::map<Alloc *, ArrayInfo> &g_arrays = *new std::map<Alloc *, ArrayInfo>;
 
 CUresult array_create(CUarray *h, const CUDA_ARRAY3D_DESCRIPTOR *d) {
     if (!h || !d) return CUDA_ERROR_INVALID_VALUE;

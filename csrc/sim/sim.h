@@ -69,7 +69,10 @@ uint64_t mem_used(int phys);                          // all processes, dead one
 uint64_t timeline_reserve(int phys, uint64_t not_before, uint64_t dur);
 
 // ---------------------------------------------------------------------------
-// Process-wide state
+// Process-wide state. Every table is allocated once and never destroyed
+// (`T &g_x = *new T`): the engine's detached worker thread may still use them
+// while the process runs its exit handlers, and what a client never released
+// stays reachable, as it would in the real driver.
 // ---------------------------------------------------------------------------
 struct Context;
 struct Stream;

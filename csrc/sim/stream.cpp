@@ -9,8 +9,8 @@ namespace sim {
 
 namespace {
 
-std::set<Stream *> g_streams;            // created streams, for handle validation
-std::set<Event *> g_events;
+std::set<Stream *> &g_streams = *new std::set<Stream *>;            // created streams, for handle validation
+std::set<Event *> &g_events = *new std::set<Event *>;
 unsigned long long g_next_stream_id = 100;
 
 // One per-thread default stream per (thread, context).

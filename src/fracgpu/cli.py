@@ -37,6 +37,7 @@ class LazyGroup(click.Group):
 
 # One row per top-level command; a new command is a module and a row here.
 COMMANDS = {
+    "demo": "fracgpu.demo:demo",
     "sim": "fracgpu.cli:sim_group",
 }
 
@@ -63,9 +64,12 @@ class SizeParam(click.ParamType):
 
 
 class CommandFailed(click.ClickException):
-    """The command to run could not be started (like a usage error: status 2)."""
+    """The command to run could not be started: status 127 when it was not
+    found and 126 when it could not be executed, as env(1) and the shells do."""
 
-    exit_code = 2
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @click.group("sim")
@@ -83,8 +87,9 @@ def _sim_options(command: Any) -> Any:
         click.option("--name", help=f"Device name. [default: {defaults.name}]"),
         click.option("--context-memory", type=SizeParam(allow_zero=True),
                      help="Memory each CUDA context reserves on its device. [default: 0]"),
-        click.option("--state-dir", type=click.Path(file_okay=False),
-                     help="Folder for the file that processes share the simulated GPU through."),
+        click.option("--dir", "state_dir", type=click.Path(file_okay=False),
+                     help="Folder of the file that processes share the simulated GPU through "
+                          "(like $FRACGPU_SIM_DIR); each folder is a separate GPU."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -131,6 +136,6 @@ def sim_run(ctx: click.Context, command: tuple[str, ...], **options: Any) -> Non
     try:
         os.execvpe(command[0], list(command), {**os.environ, **env})
     except FileNotFoundError:
-        raise CommandFailed(f"command not found: {command[0]}") from None
+        raise CommandFailed(f"command not found: {command[0]}", 127) from None
     except OSError as e:
-        raise CommandFailed(f"cannot run {command[0]}: {e.strerror}") from None
+        raise CommandFailed(f"cannot run {command[0]}: {e.strerror}", 126) from None

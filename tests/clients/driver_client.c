@@ -11,7 +11,7 @@
  *   alloc-until-oom MIB [MAX]     allocate MIB-sized blocks until the driver refuses
  *   fill COUNT VALUE MODULE       fracgpu_fill COUNT values, copy back, check them
  *   spin MS MODULE                one fracgpu_spin of MS milliseconds timed with events
- *   spins N MS MODULE             N spins of MS back to back, then wall time
+ *   spins N MS MODULE [START]     N spins of MS back to back (from START), then wall time
  *   hold MIB SECONDS              allocate MIB and keep it for SECONDS
  */
 #include <cuda.h>
@@ -122,7 +122,7 @@ static void spin(CUfunction f, double ms) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s info|alloc-until-oom|fill|spin|spins|hold ...\n", argv[0]);
+        fprintf(stderr, "usage: %s info | alloc-until-oom MIB [MAX] | fill COUNT VALUE MODULE | spin MS MODULE | spins N MS MODULE [START] | hold MIB SECONDS\n", argv[0]);
         return 2;
     }
     load_api();
@@ -190,6 +190,10 @@ int main(int argc, char **argv) {
         int n = atoi(argv[2]);
         double ms = atof(argv[3]);
         CUfunction f = kernel(argv[4], "fracgpu_spin");
+        /* Optional START: a CLOCK_MONOTONIC time in ms (Python's time.monotonic()
+         * * 1000) to begin at, so that several processes start together. */
+        if (argc >= 6)
+            while (now_ms() < atof(argv[5])) usleep(100);
         double t0 = now_ms();
         for (int i = 0; i < n; i++) spin(f, ms);
         CHECK(p_cuCtxSynchronize());

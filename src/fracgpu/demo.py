@@ -1,0 +1,137 @@
+"""``fracgpu demo``: two jobs sharing one GPU, in a few seconds.
+
+Runs on the real GPU when a working driver is found, else on a simulated GPU
+of its own (a private folder, so it never disturbs other users of the
+simulator). Each job is a separate process using the CUDA driver API: it
+allocates memory, checks a kernel's writes, and keeps the device busy with
+spin kernels; the table shows what each one saw and used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import click
+
+from fracgpu import kernels_path, sim
+from fracgpu.units import format_size
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass
+class Job:
+    name: str
+    memory: int        # bytes it allocates
+    kernel_ms: float   # length of each spin kernel
+    kernels: int
+
+
+JOBS = [Job("train", 3 * GiB, 2.0, 400), Job("infer", 1 * GiB, 1.0, 400)]
+
+
+def real_gpu_available() -> bool:
+    """Whether a real driver with a device is usable (probed in a subprocess, so
+    this process never loads a driver)."""
+    probe = ("import ctypes,sys\ntry:\n l=ctypes.CDLL('libcuda.so.1')\nexcept OSError:\n sys.exit(1)\n"
+             "n=ctypes.c_int()\nsys.exit(0 if l.cuInit(0)==0 and l.cuDeviceGetCount(ctypes.byref(n))==0 "
+             "and n.value>0 else 1)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRACGPU_SIM_")}
+    try:
+        return subprocess.run([sys.executable, "-c", probe], env=env, timeout=60,
+                              capture_output=True).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def job_main(name: str, memory: int, kernel_ms: float, kernels: int, module: str) -> None:
+    """One demo job (``python -m fracgpu.demo JOB ...``); prints one JSON line."""
+    from fracgpu._driver import Driver
+
+    drv = Driver()
+    free, total = drv.mem_info()
+    drv.load_kernels(module)
+    block = 256 * MiB
+    blocks = [drv.alloc(min(block, memory - i)) for i in range(0, memory, block)]
+    count = 1 << 20
+    drv.fill(blocks[0], 0x600DF00D, count)
+    drv.synchronize()
+    import ctypes
+
+    back = (ctypes.c_uint * count)()
+    drv._check("cuMemcpyDtoH_v2", drv.lib.cuMemcpyDtoH_v2(back, ctypes.c_uint64(blocks[0]), ctypes.c_size_t(count * 4)))
+    verified = all(v == 0x600DF00D for v in back[:: 4096])
+    print("ready", flush=True)   # both jobs start their kernels together
+    sys.stdin.readline()
+    start = time.monotonic()
+    for _ in range(kernels):
+        drv.spin(kernel_ms / 1000)
+    drv.synchronize()
+    wall = time.monotonic() - start
+    for b in blocks:
+        drv.free(b)
+    print(json.dumps({"name": name, "device": drv.name(), "total": total, "free_at_start": free,
+                      "allocated": memory, "verified": verified, "device_s": kernels * kernel_ms / 1000,
+                      "wall_s": wall}))
+
+
+@click.command("demo")
+@click.option("--gpu", type=click.Choice(["auto", "sim", "real"]), default="auto", show_default=True,
+              help="Where to run: the real GPU if one works (auto), or always the simulated one.")
+def demo(gpu: str) -> None:
+    """Two jobs sharing one GPU: memory each saw and used, device time, wall time."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    use_real = gpu == "real" or (gpu == "auto" and real_gpu_available())
+    if gpu == "real" and not real_gpu_available():
+        raise click.ClickException("no working NVIDIA GPU driver was found; run `fracgpu demo --gpu sim`")
+    with tempfile.TemporaryDirectory(prefix="fracgpu-demo-") as folder:
+        env = dict(os.environ)
+        if use_real:
+            console.print("Running on the real GPU.")
+        else:
+            config = sim.SimConfig(memory=8 * GiB, state_dir=folder)
+            env.update(sim.environment(config))
+            console.print(f"No GPU needed: running on a simulated {format_size(config.memory)} GPU "
+                          "shared by both jobs.")
+        module = str(kernels_path())
+        procs = [subprocess.Popen([sys.executable, "-m", "fracgpu.demo", j.name, str(j.memory), str(j.kernel_ms),
+                                   str(j.kernels), module], env=env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+                 for j in JOBS]
+        for p in procs:
+            p.stdout.readline()
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = []
+        for job, p in zip(JOBS, procs):
+            out, _ = p.communicate(timeout=300)
+            if p.returncode != 0:
+                raise click.ClickException(f"demo job {job.name!r} failed (exit {p.returncode}); see above")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    table = Table(title=f"Two jobs on one GPU ({results[0]['device']})")
+    for column in ("job", "GPU memory seen", "allocated", "fill verified", "device time", "wall time"):
+        table.add_column(column, justify="left" if column == "job" else "right")
+    for r in results:
+        table.add_row(r["name"], format_size(r["total"]), format_size(r["allocated"]),
+                      "yes" if r["verified"] else "NO", f"{r['device_s']:.2f} s", f"{r['wall_s']:.2f} s")
+    console.print(table)
+    busy = sum(r["device_s"] for r in results)
+    console.print(f"Both jobs ran at once: {busy:.2f} s of kernels took {max(r['wall_s'] for r in results):.2f} s, "
+                  "because they take turns on one device.")
+    if not all(r["verified"] for r in results):
+        raise click.ClickException("a job read back values its kernel did not write")
+
+
+if __name__ == "__main__":
+    job_main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

@@ -1,0 +1,134 @@
+"""Shared fixtures: an isolated simulated GPU per test, and the compiled C clients.
+
+Every test that runs CUDA code does it in a subprocess whose environment puts
+the installed simulated driver first (``fracgpu.sim.environment``) and points
+``FRACGPU_SIM_DIR`` at a folder of the test's own, so tests never share a
+simulated GPU unless they mean to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fracgpu import sim
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CLIENT_SOURCE = ROOT / "tests" / "clients" / "driver_client.c"
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def cuda_include_dir() -> pathlib.Path:
+    """cuda.h for compiling the C clients: CUDA_HOME, the nvidia-cuda-runtime
+    wheel (a test dependency), or /usr/local/cuda, as the build looks."""
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(pathlib.Path(os.environ["CUDA_HOME"]) / "include")
+    spec = importlib.util.find_spec("nvidia")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidates += [pathlib.Path(folder) / "cu13" / "include", pathlib.Path(folder) / "cuda_runtime" / "include"]
+    candidates.append(pathlib.Path("/usr/local/cuda/include"))
+    for folder in candidates:
+        if (folder / "cuda.h").is_file():
+            return folder
+    raise RuntimeError("cuda.h not found: `pip install '.[test]'` installs nvidia-cuda-runtime, which has it")
+
+
+@dataclasses.dataclass
+class Clients:
+    """The C driver client, built two ways (see tests/clients/driver_client.c)."""
+
+    lcuda: pathlib.Path  # linked with -lcuda
+    dlopen: pathlib.Path  # dlopen + cuGetProcAddress_v2
+
+    def __iter__(self):
+        return iter((self.lcuda, self.dlopen))
+
+
+@pytest.fixture(scope="session")
+def clients(tmp_path_factory) -> Clients:
+    out = tmp_path_factory.mktemp("clients")
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc or $CC) to build the test clients")
+    include = cuda_include_dir()
+    lib = sim.library_dir()
+    common = [cc, "-std=c11", "-D_GNU_SOURCE", "-O1", "-g", "-Wall", "-Wextra", "-Werror", f"-I{include}"]
+    lcuda, dlopen = out / "client_lcuda", out / "client_dlopen"
+    subprocess.run([*common, str(CLIENT_SOURCE), "-o", str(lcuda), f"-L{lib}", "-l:libcuda.so.1"], check=True)
+    subprocess.run([*common, "-DUSE_DLOPEN", str(CLIENT_SOURCE), "-o", str(dlopen), "-ldl"], check=True)
+    return Clients(lcuda, dlopen)
+
+
+@pytest.fixture(scope="session")
+def kernels() -> str:
+    """A module file for cuModuleLoad: the installed fatbin of cuda/ kernels.
+
+    The simulated driver accepts any image, so this is what a real client
+    would load on a real GPU too."""
+    import fracgpu
+
+    return str(fracgpu.kernels_path())
+
+
+class SimGPU:
+    """One simulated GPU of a test: its folder, its config, and ways to run on it."""
+
+    def __init__(self, folder: pathlib.Path, **config):
+        self.dir = folder
+        self.config = sim.SimConfig(state_dir=str(folder), **config)
+        self.env = {**os.environ, **sim.environment(self.config)}
+
+    def run(self, *argv, timeout: float = 60, check: bool = True, env: dict | None = None, **kwargs):
+        result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout,
+                                env={**self.env, **(env or {})}, **kwargs)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{argv} exited {result.returncode}\nstdout:\n{result.stdout}\n"
+                                 f"stderr:\n{result.stderr}")
+        return result
+
+    def facts(self, *argv, **kwargs) -> dict[str, str]:
+        """Run a client and parse its "key value" lines."""
+        return parse_facts(self.run(*argv, **kwargs).stdout)
+
+    def python(self, code: str, **kwargs):
+        return self.run(sys.executable, "-c", code, **kwargs)
+
+    def popen(self, *argv, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen([str(a) for a in argv], env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def parse_facts(text: str) -> dict[str, str]:
+    facts = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        facts[key] = value
+    return facts
+
+
+@pytest.fixture
+def gpu(tmp_path) -> SimGPU:
+    """A fresh 1 GiB simulated GPU of this test's own."""
+    return SimGPU(tmp_path / "sim", memory=GiB)
+
+
+@pytest.fixture
+def make_gpu(tmp_path):
+    """Factory for simulated GPUs with other settings: make_gpu(memory=..., sms=...)."""
+    count = 0
+
+    def make(**config) -> SimGPU:
+        nonlocal count
+        count += 1
+        return SimGPU(tmp_path / f"sim{count}", **config)
+
+    return make

@@ -1,0 +1,80 @@
+/* The size and share parser of csrc/common, run natively (and under the
+ * sanitizers in CI): exact values, limits, and that bad input is refused with a
+ * message. Exits non-zero on the first failure, naming it. */
+#include "fracgpu/units.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static int failures;
+
+#define EXPECT(cond)                                                    \
+    do {                                                                \
+        if (!(cond)) {                                                  \
+            fprintf(stderr, "%s:%d: failed: %s\n", __FILE__, __LINE__, #cond); \
+            failures++;                                                 \
+        }                                                               \
+    } while (0)
+
+static void size_ok(const char *text, uint64_t want) {
+    uint64_t bytes = 1;
+    double fraction = 1;
+    char err[256] = "";
+    int rc = fracgpu_parse_size(text, &bytes, &fraction, err, sizeof err);
+    if (rc != 0 || bytes != want || fraction != 0) {
+        fprintf(stderr, "parse_size(%s): rc %d bytes %llu (want %llu) %s\n", text, rc,
+                (unsigned long long)bytes, (unsigned long long)want, err);
+        failures++;
+    }
+}
+
+static void size_bad(const char *text, const char *needle) {
+    char err[512] = "";
+    uint64_t bytes = 0;
+    if (fracgpu_parse_size(text, &bytes, NULL, err, sizeof err) != -1 || !strstr(err, needle)) {
+        fprintf(stderr, "parse_size(%s) should fail with '%s', got '%s'\n", text, needle, err);
+        failures++;
+    }
+}
+
+int main(void) {
+    size_ok("1048576", 1048576);
+    size_ok("512MiB", 512ull << 20);
+    size_ok("4GiB", 4ull << 30);
+    size_ok("4G", 4ull << 30);
+    size_ok("4GB", 4000000000ull);
+    size_ok("1.5GiB", 3ull << 29);
+    size_ok(" 64 KiB ", 64ull << 10);
+    size_ok("9223372036854775807", 9223372036854775807ull);
+
+    uint64_t bytes = 7;
+    double fraction = 0;
+    EXPECT(fracgpu_parse_size("25%", &bytes, &fraction, NULL, 0) == 0 && bytes == 0 && fraction == 0.25);
+
+    size_bad("", "");
+    size_bad("abc", "");
+    size_bad("0", "");
+    size_bad("-1GiB", "");
+    size_bad("12XB", "XB");
+    size_bad("8EiB", "");
+    size_bad("9223372036854775808", "");
+    size_bad("150%", "");
+    EXPECT(fracgpu_parse_size(NULL, &bytes, NULL, NULL, 0) == -1);
+
+    double share = 0;
+    EXPECT(fracgpu_parse_share("25%", &share, NULL, 0) == 0 && share == 0.25);
+    EXPECT(fracgpu_parse_share("0.75", &share, NULL, 0) == 0 && share == 0.75);
+    EXPECT(fracgpu_parse_share("0", &share, NULL, 0) == -1);
+    EXPECT(fracgpu_parse_share("101%", &share, NULL, 0) == -1);
+
+    char buf[32];
+    EXPECT(fracgpu_format_size(256ull << 20, buf, sizeof buf) == 6 && !strcmp(buf, "256MiB"));
+    EXPECT(fracgpu_format_size(3ull << 29, buf, sizeof buf) && !strcmp(buf, "1.5GiB"));
+    EXPECT(fracgpu_format_size(1000, buf, sizeof buf) && !strcmp(buf, "1000B"));
+    char tiny[4];
+    EXPECT(fracgpu_format_size(256ull << 20, tiny, sizeof tiny) == 6 && strlen(tiny) == 3);
+
+    if (failures) fprintf(stderr, "%d failure(s)\n", failures);
+    else printf("units: all passed\n");
+    return failures != 0;
+}
