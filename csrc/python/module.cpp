@@ -5,9 +5,13 @@
 // read the same way inside every job.
 #include <pybind11/pybind11.h>
 
+#include <pybind11/stl.h>
+
 #include <cstdint>
+#include <memory>
 #include <string>
 
+#include "fracgpu/state.h"
 #include "fracgpu/units.h"
 
 namespace py = pybind11;
@@ -60,6 +64,66 @@ py::dict build_info() {
   return info;
 }
 
+// The shared state. The C++ side reports failures as (false, message); here
+// they become fracgpu._native.StateError.
+struct StateError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+void check(bool ok, const std::string &err) {
+  if (!ok) throw StateError(err);
+}
+
+std::unique_ptr<fracgpu::Region> open_region(const std::string &dir, const std::string &uuid,
+                                             const std::string &device_name, uint64_t total, bool create) {
+  auto r = std::make_unique<fracgpu::Region>();
+  std::string err;
+  check(r->open(dir, uuid, device_name, total, create, &err), err);
+  return r;
+}
+
+std::unique_ptr<fracgpu::Region> open_region_file(const std::string &path) {
+  auto r = std::make_unique<fracgpu::Region>();
+  std::string err;
+  check(r->open_file(path, &err), err);
+  return r;
+}
+
+py::list partitions(fracgpu::Region &r) {
+  py::list out;
+  for (const auto &p : r.partitions()) {
+    py::dict d;
+    d["name"] = p.name;
+    d["memory_limit"] = p.memory_limit;
+    d["used"] = p.used;
+    d["peak"] = p.peak;
+    d["oom_refusals"] = p.oom_refusals;
+    d["compute_share"] = p.compute_share;
+    d["ephemeral"] = bool(p.flags & fracgpu::kPartitionEphemeral);
+    d["cap"] = bool(p.flags & fracgpu::kPartitionCap);
+    d["created_unix_ns"] = p.created_unix_ns;
+    d["processes"] = p.processes;
+    out.append(d);
+  }
+  return out;
+}
+
+py::list processes(fracgpu::Region &r) {
+  py::list out;
+  for (const auto &p : r.processes()) {
+    py::dict d;
+    d["pid"] = p.pid;
+    d["partition"] = p.partition;
+    d["command"] = p.command;
+    d["used"] = p.used;
+    d["peak"] = p.peak;
+    d["start_time"] = p.start_time;
+    d["attached_unix_ns"] = p.attached_unix_ns;
+    out.append(d);
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -72,6 +136,43 @@ PYBIND11_MODULE(_native, m) {
   m.def("format_size", &format_size, py::arg("bytes"),
         "Write bytes as people do: 268435456 -> '256MiB', 1610612736 -> '1.5GiB'.");
   m.def("format_share", &format_share, py::arg("share"), "Write a share as a percentage: 0.25 -> '25%'.");
+  py::register_exception<StateError>(m, "StateError", PyExc_RuntimeError);
+  m.def("default_state_dir", &fracgpu::default_state_dir,
+        "$FRACGPU_STATE_DIR, else $XDG_RUNTIME_DIR/fracgpu, else /tmp/fracgpu-$UID.");
+  m.def("check_state_dir", [](const std::string &dir, bool create) {
+          std::string err;
+          check(fracgpu::check_state_dir(dir, create, &err), err);
+        }, py::arg("dir"), py::arg("create") = false,
+        "Raise StateError unless dir is a folder of this user that nobody else can write (create: mkdir 0700).");
+  m.def("region_files", &fracgpu::region_files, py::arg("dir"), "The GPU state files in dir, sorted.");
+  m.def("valid_partition_name", [](const std::string &name) {
+          std::string err;
+          if (!fracgpu::valid_partition_name(name, &err)) throw py::value_error(err);
+        }, py::arg("name"), "Raise ValueError naming the rule unless name is a valid partition name.");
+  m.attr("MAX_PARTITIONS") = fracgpu::kMaxPartitions;
+  m.attr("MAX_PROCESSES") = fracgpu::kMaxProcesses;
+  py::class_<fracgpu::Region>(m, "Region", "One GPU's shared state (a mapped file).")
+      .def_static("open", &open_region, py::arg("dir"), py::arg("uuid"), py::arg("device_name"),
+                  py::arg("total_memory"), py::arg("create") = true,
+                  "Open (create) the region of GPU uuid under dir. Raises StateError.")
+      .def_static("open_file", &open_region_file, py::arg("path"), "Open an existing state file. Raises StateError.")
+      .def_property_readonly("path", &fracgpu::Region::path)
+      .def_property_readonly("uuid", &fracgpu::Region::uuid)
+      .def_property_readonly("device_name", &fracgpu::Region::device_name)
+      .def_property_readonly("total_memory", &fracgpu::Region::total_memory)
+      .def("partitions", &partitions, "Live partitions: list of dicts.")
+      .def("processes", &processes, "Registered processes (reap() first to drop dead ones): list of dicts.")
+      .def("create_partition", [](fracgpu::Region &r, const std::string &name, uint64_t memory_limit,
+                                  double compute_share, bool cap) {
+             std::string err;
+             uint32_t flags = cap ? uint32_t(fracgpu::kPartitionCap) : 0u;
+             check(r.create_partition(name, memory_limit, compute_share, flags, &err), err);
+           }, py::arg("name"), py::arg("memory_limit") = 0, py::arg("compute_share") = 0.0, py::arg("cap") = false)
+      .def("remove_partition", [](fracgpu::Region &r, const std::string &name) {
+             std::string err;
+             check(r.remove_partition(name, &err), err);
+           }, py::arg("name"))
+      .def("reap", &fracgpu::Region::reap, "Free the slots of dead processes; returns how many.");
   m.def("build_info", &build_info,
         "What this build was made with: {'have_fatbin': bool, 'cuda_header_version': int}.");
 }

@@ -1,0 +1,158 @@
+// The shared state of fracgpu: one region (a file, mapped by every process)
+// per physical GPU, keyed by the GPU's UUID, holding the partitions of that GPU
+// and the processes using them.
+//
+// Used by the shim inside every job and by the Python package (CLI, usage()).
+// Layout rules: fixed-size tables, no pointers, counters that change on the
+// hot path are lock-free 64-bit atomics; table changes (partitions created or
+// removed, processes joining or leaving) take a process-shared robust mutex, so
+// a holder killed by SIGKILL never blocks the others.
+//
+// Nothing here throws: every fallible call returns false and fills `err` with
+// one line that names the problem and what to do.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <pthread.h>
+#include <string>
+#include <vector>
+
+namespace fracgpu {
+
+constexpr uint32_t kStateLayoutVersion = 1;
+constexpr int kMaxPartitions = 64;
+constexpr int kMaxProcesses = 256;
+constexpr size_t kNameBytes = 64;      // partition names, NUL included
+constexpr size_t kUuidBytes = 48;      // "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+constexpr size_t kDeviceNameBytes = 96;
+constexpr size_t kCommandBytes = 64;
+
+enum PartitionFlags : uint32_t {
+    kPartitionEphemeral = 1u << 0,   // made for one `fracgpu run`/init(): removed with its last process
+    kPartitionCap = 1u << 1,         // the compute share is also a ceiling (issue: compute shares)
+};
+
+struct SharedPartition {
+    uint32_t in_use;                       // written last on create, first on remove
+    uint32_t flags;
+    char name[kNameBytes];
+    uint64_t memory_limit;                 // bytes; 0: no limit (the whole device)
+    double compute_share;                  // (0, 1]; 0: none
+    uint64_t created_unix_ns;
+    std::atomic<uint64_t> used;            // bytes charged to the partition now
+    std::atomic<uint64_t> peak;            // highest `used` seen
+    std::atomic<uint64_t> oom_refusals;    // allocations refused over quota
+    std::atomic<uint64_t> reserved[16];    // room for compute and accounting counters
+};
+
+struct SharedProcess {
+    int32_t pid;                           // 0: free slot
+    int32_t partition;                     // index into partitions
+    uint64_t start_time;                   // /proc/<pid>/stat field 22 (ticks since boot)
+    uint64_t attached_unix_ns;
+    char command[kCommandBytes];
+    std::atomic<uint64_t> used;            // bytes this process holds
+    std::atomic<uint64_t> peak;
+    std::atomic<uint64_t> reserved[8];
+};
+
+struct SharedRegion {
+    char magic[8];
+    uint32_t layout_version;
+    uint32_t header_size;                  // sizeof(SharedRegion)
+    uint64_t file_size;
+    char uuid[kUuidBytes];
+    char device_name[kDeviceNameBytes];
+    uint64_t total_memory;
+    uint64_t created_unix_ns;
+    pthread_mutex_t lock;
+    SharedPartition partitions[kMaxPartitions];
+    SharedProcess processes[kMaxProcesses];
+};
+
+// A partition or process as read by usage() and the CLI: plain values.
+struct PartitionInfo {
+    std::string name;
+    uint32_t flags = 0;
+    uint64_t memory_limit = 0, used = 0, peak = 0, oom_refusals = 0;
+    double compute_share = 0;
+    uint64_t created_unix_ns = 0;
+    int processes = 0;
+};
+struct ProcessInfo {
+    int pid = 0;
+    std::string partition, command;
+    uint64_t used = 0, peak = 0, start_time = 0, attached_unix_ns = 0;
+};
+
+// The folder the state lives in: $FRACGPU_STATE_DIR, else
+// $XDG_RUNTIME_DIR/fracgpu (when that folder is ours), else /tmp/fracgpu-$UID.
+std::string default_state_dir();
+
+// Creates `dir` (mode 0700) when missing, and checks it is safe: a folder owned
+// by this user that nobody else can write to.
+bool check_state_dir(const std::string &dir, bool create, std::string *err);
+
+// Files of regions under dir ("gpu-*.state"), sorted.
+std::vector<std::string> region_files(const std::string &dir);
+
+// Start time of a live process, 0 when gone or a zombie.
+uint64_t process_start_time(int pid);
+
+// Checks a partition name: 1..63 bytes of [A-Za-z0-9._-], not starting with '.' or '-'.
+bool valid_partition_name(const std::string &name, std::string *err);
+
+class Region {
+  public:
+    Region() = default;
+    ~Region();
+    Region(const Region &) = delete;
+    Region &operator=(const Region &) = delete;
+
+    // Opens the region of the GPU `uuid` under dir, creating it (complete,
+    // under a temporary name, then linked into place) when `create`.
+    bool open(const std::string &dir, const std::string &uuid, const std::string &device_name,
+              uint64_t total_memory, bool create, std::string *err);
+    // Opens an existing region file as it is.
+    bool open_file(const std::string &path, std::string *err);
+    void close();
+    bool is_open() const { return r_ != nullptr; }
+
+    const std::string &path() const { return path_; }
+    std::string uuid() const { return r_->uuid; }
+    std::string device_name() const { return r_->device_name; }
+    uint64_t total_memory() const { return r_->total_memory; }
+    SharedRegion *raw() { return r_; }
+
+    // Table changes (each takes the lock).
+    bool create_partition(const std::string &name, uint64_t memory_limit, double compute_share, uint32_t flags,
+                          std::string *err);
+    bool remove_partition(const std::string &name, std::string *err);
+    int find_partition(const std::string &name);           // index or -1
+    // Joins partition `name` as process `pid`; when it does not exist and
+    // `create_limit` is given (ephemeral), creates it. Returns the slot, -1 on error.
+    int join(const std::string &name, int pid, const char *command, const uint64_t *create_limit,
+             std::string *err);
+    void leave(int slot);                                  // this process is done with its slot
+    int reap();                                            // frees slots of dead processes; count
+
+    // Lock-free hot path. charge(): atomically adds `bytes` to the partition
+    // unless that passes its limit (false: nothing charged), then to the slot.
+    bool charge(int slot, uint64_t bytes);
+    void uncharge(int slot, uint64_t bytes);
+
+    std::vector<PartitionInfo> partitions();
+    std::vector<ProcessInfo> processes();
+
+  private:
+    bool lock(std::string *err);
+    void unlock();
+    void release_slot_locked(int slot);
+    SharedRegion *r_ = nullptr;
+    size_t size_ = 0;
+    std::string path_;
+};
+
+}  // namespace fracgpu

@@ -1,0 +1,518 @@
+// The shared state: see fracgpu/state.h.
+#include "fracgpu/state.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace fracgpu {
+
+namespace {
+
+constexpr char kMagic[8] = {'F', 'R', 'A', 'C', 'G', 'P', 'U', 'S'};
+
+uint64_t unix_ns() {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+std::string errno_text(int e) { return std::string(strerror(e)); }
+
+void copy_name(char *dst, size_t n, const std::string &src) {
+    size_t len = std::min(src.size(), n - 1);
+    memcpy(dst, src.data(), len);
+    dst[len] = '\0';
+}
+
+bool alive(const SharedProcess &p) {
+    if (p.pid <= 0) return false;
+    if (kill(p.pid, 0) != 0 && errno == ESRCH) return false;
+    return process_start_time(p.pid) == p.start_time;
+}
+
+void raise_peak(std::atomic<uint64_t> &peak, uint64_t value) {
+    uint64_t cur = peak.load(std::memory_order_relaxed);
+    while (value > cur && !peak.compare_exchange_weak(cur, value, std::memory_order_relaxed)) {
+    }
+}
+
+void saturating_sub(std::atomic<uint64_t> &counter, uint64_t bytes) {
+    uint64_t cur = counter.load(std::memory_order_relaxed);
+    uint64_t next;
+    do {
+        next = cur > bytes ? cur - bytes : 0;
+    } while (!counter.compare_exchange_weak(cur, next, std::memory_order_acq_rel));
+}
+
+bool init_region(SharedRegion *r, size_t size, const std::string &uuid, const std::string &device_name,
+                 uint64_t total, std::string *err) {
+    memset(static_cast<void *>(r), 0, size);
+    memcpy(r->magic, kMagic, sizeof kMagic);
+    r->layout_version = kStateLayoutVersion;
+    r->header_size = sizeof(SharedRegion);
+    r->file_size = size;
+    copy_name(r->uuid, sizeof r->uuid, uuid);
+    copy_name(r->device_name, sizeof r->device_name, device_name);
+    r->total_memory = total;
+    r->created_unix_ns = unix_ns();
+    pthread_mutexattr_t a;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    int rc = pthread_mutex_init(&r->lock, &a);
+    pthread_mutexattr_destroy(&a);
+    if (rc != 0) {
+        *err = "cannot initialise the shared state's lock: " + errno_text(rc);
+        return false;
+    }
+    return true;
+}
+
+std::string file_for(const std::string &dir, const std::string &uuid) {
+    std::string safe;
+    for (char c : uuid) safe += (isalnum((unsigned char)c) || c == '-') ? c : '_';
+    return dir + "/gpu-" + safe + ".state";
+}
+
+}  // namespace
+
+uint64_t process_start_time(int pid) {
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    ::close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    const char *p = strrchr(buf, ')');   // the command may hold spaces and parentheses
+    if (!p || p[1] != ' ') return 0;
+    p += 2;
+    if (*p == 'Z' || *p == 'X') return 0;   // a zombie holds no GPU memory
+    for (int field = 3; field < 22; field++) {
+        p = strchr(p, ' ');
+        if (!p) return 0;
+        p++;
+    }
+    return strtoull(p, nullptr, 10);
+}
+
+std::string default_state_dir() {
+    const char *v = getenv("FRACGPU_STATE_DIR");
+    if (v && *v) return v;
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    struct stat st;
+    if (xdg && *xdg && stat(xdg, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == geteuid())
+        return std::string(xdg) + "/fracgpu";
+    return "/tmp/fracgpu-" + std::to_string((unsigned)geteuid());
+}
+
+bool check_state_dir(const std::string &dir, bool create, std::string *err) {
+    if (dir.empty()) {
+        *err = "the state folder is empty; set FRACGPU_STATE_DIR to a folder of yours";
+        return false;
+    }
+    if (create && mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+        *err = "cannot create the state folder " + dir + ": " + errno_text(errno) +
+               "; set FRACGPU_STATE_DIR to a folder you can write";
+        return false;
+    }
+    struct stat st;
+    if (lstat(dir.c_str(), &st) != 0) {
+        *err = "the state folder " + dir + " is missing (" + errno_text(errno) + ")";
+        return false;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        *err = "the state folder " + dir + " is not a folder; set FRACGPU_STATE_DIR to a folder of yours";
+        return false;
+    }
+    if (st.st_uid != geteuid()) {
+        *err = "the state folder " + dir + " belongs to another user (uid " + std::to_string(st.st_uid) +
+               "); set FRACGPU_STATE_DIR to a folder of yours";
+        return false;
+    }
+    if (st.st_mode & (S_IWGRP | S_IWOTH)) {
+        char mode[8];
+        snprintf(mode, sizeof mode, "%03o", (unsigned)(st.st_mode & 0777));
+        *err = "the state folder " + dir + " has unsafe permissions (mode " + mode +
+               ": others can write to it); run `chmod 700 " + dir + "` or use another folder";
+        return false;
+    }
+    return true;
+}
+
+std::vector<std::string> region_files(const std::string &dir) {
+    std::vector<std::string> out;
+    DIR *d = opendir(dir.c_str());
+    if (!d) return out;
+    while (struct dirent *e = readdir(d)) {
+        std::string n = e->d_name;
+        if (n.size() > 10 && n.compare(0, 4, "gpu-") == 0 && n.compare(n.size() - 6, 6, ".state") == 0)
+            out.push_back(dir + "/" + n);
+    }
+    closedir(d);
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
+bool valid_partition_name(const std::string &name, std::string *err) {
+    bool ok = !name.empty() && name.size() < kNameBytes && name[0] != '.' && name[0] != '-';
+    for (char c : name) ok = ok && (isalnum((unsigned char)c) || c == '.' || c == '_' || c == '-');
+    if (!ok)
+        *err = "invalid partition name '" + name + "': use 1 to " + std::to_string(kNameBytes - 1) +
+               " letters, digits, '.', '_' or '-', not starting with '.' or '-'";
+    return ok;
+}
+
+Region::~Region() { close(); }
+
+void Region::close() {
+    if (r_) munmap(r_, size_);
+    r_ = nullptr;
+    size_ = 0;
+}
+
+bool Region::open_file(const std::string &path, std::string *err) {
+    close();
+    int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) {
+        *err = "cannot open the state file " + path + ": " + errno_text(errno);
+        return false;
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        ::close(fd);
+        *err = "the state file " + path + " is not a regular file; remove it";
+        return false;
+    }
+    if (st.st_uid != geteuid() || (st.st_mode & (S_IWGRP | S_IWOTH))) {
+        ::close(fd);
+        *err = "the state file " + path + " has unsafe owner or permissions (others could change quotas); "
+               "remove it, or fix it with chown/chmod 600";
+        return false;
+    }
+    size_t size = (size_t)st.st_size;
+    if (size < sizeof(SharedRegion::magic) + 8) {
+        ::close(fd);
+        *err = "the state file " + path + " is truncated or not a fracgpu state file; stop the jobs using "
+               "this GPU, remove it and retry";
+        return false;
+    }
+    void *m = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    ::close(fd);
+    if (m == MAP_FAILED) {
+        *err = "cannot map the state file " + path + ": " + errno_text(errno);
+        return false;
+    }
+    auto *r = static_cast<SharedRegion *>(m);
+    std::string problem;
+    if (memcmp(r->magic, kMagic, sizeof kMagic) != 0)
+        problem = " is not a fracgpu state file (foreign or damaged); stop the jobs using this GPU, remove it "
+                  "and retry";
+    else if (r->layout_version != kStateLayoutVersion)
+        problem = " has state layout version " + std::to_string(r->layout_version) + " but this fracgpu uses " +
+                  std::to_string(kStateLayoutVersion) + "; run one fracgpu version per GPU at a time, or stop "
+                  "the jobs using it and remove the file";
+    else if (r->header_size != sizeof(SharedRegion) || r->file_size != size || size < sizeof(SharedRegion))
+        problem = " is truncated or of another build of fracgpu; stop the jobs using this GPU, remove it and "
+                  "retry";
+    if (!problem.empty()) {
+        munmap(m, size);
+        *err = "the state file " + path + problem;
+        return false;
+    }
+    r_ = r;
+    size_ = size;
+    path_ = path;
+    return true;
+}
+
+bool Region::open(const std::string &dir, const std::string &uuid, const std::string &device_name,
+                  uint64_t total_memory, bool create, std::string *err) {
+    if (!check_state_dir(dir, create, err)) return false;
+    std::string path = file_for(dir, uuid);
+    if (create && access(path.c_str(), F_OK) != 0) {
+        // Build it complete under a private name, then link it into place: nobody
+        // ever maps a half-made region, and of two creators one wins.
+        std::string tmp = path + ".tmp." + std::to_string(getpid());
+        int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        if (fd < 0) {
+            *err = "cannot create the state file " + tmp + ": " + errno_text(errno);
+            return false;
+        }
+        size_t size = sizeof(SharedRegion);
+        bool ok = ftruncate(fd, (off_t)size) == 0;
+        void *m = ok ? mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+        ::close(fd);
+        if (m == MAP_FAILED) {
+            unlink(tmp.c_str());
+            *err = "cannot size the state file " + tmp + ": " + errno_text(errno);
+            return false;
+        }
+        ok = init_region(static_cast<SharedRegion *>(m), size, uuid, device_name, total_memory, err);
+        msync(m, size, MS_SYNC);
+        munmap(m, size);
+        if (ok && link(tmp.c_str(), path.c_str()) != 0 && errno != EEXIST) {
+            *err = "cannot create the state file " + path + ": " + errno_text(errno);
+            ok = false;
+        }
+        unlink(tmp.c_str());
+        if (!ok) return false;
+    }
+    if (!open_file(path, err)) return false;
+    if (uuid != r_->uuid) {
+        *err = "the state file " + path + " belongs to GPU " + r_->uuid + ", not " + uuid + "; remove it";
+        close();
+        return false;
+    }
+    return true;
+}
+
+bool Region::lock(std::string *err) {
+    int rc = pthread_mutex_lock(&r_->lock);
+    if (rc == EOWNERDEAD) {
+        // Its holder died inside. Every table change writes `in_use`/`pid`
+        // last (or first when freeing), so the tables are consistent as they are.
+        pthread_mutex_consistent(&r_->lock);
+        return true;
+    }
+    if (rc != 0) {
+        if (err) *err = "the shared state's lock in " + path_ + " is unusable (" + errno_text(rc) +
+                        "); stop the jobs using this GPU and remove the file";
+        return false;
+    }
+    return true;
+}
+
+void Region::unlock() { pthread_mutex_unlock(&r_->lock); }
+
+int Region::find_partition(const std::string &name) {
+    for (int i = 0; i < kMaxPartitions; i++) {
+        const SharedPartition &p = r_->partitions[i];
+        if (__atomic_load_n(&p.in_use, __ATOMIC_ACQUIRE) && name == p.name) return i;
+    }
+    return -1;
+}
+
+static bool create_locked(SharedRegion *r, int existing, const std::string &name, uint64_t limit, double share,
+                          uint32_t flags, std::string *err, int *index) {
+    if (existing >= 0) {
+        *err = "partition '" + name + "' already exists on " + r->uuid + "; remove it first with "
+               "`fracgpu partition rm " + name + "`, or choose another name";
+        return false;
+    }
+    for (int i = 0; i < kMaxPartitions; i++) {
+        SharedPartition &p = r->partitions[i];
+        if (p.in_use) continue;
+        copy_name(p.name, sizeof p.name, name);
+        p.flags = flags;
+        p.memory_limit = limit;
+        p.compute_share = share;
+        p.created_unix_ns = unix_ns();
+        p.used.store(0);
+        p.peak.store(0);
+        p.oom_refusals.store(0);
+        for (auto &x : p.reserved) x.store(0);
+        __atomic_store_n(&p.in_use, 1u, __ATOMIC_RELEASE);
+        if (index) *index = i;
+        return true;
+    }
+    *err = "GPU " + std::string(r->uuid) + " already has " + std::to_string(kMaxPartitions) +
+           " partitions; remove unused ones with `fracgpu partition rm`";
+    return false;
+}
+
+bool Region::create_partition(const std::string &name, uint64_t memory_limit, double compute_share,
+                              uint32_t flags, std::string *err) {
+    if (!valid_partition_name(name, err)) return false;
+    if (memory_limit > r_->total_memory) {
+        *err = "memory limit " + std::to_string(memory_limit) + " bytes is above the device's " +
+               std::to_string(r_->total_memory) + " bytes";
+        return false;
+    }
+    if (!lock(err)) return false;
+    bool ok = create_locked(r_, find_partition(name), name, memory_limit, compute_share, flags, err, nullptr);
+    unlock();
+    return ok;
+}
+
+bool Region::remove_partition(const std::string &name, std::string *err) {
+    if (!lock(err)) return false;
+    int idx = find_partition(name);
+    bool ok = idx >= 0;
+    if (!ok) {
+        *err = "no partition '" + name + "' on GPU " + std::string(r_->uuid) + "; `fracgpu partition list` "
+               "shows them";
+    } else {
+        std::vector<int> pids;
+        for (int i = 0; i < kMaxProcesses; i++) {
+            SharedProcess &p = r_->processes[i];
+            if (p.pid == 0 || p.partition != idx) continue;
+            if (!alive(p)) release_slot_locked(i);
+            else pids.push_back(p.pid);
+        }
+        if (!pids.empty()) {
+            std::string list;
+            for (int pid : pids) list += (list.empty() ? "" : ", ") + std::to_string(pid);
+            *err = "partition '" + name + "' is in use by process(es) " + list + "; stop them first";
+            ok = false;
+        } else {
+            __atomic_store_n(&r_->partitions[idx].in_use, 0u, __ATOMIC_RELEASE);
+        }
+    }
+    unlock();
+    return ok;
+}
+
+void Region::release_slot_locked(int slot) {
+    SharedProcess &p = r_->processes[slot];
+    if (p.pid == 0) return;
+    int idx = p.partition;
+    if (idx >= 0 && idx < kMaxPartitions) {
+        SharedPartition &part = r_->partitions[idx];
+        saturating_sub(part.used, p.used.exchange(0));
+        bool others = false;
+        for (int i = 0; i < kMaxProcesses; i++)
+            if (i != slot && r_->processes[i].pid != 0 && r_->processes[i].partition == idx) others = true;
+        if (!others && (part.flags & kPartitionEphemeral)) __atomic_store_n(&part.in_use, 0u, __ATOMIC_RELEASE);
+    }
+    __atomic_store_n(&p.pid, 0, __ATOMIC_RELEASE);
+}
+
+int Region::join(const std::string &name, int pid, const char *command, const uint64_t *create_limit,
+                 std::string *err) {
+    if (!valid_partition_name(name, err)) return -1;
+    if (create_limit && *create_limit > r_->total_memory) {
+        *err = "memory limit of " + std::to_string(*create_limit) + " bytes is above the device's " +
+               std::to_string(r_->total_memory) + " bytes (" + r_->uuid + ")";
+        return -1;
+    }
+    if (!lock(err)) return -1;
+    int slot = -1;
+    for (int i = 0; i < kMaxProcesses; i++) {
+        SharedProcess &p = r_->processes[i];
+        if (p.pid != 0 && !alive(p)) release_slot_locked(i);
+    }
+    int idx = find_partition(name);
+    if (idx < 0 && create_limit) {
+        if (!create_locked(r_, -1, name, *create_limit, 0.0, kPartitionEphemeral, err, &idx)) idx = -2;
+    } else if (idx < 0) {
+        *err = "partition '" + name + "' does not exist on GPU " + std::string(r_->uuid) +
+               "; create it with `fracgpu partition create " + name + " --memory SIZE`";
+    }
+    if (idx >= 0) {
+        for (int i = 0; i < kMaxProcesses && slot < 0; i++) {
+            SharedProcess &p = r_->processes[i];
+            if (p.pid != 0) continue;
+            p.partition = idx;
+            p.start_time = process_start_time(pid);
+            p.attached_unix_ns = unix_ns();
+            copy_name(p.command, sizeof p.command, command ? command : "");
+            p.used.store(0);
+            p.peak.store(0);
+            for (auto &x : p.reserved) x.store(0);
+            __atomic_store_n(&p.pid, pid, __ATOMIC_RELEASE);
+            slot = i;
+        }
+        if (slot < 0)
+            *err = "GPU " + std::string(r_->uuid) + " already has " + std::to_string(kMaxProcesses) +
+                   " processes using fracgpu";
+    }
+    unlock();
+    return slot;
+}
+
+void Region::leave(int slot) {
+    if (slot < 0 || slot >= kMaxProcesses) return;
+    if (!lock(nullptr)) return;
+    release_slot_locked(slot);
+    unlock();
+}
+
+int Region::reap() {
+    if (!lock(nullptr)) return 0;
+    int n = 0;
+    for (int i = 0; i < kMaxProcesses; i++) {
+        SharedProcess &p = r_->processes[i];
+        if (p.pid != 0 && !alive(p)) {
+            release_slot_locked(i);
+            n++;
+        }
+    }
+    unlock();
+    return n;
+}
+
+bool Region::charge(int slot, uint64_t bytes) {
+    SharedProcess &p = r_->processes[slot];
+    SharedPartition &part = r_->partitions[p.partition];
+    uint64_t limit = part.memory_limit ? part.memory_limit : r_->total_memory;
+    uint64_t cur = part.used.load(std::memory_order_relaxed);
+    do {
+        if (bytes > limit || cur > limit - bytes) {
+            part.oom_refusals.fetch_add(1, std::memory_order_relaxed);
+            return false;
+        }
+    } while (!part.used.compare_exchange_weak(cur, cur + bytes, std::memory_order_acq_rel));
+    raise_peak(part.peak, cur + bytes);
+    raise_peak(p.peak, p.used.fetch_add(bytes, std::memory_order_acq_rel) + bytes);
+    return true;
+}
+
+void Region::uncharge(int slot, uint64_t bytes) {
+    SharedProcess &p = r_->processes[slot];
+    saturating_sub(p.used, bytes);
+    saturating_sub(r_->partitions[p.partition].used, bytes);
+}
+
+std::vector<PartitionInfo> Region::partitions() {
+    std::vector<PartitionInfo> out;
+    for (int i = 0; i < kMaxPartitions; i++) {
+        SharedPartition &p = r_->partitions[i];
+        if (!__atomic_load_n(&p.in_use, __ATOMIC_ACQUIRE)) continue;
+        PartitionInfo info;
+        info.name = std::string(p.name, strnlen(p.name, sizeof p.name));
+        info.flags = p.flags;
+        info.memory_limit = p.memory_limit;
+        info.used = p.used.load();
+        info.peak = p.peak.load();
+        info.oom_refusals = p.oom_refusals.load();
+        info.compute_share = p.compute_share;
+        info.created_unix_ns = p.created_unix_ns;
+        for (auto &proc : r_->processes)
+            if (__atomic_load_n(&proc.pid, __ATOMIC_ACQUIRE) != 0 && proc.partition == i) info.processes++;
+        out.push_back(std::move(info));
+    }
+    return out;
+}
+
+std::vector<ProcessInfo> Region::processes() {
+    std::vector<ProcessInfo> out;
+    for (auto &p : r_->processes) {
+        int pid = __atomic_load_n(&p.pid, __ATOMIC_ACQUIRE);
+        if (pid == 0 || p.partition < 0 || p.partition >= kMaxPartitions) continue;
+        ProcessInfo info;
+        info.pid = pid;
+        const SharedPartition &part = r_->partitions[p.partition];
+        info.partition = std::string(part.name, strnlen(part.name, sizeof part.name));
+        info.command = std::string(p.command, strnlen(p.command, sizeof p.command));
+        info.used = p.used.load();
+        info.peak = p.peak.load();
+        info.start_time = p.start_time;
+        info.attached_unix_ns = p.attached_unix_ns;
+        out.push_back(std::move(info));
+    }
+    return out;
+}
+
+}  // namespace fracgpu
