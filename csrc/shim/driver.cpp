@@ -1,0 +1,193 @@
+// Settings and the real driver: read once, on the first CUDA call of a
+// process (a process that never uses CUDA loads no driver).
+#include "shim.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <dlfcn.h>
+#include <mutex>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fracgpu/state.h"
+#include "fracgpu/units.h"
+
+namespace shim {
+
+namespace {
+
+Settings g_settings;
+void *g_real = nullptr;
+CUresult g_error = CUDA_ERROR_NOT_INITIALIZED;
+std::once_flag g_once;
+std::atomic<void *> *g_forward = nullptr;   // one slot per generated forwarder
+
+// Whether path is this very library (a folder may hold the shim as libcuda.so.1).
+bool is_self(const char *path) {
+    Dl_info info;
+    struct stat a, b;
+    if (!dladdr(reinterpret_cast<void *>(&is_self), &info) || !info.dli_fname) return false;
+    if (stat(info.dli_fname, &a) != 0 || stat(path, &b) != 0) return false;
+    return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+bool usable(const std::string &path) {
+    return access(path.c_str(), R_OK) == 0 && !is_self(path.c_str());
+}
+
+// FRACGPU_REAL_LIBCUDA, else LD_LIBRARY_PATH, else the usual driver folders.
+std::string find_real_driver(std::string *err) {
+    const char *v = getenv("FRACGPU_REAL_LIBCUDA");
+    if (v && *v) {
+        if (v[0] != '/') {
+            *err = std::string("FRACGPU_REAL_LIBCUDA='") + v + "' is not an absolute path; give the real "
+                   "driver's full path, like /usr/lib/x86_64-linux-gnu/libcuda.so.1";
+            return "";
+        }
+        if (!usable(v)) {
+            *err = std::string("FRACGPU_REAL_LIBCUDA='") + v + "' " +
+                   (is_self(v) ? "is fracgpu's own shim, not the real driver" : "cannot be read") +
+                   "; give the real driver's full path";
+            return "";
+        }
+        return v;
+    }
+    std::string dirs;
+    if (const char *lp = getenv("LD_LIBRARY_PATH")) dirs = lp;
+    dirs += ":/usr/lib/x86_64-linux-gnu:/usr/lib/aarch64-linux-gnu:/usr/lib64:/usr/lib/wsl/lib"
+            ":/usr/local/nvidia/lib64:/usr/local/nvidia/lib:/usr/lib:/lib64:/lib/x86_64-linux-gnu";
+    size_t start = 0;
+    while (start <= dirs.size()) {
+        size_t end = dirs.find(':', start);
+        if (end == std::string::npos) end = dirs.size();
+        std::string dir = dirs.substr(start, end - start);
+        start = end + 1;
+        if (dir.empty()) continue;
+        std::string path = dir + "/libcuda.so.1";
+        if (usable(path)) return path;
+    }
+    *err = "the real CUDA driver (libcuda.so.1) was not found; install the NVIDIA driver, set "
+           "FRACGPU_REAL_LIBCUDA to its full path, or use the simulated GPU (eval \"$(fracgpu sim env)\")";
+    return "";
+}
+
+bool parse_settings(std::string *err) {
+    Settings &s = g_settings;
+    char msg[512];
+    const char *v;
+    if ((v = getenv("FRACGPU_PARTITION")) && *v) {
+        if (!fracgpu::valid_partition_name(v, err)) {
+            *err = "FRACGPU_PARTITION: " + *err;
+            return false;
+        }
+        s.enforce = true;
+        s.partition = v;
+    }
+    if ((v = getenv("FRACGPU_MEMORY")) && *v) {
+        if (!s.enforce) {
+            *err = "FRACGPU_MEMORY is set without FRACGPU_PARTITION; run jobs with `fracgpu run --memory SIZE`";
+            return false;
+        }
+        if (fracgpu_parse_size(v, &s.memory_bytes, &s.memory_fraction, msg, sizeof msg) != 0) {
+            *err = std::string("FRACGPU_MEMORY='") + v + "' is not valid: " + msg;
+            return false;
+        }
+        s.has_memory = true;
+    }
+    if ((v = getenv("FRACGPU_CONTEXT_MEMORY")) && *v) {
+        double fraction = 0;
+        if (fracgpu_parse_size(v, &s.context_memory, &fraction, msg, sizeof msg) != 0 || fraction != 0) {
+            if (strcmp(v, "0") != 0) {
+                *err = std::string("FRACGPU_CONTEXT_MEMORY='") + v + "' is not valid: " +
+                       (fraction != 0 ? "give a size, not a percentage" : msg);
+                return false;
+            }
+            s.context_memory = 0;
+        }
+    }
+    if ((v = getenv("FRACGPU_OOM_WAIT")) && *v) {
+        char *end = nullptr;
+        errno = 0;
+        double w = strtod(v, &end);
+        if (errno || end == v || *end || !std::isfinite(w) || w < 0) {
+            *err = std::string("FRACGPU_OOM_WAIT='") + v + "' is not valid: give seconds, a number >= 0";
+            return false;
+        }
+        s.oom_wait_s = w;
+    }
+    s.state_dir = fracgpu::default_state_dir();
+    return true;
+}
+
+void load_once() {
+    std::string err;
+    if (!parse_settings(&err)) {
+        log("%s; CUDA is refused in this process so that no job runs without its limits", err.c_str());
+        g_error = CUDA_ERROR_NOT_PERMITTED;
+        return;
+    }
+    std::string path = find_real_driver(&err);
+    if (path.empty()) {
+        log("%s", err.c_str());
+        g_error = CUDA_ERROR_NO_DEVICE;
+        return;
+    }
+    // RTLD_LOCAL and resolved through this handle: the real driver's symbols
+    // never shadow the shim's, and a client loading the driver RTLD_LOCAL
+    // cannot hide them from us (RTLD_NEXT would fail there).
+    g_real = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!g_real) {
+        const char *e = dlerror();
+        log("cannot load the real CUDA driver %s: %s", path.c_str(), e ? e : "unknown error");
+        g_error = CUDA_ERROR_NO_DEVICE;
+        return;
+    }
+    g_forward = new std::atomic<void *>[fg_forward_count]();
+    g_error = CUDA_SUCCESS;
+}
+
+}  // namespace
+
+void log(const char *fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "fracgpu: %s\n", buf);
+}
+
+bool ensure_loaded() {
+    std::call_once(g_once, load_once);
+    return g_real != nullptr;
+}
+
+CUresult init_error() { return g_error; }
+const Settings &settings() { return g_settings; }
+void *real_handle() { return g_real; }
+
+void *real_symbol(const char *name, std::atomic<void *> &slot) {
+    void *p = slot.load(std::memory_order_acquire);
+    if (p) return p;
+    if (!ensure_loaded()) return nullptr;
+    p = dlsym(g_real, name);
+    slot.store(p, std::memory_order_release);
+    return p;
+}
+
+}  // namespace shim
+
+extern "C" void *fg_forward_resolve(unsigned idx) {
+    if (!shim::ensure_loaded() || idx >= fg_forward_count) return nullptr;
+    return shim::real_symbol(fg_forward_names[idx], shim::g_forward[idx]);
+}
+
+extern "C" CUresult fg_forward_missing(unsigned idx) {
+    if (!shim::ensure_loaded()) return shim::init_error();
+    (void)idx;
+    return CUDA_ERROR_NOT_FOUND;   // the real driver predates this entry point
+}

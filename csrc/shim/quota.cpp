@@ -1,0 +1,680 @@
+// The memory quota: every device allocation path is charged to the job's
+// partition before the driver is called, and uncharged on every release path,
+// including memory dropped with its context.
+//
+// Check and charge is one atomic step on the partition's counter in the shared
+// state (Region::charge): two processes can never pass the limit together.
+// The shim remembers what it charged per allocation (by pointer, handle or
+// array), so a release uncharges exactly that, and a destroyed context
+// uncharges everything it owned.
+#include "shim.h"
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <unistd.h>
+
+#include "fracgpu/state.h"
+#include "fracgpu/units.h"
+
+namespace shim {
+namespace {
+
+constexpr int kMaxDevices = 64;
+constexpr uint64_t kReapIntervalNs = 100'000'000;   // cuMemGetInfo looks for dead jobs this often
+
+struct Binding {
+    bool ok = false;                 // this device has the job's partition
+    fracgpu::Region region;
+    int slot = -1;
+    uint64_t limit = 0;              // what the job sees as the device's memory
+    std::string uuid, refusal;
+    std::atomic<bool> oom_reported{false};
+    std::atomic<uint64_t> last_reap_ns{0};
+};
+
+std::mutex g_bind_mu;
+Binding *g_bind = nullptr;           // kMaxDevices, by ordinal; never freed (used until exit)
+int g_ndev = 0;
+std::atomic<bool> g_bound{false};     // this process has bindings (a forked child has none until its cuInit)
+CUresult g_bind_result = CUDA_SUCCESS;
+
+uint64_t mono_ns() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+std::string size_text(uint64_t bytes) {
+    char buf[32];
+    fracgpu_format_size(bytes, buf, sizeof buf);
+    return buf;
+}
+
+std::string uuid_text(const CUuuid &u) {
+    const unsigned char *b = reinterpret_cast<const unsigned char *>(u.bytes);
+    char s[48];
+    snprintf(s, sizeof s, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
+             b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+    return s;
+}
+
+std::string command_name() {
+    char buf[64] = "";
+    FILE *f = fopen("/proc/self/comm", "re");
+    if (f) {
+        if (!fgets(buf, sizeof buf, f)) buf[0] = 0;
+        fclose(f);
+    }
+    buf[strcspn(buf, "\n")] = 0;
+    return buf;
+}
+
+// Binds device ordinal d: its region, the partition, a process slot.
+// Returns false when the job must not run at all (its reason logged).
+bool attach(int d, Binding &b) {
+    const Settings &s = settings();
+    CUdevice dev;
+    CUuuid uuid;
+    char name[96] = "";
+    size_t total = 0;
+    auto get = REAL(cuDeviceGet);
+    auto get_uuid = REAL(cuDeviceGetUuid_v2) ? REAL(cuDeviceGetUuid_v2) : REAL(cuDeviceGetUuid);
+    auto get_name = REAL(cuDeviceGetName);
+    auto get_total = REAL(cuDeviceTotalMem_v2);
+    if (!get || !get_uuid || !get_name || !get_total || get(&dev, d) != CUDA_SUCCESS ||
+        get_uuid(&uuid, dev) != CUDA_SUCCESS || get_name(name, sizeof name, dev) != CUDA_SUCCESS ||
+        get_total(&total, dev) != CUDA_SUCCESS) {
+        log("cannot identify CUDA device %d; CUDA is refused in this process so that no job runs without its "
+            "limits", d);
+        return false;
+    }
+    b.uuid = uuid_text(uuid);
+    std::string err;
+    if (!b.region.open(s.state_dir, b.uuid, name, total, true, &err)) {
+        log("%s; CUDA is refused in this process so that no job runs without its limits", err.c_str());
+        return false;
+    }
+    uint64_t limit = s.memory_fraction > 0 ? (uint64_t)((double)total * s.memory_fraction) : s.memory_bytes;
+    if (s.has_memory && limit > total) {
+        log("the memory limit %s of partition '%s' is above the %s of GPU %d (%s); ask for at most %s",
+            size_text(limit).c_str(), s.partition.c_str(), size_text(total).c_str(), d, b.uuid.c_str(),
+            size_text(total).c_str());
+        return false;
+    }
+    b.slot = b.region.join(s.partition, getpid(), command_name().c_str(), s.has_memory ? &limit : nullptr, &err);
+    if (b.slot < 0) {
+        if (b.region.find_partition(s.partition) >= 0 || s.has_memory) {
+            log("%s; CUDA is refused in this process", err.c_str());
+            return false;
+        }
+        b.refusal = err;   // the partition lives on another GPU: this one gets no memory
+        return true;
+    }
+    const fracgpu::SharedRegion *r = b.region.raw();
+    uint64_t part_limit = r->partitions[r->processes[b.slot].partition].memory_limit;
+    b.limit = part_limit ? part_limit : total;
+    b.ok = true;
+    return true;
+}
+
+void detach_at_exit() {
+    if (!g_bound.load() || !g_bind) return;
+    for (int d = 0; d < g_ndev; d++)
+        if (g_bind[d].ok) g_bind[d].region.leave(g_bind[d].slot);
+}
+
+void forget_after_fork() {
+    // The child is a new process: its first cuInit binds it anew. The parent's
+    // slots stay the parent's.
+    g_bound.store(false);
+}
+
+// The binding that governs device `dev` in this process, or null when nothing
+// is enforced here.
+Binding *binding(int dev) {
+    if (!g_bound.load(std::memory_order_acquire)) return nullptr;
+    if (dev < 0 || dev >= g_ndev) return nullptr;
+    return &g_bind[dev];
+}
+
+void report_oom(Binding &b, uint64_t requested) {
+    if (b.oom_reported.exchange(true)) return;   // one line per episode, not per failed call
+    const fracgpu::SharedProcess &p = b.region.raw()->processes[b.slot];
+    const fracgpu::SharedPartition &part = b.region.raw()->partitions[p.partition];
+    log("out of memory in partition '%s' on %s: limit %s, in use %s, requested %s%s", part.name, b.uuid.c_str(),
+        size_text(b.limit).c_str(), size_text(part.used.load()).c_str(), size_text(requested).c_str(),
+        settings().oom_wait_s > 0 ? " (waited FRACGPU_OOM_WAIT)" : "");
+}
+
+CUresult charge(Binding *b, uint64_t bytes) {
+    if (!b || bytes == 0) return CUDA_SUCCESS;
+    if (g_bind_result != CUDA_SUCCESS) return g_bind_result;   // initialisation was refused
+    if (!b->ok) {
+        if (!b->oom_reported.exchange(true))
+            log("%s: allocations on %s are refused", b->refusal.c_str(), b->uuid.c_str());
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    if (b->region.charge(b->slot, bytes)) {
+        b->oom_reported.store(false, std::memory_order_relaxed);
+        return CUDA_SUCCESS;
+    }
+    // Over quota. Memory of jobs that died is given back first, then, with
+    // FRACGPU_OOM_WAIT, wait for others to free some.
+    uint64_t deadline = mono_ns() + (uint64_t)(settings().oom_wait_s * 1e9);
+    for (;;) {
+        b->region.reap();
+        if (b->region.charge(b->slot, bytes)) {
+            b->oom_reported.store(false, std::memory_order_relaxed);
+            return CUDA_SUCCESS;
+        }
+        if (mono_ns() >= deadline) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    report_oom(*b, bytes);
+    return CUDA_ERROR_OUT_OF_MEMORY;
+}
+
+void uncharge(int dev, uint64_t bytes) {
+    if (bytes == 0 || dev < 0 || dev >= g_ndev || !g_bound.load(std::memory_order_acquire)) return;
+    if (g_bind[dev].ok) g_bind[dev].region.uncharge(g_bind[dev].slot, bytes);
+}
+
+// ---------------------------------------------------------------------------
+// What was charged, per allocation
+// ---------------------------------------------------------------------------
+enum Kind { kPointer, kHandle, kArray, kContext, kKinds };
+
+struct Charge {
+    uint64_t bytes;
+    int dev;
+    CUcontext ctx;     // released with this context (null: not tied to one)
+};
+
+struct Table {
+    std::mutex mu;
+    std::unordered_map<uint64_t, Charge> map;
+};
+Table *g_tables = new Table[kKinds];
+
+void remember(Kind k, uint64_t key, const Charge &c) {
+    std::lock_guard<std::mutex> lk(g_tables[k].mu);
+    g_tables[k].map[key] = c;
+}
+
+// Forgets the charge of `key` and gives its bytes back.
+void release(Kind k, uint64_t key) {
+    Charge c{0, -1, nullptr};
+    {
+        std::lock_guard<std::mutex> lk(g_tables[k].mu);
+        auto it = g_tables[k].map.find(key);
+        if (it == g_tables[k].map.end()) return;
+        c = it->second;
+        g_tables[k].map.erase(it);
+    }
+    uncharge(c.dev, c.bytes);
+}
+
+// Everything a context owned, when the driver dropped it; its own
+// reservation too unless keep_reservation.
+void release_context(CUcontext ctx, bool keep_reservation) {
+    for (int k = 0; k < kKinds; k++) {
+        if (k == kContext && keep_reservation) continue;
+        uint64_t freed[kMaxDevices] = {};
+        {
+            std::lock_guard<std::mutex> lk(g_tables[k].mu);
+            for (auto it = g_tables[k].map.begin(); it != g_tables[k].map.end();) {
+                if (it->second.ctx == ctx) {
+                    if (it->second.dev >= 0 && it->second.dev < kMaxDevices) freed[it->second.dev] += it->second.bytes;
+                    it = g_tables[k].map.erase(it);
+                } else {
+                    ++it;
+                }
+            }
+        }
+        for (int d = 0; d < kMaxDevices; d++) uncharge(d, freed[d]);
+    }
+}
+
+struct Where {
+    int dev = -1;
+    CUcontext ctx = nullptr;
+};
+
+// The device and context an allocation made now belongs to.
+Where current() {
+    Where w;
+    if (!g_bound.load(std::memory_order_acquire)) return w;   // nothing enforced: no extra driver calls
+    CUdevice d;
+    auto get_dev = REAL(cuCtxGetDevice);
+    auto get_ctx = REAL(cuCtxGetCurrent);
+    if (get_dev && get_dev(&d) == CUDA_SUCCESS) w.dev = d;
+    if (get_ctx) get_ctx(&w.ctx);
+    return w;
+}
+
+// The common shape of a counted allocation: charge, call, then remember the
+// charge under the key the call produced, or give it back.
+template <typename Call>
+CUresult alloc_counted(uint64_t bytes, Where w, Call call, Kind kind, uint64_t *key) {
+    Binding *b = binding(w.dev);
+    CUresult rc = charge(b, bytes);
+    if (rc != CUDA_SUCCESS) return rc;
+    rc = call();
+    if (!b) return rc;
+    if (rc != CUDA_SUCCESS) uncharge(w.dev, bytes);
+    else remember(kind, *key, Charge{bytes, w.dev, w.ctx});
+    return rc;
+}
+
+// Primary contexts: the driver's reference count, mirrored, so the last
+// release drops what the context owned.
+struct Primary {
+    int refs = 0;
+    CUcontext ctx = nullptr;
+};
+std::mutex g_primary_mu;
+Primary g_primary[kMaxDevices];
+
+uint64_t array_bytes(size_t w, size_t h, size_t d, unsigned channels, CUarray_format f) {
+    size_t elem;
+    switch (f) {
+    case CU_AD_FORMAT_UNSIGNED_INT8:
+    case CU_AD_FORMAT_SIGNED_INT8: elem = 1; break;
+    case CU_AD_FORMAT_UNSIGNED_INT16:
+    case CU_AD_FORMAT_SIGNED_INT16:
+    case CU_AD_FORMAT_HALF: elem = 2; break;
+    default: elem = 4; break;
+    }
+    return (uint64_t)w * (h ? h : 1) * (d ? d : 1) * (channels ? channels : 1) * elem;
+}
+
+}  // namespace
+}  // namespace shim
+
+using namespace shim;
+
+// ---------------------------------------------------------------------------
+// Initialisation: the real cuInit, then this process joins its partition on
+// every device it can see.
+// ---------------------------------------------------------------------------
+SHIM_API CUresult cuInit(unsigned int flags) {
+    if (!ensure_loaded()) return init_error();
+    REAL_OR_RETURN(real, cuInit);
+    CUresult rc = real(flags);
+    if (rc != CUDA_SUCCESS || !settings().enforce) return rc;
+    std::lock_guard<std::mutex> lk(g_bind_mu);
+    if (g_bound.load()) return g_bind_result;
+    static bool hooks_installed = false;
+    if (!hooks_installed) {
+        hooks_installed = true;
+        pthread_atfork(nullptr, nullptr, forget_after_fork);
+        atexit(detach_at_exit);
+    }
+    int n = 0;
+    REAL_OR_RETURN(count, cuDeviceGetCount);
+    if ((rc = count(&n)) != CUDA_SUCCESS) return rc;
+    // A forked child gets bindings of its own; the parent's stay untouched.
+    g_bind = new Binding[kMaxDevices];
+    g_ndev = n < kMaxDevices ? n : kMaxDevices;
+    bool any = false, fatal = false;
+    for (int d = 0; d < g_ndev && !fatal; d++) {
+        fatal = !attach(d, g_bind[d]);
+        any = any || g_bind[d].ok;
+    }
+    if (!fatal && !any && g_ndev > 0) {
+        log("%s; CUDA is refused in this process", g_bind[0].refusal.c_str());
+        fatal = true;
+    }
+    if (fatal)
+        for (int d = 0; d < g_ndev; d++)
+            if (g_bind[d].ok) g_bind[d].region.leave(g_bind[d].slot), g_bind[d].ok = false;
+    g_bind_result = fatal ? CUDA_ERROR_NOT_PERMITTED : CUDA_SUCCESS;
+    g_bound.store(settings().enforce, std::memory_order_release);
+    return g_bind_result;
+}
+
+// ---------------------------------------------------------------------------
+// Linear device memory
+// ---------------------------------------------------------------------------
+SHIM_API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
+    REAL_OR_RETURN(real, cuMemAlloc_v2);
+    if (!dptr) return real(dptr, bytesize);
+    return alloc_counted(bytesize, current(), [&] { return real(dptr, bytesize); }, kPointer,
+                         reinterpret_cast<uint64_t *>(dptr));
+}
+
+SHIM_API CUresult cuMemAlloc(CUdeviceptr_v1 *dptr, unsigned int bytesize) {
+    REAL_OR_RETURN(real, cuMemAlloc);
+    if (!dptr) return real(dptr, bytesize);
+    uint64_t key = 0;
+    CUresult rc = alloc_counted(bytesize, current(), [&] {
+        CUresult r = real(dptr, bytesize);
+        if (r == CUDA_SUCCESS) key = *dptr;
+        return r;
+    }, kPointer, &key);
+    return rc;
+}
+
+SHIM_API CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags) {
+    REAL_OR_RETURN(real, cuMemAllocManaged);
+    if (!dptr) return real(dptr, bytesize, flags);
+    return alloc_counted(bytesize, current(), [&] { return real(dptr, bytesize, flags); }, kPointer,
+                         reinterpret_cast<uint64_t *>(dptr));
+}
+
+SHIM_API CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pPitch, size_t width, size_t height,
+                                     unsigned int elem) {
+    REAL_OR_RETURN(real, cuMemAllocPitch_v2);
+    Where w = current();
+    Binding *b = binding(w.dev);
+    if (!b || !dptr || !pPitch) return real(dptr, pPitch, width, height, elem);
+    // The pitch is known only after the call: charge the smallest aligned
+    // estimate first, then settle on pitch x height.
+    uint64_t estimate = ((width + 511) & ~(uint64_t)511) * height;
+    CUresult rc = charge(b, estimate);
+    if (rc != CUDA_SUCCESS) return rc;
+    rc = real(dptr, pPitch, width, height, elem);
+    if (rc != CUDA_SUCCESS) {
+        uncharge(w.dev, estimate);
+        return rc;
+    }
+    uint64_t actual = (uint64_t)*pPitch * height;
+    if (actual > estimate && charge(b, actual - estimate) != CUDA_SUCCESS) {
+        REAL_OR_RETURN(mem_free, cuMemFree_v2);
+        mem_free(*dptr);
+        uncharge(w.dev, estimate);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    if (actual < estimate) uncharge(w.dev, estimate - actual);
+    remember(kPointer, *dptr, Charge{actual, w.dev, w.ctx});
+    return CUDA_SUCCESS;
+}
+
+SHIM_API CUresult cuMemFree_v2(CUdeviceptr dptr) {
+    REAL_OR_RETURN(real, cuMemFree_v2);
+    CUresult rc = real(dptr);
+    if (rc == CUDA_SUCCESS && dptr) release(kPointer, dptr);
+    return rc;
+}
+
+SHIM_API CUresult cuMemFree(CUdeviceptr_v1 dptr) {
+    REAL_OR_RETURN(real, cuMemFree);
+    CUresult rc = real(dptr);
+    if (rc == CUDA_SUCCESS && dptr) release(kPointer, dptr);
+    return rc;
+}
+
+// ---------------------------------------------------------------------------
+// Stream-ordered allocation: charged when asked for, given back when the free
+// is enqueued (what the job holds, not what the pool keeps cached).
+// ---------------------------------------------------------------------------
+#define ASYNC_ALLOC(name, ...)                                                                       \
+    REAL_OR_RETURN(real, name);                                                                      \
+    if (!dptr) return real(dptr, __VA_ARGS__);                                                       \
+    return alloc_counted(bytesize, current(), [&] { return real(dptr, __VA_ARGS__); }, kPointer,     \
+                         reinterpret_cast<uint64_t *>(dptr))
+
+SHIM_API CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream s) {
+    ASYNC_ALLOC(cuMemAllocAsync, bytesize, s);
+}
+SHIM_API CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream s) {
+    ASYNC_ALLOC(cuMemAllocAsync_ptsz, bytesize, s);
+}
+SHIM_API CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool, CUstream s) {
+    ASYNC_ALLOC(cuMemAllocFromPoolAsync, bytesize, pool, s);
+}
+SHIM_API CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
+                                               CUstream s) {
+    ASYNC_ALLOC(cuMemAllocFromPoolAsync_ptsz, bytesize, pool, s);
+}
+
+SHIM_API CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream s) {
+    REAL_OR_RETURN(real, cuMemFreeAsync);
+    CUresult rc = real(dptr, s);
+    if (rc == CUDA_SUCCESS && dptr) release(kPointer, dptr);
+    return rc;
+}
+SHIM_API CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream s) {
+    REAL_OR_RETURN(real, cuMemFreeAsync_ptsz);
+    CUresult rc = real(dptr, s);
+    if (rc == CUDA_SUCCESS && dptr) release(kPointer, dptr);
+    return rc;
+}
+
+// ---------------------------------------------------------------------------
+// Virtual memory management: physical memory is charged at cuMemCreate;
+// mapping it adds nothing.
+// ---------------------------------------------------------------------------
+SHIM_API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, const CUmemAllocationProp *prop,
+                              unsigned long long flags) {
+    REAL_OR_RETURN(real, cuMemCreate);
+    if (!handle || !prop || prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE)
+        return real(handle, size, prop, flags);
+    Where w{prop->location.id, nullptr};   // physical memory outlives contexts
+    return alloc_counted(size, w, [&] { return real(handle, size, prop, flags); }, kHandle,
+                         reinterpret_cast<uint64_t *>(handle));
+}
+
+SHIM_API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
+    REAL_OR_RETURN(real, cuMemRelease);
+    CUresult rc = real(handle);
+    if (rc == CUDA_SUCCESS) release(kHandle, handle);
+    return rc;
+}
+
+// ---------------------------------------------------------------------------
+// Arrays (textures and surfaces)
+// ---------------------------------------------------------------------------
+SHIM_API CUresult cuArrayCreate_v2(CUarray *h, const CUDA_ARRAY_DESCRIPTOR *d) {
+    REAL_OR_RETURN(real, cuArrayCreate_v2);
+    if (!h || !d) return real(h, d);
+    uint64_t key = 0;
+    return alloc_counted(array_bytes(d->Width, d->Height, 1, d->NumChannels, d->Format), current(), [&] {
+        CUresult r = real(h, d);
+        if (r == CUDA_SUCCESS) key = reinterpret_cast<uint64_t>(*h);
+        return r;
+    }, kArray, &key);
+}
+
+SHIM_API CUresult cuArray3DCreate_v2(CUarray *h, const CUDA_ARRAY3D_DESCRIPTOR *d) {
+    REAL_OR_RETURN(real, cuArray3DCreate_v2);
+    if (!h || !d) return real(h, d);
+    uint64_t key = 0;
+    return alloc_counted(array_bytes(d->Width, d->Height, d->Depth, d->NumChannels, d->Format), current(), [&] {
+        CUresult r = real(h, d);
+        if (r == CUDA_SUCCESS) key = reinterpret_cast<uint64_t>(*h);
+        return r;
+    }, kArray, &key);
+}
+
+SHIM_API CUresult cuArrayDestroy(CUarray h) {
+    REAL_OR_RETURN(real, cuArrayDestroy);
+    CUresult rc = real(h);
+    if (rc == CUDA_SUCCESS) release(kArray, reinterpret_cast<uint64_t>(h));
+    return rc;
+}
+
+SHIM_API CUresult cuMipmappedArrayCreate(CUmipmappedArray *h, const CUDA_ARRAY3D_DESCRIPTOR *d,
+                                         unsigned int levels) {
+    REAL_OR_RETURN(real, cuMipmappedArrayCreate);
+    if (!h || !d) return real(h, d, levels);
+    uint64_t bytes = 0;
+    size_t w = d->Width, hh = d->Height, dd = d->Depth;
+    for (unsigned l = 0; l < (levels ? levels : 1); l++) {
+        bytes += array_bytes(w, hh, dd, d->NumChannels, d->Format);
+        w = w > 1 ? w / 2 : 1;
+        hh = hh > 1 ? hh / 2 : hh;
+        dd = dd > 1 ? dd / 2 : dd;
+    }
+    uint64_t key = 0;
+    return alloc_counted(bytes, current(), [&] {
+        CUresult r = real(h, d, levels);
+        if (r == CUDA_SUCCESS) key = reinterpret_cast<uint64_t>(*h);
+        return r;
+    }, kArray, &key);
+}
+
+SHIM_API CUresult cuMipmappedArrayDestroy(CUmipmappedArray h) {
+    REAL_OR_RETURN(real, cuMipmappedArrayDestroy);
+    CUresult rc = real(h);
+    if (rc == CUDA_SUCCESS) release(kArray, reinterpret_cast<uint64_t>(h));
+    return rc;
+}
+
+// ---------------------------------------------------------------------------
+// Contexts: each one's own reservation (FRACGPU_CONTEXT_MEMORY) is charged
+// while it lives, and what it owned is given back when it goes.
+// ---------------------------------------------------------------------------
+namespace {
+template <typename Call>
+CUresult context_created(CUcontext *pctx, CUdevice dev, Call call) {
+    Binding *b = binding(dev);
+    uint64_t reserve = settings().context_memory;
+    if (!pctx || !b) return call();
+    CUresult rc = charge(b, reserve);
+    if (rc != CUDA_SUCCESS) return rc;
+    rc = call();
+    if (rc != CUDA_SUCCESS) uncharge(dev, reserve);
+    else if (reserve) remember(kContext, reinterpret_cast<uint64_t>(*pctx), Charge{reserve, dev, *pctx});
+    return rc;
+}
+}  // namespace
+
+SHIM_API CUresult cuCtxCreate_v4(CUcontext *pctx, CUctxCreateParams *params, unsigned int flags, CUdevice dev) {
+    REAL_OR_RETURN(real, cuCtxCreate_v4);
+    return context_created(pctx, dev, [&] { return real(pctx, params, flags, dev); });
+}
+SHIM_API CUresult cuCtxCreate_v3(CUcontext *pctx, CUexecAffinityParam *p, int n, unsigned int flags, CUdevice dev) {
+    REAL_OR_RETURN(real, cuCtxCreate_v3);
+    return context_created(pctx, dev, [&] { return real(pctx, p, n, flags, dev); });
+}
+SHIM_API CUresult cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev) {
+    REAL_OR_RETURN(real, cuCtxCreate_v2);
+    return context_created(pctx, dev, [&] { return real(pctx, flags, dev); });
+}
+SHIM_API CUresult cuCtxCreate(CUcontext *pctx, unsigned int flags, CUdevice dev) {
+    REAL_OR_RETURN(real, cuCtxCreate);
+    return context_created(pctx, dev, [&] { return real(pctx, flags, dev); });
+}
+
+SHIM_API CUresult cuCtxDestroy_v2(CUcontext ctx) {
+    REAL_OR_RETURN(real, cuCtxDestroy_v2);
+    CUresult rc = real(ctx);
+    if (rc == CUDA_SUCCESS) release_context(ctx, false);
+    return rc;
+}
+SHIM_API CUresult cuCtxDestroy(CUcontext ctx) {
+    REAL_OR_RETURN(real, cuCtxDestroy);
+    CUresult rc = real(ctx);
+    if (rc == CUDA_SUCCESS) release_context(ctx, false);
+    return rc;
+}
+
+SHIM_API CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev) {
+    REAL_OR_RETURN(real, cuDevicePrimaryCtxRetain);
+    if (!pctx || dev < 0 || dev >= kMaxDevices) return real(pctx, dev);
+    std::lock_guard<std::mutex> lk(g_primary_mu);
+    Primary &p = g_primary[dev];
+    CUresult rc = p.refs > 0 ? real(pctx, dev) : context_created(pctx, dev, [&] { return real(pctx, dev); });
+    if (rc == CUDA_SUCCESS) {
+        p.refs++;
+        p.ctx = *pctx;
+    }
+    return rc;
+}
+
+namespace {
+CUresult primary_release(CUdevice dev, CUresult rc) {
+    if (rc != CUDA_SUCCESS || dev < 0 || dev >= kMaxDevices) return rc;
+    std::lock_guard<std::mutex> lk(g_primary_mu);
+    Primary &p = g_primary[dev];
+    if (p.refs > 0 && --p.refs == 0) release_context(p.ctx, false);
+    return rc;
+}
+CUresult primary_reset(CUdevice dev, CUresult rc) {
+    if (rc != CUDA_SUCCESS || dev < 0 || dev >= kMaxDevices) return rc;
+    std::lock_guard<std::mutex> lk(g_primary_mu);
+    Primary &p = g_primary[dev];
+    if (p.refs > 0) release_context(p.ctx, true);   // its memory goes; the retained context stays
+    return rc;
+}
+}  // namespace
+
+SHIM_API CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
+    REAL_OR_RETURN(real, cuDevicePrimaryCtxRelease_v2);
+    return primary_release(dev, real(dev));
+}
+SHIM_API CUresult cuDevicePrimaryCtxRelease(CUdevice dev) {
+    REAL_OR_RETURN(real, cuDevicePrimaryCtxRelease);
+    return primary_release(dev, real(dev));
+}
+SHIM_API CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev) {
+    REAL_OR_RETURN(real, cuDevicePrimaryCtxReset_v2);
+    return primary_reset(dev, real(dev));
+}
+SHIM_API CUresult cuDevicePrimaryCtxReset(CUdevice dev) {
+    REAL_OR_RETURN(real, cuDevicePrimaryCtxReset);
+    return primary_reset(dev, real(dev));
+}
+
+// ---------------------------------------------------------------------------
+// The quota shown as the device's memory
+// ---------------------------------------------------------------------------
+namespace {
+// free/total as the job should see them on device `dev`; false: not governed.
+bool virtual_meminfo(int dev, uint64_t real_free, uint64_t *free_out, uint64_t *total_out) {
+    Binding *b = binding(dev);
+    if (!b || !b->ok) return false;
+    uint64_t now = mono_ns();
+    uint64_t last = b->last_reap_ns.load(std::memory_order_relaxed);
+    if (now - last > kReapIntervalNs && b->last_reap_ns.compare_exchange_strong(last, now)) b->region.reap();
+    const fracgpu::SharedRegion *r = b->region.raw();
+    uint64_t used = r->partitions[r->processes[b->slot].partition].used.load(std::memory_order_relaxed);
+    uint64_t left = used < b->limit ? b->limit - used : 0;
+    *free_out = left < real_free ? left : real_free;
+    *total_out = b->limit;
+    return true;
+}
+}  // namespace
+
+SHIM_API CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
+    REAL_OR_RETURN(real, cuMemGetInfo_v2);
+    CUresult rc = real(free_bytes, total);
+    uint64_t f, t;
+    if (rc == CUDA_SUCCESS && free_bytes && total && virtual_meminfo(current().dev, *free_bytes, &f, &t)) {
+        *free_bytes = f;
+        *total = t;
+    }
+    return rc;
+}
+
+SHIM_API CUresult cuMemGetInfo(unsigned int *free_bytes, unsigned int *total) {
+    REAL_OR_RETURN(real, cuMemGetInfo);
+    CUresult rc = real(free_bytes, total);
+    uint64_t f, t;
+    if (rc == CUDA_SUCCESS && free_bytes && total && virtual_meminfo(current().dev, *free_bytes, &f, &t)) {
+        *free_bytes = (unsigned)(f > 0xffffffffu ? 0xffffffffu : f);
+        *total = (unsigned)(t > 0xffffffffu ? 0xffffffffu : t);
+    }
+    return rc;
+}
+
+SHIM_API CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
+    REAL_OR_RETURN(real, cuDeviceTotalMem_v2);
+    CUresult rc = real(bytes, dev);
+    Binding *b = binding(dev);
+    if (rc == CUDA_SUCCESS && bytes && b && b->ok) *bytes = b->limit;
+    return rc;
+}
+
+SHIM_API CUresult cuDeviceTotalMem(unsigned int *bytes, CUdevice dev) {
+    REAL_OR_RETURN(real, cuDeviceTotalMem);
+    CUresult rc = real(bytes, dev);
+    Binding *b = binding(dev);
+    if (rc == CUDA_SUCCESS && bytes && b && b->ok) *bytes = (unsigned)(b->limit > 0xffffffffu ? 0xffffffffu : b->limit);
+    return rc;
+}
