@@ -79,13 +79,28 @@ def kernels() -> str:
     return str(fracgpu.kernels_path())
 
 
+@pytest.fixture(scope="session")
+def shim() -> str:
+    """The installed driver shim, for tests that drive it through its variables directly."""
+    import fracgpu
+
+    path = pathlib.Path(fracgpu.__file__).parent / "_shim" / "libfracgpu.so"
+    assert path.is_file(), f"{path} is missing: install fracgpu with pip"
+    return str(path)
+
+
 class SimGPU:
     """One simulated GPU of a test: its folder, its config, and ways to run on it."""
 
     def __init__(self, folder: pathlib.Path, **config):
         self.dir = folder
         self.config = sim.SimConfig(state_dir=str(folder), **config)
-        self.env = {**os.environ, **sim.environment(self.config)}
+        # fracgpu's own shared state (partitions, processes) for this GPU, also private to the test.
+        self.state_dir = folder.parent / (folder.name + "-state")
+        self.state_dir.mkdir(mode=0o700, exist_ok=True)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("FRACGPU_") and k != "LD_PRELOAD"}
+        self.env = {**env, **sim.environment(self.config), "FRACGPU_STATE_DIR": str(self.state_dir)}
 
     def run(self, *argv, timeout: float = 60, check: bool = True, env: dict | None = None, **kwargs):
         result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout,
@@ -102,9 +117,13 @@ class SimGPU:
     def python(self, code: str, **kwargs):
         return self.run(sys.executable, "-c", code, **kwargs)
 
-    def popen(self, *argv, **kwargs) -> subprocess.Popen:
-        return subprocess.Popen([str(a) for a in argv], env=self.env, stdout=subprocess.PIPE,
+    def popen(self, *argv, env: dict | None = None, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen([str(a) for a in argv], env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, **kwargs)
+
+    def fracgpu(self, *args, **kwargs):
+        """Run the fracgpu command line on this GPU."""
+        return self.run(sys.executable, "-m", "fracgpu", *args, **kwargs)
 
 
 def parse_facts(text: str) -> dict[str, str]:

@@ -8,7 +8,8 @@
  *
  * Usage: driver_client COMMAND [ARGS]   (prints one "key value" line per fact)
  *   info                          device count, name, memory as the client sees it
- *   alloc-until-oom MIB [MAX]     allocate MIB-sized blocks until the driver refuses
+ *   alloc-until-oom MIB [MAX [HOLD]]  allocate MIB-sized blocks until the driver refuses
+ *                                 (MAX 0: no maximum), then keep them HOLD seconds
  *   fill COUNT VALUE MODULE       fracgpu_fill COUNT values, copy back, check them
  *   spin MS MODULE                one fracgpu_spin of MS milliseconds timed with events
  *   spins N MS MODULE [START]     N spins of MS back to back (from START), then wall time
@@ -122,7 +123,7 @@ static void spin(CUfunction f, double ms) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s info | alloc-until-oom MIB [MAX] | fill COUNT VALUE MODULE | spin MS MODULE | spins N MS MODULE [START] | hold MIB SECONDS\n", argv[0]);
+        fprintf(stderr, "usage: %s info | alloc-until-oom MIB [MAX [HOLD]] | fill COUNT VALUE MODULE | spin MS MODULE | spins N MS MODULE [START] | hold MIB SECONDS\n", argv[0]);
         return 2;
     }
     load_api();
@@ -146,7 +147,8 @@ int main(int argc, char **argv) {
                mfree, mtotal);
     } else if (!strcmp(cmd, "alloc-until-oom") && argc >= 3) {
         size_t block = (size_t)atoll(argv[2]) << 20;
-        long max = argc >= 4 ? atol(argv[3]) : 1000000;
+        long max = argc >= 4 && atol(argv[3]) > 0 ? atol(argv[3]) : 1000000;
+        double hold = argc >= 5 ? atof(argv[4]) : 0;   /* keep the memory this long before exiting */
         long n = 0;
         CUresult rc = CUDA_SUCCESS;
         for (; n < max; n++) {
@@ -155,6 +157,8 @@ int main(int argc, char **argv) {
             if (rc != CUDA_SUCCESS) break;
         }
         printf("blocks %ld\nbytes %zu\nresult %s\n", n, (size_t)n * block, n == max ? "CUDA_SUCCESS" : err_name(rc));
+        fflush(stdout);
+        if (hold > 0) usleep((useconds_t)(hold * 1e6));
     } else if (!strcmp(cmd, "fill") && argc >= 5) {
         unsigned long long count = strtoull(argv[2], NULL, 0);
         unsigned value = (unsigned)strtoul(argv[3], NULL, 0);
