@@ -9,37 +9,15 @@ simulated GPU unless they mean to.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from fracgpu import sim
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-CLIENT_SOURCE = ROOT / "tests" / "clients" / "driver_client.c"
-MiB = 1 << 20
-GiB = 1 << 30
-
-
-def cuda_include_dir() -> pathlib.Path:
-    """cuda.h for compiling the C clients: CUDA_HOME, the nvidia-cuda-runtime
-    wheel (a test dependency), or /usr/local/cuda, as the build looks."""
-    candidates = []
-    if os.environ.get("CUDA_HOME"):
-        candidates.append(pathlib.Path(os.environ["CUDA_HOME"]) / "include")
-    spec = importlib.util.find_spec("nvidia")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidates += [pathlib.Path(folder) / "cu13" / "include", pathlib.Path(folder) / "cuda_runtime" / "include"]
-    candidates.append(pathlib.Path("/usr/local/cuda/include"))
-    for folder in candidates:
-        if (folder / "cuda.h").is_file():
-            return folder
-    raise RuntimeError("cuda.h not found: `pip install '.[test]'` installs nvidia-cuda-runtime, which has it")
+from simgpu import CLIENT_SOURCE, GiB, MiB, ROOT, SimGPU, cuda_include_dir, parse_facts, shim_path  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -81,57 +59,8 @@ def kernels() -> str:
 
 @pytest.fixture(scope="session")
 def shim() -> str:
-    """The installed driver shim, for tests that drive it through its variables directly."""
-    import fracgpu
-
-    path = pathlib.Path(fracgpu.__file__).parent / "_shim" / "libfracgpu.so"
-    assert path.is_file(), f"{path} is missing: install fracgpu with pip"
-    return str(path)
-
-
-class SimGPU:
-    """One simulated GPU of a test: its folder, its config, and ways to run on it."""
-
-    def __init__(self, folder: pathlib.Path, **config):
-        self.dir = folder
-        self.config = sim.SimConfig(state_dir=str(folder), **config)
-        # fracgpu's own shared state (partitions, processes) for this GPU, also private to the test.
-        self.state_dir = folder.parent / (folder.name + "-state")
-        self.state_dir.mkdir(mode=0o700, exist_ok=True)
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("FRACGPU_") and k != "LD_PRELOAD"}
-        self.env = {**env, **sim.environment(self.config), "FRACGPU_STATE_DIR": str(self.state_dir)}
-
-    def run(self, *argv, timeout: float = 60, check: bool = True, env: dict | None = None, **kwargs):
-        result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout,
-                                env={**self.env, **(env or {})}, **kwargs)
-        if check and result.returncode != 0:
-            raise AssertionError(f"{argv} exited {result.returncode}\nstdout:\n{result.stdout}\n"
-                                 f"stderr:\n{result.stderr}")
-        return result
-
-    def facts(self, *argv, **kwargs) -> dict[str, str]:
-        """Run a client and parse its "key value" lines."""
-        return parse_facts(self.run(*argv, **kwargs).stdout)
-
-    def python(self, code: str, **kwargs):
-        return self.run(sys.executable, "-c", code, **kwargs)
-
-    def popen(self, *argv, env: dict | None = None, **kwargs) -> subprocess.Popen:
-        return subprocess.Popen([str(a) for a in argv], env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, **kwargs)
-
-    def fracgpu(self, *args, **kwargs):
-        """Run the fracgpu command line on this GPU."""
-        return self.run(sys.executable, "-m", "fracgpu", *args, **kwargs)
-
-
-def parse_facts(text: str) -> dict[str, str]:
-    facts = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        facts[key] = value
-    return facts
+    """The installed driver shim, for runs that drive it through its variables directly."""
+    return shim_path()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import textwrap
 import time
 
 import pytest

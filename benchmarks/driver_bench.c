@@ -1,0 +1,81 @@
+/* Times driver calls from C, with no interpreter in the way, so the cost the
+ * shim adds can be compared with the bare driver side by side.
+ *
+ * Usage: driver_bench OP ITERATIONS [START]
+ *   alloc-free   cuMemAlloc_v2 + cuMemFree_v2 of 1 MiB (the quota's hot path)
+ *   passthrough  cuCtxGetDevice (a forwarded call the shim does not hook)
+ *   meminfo      cuMemGetInfo_v2 (hooked: the virtual view of the quota)
+ *   launch       cuLaunchKernel of fracgpu_spin(0) (needs MODULE in $BENCH_MODULE)
+ * START (CLOCK_MONOTONIC ms) lets several processes begin together.
+ * Prints "ns_per_op N". */
+#include <cuda.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+#define CHECK(x)                                                        \
+    do {                                                                \
+        CUresult r_ = (x);                                              \
+        if (r_ != CUDA_SUCCESS) {                                       \
+            fprintf(stderr, "%s failed: %d\n", #x, (int)r_);            \
+            return 1;                                                   \
+        }                                                               \
+    } while (0)
+
+int main(int argc, char **argv) {
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s alloc-free|passthrough|meminfo|launch ITERATIONS [START_MS]\n", argv[0]);
+        return 2;
+    }
+    const char *op = argv[1];
+    long n = atol(argv[2]);
+    CUdevice dev;
+    CUcontext ctx;
+    CHECK(cuInit(0));
+    CHECK(cuDeviceGet(&dev, 0));
+    CHECK(cuDevicePrimaryCtxRetain(&ctx, dev));
+    CHECK(cuCtxSetCurrent(ctx));
+    CUfunction spin = NULL;
+    if (!strcmp(op, "launch")) {
+        CUmodule m;
+        const char *module = getenv("BENCH_MODULE");
+        CHECK(cuModuleLoad(&m, module ? module : "/dev/null"));
+        CHECK(cuModuleGetFunction(&spin, m, "fracgpu_spin"));
+    }
+    if (argc >= 4)
+        while (now_ns() / 1e6 < atof(argv[3])) usleep(100);
+    double t0 = now_ns();
+    for (long i = 0; i < n; i++) {
+        if (!strcmp(op, "alloc-free")) {
+            CUdeviceptr p;
+            CHECK(cuMemAlloc_v2(&p, 1 << 20));
+            CHECK(cuMemFree_v2(p));
+        } else if (!strcmp(op, "passthrough")) {
+            CUdevice d;
+            CHECK(cuCtxGetDevice(&d));
+        } else if (!strcmp(op, "meminfo")) {
+            size_t f, t;
+            CHECK(cuMemGetInfo_v2(&f, &t));
+        } else if (!strcmp(op, "launch")) {
+            unsigned long long ns = 0;
+            void *args[] = {&ns};
+            CHECK(cuLaunchKernel(spin, 1, 1, 1, 1, 1, 1, 0, NULL, args, NULL));
+        } else {
+            fprintf(stderr, "unknown op %s\n", op);
+            return 2;
+        }
+    }
+    double t1 = now_ns();
+    if (!strcmp(op, "launch")) CHECK(cuCtxSynchronize());
+    printf("ns_per_op %.1f\n", (t1 - t0) / n);
+    return 0;
+}

@@ -1,0 +1,41 @@
+"""What the shim adds to driver calls, as a ratio against the bare driver,
+with 1 and with 8 processes at once (8 share one partition, so they contend on
+its counter exactly as a multi-process job does)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+
+from simgpu import parse_facts
+
+# Calls per process; divided among the processes when 8 run at once (on 2 cores
+# they take turns anyway), so every case takes about the same time.
+ITERATIONS = {"alloc-free": 20_000, "passthrough": 200_000, "meminfo": 20_000}
+
+
+def run_bench(gpu, bench, op, processes, env):
+    start = (time.monotonic() + 0.3) * 1000
+    procs = [gpu.popen(bench, op, ITERATIONS[op] // processes, f"{start:.3f}", env=env) for _ in range(processes)]
+    per_op = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        per_op.append(float(parse_facts(out)["ns_per_op"]))
+    return statistics.median(per_op)
+
+
+@pytest.mark.parametrize("processes", [1, 8])
+@pytest.mark.parametrize("op", list(ITERATIONS))
+def test_shim_overhead(benchmark, bench_gpu, driver_bench, shim, op, processes):
+    quota = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "bench", "FRACGPU_MEMORY": "32GiB"}
+    bare, shimmed = [], []
+    for _ in range(3):   # interleaved, so drift of the machine hits both alike
+        bare.append(run_bench(bench_gpu, driver_bench, op, processes, {}))
+        shimmed.append(run_bench(bench_gpu, driver_bench, op, processes, quota))
+    benchmark.pedantic(run_bench, args=(bench_gpu, driver_bench, op, processes, quota), rounds=1, iterations=1)
+    b, s = statistics.median(bare), statistics.median(shimmed)
+    benchmark.extra_info.update(bare_ns=b, shim_ns=s, ratio=s / b, added_ns=s - b)
+    print(f"\n{op} x{processes}: bare {b:.0f} ns, shim {s:.0f} ns, ratio {s / b:.2f}, added {s - b:.0f} ns")
