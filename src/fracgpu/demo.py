@@ -43,7 +43,13 @@ def real_gpu_available() -> bool:
     probe = ("import ctypes,sys\ntry:\n l=ctypes.CDLL('libcuda.so.1')\nexcept OSError:\n sys.exit(1)\n"
              "n=ctypes.c_int()\nsys.exit(0 if l.cuInit(0)==0 and l.cuDeviceGetCount(ctypes.byref(n))==0 "
              "and n.value>0 else 1)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRACGPU_SIM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRACGPU_") and k != "LD_PRELOAD"}
+    try:   # the simulated driver is not a GPU
+        sim_dir = os.path.realpath(sim.library_dir())
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in env.get("LD_LIBRARY_PATH", "").split(":")
+                                          if p and os.path.realpath(p) != sim_dir)
+    except FileNotFoundError:
+        pass
     try:
         return subprocess.run([sys.executable, "-c", probe], env=env, timeout=60,
                               capture_output=True).returncode == 0
