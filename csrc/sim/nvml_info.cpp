@@ -1,0 +1,62 @@
+// What the simulated NVML reports: see nvml_info.h.
+//
+// NVML must not initialise CUDA in the process (a real one does not: a job
+// that asks NVML first and forks later still has CUDA in the child). So when
+// this process has not called cuInit, the simulated GPU's shared file is
+// attached here, with the settings cuInit would read, without touching the
+// driver's state. A later cuInit attaches again, taking a new process slot;
+// the first one holds no memory and is reaped once the process is gone.
+#include "nvml_info.h"
+
+#include "sim.h"
+
+#include <cstdio>
+#include <unistd.h>
+
+namespace sim {
+namespace {
+
+Config &g_nvml_cfg = *new Config;   // the settings of the attach made here (never destroyed, as g_cfg)
+pid_t g_nvml_pid = 0;               // the process that made it (a forked child attaches anew)
+bool g_nvml_failed = false;
+
+std::string uuid_text(const CUuuid &u) {
+    const unsigned char *b = reinterpret_cast<const unsigned char *>(u.bytes);
+    char s[48];
+    snprintf(s, sizeof s, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
+             b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+    return s;
+}
+
+// The settings of the attached simulated GPU, or null (callers hold g_mu).
+const Config *attached() {
+    if (initialized()) return &g_cfg;
+    if (g_nvml_pid == getpid()) return &g_nvml_cfg;
+    if (g_nvml_failed && g_nvml_pid == -getpid()) return nullptr;   // said why once already
+    if (load_config(g_nvml_cfg) != CUDA_SUCCESS || shared_attach(g_nvml_cfg) != CUDA_SUCCESS) {
+        g_nvml_failed = true;
+        g_nvml_pid = -getpid();
+        return nullptr;
+    }
+    g_nvml_failed = false;
+    g_nvml_pid = getpid();
+    return &g_nvml_cfg;
+}
+
+}  // namespace
+}  // namespace sim
+
+using namespace sim;
+
+SIM_API int fracgpu_sim_device_info(int index, char *uuid, size_t uuid_len, char *name, size_t name_len,
+                                    unsigned long long *total, unsigned long long *used) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    const Config *cfg = attached();
+    if (!cfg) return -1;
+    if (index < 0 || index >= cfg->devices) return cfg->devices;
+    if (uuid && uuid_len) snprintf(uuid, uuid_len, "%s", uuid_text(device_uuid(index)).c_str());
+    if (name && name_len) snprintf(name, name_len, "%s", cfg->name.c_str());
+    if (total) *total = cfg->memory;
+    if (used) *used = mem_used(index);
+    return cfg->devices;
+}

@@ -1,0 +1,32 @@
+/* The one extra export of the simulated libcuda.so.1: what the simulated NVML
+ * (csrc/sim_nvml) reports about the simulated GPU. Plain C, so the simulated
+ * NVML needs nothing of the simulator but this. */
+#ifndef FRACGPU_SIM_NVML_INFO_H
+#define FRACGPU_SIM_NVML_INFO_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Device `index` of the simulated GPU, by physical index: NVML, like the real
+ * one, ignores CUDA_VISIBLE_DEVICES. Writes (each pointer may be NULL) its UUID
+ * as "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" (lowercase, the text the CUDA
+ * shim makes of cuDeviceGetUuid_v2), its name, its memory, and the bytes all
+ * processes hold on it now (dead ones reaped).
+ *
+ * Returns the number of simulated devices (> 0), with nothing written when
+ * index is outside [0, count) (index -1 asks for the count only); -1 when the
+ * simulated GPU cannot be used (the reason printed once on stderr). Works
+ * whether or not this process called cuInit, and never initialises CUDA in it. */
+int fracgpu_sim_device_info(int index, char *uuid, size_t uuid_len, char *name, size_t name_len,
+                            unsigned long long *total, unsigned long long *used);
+typedef int (*fracgpu_sim_device_info_fn)(int, char *, size_t, char *, size_t, unsigned long long *,
+                                          unsigned long long *);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
