@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import GiB, MiB, parse_facts
+from simgpu import GiB, MiB, parse_facts
 
 QUOTA = 256 * MiB
 

@@ -103,6 +103,8 @@ py::list partitions(fracgpu::Region &r) {
     d["cap"] = bool(p.flags & fracgpu::kPartitionCap);
     d["created_unix_ns"] = p.created_unix_ns;
     d["processes"] = p.processes;
+    d["device_ns"] = p.device_ns;
+    d["launches"] = p.launches;
     out.append(d);
   }
   return out;
@@ -119,6 +121,8 @@ py::list processes(fracgpu::Region &r) {
     d["peak"] = p.peak;
     d["start_time"] = p.start_time;
     d["attached_unix_ns"] = p.attached_unix_ns;
+    d["device_ns"] = p.device_ns;
+    d["launches"] = p.launches;
     out.append(d);
   }
   return out;

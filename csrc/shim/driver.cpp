@@ -87,11 +87,30 @@ bool parse_settings(std::string *err) {
         s.enforce = true;
         s.partition = v;
     }
+    if ((v = getenv("FRACGPU_COMPUTE")) && *v) {
+        if (!s.enforce) {
+            *err = "FRACGPU_COMPUTE is set without FRACGPU_PARTITION; run jobs with `fracgpu run --compute SHARE`";
+            return false;
+        }
+        if (fracgpu_parse_share(v, &s.compute_share, msg, sizeof msg) != 0) {
+            *err = std::string("FRACGPU_COMPUTE='") + v + "' is not valid: " + msg;
+            return false;
+        }
+        s.ephemeral = true;
+    }
+    if ((v = getenv("FRACGPU_COMPUTE_CAP")) && *v && strcmp(v, "0") != 0) {
+        if (strcmp(v, "1") != 0 || s.compute_share == 0) {
+            *err = std::string("FRACGPU_COMPUTE_CAP='") + v + "' is not valid: set it to 1, with FRACGPU_COMPUTE";
+            return false;
+        }
+        s.compute_cap = true;
+    }
     if ((v = getenv("FRACGPU_MEMORY")) && *v) {
         if (!s.enforce) {
             *err = "FRACGPU_MEMORY is set without FRACGPU_PARTITION; run jobs with `fracgpu run --memory SIZE`";
             return false;
         }
+        s.ephemeral = true;
         if (fracgpu_parse_size(v, &s.memory_bytes, &s.memory_fraction, msg, sizeof msg) != 0) {
             *err = std::string("FRACGPU_MEMORY='") + v + "' is not valid: " + msg;
             return false;

@@ -27,7 +27,10 @@
     X(cuDevicePrimaryCtxRetain) X(cuDevicePrimaryCtxRelease)                              \
     X(cuDevicePrimaryCtxRelease_v2) X(cuDevicePrimaryCtxReset)                            \
     X(cuDevicePrimaryCtxReset_v2)                                                         \
-    X(cuMemGetInfo) X(cuMemGetInfo_v2) X(cuDeviceTotalMem) X(cuDeviceTotalMem_v2)
+    X(cuMemGetInfo) X(cuMemGetInfo_v2) X(cuDeviceTotalMem) X(cuDeviceTotalMem_v2)          \
+    X(cuLaunchKernel) X(cuLaunchKernel_ptsz) X(cuLaunchKernelEx) X(cuLaunchKernelEx_ptsz)  \
+    X(cuLaunchCooperativeKernel) X(cuLaunchCooperativeKernel_ptsz)                        \
+    X(cuGraphLaunch) X(cuGraphLaunch_ptsz)
 
 namespace {
 

@@ -105,9 +105,11 @@ bool attach(int d, Binding &b) {
             size_text(total).c_str());
         return false;
     }
-    b.slot = b.region.join(s.partition, getpid(), command_name().c_str(), s.has_memory ? &limit : nullptr, &err);
+    if (!s.has_memory) limit = 0;
+    b.slot = b.region.join(s.partition, getpid(), command_name().c_str(), s.ephemeral ? &limit : nullptr, &err,
+                           s.compute_share, s.compute_cap ? fracgpu::kPartitionCap : 0u);
     if (b.slot < 0) {
-        if (b.region.find_partition(s.partition) >= 0 || s.has_memory) {
+        if (b.region.find_partition(s.partition) >= 0 || s.ephemeral) {
             log("%s; CUDA is refused in this process", err.c_str());
             return false;
         }
@@ -293,6 +295,20 @@ uint64_t array_bytes(size_t w, size_t h, size_t d, unsigned channels, CUarray_fo
 }
 
 }  // namespace
+
+bool bound_slot(int dev, fracgpu::Region **region, int *slot) {
+    Binding *b = binding(dev);
+    if (!b || !b->ok) return false;
+    *region = &b->region;
+    *slot = b->slot;
+    return true;
+}
+
+int launch_device() {
+    if (!g_bound.load(std::memory_order_acquire)) return -1;
+    return g_ndev == 1 ? 0 : current().dev;
+}
+
 }  // namespace shim
 
 using namespace shim;

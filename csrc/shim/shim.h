@@ -23,14 +23,23 @@
 
 #define SHIM_API extern "C" __attribute__((visibility("default")))
 
+namespace fracgpu {
+class Region;
+}
+
 namespace shim {
 
 struct Settings {
     bool enforce = false;          // FRACGPU_PARTITION is set
     std::string partition;
-    bool has_memory = false;       // FRACGPU_MEMORY: create the partition on demand
-    uint64_t memory_bytes = 0;     // ... with this limit
+    // FRACGPU_MEMORY / FRACGPU_COMPUTE: the partition is private to this job
+    // and made on demand with these settings.
+    bool ephemeral = false;
+    bool has_memory = false;
+    uint64_t memory_bytes = 0;     // limit
     double memory_fraction = 0;    // ... or this fraction of each device
+    double compute_share = 0;      // FRACGPU_COMPUTE, (0, 1]; 0: none
+    bool compute_cap = false;      // FRACGPU_COMPUTE_CAP=1: the share is also a ceiling
     std::string state_dir;
     double oom_wait_s = 0;         // FRACGPU_OOM_WAIT
     uint64_t context_memory = 0;   // FRACGPU_CONTEXT_MEMORY: charged per context
@@ -44,6 +53,13 @@ CUresult init_error();
 const Settings &settings();
 void *real_handle();
 void log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));   // "fracgpu: ..." on stderr
+
+// The memory layer's binding of device `dev` in this process (quota.cpp): its
+// region and process slot. False when nothing is enforced there.
+bool bound_slot(int dev, fracgpu::Region **region, int *slot);
+// The device the current context is on (0 without a driver call when the
+// process sees one device); -1 when nothing is enforced or no context is current.
+int launch_device();
 
 // The real driver's entry point `name`, cached by the caller in `slot`.
 void *real_symbol(const char *name, std::atomic<void *> &slot);

@@ -65,6 +65,7 @@ bool init_region(SharedRegion *r, size_t size, const std::string &uuid, const st
     copy_name(r->device_name, sizeof r->device_name, device_name);
     r->total_memory = total;
     r->created_unix_ns = unix_ns();
+    r->owner.store(-1);
     pthread_mutexattr_t a;
     pthread_mutexattr_init(&a);
     pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
@@ -322,6 +323,9 @@ static bool create_locked(SharedRegion *r, int existing, const std::string &name
         p.used.store(0);
         p.peak.store(0);
         p.oom_refusals.store(0);
+        for (auto *x : {&p.device_ns, &p.vtime_ns, &p.last_launch_ns, &p.inflight, &p.waiting_ns, &p.launches,
+                        &p.cap_tokens_ns, &p.cap_refill_ns})
+            x->store(0);
         for (auto &x : p.reserved) x.store(0);
         __atomic_store_n(&p.in_use, 1u, __ATOMIC_RELEASE);
         if (index) *index = i;
@@ -335,6 +339,14 @@ static bool create_locked(SharedRegion *r, int existing, const std::string &name
 bool Region::create_partition(const std::string &name, uint64_t memory_limit, double compute_share,
                               uint32_t flags, std::string *err) {
     if (!valid_partition_name(name, err)) return false;
+    if (!(compute_share >= 0 && compute_share <= 1)) {
+        *err = "compute share " + std::to_string(compute_share) + " is not a fraction in (0, 1]";
+        return false;
+    }
+    if ((flags & kPartitionCap) && compute_share == 0) {
+        *err = "a compute cap needs a compute share: give --compute with --cap";
+        return false;
+    }
     if (memory_limit > r_->total_memory) {
         *err = "memory limit " + std::to_string(memory_limit) + " bytes is above the device's " +
                std::to_string(r_->total_memory) + " bytes";
@@ -390,7 +402,7 @@ void Region::release_slot_locked(int slot) {
 }
 
 int Region::join(const std::string &name, int pid, const char *command, const uint64_t *create_limit,
-                 std::string *err) {
+                 std::string *err, double create_share, uint32_t create_flags) {
     if (!valid_partition_name(name, err)) return -1;
     if (create_limit && *create_limit > r_->total_memory) {
         *err = "memory limit of " + std::to_string(*create_limit) + " bytes is above the device's " +
@@ -405,7 +417,8 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
     }
     int idx = find_partition(name);
     if (idx < 0 && create_limit) {
-        if (!create_locked(r_, -1, name, *create_limit, 0.0, kPartitionEphemeral, err, &idx)) idx = -2;
+        if (!create_locked(r_, -1, name, *create_limit, create_share, kPartitionEphemeral | create_flags, err, &idx))
+            idx = -2;
     } else if (idx < 0) {
         *err = "partition '" + name + "' does not exist on GPU " + std::string(r_->uuid) +
                "; create it with `fracgpu partition create " + name + " --memory SIZE`";
@@ -420,6 +433,8 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
             copy_name(p.command, sizeof p.command, command ? command : "");
             p.used.store(0);
             p.peak.store(0);
+            p.device_ns.store(0);
+            p.launches.store(0);
             for (auto &x : p.reserved) x.store(0);
             __atomic_store_n(&p.pid, pid, __ATOMIC_RELEASE);
             slot = i;
@@ -489,6 +504,8 @@ std::vector<PartitionInfo> Region::partitions() {
         info.oom_refusals = p.oom_refusals.load();
         info.compute_share = p.compute_share;
         info.created_unix_ns = p.created_unix_ns;
+        info.device_ns = p.device_ns.load();
+        info.launches = p.launches.load();
         for (auto &proc : r_->processes)
             if (__atomic_load_n(&proc.pid, __ATOMIC_ACQUIRE) != 0 && proc.partition == i) info.processes++;
         out.push_back(std::move(info));
@@ -510,6 +527,8 @@ std::vector<ProcessInfo> Region::processes() {
         info.peak = p.peak.load();
         info.start_time = p.start_time;
         info.attached_unix_ns = p.attached_unix_ns;
+        info.device_ns = p.device_ns.load();
+        info.launches = p.launches.load();
         out.push_back(std::move(info));
     }
     return out;

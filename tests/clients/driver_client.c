@@ -13,6 +13,7 @@
  *   fill COUNT VALUE MODULE       fracgpu_fill COUNT values, copy back, check them
  *   spin MS MODULE                one fracgpu_spin of MS milliseconds timed with events
  *   spins N MS MODULE [START]     N spins of MS back to back (from START), then wall time
+ *   busy SECONDS MS MODULE [START]  MS spins for SECONDS, printing "t <ms> <kernels done>"
  *   hold MIB SECONDS              allocate MIB and keep it for SECONDS
  */
 #include <cuda.h>
@@ -123,7 +124,7 @@ static void spin(CUfunction f, double ms) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s info | alloc-until-oom MIB [MAX [HOLD]] | fill COUNT VALUE MODULE | spin MS MODULE | spins N MS MODULE [START] | hold MIB SECONDS\n", argv[0]);
+        fprintf(stderr, "usage: %s info | alloc-until-oom MIB [MAX [HOLD]] | fill COUNT VALUE MODULE | spin MS MODULE | spins N MS MODULE [START] | busy SECONDS MS MODULE [START] | hold MIB SECONDS\n", argv[0]);
         return 2;
     }
     load_api();
@@ -202,6 +203,21 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n; i++) spin(f, ms);
         CHECK(p_cuCtxSynchronize());
         printf("wall_ms %.4f\n", now_ms() - t0);
+    } else if (!strcmp(cmd, "busy") && argc >= 5) {
+        /* Keep the device busy for SECONDS with MS spins, 10 at a time; after
+         * each 10, print "t <ms since start> <kernels completed>". */
+        double seconds = atof(argv[2]), ms = atof(argv[3]);
+        CUfunction f = kernel(argv[4], "fracgpu_spin");
+        if (argc >= 6)
+            while (now_ms() < atof(argv[5])) usleep(100);
+        double t0 = now_ms();
+        long done = 0;
+        while (now_ms() - t0 < seconds * 1e3) {
+            for (int i = 0; i < 10; i++) spin(f, ms);
+            CHECK(p_cuCtxSynchronize());
+            done += 10;
+            printf("t %.3f %ld\n", now_ms() - t0, done);
+        }
     } else if (!strcmp(cmd, "hold") && argc >= 4) {
         CUdeviceptr d;
         CHECK(p_cuMemAlloc(&d, (size_t)atoll(argv[2]) << 20));

@@ -44,7 +44,16 @@ struct SharedPartition {
     std::atomic<uint64_t> used;            // bytes charged to the partition now
     std::atomic<uint64_t> peak;            // highest `used` seen
     std::atomic<uint64_t> oom_refusals;    // allocations refused over quota
-    std::atomic<uint64_t> reserved[16];    // room for compute and accounting counters
+    // Compute (the launch gate, csrc/shim/gate.cpp)
+    std::atomic<uint64_t> device_ns;       // device time its kernels used, measured with events
+    std::atomic<uint64_t> vtime_ns;        // device_ns / weight: the fair-share clock
+    std::atomic<uint64_t> last_launch_ns;  // CLOCK_MONOTONIC of its latest launch (0: never)
+    std::atomic<uint64_t> inflight;        // gated launches not yet completed, all its processes
+    std::atomic<uint64_t> waiting_ns;      // CLOCK_MONOTONIC since when a process waits at the gate (0: none)
+    std::atomic<uint64_t> launches;        // kernel and graph launches
+    std::atomic<uint64_t> cap_tokens_ns;   // capped partitions: device time it may still use (signed)
+    std::atomic<uint64_t> cap_refill_ns;   // when cap_tokens_ns was last refilled
+    std::atomic<uint64_t> reserved[8];
 };
 
 struct SharedProcess {
@@ -55,7 +64,9 @@ struct SharedProcess {
     char command[kCommandBytes];
     std::atomic<uint64_t> used;            // bytes this process holds
     std::atomic<uint64_t> peak;
-    std::atomic<uint64_t> reserved[8];
+    std::atomic<uint64_t> device_ns;       // device time of its gated launches
+    std::atomic<uint64_t> launches;
+    std::atomic<uint64_t> reserved[6];
 };
 
 struct SharedRegion {
@@ -68,6 +79,12 @@ struct SharedRegion {
     uint64_t total_memory;
     uint64_t created_unix_ns;
     pthread_mutex_t lock;
+    // The device lease of the launch gate: which partition may launch, until when.
+    std::atomic<int32_t> owner;            // partition index, -1: free
+    uint32_t pad0;
+    std::atomic<uint64_t> lease_start_ns;
+    std::atomic<uint64_t> lease_until_ns;
+    std::atomic<uint64_t> reserved[8];
     SharedPartition partitions[kMaxPartitions];
     SharedProcess processes[kMaxProcesses];
 };
@@ -78,6 +95,7 @@ struct PartitionInfo {
     uint32_t flags = 0;
     uint64_t memory_limit = 0, used = 0, peak = 0, oom_refusals = 0;
     double compute_share = 0;
+    uint64_t device_ns = 0, launches = 0;
     uint64_t created_unix_ns = 0;
     int processes = 0;
 };
@@ -85,6 +103,7 @@ struct ProcessInfo {
     int pid = 0;
     std::string partition, command;
     uint64_t used = 0, peak = 0, start_time = 0, attached_unix_ns = 0;
+    uint64_t device_ns = 0, launches = 0;
 };
 
 // The folder the state lives in: $FRACGPU_STATE_DIR, else
@@ -132,9 +151,10 @@ class Region {
     bool remove_partition(const std::string &name, std::string *err);
     int find_partition(const std::string &name);           // index or -1
     // Joins partition `name` as process `pid`; when it does not exist and
-    // `create_limit` is given (ephemeral), creates it. Returns the slot, -1 on error.
+    // `create_limit` is given (ephemeral), creates it with that limit (0: none),
+    // `create_share` and `create_flags`. Returns the slot, -1 on error.
     int join(const std::string &name, int pid, const char *command, const uint64_t *create_limit,
-             std::string *err);
+             std::string *err, double create_share = 0, uint32_t create_flags = 0);
     void leave(int slot);                                  // this process is done with its slot
     int reap();                                            // frees slots of dead processes; count
 

@@ -1,0 +1,447 @@
+// The launch gate: compute shares by weighted time-slicing of the device.
+//
+// When one partition alone uses a GPU (and has no cap) the gate is one clock
+// read and one atomic store per launch: no event, no wait. When several
+// partitions are busy, the device is leased to one partition at a time for a
+// slice of kLeaseNs; the next lease goes to the waiting partition whose
+// virtual time (device time used / weight) is lowest, so over time each gets
+// device time in proportion to its weight. A lease ends early when its holder
+// goes idle, so the scheduler is work-conserving; a partition that comes back
+// from idle starts at the others' virtual time (no credit for idling, no debt).
+//
+// Device time is measured, not estimated: each gated launch is bracketed by
+// two pooled events, and a per-process thread reads them as they complete
+// (off the launch path) into the partition's and process's counters. A CUDA
+// graph launch is bracketed the same way, so it is charged for all it runs.
+// Because only the lease holder's work is on the device (the previous holder
+// drains before the next starts), an event pair measures that partition's
+// work and nobody else's.
+//
+// A capped partition also draws on a token bucket filled at its share of wall
+// time: it waits when the bucket is empty, even on an idle GPU.
+#include "shim.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <sys/prctl.h>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "fracgpu/state.h"
+
+namespace shim {
+namespace {
+
+constexpr uint64_t kLeaseNs = 8'000'000;       // one turn on the device
+constexpr uint64_t kActiveNs = 30'000'000;     // launched this recently: the partition is busy
+constexpr uint64_t kIdleGapNs = 500'000;       // a lease holder with nothing in flight this long is idle
+constexpr uint64_t kRecheckNs = 1'000'000;     // the fast path re-reads who else is busy this often
+constexpr uint64_t kCapBucketNs = 4'000'000;   // how much unused capped time may be saved up
+constexpr int kMaxInflight = 4;                // gated launches a process may have on the device
+constexpr int kMaxDevices = 64;
+
+uint64_t mono_ns() {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+// A short sleep while waiting for a turn. The thread's timer slack is set to
+// 1 us first (the default 50 us would stretch every wait, and every handoff
+// of the device, by that much).
+void nap() {
+    static thread_local bool precise = false;
+    if (!precise) {
+        precise = true;
+        prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+}
+
+// How a launch goes through the gate on one device, as this process last
+// decided (re-read every kRecheckNs):
+//   kAlone    no other partition on the GPU, no cap: straight through
+//   kWatch    others exist but are idle: straight through, but a marker event
+//             every kMarkEvery launches keeps this process's queue short, so
+//             that one of them coming back gets the device within milliseconds
+//   kGate     others are busy (or a cap): wait for a lease, measure with events
+enum Mode { kAlone, kWatch, kGate };
+constexpr unsigned kMarkEvery = 8;
+constexpr size_t kMaxMarks = 2;
+
+struct DeviceView {
+    std::atomic<uint64_t> next_check{0};
+    std::atomic<int> mode{kAlone};
+    std::atomic<double> weight{1.0};
+    std::atomic<unsigned> launches{0};
+};
+DeviceView *g_view = new DeviceView[kMaxDevices];
+
+bool busy(const fracgpu::SharedPartition &q, uint64_t now) {
+    uint64_t last = q.last_launch_ns.load(std::memory_order_relaxed);
+    return q.inflight.load(std::memory_order_relaxed) > 0 || q.waiting_ns.load(std::memory_order_relaxed) != 0 ||
+           (last && now - last < kActiveNs);
+}
+
+// How partition `me` must launch now (a Mode), and its weight: its share, or
+// for partitions without one, an equal part of what the shares leave.
+int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight) {
+    const fracgpu::SharedPartition &mine = r->partitions[me];
+    bool others_busy = false, others_exist = false;
+    double shared = 0;
+    int unshared = 0;
+    for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
+        const fracgpu::SharedPartition &q = r->partitions[i];
+        if (!__atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE)) continue;
+        if (q.compute_share > 0) shared += q.compute_share;
+        else unshared++;
+        if (i == me) continue;
+        others_exist = true;
+        others_busy = others_busy || busy(q, now);
+    }
+    double rest = shared < 0.95 ? 1.0 - shared : 0.05;
+    *weight = mine.compute_share > 0 ? mine.compute_share : rest / (unshared ? unshared : 1);
+    if (others_busy || (mine.flags & fracgpu::kPartitionCap)) return kGate;
+    return others_exist ? kWatch : kAlone;
+}
+
+// ---------------------------------------------------------------------------
+// Measuring: pooled events, read by one thread per process
+// ---------------------------------------------------------------------------
+struct Pending {
+    CUevent start, end;
+    CUcontext ctx;
+    fracgpu::SharedRegion *region;
+    int slot, partition;
+    double weight;
+};
+
+// Never destroyed: the detached reader thread waits on them while the process exits.
+std::mutex &g_mu = *new std::mutex;                    // the pools and the pending list
+std::condition_variable &g_cv = *new std::condition_variable;   // work arrived / room freed
+std::deque<Pending> *g_pending = new std::deque<Pending>;
+std::unordered_map<CUcontext, std::vector<CUevent>> *g_pool = new std::unordered_map<CUcontext, std::vector<CUevent>>;
+bool g_reader_started = false;
+
+void account(const Pending &p, uint64_t ns) {
+    fracgpu::SharedPartition &part = p.region->partitions[p.partition];
+    fracgpu::SharedProcess &proc = p.region->processes[p.slot];
+    part.device_ns.fetch_add(ns, std::memory_order_relaxed);
+    part.vtime_ns.fetch_add((uint64_t)((double)ns / p.weight), std::memory_order_relaxed);
+    proc.device_ns.fetch_add(ns, std::memory_order_relaxed);
+    if (part.flags & fracgpu::kPartitionCap) part.cap_tokens_ns.fetch_sub(ns, std::memory_order_relaxed);
+    part.inflight.fetch_sub(1, std::memory_order_release);
+}
+
+void reader_main() {
+    auto query = REAL(cuEventQuery);
+    auto sync = REAL(cuEventSynchronize);
+    auto elapsed = REAL(cuEventElapsedTime);
+    std::unique_lock<std::mutex> lk(g_mu);
+    for (;;) {
+        while (g_pending->empty()) g_cv.wait(lk);
+        // Block on the oldest launch (its completion is what the gate waits
+        // for), then take every other one that is done too.
+        CUevent oldest = g_pending->front().end;
+        lk.unlock();
+        sync(oldest);
+        lk.lock();
+        for (auto it = g_pending->begin(); it != g_pending->end();) {
+            CUresult rc = query(it->end);
+            if (rc == CUDA_ERROR_NOT_READY) {
+                ++it;
+                continue;
+            }
+            float ms = 0;
+            if (rc == CUDA_SUCCESS && elapsed(&ms, it->start, it->end) != CUDA_SUCCESS) ms = 0;
+            account(*it, ms > 0 ? (uint64_t)((double)ms * 1e6) : 0);
+            auto &pool = (*g_pool)[it->ctx];
+            pool.push_back(it->start);
+            pool.push_back(it->end);
+            it = g_pending->erase(it);
+        }
+        g_cv.notify_all();
+    }
+}
+
+CUevent take_event(CUcontext ctx) {
+    auto &pool = (*g_pool)[ctx];
+    if (!pool.empty()) {
+        CUevent e = pool.back();
+        pool.pop_back();
+        return e;
+    }
+    CUevent e = nullptr;
+    auto create = REAL(cuEventCreate);
+    if (!create || create(&e, CU_EVENT_DEFAULT) != CUDA_SUCCESS) return nullptr;
+    return e;
+}
+
+// Watch mode: a marker event every kMarkEvery launches; with kMaxMarks
+// outstanding, wait for the oldest, so at most ~kMarkEvery * kMaxMarks
+// launches of this process are queued on the device.
+std::deque<std::pair<CUcontext, CUevent>> *g_marks = new std::deque<std::pair<CUcontext, CUevent>>;
+
+template <typename Record>
+void mark(CUstream stream, Record record) {
+    CUcontext ctx = nullptr;
+    auto get_ctx = REAL(cuCtxGetCurrent);
+    auto sync = REAL(cuEventSynchronize);
+    if (!get_ctx || !sync || !record || get_ctx(&ctx) != CUDA_SUCCESS || !ctx) return;
+    std::lock_guard<std::mutex> lk(g_mu);
+    while (g_marks->size() >= kMaxMarks) {
+        auto oldest = g_marks->front();
+        g_marks->pop_front();
+        sync(oldest.second);
+        (*g_pool)[oldest.first].push_back(oldest.second);
+    }
+    CUevent e = take_event(ctx);
+    if (!e) return;
+    if (record(e, stream) == CUDA_SUCCESS) g_marks->emplace_back(ctx, e);
+    else (*g_pool)[ctx].push_back(e);
+}
+
+// Entering the gate: the work this process queued outside it must finish
+// first, or it would run in another partition's turn.
+void drain_unmeasured(int previous_mode) {
+    if (previous_mode == kAlone) {
+        if (auto sync = REAL(cuCtxSynchronize)) sync();
+        return;
+    }
+    auto sync = REAL(cuEventSynchronize);
+    std::lock_guard<std::mutex> lk(g_mu);
+    while (!g_marks->empty() && sync) {
+        sync(g_marks->front().second);
+        (*g_pool)[g_marks->front().first].push_back(g_marks->front().second);
+        g_marks->pop_front();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Waiting for a turn
+// ---------------------------------------------------------------------------
+void refill_cap(fracgpu::SharedPartition &part, uint64_t now) {
+    uint64_t last = part.cap_refill_ns.load(std::memory_order_relaxed);
+    if (last == 0) {
+        if (part.cap_refill_ns.compare_exchange_strong(last, now)) part.cap_tokens_ns.store(0);
+        return;
+    }
+    if (now <= last || !part.cap_refill_ns.compare_exchange_strong(last, now)) return;
+    int64_t add = (int64_t)((double)(now - last) * part.compute_share);
+    uint64_t cur = part.cap_tokens_ns.load(std::memory_order_relaxed);
+    for (;;) {
+        int64_t next = (int64_t)cur + add;
+        if (next > (int64_t)kCapBucketNs) next = (int64_t)kCapBucketNs;
+        if (part.cap_tokens_ns.compare_exchange_weak(cur, (uint64_t)next)) break;
+    }
+}
+
+// Lowest virtual time among the waiting partitions (ties: lowest index).
+int most_deserving(fracgpu::SharedRegion *r) {
+    int best = -1;
+    uint64_t best_v = 0;
+    for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
+        const fracgpu::SharedPartition &q = r->partitions[i];
+        if (!__atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE) || q.waiting_ns.load() == 0) continue;
+        uint64_t v = q.vtime_ns.load(std::memory_order_relaxed);
+        if (best < 0 || v < best_v) best = i, best_v = v;
+    }
+    return best;
+}
+
+bool others_waiting(fracgpu::SharedRegion *r, int me) {
+    for (int i = 0; i < fracgpu::kMaxPartitions; i++)
+        if (i != me && __atomic_load_n(&r->partitions[i].in_use, __ATOMIC_ACQUIRE) &&
+            r->partitions[i].waiting_ns.load(std::memory_order_relaxed) != 0)
+            return true;
+    return false;
+}
+
+// A partition back from idle starts at the lowest virtual time of the busy
+// ones: it neither saved up turns while idle nor owes any.
+void catch_up(fracgpu::SharedRegion *r, int me, uint64_t now) {
+    uint64_t floor = UINT64_MAX;
+    for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
+        const fracgpu::SharedPartition &q = r->partitions[i];
+        if (i == me || !__atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE) || !busy(q, now)) continue;
+        uint64_t v = q.vtime_ns.load(std::memory_order_relaxed);
+        if (v < floor) floor = v;
+    }
+    fracgpu::SharedPartition &mine = r->partitions[me];
+    uint64_t v = mine.vtime_ns.load(std::memory_order_relaxed);
+    while (floor != UINT64_MAX && v < floor && !mine.vtime_ns.compare_exchange_weak(v, floor)) {
+    }
+}
+
+// prev_launch: when this partition launched before this launch (0: never).
+void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch) {
+    fracgpu::SharedPartition &mine = r->partitions[me];
+    bool capped = mine.flags & fracgpu::kPartitionCap;
+    uint64_t now = mono_ns();
+    uint64_t zero = 0;
+    if (mine.waiting_ns.compare_exchange_strong(zero, now) && r->owner.load() != me &&
+        (!prev_launch || now - prev_launch >= kActiveNs) && mine.inflight.load() == 0)
+        catch_up(r, me, now);
+    for (;; nap(), now = mono_ns()) {
+        if (capped) {
+            refill_cap(mine, now);
+            if ((int64_t)mine.cap_tokens_ns.load() < 0) continue;
+        }
+        int owner = r->owner.load(std::memory_order_acquire);
+        if (owner == me) {
+            uint64_t until = r->lease_until_ns.load(std::memory_order_relaxed);
+            if (now < until) break;
+            if (!others_waiting(r, me)) {
+                r->lease_until_ns.store(now + kLeaseNs, std::memory_order_relaxed);
+                break;
+            }
+            // The turn is over: hand the device over once our work has drained.
+            if (mine.inflight.load(std::memory_order_acquire) == 0) r->owner.compare_exchange_strong(owner, -1);
+            continue;
+        }
+        if (owner >= 0) {
+            const fracgpu::SharedPartition &holder = r->partitions[owner];
+            uint64_t last = holder.last_launch_ns.load(std::memory_order_relaxed);
+            bool idle = holder.inflight.load() == 0 && holder.waiting_ns.load() == 0 && now - last > kIdleGapNs;
+            bool expired = now > r->lease_until_ns.load() + 4 * kLeaseNs && holder.inflight.load() == 0;
+            if (!__atomic_load_n(&holder.in_use, __ATOMIC_ACQUIRE) || idle || expired)
+                r->owner.compare_exchange_strong(owner, -1);   // free the device of an idle or gone holder
+            continue;
+        }
+        if (most_deserving(r) != me) continue;
+        int free_ = -1;
+        if (r->owner.compare_exchange_strong(free_, me)) {
+            r->lease_start_ns.store(now, std::memory_order_relaxed);
+            r->lease_until_ns.store(now + kLeaseNs, std::memory_order_relaxed);
+            break;
+        }
+    }
+    mine.waiting_ns.store(0, std::memory_order_relaxed);
+}
+
+// A launch in front of which the gate stands. `record` is the real
+// cuEventRecord or cuEventRecord_ptsz, to bracket the launch on its stream.
+template <typename Record, typename Launch>
+CUresult gated(CUstream stream, Record record, Launch launch) {
+    int dev = launch_device();
+    fracgpu::Region *region;
+    int slot;
+    if (dev < 0 || dev >= kMaxDevices || !bound_slot(dev, &region, &slot)) return launch();
+    fracgpu::SharedRegion *r = region->raw();
+    int me = r->processes[slot].partition;
+    fracgpu::SharedPartition &mine = r->partitions[me];
+    uint64_t now = mono_ns();
+    uint64_t prev_launch = mine.last_launch_ns.exchange(now, std::memory_order_relaxed);
+    DeviceView &view = g_view[dev];
+    if (now >= view.next_check.load(std::memory_order_relaxed)) {
+        view.next_check.store(now + kRecheckNs, std::memory_order_relaxed);
+        double w = 1.0;
+        int mode = decide(r, me, now, &w);
+        view.weight.store(w, std::memory_order_relaxed);
+        int before = view.mode.exchange(mode, std::memory_order_relaxed);
+        if (mode == kGate && before != kGate) drain_unmeasured(before);
+    }
+    int mode = view.mode.load(std::memory_order_relaxed);
+    if (mode == kAlone) return launch();   // the fast path
+    if (mode == kWatch) {
+        CUresult rc = launch();
+        if (rc == CUDA_SUCCESS && view.launches.fetch_add(1, std::memory_order_relaxed) % kMarkEvery == 0)
+            mark(stream, record);
+        return rc;
+    }
+
+    CUcontext ctx = nullptr;
+    auto get_ctx = REAL(cuCtxGetCurrent);
+    if (!get_ctx || get_ctx(&ctx) != CUDA_SUCCESS || !ctx || !record) return launch();
+    {
+        // Keep at most kMaxInflight gated launches of this process on the device,
+        // so a turn ends promptly and the next holder finds the device free.
+        std::unique_lock<std::mutex> lk(g_mu);
+        if (!g_reader_started) {
+            g_reader_started = true;
+            std::thread(reader_main).detach();
+        }
+        size_t mine_pending = 0;
+        for (;;) {
+            mine_pending = g_pending->size();
+            if (mine_pending < (size_t)kMaxInflight) break;
+            g_cv.wait_for(lk, std::chrono::microseconds(200));
+        }
+    }
+    wait_turn(r, me, prev_launch);
+    CUevent start, end;
+    {
+        std::lock_guard<std::mutex> lk(g_mu);
+        start = take_event(ctx);
+        end = take_event(ctx);
+    }
+    bool measured = start && end && record(start, stream) == CUDA_SUCCESS;
+    CUresult rc = launch();
+    measured = measured && rc == CUDA_SUCCESS && record(end, stream) == CUDA_SUCCESS;
+    mine.last_launch_ns.store(mono_ns(), std::memory_order_relaxed);
+    mine.launches.fetch_add(1, std::memory_order_relaxed);
+    r->processes[slot].launches.fetch_add(1, std::memory_order_relaxed);
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (measured) {
+        mine.inflight.fetch_add(1, std::memory_order_acq_rel);
+        g_pending->push_back(Pending{start, end, ctx, r, slot, me, view.weight.load()});
+        g_cv.notify_all();
+    } else {
+        auto &pool = (*g_pool)[ctx];
+        if (start) pool.push_back(start);
+        if (end) pool.push_back(end);
+    }
+    return rc;
+}
+
+}  // namespace
+}  // namespace shim
+
+using namespace shim;
+
+// ---------------------------------------------------------------------------
+// The gated launch entry points
+// ---------------------------------------------------------------------------
+SHIM_API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                                 unsigned bz, unsigned shmem, CUstream s, void **params, void **extra) {
+    REAL_OR_RETURN(real, cuLaunchKernel);
+    return gated(s, REAL(cuEventRecord), [&] { return real(f, gx, gy, gz, bx, by, bz, shmem, s, params, extra); });
+}
+SHIM_API CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                                      unsigned bz, unsigned shmem, CUstream s, void **params, void **extra) {
+    REAL_OR_RETURN(real, cuLaunchKernel_ptsz);
+    return gated(s, REAL(cuEventRecord_ptsz),
+                 [&] { return real(f, gx, gy, gz, bx, by, bz, shmem, s, params, extra); });
+}
+SHIM_API CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {
+    REAL_OR_RETURN(real, cuLaunchKernelEx);
+    return gated(config ? config->hStream : nullptr, REAL(cuEventRecord),
+                 [&] { return real(config, f, params, extra); });
+}
+SHIM_API CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {
+    REAL_OR_RETURN(real, cuLaunchKernelEx_ptsz);
+    return gated(config ? config->hStream : nullptr, REAL(cuEventRecord_ptsz),
+                 [&] { return real(config, f, params, extra); });
+}
+SHIM_API CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                                            unsigned by, unsigned bz, unsigned shmem, CUstream s, void **params) {
+    REAL_OR_RETURN(real, cuLaunchCooperativeKernel);
+    return gated(s, REAL(cuEventRecord), [&] { return real(f, gx, gy, gz, bx, by, bz, shmem, s, params); });
+}
+SHIM_API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                                                 unsigned by, unsigned bz, unsigned shmem, CUstream s,
+                                                 void **params) {
+    REAL_OR_RETURN(real, cuLaunchCooperativeKernel_ptsz);
+    return gated(s, REAL(cuEventRecord_ptsz), [&] { return real(f, gx, gy, gz, bx, by, bz, shmem, s, params); });
+}
+SHIM_API CUresult cuGraphLaunch(CUgraphExec g, CUstream s) {
+    REAL_OR_RETURN(real, cuGraphLaunch);
+    return gated(s, REAL(cuEventRecord), [&] { return real(g, s); });
+}
+SHIM_API CUresult cuGraphLaunch_ptsz(CUgraphExec g, CUstream s) {
+    REAL_OR_RETURN(real, cuGraphLaunch_ptsz);
+    return gated(s, REAL(cuEventRecord_ptsz), [&] { return real(g, s); });
+}
