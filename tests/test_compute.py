@@ -1,0 +1,121 @@
+"""Compute shares on the simulated GPU: 1 ms spin kernels back to back, and
+each partition's device time per 1 s window, as its jobs saw it.
+
+The jobs are the C client's `busy` command: it launches spins of 1 ms, 10 at
+a time, and prints when each 10 have completed; kernels completed in a window
+times 1 ms is the device time the partition got in it. (Shares of device time
+and simulated kernel durations are behaviour: the simulated device runs one
+kernel at a time, exactly as long as asked.)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+KERNEL_MS = 1.0
+
+
+def start_jobs(gpu, clients, kernels, shim, specs, seconds, start_in=0.5):
+    """specs: {name: (share, cap, delay_s)}; every job begins at start + delay."""
+    start = (time.monotonic() + start_in) * 1000
+    jobs = {}
+    for name, (share, cap, delay) in specs.items():
+        env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": name, "FRACGPU_COMPUTE": share,
+               "FRACGPU_COMPUTE_CAP": "1" if cap else "0"}
+        jobs[name] = gpu.popen(clients.lcuda, "busy", seconds, KERNEL_MS, kernels, f"{start + delay * 1000:.3f}",
+                               env=env)
+    return jobs
+
+
+def completions(job):
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err
+    return [(float(t), int(n)) for _, t, n in (line.split() for line in out.splitlines())]
+
+
+def share_in(points, begin_ms, end_ms):
+    """Fraction of [begin, end) the partition's kernels ran, from its completion log."""
+    def done_by(t):
+        return max([n for when, n in points if when <= t], default=0)
+    return (done_by(end_ms) - done_by(begin_ms)) * KERNEL_MS / (end_ms - begin_ms)
+
+
+def windows(points, seconds, first=1):
+    return [share_in(points, w * 1000, (w + 1) * 1000) for w in range(first, int(seconds))]
+
+
+def shares_of_device_time(got):
+    """Per window: each partition's part of the device time used in it, and the
+    device's utilisation (the gate's own hand-over gaps are the difference)."""
+    names = list(got)
+    per_window = []
+    for w in range(len(got[names[0]])):
+        used = sum(got[n][w] for n in names)
+        per_window.append(({n: got[n][w] / used for n in names}, used))
+    return per_window
+
+
+def test_two_partitions_get_25_and_75_percent(gpu, clients, kernels, shim):
+    jobs = start_jobs(gpu, clients, kernels, shim, {"small": ("25%", False, 0), "large": ("75%", False, 0)}, 5)
+    got = {name: windows(completions(job), 5) for name, job in jobs.items()}
+    for shares, utilisation in shares_of_device_time(got):
+        assert abs(shares["small"] - 0.25) <= 0.03 and abs(shares["large"] - 0.75) <= 0.03, got
+        assert utilisation >= 0.92, got
+
+
+def test_four_partitions_get_their_shares(gpu, clients, kernels, shim):
+    specs = {"p10": ("10%", False, 0), "p20": ("20%", False, 0), "p30": ("30%", False, 0),
+             "p40": ("40%", False, 0)}
+    jobs = start_jobs(gpu, clients, kernels, shim, specs, 4)
+    got = {name: windows(completions(job), 4) for name, job in jobs.items()}
+    for shares, utilisation in shares_of_device_time(got):
+        for name, (share, _, _) in specs.items():
+            assert abs(shares[name] - float(share.rstrip("%")) / 100) <= 0.03, (name, got)
+        assert utilisation >= 0.92, got
+
+
+def test_alone_a_partition_uses_the_whole_device_unless_capped(gpu, clients, kernels, shim):
+    (job,) = start_jobs(gpu, clients, kernels, shim, {"alone": ("25%", False, 0)}, 2).values()
+    assert all(s >= 0.90 for s in windows(completions(job), 2, first=0))
+    (job,) = start_jobs(gpu, clients, kernels, shim, {"capped": ("25%", True, 0)}, 3).values()
+    shares = windows(completions(job), 3)
+    assert all(0.20 <= s <= 0.28 for s in shares), shares
+
+
+def test_an_idle_partition_gets_its_share_back_within_50ms(gpu, clients, kernels, shim):
+    # "large" is busy throughout; "small" runs 1 s, is idle for 2 s, then comes back.
+    jobs = start_jobs(gpu, clients, kernels, shim, {"large": ("75%", False, 0), "small": ("25%", False, 0)}, 1)
+    returning = start_jobs(gpu, clients, kernels, shim, {"small": ("25%", False, 3.0)}, 1.5, start_in=0.0)["small"]
+    large = start_jobs(gpu, clients, kernels, shim, {"large": ("75%", False, 0)}, 4.5, start_in=0.0)["large"]
+    for job in jobs.values():
+        completions(job)
+    back = completions(returning)
+    completions(large)
+    # Measured from the returning job's own start: from 50 ms on, it has its share.
+    assert abs(share_in(back, 50, 1050) - 0.25) <= 0.03, back[:10]
+
+
+def test_device_time_is_accounted_per_partition(gpu, clients, kernels, shim):
+    # A member that stays keeps each private partition (and its counters) alive after the busy job ends.
+    keepers = [gpu.popen(clients.lcuda, "hold", 1, 30, env={"LD_PRELOAD": shim, "FRACGPU_PARTITION": name,
+                                                              "FRACGPU_COMPUTE": "50%"}) for name in ("a", "b")]
+    try:
+        for keeper in keepers:
+            assert keeper.stdout.readline().startswith("holding")
+        jobs = start_jobs(gpu, clients, kernels, shim, {"a": ("50%", False, 0), "b": ("50%", False, 0)}, 2)
+        ran = {name: completions(job)[-1][1] * KERNEL_MS * 1e6 for name, job in jobs.items()}
+        out = gpu.python("import fracgpu, json, dataclasses\n"
+                         f"print(json.dumps([dataclasses.asdict(u) for u in fracgpu.usage({str(gpu.state_dir)!r})]))")
+        (usage,) = json.loads(out.stdout)
+        device_ns = {p["name"]: p["device_ns"] for p in usage["partitions"]}
+        for name in ("a", "b"):
+            assert abs(device_ns[name] - ran[name]) <= 0.05 * ran[name], (device_ns, ran)
+    finally:
+        for keeper in keepers:
+            keeper.kill()
+            keeper.wait(timeout=10)
