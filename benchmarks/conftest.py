@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 
-from simgpu import SimGPU, cuda_include_dir, shim_path  # noqa: E402
+from simgpu import SimGPU, clients, cuda_include_dir, kernels, make_gpu, shim  # noqa: E402,F401
 
 from fracgpu import sim  # noqa: E402
 
@@ -34,12 +34,6 @@ def driver_bench(tmp_path_factory) -> pathlib.Path:
     subprocess.run([cc, "-O2", "-Wall", "-Wextra", f"-I{cuda_include_dir()}", str(HERE / "driver_bench.c"),
                     "-o", str(out), f"-L{sim.library_dir()}", "-l:libcuda.so.1"], check=True)
     return out
-
-
-@pytest.fixture(scope="session")
-def shim() -> str:
-    """The installed driver shim, for runs that drive it through its variables directly."""
-    return shim_path()
 
 
 @pytest.fixture

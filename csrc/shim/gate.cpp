@@ -40,7 +40,12 @@ constexpr uint64_t kActiveNs = 30'000'000;     // launched this recently: the pa
 constexpr uint64_t kIdleGapNs = 500'000;       // a lease holder with nothing in flight this long is idle
 constexpr uint64_t kRecheckNs = 1'000'000;     // the fast path re-reads who else is busy this often
 constexpr uint64_t kCapBucketNs = 4'000'000;   // how much unused capped time may be saved up
-constexpr int kMaxInflight = 4;                // gated launches a process may have on the device
+// How much work a process may have queued on the device, in time: a launch
+// waits while the oldest of its queued launches was made longer ago than
+// this (so long kernels queue two or three deep, and a turn ends promptly,
+// while tiny kernels still stream), and there are never more than kMaxQueued.
+constexpr uint64_t kQueueNs = 2'000'000;
+constexpr size_t kMaxQueued = 64;
 constexpr int kMaxDevices = 64;
 
 uint64_t mono_ns() {
@@ -70,7 +75,6 @@ void nap() {
 //   kGate     others are busy (or a cap): wait for a lease, measure with events
 enum Mode { kAlone, kWatch, kGate };
 constexpr unsigned kMarkEvery = 8;
-constexpr size_t kMaxMarks = 2;
 
 struct DeviceView {
     std::atomic<uint64_t> next_check{0};
@@ -112,6 +116,7 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight) {
 // Measuring: pooled events, read by one thread per process
 // ---------------------------------------------------------------------------
 struct Pending {
+    uint64_t launched_ns;
     CUevent start, end;
     CUcontext ctx;
     fracgpu::SharedRegion *region;
@@ -180,27 +185,38 @@ CUevent take_event(CUcontext ctx) {
     return e;
 }
 
-// Watch mode: a marker event every kMarkEvery launches; with kMaxMarks
-// outstanding, wait for the oldest, so at most ~kMarkEvery * kMaxMarks
-// launches of this process are queued on the device.
-std::deque<std::pair<CUcontext, CUevent>> *g_marks = new std::deque<std::pair<CUcontext, CUevent>>;
+// Watch mode: a marker event every kMarkEvery launches. A marker recorded
+// more than kQueueNs ago that has not completed means this process has that
+// much work queued: wait for it. Tiny kernels complete their markers long
+// before, so they stream freely; long ones queue a few milliseconds deep.
+struct Mark {
+    uint64_t recorded_ns;
+    CUcontext ctx;
+    CUevent event;
+};
+std::deque<Mark> *g_marks = new std::deque<Mark>;
 
 template <typename Record>
 void mark(CUstream stream, Record record) {
     CUcontext ctx = nullptr;
     auto get_ctx = REAL(cuCtxGetCurrent);
+    auto query = REAL(cuEventQuery);
     auto sync = REAL(cuEventSynchronize);
-    if (!get_ctx || !sync || !record || get_ctx(&ctx) != CUDA_SUCCESS || !ctx) return;
+    if (!get_ctx || !query || !sync || !record || get_ctx(&ctx) != CUDA_SUCCESS || !ctx) return;
     std::lock_guard<std::mutex> lk(g_mu);
-    while (g_marks->size() >= kMaxMarks) {
-        auto oldest = g_marks->front();
+    uint64_t now = mono_ns();
+    while (!g_marks->empty()) {
+        Mark &m = g_marks->front();
+        if (query(m.event) == CUDA_ERROR_NOT_READY) {
+            if (now - m.recorded_ns <= kQueueNs && g_marks->size() < kMaxQueued) break;
+            sync(m.event);
+        }
+        (*g_pool)[m.ctx].push_back(m.event);
         g_marks->pop_front();
-        sync(oldest.second);
-        (*g_pool)[oldest.first].push_back(oldest.second);
     }
     CUevent e = take_event(ctx);
     if (!e) return;
-    if (record(e, stream) == CUDA_SUCCESS) g_marks->emplace_back(ctx, e);
+    if (record(e, stream) == CUDA_SUCCESS) g_marks->push_back(Mark{now, ctx, e});
     else (*g_pool)[ctx].push_back(e);
 }
 
@@ -214,8 +230,8 @@ void drain_unmeasured(int previous_mode) {
     auto sync = REAL(cuEventSynchronize);
     std::lock_guard<std::mutex> lk(g_mu);
     while (!g_marks->empty() && sync) {
-        sync(g_marks->front().second);
-        (*g_pool)[g_marks->front().first].push_back(g_marks->front().second);
+        sync(g_marks->front().event);
+        (*g_pool)[g_marks->front().ctx].push_back(g_marks->front().event);
         g_marks->pop_front();
     }
 }
@@ -357,19 +373,16 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
     auto get_ctx = REAL(cuCtxGetCurrent);
     if (!get_ctx || get_ctx(&ctx) != CUDA_SUCCESS || !ctx || !record) return launch();
     {
-        // Keep at most kMaxInflight gated launches of this process on the device,
-        // so a turn ends promptly and the next holder finds the device free.
+        // Keep this process's queued work short (kQueueNs), so a turn ends
+        // promptly and the next holder finds the device free.
         std::unique_lock<std::mutex> lk(g_mu);
         if (!g_reader_started) {
             g_reader_started = true;
             std::thread(reader_main).detach();
         }
-        size_t mine_pending = 0;
-        for (;;) {
-            mine_pending = g_pending->size();
-            if (mine_pending < (size_t)kMaxInflight) break;
+        while (g_pending->size() >= kMaxQueued ||
+               (!g_pending->empty() && mono_ns() - g_pending->front().launched_ns > kQueueNs))
             g_cv.wait_for(lk, std::chrono::microseconds(200));
-        }
     }
     wait_turn(r, me, prev_launch);
     CUevent start, end;
@@ -387,7 +400,7 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
     std::lock_guard<std::mutex> lk(g_mu);
     if (measured) {
         mine.inflight.fetch_add(1, std::memory_order_acq_rel);
-        g_pending->push_back(Pending{start, end, ctx, r, slot, me, view.weight.load()});
+        g_pending->push_back(Pending{now, start, end, ctx, r, slot, me, view.weight.load()});
         g_cv.notify_all();
     } else {
         auto &pool = (*g_pool)[ctx];
