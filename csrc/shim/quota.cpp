@@ -19,6 +19,7 @@
 
 #include "fracgpu/state.h"
 #include "fracgpu/units.h"
+#include "fracgpu/view.h"
 
 namespace shim {
 namespace {
@@ -650,9 +651,9 @@ bool virtual_meminfo(int dev, uint64_t real_free, uint64_t *free_out, uint64_t *
     if (now - last > kReapIntervalNs && b->last_reap_ns.compare_exchange_strong(last, now)) b->region.reap();
     const fracgpu::SharedRegion *r = b->region.raw();
     uint64_t used = r->partitions[r->processes[b->slot].partition].used.load(std::memory_order_relaxed);
-    uint64_t left = used < b->limit ? b->limit - used : 0;
-    *free_out = left < real_free ? left : real_free;
-    *total_out = b->limit;
+    fracgpu::MemoryView v = fracgpu::memory_view(b->limit, b->limit, used, real_free);   // as NVML shows it
+    *free_out = v.free;
+    *total_out = v.total;
     return true;
 }
 }  // namespace
