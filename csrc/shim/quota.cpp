@@ -31,7 +31,14 @@ struct Binding {
     bool ok = false;                 // this device has the job's partition
     fracgpu::Region region;
     int slot = -1;
-    uint64_t limit = 0;              // what the job sees as the device's memory
+    uint64_t device_total = 0;       // the device's memory
+    // What the job sees as the device's memory: its partition's limit, read
+    // from the shared state each time (it may change while the job runs).
+    uint64_t limit() {
+        const fracgpu::SharedRegion *r = region.raw();
+        uint64_t l = r->partitions[r->processes[slot].partition].memory_limit;
+        return l ? l : device_total;
+    }
     std::string uuid, refusal;
     std::atomic<bool> oom_reported{false};
     std::atomic<uint64_t> last_reap_ns{0};
@@ -117,9 +124,7 @@ bool attach(int d, Binding &b) {
         b.refusal = err;   // the partition lives on another GPU: this one gets no memory
         return true;
     }
-    const fracgpu::SharedRegion *r = b.region.raw();
-    uint64_t part_limit = r->partitions[r->processes[b.slot].partition].memory_limit;
-    b.limit = part_limit ? part_limit : total;
+    b.device_total = total;
     b.ok = true;
     return true;
 }
@@ -149,7 +154,7 @@ void report_oom(Binding &b, uint64_t requested) {
     const fracgpu::SharedProcess &p = b.region.raw()->processes[b.slot];
     const fracgpu::SharedPartition &part = b.region.raw()->partitions[p.partition];
     log("out of memory in partition '%s' on %s: limit %s, in use %s, requested %s%s", part.name, b.uuid.c_str(),
-        size_text(b.limit).c_str(), size_text(part.used.load()).c_str(), size_text(requested).c_str(),
+        size_text(b.limit()).c_str(), size_text(part.used.load()).c_str(), size_text(requested).c_str(),
         settings().oom_wait_s > 0 ? " (waited FRACGPU_OOM_WAIT)" : "");
 }
 
@@ -651,7 +656,7 @@ bool virtual_meminfo(int dev, uint64_t real_free, uint64_t *free_out, uint64_t *
     if (now - last > kReapIntervalNs && b->last_reap_ns.compare_exchange_strong(last, now)) b->region.reap();
     const fracgpu::SharedRegion *r = b->region.raw();
     uint64_t used = r->partitions[r->processes[b->slot].partition].used.load(std::memory_order_relaxed);
-    fracgpu::MemoryView v = fracgpu::memory_view(b->limit, b->limit, used, real_free);   // as NVML shows it
+    fracgpu::MemoryView v = fracgpu::memory_view(b->limit(), b->device_total, used, real_free);   // as NVML shows it
     *free_out = v.free;
     *total_out = v.total;
     return true;
@@ -684,7 +689,7 @@ SHIM_API CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
     REAL_OR_RETURN(real, cuDeviceTotalMem_v2);
     CUresult rc = real(bytes, dev);
     Binding *b = binding(dev);
-    if (rc == CUDA_SUCCESS && bytes && b && b->ok) *bytes = b->limit;
+    if (rc == CUDA_SUCCESS && bytes && b && b->ok) *bytes = b->limit();
     return rc;
 }
 
@@ -692,6 +697,6 @@ SHIM_API CUresult cuDeviceTotalMem(unsigned int *bytes, CUdevice dev) {
     REAL_OR_RETURN(real, cuDeviceTotalMem);
     CUresult rc = real(bytes, dev);
     Binding *b = binding(dev);
-    if (rc == CUDA_SUCCESS && bytes && b && b->ok) *bytes = (unsigned)(b->limit > 0xffffffffu ? 0xffffffffu : b->limit);
+    if (rc == CUDA_SUCCESS && bytes && b && b->ok) *bytes = (unsigned)(b->limit() > 0xffffffffu ? 0xffffffffu : b->limit());
     return rc;
 }
