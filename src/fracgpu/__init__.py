@@ -9,6 +9,7 @@ import importlib.metadata
 import importlib.resources
 import pathlib
 
+from fracgpu.state import GPUUsage, PartitionUsage, ProcessUsage, usage
 from fracgpu.units import format_share, format_size, parse_share, parse_size
 
 try:
@@ -16,7 +17,8 @@ try:
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "kernels_path", "parse_size", "parse_share", "format_size", "format_share"]
+__all__ = ["__version__", "usage", "GPUUsage", "PartitionUsage", "ProcessUsage",
+           "kernels_path", "parse_size", "parse_share", "format_size", "format_share"]
 
 
 def kernels_path() -> pathlib.Path:
@@ -33,3 +35,4 @@ def kernels_path() -> pathlib.Path:
             "`pip install .` in a checkout). The simulated GPU does not need the kernels."
         )
     return pathlib.Path(str(fatbin))
+

@@ -7,9 +7,11 @@ the Python API cannot disagree.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -38,6 +40,8 @@ class LazyGroup(click.Group):
 # One row per top-level command; a new command is a module and a row here.
 COMMANDS = {
     "demo": "fracgpu.demo:demo",
+    "partition": "fracgpu.cli_partition:partition_group",
+    "run": "fracgpu.cli_run:run",
     "sim": "fracgpu.cli:sim_group",
 }
 
@@ -63,6 +67,21 @@ class SizeParam(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+def checked_by(check: Any) -> Any:
+    """An option callback: the value stays as written, but ``check(value)`` must accept it
+    (its ValueError is a usage error naming the option)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            try:
+                check(value)
+            except (TypeError, ValueError) as e:
+                raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+        return value
+
+    return callback
+
+
 class CommandFailed(click.ClickException):
     """The command to run could not be started: status 127 when it was not
     found and 126 when it could not be executed, as env(1) and the shells do."""
@@ -70,6 +89,26 @@ class CommandFailed(click.ClickException):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class InputError(click.ClickException):
+    """Bad input, or a state that must not be used: one line on stderr and exit status 2,
+    the status of every refusal to start (as for usage errors)."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    """The library's refusals (a bad value, an unsafe or damaged state, no GPU, fracgpu not
+    fully installed) as InputError: the message, no traceback."""
+    from fracgpu.devices import DeviceError
+    from fracgpu.state import StateError
+
+    try:
+        yield
+    except (ValueError, StateError, DeviceError, FileNotFoundError) as e:
+        raise InputError(str(e)) from None
 
 
 @click.group("sim")
@@ -131,10 +170,17 @@ def sim_run(ctx: click.Context, command: tuple[str, ...], **options: Any) -> Non
     if not command:
         raise click.UsageError("missing the command to run: fracgpu sim run [OPTIONS] -- COMMAND [ARGS]...", ctx)
     _, env = _sim_environment(ctx, options)
+    exec_command(command, env)
+
+
+def exec_command(command: tuple[str, ...], env: dict[str, str | None]) -> None:
+    """Run ``command`` in place of this process (so it keeps this pid), with ``env`` set in its
+    environment (None: unset); CommandFailed when it cannot start."""
     sys.stdout.flush()
     sys.stderr.flush()
+    environment = {name: value for name, value in {**os.environ, **env}.items() if value is not None}
     try:
-        os.execvpe(command[0], list(command), {**os.environ, **env})
+        os.execvpe(command[0], list(command), environment)
     except FileNotFoundError:
         raise CommandFailed(f"command not found: {command[0]}", 127) from None
     except OSError as e:

@@ -1,0 +1,72 @@
+"""``fracgpu partition``: named partitions that several jobs share."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import click
+
+from fracgpu import jobs, partitions, state
+from fracgpu.cli import checked_by, refusals
+from fracgpu.units import format_size
+
+
+@click.group("partition")
+def partition_group() -> None:
+    """Partitions: a memory quota on one GPU that several jobs share."""
+
+
+@partition_group.command("create")
+@click.argument("name", callback=checked_by(jobs.check_partition_name))
+@click.option("--memory", metavar="SIZE", callback=checked_by(jobs.parse_memory),
+              help="Memory limit shared by the partition's processes: 8GiB, 512MiB, plain bytes, or 25% of "
+                   "the GPU. [default: no limit]")
+@click.option("--device", "device_index", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The GPU, by CUDA index (as CUDA_VISIBLE_DEVICES numbers them).")
+def create(name: str, memory: str | None, device_index: int) -> None:
+    """Make partition NAME; jobs join it with `fracgpu run --partition NAME`."""
+    with refusals():
+        made = partitions.create(name, memory, device_index=device_index)
+    limit = format_size(made.memory_limit) if made.memory_limit else "no memory limit"
+    click.echo(f"partition '{name}' created on GPU {device_index}: {limit}")
+
+
+@partition_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the partitions and processes of each GPU as JSON.")
+def list_(as_json: bool) -> None:
+    """The partitions of each GPU: limit, memory in use, peak, processes."""
+    with refusals():
+        gpus = state.usage()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(gpu) for gpu in gpus], indent=2))
+        return
+    if not any(gpu.partitions for gpu in gpus):
+        click.echo("No partitions. Make one with `fracgpu partition create NAME --memory SIZE`, or run a job "
+                   "with `fracgpu run --memory SIZE -- COMMAND`.")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for column in ("GPU", "partition", "memory limit", "in use", "peak", "processes"):
+        table.add_column(column, justify="left" if column in ("GPU", "partition") else "right", overflow="fold")
+    for gpu in gpus:
+        for i, p in enumerate(gpu.partitions):
+            table.add_row(f"{gpu.name}\n{gpu.uuid}" if i == 0 else "",
+                          p.name + (" (private)" if p.ephemeral else ""),
+                          format_size(p.memory_limit) if p.memory_limit else "unlimited",
+                          format_size(p.used), format_size(p.peak), str(p.processes),
+                          end_section=i == len(gpu.partitions) - 1)
+    Console().print(table)
+
+
+@partition_group.command("rm")
+@click.argument("name", callback=checked_by(jobs.check_partition_name))
+@click.option("--device", "device_index", type=click.IntRange(min=0),
+              help="The GPU, by CUDA index, when several have a partition of this name.")
+def remove(name: str, device_index: int | None) -> None:
+    """Remove partition NAME (refused while processes use it)."""
+    with refusals():
+        uuid = partitions.remove(name, device_index=device_index)
+    click.echo(f"partition '{name}' removed from {uuid}")

@@ -1,0 +1,80 @@
+"""Named partitions: made ahead of time, joined by jobs (``fracgpu run --partition NAME``).
+
+A partition lives on one GPU (in that GPU's region of the shared state) and
+holds a memory limit that all its processes share. Names are unique per GPU;
+the same name may exist on several GPUs, and a job in it is then limited on
+each of them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from fracgpu import _native, devices, jobs, state
+from fracgpu.units import parse_size
+
+__all__ = ["create", "remove", "device"]
+
+
+def device(index: int, env: Mapping[str, str] | None = None) -> devices.Device:
+    """CUDA device ``index``, numbered as ``CUDA_VISIBLE_DEVICES`` in ``env`` makes them.
+
+    Raises ValueError for an index the machine does not have, DeviceError when there is no GPU."""
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(f"a device index must be an int, not {type(index).__name__}")
+    found = devices.probe(env)
+    if not 0 <= index < len(found):
+        have = f"devices 0 to {len(found) - 1}" if len(found) > 1 else "device 0 only"
+        raise ValueError(f"there is no CUDA device {index}: jobs here see {have} "
+                         "(numbered as CUDA_VISIBLE_DEVICES selects them)")
+    return found[index]
+
+
+def create(name: str, memory: str | int | None = None, *, device_index: int = 0,
+           state_dir: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> state.PartitionUsage:
+    """Make partition ``name`` on GPU ``device_index`` with a memory limit (None: the whole device).
+
+    ``memory`` is bytes or a size such as ``"8GiB"`` or ``"25%"`` (of that
+    device). Raises ValueError for a bad name or size or a limit above the
+    device; StateError for a name already used on that GPU, an unsafe state
+    folder or a damaged state file; DeviceError when there is no GPU."""
+    jobs.check_partition_name(name)
+    if memory is not None:
+        jobs.parse_memory(memory)   # the grammar, before asking the driver
+    folder = state.resolve_state_dir(state_dir)
+    _native.check_state_dir(folder, create=True)
+    gpu = device(device_index, env)
+    limit = 0
+    if memory is not None:
+        limit = parse_size(memory, device_total=gpu.total_memory)
+        jobs.check_fits(limit, gpu)
+    state.open_regions(folder)   # no partition is made beside a damaged state file
+    region = _native.Region.open(folder, gpu.uuid, gpu.name, gpu.total_memory, create=True)
+    region.create_partition(name, limit)   # StateError when the name is taken on this GPU
+    return next(p for p in state.read(region).partitions if p.name == name)
+
+
+def remove(name: str, *, device_index: int | None = None, state_dir: str | os.PathLike | None = None,
+           env: Mapping[str, str] | None = None) -> str:
+    """Remove partition ``name``: from GPU ``device_index``, or from the one GPU that has it.
+
+    Returns the UUID of its GPU. Raises ValueError when no GPU (or several,
+    without ``device_index``) has it, StateError when processes still use it
+    (the message lists them) or the state is unsafe or damaged."""
+    jobs.check_partition_name(name)
+    regions = state.open_regions(state_dir)
+    if device_index is not None:
+        uuid = device(device_index, env).uuid
+        regions = [r for r in regions if r.uuid == uuid]
+        where = f" on GPU {device_index} ({uuid})"
+    else:
+        where = ""
+    holders = [r for r in regions if any(p["name"] == name for p in r.partitions())]
+    if not holders:
+        raise ValueError(f"there is no partition '{name}'{where}; `fracgpu partition list` shows the partitions")
+    if len(holders) > 1:
+        gpus = ", ".join(f"{r.uuid} ({r.device_name})" for r in holders)
+        raise ValueError(f"partition '{name}' exists on several GPUs ({gpus}); say which with --device N")
+    holders[0].remove_partition(name)
+    return holders[0].uuid

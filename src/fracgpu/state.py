@@ -1,0 +1,93 @@
+"""The shared state as plain Python values: partitions and processes of each GPU.
+
+Every GPU fracgpu has governed has a region, a file in the state folder
+(``$FRACGPU_STATE_DIR``, else a per-user default) that the shim in every job
+maps; ``fracgpu._native`` reads and changes it. This module is the one place
+the Python side opens regions: ``usage()``, the partition commands,
+``fracgpu run`` and ``fracgpu.init()`` all go through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from fracgpu import _native
+
+__all__ = ["GPUUsage", "PartitionUsage", "ProcessUsage", "StateError", "usage", "resolve_state_dir", "open_regions"]
+
+StateError = _native.StateError
+
+
+@dataclasses.dataclass
+class PartitionUsage:
+    name: str
+    memory_limit: int | None   # bytes; None: no limit (the whole device)
+    used: int                  # bytes its processes hold now
+    peak: int                  # the most they held at once
+    processes: int             # processes in it now
+    ephemeral: bool            # made for one job (`fracgpu run --memory`, init(memory=)), gone with it
+    oom_refusals: int          # allocations refused because they would pass the limit
+
+
+@dataclasses.dataclass
+class ProcessUsage:
+    pid: int
+    partition: str
+    command: str
+    used: int
+    peak: int
+
+
+@dataclasses.dataclass
+class GPUUsage:
+    uuid: str
+    name: str
+    total_memory: int
+    partitions: list[PartitionUsage]
+    processes: list[ProcessUsage]
+
+
+def resolve_state_dir(folder: str | os.PathLike | None = None) -> str:
+    """The state folder, absolute: ``folder``, else ``$FRACGPU_STATE_DIR``, else the per-user default."""
+    return os.path.abspath(os.fspath(folder) if folder is not None else _native.default_state_dir())
+
+
+def open_regions(folder: str | os.PathLike | None = None, *, reap: bool = True) -> list[_native.Region]:
+    """Every GPU's region in the state folder, dead processes reaped first.
+
+    A folder that does not exist holds no regions. Raises StateError (with
+    what to do) for an unsafe folder, or for any region file that is foreign,
+    truncated or of another layout version: a job must not start beside a
+    state nobody can read."""
+    folder = resolve_state_dir(folder)
+    if not os.path.lexists(folder):
+        return []
+    _native.check_state_dir(folder, create=False)
+    regions = [_native.Region.open_file(path) for path in _native.region_files(folder)]
+    if reap:
+        for region in regions:
+            region.reap()
+    return regions
+
+
+def read(region: _native.Region) -> GPUUsage:
+    """One region as plain values (reap it first to drop dead processes)."""
+    partitions = [PartitionUsage(name=p["name"], memory_limit=p["memory_limit"] or None, used=p["used"],
+                                 peak=p["peak"], processes=p["processes"], ephemeral=p["ephemeral"],
+                                 oom_refusals=p["oom_refusals"])
+                  for p in region.partitions()]
+    processes = [ProcessUsage(pid=p["pid"], partition=p["partition"], command=p["command"], used=p["used"],
+                              peak=p["peak"])
+                 for p in region.processes()]
+    return GPUUsage(uuid=region.uuid, name=region.device_name, total_memory=region.total_memory,
+                    partitions=partitions, processes=processes)
+
+
+def usage(state_dir: str | os.PathLike | None = None) -> list[GPUUsage]:
+    """Partitions and processes of every GPU in the state folder, with limits and bytes in use.
+
+    Processes that died (even by SIGKILL) are reaped first, so their memory is
+    back with their partition and private partitions of finished jobs are gone.
+    Raises StateError when the folder or a region file is unsafe or damaged."""
+    return [read(region) for region in open_regions(state_dir)]

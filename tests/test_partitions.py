@@ -1,0 +1,211 @@
+"""`fracgpu partition create/list/rm` and `fracgpu.usage()` on the simulated GPU.
+
+Every test has its own simulated GPU and its own state folder
+(FRACGPU_STATE_DIR, set by the `gpu` fixture); the device probe runs against
+the simulated driver through the same environment."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import GiB, MiB
+import fracgpu
+from fracgpu import devices, partitions
+
+
+def refused(result, *phrases):
+    """Bad input: status 2, the phrases on stderr, no traceback."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def listed(gpu) -> list[dict]:
+    return json.loads(gpu.fracgpu("partition", "list", "--json").stdout)
+
+
+def test_create_list_remove_round_trip(gpu):
+    assert gpu.fracgpu("partition", "list", "--json").stdout.strip() == "[]"
+    out = gpu.fracgpu("partition", "create", "team", "--memory", "256MiB").stdout
+    assert out == "partition 'team' created on GPU 0: 256MiB\n"
+    gpu.fracgpu("partition", "create", "quarter", "--memory", "25%")
+    gpu.fracgpu("partition", "create", "open")
+    (u,) = listed(gpu)
+    assert u["name"] == "fracgpu simulated GPU" and u["total_memory"] == GiB
+    assert u["uuid"].startswith("GPU-") and len(u["uuid"]) == 40
+    assert u["processes"] == []
+    assert [(p["name"], p["memory_limit"], p["used"], p["peak"], p["processes"], p["ephemeral"])
+            for p in u["partitions"]] == [("team", 256 * MiB, 0, 0, 0, False), ("quarter", GiB // 4, 0, 0, 0, False),
+                                          ("open", None, 0, 0, 0, False)]
+    assert gpu.fracgpu("partition", "rm", "team").stdout == f"partition 'team' removed from {u['uuid']}\n"
+    assert [p["name"] for p in listed(gpu)[0]["partitions"]] == ["quarter", "open"]
+
+
+def test_the_table(gpu):
+    assert "No partitions" in gpu.fracgpu("partition", "list").stdout
+    gpu.fracgpu("partition", "create", "team", "--memory", "256MiB")
+    gpu.fracgpu("partition", "create", "open")
+    table = gpu.fracgpu("partition", "list", env={"COLUMNS": "200"}).stdout
+    header = next(line for line in table.splitlines() if "partition" in line)
+    assert [c.strip() for c in header.strip("┃ ").split("┃")] == \
+        ["GPU", "partition", "memory limit", "in use", "peak", "processes"]
+    rows = {cells[1]: cells[2:] for line in table.splitlines() if line.startswith("│")
+            for cells in [[c.strip() for c in line.split("│")[1:-1]]]}
+    assert rows["team"] == ["256MiB", "0B", "0B", "0"]
+    assert rows["open"] == ["unlimited", "0B", "0B", "0"]
+    assert listed(gpu)[0]["uuid"] in table
+
+
+def test_create_on_another_device_and_remove_where_ambiguous(make_gpu):
+    gpu = make_gpu(memory=GiB, devices=2)
+    gpu.fracgpu("partition", "create", "half", "--memory", "50%", "--device", "1")
+    gpu.fracgpu("partition", "create", "half", "--memory", "128MiB")
+    uuids = {d.uuid: d.index for d in devices.probe(gpu.env)}
+    limits = {uuids[u["uuid"]]: [p["memory_limit"] for p in u["partitions"]] for u in listed(gpu)}
+    assert limits == {0: [128 * MiB], 1: [GiB // 2]}
+    refused(gpu.fracgpu("partition", "rm", "half", check=False), "exists on several GPUs", "--device N")
+    gpu.fracgpu("partition", "rm", "half", "--device", "1")
+    refused(gpu.fracgpu("partition", "rm", "half", "--device", "1", check=False), "no partition 'half' on GPU 1")
+    gpu.fracgpu("partition", "rm", "half")   # now only device 0 has it
+    assert all(u["partitions"] == [] for u in listed(gpu))
+
+
+@pytest.mark.parametrize("args, phrases", [
+    (["create", "team", "--memory", "2GiB"], ["memory limit 2GiB is above the 1GiB of GPU 0", "at most 1GiB"]),
+    (["create", "team", "--memory", "12XB"], ["'--memory'", "unknown unit 'XB'"]),
+    (["create", "team", "--memory", "0"], ["'--memory'", "zero"]),
+    (["create", "team", "--memory", "101%"], ["'--memory'", "more than 100%"]),
+    (["create", "bad name"], ["'NAME'", "invalid partition name 'bad name'"]),
+    (["create", "-x"], []),   # an option click does not know: still a usage error
+    (["create", "." + "x"], ["invalid partition name '.x'"]),
+    (["create", "x" * 64], ["1 to 63 letters"]),
+    (["create", "team", "--device", "1"], ["no CUDA device 1", "device 0 only"]),
+    (["create", "team", "--device", "-1"], ["'--device'"]),
+    (["rm", "nosuch"], ["no partition 'nosuch'", "fracgpu partition list"]),
+    (["rm", "bad name"], ["invalid partition name"]),
+    (["rm", "team", "--device", "3"], ["no CUDA device 3"]),
+])
+def test_bad_input(gpu, args, phrases):
+    refused(gpu.fracgpu("partition", *args, check=False), *phrases)
+
+
+def test_a_name_is_unique_on_its_gpu(gpu):
+    gpu.fracgpu("partition", "create", "team", "--memory", "256MiB")
+    refused(gpu.fracgpu("partition", "create", "team", check=False), "partition 'team' already exists on GPU-",
+            "fracgpu partition rm team")
+    assert [p["memory_limit"] for p in listed(gpu)[0]["partitions"]] == [256 * MiB]
+
+
+def test_a_partition_in_use_is_not_removed(clients, gpu):
+    gpu.fracgpu("partition", "create", "team", "--memory", "256MiB")
+    job = gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "team", "--", clients.lcuda, "hold", 64, 60)
+    try:
+        assert job.stdout.readline().strip() == "holding 64"
+        refused(gpu.fracgpu("partition", "rm", "team", check=False),
+                "partition 'team' is in use by process(es) " + str(job.pid), "stop them first")
+        (u,) = fracgpu.usage(gpu.state_dir)
+        (team,) = u.partitions
+        assert (team.used, team.peak, team.processes) == (64 * MiB, 64 * MiB, 1)
+        (proc,) = u.processes
+        assert (proc.pid, proc.partition, proc.used) == (job.pid, "team", 64 * MiB)
+        assert proc.command.startswith("client_")
+    finally:
+        job.kill()
+        job.wait(timeout=10)
+    gpu.fracgpu("partition", "rm", "team")   # the dead job is reaped, so the partition is free
+
+
+def test_usage_of_a_private_partition_and_its_end(clients, gpu):
+    job = gpu.popen(sys.executable, "-m", "fracgpu", "run", "--memory", "512MiB", "--", clients.lcuda, "hold", 100, 60)
+    try:
+        assert job.stdout.readline().strip() == "holding 100"
+        (u,) = fracgpu.usage(gpu.state_dir)
+        assert isinstance(u, fracgpu.GPUUsage) and u.total_memory == GiB
+        assert u.partitions == [fracgpu.PartitionUsage(name=f"run-{job.pid}", memory_limit=512 * MiB, used=100 * MiB,
+                                                       peak=100 * MiB, processes=1, ephemeral=True, oom_refusals=0)]
+        assert [(p.pid, p.used, p.peak) for p in u.processes] == [(job.pid, 100 * MiB, 100 * MiB)]
+        table = gpu.fracgpu("partition", "list", env={"COLUMNS": "200"}).stdout
+        assert f"run-{job.pid} (private)" in table
+    finally:
+        job.kill()
+        job.wait(timeout=10)
+    (u,) = fracgpu.usage(gpu.state_dir)   # the killed job is reaped as usage() looks
+    assert u.partitions == [] and u.processes == []
+
+
+def test_usage_counts_refusals(clients, gpu):
+    gpu.fracgpu("run", "--memory", "128MiB", "--", clients.lcuda, "alloc-until-oom", 64)
+    gpu.fracgpu("partition", "create", "team", "--memory", "128MiB")
+    gpu.fracgpu("run", "--partition", "team", "--", clients.lcuda, "alloc-until-oom", 64)
+    (team,) = fracgpu.usage(gpu.state_dir)[0].partitions
+    assert (team.used, team.peak) == (0, 128 * MiB)
+    assert team.oom_refusals >= 1   # the client's one refused allocation (the shim counts each attempt)
+
+
+def test_usage_without_a_state_folder_is_empty(tmp_path):
+    assert fracgpu.usage(tmp_path / "never-made") == []
+    assert not (tmp_path / "never-made").exists()
+
+
+def test_usage_uses_fracgpu_state_dir(gpu):
+    gpu.fracgpu("partition", "create", "team")
+    code = "import fracgpu; print([p.name for u in fracgpu.usage() for p in u.partitions])"
+    assert gpu.python(code).stdout.strip() == "['team']"
+
+
+def test_usage_loads_no_driver(gpu):
+    gpu.fracgpu("partition", "create", "team")
+    code = ("import fracgpu; fracgpu.usage(); fracgpu.partitions.create('other', '1MiB')\n"
+            "maps = open('/proc/self/maps').read(); print('libcuda' in maps, 'libfracgpu' in maps)")
+    assert gpu.python("import fracgpu.partitions\n" + code).stdout.strip() == "False False"
+
+
+def test_a_damaged_or_unsafe_state_is_an_error(gpu):
+    gpu.fracgpu("partition", "create", "team")
+    (path,) = gpu.state_dir.glob("gpu-*.state")
+    path.write_bytes(path.read_bytes()[:1000])
+    for args in (["list"], ["list", "--json"], ["create", "other"], ["rm", "team"]):
+        refused(gpu.fracgpu("partition", *args, check=False), str(path), "truncated")
+    with pytest.raises(fracgpu.state.StateError, match="truncated"):
+        fracgpu.usage(gpu.state_dir)
+    path.unlink()
+    gpu.state_dir.chmod(0o770)
+    try:
+        refused(gpu.fracgpu("partition", "list", check=False), "unsafe permissions")
+        refused(gpu.fracgpu("partition", "create", "team", check=False), "unsafe permissions")
+    finally:
+        gpu.state_dir.chmod(0o700)
+
+
+def test_no_gpu_is_an_error_that_says_what_to_do(gpu):
+    refused(gpu.fracgpu("partition", "create", "team", check=False, env={"CUDA_VISIBLE_DEVICES": ""}),
+            "install the NVIDIA driver", 'eval "$(fracgpu sim env)"')
+
+
+def test_the_library_api(gpu, monkeypatch):
+    for name, value in gpu.env.items():   # the probe's environment, and FRACGPU_STATE_DIR
+        monkeypatch.setenv(name, value)
+    made = partitions.create("lib", "64MiB")
+    assert (made.name, made.memory_limit, made.ephemeral) == ("lib", 64 * MiB, False)
+    assert partitions.create("whole").memory_limit is None
+    with pytest.raises(ValueError, match="above the 1GiB"):
+        partitions.create("big", GiB + 1)
+    with pytest.raises(fracgpu.state.StateError, match="already exists"):
+        partitions.create("lib")
+    uuid = partitions.remove("lib")
+    assert uuid == fracgpu.usage()[0].uuid
+    with pytest.raises(ValueError, match="no partition 'lib'"):
+        partitions.remove("lib")
+
+
+def test_help_lists_the_commands():
+    result = subprocess.run([sys.executable, "-m", "fracgpu", "partition", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0
+    for command in ("create", "list", "rm"):
+        assert command in result.stdout
