@@ -17,7 +17,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "usage", "GPUUsage", "PartitionUsage", "ProcessUsage",
+__all__ = ["__version__", "init", "InitError", "usage", "GPUUsage", "PartitionUsage", "ProcessUsage",
            "kernels_path", "parse_size", "parse_share", "format_size", "format_share"]
 
 
@@ -36,3 +36,15 @@ def kernels_path() -> pathlib.Path:
         )
     return pathlib.Path(str(fatbin))
 
+
+def __getattr__(name: str):
+    # init() needs ctypes and the device probe; they are imported when it is first asked for.
+    if name in ("init", "InitError"):
+        from fracgpu import _init
+
+        return getattr(_init, name)
+    raise AttributeError(f"module 'fracgpu' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "init", "InitError"})

@@ -1,0 +1,167 @@
+"""``fracgpu.init()``: put the calling process under a memory quota, from inside it.
+
+The shim has the SONAME ``libcuda.so.1``. Loaded with ``RTLD_GLOBAL`` before
+anything opens the driver, it is what every later ``dlopen("libcuda.so.1")``
+in this process returns (the loader matches a loaded object's SONAME), so
+PyTorch, CuPy, JAX, numba and cuda-bindings all go through it without being
+told. Once a real driver is loaded, that no longer holds: init() then refuses
+rather than return with no quota in force.
+
+The ``FRACGPU_*`` variables it sets, and ``LD_PRELOAD``, stay in
+``os.environ``: processes this one starts inherit them and join the same
+partition, sharing its quota.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import threading
+
+from fracgpu import devices, jobs, shim, state
+
+__all__ = ["init", "InitError"]
+
+
+class InitError(RuntimeError):
+    """fracgpu.init() cannot put this process under its quota; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    memory: tuple[int, float] | None   # parsed: (bytes, 0) or (0, fraction)
+    partition: str | None
+    state_dir: str
+    oom_wait: float | None
+    shown: str                         # the call as written, for messages
+
+    def same_as(self, other: _Request) -> bool:
+        """Whether a later call asking ``other`` asks for what this one set (no wait given: any)."""
+        return (self.memory, self.partition, self.state_dir) == (other.memory, other.partition, other.state_dir) \
+            and other.oom_wait in (None, self.oom_wait)
+
+
+_lock = threading.Lock()
+_done: _Request | None = None    # what init() put this process under
+_partition: str | None = None    # its name
+_library: ctypes.CDLL | None = None
+
+
+def init(memory: str | int | None = None, partition: str | None = None, *,
+         state_dir: str | os.PathLike | None = None, oom_wait: float | None = None) -> str:
+    """Put this process, and the processes it starts, under a fracgpu memory quota.
+
+    Call it first thing, before CUDA starts in this process (before torch,
+    cupy, jax or numba touch the GPU). Give exactly one of:
+
+    - ``memory``: a private partition of this size (bytes, ``"4GiB"``, or
+      ``"25%"`` of each device), named ``init-<pid>``, gone when its last
+      process exits;
+    - ``partition``: the name of an existing partition
+      (``fracgpu partition create``), whose quota this process shares.
+
+    ``state_dir`` is the state folder (default ``$FRACGPU_STATE_DIR`` or the
+    per-user one); ``oom_wait`` makes an allocation over the quota wait up to
+    that many seconds for memory to free before it fails.
+
+    Returns the partition's name. Calling it again with the same settings does
+    nothing; with other settings it raises InitError, as it does when CUDA
+    already started here, or when the state folder is unsafe, a state file is
+    damaged, or there is no GPU to check a size against. A bad value (size,
+    name, unknown partition, a limit above the device) raises ValueError."""
+    global _done, _partition, _library
+    if (memory is None) == (partition is None):
+        raise TypeError("fracgpu.init() takes exactly one of memory= (a private partition of that size, "
+                        "like '4GiB') or partition= (the name of a partition made with "
+                        "`fracgpu partition create`)")
+    wanted = _request(memory, partition, state_dir, oom_wait)
+    with _lock:
+        if _done is not None:
+            if _done.same_as(wanted):
+                return _partition
+            raise InitError(f"fracgpu.init() already put this process under {_done.shown}; it cannot change to "
+                            f"{wanted.shown} (a process has one partition for its life)")
+        try:
+            library = os.fspath(shim.shim_path())
+        except FileNotFoundError as e:
+            raise InitError(str(e)) from None
+        shim_loaded, driver = _loaded_drivers(library)
+        inherited = _inherited(os.environ, wanted)
+        if driver and not (shim_loaded and inherited):
+            raise InitError(
+                f"CUDA has already started in this process (the driver {driver} is loaded), so fracgpu can no "
+                "longer put its quota in front of it. Call fracgpu.init() before importing or initialising CUDA "
+                "with torch, cupy, jax or numba, or start the job with `fracgpu run --memory SIZE -- COMMAND`")
+        if inherited:
+            # A process started under the same settings (by `fracgpu run`, or by a parent that
+            # called init()): it is already in that partition and stays there.
+            variables = {}
+        else:
+            try:
+                variables = jobs.partition_variables(private_name=f"init-{os.getpid()}", memory=memory,
+                                                     partition=partition, oom_wait=oom_wait,
+                                                     state_dir=wanted.state_dir)
+            except (state.StateError, devices.DeviceError) as e:
+                raise InitError(str(e)) from None
+        environment = jobs.job_environment(variables, os.environ, library)
+        try:
+            _library = ctypes.CDLL(library, mode=os.RTLD_NOW | ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            raise InitError(f"cannot load fracgpu's driver shim {library}: {e}") from None
+        for name, value in environment.items():   # read by the shim when CUDA starts, and by child processes
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _done, _partition = wanted, os.environ["FRACGPU_PARTITION"]
+        return _partition
+
+
+def _request(memory, partition, state_dir, oom_wait) -> _Request:
+    if memory is not None:
+        parsed, shown = jobs.parse_memory(memory), f"memory={memory!r}"
+    else:
+        parsed, shown = None, f"partition={jobs.check_partition_name(partition)!r}"
+    wait = jobs.parse_oom_wait(oom_wait) if oom_wait is not None else None
+    return _Request(parsed, partition, state.resolve_state_dir(state_dir), wait, shown)
+
+
+def _inherited(env, wanted: _Request) -> bool:
+    """Whether this process was started in a partition (FRACGPU_* inherited) that is the one wanted.
+
+    Raises InitError when it was started in another one: a job cannot leave its partition."""
+    name = env.get("FRACGPU_PARTITION")
+    if not name:
+        return False
+    shown = f"FRACGPU_PARTITION={name!r}" + (f", FRACGPU_MEMORY={env['FRACGPU_MEMORY']!r}"
+                                             if env.get("FRACGPU_MEMORY") else "")
+    try:
+        memory = jobs.parse_memory(env["FRACGPU_MEMORY"]) if env.get("FRACGPU_MEMORY") else None
+        wait = jobs.parse_oom_wait(env["FRACGPU_OOM_WAIT"]) if env.get("FRACGPU_OOM_WAIT") else None
+    except ValueError as e:
+        raise InitError(f"this process was started with invalid fracgpu settings ({shown}): {e}") from None
+    have = _Request(memory, None if memory else name, state.resolve_state_dir(), wait, shown)
+    if have.same_as(wanted):
+        return True
+    raise InitError(f"this process was started in fracgpu partition {name!r} ({shown}, set by `fracgpu run` or "
+                    f"by a parent process's fracgpu.init()), and fracgpu.init({wanted.shown}) asks for another; a "
+                    "job stays in the partition it was started in: call init() with the same settings, or start "
+                    "the job without those variables")
+
+
+def _loaded_drivers(library: str) -> tuple[bool, str | None]:
+    """(whether the shim is loaded here, the path of a real driver loaded here or None)."""
+    shim_loaded, driver = False, None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split(maxsplit=5)[5].strip() for line in maps if len(line.split(maxsplit=5)) == 6}
+    except OSError:
+        return False, None
+    for path in sorted(p for p in paths if p.startswith("/")):
+        path = path.removesuffix(" (deleted)")
+        if shim.is_shim(path, library):
+            shim_loaded = True
+        elif os.path.basename(path).startswith("libcuda.so"):
+            driver = path
+    return shim_loaded, driver
