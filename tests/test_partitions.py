@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import GiB, MiB
+from simgpu import GiB, MiB
 import fracgpu
 from fracgpu import devices, partitions
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import GiB
+from simgpu import GiB
 from fracgpu import devices, sim
 from fracgpu import shim as shim_lib
 

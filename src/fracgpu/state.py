@@ -28,6 +28,10 @@ class PartitionUsage:
     processes: int             # processes in it now
     ephemeral: bool            # made for one job (`fracgpu run --memory`, init(memory=)), gone with it
     oom_refusals: int          # allocations refused because they would pass the limit
+    compute_share: float | None = None   # fraction of the device's time; None: no share set
+    compute_cap: bool = False            # the share is also a ceiling
+    device_ns: int = 0                   # device time its kernels used, measured
+    launches: int = 0                    # kernel and graph launches
 
 
 @dataclasses.dataclass
@@ -37,6 +41,8 @@ class ProcessUsage:
     command: str
     used: int
     peak: int
+    device_ns: int = 0
+    launches: int = 0
 
 
 @dataclasses.dataclass
@@ -75,10 +81,11 @@ def read(region: _native.Region) -> GPUUsage:
     """One region as plain values (reap it first to drop dead processes)."""
     partitions = [PartitionUsage(name=p["name"], memory_limit=p["memory_limit"] or None, used=p["used"],
                                  peak=p["peak"], processes=p["processes"], ephemeral=p["ephemeral"],
-                                 oom_refusals=p["oom_refusals"])
+                                 oom_refusals=p["oom_refusals"], compute_share=p["compute_share"] or None,
+                                 compute_cap=p["cap"], device_ns=p["device_ns"], launches=p["launches"])
                   for p in region.partitions()]
     processes = [ProcessUsage(pid=p["pid"], partition=p["partition"], command=p["command"], used=p["used"],
-                              peak=p["peak"])
+                              peak=p["peak"], device_ns=p["device_ns"], launches=p["launches"])
                  for p in region.processes()]
     return GPUUsage(uuid=region.uuid, name=region.device_name, total_memory=region.total_memory,
                     partitions=partitions, processes=processes)
