@@ -18,9 +18,11 @@ import subprocess
 import sys
 from collections.abc import Mapping
 
+from fracgpu import shim
+
 __all__ = ["Device", "DeviceError", "probe", "probe_environment", "uuid_text"]
 
-NO_DRIVER_HINT = ('install the NVIDIA driver, or use the simulated GPU: eval "$(fracgpu sim env)"')
+NO_DRIVER_HINT = 'install the NVIDIA driver, or use the simulated GPU: eval "$(fracgpu sim env)"'
 PROBE_TIMEOUT_S = 120   # cuInit on a machine with many GPUs can take tens of seconds
 
 
@@ -48,8 +50,6 @@ def uuid_text(raw: bytes) -> str:
 
 def probe_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """``env`` (default ``os.environ``) without the shim: no partition, no shim preloaded."""
-    from fracgpu import shim
-
     env = dict(os.environ if env is None else env)
     env.pop("FRACGPU_PARTITION", None)
     env.pop("FRACGPU_MEMORY", None)
