@@ -119,3 +119,50 @@ def test_device_time_is_accounted_per_partition(gpu, clients, kernels, shim):
         for keeper in keepers:
             keeper.kill()
             keeper.wait(timeout=10)
+
+
+def fracgpu_job(gpu, clients, kernels, options, seconds, start):
+    import sys
+
+    return gpu.popen(sys.executable, "-m", "fracgpu", "run", *options, "--", clients.lcuda, "busy", seconds,
+                     KERNEL_MS, kernels, f"{start:.3f}")
+
+
+def test_shares_through_fracgpu_run_and_named_partitions(gpu, clients, kernels):
+    gpu.fracgpu("partition", "create", "batch", "--compute", "75%", "--memory", "512MiB")
+    listed = gpu.fracgpu("partition", "list", "--json").stdout
+    (batch,) = [p for u in json.loads(listed) for p in u["partitions"] if p["name"] == "batch"]
+    assert batch["compute_share"] == 0.75 and batch["compute_cap"] is False
+    start = (time.monotonic() + 1.5) * 1000   # after both CLIs have started
+    jobs = {"interactive": fracgpu_job(gpu, clients, kernels, ["--compute", "25%"], 3, start),
+            "batch": fracgpu_job(gpu, clients, kernels, ["--partition", "batch"], 3, start)}
+    got = {name: windows(completions(job), 3) for name, job in jobs.items()}
+    for shares, utilisation in shares_of_device_time(got):
+        assert abs(shares["interactive"] - 0.25) <= 0.03 and abs(shares["batch"] - 0.75) <= 0.03, got
+
+
+def test_a_capped_named_partition_and_init(gpu, clients, kernels):
+    gpu.fracgpu("partition", "create", "slow", "--compute", "20%", "--cap")
+    start = (time.monotonic() + 1.5) * 1000
+    (shares,) = [windows(completions(fracgpu_job(gpu, clients, kernels, ["--partition", "slow"], 3, start)), 3)]
+    assert all(0.15 <= s <= 0.23 for s in shares), shares
+    # In-process: init(compute=..., cap=True) makes a private capped partition.
+    out = gpu.python("import fracgpu\nprint(fracgpu.init(compute=0.3, cap=True))\n"
+                     "import json, dataclasses\n"
+                     "from cuda.bindings import driver as cu\ncu.cuInit(0)\n"
+                     "print(json.dumps([dataclasses.asdict(u) for u in fracgpu.usage()]))").stdout.splitlines()
+    name = out[0]
+    (mine,) = [p for u in json.loads(out[1]) for p in u["partitions"] if p["name"] == name]
+    assert mine["compute_share"] == 0.3 and mine["compute_cap"] is True and mine["memory_limit"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cap", "--memory", "1GiB"], "--cap needs --compute"),
+    (["--compute", "0"], "share"),
+    (["--compute", "150%"], "share"),
+    (["--compute", "25%", "--partition", "x"], "not both"),
+])
+def test_bad_compute_options_are_usage_errors(gpu, args, message):
+    result = gpu.fracgpu("run", *args, "--", "true", check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -50,7 +50,7 @@ def test_memory_sets_the_variables_and_loads_the_shim(gpu, shim):
     assert env["FRACGPU_PARTITION"] == f"init-{out['pid']}"
     assert env["FRACGPU_MEMORY"] == "256MiB"
     assert env["FRACGPU_STATE_DIR"] == str(gpu.state_dir)
-    assert env["LD_PRELOAD"] == shim   # so the processes it starts are in the partition too
+    assert env["LD_PRELOAD"].split(":")[0] == shim   # so the processes it starts are in the partition too
     assert env["FRACGPU_REAL_LIBCUDA"].endswith("/_sim/libcuda.so.1")
 
 
@@ -144,8 +144,8 @@ def test_refused_when_the_driver_was_opened_by_its_path(gpu):
 
 
 @pytest.mark.parametrize("call, error, phrase", [
-    ("fracgpu.init()", "TypeError", "exactly one of memory= "),
-    ("fracgpu.init(memory='1GiB', partition='team')", "TypeError", "exactly one of memory= "),
+    ("fracgpu.init()", "TypeError", "takes memory= and/or compute= "),
+    ("fracgpu.init(memory='1GiB', partition='team')", "TypeError", "not both"),
     ("fracgpu.init(memory='lots')", "ValueError", "invalid size 'lots'"),
     ("fracgpu.init(memory=0)", "ValueError", "at least 1 byte"),
     ("fracgpu.init(memory=1.5)", "TypeError", "a size must be a str or an int"),

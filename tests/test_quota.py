@@ -72,7 +72,7 @@ try:
     while True:
         arrays.append(cuda.device_array(8 << 20, dtype=np.float32))   # 32 MiB
 except cuda.cudadrv.driver.CudaAPIError as e:
-    print("result", e.code)
+    print("result", int(e.code))
 print("blocks", len(arrays))
 """
 

@@ -34,12 +34,13 @@ def refused(result, *phrases):
 
 
 def test_memory_gives_the_job_a_private_partition_named_after_its_pid(gpu, shim):
+    nvml_shim = shim_lib.nvml_shim_path(shim)
     env, pid = job_env(gpu, "--memory", "256MiB")
     # fracgpu run execs the command, so the pid in the name is the job's own.
     assert env["FRACGPU_PARTITION"] == f"run-{pid}"
     assert env["FRACGPU_MEMORY"] == "256MiB"        # as written: the shim parses it the same way
     assert env["FRACGPU_STATE_DIR"] == str(gpu.state_dir)
-    assert env["LD_PRELOAD"] == shim
+    assert env["LD_PRELOAD"] == f"{shim}:{nvml_shim}"   # NVML shows the quota too
     # The real driver is the simulated one, found on LD_LIBRARY_PATH, never the shim.
     assert env["FRACGPU_REAL_LIBCUDA"] == str(sim.library_dir() / "libcuda.so.1")
     assert "FRACGPU_OOM_WAIT" not in env
@@ -64,10 +65,11 @@ def test_a_memory_size_left_in_the_environment_does_not_leak_into_a_partition_jo
 
 
 def test_existing_preloads_are_kept_after_the_shim_and_the_shim_is_not_repeated(gpu, shim, tmp_path):
+    nvml_shim = shim_lib.nvml_shim_path(shim)
     other = tmp_path / "libother.so"
     other.write_bytes(b"")
     env, _ = job_env(gpu, "--memory", "1GiB", env={"LD_PRELOAD": f"{other} {shim}:/x/liby.so"})
-    assert env["LD_PRELOAD"] == f"{shim}:{other}:/x/liby.so"
+    assert env["LD_PRELOAD"] == f"{shim}:{nvml_shim}:{other}:/x/liby.so"
 
 
 def test_state_dir_is_made_absolute_and_created_private(gpu, tmp_path):
@@ -113,8 +115,8 @@ def test_a_command_that_cannot_start(gpu, tmp_path):
 
 
 @pytest.mark.parametrize("args, phrases", [
-    ([], ["exactly one of --memory SIZE", "--partition NAME"]),
-    (["--memory", "1GiB", "--partition", "team"], ["exactly one of --memory SIZE"]),
+    ([], ["--memory SIZE and/or --compute SHARE", "--partition NAME"]),
+    (["--memory", "1GiB", "--partition", "team"], ["--partition NAME (an existing one), not both"]),
     (["--memory", "12XB"], ["'--memory'", "unknown unit 'XB'"]),
     (["--memory", "0"], ["'--memory'", "zero"]),
     (["--memory", "-1GiB"], ["'--memory'", "negative"]),

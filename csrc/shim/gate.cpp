@@ -37,7 +37,7 @@ namespace {
 
 constexpr uint64_t kLeaseNs = 8'000'000;       // one turn on the device
 constexpr uint64_t kActiveNs = 30'000'000;     // launched this recently: the partition is busy
-constexpr uint64_t kIdleGapNs = 500'000;       // a lease holder with nothing in flight this long is idle
+constexpr uint64_t kIdleGapNs = 2'000'000;     // a lease holder with nothing in flight this long is idle
 constexpr uint64_t kRecheckNs = 1'000'000;     // the fast path re-reads who else is busy this often
 constexpr uint64_t kCapBucketNs = 4'000'000;   // how much unused capped time may be saved up
 // How much work a process may have queued on the device, in time: a launch
@@ -131,14 +131,22 @@ std::deque<Pending> *g_pending = new std::deque<Pending>;
 std::unordered_map<CUcontext, std::vector<CUevent>> *g_pool = new std::unordered_map<CUcontext, std::vector<CUevent>>;
 bool g_reader_started = false;
 
+// A slot that left (or was reaped) has already given its in-flight count back.
+void saturating_dec(std::atomic<uint64_t> &counter) {
+    uint64_t cur = counter.load(std::memory_order_relaxed);
+    while (cur > 0 && !counter.compare_exchange_weak(cur, cur - 1, std::memory_order_acq_rel)) {
+    }
+}
+
 void account(const Pending &p, uint64_t ns) {
     fracgpu::SharedPartition &part = p.region->partitions[p.partition];
     fracgpu::SharedProcess &proc = p.region->processes[p.slot];
     part.device_ns.fetch_add(ns, std::memory_order_relaxed);
     part.vtime_ns.fetch_add((uint64_t)((double)ns / p.weight), std::memory_order_relaxed);
     proc.device_ns.fetch_add(ns, std::memory_order_relaxed);
+    saturating_dec(proc.inflight);
     if (part.flags & fracgpu::kPartitionCap) part.cap_tokens_ns.fetch_sub(ns, std::memory_order_relaxed);
-    part.inflight.fetch_sub(1, std::memory_order_release);
+    saturating_dec(part.inflight);
 }
 
 void reader_main() {
@@ -322,7 +330,9 @@ void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch) {
             const fracgpu::SharedPartition &holder = r->partitions[owner];
             uint64_t last = holder.last_launch_ns.load(std::memory_order_relaxed);
             bool idle = holder.inflight.load() == 0 && holder.waiting_ns.load() == 0 && now - last > kIdleGapNs;
-            bool expired = now > r->lease_until_ns.load() + 4 * kLeaseNs && holder.inflight.load() == 0;
+            // A holder far past its turn is taken from even with work in flight
+            // (a counter can only be wrong there if its process vanished).
+            bool expired = now > r->lease_until_ns.load() + 25 * kLeaseNs;
             if (!__atomic_load_n(&holder.in_use, __ATOMIC_ACQUIRE) || idle || expired)
                 r->owner.compare_exchange_strong(owner, -1);   // free the device of an idle or gone holder
             continue;
@@ -335,7 +345,11 @@ void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch) {
             break;
         }
     }
-    mine.waiting_ns.store(0, std::memory_order_relaxed);
+    // About to launch: not idle, though the last launch may be long ago (it
+    // waited for this turn). Stored before the waiting mark goes, so no other
+    // partition ever sees this holder as idle and takes the turn back.
+    mine.last_launch_ns.store(mono_ns(), std::memory_order_relaxed);
+    mine.waiting_ns.store(0, std::memory_order_release);
 }
 
 // A launch in front of which the gate stands. `record` is the real
@@ -400,6 +414,7 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
     std::lock_guard<std::mutex> lk(g_mu);
     if (measured) {
         mine.inflight.fetch_add(1, std::memory_order_acq_rel);
+        r->processes[slot].inflight.fetch_add(1, std::memory_order_acq_rel);
         g_pending->push_back(Pending{now, start, end, ctx, r, slot, me, view.weight.load()});
         g_cv.notify_all();
     } else {

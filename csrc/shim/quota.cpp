@@ -182,6 +182,7 @@ CUresult charge(Binding *b, uint64_t bytes) {
         if (mono_ns() >= deadline) break;
         std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
+    b->region.note_refusal(b->slot);
     report_oom(*b, bytes);
     return CUDA_ERROR_OUT_OF_MEMORY;
 }

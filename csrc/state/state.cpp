@@ -393,6 +393,7 @@ void Region::release_slot_locked(int slot) {
     if (idx >= 0 && idx < kMaxPartitions) {
         SharedPartition &part = r_->partitions[idx];
         saturating_sub(part.used, p.used.exchange(0));
+        saturating_sub(part.inflight, p.inflight.exchange(0));   // launches it will never see complete
         bool others = false;
         for (int i = 0; i < kMaxProcesses; i++)
             if (i != slot && r_->processes[i].pid != 0 && r_->processes[i].partition == idx) others = true;
@@ -435,6 +436,7 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
             p.peak.store(0);
             p.device_ns.store(0);
             p.launches.store(0);
+            p.inflight.store(0);
             for (auto &x : p.reserved) x.store(0);
             __atomic_store_n(&p.pid, pid, __ATOMIC_RELEASE);
             slot = i;
@@ -474,14 +476,15 @@ bool Region::charge(int slot, uint64_t bytes) {
     uint64_t limit = part.memory_limit ? part.memory_limit : r_->total_memory;
     uint64_t cur = part.used.load(std::memory_order_relaxed);
     do {
-        if (bytes > limit || cur > limit - bytes) {
-            part.oom_refusals.fetch_add(1, std::memory_order_relaxed);
-            return false;
-        }
+        if (bytes > limit || cur > limit - bytes) return false;
     } while (!part.used.compare_exchange_weak(cur, cur + bytes, std::memory_order_acq_rel));
     raise_peak(part.peak, cur + bytes);
     raise_peak(p.peak, p.used.fetch_add(bytes, std::memory_order_acq_rel) + bytes);
     return true;
+}
+
+void Region::note_refusal(int slot) {
+    r_->partitions[r_->processes[slot].partition].oom_refusals.fetch_add(1, std::memory_order_relaxed);
 }
 
 void Region::uncharge(int slot, uint64_t bytes) {

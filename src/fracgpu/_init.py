@@ -35,10 +35,13 @@ class _Request:
     state_dir: str
     oom_wait: float | None
     shown: str                         # the call as written, for messages
+    compute: float | None = None       # parsed share
+    cap: bool = False
 
     def same_as(self, other: _Request) -> bool:
         """Whether a later call asking ``other`` asks for what this one set (no wait given: any)."""
-        return (self.memory, self.partition, self.state_dir) == (other.memory, other.partition, other.state_dir) \
+        mine = (self.memory, self.partition, self.state_dir, self.compute, self.cap)
+        return mine == (other.memory, other.partition, other.state_dir, other.compute, other.cap) \
             and other.oom_wait in (None, self.oom_wait)
 
 
@@ -48,8 +51,8 @@ _partition: str | None = None    # its name
 _library: ctypes.CDLL | None = None
 
 
-def init(memory: str | int | None = None, partition: str | None = None, *,
-         state_dir: str | os.PathLike | None = None, oom_wait: float | None = None) -> str:
+def init(memory: str | int | None = None, partition: str | None = None, *, compute: str | float | None = None,
+         cap: bool = False, state_dir: str | os.PathLike | None = None, oom_wait: float | None = None) -> str:
     """Put this process, and the processes it starts, under a fracgpu memory quota.
 
     Call it first thing, before CUDA starts in this process (before torch,
@@ -61,6 +64,10 @@ def init(memory: str | int | None = None, partition: str | None = None, *,
     - ``partition``: the name of an existing partition
       (``fracgpu partition create``), whose quota this process shares.
 
+    ``compute`` (``0.25`` or ``"25%"``) gives the private partition that share
+    of the device's time (with ``memory``, or alone); ``cap=True`` makes the
+    share a ceiling even when the GPU is otherwise idle.
+
     ``state_dir`` is the state folder (default ``$FRACGPU_STATE_DIR`` or the
     per-user one); ``oom_wait`` makes an allocation over the quota wait up to
     that many seconds for memory to free before it fails.
@@ -71,11 +78,13 @@ def init(memory: str | int | None = None, partition: str | None = None, *,
     damaged, or there is no GPU to check a size against. A bad value (size,
     name, unknown partition, a limit above the device) raises ValueError."""
     global _done, _partition, _library
-    if (memory is None) == (partition is None):
-        raise TypeError("fracgpu.init() takes exactly one of memory= (a private partition of that size, "
-                        "like '4GiB') or partition= (the name of a partition made with "
-                        "`fracgpu partition create`)")
-    wanted = _request(memory, partition, state_dir, oom_wait)
+    try:
+        jobs.check_choice(memory, compute, cap, partition)
+    except TypeError:
+        raise TypeError("fracgpu.init() takes memory= and/or compute= (a private partition with that limit and "
+                        "share, like memory='4GiB', compute=0.25), or partition= (the name of a partition made "
+                        "with `fracgpu partition create`), not both") from None
+    wanted = _request(memory, partition, state_dir, oom_wait, compute, cap)
     with _lock:
         if _done is not None:
             if _done.same_as(wanted):
@@ -101,7 +110,7 @@ def init(memory: str | int | None = None, partition: str | None = None, *,
             try:
                 variables = jobs.partition_variables(private_name=f"init-{os.getpid()}", memory=memory,
                                                      partition=partition, oom_wait=oom_wait,
-                                                     state_dir=wanted.state_dir)
+                                                     state_dir=wanted.state_dir, compute=compute, cap=cap)
             except (state.StateError, devices.DeviceError) as e:
                 raise InitError(str(e)) from None
         environment = jobs.job_environment(variables, os.environ, library)
@@ -118,13 +127,18 @@ def init(memory: str | int | None = None, partition: str | None = None, *,
         return _partition
 
 
-def _request(memory, partition, state_dir, oom_wait) -> _Request:
+def _request(memory, partition, state_dir, oom_wait, compute=None, cap=False) -> _Request:
+    parsed, shown = None, []
     if memory is not None:
-        parsed, shown = jobs.parse_memory(memory), f"memory={memory!r}"
-    else:
-        parsed, shown = None, f"partition={jobs.check_partition_name(partition)!r}"
+        parsed = jobs.parse_memory(memory)
+        shown.append(f"memory={memory!r}")
+    if compute is not None:
+        shown.append(f"compute={compute!r}" + (", cap=True" if cap else ""))
+    if partition is not None:
+        shown.append(f"partition={jobs.check_partition_name(partition)!r}")
+    share = jobs.parse_compute(compute) if compute is not None else None
     wait = jobs.parse_oom_wait(oom_wait) if oom_wait is not None else None
-    return _Request(parsed, partition, state.resolve_state_dir(state_dir), wait, shown)
+    return _Request(parsed, partition, state.resolve_state_dir(state_dir), wait, ", ".join(shown), share, bool(cap))
 
 
 def _inherited(env, wanted: _Request) -> bool:
@@ -134,14 +148,17 @@ def _inherited(env, wanted: _Request) -> bool:
     name = env.get("FRACGPU_PARTITION")
     if not name:
         return False
-    shown = f"FRACGPU_PARTITION={name!r}" + (f", FRACGPU_MEMORY={env['FRACGPU_MEMORY']!r}"
-                                             if env.get("FRACGPU_MEMORY") else "")
+    shown = ", ".join(f"{var}={env[var]!r}" for var in ("FRACGPU_PARTITION", "FRACGPU_MEMORY", "FRACGPU_COMPUTE",
+                                                         "FRACGPU_COMPUTE_CAP") if env.get(var))
     try:
         memory = jobs.parse_memory(env["FRACGPU_MEMORY"]) if env.get("FRACGPU_MEMORY") else None
+        compute = jobs.parse_compute(env["FRACGPU_COMPUTE"]) if env.get("FRACGPU_COMPUTE") else None
         wait = jobs.parse_oom_wait(env["FRACGPU_OOM_WAIT"]) if env.get("FRACGPU_OOM_WAIT") else None
     except ValueError as e:
         raise InitError(f"this process was started with invalid fracgpu settings ({shown}): {e}") from None
-    have = _Request(memory, None if memory else name, state.resolve_state_dir(), wait, shown)
+    private = memory is not None or compute is not None
+    have = _Request(memory, None if private else name, state.resolve_state_dir(), wait, shown, compute,
+                    env.get("FRACGPU_COMPUTE_CAP") == "1")
     if have.same_as(wanted):
         return True
     raise InitError(f"this process was started in fracgpu partition {name!r} ({shown}, set by `fracgpu run` or "

@@ -9,7 +9,7 @@ import click
 
 from fracgpu import jobs, partitions, state
 from fracgpu.cli import checked_by, refusals
-from fracgpu.units import format_size
+from fracgpu.units import format_share, format_size
 
 
 @click.group("partition")
@@ -22,14 +22,28 @@ def partition_group() -> None:
 @click.option("--memory", metavar="SIZE", callback=checked_by(jobs.parse_memory),
               help="Memory limit shared by the partition's processes: 8GiB, 512MiB, plain bytes, or 25% of "
                    "the GPU. [default: no limit]")
+@click.option("--compute", metavar="SHARE", callback=checked_by(jobs.parse_compute),
+              help="Share of the GPU's time: 25% or 0.25, guaranteed when every partition is busy; time others "
+                   "leave idle is used too, unless --cap. [default: an equal part of what shares leave]")
+@click.option("--cap", is_flag=True, help="Make the --compute share a ceiling, even on an idle GPU.")
 @click.option("--device", "device_index", type=click.IntRange(min=0), default=0, show_default=True,
               help="The GPU, by CUDA index (as CUDA_VISIBLE_DEVICES numbers them).")
-def create(name: str, memory: str | None, device_index: int) -> None:
+@click.pass_context
+def create(ctx: click.Context, name: str, memory: str | None, compute: str | None, cap: bool,
+           device_index: int) -> None:
     """Make partition NAME; jobs join it with `fracgpu run --partition NAME`."""
+    if cap and compute is None:
+        raise click.UsageError("--cap needs --compute SHARE (the share to cap at)", ctx)
     with refusals():
-        made = partitions.create(name, memory, device_index=device_index)
-    limit = format_size(made.memory_limit) if made.memory_limit else "no memory limit"
-    click.echo(f"partition '{name}' created on GPU {device_index}: {limit}")
+        made = partitions.create(name, memory, compute=compute, cap=cap, device_index=device_index)
+    click.echo(f"partition '{name}' created on GPU {device_index}: {_limits(made)}")
+
+
+def _limits(p: state.PartitionUsage) -> str:
+    memory = format_size(p.memory_limit) if p.memory_limit else "no memory limit"
+    compute = f"{format_share(p.compute_share)} of compute" + (" (capped)" if p.compute_cap else "") \
+        if p.compute_share else "no compute share"
+    return f"{memory}, {compute}"
 
 
 @partition_group.command("list")
@@ -49,14 +63,17 @@ def list_(as_json: bool) -> None:
     from rich.table import Table
 
     table = Table()
-    for column in ("GPU", "partition", "memory limit", "in use", "peak", "processes"):
+    for column in ("GPU", "partition", "memory limit", "in use", "peak", "compute", "device time", "processes"):
         table.add_column(column, justify="left" if column in ("GPU", "partition") else "right", overflow="fold")
     for gpu in gpus:
         for i, p in enumerate(gpu.partitions):
             table.add_row(f"{gpu.name}\n{gpu.uuid}" if i == 0 else "",
                           p.name + (" (private)" if p.ephemeral else ""),
                           format_size(p.memory_limit) if p.memory_limit else "unlimited",
-                          format_size(p.used), format_size(p.peak), str(p.processes),
+                          format_size(p.used), format_size(p.peak),
+                          (format_share(p.compute_share) + (" cap" if p.compute_cap else "")) if p.compute_share
+                          else "-",
+                          f"{p.device_ns / 1e9:.2f} s", str(p.processes),
                           end_section=i == len(gpu.partitions) - 1)
     Console().print(table)
 

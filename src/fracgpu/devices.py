@@ -51,10 +51,12 @@ def uuid_text(raw: bytes) -> str:
 def probe_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """``env`` (default ``os.environ``) without the shim: no partition, no shim preloaded."""
     env = dict(os.environ if env is None else env)
-    env.pop("FRACGPU_PARTITION", None)
-    env.pop("FRACGPU_MEMORY", None)
+    for name in ("FRACGPU_PARTITION", "FRACGPU_MEMORY", "FRACGPU_COMPUTE", "FRACGPU_COMPUTE_CAP"):
+        env.pop(name, None)
     if "LD_PRELOAD" in env:
-        kept = [entry for entry in shim.split_preload(env["LD_PRELOAD"]) if not shim.is_shim(entry)]
+        nvml = shim.nvml_shim_path() if shim.is_installed() else None
+        kept = [entry for entry in shim.split_preload(env["LD_PRELOAD"])
+                if not shim.is_shim(entry) and not (nvml and shim.is_shim(entry, nvml))]
         if kept:
             env["LD_PRELOAD"] = ":".join(kept)
         else:

@@ -7,6 +7,8 @@ in the job reads the variables set here:
 - ``FRACGPU_PARTITION``: the partition the job belongs to;
 - ``FRACGPU_MEMORY``: when set, that partition is made for the job (private,
   gone with its last process) with this limit, as written (``4GiB``, ``25%``);
+- ``FRACGPU_COMPUTE`` (``25%`` or ``0.25``) and ``FRACGPU_COMPUTE_CAP=1``: the
+  private partition's share of the device's time, and whether it is a ceiling;
 - ``FRACGPU_STATE_DIR``: the state folder, absolute;
 - ``FRACGPU_OOM_WAIT``: seconds an allocation over the quota waits for memory;
 - ``FRACGPU_REAL_LIBCUDA``: the real driver the shim forwards to;
@@ -26,7 +28,8 @@ from collections.abc import Mapping
 from fracgpu import _native, devices, shim, state
 from fracgpu.units import format_size, parse_size
 
-__all__ = ["partition_variables", "job_environment", "parse_memory", "parse_oom_wait", "check_partition_name"]
+__all__ = ["partition_variables", "job_environment", "parse_memory", "parse_compute", "parse_oom_wait",
+           "check_partition_name"]
 
 _SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
@@ -36,6 +39,17 @@ def parse_memory(memory: str | int) -> tuple[int, float]:
     if isinstance(memory, str):
         return _native.parse_size(memory)
     return parse_size(memory), 0.0
+
+
+def parse_compute(share: str | float) -> float:
+    """A share of the device's time: ``"25%"``, ``"0.25"`` or 0.25, in (0, 1]. Raises ValueError/TypeError."""
+    if isinstance(share, str):
+        return _native.parse_share(share)
+    if isinstance(share, bool) or not isinstance(share, (int, float)):
+        raise TypeError(f"a compute share must be a fraction like 0.25 or text like '25%', not {type(share).__name__}")
+    if not (math.isfinite(share) and 0 < share <= 1):
+        raise ValueError(f"invalid compute share {share!r}: give a fraction in (0, 1] like 0.25, or '25%'")
+    return float(share)
 
 
 def memory_text(memory: str | int) -> str:
@@ -79,9 +93,23 @@ def check_fits(size: int, device: devices.Device) -> None:
                          f"{format_size(device.total_memory)}, or a percentage like 50%")
 
 
+def check_choice(memory, compute, cap, partition) -> None:
+    """A job is either in a private partition (memory and/or compute given) or in a named one."""
+    if partition is not None and (memory is not None or compute is not None or cap):
+        raise TypeError("a job joining partition "
+                        f"'{partition}' gets that partition's memory and compute; give either partition or "
+                        "memory/compute (a private partition), not both")
+    if partition is None and memory is None and compute is None:
+        raise TypeError("give memory and/or compute (a private partition with that limit and share), or "
+                        "partition (the name of an existing partition)")
+    if cap and compute is None:
+        raise ValueError("a compute cap needs a compute share to cap at: give compute (--compute) with cap (--cap)")
+
+
 def partition_variables(*, private_name: str, memory: str | int | None = None, partition: str | None = None,
                         oom_wait: str | float | None = None, state_dir: str | os.PathLike | None = None,
-                        env: Mapping[str, str] | None = None) -> dict[str, str | None]:
+                        env: Mapping[str, str] | None = None, compute: str | float | None = None,
+                        cap: bool = False) -> dict[str, str | None]:
     """The ``FRACGPU_*`` variables that put a job in its partition (None: to unset), after checking them all.
 
     Exactly one of ``memory`` (a private partition called ``private_name``,
@@ -90,12 +118,12 @@ def partition_variables(*, private_name: str, memory: str | int | None = None, p
     the device, an unknown or invalid partition, a bad wait), StateError for
     an unsafe state folder or a damaged state file, DeviceError when a size
     must be checked against a GPU and none is found."""
-    if (memory is None) == (partition is None):
-        raise TypeError("give exactly one of memory (a private partition of that size) or partition "
-                        "(the name of an existing partition)")
+    check_choice(memory, compute, cap, partition)
     if memory is not None:
         parse_memory(memory)
-    else:
+    if compute is not None:
+        parse_compute(compute)
+    if partition is not None:
         check_partition_name(partition)
     env = os.environ if env is None else env
     if oom_wait is not None:
@@ -119,6 +147,9 @@ def partition_variables(*, private_name: str, memory: str | int | None = None, p
         "FRACGPU_STATE_DIR": folder,
         # None: unset, so a size inherited from an outer job never turns a shared partition private.
         "FRACGPU_MEMORY": memory_text(memory) if memory is not None else None,
+        "FRACGPU_COMPUTE": (compute if isinstance(compute, str) else repr(float(compute))) if compute is not None
+        else None,
+        "FRACGPU_COMPUTE_CAP": "1" if cap else None,
     }
     if oom_wait is not None:
         variables["FRACGPU_OOM_WAIT"] = oom_wait if isinstance(oom_wait, str) else repr(float(oom_wait))
@@ -134,7 +165,9 @@ def job_environment(variables: Mapping[str, str | None], env: Mapping[str, str] 
     env = os.environ if env is None else env
     library = os.fspath(shim_library) if shim_library is not None else os.fspath(shim.shim_path())
     out = dict(variables)
-    out["LD_PRELOAD"] = shim.preload_with_shim(env.get("LD_PRELOAD"), library)
+    # NVML (nvidia-smi, pynvml, torch's device queries) shows the same quota, through its own shim.
+    nvml = shim.nvml_shim_path(library)
+    out["LD_PRELOAD"] = shim.preload_with_shim(env.get("LD_PRELOAD"), library, *([nvml] if nvml else []))
     if not env.get("FRACGPU_REAL_LIBCUDA"):
         real = shim.find_real_driver(env, library)
         if real:

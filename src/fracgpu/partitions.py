@@ -31,17 +31,22 @@ def device(index: int, env: Mapping[str, str] | None = None) -> devices.Device:
     return found[index]
 
 
-def create(name: str, memory: str | int | None = None, *, device_index: int = 0,
-           state_dir: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> state.PartitionUsage:
+def create(name: str, memory: str | int | None = None, *, compute: str | float | None = None, cap: bool = False,
+           device_index: int = 0, state_dir: str | os.PathLike | None = None,
+           env: Mapping[str, str] | None = None) -> state.PartitionUsage:
     """Make partition ``name`` on GPU ``device_index`` with a memory limit (None: the whole device).
 
     ``memory`` is bytes or a size such as ``"8GiB"`` or ``"25%"`` (of that
-    device). Raises ValueError for a bad name or size or a limit above the
-    device; StateError for a name already used on that GPU, an unsafe state
+    device). ``compute`` is its share of the device's time (``0.25`` or
+    ``"25%"``), ``cap`` makes that share a ceiling. Raises ValueError for a bad
+    name, size or share, a cap without a share, or a limit above the device; StateError for a name already used on that GPU, an unsafe state
     folder or a damaged state file; DeviceError when there is no GPU."""
     jobs.check_partition_name(name)
     if memory is not None:
         jobs.parse_memory(memory)   # the grammar, before asking the driver
+    share = jobs.parse_compute(compute) if compute is not None else 0.0
+    if cap and compute is None:
+        raise ValueError("a compute cap needs a compute share: give --compute SHARE with --cap")
     folder = state.resolve_state_dir(state_dir)
     _native.check_state_dir(folder, create=True)
     gpu = device(device_index, env)
@@ -51,7 +56,7 @@ def create(name: str, memory: str | int | None = None, *, device_index: int = 0,
         jobs.check_fits(limit, gpu)
     state.open_regions(folder)   # no partition is made beside a damaged state file
     region = _native.Region.open(folder, gpu.uuid, gpu.name, gpu.total_memory, create=True)
-    region.create_partition(name, limit)   # StateError when the name is taken on this GPU
+    region.create_partition(name, limit, share, cap)   # StateError when the name is taken on this GPU
     return next(p for p in state.read(region).partitions if p.name == name)
 
 

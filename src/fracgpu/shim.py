@@ -18,7 +18,7 @@ import re
 import subprocess
 from collections.abc import Mapping
 
-__all__ = ["shim_path", "is_shim", "split_preload", "preload_with_shim", "find_real_driver"]
+__all__ = ["shim_path", "nvml_shim_path", "is_shim", "split_preload", "preload_with_shim", "find_real_driver"]
 
 DRIVER = "libcuda.so.1"
 # After LD_LIBRARY_PATH and the loader cache: where driver packages put it.
@@ -51,10 +51,26 @@ def split_preload(value: str) -> list[str]:
     return [entry for entry in re.split(r"[:\s]+", value) if entry]
 
 
-def preload_with_shim(existing: str | None, shim: str | os.PathLike) -> str:
-    """``LD_PRELOAD`` with the shim first and every other entry kept, in order."""
-    others = [entry for entry in split_preload(existing or "") if not is_shim(entry, shim)]
-    return ":".join([os.fspath(shim), *others])
+def is_installed() -> bool:
+    try:
+        shim_path()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def nvml_shim_path(shim: str | os.PathLike | None = None) -> str | None:
+    """The NVML shim installed beside the driver shim (``libfracgpu-nvml.so``), or None."""
+    folder = os.path.dirname(os.fspath(shim if shim is not None else shim_path()))
+    path = os.path.join(folder, "libfracgpu-nvml.so")
+    return path if os.path.isfile(path) else None
+
+
+def preload_with_shim(existing: str | None, shim: str | os.PathLike, *extra: str | os.PathLike) -> str:
+    """``LD_PRELOAD`` with the shim (then ``extra`` libraries) first and every other entry kept, in order."""
+    ours = [os.fspath(shim), *map(os.fspath, extra)]
+    others = [entry for entry in split_preload(existing or "") if not any(is_shim(entry, o) for o in ours)]
+    return ":".join([*ours, *others])
 
 
 def find_real_driver(env: Mapping[str, str] | None = None, shim: str | os.PathLike | None = None) -> str | None:

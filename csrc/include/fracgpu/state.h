@@ -66,7 +66,8 @@ struct SharedProcess {
     std::atomic<uint64_t> peak;
     std::atomic<uint64_t> device_ns;       // device time of its gated launches
     std::atomic<uint64_t> launches;
-    std::atomic<uint64_t> reserved[6];
+    std::atomic<uint64_t> inflight;        // its part of the partition's inflight (given back when it goes)
+    std::atomic<uint64_t> reserved[5];
 };
 
 struct SharedRegion {
@@ -162,6 +163,7 @@ class Region {
     // unless that passes its limit (false: nothing charged), then to the slot.
     bool charge(int slot, uint64_t bytes);
     void uncharge(int slot, uint64_t bytes);
+    void note_refusal(int slot);                           // an allocation was refused over quota
 
     std::vector<PartitionInfo> partitions();
     std::vector<ProcessInfo> processes();
