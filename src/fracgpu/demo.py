@@ -1,10 +1,11 @@
-"""``fracgpu demo``: two jobs sharing one GPU, in a few seconds.
+"""``fracgpu demo``: two jobs sharing one GPU under quotas and shares, in a few seconds.
 
 Runs on the real GPU when a working driver is found, else on a simulated GPU
 of its own (a private folder, so it never disturbs other users of the
 simulator). Each job is a separate process using the CUDA driver API: it
 allocates memory, checks a kernel's writes, and keeps the device busy with
-spin kernels; the table shows what each one saw and used.
+spin kernels, each under `fracgpu run --memory ... --compute ...`; the table
+shows what each one saw and used.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ GiB = 1 << 30
 @dataclass
 class Job:
     name: str
-    memory: int        # bytes it allocates
+    memory: str        # its quota
+    compute: str       # its share of the GPU's time
     kernel_ms: float   # length of each spin kernel
-    kernels: int
 
 
-JOBS = [Job("train", 3 * GiB, 2.0, 400), Job("infer", 1 * GiB, 1.0, 400)]
+JOBS = [Job("train", "3GiB", "75%", 2.0), Job("infer", "1GiB", "25%", 1.0)]
+BUSY_SECONDS = 1.5
 
 
 def real_gpu_available() -> bool:
@@ -57,35 +59,44 @@ def real_gpu_available() -> bool:
         return False
 
 
-def job_main(name: str, memory: int, kernel_ms: float, kernels: int, module: str) -> None:
-    """One demo job (``python -m fracgpu.demo JOB ...``); prints one JSON line."""
+def job_main(name: str, kernel_ms: float, module: str) -> None:
+    """One demo job (``python -m fracgpu.demo NAME KERNEL_MS MODULE``), run under
+    ``fracgpu run``: it fills its memory quota, sees the next allocation refused,
+    checks a kernel's writes, then keeps the GPU busy; prints one JSON line."""
+    import ctypes
+
     from fracgpu._driver import Driver
 
     drv = Driver()
     free, total = drv.mem_info()
     drv.load_kernels(module)
-    block = 256 * MiB
-    blocks = [drv.alloc(min(block, memory - i)) for i in range(0, memory, block)]
+    block, blocks = 256 * MiB, []
+    while True:   # up to the quota: the framework's allocator would do the same
+        rc, ptr = drv.try_alloc(block)
+        if rc != 0:
+            break
+        blocks.append(ptr)
+    refused = rc == 2   # CUDA_ERROR_OUT_OF_MEMORY, handled: the job goes on with what it has
     count = 1 << 20
     drv.fill(blocks[0], 0x600DF00D, count)
-    drv.synchronize()
-    import ctypes
-
     back = (ctypes.c_uint * count)()
+    drv.synchronize()
     drv._check("cuMemcpyDtoH_v2", drv.lib.cuMemcpyDtoH_v2(back, ctypes.c_uint64(blocks[0]), ctypes.c_size_t(count * 4)))
-    verified = all(v == 0x600DF00D for v in back[:: 4096])
+    verified = all(v == 0x600DF00D for v in back[::4096])
     print("ready", flush=True)   # both jobs start their kernels together
     sys.stdin.readline()
-    start = time.monotonic()
-    for _ in range(kernels):
-        drv.spin(kernel_ms / 1000)
-    drv.synchronize()
+    start, kernels = time.monotonic(), 0
+    while time.monotonic() - start < BUSY_SECONDS:
+        for _ in range(10):
+            drv.spin(kernel_ms / 1000)
+        drv.synchronize()
+        kernels += 10
     wall = time.monotonic() - start
     for b in blocks:
         drv.free(b)
     print(json.dumps({"name": name, "device": drv.name(), "total": total, "free_at_start": free,
-                      "allocated": memory, "verified": verified, "device_s": kernels * kernel_ms / 1000,
-                      "wall_s": wall}))
+                      "allocated": len(blocks) * block, "refused": refused, "verified": verified,
+                      "device_s": kernels * kernel_ms / 1000, "wall_s": wall}))
 
 
 @click.command("demo")
@@ -101,18 +112,18 @@ def demo(gpu: str) -> None:
     if gpu == "real" and not real_gpu_available():
         raise click.ClickException("no working NVIDIA GPU driver was found; run `fracgpu demo --gpu sim`")
     with tempfile.TemporaryDirectory(prefix="fracgpu-demo-") as folder:
-        env = dict(os.environ)
+        env = dict(os.environ, FRACGPU_STATE_DIR=os.path.join(folder, "state"))
         if use_real:
             console.print("Running on the real GPU.")
         else:
-            config = sim.SimConfig(memory=8 * GiB, state_dir=folder)
+            config = sim.SimConfig(memory=8 * GiB, state_dir=os.path.join(folder, "sim"))
             env.update(sim.environment(config))
-            console.print(f"No GPU needed: running on a simulated {format_size(config.memory)} GPU "
-                          "shared by both jobs.")
+            console.print(f"No GPU needed: running on a simulated {format_size(config.memory)} GPU.")
         module = str(kernels_path())
-        procs = [subprocess.Popen([sys.executable, "-m", "fracgpu.demo", j.name, str(j.memory), str(j.kernel_ms),
-                                   str(j.kernels), module], env=env, stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+        procs = [subprocess.Popen([sys.executable, "-m", "fracgpu", "run", "--memory", j.memory, "--compute", j.compute,
+                                   "--", sys.executable, "-m", "fracgpu.demo", j.name, str(j.kernel_ms), module],
+                                  env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
                  for j in JOBS]
         for p in procs:
             p.stdout.readline()
@@ -121,23 +132,24 @@ def demo(gpu: str) -> None:
             p.stdin.flush()
         results = []
         for job, p in zip(JOBS, procs):
-            out, _ = p.communicate(timeout=300)
+            out, err = p.communicate(timeout=300)
             if p.returncode != 0:
-                raise click.ClickException(f"demo job {job.name!r} failed (exit {p.returncode}); see above")
+                raise click.ClickException(f"demo job {job.name!r} failed (exit {p.returncode}):\n{err}")
             results.append(json.loads(out.strip().splitlines()[-1]))
-    table = Table(title=f"Two jobs on one GPU ({results[0]['device']})")
-    for column in ("job", "GPU memory seen", "allocated", "fill verified", "device time", "wall time"):
-        table.add_column(column, justify="left" if column == "job" else "right")
-    for r in results:
-        table.add_row(r["name"], format_size(r["total"]), format_size(r["allocated"]),
-                      "yes" if r["verified"] else "NO", f"{r['device_s']:.2f} s", f"{r['wall_s']:.2f} s")
+    table = Table(title=f"Two jobs sharing one GPU ({results[0]['device']})")
+    for column in ("job", "fracgpu run", "GPU memory seen", "allocated", "next allocation", "fill verified",
+                   "share of the GPU"):
+        table.add_column(column, justify="left" if column in ("job", "fracgpu run") else "right")
+    for job, r in zip(JOBS, results):
+        table.add_row(r["name"], f"--memory {job.memory} --compute {job.compute}", format_size(r["total"]),
+                      format_size(r["allocated"]), "refused (OOM)" if r["refused"] else "NOT refused",
+                      "yes" if r["verified"] else "NO", f"{100 * r['device_s'] / r['wall_s']:.0f}%")
     console.print(table)
-    busy = sum(r["device_s"] for r in results)
-    console.print(f"Both jobs ran at once: {busy:.2f} s of kernels took {max(r['wall_s'] for r in results):.2f} s, "
-                  "because they take turns on one device.")
-    if not all(r["verified"] for r in results):
-        raise click.ClickException("a job read back values its kernel did not write")
+    console.print("Each job saw its quota as the GPU's memory and got CUDA_ERROR_OUT_OF_MEMORY past it; "
+                  "while both were busy the GPU's time was split by their shares.")
+    if not all(r["verified"] and r["refused"] for r in results):
+        raise click.ClickException("a job was not held to its quota, or read back values its kernel did not write")
 
 
 if __name__ == "__main__":
-    job_main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    job_main(sys.argv[1], float(sys.argv[2]), sys.argv[3])
