@@ -1,0 +1,145 @@
+"""Fairness and overhead of fracgpu on a real GPU, in one command:
+
+    python benchmarks/gpu/gpu_bench.py [--seconds 5] [--json out.json]
+
+It builds the C clients against the CUDA headers (as the tests do) and the
+real driver, then measures, side by side in this one run:
+
+- launch cost: cuLaunchKernel of the real fracgpu_spin(0) bare, under the shim
+  alone (fast path), and through the gate (a 100% capped partition: leases
+  and events); alloc/free pairs bare and under a quota;
+- fairness: 2, 4 and 8 partitions with shares 1:2:...:n, each keeping the GPU
+  busy with 1 ms fracgpu_spin kernels back to back for --seconds; the largest
+  error of any partition in any 1 s window after the first, in points of
+  device time, and the GPU's utilisation.
+
+Nothing here changes the GPU's settings. Needs a real NVIDIA GPU and the
+package installed (`pip install .`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from simgpu import cuda_include_dir, parse_facts  # noqa: E402
+
+import fracgpu  # noqa: E402
+from fracgpu.demo import real_gpu_available  # noqa: E402
+from fracgpu.shim import shim_path  # noqa: E402
+
+
+def build(out: Path, lib_dir: str | None = None) -> tuple[Path, Path]:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    flags = [cc, "-O2", "-D_GNU_SOURCE", f"-I{cuda_include_dir()}", *([f"-L{lib_dir}"] if lib_dir else [])]
+    client, bench = out / "driver_client", out / "driver_bench"
+    subprocess.run([*flags, str(ROOT / "tests/clients/driver_client.c"), "-o", str(client), "-l:libcuda.so.1"], check=True)
+    subprocess.run([*flags, str(ROOT / "benchmarks/driver_bench.c"), "-o", str(bench), "-l:libcuda.so.1"], check=True)
+    return client, bench
+
+
+def run(argv, env, timeout=600) -> str:
+    result = subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise SystemExit(f"{argv} failed ({result.returncode}):\n{result.stderr}")
+    return result.stdout
+
+
+def overhead(bench: Path, base_env: dict, module: str) -> dict:
+    shim = str(shim_path())
+    modes = {
+        "bare": {},
+        "shim_alone": {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "b1", "FRACGPU_COMPUTE": "50%"},
+        "shim_gate": {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "b2", "FRACGPU_COMPUTE": "100%",
+                      "FRACGPU_COMPUTE_CAP": "1"},
+        "quota": {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "b3", "FRACGPU_MEMORY": "50%"},
+    }
+    out: dict = {}
+    for op, count, which in (("launch", 50_000, ("bare", "shim_alone", "shim_gate")),
+                             ("alloc-free", 20_000, ("bare", "quota")),
+                             ("passthrough", 500_000, ("bare", "quota"))):
+        samples = {m: [] for m in which}
+        for _ in range(3):   # interleaved rounds
+            for m in which:
+                text = run([bench, op, count], {**base_env, **modes[m], "BENCH_MODULE": module})
+                samples[m].append(float(parse_facts(text)["ns_per_op"]))
+        bare = statistics.median(samples["bare"])
+        out[op] = {m: {"ns": statistics.median(v), "ratio": statistics.median(v) / bare} for m, v in samples.items()}
+    return out
+
+
+def fairness(client: Path, base_env: dict, module: str, count: int, seconds: float) -> dict:
+    weights = list(range(1, count + 1))
+    shares = {f"p{i}": w / sum(weights) for i, w in enumerate(weights)}
+    start = (time.monotonic() + 2.0) * 1000
+    procs = {name: subprocess.Popen([sys.executable, "-m", "fracgpu", "run", "--compute", f"{share:.4f}", "--",
+                                     str(client), "busy", str(seconds), "1", module, f"{start:.3f}"],
+                                    env=base_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, share in shares.items()}
+    points = {}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=seconds + 120)
+        if p.returncode != 0:
+            raise SystemExit(f"partition {name} failed:\n{err}")
+        points[name] = [(float(t), int(n)) for _, t, n in (line.split() for line in out.splitlines())]
+
+    def got(name, w):
+        done = lambda t: max([n for when, n in points[name] if when <= t], default=0)  # noqa: E731
+        return (done((w + 1) * 1000) - done(w * 1000)) / 1000   # 1 ms kernels: device seconds per second
+
+    worst, utilisation = 0.0, 1.0
+    for w in range(1, int(seconds)):
+        used = {name: got(name, w) for name in shares}
+        total = sum(used.values())
+        utilisation = min(utilisation, total)
+        worst = max(worst, *(abs(used[n] / total - shares[n]) for n in shares))
+    return {"partitions": count, "max_error_points": 100 * worst, "min_utilisation": utilisation}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--sim", action="store_true", help="run on the simulated GPU (to check this script)")
+    args = parser.parse_args()
+    if not args.sim and not real_gpu_available():
+        raise SystemExit("no NVIDIA GPU found: this benchmark needs a real GPU (the simulated one is measured by "
+                         "`python -m pytest benchmarks --benchmark-enable`)")
+    module = str(fracgpu.kernels_path())
+    gpu_name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True).stdout.strip().splitlines()[:1] if shutil.which("nvidia-smi") else []
+    with tempfile.TemporaryDirectory() as folder:
+        state = Path(folder) / "state"
+        state.mkdir(mode=0o700)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FRACGPU_")}
+        env["FRACGPU_STATE_DIR"] = str(state)
+        lib_dir = None
+        if args.sim:
+            from fracgpu import sim
+
+            env.update(sim.environment(sim.SimConfig(state_dir=str(Path(folder) / "sim"))))
+            lib_dir, gpu_name = str(sim.library_dir()), ["fracgpu simulated GPU"]
+        client, bench = build(Path(folder), lib_dir)
+        results = {"machine": {"gpu": gpu_name[0] if gpu_name else "unknown", "host": platform.node(),
+                               "cpus": os.cpu_count(), "python": platform.python_version()},
+                   "overhead": overhead(bench, env, module),
+                   "fairness": [fairness(client, env, module, n, args.seconds) for n in (2, 4, 8)]}
+    print(json.dumps(results, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
