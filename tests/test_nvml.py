@@ -294,4 +294,4 @@ def test_without_the_real_nvml_the_shim_says_so(gpu, tmp_path):
     assert "FRACGPU_REAL_LIBNVML=" in out["stderr"] and "cannot be read" in out["stderr"]
     itself = job(gpu, env={"LD_PRELOAD": nvml_shim_path(), "FRACGPU_REAL_LIBNVML": nvml_shim_path()})
     assert itself["init"] == NVML_ERROR_LIBRARY_NOT_FOUND
-    assert "is fracgpu's own NVML shim" in itself["stderr"]
+    assert "is fracgpu's own shim, not the real NVML" in itself["stderr"]

@@ -31,6 +31,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fracgpu/real_library.h"
 #include "fracgpu/state.h"
 #include "fracgpu/units.h"
 #include "fracgpu/view.h"
@@ -66,54 +67,14 @@ std::once_flag g_once;
 void *g_real = nullptr;
 std::atomic<void *> *g_slots = nullptr;   // one per generated forwarder
 
-bool is_self(const char *path) {
-    Dl_info info;
-    struct stat a, b;
-    if (!dladdr(reinterpret_cast<void *>(&is_self), &info) || !info.dli_fname) return false;
-    if (stat(info.dli_fname, &a) != 0 || stat(path, &b) != 0) return false;
-    return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
-}
-
-bool usable(const std::string &path) { return access(path.c_str(), R_OK) == 0 && !is_self(path.c_str()); }
-
-std::string find_real_nvml(std::string *err) {
-    const char *v = getenv("FRACGPU_REAL_LIBNVML");
-    if (v && *v) {
-        if (v[0] != '/') {
-            *err = std::string("FRACGPU_REAL_LIBNVML='") + v + "' is not an absolute path; give the real NVML's "
-                   "full path, like /usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1";
-            return "";
-        }
-        if (!usable(v)) {
-            *err = std::string("FRACGPU_REAL_LIBNVML='") + v + "' " +
-                   (is_self(v) ? "is fracgpu's own NVML shim, not the real NVML" : "cannot be read") +
-                   "; give the real NVML's full path";
-            return "";
-        }
-        return v;
-    }
-    std::string dirs;
-    if (const char *lp = getenv("LD_LIBRARY_PATH")) dirs = lp;
-    dirs += ":/usr/lib/x86_64-linux-gnu:/usr/lib/aarch64-linux-gnu:/usr/lib64:/usr/lib/wsl/lib"
-            ":/usr/local/nvidia/lib64:/usr/local/nvidia/lib";
-    size_t start = 0;
-    while (start <= dirs.size()) {
-        size_t end = dirs.find(':', start);
-        if (end == std::string::npos) end = dirs.size();
-        std::string dir = dirs.substr(start, end - start);
-        start = end + 1;
-        if (dir.empty()) continue;
-        std::string path = dir + "/libnvidia-ml.so.1";
-        if (usable(path)) return path;
-    }
-    *err = "the real NVML (libnvidia-ml.so.1) was not found; NVML calls return NVML_ERROR_LIBRARY_NOT_FOUND. "
-           "Install the NVIDIA driver or set FRACGPU_REAL_LIBNVML to its full path";
-    return "";
-}
-
 void load_once() {
     std::string err;
-    std::string path = find_real_nvml(&err);
+    static const fracgpu::RealLibrary kNvml = {
+        "libnvidia-ml.so.1", "FRACGPU_REAL_LIBNVML", "the real NVML",
+        "NVML calls return NVML_ERROR_LIBRARY_NOT_FOUND. Install the NVIDIA driver or set FRACGPU_REAL_LIBNVML to "
+        "its full path",
+        reinterpret_cast<const void *>(&load_once)};
+    std::string path = fracgpu::find_real_library(kNvml, &err);
     if (path.empty()) {
         log("%s", err.c_str());
         return;

@@ -13,6 +13,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "fracgpu/real_library.h"
 #include "fracgpu/state.h"
 #include "fracgpu/units.h"
 
@@ -25,55 +26,6 @@ void *g_real = nullptr;
 CUresult g_error = CUDA_ERROR_NOT_INITIALIZED;
 std::once_flag g_once;
 std::atomic<void *> *g_forward = nullptr;   // one slot per generated forwarder
-
-// Whether path is this very library (a folder may hold the shim as libcuda.so.1).
-bool is_self(const char *path) {
-    Dl_info info;
-    struct stat a, b;
-    if (!dladdr(reinterpret_cast<void *>(&is_self), &info) || !info.dli_fname) return false;
-    if (stat(info.dli_fname, &a) != 0 || stat(path, &b) != 0) return false;
-    return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
-}
-
-bool usable(const std::string &path) {
-    return access(path.c_str(), R_OK) == 0 && !is_self(path.c_str());
-}
-
-// FRACGPU_REAL_LIBCUDA, else LD_LIBRARY_PATH, else the usual driver folders.
-std::string find_real_driver(std::string *err) {
-    const char *v = getenv("FRACGPU_REAL_LIBCUDA");
-    if (v && *v) {
-        if (v[0] != '/') {
-            *err = std::string("FRACGPU_REAL_LIBCUDA='") + v + "' is not an absolute path; give the real "
-                   "driver's full path, like /usr/lib/x86_64-linux-gnu/libcuda.so.1";
-            return "";
-        }
-        if (!usable(v)) {
-            *err = std::string("FRACGPU_REAL_LIBCUDA='") + v + "' " +
-                   (is_self(v) ? "is fracgpu's own shim, not the real driver" : "cannot be read") +
-                   "; give the real driver's full path";
-            return "";
-        }
-        return v;
-    }
-    std::string dirs;
-    if (const char *lp = getenv("LD_LIBRARY_PATH")) dirs = lp;
-    dirs += ":/usr/lib/x86_64-linux-gnu:/usr/lib/aarch64-linux-gnu:/usr/lib64:/usr/lib/wsl/lib"
-            ":/usr/local/nvidia/lib64:/usr/local/nvidia/lib:/usr/lib:/lib64:/lib/x86_64-linux-gnu";
-    size_t start = 0;
-    while (start <= dirs.size()) {
-        size_t end = dirs.find(':', start);
-        if (end == std::string::npos) end = dirs.size();
-        std::string dir = dirs.substr(start, end - start);
-        start = end + 1;
-        if (dir.empty()) continue;
-        std::string path = dir + "/libcuda.so.1";
-        if (usable(path)) return path;
-    }
-    *err = "the real CUDA driver (libcuda.so.1) was not found; install the NVIDIA driver, set "
-           "FRACGPU_REAL_LIBCUDA to its full path, or use the simulated GPU (eval \"$(fracgpu sim env)\")";
-    return "";
-}
 
 bool parse_settings(std::string *err) {
     Settings &s = g_settings;
@@ -149,7 +101,12 @@ void load_once() {
         g_error = CUDA_ERROR_NOT_PERMITTED;
         return;
     }
-    std::string path = find_real_driver(&err);
+    static const fracgpu::RealLibrary kDriver = {
+        "libcuda.so.1", "FRACGPU_REAL_LIBCUDA", "the real CUDA driver",
+        "install the NVIDIA driver, set FRACGPU_REAL_LIBCUDA to its full path, or use the simulated GPU "
+        "(eval \"$(fracgpu sim env)\")",
+        reinterpret_cast<const void *>(&load_once)};
+    std::string path = fracgpu::find_real_library(kDriver, &err);
     if (path.empty()) {
         log("%s", err.c_str());
         g_error = CUDA_ERROR_NO_DEVICE;
