@@ -40,10 +40,11 @@ constexpr uint64_t kActiveNs = 30'000'000;     // launched this recently: the pa
 constexpr uint64_t kIdleGapNs = 2'000'000;     // a lease holder with nothing in flight this long is idle
 constexpr uint64_t kRecheckNs = 1'000'000;     // the fast path re-reads who else is busy this often
 constexpr uint64_t kCapBucketNs = 4'000'000;   // how much unused capped time may be saved up
-// How much work a process may have queued on the device, in time: a launch
-// waits while the oldest of its queued launches was made longer ago than
-// this (so long kernels queue two or three deep, and a turn ends promptly,
-// while tiny kernels still stream), and there are never more than kMaxQueued.
+// How much work a process may have queued on the device, in device time: a
+// launch waits while its queued launches, at the average measured length of
+// its recent ones, come to kQueueNs or more (so long kernels queue two deep
+// and a turn ends promptly, while tiny kernels still stream), and there are
+// never more than kMaxQueued.
 constexpr uint64_t kQueueNs = 2'000'000;
 constexpr size_t kMaxQueued = 64;
 constexpr int kMaxDevices = 64;
@@ -116,7 +117,6 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight) {
 // Measuring: pooled events, read by one thread per process
 // ---------------------------------------------------------------------------
 struct Pending {
-    uint64_t launched_ns;
     CUevent start, end;
     CUcontext ctx;
     fracgpu::SharedRegion *region;
@@ -138,7 +138,12 @@ void saturating_dec(std::atomic<uint64_t> &counter) {
     }
 }
 
+// Recent measured length of this process's gated launches, plus one (0: none measured yet).
+std::atomic<uint64_t> g_avg_launch_ns_plus1{0};
+
 void account(const Pending &p, uint64_t ns) {
+    uint64_t avg = g_avg_launch_ns_plus1.load(std::memory_order_relaxed);
+    g_avg_launch_ns_plus1.store(avg ? ((avg - 1) * 7 + ns) / 8 + 1 : ns + 1, std::memory_order_relaxed);
     fracgpu::SharedPartition &part = p.region->partitions[p.partition];
     fracgpu::SharedProcess &proc = p.region->processes[p.slot];
     part.device_ns.fetch_add(ns, std::memory_order_relaxed);
@@ -394,9 +399,13 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
             g_reader_started = true;
             std::thread(reader_main).detach();
         }
-        while (g_pending->size() >= kMaxQueued ||
-               (!g_pending->empty() && mono_ns() - g_pending->front().launched_ns > kQueueNs))
+        for (;;) {
+            size_t queued = g_pending->size();
+            uint64_t avg = g_avg_launch_ns_plus1.load(std::memory_order_relaxed);
+            uint64_t each = avg ? avg - 1 : kQueueNs;   // unknown yet: as long as the whole allowance
+            if (queued < 2 || (queued < kMaxQueued && queued * each < kQueueNs)) break;
             g_cv.wait_for(lk, std::chrono::microseconds(200));
+        }
     }
     wait_turn(r, me, prev_launch);
     CUevent start, end;
@@ -415,7 +424,7 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
     if (measured) {
         mine.inflight.fetch_add(1, std::memory_order_acq_rel);
         r->processes[slot].inflight.fetch_add(1, std::memory_order_acq_rel);
-        g_pending->push_back(Pending{now, start, end, ctx, r, slot, me, view.weight.load()});
+        g_pending->push_back(Pending{start, end, ctx, r, slot, me, view.weight.load()});
         g_cv.notify_all();
     } else {
         auto &pool = (*g_pool)[ctx];
