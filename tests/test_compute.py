@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from simgpu import parse_facts
+
 pytestmark = pytest.mark.slow
 
 KERNEL_MS = 1.0
@@ -166,3 +168,25 @@ def test_bad_compute_options_are_usage_errors(gpu, args, message):
     result = gpu.fracgpu("run", *args, "--", "true", check=False)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_burst_of_launches_never_keeps_a_waking_partition_waiting(gpu, clients, kernels, shim):
+    """One partition enqueues 300 spins of 1 ms at once while another exists but is idle; when
+    the idle one launches, it gets the device within milliseconds, not after the whole burst."""
+    def env(name):
+        return {"LD_PRELOAD": shim, "FRACGPU_PARTITION": name, "FRACGPU_COMPUTE": "50%"}
+
+    sleeper = gpu.popen(clients.lcuda, "hold", 1, 60, env=env("sleeper"))
+    try:
+        assert sleeper.stdout.readline().startswith("holding")
+        start = (time.monotonic() + 0.3) * 1000
+        burst = gpu.popen(clients.lcuda, "spins", 300, KERNEL_MS, kernels, f"{start:.3f}", env=env("burst"))
+        time.sleep(0.5)   # the burst is under way
+        woke = parse_facts(gpu.run(clients.lcuda, "spin", 1, kernels, env=env("sleeper")).stdout)
+        out, err = burst.communicate(timeout=60)
+        assert burst.returncode == 0, err
+        assert float(woke["wall_ms"]) <= 50, woke
+        assert float(parse_facts(out)["wall_ms"]) >= 300
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=10)

@@ -198,16 +198,31 @@ CUevent take_event(CUcontext ctx) {
     return e;
 }
 
-// Watch mode: a marker event every kMarkEvery launches. A marker recorded
-// more than kQueueNs ago that has not completed means this process has that
-// much work queued: wait for it. Tiny kernels complete their markers long
-// before, so they stream freely; long ones queue a few milliseconds deep.
+// Watch mode: a marker event every kMarkEvery launches. The device time
+// between two consecutive completed markers (while the queue was not empty)
+// says how long kMarkEvery launches take; outstanding markers times that is
+// the work queued. Past kQueueNs, the launch waits for the oldest marker, so
+// long kernels queue a few milliseconds deep and tiny ones stream freely.
 struct Mark {
-    uint64_t recorded_ns;
     CUcontext ctx;
     CUevent event;
 };
 std::deque<Mark> *g_marks = new std::deque<Mark>;
+Mark g_last_done{nullptr, nullptr};              // the latest completed marker, kept for the next interval
+uint64_t g_mark_interval_ns_plus1 = 0;           // device time of kMarkEvery launches, plus one (0: unknown)
+
+void retire_oldest_mark(decltype(&cuEventElapsedTime) elapsed) {
+    Mark m = g_marks->front();
+    g_marks->pop_front();
+    float ms = 0;
+    if (g_last_done.event && g_last_done.ctx == m.ctx && elapsed(&ms, g_last_done.event, m.event) == CUDA_SUCCESS) {
+        uint64_t ns = (uint64_t)((double)ms * 1e6);
+        uint64_t avg = g_mark_interval_ns_plus1;
+        g_mark_interval_ns_plus1 = avg ? ((avg - 1) * 3 + ns) / 4 + 1 : ns + 1;
+    }
+    if (g_last_done.event) (*g_pool)[g_last_done.ctx].push_back(g_last_done.event);
+    g_last_done = m;
+}
 
 template <typename Record>
 void mark(CUstream stream, Record record) {
@@ -215,21 +230,20 @@ void mark(CUstream stream, Record record) {
     auto get_ctx = REAL(cuCtxGetCurrent);
     auto query = REAL(cuEventQuery);
     auto sync = REAL(cuEventSynchronize);
-    if (!get_ctx || !query || !sync || !record || get_ctx(&ctx) != CUDA_SUCCESS || !ctx) return;
+    auto elapsed = REAL(cuEventElapsedTime);
+    if (!get_ctx || !query || !sync || !elapsed || !record || get_ctx(&ctx) != CUDA_SUCCESS || !ctx) return;
     std::lock_guard<std::mutex> lk(g_mu);
-    uint64_t now = mono_ns();
-    while (!g_marks->empty()) {
-        Mark &m = g_marks->front();
-        if (query(m.event) == CUDA_ERROR_NOT_READY) {
-            if (now - m.recorded_ns <= kQueueNs && g_marks->size() < kMaxQueued) break;
-            sync(m.event);
-        }
-        (*g_pool)[m.ctx].push_back(m.event);
-        g_marks->pop_front();
+    while (!g_marks->empty() && query(g_marks->front().event) != CUDA_ERROR_NOT_READY) retire_oldest_mark(elapsed);
+    for (;;) {
+        uint64_t each = g_mark_interval_ns_plus1 ? g_mark_interval_ns_plus1 - 1 : kQueueNs;   // unknown: all of it
+        size_t queued = g_marks->size();
+        if (queued < 2 || (queued < kMaxQueued && queued * each < kQueueNs)) break;
+        sync(g_marks->front().event);
+        retire_oldest_mark(elapsed);
     }
     CUevent e = take_event(ctx);
     if (!e) return;
-    if (record(e, stream) == CUDA_SUCCESS) g_marks->push_back(Mark{now, ctx, e});
+    if (record(e, stream) == CUDA_SUCCESS) g_marks->push_back(Mark{ctx, e});
     else (*g_pool)[ctx].push_back(e);
 }
 
@@ -242,10 +256,10 @@ void drain_unmeasured(int previous_mode) {
     }
     auto sync = REAL(cuEventSynchronize);
     std::lock_guard<std::mutex> lk(g_mu);
-    while (!g_marks->empty() && sync) {
+    auto elapsed = REAL(cuEventElapsedTime);
+    while (!g_marks->empty() && sync && elapsed) {
         sync(g_marks->front().event);
-        (*g_pool)[g_marks->front().ctx].push_back(g_marks->front().event);
-        g_marks->pop_front();
+        retire_oldest_mark(elapsed);
     }
 }
 
