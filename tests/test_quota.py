@@ -278,3 +278,14 @@ def test_without_a_partition_the_shim_passes_everything_through(clients, gpu, ke
     assert gpu.facts(clients.lcuda, "alloc-until-oom", 64, env=env)["blocks"] == "16"
     assert gpu.facts(clients.dlopen, "fill", 1000, 7, kernels, env=env)["wrong"] == "0"
     assert list(gpu.state_dir.glob("*")) == []
+
+
+def test_without_the_real_driver_the_shim_says_why(clients, gpu, shim):
+    result = gpu.run(clients.lcuda, "info", check=False,
+                     env={"LD_PRELOAD": shim, "FRACGPU_REAL_LIBCUDA": "/nonexistent/libcuda.so.1"})
+    assert result.returncode == 1
+    # cuGetErrorName still answers, from the shim's own table.
+    assert "error p_cuInit(0) CUDA_ERROR_NO_DEVICE" in result.stdout
+    assert "FRACGPU_REAL_LIBCUDA='/nonexistent/libcuda.so.1' cannot be read" in result.stderr
+    result = gpu.run(clients.lcuda, "info", check=False, env={"LD_PRELOAD": shim, "FRACGPU_REAL_LIBCUDA": shim})
+    assert "is fracgpu's own shim, not the real CUDA driver" in result.stderr

@@ -167,3 +167,45 @@ extern "C" CUresult fg_forward_missing(unsigned idx) {
     (void)idx;
     return CUDA_ERROR_NOT_FOUND;   // the real driver predates this entry point
 }
+
+// Error names and strings answer even when the real driver could not be
+// loaded, so a client can say what went wrong (cuInit's refusal included).
+namespace {
+struct ErrorText {
+    int code;
+    const char *name, *text;
+};
+#define ERROR_ENTRY(code, name, text) {code, name, text},
+const ErrorText kErrors[] = {
+#include "cuda_errors.inc"
+};
+#undef ERROR_ENTRY
+
+const ErrorText *error_text(CUresult rc) {
+    for (const ErrorText &e : kErrors)
+        if (e.code == (int)rc) return &e;
+    return nullptr;
+}
+}  // namespace
+
+SHIM_API CUresult cuGetErrorName(CUresult error, const char **pStr) {
+    if (shim::ensure_loaded()) {
+        REAL_OR_RETURN(real, cuGetErrorName);
+        return real(error, pStr);
+    }
+    const ErrorText *e = error_text(error);
+    if (!pStr) return CUDA_ERROR_INVALID_VALUE;
+    *pStr = e ? e->name : nullptr;
+    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+SHIM_API CUresult cuGetErrorString(CUresult error, const char **pStr) {
+    if (shim::ensure_loaded()) {
+        REAL_OR_RETURN(real, cuGetErrorString);
+        return real(error, pStr);
+    }
+    const ErrorText *e = error_text(error);
+    if (!pStr) return CUDA_ERROR_INVALID_VALUE;
+    *pStr = e ? e->text : nullptr;
+    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
