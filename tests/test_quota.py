@@ -289,3 +289,62 @@ def test_without_the_real_driver_the_shim_says_why(clients, gpu, shim):
     assert "FRACGPU_REAL_LIBCUDA='/nonexistent/libcuda.so.1' cannot be read" in result.stderr
     result = gpu.run(clients.lcuda, "info", check=False, env={"LD_PRELOAD": shim, "FRACGPU_REAL_LIBCUDA": shim})
     assert "is fracgpu's own shim, not the real CUDA driver" in result.stderr
+
+
+FORK_JOB = """
+import ctypes, os, sys, fracgpu
+fracgpu.init(memory="256MiB")
+cuda = ctypes.CDLL("libcuda.so.1")
+
+def start():
+    assert cuda.cuInit(0) == 0
+    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+    assert cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0
+    assert cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
+    assert cuda.cuCtxSetCurrent(ctx) == 0
+
+def blocks(size):
+    n, p = 0, ctypes.c_uint64()
+    while cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(size)) == 0:
+        n += 1
+    return n
+
+def free_now():
+    f, t = ctypes.c_size_t(), ctypes.c_size_t()
+    assert cuda.cuMemGetInfo_v2(ctypes.byref(f), ctypes.byref(t)) == 0
+    return f.value
+
+# A worker forked before CUDA starts here (a DataLoader-style fork) joins the partition on
+# its own cuInit and is limited with the rest of the job.
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    start()
+    p = ctypes.c_uint64()
+    n = blocks(32 << 20)
+    os.write(w, str(n).encode())
+    os._exit(0)
+os.close(w)
+os.waitpid(pid, 0)
+print("child_blocks", os.read(r, 100).decode())
+start()
+print("parent_free", free_now())              # the exited child's memory is back
+p = ctypes.c_uint64()
+assert cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(100 << 20)) == 0
+# A child forked after CUDA started here exits normally (atexit handlers run):
+# it must not take the parent's memory off the books.
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)
+os.waitpid(pid, 0)
+print("parent_free_after_child", free_now())
+print("parent_blocks", blocks(32 << 20))
+"""
+
+
+def test_forked_children_are_limited_and_leave_the_parent_intact(gpu):
+    facts = parse_facts(gpu.python(FORK_JOB).stdout)
+    assert facts["child_blocks"] == "8"
+    assert facts["parent_free"] == str(256 * MiB)
+    assert facts["parent_free_after_child"] == str(156 * MiB)
+    assert facts["parent_blocks"] == "4"              # (256 - 100) MiB left, in 32 MiB blocks

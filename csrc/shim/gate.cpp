@@ -25,6 +25,7 @@
 #include <condition_variable>
 #include <deque>
 #include <mutex>
+#include <new>
 #include <sys/prctl.h>
 #include <thread>
 #include <unordered_map>
@@ -449,6 +450,23 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
 }
 
 }  // namespace
+
+void gate_forget_after_fork() {
+    // Only the forking thread exists in the child: whatever the parent's other
+    // threads held is remade, and the parent's events (of its contexts) dropped.
+    new (&g_mu) std::mutex();
+    new (&g_cv) std::condition_variable();
+    g_pending->clear();
+    g_pool->clear();
+    g_marks->clear();
+    g_last_done = Mark{nullptr, nullptr};
+    g_reader_started = false;
+    for (int d = 0; d < kMaxDevices; d++) {
+        g_view[d].next_check.store(0);
+        g_view[d].mode.store(kAlone);
+    }
+}
+
 }  // namespace shim
 
 using namespace shim;

@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <unordered_map>
 #include <unistd.h>
@@ -135,11 +136,7 @@ void detach_at_exit() {
         if (g_bind[d].ok) g_bind[d].region.leave(g_bind[d].slot);
 }
 
-void forget_after_fork() {
-    // The child is a new process: its first cuInit binds it anew. The parent's
-    // slots stay the parent's.
-    g_bound.store(false);
-}
+void forget_after_fork();   // below, once the tables it resets are declared
 
 // The binding that governs device `dev` in this process, or null when nothing
 // is enforced here.
@@ -287,6 +284,21 @@ struct Primary {
 };
 std::mutex g_primary_mu;
 Primary g_primary[kMaxDevices];
+
+void forget_after_fork() {
+    // The child is a new process: its first cuInit binds it anew. The parent's
+    // slots, allocations and launch gate stay the parent's; locks another
+    // thread of the parent held at the fork are remade.
+    g_bound.store(false);
+    new (&g_bind_mu) std::mutex();
+    new (&g_primary_mu) std::mutex();
+    for (int k = 0; k < kKinds; k++) {
+        new (&g_tables[k].mu) std::mutex();
+        g_tables[k].map.clear();
+    }
+    for (Primary &p : g_primary) p = Primary{};
+    gate_forget_after_fork();
+}
 
 uint64_t array_bytes(size_t w, size_t h, size_t d, unsigned channels, CUarray_format f) {
     size_t elem;

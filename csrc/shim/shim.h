@@ -60,6 +60,9 @@ bool bound_slot(int dev, fracgpu::Region **region, int *slot);
 // The device the current context is on (0 without a driver call when the
 // process sees one device); -1 when nothing is enforced or no context is current.
 int launch_device();
+// In a forked child (gate.cpp): the parent's events, reader thread and locks
+// are not the child's; start from nothing.
+void gate_forget_after_fork();
 
 // The real driver's entry point `name`, cached by the caller in `slot`.
 void *real_symbol(const char *name, std::atomic<void *> &slot);
