@@ -11,6 +11,7 @@ kernel at a time, exactly as long as asked.)
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
@@ -124,8 +125,6 @@ def test_device_time_is_accounted_per_partition(gpu, clients, kernels, shim):
 
 
 def fracgpu_job(gpu, clients, kernels, options, seconds, start):
-    import sys
-
     return gpu.popen(sys.executable, "-m", "fracgpu", "run", *options, "--", clients.lcuda, "busy", seconds,
                      KERNEL_MS, kernels, f"{start:.3f}")
 
@@ -190,3 +189,50 @@ def test_a_burst_of_launches_never_keeps_a_waking_partition_waiting(gpu, clients
     finally:
         sleeper.kill()
         sleeper.wait(timeout=10)
+
+
+GRAPH_JOB = """
+import ctypes, dataclasses, json, os, sys
+import numpy as np
+from cuda.bindings import driver as cu
+import fracgpu
+
+def ck(result):
+    err, *values = result if isinstance(result, tuple) else (result,)
+    assert err == cu.CUresult.CUDA_SUCCESS, err
+    return values[0] if len(values) == 1 else values
+
+ck(cu.cuInit(0))
+dev = ck(cu.cuDeviceGet(0))
+ctx = ck(cu.cuDevicePrimaryCtxRetain(dev))
+ck(cu.cuCtxSetCurrent(ctx))
+spin = ck(cu.cuModuleGetFunction(ck(cu.cuModuleLoad(sys.argv[1].encode())), b"fracgpu_spin"))
+graph = ck(cu.cuGraphCreate(0))
+ns = np.array([2_000_000], np.uint64)                  # each node: 2 ms
+args = np.array([ns.ctypes.data], np.uint64)
+params = cu.CUDA_KERNEL_NODE_PARAMS()
+params.func = spin
+params.gridDimX = params.gridDimY = params.gridDimZ = 1
+params.blockDimX = params.blockDimY = params.blockDimZ = 1
+params.kernelParams = args.ctypes.data
+node = None
+for _ in range(5):                                     # a chain of 5 kernels: 10 ms per launch
+    node = ck(cu.cuGraphAddKernelNode(graph, [node] if node else [], 1 if node else 0, params))
+exe = ck(cu.cuGraphInstantiate(graph, 0))
+stream = ck(cu.cuStreamCreate(0))
+for _ in range(20):
+    ck(cu.cuGraphLaunch(exe, stream))
+ck(cu.cuStreamSynchronize(stream))
+import time; time.sleep(0.05)                          # the gate's reader has taken the last completion
+me = os.environ["FRACGPU_PARTITION"]
+(part,) = [p for u in fracgpu.usage() for p in u.partitions if p.name == me]
+print(json.dumps({"device_ns": part.device_ns, "launches": part.launches}))
+"""
+
+
+def test_a_cuda_graph_is_charged_for_all_it_runs(gpu, kernels):
+    # A 100% cap keeps the job in the gate, where every launch is measured.
+    out = gpu.fracgpu("run", "--compute", "100%", "--cap", "--", sys.executable, "-c", GRAPH_JOB, kernels).stdout
+    got = json.loads(out.splitlines()[-1])
+    assert got["launches"] == 20
+    assert abs(got["device_ns"] - 200_000_000) <= 0.05 * 200_000_000, got
