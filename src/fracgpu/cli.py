@@ -43,6 +43,7 @@ COMMANDS = {
     "partition": "fracgpu.cli_partition:partition_group",
     "run": "fracgpu.cli_run:run",
     "sim": "fracgpu.cli:sim_group",
+    "top": "fracgpu.cli_top:top",
 }
 
 

@@ -1,0 +1,116 @@
+"""`fracgpu top`: the snapshot (--once, --json) on the simulated GPU, and the achieved share it computes.
+
+Each test has its own simulated GPU and state folder (the `gpu` fixture)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from simgpu import GiB, MiB
+from fracgpu import cli_top, state
+
+
+def refused(result, *phrases):
+    assert result.returncode == 2, result.stdout + result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def holding_job(clients, gpu):
+    """A job under `fracgpu run --memory 256MiB` holding 200 MiB until the test ends."""
+    job = gpu.popen(sys.executable, "-m", "fracgpu", "run", "--memory", "256MiB", "--", clients.lcuda, "hold", 200, 30)
+    try:
+        line = job.stdout.readline()
+        assert line.strip() == "holding 200", (line, job.stderr.read() if job.poll() is not None else "")
+        yield job
+    finally:
+        job.kill()
+        job.wait(timeout=10)
+
+
+def table_rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+
+
+def test_once_shows_the_partition_and_its_process(gpu, holding_job):
+    result = gpu.fracgpu("top", "--once", "--interval", "0.2", env={"COLUMNS": "200"})
+    assert "\x1b[" not in result.stdout   # not a terminal: no ANSI sequences
+    name = f"run-{holding_job.pid}"
+    rows = table_rows(result.stdout)
+    partition = next(r for r in rows if r[0] == f"{name} (private)")
+    # partition, memory / limit, %, peak, share, achieved, device time, processes
+    assert partition[1:4] == ["200MiB / 256MiB", "78%", "200MiB"]
+    assert partition[4] == "-" and partition[5].endswith("%") and partition[6].endswith(" s") and partition[7] == "1"
+    process = next(r for r in rows if r[0] == str(holding_job.pid))
+    assert process[1] == name and process[2].startswith("client_") and process[3] == "200MiB"
+    (u,) = state.usage(gpu.state_dir)
+    assert u.uuid in result.stdout and "200MiB / 1GiB" in result.stdout
+
+
+def test_once_json(gpu, holding_job):
+    out = json.loads(gpu.fracgpu("top", "--once", "--json", "--interval", "0.2").stdout)
+    assert 0.15 <= out["interval"] < 5
+    (g,) = out["gpus"]
+    assert g["total_memory"] == GiB and g["used"] == 200 * MiB
+    (p,) = g["partitions"]
+    assert (p["name"], p["memory_limit"], p["used"], p["peak"], p["processes"]) == \
+        (f"run-{holding_job.pid}", 256 * MiB, 200 * MiB, 200 * MiB, 1)
+    assert p["compute_share_achieved"] == 0.0   # measured: the job launches nothing
+    (q,) = g["processes"]
+    assert (q["pid"], q["used"], q["compute_share_achieved"]) == (holding_job.pid, 200 * MiB, 0.0)
+
+
+def test_nothing_running(gpu):
+    assert "No GPU has fracgpu partitions" in gpu.fracgpu("top", "--once", "--interval", "0.1").stdout
+    assert json.loads(gpu.fracgpu("top", "--json", "--interval", "0.1").stdout)["gpus"] == []
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--interval", "0"], "'--interval'"),
+    (["--interval", "soon"], "'--interval'"),
+    (["--bogus"], "No such option"),
+])
+def test_bad_options(gpu, args, phrase):
+    refused(gpu.fracgpu("top", "--once", *args, check=False), phrase)
+
+
+def test_a_damaged_or_unsafe_state_is_refused(gpu):
+    gpu.fracgpu("partition", "create", "team")
+    (path,) = gpu.state_dir.glob("gpu-*.state")
+    path.write_bytes(path.read_bytes()[:1000])
+    refused(gpu.fracgpu("top", "--once", "--interval", "0.1", check=False), str(path), "truncated")
+    path.unlink()
+    gpu.state_dir.chmod(0o770)
+    try:
+        refused(gpu.fracgpu("top", "--json", "--interval", "0.1", check=False), "unsafe permissions")
+    finally:
+        gpu.state_dir.chmod(0o700)
+
+
+def usage(*partitions: tuple[str, int], processes: tuple[tuple[int, str, int], ...] = ()) -> list[state.GPUUsage]:
+    return [state.GPUUsage(uuid="GPU-x", name="sim", total_memory=GiB,
+                           partitions=[state.PartitionUsage(name=n, memory_limit=None, used=0, peak=0, processes=1,
+                                                            ephemeral=False, oom_refusals=0, device_ns=ns)
+                                       for n, ns in partitions],
+                           processes=[state.ProcessUsage(pid=pid, partition=part, command="c", used=0, peak=0,
+                                                         device_ns=ns) for pid, part, ns in processes])]
+
+
+def test_achieved_share_is_device_time_over_the_interval():
+    before = (10.0, usage(("a", 1_000_000_000), ("b", 5_000_000_000), ("gone", 0), processes=((7, "a", 0),)))
+    after = (12.0, usage(("a", 1_500_000_000), ("b", 1_000), ("new", 9), processes=((7, "a", 500_000_000),)))
+    view = cli_top.snapshot(before, after)
+    assert view.interval == 2.0
+    g = view.gpus[0]
+    shares = {p.name: view.partition_share(g, p) for p in g.partitions}
+    # a: 0.5 s in 2 s; b went down (made again): not measurable; new: no earlier read
+    assert shares == {"a": 0.25, "b": None, "new": None}
+    assert view.process_share(g, g.processes[0]) == 0.25
+    alone = cli_top.snapshot(None, after)
+    assert alone.interval is None and alone.partition_shares == {}
+    assert cli_top.as_json(view)["gpus"][0]["partitions"][1]["compute_share_achieved"] is None
