@@ -40,6 +40,7 @@ class LazyGroup(click.Group):
 # One row per top-level command; a new command is a module and a row here.
 COMMANDS = {
     "demo": "fracgpu.demo:demo",
+    "exporter": "fracgpu.exporter:exporter",
     "partition": "fracgpu.cli_partition:partition_group",
     "run": "fracgpu.cli_run:run",
     "sim": "fracgpu.cli:sim_group",

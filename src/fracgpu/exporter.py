@@ -1,0 +1,186 @@
+"""``fracgpu exporter``: Prometheus metrics of every partition and process, read on each scrape.
+
+The collector reads ``fracgpu.usage()`` when Prometheus scrapes, so the
+figures are as current as the shared state. Names follow the Prometheus
+conventions: a ``fracgpu_`` prefix, the unit in the name (``_bytes``,
+``_seconds``, ``_ratio``), ``_total`` on counters. The ``gpu`` label is the
+device UUID on ``fracgpu_`` series; partition series have ``partition``,
+process series ``partition`` and ``pid``. The compute share achieved is
+``rate(fracgpu_partition_device_seconds_total[1m])``.
+
+For dashboards made for NVIDIA's dcgm-exporter, ``DCGM_FI_DEV_FB_USED`` and
+``DCGM_FI_DEV_FB_FREE`` (MiB, labels ``gpu`` = CUDA index, ``UUID``,
+``device``, ``modelName``, ``Hostname``) are computed from the memory in use
+by fracgpu's partitions.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import click
+
+from fracgpu import state
+from fracgpu.cli import InputError, refusals
+
+MiB = 1 << 20
+
+
+class UsageCollector:
+    """A prometheus_client collector: one read of the shared state per scrape.
+
+    ``gpu_index`` maps a device UUID to its CUDA index (for the DCGM-style
+    ``gpu`` label); a UUID it does not know is numbered by its place in the read."""
+
+    def __init__(self, state_dir: str | None = None, gpu_index: dict[str, int] | None = None,
+                 read: Callable[[], list[state.GPUUsage]] | None = None):
+        self.state_dir = state_dir
+        self.gpu_index = dict(gpu_index or {})
+        self.read = read or (lambda: state.usage(self.state_dir))
+        self.hostname = socket.gethostname()
+        self.last_error: str | None = None
+
+    def describe(self) -> list:
+        return []   # nothing is read at registration; every scrape collects afresh
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        try:
+            gpus = self.read()
+            error = None
+        except state.StateError as e:
+            gpus, error = [], str(e)
+        if error != self.last_error:   # say it once when it starts, and once when it is over
+            print(f"fracgpu exporter: {error or 'the state is readable again'}", file=sys.stderr, flush=True)
+            self.last_error = error
+        yield GaugeMetricFamily("fracgpu_state_readable", "1 when the fracgpu state was read for this scrape, "
+                                "0 when it is unsafe or damaged (the exporter's stderr says why).",
+                                value=0 if error else 1)
+
+        p_labels, q_labels, g_labels = ["gpu", "partition"], ["gpu", "partition", "pid"], ["gpu"]
+
+        def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=labels)
+
+        def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=labels)
+
+        gpu_total = gauge("fracgpu_gpu_memory_total_bytes", "Memory of the GPU.", g_labels)
+        gpu_used = gauge("fracgpu_gpu_memory_used_bytes", "Memory in use by all fracgpu partitions of the GPU.",
+                         g_labels)
+        gpu_info = gauge("fracgpu_gpu_info", "The GPU's CUDA index and model; always 1.",
+                         ["gpu", "index", "model"])
+        used = gauge("fracgpu_partition_memory_used_bytes", "Memory the partition's processes hold now.", p_labels)
+        limit = gauge("fracgpu_partition_memory_limit_bytes",
+                      "The partition's memory limit (the GPU's memory when it has none).", p_labels)
+        peak = gauge("fracgpu_partition_memory_peak_bytes", "The most memory the partition held at once.", p_labels)
+        share = gauge("fracgpu_partition_compute_share_ratio",
+                      "Configured share of the GPU's time (absent when none is set).", p_labels)
+        cap = gauge("fracgpu_partition_compute_capped", "1 when the compute share is also a ceiling.", p_labels)
+        seconds = counter("fracgpu_partition_device_seconds_total",
+                          "Device time the partition's kernels used; rate() of it is the share achieved.", p_labels)
+        launches = counter("fracgpu_partition_launches_total", "Kernel and graph launches.", p_labels)
+        refusals_ = counter("fracgpu_partition_oom_refusals_total",
+                            "Allocations refused because they would pass the memory limit.", p_labels)
+        processes = gauge("fracgpu_partition_processes", "Processes in the partition now.", p_labels)
+        q_used = gauge("fracgpu_process_memory_used_bytes", "Memory the process holds now.", q_labels)
+        q_peak = gauge("fracgpu_process_memory_peak_bytes", "The most memory the process held at once.", q_labels)
+        q_seconds = counter("fracgpu_process_device_seconds_total", "Device time the process's kernels used.",
+                            q_labels)
+        q_launches = counter("fracgpu_process_launches_total", "Kernel and graph launches of the process.", q_labels)
+        dcgm_labels = ["gpu", "UUID", "device", "modelName", "Hostname"]
+        fb_used = gauge("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB), by fracgpu partitions.",
+                        dcgm_labels)
+        fb_free = gauge("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB), by fracgpu's books.", dcgm_labels)
+
+        for position, gpu in enumerate(gpus):
+            index = str(self.gpu_index.get(gpu.uuid, position))
+            in_use = sum(p.used for p in gpu.partitions)
+            gpu_total.add_metric([gpu.uuid], gpu.total_memory)
+            gpu_used.add_metric([gpu.uuid], in_use)
+            gpu_info.add_metric([gpu.uuid, index, gpu.name], 1)
+            dcgm = [index, gpu.uuid, f"nvidia{index}", gpu.name, self.hostname]
+            fb_used.add_metric(dcgm, in_use // MiB)
+            fb_free.add_metric(dcgm, max(gpu.total_memory - in_use, 0) // MiB)
+            for p in gpu.partitions:
+                labels = [gpu.uuid, p.name]
+                used.add_metric(labels, p.used)
+                limit.add_metric(labels, p.memory_limit or gpu.total_memory)
+                peak.add_metric(labels, p.peak)
+                if p.compute_share:
+                    share.add_metric(labels, p.compute_share)
+                    cap.add_metric(labels, 1 if p.compute_cap else 0)
+                seconds.add_metric(labels, p.device_ns / 1e9)
+                launches.add_metric(labels, p.launches)
+                refusals_.add_metric(labels, p.oom_refusals)
+                processes.add_metric(labels, p.processes)
+            for q in gpu.processes:
+                labels = [gpu.uuid, q.partition, str(q.pid)]
+                q_used.add_metric(labels, q.used)
+                q_peak.add_metric(labels, q.peak)
+                q_seconds.add_metric(labels, q.device_ns / 1e9)
+                q_launches.add_metric(labels, q.launches)
+        yield from (gpu_total, gpu_used, gpu_info, used, limit, peak, share, cap, seconds, launches, refusals_,
+                    processes, q_used, q_peak, q_seconds, q_launches, fb_used, fb_free)
+
+
+def _gpu_indexes() -> dict[str, int]:
+    """UUID -> CUDA index, from the device probe; empty (with a note) when it cannot run."""
+    from fracgpu import devices
+
+    try:
+        return {d.uuid: d.index for d in devices.probe()}
+    except devices.DeviceError as e:
+        print(f"fracgpu exporter: GPU indexes unknown ({e}); DCGM 'gpu' labels number the GPUs in the order "
+              "of the state", file=sys.stderr, flush=True)
+        return {}
+
+
+@click.command("exporter")
+@click.option("--port", type=click.IntRange(1, 65535), default=9400, show_default=True,
+              help="TCP port to serve /metrics on.")
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface).")
+def exporter(port: int, address: str) -> None:
+    """Serve Prometheus metrics of every partition and process at http://ADDRESS:PORT/metrics.
+
+    Memory used, limit and peak in bytes, compute share configured, device seconds, launches
+    and refused allocations per partition (labels gpu=UUID, partition), memory and device seconds
+    per process (plus pid), and DCGM_FI_DEV_FB_USED/FREE for existing dashboards. Runs until
+    Ctrl-C or SIGTERM."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    with refusals():
+        state_dir = state.resolve_state_dir()
+        state.usage(state_dir)   # an unsafe or damaged state is refused before serving
+    registry = CollectorRegistry(auto_describe=False)
+    try:
+        server, thread = start_http_server(port, addr=address, registry=registry)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise InputError(f"port {port} on {address} is in use; choose another with --port") from None
+        raise InputError(f"cannot listen on {address} port {port}: {e.strerror or e}; check --address and "
+                         "--port") from None
+    # Listen first, so a port in use is refused at once; the device probe may take a while.
+    registry.register(UsageCollector(state_dir, _gpu_indexes()))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    shown = f"[{address}]" if ":" in address else address
+    click.echo(f"fracgpu exporter: serving http://{shown}:{port}/metrics (state folder {state_dir}); "
+               "Ctrl-C stops")
+    sys.stdout.flush()
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
