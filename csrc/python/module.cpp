@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "fracgpu/state.h"
@@ -172,6 +173,15 @@ PYBIND11_MODULE(_native, m) {
              uint32_t flags = cap ? uint32_t(fracgpu::kPartitionCap) : 0u;
              check(r.create_partition(name, memory_limit, compute_share, flags, &err), err);
            }, py::arg("name"), py::arg("memory_limit") = 0, py::arg("compute_share") = 0.0, py::arg("cap") = false)
+      .def("update_partition", [](fracgpu::Region &r, const std::string &name, std::optional<uint64_t> memory_limit,
+                                  std::optional<double> compute_share, std::optional<bool> cap) {
+             std::string err;
+             check(r.update_partition(name, memory_limit ? &*memory_limit : nullptr,
+                                      compute_share ? &*compute_share : nullptr, cap ? &*cap : nullptr, &err),
+                   err);
+           }, py::arg("name"), py::arg("memory_limit") = py::none(), py::arg("compute_share") = py::none(),
+           py::arg("cap") = py::none(),
+           "Change a live partition (None: keep that setting; memory_limit 0: no limit). Raises StateError.")
       .def("remove_partition", [](fracgpu::Region &r, const std::string &name) {
              std::string err;
              check(r.remove_partition(name, &err), err);

@@ -102,15 +102,16 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight) {
     for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
         const fracgpu::SharedPartition &q = r->partitions[i];
         if (!__atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE)) continue;
-        if (q.compute_share > 0) shared += q.compute_share;
+        if (fracgpu::share_of(q) > 0) shared += fracgpu::share_of(q);
         else unshared++;
         if (i == me) continue;
         others_exist = true;
         others_busy = others_busy || busy(q, now);
     }
     double rest = shared < 0.95 ? 1.0 - shared : 0.05;
-    *weight = mine.compute_share > 0 ? mine.compute_share : rest / (unshared ? unshared : 1);
-    if (others_busy || (mine.flags & fracgpu::kPartitionCap)) return kGate;
+    double share = fracgpu::share_of(mine);
+    *weight = share > 0 ? share : rest / (unshared ? unshared : 1);
+    if (others_busy || (fracgpu::flags_of(mine) & fracgpu::kPartitionCap)) return kGate;
     return others_exist ? kWatch : kAlone;
 }
 
@@ -151,7 +152,7 @@ void account(const Pending &p, uint64_t ns) {
     part.vtime_ns.fetch_add((uint64_t)((double)ns / p.weight), std::memory_order_relaxed);
     proc.device_ns.fetch_add(ns, std::memory_order_relaxed);
     saturating_dec(proc.inflight);
-    if (part.flags & fracgpu::kPartitionCap) part.cap_tokens_ns.fetch_sub(ns, std::memory_order_relaxed);
+    if (fracgpu::flags_of(part) & fracgpu::kPartitionCap) part.cap_tokens_ns.fetch_sub(ns, std::memory_order_relaxed);
     saturating_dec(part.inflight);
 }
 
@@ -274,7 +275,7 @@ void refill_cap(fracgpu::SharedPartition &part, uint64_t now) {
         return;
     }
     if (now <= last || !part.cap_refill_ns.compare_exchange_strong(last, now)) return;
-    int64_t add = (int64_t)((double)(now - last) * part.compute_share);
+    int64_t add = (int64_t)((double)(now - last) * fracgpu::share_of(part));
     uint64_t cur = part.cap_tokens_ns.load(std::memory_order_relaxed);
     for (;;) {
         int64_t next = (int64_t)cur + add;
@@ -323,7 +324,7 @@ void catch_up(fracgpu::SharedRegion *r, int me, uint64_t now) {
 // prev_launch: when this partition launched before this launch (0: never).
 void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch) {
     fracgpu::SharedPartition &mine = r->partitions[me];
-    bool capped = mine.flags & fracgpu::kPartitionCap;
+    bool capped = fracgpu::flags_of(mine) & fracgpu::kPartitionCap;
     uint64_t now = mono_ns();
     uint64_t zero = 0;
     if (mine.waiting_ns.compare_exchange_strong(zero, now) && r->owner.load() != me &&

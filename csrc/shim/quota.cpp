@@ -37,7 +37,7 @@ struct Binding {
     // from the shared state each time (it may change while the job runs).
     uint64_t limit() {
         const fracgpu::SharedRegion *r = region.raw();
-        uint64_t l = r->partitions[r->processes[slot].partition].memory_limit;
+        uint64_t l = fracgpu::memory_limit_of(r->partitions[r->processes[slot].partition]);
         return l ? l : device_total;
     }
     std::string uuid, refusal;

@@ -386,6 +386,41 @@ bool Region::remove_partition(const std::string &name, std::string *err) {
     return ok;
 }
 
+bool Region::update_partition(const std::string &name, const uint64_t *memory_limit, const double *compute_share,
+                              const bool *cap, std::string *err) {
+    if (compute_share && !(*compute_share > 0 && *compute_share <= 1)) {
+        *err = "compute share " + std::to_string(*compute_share) + " is not a fraction in (0, 1]";
+        return false;
+    }
+    if (memory_limit && *memory_limit > r_->total_memory) {
+        *err = "memory limit " + std::to_string(*memory_limit) + " bytes is above the device's " +
+               std::to_string(r_->total_memory) + " bytes";
+        return false;
+    }
+    if (!lock(err)) return false;
+    int idx = find_partition(name);
+    bool ok = idx >= 0;
+    if (!ok) {
+        *err = "no partition '" + name + "' on GPU " + std::string(r_->uuid) + "; `fracgpu partition list` "
+               "shows them";
+    } else {
+        SharedPartition &p = r_->partitions[idx];
+        double share = compute_share ? *compute_share : share_of(p);
+        uint32_t flags = p.flags;
+        if (cap) flags = *cap ? (flags | kPartitionCap) : (flags & ~(uint32_t)kPartitionCap);
+        if ((flags & kPartitionCap) && share == 0) {
+            *err = "a compute cap needs a compute share: give --compute with --cap";
+            ok = false;
+        } else {
+            if (memory_limit) __atomic_store_n(&p.memory_limit, *memory_limit, __ATOMIC_RELEASE);
+            __atomic_store(&p.compute_share, &share, __ATOMIC_RELEASE);
+            __atomic_store_n(&p.flags, flags, __ATOMIC_RELEASE);
+        }
+    }
+    unlock();
+    return ok;
+}
+
 void Region::release_slot_locked(int slot) {
     SharedProcess &p = r_->processes[slot];
     if (p.pid == 0) return;
@@ -473,7 +508,8 @@ int Region::reap() {
 bool Region::charge(int slot, uint64_t bytes) {
     SharedProcess &p = r_->processes[slot];
     SharedPartition &part = r_->partitions[p.partition];
-    uint64_t limit = part.memory_limit ? part.memory_limit : r_->total_memory;
+    uint64_t set = memory_limit_of(part);   // may change while jobs run
+    uint64_t limit = set ? set : r_->total_memory;
     uint64_t cur = part.used.load(std::memory_order_relaxed);
     do {
         if (bytes > limit || cur > limit - bytes) return false;
@@ -500,12 +536,12 @@ std::vector<PartitionInfo> Region::partitions() {
         if (!__atomic_load_n(&p.in_use, __ATOMIC_ACQUIRE)) continue;
         PartitionInfo info;
         info.name = std::string(p.name, strnlen(p.name, sizeof p.name));
-        info.flags = p.flags;
-        info.memory_limit = p.memory_limit;
+        info.flags = flags_of(p);
+        info.memory_limit = memory_limit_of(p);
         info.used = p.used.load();
         info.peak = p.peak.load();
         info.oom_refusals = p.oom_refusals.load();
-        info.compute_share = p.compute_share;
+        info.compute_share = share_of(p);
         info.created_unix_ns = p.created_unix_ns;
         info.device_ns = p.device_ns.load();
         info.launches = p.launches.load();

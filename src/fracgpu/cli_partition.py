@@ -78,6 +78,34 @@ def list_(as_json: bool) -> None:
     Console().print(table)
 
 
+@partition_group.command("set")
+@click.argument("name", callback=checked_by(jobs.check_partition_name))
+@click.option("--memory", metavar="SIZE", callback=checked_by(jobs.parse_memory),
+              help="New memory limit: 8GiB, 512MiB, plain bytes, or 25% of the GPU.")
+@click.option("--unlimited", is_flag=True, help="Remove the memory limit.")
+@click.option("--compute", metavar="SHARE", callback=checked_by(jobs.parse_compute),
+              help="New share of the GPU's time: 25% or 0.25.")
+@click.option("--cap/--no-cap", default=None, help="Make the share a ceiling, or stop it being one.")
+@click.option("--device", "device_index", type=click.IntRange(min=0),
+              help="The GPU, by CUDA index, when several have a partition of this name.")
+@click.pass_context
+def set_(ctx: click.Context, name: str, memory: str | None, unlimited: bool, compute: str | None, cap: bool | None,
+         device_index: int | None) -> None:
+    """Change partition NAME while its jobs run (they see it at their next allocation or launch)."""
+    if memory is None and compute is None and cap is None and not unlimited:
+        raise click.UsageError("nothing to change: give --memory SIZE, --unlimited, --compute SHARE or --cap/--no-cap",
+                               ctx)
+    if memory is not None and unlimited:
+        raise click.UsageError("give --memory SIZE or --unlimited, not both", ctx)
+    with refusals():
+        uuid, now = partitions.update(name, memory=memory, compute=compute, cap=cap, unlimited=unlimited,
+                                      device_index=device_index)
+    click.echo(f"partition '{name}' on {uuid}: {_limits(now)}")
+    if now.memory_limit and now.used > now.memory_limit:
+        click.echo(f"note: it holds {format_size(now.used)}, above the new limit; its new allocations are refused "
+                   "until its use falls below the limit", err=True)
+
+
 @partition_group.command("rm")
 @click.argument("name", callback=checked_by(jobs.check_partition_name))
 @click.option("--device", "device_index", type=click.IntRange(min=0),

@@ -12,9 +12,9 @@ import os
 from collections.abc import Mapping
 
 from fracgpu import _native, devices, jobs, state
-from fracgpu.units import parse_size
+from fracgpu.units import format_size, parse_size
 
-__all__ = ["create", "remove", "device"]
+__all__ = ["create", "remove", "update", "device"]
 
 
 def device(index: int, env: Mapping[str, str] | None = None) -> devices.Device:
@@ -83,3 +83,45 @@ def remove(name: str, *, device_index: int | None = None, state_dir: str | os.Pa
         raise ValueError(f"partition '{name}' exists on several GPUs ({gpus}); say which with --device N")
     holders[0].remove_partition(name)
     return holders[0].uuid
+
+
+def update(name: str, *, memory: str | int | None = None, compute: str | float | None = None,
+           cap: bool | None = None, unlimited: bool = False, device_index: int | None = None,
+           state_dir: str | os.PathLike | None = None,
+           env: Mapping[str, str] | None = None) -> tuple[str, state.PartitionUsage]:
+    """Change partition ``name`` while its jobs run: its memory limit (``unlimited``
+    removes it), compute share, or cap; what is not given stays. Running jobs
+    see the change at their next allocation or launch; a limit below what the
+    partition holds refuses new allocations until use falls under it.
+
+    Returns (the GPU's UUID, the partition as it is now). Raises ValueError for
+    bad values or when no GPU (or several, without ``device_index``) has the
+    partition, StateError for an unsafe or damaged state."""
+    jobs.check_partition_name(name)
+    if memory is None and compute is None and cap is None and not unlimited:
+        raise ValueError("nothing to change: give a memory limit, a compute share or a cap setting")
+    if memory is not None and unlimited:
+        raise ValueError("give a memory limit or remove it, not both")
+    if memory is not None:
+        jobs.parse_memory(memory)
+    share = jobs.parse_compute(compute) if compute is not None else None
+    regions = state.open_regions(state_dir)
+    if device_index is not None:
+        uuid = device(device_index, env).uuid
+        regions = [r for r in regions if r.uuid == uuid]
+    holders = [r for r in regions if any(p["name"] == name for p in r.partitions())]
+    if not holders:
+        raise ValueError(f"there is no partition '{name}'; `fracgpu partition list` shows the partitions")
+    if len(holders) > 1:
+        raise ValueError(f"partition '{name}' exists on several GPUs; say which with --device N")
+    region = holders[0]
+    limit = None
+    if memory is not None:
+        limit = parse_size(memory, device_total=region.total_memory)
+        if limit > region.total_memory:
+            raise ValueError(f"memory limit {format_size(limit)} is above the {format_size(region.total_memory)} "
+                             f"of GPU {region.uuid}")
+    elif unlimited:
+        limit = 0
+    region.update_partition(name, limit, share, cap)
+    return region.uuid, next(p for p in state.read(region).partitions if p.name == name)

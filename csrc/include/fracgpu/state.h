@@ -38,8 +38,8 @@ struct SharedPartition {
     uint32_t in_use;                       // written last on create, first on remove
     uint32_t flags;
     char name[kNameBytes];
-    uint64_t memory_limit;                 // bytes; 0: no limit (the whole device)
-    double compute_share;                  // (0, 1]; 0: none
+    uint64_t memory_limit;                 // bytes; 0: no limit (the whole device); atomic access
+    double compute_share;                  // (0, 1]; 0: none; atomic access (may change while jobs run)
     uint64_t created_unix_ns;
     std::atomic<uint64_t> used;            // bytes charged to the partition now
     std::atomic<uint64_t> peak;            // highest `used` seen
@@ -89,6 +89,16 @@ struct SharedRegion {
     SharedPartition partitions[kMaxPartitions];
     SharedProcess processes[kMaxProcesses];
 };
+
+// Settings of a partition that `fracgpu partition set` may change while its
+// jobs run: always read (and written) atomically.
+inline uint64_t memory_limit_of(const SharedPartition &p) { return __atomic_load_n(&p.memory_limit, __ATOMIC_ACQUIRE); }
+inline uint32_t flags_of(const SharedPartition &p) { return __atomic_load_n(&p.flags, __ATOMIC_ACQUIRE); }
+inline double share_of(const SharedPartition &p) {
+    double v;
+    __atomic_load(&p.compute_share, &v, __ATOMIC_ACQUIRE);
+    return v;
+}
 
 // A partition or process as read by usage() and the CLI: plain values.
 struct PartitionInfo {
@@ -150,6 +160,10 @@ class Region {
     bool create_partition(const std::string &name, uint64_t memory_limit, double compute_share, uint32_t flags,
                           std::string *err);
     bool remove_partition(const std::string &name, std::string *err);
+    // Changes a live partition (null: leave that setting as it is); running jobs
+    // see the change at their next allocation or launch.
+    bool update_partition(const std::string &name, const uint64_t *memory_limit, const double *compute_share,
+                          const bool *cap, std::string *err);
     int find_partition(const std::string &name);           // index or -1
     // Joins partition `name` as process `pid`; when it does not exist and
     // `create_limit` is given (ephemeral), creates it with that limit (0: none),
