@@ -14,7 +14,7 @@ from fracgpu.units import format_share, format_size
 
 @click.group("partition")
 def partition_group() -> None:
-    """Partitions: a memory quota on one GPU that several jobs share."""
+    """Partitions: a memory quota and a compute share on one GPU that several jobs share."""
 
 
 @partition_group.command("create")
