@@ -236,3 +236,10 @@ def test_a_cuda_graph_is_charged_for_all_it_runs(gpu, kernels):
     got = json.loads(out.splitlines()[-1])
     assert got["launches"] == 20
     assert abs(got["device_ns"] - 200_000_000) <= 0.05 * 200_000_000, got
+
+
+def test_time_a_capped_partition_may_not_use_goes_to_the_others(gpu, clients, kernels, shim):
+    jobs = start_jobs(gpu, clients, kernels, shim, {"capped": ("25%", True, 0), "open": ("50%", False, 0)}, 3)
+    got = {name: windows(completions(job), 3) for name, job in jobs.items()}
+    assert all(0.20 <= s <= 0.28 for s in got["capped"]), got
+    assert all(s >= 0.62 for s in got["open"]), got   # work-conserving: the rest of the device, not just 50%

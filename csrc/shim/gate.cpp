@@ -333,7 +333,20 @@ void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch) {
     for (;; nap(), now = mono_ns()) {
         if (capped) {
             refill_cap(mine, now);
-            if ((int64_t)mine.cap_tokens_ns.load() < 0) continue;
+            int64_t tokens = (int64_t)mine.cap_tokens_ns.load();
+            if (tokens < 0) {
+                // Over the cap: not a candidate for the device meanwhile (others
+                // neither yield to it nor wait for it), and the device goes to
+                // them; sleep about as long as the bucket takes to refill (<= 2 ms).
+                mine.waiting_ns.store(0, std::memory_order_relaxed);
+                int held = me;
+                if (mine.inflight.load(std::memory_order_acquire) == 0) r->owner.compare_exchange_strong(held, -1);
+                double wait_ns = (double)-tokens / fracgpu::share_of(mine);
+                std::this_thread::sleep_for(std::chrono::nanoseconds((uint64_t)(wait_ns < 2e6 ? wait_ns : 2e6)));
+                continue;
+            }
+            uint64_t none = 0;
+            mine.waiting_ns.compare_exchange_strong(none, now, std::memory_order_relaxed);   // a candidate again
         }
         int owner = r->owner.load(std::memory_order_acquire);
         if (owner == me) {
