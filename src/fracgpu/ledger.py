@@ -1,0 +1,197 @@
+"""The ledger: what every job used, kept durably in SQLite.
+
+One row per job (a ``fracgpu run`` invocation or a partition's run of work)
+with its start and end, exit status, quota and share, device time
+(GPU-seconds), memory byte-seconds and peak memory; and the samples those
+totals come from, for plots. Every write is its own committed transaction, so
+whatever was recorded before a crash (of the job or of the writer) stays.
+
+Where it lives: ``$FRACGPU_LEDGER``, else ``$XDG_STATE_HOME/fracgpu/ledger.sqlite``,
+else ``~/.local/state/fracgpu/ledger.sqlite``. The schema is versioned
+(``PRAGMA user_version``) and migrated forward on open; a ledger written by a
+newer fracgpu is refused rather than altered.
+
+This module is the store; what records jobs into it (``fracgpu run``, the
+report) builds on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import sqlite3
+import time
+
+__all__ = ["Ledger", "LedgerError", "JobRecord", "default_path", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+
+# MIGRATIONS[n] takes a ledger from version n - 1 to n.
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE jobs (
+               id INTEGER PRIMARY KEY,
+               job TEXT NOT NULL,                 -- what the user ran, or the partition's name
+               partition TEXT NOT NULL,
+               gpu TEXT NOT NULL,                 -- device UUID
+               command TEXT NOT NULL DEFAULT '',
+               start REAL NOT NULL,               -- Unix time, seconds
+               "end" REAL,                        -- NULL while it runs
+               exit_status INTEGER,               -- NULL while it runs; -N: killed by signal N
+               memory_limit INTEGER,              -- bytes; NULL: none
+               compute_share REAL,                -- NULL: none
+               gpu_seconds REAL NOT NULL DEFAULT 0,
+               memory_byte_seconds REAL NOT NULL DEFAULT 0,
+               peak_memory_bytes INTEGER NOT NULL DEFAULT 0,
+               last_sample REAL,                  -- time of the latest sample
+               last_memory_bytes INTEGER NOT NULL DEFAULT 0
+           )""",
+        """CREATE TABLE samples (
+               job_id INTEGER NOT NULL REFERENCES jobs(id),
+               t REAL NOT NULL,
+               memory_bytes INTEGER NOT NULL,
+               device_seconds REAL NOT NULL       -- cumulative
+           )""",
+        "CREATE INDEX samples_by_job ON samples(job_id, t)",
+        "CREATE INDEX jobs_by_start ON jobs(start)",
+    ],
+}
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be used; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class JobRecord:
+    id: int
+    job: str
+    partition: str
+    gpu: str
+    command: str
+    start: float
+    end: float | None
+    exit_status: int | None
+    memory_limit: int | None
+    compute_share: float | None
+    gpu_seconds: float
+    memory_byte_seconds: float
+    peak_memory_bytes: int
+
+
+def default_path() -> pathlib.Path:
+    if os.environ.get("FRACGPU_LEDGER"):
+        return pathlib.Path(os.environ["FRACGPU_LEDGER"])
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return pathlib.Path(base) / "fracgpu" / "ledger.sqlite"
+
+
+class Ledger:
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = pathlib.Path(path) if path is not None else default_path()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)   # autocommit
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise LedgerError(f"the ledger {self.path} cannot be used ({e}); move it aside to start a new one, or "
+                              "set FRACGPU_LEDGER to another file") from None
+        except OSError as e:
+            raise LedgerError(f"cannot create the ledger {self.path}: {e.strerror}; set FRACGPU_LEDGER to a file "
+                              "you can write") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LedgerError(f"the ledger {self.path} has schema version {version}, newer than this fracgpu's "
+                              f"{SCHEMA_VERSION}: upgrade fracgpu, or set FRACGPU_LEDGER to another file")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                # Another process may have migrated while we waited for the lock.
+                if self.db.execute("PRAGMA user_version").fetchone()[0] >= target:
+                    self.db.execute("COMMIT")
+                    continue
+                for statement in MIGRATIONS[target]:
+                    self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {target}")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def start_job(self, *, job: str, partition: str, gpu: str, command: str = "", memory_limit: int | None = None,
+                  compute_share: float | None = None, start: float | None = None) -> int:
+        cur = self.db.execute(
+            "INSERT INTO jobs (job, partition, gpu, command, start, memory_limit, compute_share) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (job, partition, gpu, command, time.time() if start is None else start, memory_limit, compute_share))
+        return int(cur.lastrowid)
+
+    def sample(self, job_id: int, *, memory_bytes: int, device_seconds: float, t: float | None = None) -> None:
+        """Record the job's memory now and its device time so far (a cumulative
+        counter). Memory byte-seconds grow by the previous sample's memory times
+        the time since it (memory is taken to hold until the next sample)."""
+        t = time.time() if t is None else t
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.db.execute("SELECT start, last_sample, last_memory_bytes FROM jobs WHERE id = ?",
+                                  (job_id,)).fetchone()
+            if row is None:
+                raise LedgerError(f"no job {job_id} in the ledger {self.path}")
+            start, last, last_memory = row
+            since = max(0.0, t - (last if last is not None else start))
+            self.db.execute(
+                "UPDATE jobs SET memory_byte_seconds = memory_byte_seconds + ?, "
+                "peak_memory_bytes = MAX(peak_memory_bytes, ?), gpu_seconds = MAX(gpu_seconds, ?), "
+                "last_sample = ?, last_memory_bytes = ? WHERE id = ?",
+                (last_memory * since, memory_bytes, device_seconds, t, memory_bytes, job_id))
+            self.db.execute("INSERT INTO samples (job_id, t, memory_bytes, device_seconds) VALUES (?, ?, ?, ?)",
+                            (job_id, t, memory_bytes, device_seconds))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def finish(self, job_id: int, *, exit_status: int, end: float | None = None) -> None:
+        end = time.time() if end is None else end
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.db.execute("SELECT start, last_sample, last_memory_bytes FROM jobs WHERE id = ?",
+                                  (job_id,)).fetchone()
+            if row is None:
+                raise LedgerError(f"no job {job_id} in the ledger {self.path}")
+            start, last, last_memory = row
+            since = max(0.0, end - (last if last is not None else start))
+            self.db.execute('UPDATE jobs SET "end" = ?, exit_status = ?, '
+                            "memory_byte_seconds = memory_byte_seconds + ?, last_memory_bytes = 0 WHERE id = ?",
+                            (end, exit_status, last_memory * since, job_id))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def jobs(self, since: float | None = None) -> list[JobRecord]:
+        """Jobs that started at or after ``since`` (Unix time), or all, oldest first."""
+        rows = self.db.execute(
+            'SELECT id, job, partition, gpu, command, start, "end", exit_status, memory_limit, compute_share, '
+            "gpu_seconds, memory_byte_seconds, peak_memory_bytes FROM jobs WHERE start >= ? ORDER BY start, id",
+            (since if since is not None else float("-inf"),)).fetchall()
+        return [JobRecord(*row) for row in rows]
+
+    def samples(self, job_id: int) -> list[tuple[float, int, float]]:
+        """(time, memory bytes, cumulative device seconds) of a job, in time order."""
+        return self.db.execute("SELECT t, memory_bytes, device_seconds FROM samples WHERE job_id = ? ORDER BY t",
+                               (job_id,)).fetchall()
