@@ -42,6 +42,7 @@ COMMANDS = {
     "demo": "fracgpu.demo:demo",
     "exporter": "fracgpu.exporter:exporter",
     "partition": "fracgpu.cli_partition:partition_group",
+    "report": "fracgpu.cli_report:report",
     "run": "fracgpu.cli_run:run",
     "sim": "fracgpu.cli:sim_group",
     "top": "fracgpu.cli_top:top",

@@ -1,0 +1,74 @@
+"""`fracgpu report` over a ledger (filled through the ledger's API here: what
+writes it from running jobs comes with the rest of the accounting work)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fracgpu.cli_report import parse_since
+from fracgpu.ledger import Ledger
+
+MiB = 1 << 20
+
+
+def report(ledger, *args):
+    return subprocess.run([sys.executable, "-m", "fracgpu", "report", "--ledger", str(ledger), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    now = time.time()
+    with Ledger(path) as l:
+        a = l.start_job(job="train", partition="run-1", gpu="GPU-x", memory_limit=256 * MiB, compute_share=0.75,
+                        start=now - 7200)
+        l.sample(a, memory_bytes=200 * MiB, device_seconds=1800.0, t=now - 3600)
+        l.finish(a, exit_status=0, end=now - 3600)
+        b = l.start_job(job="infer", partition="run-2", gpu="GPU-x", start=now - 600)
+        l.sample(b, memory_bytes=64 * MiB, device_seconds=36.0, t=now - 300)
+        l.finish(b, exit_status=-9, end=now - 200)   # killed: its use up to then is kept
+    return path
+
+
+def test_json_has_the_documented_fields_and_cost(ledger):
+    out = report(ledger, "--format", "json", "--rate", "2")
+    assert out.returncode == 0, out.stderr
+    rows = {r["job"]: r for r in json.loads(out.stdout)}
+    for field in ("job", "partition", "start", "end", "exit_status", "gpu_seconds", "memory_byte_seconds",
+                  "peak_memory_bytes", "cost"):
+        assert field in rows["train"]
+    assert rows["train"]["gpu_seconds"] == 1800.0 and rows["train"]["cost"] == 1.0   # half a GPU-hour at 2/h
+    assert rows["infer"]["exit_status"] == -9 and rows["infer"]["peak_memory_bytes"] == 64 * MiB
+    assert rows["infer"]["memory_byte_seconds"] == 64 * MiB * 100
+
+
+def test_since_csv_and_table(ledger):
+    out = report(ledger, "--since", "1h", "--format", "csv")
+    assert [r["job"] for r in csv.DictReader(io.StringIO(out.stdout))] == ["infer"]
+    table = subprocess.run([sys.executable, "-m", "fracgpu", "report", "--ledger", str(ledger)],
+                           capture_output=True, text=True, timeout=60, env={"COLUMNS": "200", "PATH": "/usr/bin"})
+    assert "train" in table.stdout and "1800.00 s" in table.stdout
+
+
+def test_bad_input(ledger, tmp_path):
+    for args, message in ((["--since", "last tuesday"], "invalid time"), (["--rate", "cheap"], "invalid rate"),
+                          (["--format", "xml"], "xml")):
+        out = report(ledger, *args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"x" * 2000)
+    out = report(bad)
+    assert out.returncode == 2 and "move it aside" in out.stderr   # refused, like every unusable state
+
+
+def test_parse_since():
+    assert parse_since("2h", now=10_000) == 10_000 - 7200
+    assert parse_since("2026-11-28T00:00+00:00") == 1795824000.0
