@@ -66,15 +66,17 @@ class ProcEntry:
     symbol: str
 
 
-def preprocess(cc: str, include_dir: str, header: str) -> str:
+def preprocess(cc: str, include_dir: str, header: str, define: str = "__CUDA_API_VERSION_INTERNAL") -> str:
+    """The header as the C preprocessor expands it, with ``define`` set (for cuda.h:
+    every versioned name declared; also used by gen_nvml_api.py)."""
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "in.c")
         with open(src, "w") as f:
             f.write(f"#include <{header}>\n")
-        cmd = [cc, "-E", "-P", "-D__CUDA_API_VERSION_INTERNAL", "-I", include_dir, src]
+        cmd = [cc, "-E", "-P", f"-D{define}", "-I", include_dir, src]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
-            sys.exit(f"gen_cuda_api: preprocessing {header} failed:\n{res.stderr}")
+            sys.exit(f"{os.path.basename(sys.argv[0])}: preprocessing {header} failed:\n{res.stderr}")
         return res.stdout
 
 

@@ -29,13 +29,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gen_cuda_api import _rename_param, _split_params  # noqa: E402  (parameter parsing, shared)
+from gen_cuda_api import Proto as CudaProto  # noqa: E402  (prototypes and their parsing, shared)
+from gen_cuda_api import _rename_param, _split_params  # noqa: E402
+from gen_cuda_api import preprocess as cuda_preprocess  # noqa: E402
 
 # A declaration: return type, name, parameters (none of NVML's contain parentheses).
 _PROTO = re.compile(r"(?<![\w*])(nvmlReturn_t|const\s+char\s*\*)\s*\b(nvml\w+)\s*\(([^;{}()]*)\)\s*;", re.S)
@@ -44,30 +44,12 @@ _TYPEDEF_FN = re.compile(r"typedef[^;]*\(\s*\*\s*(nvml\w+)\s*\)")
 
 
 @dataclass(frozen=True)
-class Proto:
-    ret: str                 # "nvmlReturn_t" or "const char *"
-    name: str
-    params: tuple[str, ...]  # each a full declaration with the parameter named a<i>
-
-    @property
-    def decl(self) -> str:
-        return ", ".join(self.params) if self.params else "void"
-
-    @property
-    def args(self) -> str:
-        return ", ".join(f"a{i}" for i in range(len(self.params)))
+class Proto(CudaProto):
+    ret: str = "nvmlReturn_t"   # or "const char *"
 
 
 def preprocess(cc: str, include_dir: str) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "in.c")
-        with open(src, "w") as f:
-            f.write("#include <nvml.h>\n")
-        cmd = [cc, "-E", "-P", "-DNVML_NO_UNVERSIONED_FUNC_DEFS", "-I", include_dir, src]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            sys.exit(f"gen_nvml_api: preprocessing nvml.h failed:\n{res.stderr}")
-        return res.stdout
+    return cuda_preprocess(cc, include_dir, "nvml.h", "NVML_NO_UNVERSIONED_FUNC_DEFS")
 
 
 def parse_prototypes(pp: str) -> list[Proto]:
@@ -76,7 +58,7 @@ def parse_prototypes(pp: str) -> list[Proto]:
         ret = "const char *" if m.group(1).startswith("const") else "nvmlReturn_t"
         name, raw = m.group(2), m.group(3).strip()
         parts = [] if raw in ("", "void") else _split_params(raw)
-        proto = Proto(ret, name, tuple(_rename_param(p, i, name) for i, p in enumerate(parts)))
+        proto = Proto(name, tuple(_rename_param(p, i, name) for i, p in enumerate(parts)), ret)
         if name in seen and seen[name] != proto:
             sys.exit(f"gen_nvml_api: {name} is declared twice with different parameters")
         seen[name] = proto
