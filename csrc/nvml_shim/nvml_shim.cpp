@@ -20,7 +20,6 @@
 #include "nvml_forward.h"
 
 #include <atomic>
-#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -33,6 +32,7 @@
 
 #include "fracgpu/real_library.h"
 #include "fracgpu/state.h"
+#include "fracgpu/support.h"
 #include "fracgpu/units.h"
 #include "fracgpu/view.h"
 
@@ -42,21 +42,8 @@ namespace {
 
 constexpr uint64_t kReapIntervalNs = 100'000'000;   // as the CUDA shim: look for dead jobs this often
 
-void log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-void log(const char *fmt, ...) {
-    char buf[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "fracgpu: %s\n", buf);
-}
-
-uint64_t mono_ns() {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
+using fracgpu::log;
+using fracgpu::mono_ns;
 
 // ---------------------------------------------------------------------------
 // The real NVML: FRACGPU_REAL_LIBNVML, else LD_LIBRARY_PATH, else the usual

@@ -4,7 +4,6 @@
 
 #include <cerrno>
 #include <cmath>
-#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -127,15 +126,6 @@ void load_once() {
 }
 
 }  // namespace
-
-void log(const char *fmt, ...) {
-    char buf[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "fracgpu: %s\n", buf);
-}
 
 bool ensure_loaded() {
     std::call_once(g_once, load_once);

@@ -50,12 +50,6 @@ constexpr uint64_t kQueueNs = 2'000'000;
 constexpr size_t kMaxQueued = 64;
 constexpr int kMaxDevices = 64;
 
-uint64_t mono_ns() {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 // A short sleep while waiting for a turn. The thread's timer slack is set to
 // 1 us first (the default 50 us would stretch every wait, and every handoff
 // of the device, by that much).

@@ -51,12 +51,6 @@ int g_ndev = 0;
 std::atomic<bool> g_bound{false};     // this process has bindings (a forked child has none until its cuInit)
 CUresult g_bind_result = CUDA_SUCCESS;
 
-uint64_t mono_ns() {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 std::string size_text(uint64_t bytes) {
     char buf[32];
     fracgpu_format_size(bytes, buf, sizeof buf);

@@ -20,6 +20,7 @@
 #include <string>
 
 #include "forward.h"
+#include "fracgpu/support.h"
 
 #define SHIM_API extern "C" __attribute__((visibility("default")))
 
@@ -52,7 +53,8 @@ bool ensure_loaded();
 CUresult init_error();
 const Settings &settings();
 void *real_handle();
-void log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));   // "fracgpu: ..." on stderr
+using fracgpu::log;        // "fracgpu: ..." on stderr (fracgpu/support.h)
+using fracgpu::mono_ns;
 
 // The memory layer's binding of device `dev` in this process (quota.cpp): its
 // region and process slot. False when nothing is enforced there.
