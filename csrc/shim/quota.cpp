@@ -15,6 +15,7 @@
 #include <mutex>
 #include <new>
 #include <thread>
+#include <type_traits>
 #include <unordered_map>
 #include <unistd.h>
 
@@ -256,17 +257,24 @@ Where current() {
     return w;
 }
 
+// The key an allocation is remembered by: the pointer or handle the call wrote.
+template <typename T>
+uint64_t key_of(T value) {
+    if constexpr (std::is_pointer_v<T>) return reinterpret_cast<uint64_t>(value);
+    else return static_cast<uint64_t>(value);
+}
+
 // The common shape of a counted allocation: charge, call, then remember the
-// charge under the key the call produced, or give it back.
-template <typename Call>
-CUresult alloc_counted(uint64_t bytes, Where w, Call call, Kind kind, uint64_t *key) {
+// charge under the pointer or handle the call wrote to *out, or give it back.
+template <typename T, typename Call>
+CUresult alloc_counted(uint64_t bytes, Where w, Call call, Kind kind, T *out) {
     Binding *b = binding(w.dev);
     CUresult rc = charge(b, bytes);
     if (rc != CUDA_SUCCESS) return rc;
     rc = call();
     if (!b) return rc;
     if (rc != CUDA_SUCCESS) uncharge(w.dev, bytes);
-    else remember(kind, *key, Charge{bytes, w.dev, w.ctx});
+    else remember(kind, key_of(*out), Charge{bytes, w.dev, w.ctx});
     return rc;
 }
 
@@ -372,27 +380,19 @@ SHIM_API CUresult cuInit(unsigned int flags) {
 SHIM_API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
     REAL_OR_RETURN(real, cuMemAlloc_v2);
     if (!dptr) return real(dptr, bytesize);
-    return alloc_counted(bytesize, current(), [&] { return real(dptr, bytesize); }, kPointer,
-                         reinterpret_cast<uint64_t *>(dptr));
+    return alloc_counted(bytesize, current(), [&] { return real(dptr, bytesize); }, kPointer, dptr);
 }
 
 SHIM_API CUresult cuMemAlloc(CUdeviceptr_v1 *dptr, unsigned int bytesize) {
     REAL_OR_RETURN(real, cuMemAlloc);
     if (!dptr) return real(dptr, bytesize);
-    uint64_t key = 0;
-    CUresult rc = alloc_counted(bytesize, current(), [&] {
-        CUresult r = real(dptr, bytesize);
-        if (r == CUDA_SUCCESS) key = *dptr;
-        return r;
-    }, kPointer, &key);
-    return rc;
+    return alloc_counted(bytesize, current(), [&] { return real(dptr, bytesize); }, kPointer, dptr);
 }
 
 SHIM_API CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags) {
     REAL_OR_RETURN(real, cuMemAllocManaged);
     if (!dptr) return real(dptr, bytesize, flags);
-    return alloc_counted(bytesize, current(), [&] { return real(dptr, bytesize, flags); }, kPointer,
-                         reinterpret_cast<uint64_t *>(dptr));
+    return alloc_counted(bytesize, current(), [&] { return real(dptr, bytesize, flags); }, kPointer, dptr);
 }
 
 SHIM_API CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pPitch, size_t width, size_t height,
@@ -444,8 +444,7 @@ SHIM_API CUresult cuMemFree(CUdeviceptr_v1 dptr) {
 #define ASYNC_ALLOC(name, ...)                                                                       \
     REAL_OR_RETURN(real, name);                                                                      \
     if (!dptr) return real(dptr, __VA_ARGS__);                                                       \
-    return alloc_counted(bytesize, current(), [&] { return real(dptr, __VA_ARGS__); }, kPointer,     \
-                         reinterpret_cast<uint64_t *>(dptr))
+    return alloc_counted(bytesize, current(), [&] { return real(dptr, __VA_ARGS__); }, kPointer, dptr)
 
 SHIM_API CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream s) {
     ASYNC_ALLOC(cuMemAllocAsync, bytesize, s);
@@ -484,8 +483,7 @@ SHIM_API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size,
     if (!handle || !prop || prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE)
         return real(handle, size, prop, flags);
     Where w{prop->location.id, nullptr};   // physical memory outlives contexts
-    return alloc_counted(size, w, [&] { return real(handle, size, prop, flags); }, kHandle,
-                         reinterpret_cast<uint64_t *>(handle));
+    return alloc_counted(size, w, [&] { return real(handle, size, prop, flags); }, kHandle, handle);
 }
 
 SHIM_API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
@@ -501,23 +499,15 @@ SHIM_API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
 SHIM_API CUresult cuArrayCreate_v2(CUarray *h, const CUDA_ARRAY_DESCRIPTOR *d) {
     REAL_OR_RETURN(real, cuArrayCreate_v2);
     if (!h || !d) return real(h, d);
-    uint64_t key = 0;
-    return alloc_counted(array_bytes(d->Width, d->Height, 1, d->NumChannels, d->Format), current(), [&] {
-        CUresult r = real(h, d);
-        if (r == CUDA_SUCCESS) key = reinterpret_cast<uint64_t>(*h);
-        return r;
-    }, kArray, &key);
+    uint64_t bytes = array_bytes(d->Width, d->Height, 1, d->NumChannels, d->Format);
+    return alloc_counted(bytes, current(), [&] { return real(h, d); }, kArray, h);
 }
 
 SHIM_API CUresult cuArray3DCreate_v2(CUarray *h, const CUDA_ARRAY3D_DESCRIPTOR *d) {
     REAL_OR_RETURN(real, cuArray3DCreate_v2);
     if (!h || !d) return real(h, d);
-    uint64_t key = 0;
-    return alloc_counted(array_bytes(d->Width, d->Height, d->Depth, d->NumChannels, d->Format), current(), [&] {
-        CUresult r = real(h, d);
-        if (r == CUDA_SUCCESS) key = reinterpret_cast<uint64_t>(*h);
-        return r;
-    }, kArray, &key);
+    uint64_t bytes = array_bytes(d->Width, d->Height, d->Depth, d->NumChannels, d->Format);
+    return alloc_counted(bytes, current(), [&] { return real(h, d); }, kArray, h);
 }
 
 SHIM_API CUresult cuArrayDestroy(CUarray h) {
@@ -539,12 +529,7 @@ SHIM_API CUresult cuMipmappedArrayCreate(CUmipmappedArray *h, const CUDA_ARRAY3D
         hh = hh > 1 ? hh / 2 : hh;
         dd = dd > 1 ? dd / 2 : dd;
     }
-    uint64_t key = 0;
-    return alloc_counted(bytes, current(), [&] {
-        CUresult r = real(h, d, levels);
-        if (r == CUDA_SUCCESS) key = reinterpret_cast<uint64_t>(*h);
-        return r;
-    }, kArray, &key);
+    return alloc_counted(bytes, current(), [&] { return real(h, d, levels); }, kArray, h);
 }
 
 SHIM_API CUresult cuMipmappedArrayDestroy(CUmipmappedArray h) {
