@@ -17,11 +17,13 @@ report) builds on it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
 import sqlite3
 import time
+from collections.abc import Iterator
 
 __all__ = ["Ledger", "LedgerError", "JobRecord", "default_path", "SCHEMA_VERSION"]
 
@@ -145,28 +147,26 @@ class Ledger:
         counter). Memory byte-seconds grow by the previous sample's memory times
         the time since it (memory is taken to hold until the next sample)."""
         t = time.time() if t is None else t
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            row = self.db.execute("SELECT start, last_sample, last_memory_bytes FROM jobs WHERE id = ?",
-                                  (job_id,)).fetchone()
-            if row is None:
-                raise LedgerError(f"no job {job_id} in the ledger {self.path}")
-            start, last, last_memory = row
-            since = max(0.0, t - (last if last is not None else start))
+        with self._advance(job_id, t) as held:
             self.db.execute(
                 "UPDATE jobs SET memory_byte_seconds = memory_byte_seconds + ?, "
                 "peak_memory_bytes = MAX(peak_memory_bytes, ?), gpu_seconds = MAX(gpu_seconds, ?), "
                 "last_sample = ?, last_memory_bytes = ? WHERE id = ?",
-                (last_memory * since, memory_bytes, device_seconds, t, memory_bytes, job_id))
+                (held, memory_bytes, device_seconds, t, memory_bytes, job_id))
             self.db.execute("INSERT INTO samples (job_id, t, memory_bytes, device_seconds) VALUES (?, ?, ?, ?)",
                             (job_id, t, memory_bytes, device_seconds))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def finish(self, job_id: int, *, exit_status: int, end: float | None = None) -> None:
         end = time.time() if end is None else end
+        with self._advance(job_id, end) as held:
+            self.db.execute('UPDATE jobs SET "end" = ?, exit_status = ?, '
+                            "memory_byte_seconds = memory_byte_seconds + ?, last_memory_bytes = 0 WHERE id = ?",
+                            (end, exit_status, held, job_id))
+
+    @contextlib.contextmanager
+    def _advance(self, job_id: int, t: float) -> Iterator[float]:
+        """A transaction on job ``job_id`` at time ``t``; yields the byte-seconds its
+        memory (as last sampled) held since the last sample, or since its start."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             row = self.db.execute("SELECT start, last_sample, last_memory_bytes FROM jobs WHERE id = ?",
@@ -174,10 +174,7 @@ class Ledger:
             if row is None:
                 raise LedgerError(f"no job {job_id} in the ledger {self.path}")
             start, last, last_memory = row
-            since = max(0.0, end - (last if last is not None else start))
-            self.db.execute('UPDATE jobs SET "end" = ?, exit_status = ?, '
-                            "memory_byte_seconds = memory_byte_seconds + ?, last_memory_bytes = 0 WHERE id = ?",
-                            (end, exit_status, last_memory * since, job_id))
+            yield last_memory * max(0.0, t - (last if last is not None else start))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
