@@ -33,13 +33,12 @@ struct Binding {
     bool ok = false;                 // this device has the job's partition
     fracgpu::Region region;
     int slot = -1;
-    uint64_t device_total = 0;       // the device's memory
     // What the job sees as the device's memory: its partition's limit, read
     // from the shared state each time (it may change while the job runs).
     uint64_t limit() {
         const fracgpu::SharedRegion *r = region.raw();
         uint64_t l = fracgpu::memory_limit_of(r->partitions[r->processes[slot].partition]);
-        return l ? l : device_total;
+        return l ? l : region.total_memory();
     }
     std::string uuid, refusal;
     std::atomic<bool> oom_reported{false};
@@ -120,7 +119,6 @@ bool attach(int d, Binding &b) {
         b.refusal = err;   // the partition lives on another GPU: this one gets no memory
         return true;
     }
-    b.device_total = total;
     b.ok = true;
     return true;
 }
@@ -327,7 +325,10 @@ bool bound_slot(int dev, fracgpu::Region **region, int *slot) {
 
 int launch_device() {
     if (!g_bound.load(std::memory_order_acquire)) return -1;
-    return g_ndev == 1 ? 0 : current().dev;
+    if (g_ndev == 1) return 0;
+    CUdevice d;   // only the device: a launch needs no context lookup here
+    auto get_dev = REAL(cuCtxGetDevice);
+    return get_dev && get_dev(&d) == CUDA_SUCCESS ? d : -1;
 }
 
 }  // namespace shim
@@ -648,7 +649,7 @@ bool virtual_meminfo(int dev, uint64_t real_free, uint64_t *free_out, uint64_t *
     if (now - last > kReapIntervalNs && b->last_reap_ns.compare_exchange_strong(last, now)) b->region.reap();
     const fracgpu::SharedRegion *r = b->region.raw();
     uint64_t used = r->partitions[r->processes[b->slot].partition].used.load(std::memory_order_relaxed);
-    fracgpu::MemoryView v = fracgpu::memory_view(b->limit(), b->device_total, used, real_free);   // as NVML shows it
+    fracgpu::MemoryView v = fracgpu::memory_view(b->limit(), b->region.total_memory(), used, real_free);   // as NVML shows it
     *free_out = v.free;
     *total_out = v.total;
     return true;
