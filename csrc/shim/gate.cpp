@@ -368,7 +368,6 @@ void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch) {
         if (most_deserving(r) != me) continue;
         int free_ = -1;
         if (r->owner.compare_exchange_strong(free_, me)) {
-            r->lease_start_ns.store(now, std::memory_order_relaxed);
             r->lease_until_ns.store(now + kLeaseNs, std::memory_order_relaxed);
             break;
         }

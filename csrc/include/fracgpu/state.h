@@ -83,9 +83,8 @@ struct SharedRegion {
     // The device lease of the launch gate: which partition may launch, until when.
     std::atomic<int32_t> owner;            // partition index, -1: free
     uint32_t pad0;
-    std::atomic<uint64_t> lease_start_ns;
     std::atomic<uint64_t> lease_until_ns;
-    std::atomic<uint64_t> reserved[8];
+    std::atomic<uint64_t> reserved[9];
     SharedPartition partitions[kMaxPartitions];
     SharedProcess processes[kMaxProcesses];
 };
