@@ -232,12 +232,41 @@ print(json.dumps({"device_ns": part.device_ns, "launches": part.launches}))
 """
 
 
-def test_a_cuda_graph_is_charged_for_all_it_runs(gpu, kernels):
-    # A 100% cap keeps the job in the gate, where every launch is measured.
-    out = gpu.fracgpu("run", "--compute", "100%", "--cap", "--", sys.executable, "-c", GRAPH_JOB, kernels).stdout
+@pytest.mark.parametrize("options", [["--compute", "100%", "--cap"], ["--compute", "50%"], ["--memory", "1GiB"]],
+                         ids=["gated", "alone-with-share", "alone-memory-only"])
+def test_a_cuda_graph_is_charged_for_all_it_runs(gpu, kernels, options):
+    # A 100% cap keeps the job in the gate, where every launch is measured; alone
+    # on the GPU, long launches are measured one by one outside the gate.
+    out = gpu.fracgpu("run", *options, "--", sys.executable, "-c", GRAPH_JOB, kernels).stdout
     got = json.loads(out.splitlines()[-1])
     assert got["launches"] == 20
     assert abs(got["device_ns"] - 200_000_000) <= 0.05 * 200_000_000, got
+
+
+TINY_JOB = GRAPH_JOB.split("graph = ck(")[0] + """
+ns = np.array([int(sys.argv[2])], np.uint64)
+args = np.array([ns.ctypes.data], np.uint64)
+stream = ck(cu.cuStreamCreate(0))
+for _ in range(int(sys.argv[3])):
+    ck(cu.cuLaunchKernel(spin, 1, 1, 1, 1, 1, 1, 0, stream, args.ctypes.data, 0))
+ck(cu.cuStreamSynchronize(stream))
+import time; time.sleep(0.05)
+me = os.environ["FRACGPU_PARTITION"]
+(part,) = [p for u in fracgpu.usage() for p in u.partitions if p.name == me]
+print(json.dumps({"device_ns": part.device_ns, "launches": part.launches}))
+"""
+
+
+def test_short_launches_of_a_partition_alone_are_sampled_into_its_device_time(gpu, kernels):
+    """Launches of 5 us, alone on the GPU: most take no event, a sample is measured for the
+    launches around it; the total comes within a few percent of what ran."""
+    out = gpu.fracgpu("run", "--memory", "1GiB", "--", sys.executable, "-c", TINY_JOB, kernels, "5000",
+                      "4000").stdout
+    got = json.loads(out.splitlines()[-1])
+    ran = 4000 * 5000
+    # Launches after the last sample are not counted yet: at most 2 x 32 of them.
+    assert 4000 - 64 <= got["launches"] <= 4000
+    assert abs(got["device_ns"] - ran) <= 0.05 * ran, got
 
 
 def test_time_a_capped_partition_may_not_use_goes_to_the_others(gpu, clients, kernels, shim):

@@ -1,7 +1,8 @@
 // The launch gate: compute shares by weighted time-slicing of the device.
 //
 // When one partition alone uses a GPU (and has no cap) the gate is one clock
-// read and one atomic store per launch: no event, no wait. When several
+// read and one atomic store per launch, no wait, and an event pair only on the
+// launches measured for the ledger (see below). When several
 // partitions are busy, the device is leased to one partition at a time for a
 // slice of kLeaseNs; the next lease goes to the waiting partition whose
 // virtual time (device time used / weight) is lowest, so over time each gets
@@ -9,13 +10,19 @@
 // goes idle, so the scheduler is work-conserving; a partition that comes back
 // from idle starts at the others' virtual time (no credit for idling, no debt).
 //
-// Device time is measured, not estimated: each gated launch is bracketed by
-// two pooled events, and a per-process thread reads them as they complete
-// (off the launch path) into the partition's and process's counters. A CUDA
-// graph launch is bracketed the same way, so it is charged for all it runs.
-// Because only the lease holder's work is on the device (the previous holder
-// drains before the next starts), an event pair measures that partition's
-// work and nobody else's.
+// Device time is measured: each gated launch is bracketed by two pooled
+// events, and a per-process thread reads them as they complete (off the
+// launch path) into the partition's and process's counters. A CUDA graph
+// launch is bracketed the same way, so it is charged for all it runs. Because
+// only the lease holder's work is on the device (the previous holder drains
+// before the next starts), an event pair measures that partition's work and
+// nobody else's. Outside the gate (a partition alone, or others idle) device
+// time is still measured for the ledger, at a cost kept small: launches that
+// average kBracketNs or more are each bracketed (two event records against a
+// kernel at least 25 times longer); shorter ones are sampled, one launch in
+// about n bracketed and counted for the n (n up to kMaxSampleEvery, chosen at
+// random around its mean so that a training loop's period cannot alias it),
+// so most launches take no event at all.
 //
 // A capped partition also draws on a token bucket filled at its share of wall
 // time: it waits when the bucket is empty, even on an idle GPU.
@@ -49,6 +56,8 @@ constexpr uint64_t kCapBucketNs = 4'000'000;   // how much unused capped time ma
 constexpr uint64_t kQueueNs = 2'000'000;
 constexpr size_t kMaxQueued = 64;
 constexpr int kMaxDevices = 64;
+constexpr uint64_t kBracketNs = 50'000;        // launches this long on average are measured one by one
+constexpr uint64_t kMaxSampleEvery = 32;       // shorter ones: one in up to this many
 
 // A short sleep while waiting for a turn. The thread's timer slack is set to
 // 1 us first (the default 50 us would stretch every wait, and every handoff
@@ -118,6 +127,8 @@ struct Pending {
     fracgpu::SharedRegion *region;
     int slot, partition;
     double weight;
+    uint32_t represents;   // ungated: launches this measurement stands for (it and the unmeasured before it)
+    bool gated;            // counted in the partition's inflight
 };
 
 // Never destroyed: the detached reader thread waits on them while the process exits.
@@ -142,12 +153,15 @@ void account(const Pending &p, uint64_t ns) {
     g_avg_launch_ns_plus1.store(avg ? ((avg - 1) * 7 + ns) / 8 + 1 : ns + 1, std::memory_order_relaxed);
     fracgpu::SharedPartition &part = p.region->partitions[p.partition];
     fracgpu::SharedProcess &proc = p.region->processes[p.slot];
-    part.device_ns.fetch_add(ns, std::memory_order_relaxed);
-    part.vtime_ns.fetch_add((uint64_t)((double)ns / p.weight), std::memory_order_relaxed);
-    proc.device_ns.fetch_add(ns, std::memory_order_relaxed);
-    saturating_dec(proc.inflight);
-    if (fracgpu::flags_of(part) & fracgpu::kPartitionCap) part.cap_tokens_ns.fetch_sub(ns, std::memory_order_relaxed);
-    saturating_dec(part.inflight);
+    uint64_t total = ns * (p.gated ? 1 : p.represents);
+    part.device_ns.fetch_add(total, std::memory_order_relaxed);
+    part.vtime_ns.fetch_add((uint64_t)((double)total / p.weight), std::memory_order_relaxed);
+    proc.device_ns.fetch_add(total, std::memory_order_relaxed);
+    if (fracgpu::flags_of(part) & fracgpu::kPartitionCap) part.cap_tokens_ns.fetch_sub(total, std::memory_order_relaxed);
+    if (p.gated) {
+        saturating_dec(proc.inflight);
+        saturating_dec(part.inflight);
+    }
 }
 
 void reader_main() {
@@ -257,6 +271,74 @@ void drain_unmeasured(int previous_mode) {
         sync(g_marks->front().event);
         retire_oldest_mark(elapsed);
     }
+}
+
+// ---------------------------------------------------------------------------
+// Measuring outside the gate
+// ---------------------------------------------------------------------------
+thread_local uint32_t t_countdown = 0;   // launches until this thread's next measured one (0, 1: this one)
+thread_local uint32_t t_unmeasured = 0;  // launches since its last measured one
+thread_local uint64_t t_rng = 0;
+
+void start_reader_locked() {
+    if (!g_reader_started) {
+        g_reader_started = true;
+        std::thread(reader_main).detach();
+    }
+}
+
+// How many launches until the next measured one: 1 while launches average
+// kBracketNs or more (or nothing is measured yet), else about kBracketNs / avg,
+// drawn uniformly from 1 .. 2n - 1.
+uint32_t next_countdown() {
+    uint64_t avg = g_avg_launch_ns_plus1.load(std::memory_order_relaxed);
+    if (avg == 0 || avg - 1 >= kBracketNs) return 1;
+    uint64_t n = kBracketNs / (avg - 1 > 0 ? avg - 1 : 1);
+    if (n > kMaxSampleEvery) n = kMaxSampleEvery;
+    if (n <= 1) return 1;
+    if (t_rng == 0) t_rng = mono_ns() | 1;
+    t_rng ^= t_rng << 13, t_rng ^= t_rng >> 7, t_rng ^= t_rng << 17;   // xorshift64
+    return (uint32_t)(1 + t_rng % (2 * n - 1));
+}
+
+// A launch outside the gate: most go straight through; a measured one is
+// bracketed by events and stands for the unmeasured launches before it.
+template <typename Record, typename Launch>
+CUresult ungated(fracgpu::SharedRegion *r, int slot, int me, double weight, Record record, CUstream stream,
+                 Launch launch) {
+    if (t_countdown > 1) {
+        t_countdown--;
+        t_unmeasured++;
+        return launch();
+    }
+    CUcontext ctx = nullptr;
+    auto get_ctx = REAL(cuCtxGetCurrent);
+    CUevent start = nullptr, end = nullptr;
+    if (record && get_ctx && get_ctx(&ctx) == CUDA_SUCCESS && ctx) {
+        std::lock_guard<std::mutex> lk(g_mu);
+        start_reader_locked();
+        start = take_event(ctx);
+        end = take_event(ctx);
+    }
+    bool measured = start && end && record(start, stream) == CUDA_SUCCESS;
+    CUresult rc = launch();
+    measured = measured && rc == CUDA_SUCCESS && record(end, stream) == CUDA_SUCCESS;
+    uint32_t represents = t_unmeasured + (rc == CUDA_SUCCESS ? 1 : 0);
+    t_unmeasured = 0;
+    t_countdown = next_countdown();
+    r->partitions[me].launches.fetch_add(represents, std::memory_order_relaxed);
+    r->processes[slot].launches.fetch_add(represents, std::memory_order_relaxed);
+    if (!ctx) return rc;
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (measured) {
+        g_pending->push_back(Pending{start, end, ctx, r, slot, me, weight, represents, false});
+        g_cv.notify_all();
+    } else {
+        auto &pool = (*g_pool)[ctx];
+        if (start) pool.push_back(start);
+        if (end) pool.push_back(end);
+    }
+    return rc;
 }
 
 // ---------------------------------------------------------------------------
@@ -402,9 +484,10 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
         if (mode == kGate && before != kGate) drain_unmeasured(before);
     }
     int mode = view.mode.load(std::memory_order_relaxed);
-    if (mode == kAlone) return launch();   // the fast path
+    if (mode == kAlone) return ungated(r, slot, me, view.weight.load(std::memory_order_relaxed), record, stream,
+                                       launch);   // the fast path
     if (mode == kWatch) {
-        CUresult rc = launch();
+        CUresult rc = ungated(r, slot, me, view.weight.load(std::memory_order_relaxed), record, stream, launch);
         if (rc == CUDA_SUCCESS && view.launches.fetch_add(1, std::memory_order_relaxed) % kMarkEvery == 0)
             mark(stream, record);
         return rc;
@@ -417,10 +500,7 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
         // Keep this process's queued work short (kQueueNs), so a turn ends
         // promptly and the next holder finds the device free.
         std::unique_lock<std::mutex> lk(g_mu);
-        if (!g_reader_started) {
-            g_reader_started = true;
-            std::thread(reader_main).detach();
-        }
+        start_reader_locked();
         for (;;) {
             size_t queued = g_pending->size();
             uint64_t avg = g_avg_launch_ns_plus1.load(std::memory_order_relaxed);
@@ -446,7 +526,7 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
     if (measured) {
         mine.inflight.fetch_add(1, std::memory_order_acq_rel);
         r->processes[slot].inflight.fetch_add(1, std::memory_order_acq_rel);
-        g_pending->push_back(Pending{start, end, ctx, r, slot, me, view.weight.load()});
+        g_pending->push_back(Pending{start, end, ctx, r, slot, me, view.weight.load(), 1, true});
         g_cv.notify_all();
     } else {
         auto &pool = (*g_pool)[ctx];
