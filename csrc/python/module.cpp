@@ -124,6 +124,8 @@ py::list processes(fracgpu::Region &r) {
     d["attached_unix_ns"] = p.attached_unix_ns;
     d["device_ns"] = p.device_ns;
     d["launches"] = p.launches;
+    d["holder"] = p.holder;
+    d["exited"] = p.exited;
     out.append(d);
   }
   return out;
@@ -186,7 +188,10 @@ PYBIND11_MODULE(_native, m) {
              std::string err;
              check(r.remove_partition(name, &err), err);
            }, py::arg("name"))
-      .def("reap", &fracgpu::Region::reap, "Free the slots of dead processes; returns how many.");
+      .def("reap", &fracgpu::Region::reap,
+           "Free the slots of dead processes (kept, marked exited, while their holder lives); returns how many.")
+      .def("collect", &fracgpu::Region::collect, py::arg("holder"),
+           "Free the exited slots held by process `holder`; returns how many.");
   m.def("build_info", &build_info,
         "What this build was made with: {'have_fatbin': bool, 'cuda_header_version': int}.");
 }

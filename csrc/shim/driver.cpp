@@ -3,6 +3,7 @@
 #include "shim.h"
 
 #include <cerrno>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -88,6 +89,19 @@ bool parse_settings(std::string *err) {
             return false;
         }
         s.oom_wait_s = w;
+    }
+    // Set by `fracgpu run` (and the recorder of fracgpu.init()): the process
+    // that records this job in the ledger, which keeps our slot when we end.
+    if ((v = getenv("FRACGPU_JOB_HOLDER")) && *v) {
+        char *end = nullptr;
+        errno = 0;
+        long h = strtol(v, &end, 10);
+        if (errno || end == v || *end || h <= 0 || h > INT32_MAX) {
+            *err = std::string("FRACGPU_JOB_HOLDER='") + v + "' is not valid: it is set by `fracgpu run`, a "
+                   "process id; unset it";
+            return false;
+        }
+        s.holder = (int)h;
     }
     s.state_dir = fracgpu::default_state_dir();
     return true;

@@ -44,6 +44,7 @@ struct Settings {
     std::string state_dir;
     double oom_wait_s = 0;         // FRACGPU_OOM_WAIT
     uint64_t context_memory = 0;   // FRACGPU_CONTEXT_MEMORY: charged per context
+    int holder = 0;                // FRACGPU_JOB_HOLDER: the pid recording this job (fracgpu run)
 };
 
 // Loads settings and the real driver once. False: the shim cannot work in

@@ -40,6 +40,14 @@ bool alive(const SharedProcess &p) {
     return process_start_time(p.pid) == p.start_time;
 }
 
+// Whether the process recording p's job still runs (a reused pid does not count).
+bool holder_alive(const SharedProcess &p) {
+    uint64_t h = p.holder.load(std::memory_order_acquire);
+    if (h == 0 || h > (uint64_t)INT32_MAX) return false;
+    if (kill((int)h, 0) != 0 && errno == ESRCH) return false;
+    return process_start_time((int)h) == p.holder_start.load(std::memory_order_acquire);
+}
+
 void raise_peak(std::atomic<uint64_t> &peak, uint64_t value) {
     uint64_t cur = peak.load(std::memory_order_relaxed);
     while (value > cur && !peak.compare_exchange_weak(cur, value, std::memory_order_relaxed)) {
@@ -370,7 +378,7 @@ bool Region::remove_partition(const std::string &name, std::string *err) {
         for (int i = 0; i < kMaxProcesses; i++) {
             SharedProcess &p = r_->processes[i];
             if (p.pid == 0 || p.partition != idx) continue;
-            if (!alive(p)) release_slot_locked(i);
+            if (p.exited.load() || !alive(p)) free_slot_locked(i);   // the partition goes: so do held slots
             else pids.push_back(p.pid);
         }
         if (!pids.empty()) {
@@ -421,7 +429,30 @@ bool Region::update_partition(const std::string &name, const uint64_t *memory_li
     return ok;
 }
 
+// A process is done with its slot (it left, or died): its memory and in-flight
+// launches go back to the partition. While its holder lives the slot stays,
+// marked exited, so that the holder can read its final counters.
 void Region::release_slot_locked(int slot) {
+    SharedProcess &p = r_->processes[slot];
+    if (p.pid == 0) return;
+    if (p.exited.load()) {
+        if (!holder_alive(p)) free_slot_locked(slot);
+        return;
+    }
+    if (!holder_alive(p)) {
+        free_slot_locked(slot);
+        return;
+    }
+    int idx = p.partition;
+    if (idx >= 0 && idx < kMaxPartitions) {
+        SharedPartition &part = r_->partitions[idx];
+        saturating_sub(part.used, p.used.exchange(0));
+        saturating_sub(part.inflight, p.inflight.exchange(0));
+    }
+    p.exited.store(1, std::memory_order_release);
+}
+
+void Region::free_slot_locked(int slot) {
     SharedProcess &p = r_->processes[slot];
     if (p.pid == 0) return;
     int idx = p.partition;
@@ -434,11 +465,27 @@ void Region::release_slot_locked(int slot) {
             if (i != slot && r_->processes[i].pid != 0 && r_->processes[i].partition == idx) others = true;
         if (!others && (part.flags & kPartitionEphemeral)) __atomic_store_n(&part.in_use, 0u, __ATOMIC_RELEASE);
     }
+    p.exited.store(0);
+    p.holder.store(0);
     __atomic_store_n(&p.pid, 0, __ATOMIC_RELEASE);
 }
 
+// Dead processes' slots released (exited ones whose holder is gone, freed); count.
+int Region::sweep_locked() {
+    int n = 0;
+    for (int i = 0; i < kMaxProcesses; i++) {
+        SharedProcess &p = r_->processes[i];
+        if (p.pid == 0) continue;
+        if (p.exited.load() ? !holder_alive(p) : !alive(p)) {
+            release_slot_locked(i);
+            n++;
+        }
+    }
+    return n;
+}
+
 int Region::join(const std::string &name, int pid, const char *command, const uint64_t *create_limit,
-                 std::string *err, double create_share, uint32_t create_flags) {
+                 std::string *err, double create_share, uint32_t create_flags, int holder) {
     if (!valid_partition_name(name, err)) return -1;
     if (create_limit && *create_limit > r_->total_memory) {
         *err = "memory limit of " + std::to_string(*create_limit) + " bytes is above the device's " +
@@ -447,10 +494,7 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
     }
     if (!lock(err)) return -1;
     int slot = -1;
-    for (int i = 0; i < kMaxProcesses; i++) {
-        SharedProcess &p = r_->processes[i];
-        if (p.pid != 0 && !alive(p)) release_slot_locked(i);
-    }
+    sweep_locked();
     int idx = find_partition(name);
     if (idx < 0 && create_limit) {
         if (!create_locked(r_, -1, name, *create_limit, create_share, kPartitionEphemeral | create_flags, err, &idx))
@@ -473,6 +517,10 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
             p.launches.store(0);
             p.inflight.store(0);
             for (auto &x : p.reserved) x.store(0);
+            uint64_t holder_start = holder > 0 ? process_start_time(holder) : 0;
+            p.holder.store(holder_start ? (uint64_t)holder : 0);
+            p.holder_start.store(holder_start);
+            p.exited.store(0);
             __atomic_store_n(&p.pid, pid, __ATOMIC_RELEASE);
             slot = i;
         }
@@ -493,11 +541,18 @@ void Region::leave(int slot) {
 
 int Region::reap() {
     if (!lock(nullptr)) return 0;
+    int n = sweep_locked();
+    unlock();
+    return n;
+}
+
+int Region::collect(int holder) {
+    if (holder <= 0 || !lock(nullptr)) return 0;
     int n = 0;
     for (int i = 0; i < kMaxProcesses; i++) {
         SharedProcess &p = r_->processes[i];
-        if (p.pid != 0 && !alive(p)) {
-            release_slot_locked(i);
+        if (p.pid != 0 && p.exited.load() && p.holder.load() == (uint64_t)holder) {
+            free_slot_locked(i);
             n++;
         }
     }
@@ -546,7 +601,8 @@ std::vector<PartitionInfo> Region::partitions() {
         info.device_ns = p.device_ns.load();
         info.launches = p.launches.load();
         for (auto &proc : r_->processes)
-            if (__atomic_load_n(&proc.pid, __ATOMIC_ACQUIRE) != 0 && proc.partition == i) info.processes++;
+            if (__atomic_load_n(&proc.pid, __ATOMIC_ACQUIRE) != 0 && proc.partition == i && !proc.exited.load())
+                info.processes++;
         out.push_back(std::move(info));
     }
     return out;
@@ -568,6 +624,8 @@ std::vector<ProcessInfo> Region::processes() {
         info.attached_unix_ns = p.attached_unix_ns;
         info.device_ns = p.device_ns.load();
         info.launches = p.launches.load();
+        info.holder = (int)p.holder.load();
+        info.exited = p.exited.load() != 0;
         out.push_back(std::move(info));
     }
     return out;

@@ -67,7 +67,15 @@ struct SharedProcess {
     std::atomic<uint64_t> device_ns;       // device time of its gated launches
     std::atomic<uint64_t> launches;
     std::atomic<uint64_t> inflight;        // its part of the partition's inflight (given back when it goes)
-    std::atomic<uint64_t> reserved[5];
+    // The process recording this one's job (`fracgpu run`, the recorder of
+    // fracgpu.init()), and its start time; 0: none. While the holder lives, a
+    // process that ends keeps its slot, marked exited, with its memory given
+    // back but its counters kept, until the holder collects it: the last
+    // device time of a job is never lost between two samples.
+    std::atomic<uint64_t> holder;
+    std::atomic<uint64_t> holder_start;
+    std::atomic<uint64_t> exited;          // 1: the process is gone; the slot waits for its holder
+    std::atomic<uint64_t> reserved[2];
 };
 
 struct SharedRegion {
@@ -114,6 +122,8 @@ struct ProcessInfo {
     std::string partition, command;
     uint64_t used = 0, peak = 0, start_time = 0, attached_unix_ns = 0;
     uint64_t device_ns = 0, launches = 0;
+    int holder = 0;
+    bool exited = false;
 };
 
 // The folder the state lives in: $FRACGPU_STATE_DIR, else
@@ -166,11 +176,17 @@ class Region {
     int find_partition(const std::string &name);           // index or -1
     // Joins partition `name` as process `pid`; when it does not exist and
     // `create_limit` is given (ephemeral), creates it with that limit (0: none),
-    // `create_share` and `create_flags`. Returns the slot, -1 on error.
+    // `create_share` and `create_flags`. `holder`: the pid recording this
+    // process's job (0: none). Returns the slot, -1 on error.
     int join(const std::string &name, int pid, const char *command, const uint64_t *create_limit,
-             std::string *err, double create_share = 0, uint32_t create_flags = 0);
+             std::string *err, double create_share = 0, uint32_t create_flags = 0, int holder = 0);
     void leave(int slot);                                  // this process is done with its slot
-    int reap();                                            // frees slots of dead processes; count
+    // Frees the slots of dead processes (or, while their holder lives, marks
+    // them exited); returns how many.
+    int reap();
+    // Frees the exited slots held by `holder`; returns how many. (The holder
+    // reads their final counters first.)
+    int collect(int holder);
 
     // Lock-free hot path. charge(): atomically adds `bytes` to the partition
     // unless that passes its limit (false: nothing charged), then to the slot.
@@ -185,6 +201,8 @@ class Region {
     bool lock(std::string *err);
     void unlock();
     void release_slot_locked(int slot);
+    void free_slot_locked(int slot);
+    int sweep_locked();
     SharedRegion *r_ = nullptr;
     size_t size_ = 0;
     std::string path_;
