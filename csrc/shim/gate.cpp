@@ -127,8 +127,7 @@ struct Pending {
     fracgpu::SharedRegion *region;
     int slot, partition;
     double weight;
-    uint32_t represents;   // ungated: launches this measurement stands for (it and the unmeasured before it)
-    bool gated;            // counted in the partition's inflight
+    uint32_t represents;   // launches this measurement stands for (ungated: it and the unmeasured before it)
 };
 
 // Never destroyed: the detached reader thread waits on them while the process exits.
@@ -153,15 +152,13 @@ void account(const Pending &p, uint64_t ns) {
     g_avg_launch_ns_plus1.store(avg ? ((avg - 1) * 7 + ns) / 8 + 1 : ns + 1, std::memory_order_relaxed);
     fracgpu::SharedPartition &part = p.region->partitions[p.partition];
     fracgpu::SharedProcess &proc = p.region->processes[p.slot];
-    uint64_t total = ns * (p.gated ? 1 : p.represents);
+    uint64_t total = ns * p.represents;
     part.device_ns.fetch_add(total, std::memory_order_relaxed);
     part.vtime_ns.fetch_add((uint64_t)((double)total / p.weight), std::memory_order_relaxed);
     proc.device_ns.fetch_add(total, std::memory_order_relaxed);
     if (fracgpu::flags_of(part) & fracgpu::kPartitionCap) part.cap_tokens_ns.fetch_sub(total, std::memory_order_relaxed);
-    if (p.gated) {
-        saturating_dec(proc.inflight);
-        saturating_dec(part.inflight);
-    }
+    saturating_dec(proc.inflight);
+    saturating_dec(part.inflight);
 }
 
 void reader_main() {
@@ -303,13 +300,31 @@ uint32_t next_countdown() {
 
 // A launch outside the gate: most go straight through; a measured one is
 // bracketed by events and stands for the unmeasured launches before it.
+// Returns false, having launched nothing, when another partition holds the
+// device's lease: this process must take turns from now on.
 template <typename Record, typename Launch>
-CUresult ungated(fracgpu::SharedRegion *r, int slot, int me, double weight, Record record, CUstream stream,
-                 Launch launch) {
+bool ungated(fracgpu::SharedRegion *r, int slot, int me, double weight, Record record, CUstream stream,
+             Launch launch, CUresult *result) {
+    fracgpu::SharedPartition &mine = r->partitions[me];
+    fracgpu::SharedProcess &proc = r->processes[slot];
     if (t_countdown > 1) {
+        int owner = r->owner.load(std::memory_order_acquire);
+        if (owner >= 0 && owner != me) return false;
         t_countdown--;
         t_unmeasured++;
-        return launch();
+        *result = launch();
+        return true;
+    }
+    // In flight before the lease is looked at, as the gate looks at work in
+    // flight after taking the lease: of a launch here and a lease taken there
+    // at the same moment, one always sees the other.
+    mine.inflight.fetch_add(1, std::memory_order_seq_cst);
+    proc.inflight.fetch_add(1, std::memory_order_seq_cst);
+    int owner = r->owner.load(std::memory_order_seq_cst);
+    if (owner >= 0 && owner != me) {
+        saturating_dec(proc.inflight);
+        saturating_dec(mine.inflight);
+        return false;
     }
     CUcontext ctx = nullptr;
     auto get_ctx = REAL(cuCtxGetCurrent);
@@ -322,23 +337,28 @@ CUresult ungated(fracgpu::SharedRegion *r, int slot, int me, double weight, Reco
     }
     bool measured = start && end && record(start, stream) == CUDA_SUCCESS;
     CUresult rc = launch();
+    *result = rc;
     measured = measured && rc == CUDA_SUCCESS && record(end, stream) == CUDA_SUCCESS;
     uint32_t represents = t_unmeasured + (rc == CUDA_SUCCESS ? 1 : 0);
     t_unmeasured = 0;
     t_countdown = next_countdown();
-    r->partitions[me].launches.fetch_add(represents, std::memory_order_relaxed);
-    r->processes[slot].launches.fetch_add(represents, std::memory_order_relaxed);
-    if (!ctx) return rc;
+    mine.launches.fetch_add(represents, std::memory_order_relaxed);
+    proc.launches.fetch_add(represents, std::memory_order_relaxed);
+    if (!measured) {
+        saturating_dec(proc.inflight);
+        saturating_dec(mine.inflight);
+    }
+    if (!ctx) return true;
     std::lock_guard<std::mutex> lk(g_mu);
     if (measured) {
-        g_pending->push_back(Pending{start, end, ctx, r, slot, me, weight, represents, false});
+        g_pending->push_back(Pending{start, end, ctx, r, slot, me, weight, represents});
         g_cv.notify_all();
     } else {
         auto &pool = (*g_pool)[ctx];
         if (start) pool.push_back(start);
         if (end) pool.push_back(end);
     }
-    return rc;
+    return true;
 }
 
 // ---------------------------------------------------------------------------
@@ -371,6 +391,22 @@ int most_deserving(fracgpu::SharedRegion *r) {
         if (best < 0 || v < best_v) best = i, best_v = v;
     }
     return best;
+}
+
+// Work of other partitions still on the device (launched outside the gate
+// before they saw the lease taken): the device is not ours until it drains.
+// Counts that have not moved for kStaleInflightNs are not waited for: only a
+// process that vanished mid-launch leaves one behind.
+constexpr uint64_t kStaleInflightNs = 25 * kLeaseNs;
+bool others_inflight(fracgpu::SharedRegion *r, int me, uint64_t now) {
+    for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
+        const fracgpu::SharedPartition &q = r->partitions[i];
+        if (i == me || !__atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE) || q.inflight.load(std::memory_order_seq_cst) == 0)
+            continue;
+        uint64_t last = q.last_launch_ns.load(std::memory_order_relaxed);
+        if (now < last || now - last < kStaleInflightNs) return true;
+    }
+    return false;
 }
 
 bool others_waiting(fracgpu::SharedRegion *r, int me) {
@@ -447,10 +483,12 @@ void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch) {
                 r->owner.compare_exchange_strong(owner, -1);   // free the device of an idle or gone holder
             continue;
         }
-        if (most_deserving(r) != me) continue;
+        if (most_deserving(r) != me || others_inflight(r, me, now)) continue;
         int free_ = -1;
-        if (r->owner.compare_exchange_strong(free_, me)) {
-            r->lease_until_ns.store(now + kLeaseNs, std::memory_order_relaxed);
+        if (r->owner.compare_exchange_strong(free_, me, std::memory_order_seq_cst)) {
+            // Launched outside the gate just before they saw the lease: let it drain.
+            while (others_inflight(r, me, mono_ns())) nap();
+            r->lease_until_ns.store(mono_ns() + kLeaseNs, std::memory_order_relaxed);
             break;
         }
     }
@@ -484,13 +522,17 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
         if (mode == kGate && before != kGate) drain_unmeasured(before);
     }
     int mode = view.mode.load(std::memory_order_relaxed);
-    if (mode == kAlone) return ungated(r, slot, me, view.weight.load(std::memory_order_relaxed), record, stream,
-                                       launch);   // the fast path
-    if (mode == kWatch) {
-        CUresult rc = ungated(r, slot, me, view.weight.load(std::memory_order_relaxed), record, stream, launch);
-        if (rc == CUDA_SUCCESS && view.launches.fetch_add(1, std::memory_order_relaxed) % kMarkEvery == 0)
-            mark(stream, record);
-        return rc;
+    if (mode != kGate) {   // the fast path
+        CUresult rc;
+        if (ungated(r, slot, me, view.weight.load(std::memory_order_relaxed), record, stream, launch, &rc)) {
+            if (mode == kWatch && rc == CUDA_SUCCESS &&
+                view.launches.fetch_add(1, std::memory_order_relaxed) % kMarkEvery == 0)
+                mark(stream, record);
+            return rc;
+        }
+        // Another partition took the device: take turns from this launch on.
+        view.next_check.store(now + kRecheckNs, std::memory_order_relaxed);
+        drain_unmeasured(view.mode.exchange(kGate, std::memory_order_relaxed));
     }
 
     CUcontext ctx = nullptr;
@@ -526,7 +568,7 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
     if (measured) {
         mine.inflight.fetch_add(1, std::memory_order_acq_rel);
         r->processes[slot].inflight.fetch_add(1, std::memory_order_acq_rel);
-        g_pending->push_back(Pending{start, end, ctx, r, slot, me, view.weight.load(), 1, true});
+        g_pending->push_back(Pending{start, end, ctx, r, slot, me, view.weight.load(), 1});
         g_cv.notify_all();
     } else {
         auto &pool = (*g_pool)[ctx];
@@ -537,6 +579,25 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
 }
 
 }  // namespace
+
+void gate_account_finished() {
+    // At exit: launches that completed but that the reader has not taken yet
+    // (the job synchronised and ended at once) still count. Only queried, never
+    // waited for: whatever is still running at exit is not this job's to wait on.
+    auto query = REAL(cuEventQuery);
+    auto elapsed = REAL(cuEventElapsedTime);
+    if (!query || !elapsed || !g_mu.try_lock()) return;
+    for (auto it = g_pending->begin(); it != g_pending->end();) {
+        float ms = 0;
+        if (query(it->end) == CUDA_SUCCESS && elapsed(&ms, it->start, it->end) == CUDA_SUCCESS) {
+            account(*it, ms > 0 ? (uint64_t)((double)ms * 1e6) : 0);
+            it = g_pending->erase(it);   // its events go with the process
+        } else {
+            ++it;
+        }
+    }
+    g_mu.unlock();
+}
 
 void gate_forget_after_fork() {
     // Only the forking thread exists in the child: whatever the parent's other
