@@ -19,3 +19,12 @@ from simgpu import (  # noqa: F401  (fixtures and helpers the tests use)
     parse_facts,
     shim,
 )
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _private_ledger(tmp_path_factory, monkeypatch):
+    """No test records jobs in the user's own ledger, even one that forgets to choose."""
+    monkeypatch.setenv("FRACGPU_LEDGER", str(tmp_path_factory.mktemp("ledger") / "ledger.sqlite"))

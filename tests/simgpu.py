@@ -9,6 +9,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import time
 import sys
 
 import pytest
@@ -37,6 +38,22 @@ def cuda_include_dir() -> pathlib.Path:
     raise RuntimeError("cuda.h not found: `pip install '.[test]'` installs nvidia-cuda-runtime, which has it")
 
 
+def command_pid(run: subprocess.Popen, timeout: float = 10) -> int:
+    """The pid of the command a ``fracgpu run`` process started (its one child)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/proc/{run.pid}/task/{run.pid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            children = []
+        if children:
+            return int(children[0])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fracgpu run ({run.pid}) started no command")
+        time.sleep(0.01)
+
+
 class SimGPU:
     """One simulated GPU of a test: its folder, its config, and ways to run on it."""
 
@@ -48,7 +65,10 @@ class SimGPU:
         self.state_dir.mkdir(mode=0o700, exist_ok=True)
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("FRACGPU_") and k != "LD_PRELOAD"}
-        self.env = {**env, **sim.environment(self.config), "FRACGPU_STATE_DIR": str(self.state_dir)}
+        # ... and its own ledger, so that no test writes into the user's.
+        self.ledger = folder.parent / (folder.name + "-ledger.sqlite")
+        self.env = {**env, **sim.environment(self.config), "FRACGPU_STATE_DIR": str(self.state_dir),
+                    "FRACGPU_LEDGER": str(self.ledger)}
 
     def run(self, *argv, timeout: float = 60, check: bool = True, env: dict | None = None, **kwargs):
         result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout,

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from simgpu import GiB, MiB
+from simgpu import GiB, MiB, command_pid
 
 
 def free_port() -> int:
@@ -72,7 +72,7 @@ def test_metrics_of_a_holding_job(gpu, clients):
             assert one(samples, "fracgpu_partition_device_seconds_total", **part).value == 0
             assert one(samples, "fracgpu_partition_launches_total", **part).value == 0
             assert "fracgpu_partition_compute_share_ratio" not in samples   # no share set
-            proc_labels = {**part, "pid": str(job.pid)}
+            proc_labels = {**part, "pid": str(command_pid(job))}
             assert one(samples, "fracgpu_process_memory_used_bytes", **proc_labels).value == 200 * MiB
             assert one(samples, "fracgpu_process_device_seconds_total", **proc_labels).value == 0
             fb = one(samples, "DCGM_FI_DEV_FB_USED", gpu="0", UUID=uuid)

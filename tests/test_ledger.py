@@ -67,3 +67,44 @@ def test_a_file_that_is_not_a_ledger_is_refused_and_left_alone(tmp_path):
     with pytest.raises(LedgerError, match="move it aside"):
         Ledger(path)
     assert path.read_bytes() == b"not a database at all" * 100   # nothing a user had is lost
+
+
+def test_a_version_1_ledger_is_migrated_and_keeps_its_jobs(tmp_path):
+    from fracgpu.ledger import MIGRATIONS
+
+    path = tmp_path / "l.sqlite"
+    db = sqlite3.connect(path)
+    for statement in MIGRATIONS[1]:
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO jobs (job, partition, gpu, start, \"end\", exit_status, gpu_seconds) "
+               "VALUES ('old', 'p', 'GPU-x', 1.0, 2.0, 0, 0.5)")
+    db.commit()
+    db.close()
+    with Ledger(path) as ledger:
+        (job,) = ledger.jobs()
+        assert (job.job, job.gpu_seconds, job.kind, job.labels, job.processes) == ("old", 0.5, "run", {}, 0)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+OPEN_AND_RECORD = """
+import sys
+from fracgpu.ledger import Ledger
+with Ledger(sys.argv[1]) as ledger:
+    job = ledger.start_job(job="j", partition="p")
+    ledger.sample(job, memory_bytes=1, device_seconds=0.0)
+    ledger.finish(job, exit_status=0)
+"""
+
+
+def test_jobs_starting_together_on_a_new_ledger_are_all_recorded(tmp_path):
+    # A new ledger switched to WAL by several processes at once: SQLite answers
+    # "database is locked" without waiting, which must not refuse a job.
+    for attempt in range(5):
+        path = tmp_path / f"l{attempt}.sqlite"
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AND_RECORD, str(path)], stderr=subprocess.PIPE,
+                                  text=True) for _ in range(6)]
+        for p in procs:
+            assert p.wait(60) == 0, p.stderr.read()
+        with Ledger(path) as ledger:
+            assert len(ledger.jobs()) == 6

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from simgpu import GiB, MiB
+from simgpu import GiB, MiB, command_pid
 import fracgpu
 from fracgpu import devices, partitions
 
@@ -107,12 +107,12 @@ def test_a_partition_in_use_is_not_removed(clients, gpu):
     try:
         assert job.stdout.readline().strip() == "holding 64"
         refused(gpu.fracgpu("partition", "rm", "team", check=False),
-                "partition 'team' is in use by process(es) " + str(job.pid), "stop them first")
+                "partition 'team' is in use by process(es) " + str(command_pid(job)), "stop them first")
         (u,) = fracgpu.usage(gpu.state_dir)
         (team,) = u.partitions
         assert (team.used, team.peak, team.processes) == (64 * MiB, 64 * MiB, 1)
         (proc,) = u.processes
-        assert (proc.pid, proc.partition, proc.used) == (job.pid, "team", 64 * MiB)
+        assert (proc.pid, proc.partition, proc.used) == (command_pid(job), "team", 64 * MiB)
         assert proc.command.startswith("client_")
     finally:
         job.kill()
@@ -128,7 +128,7 @@ def test_usage_of_a_private_partition_and_its_end(clients, gpu):
         assert isinstance(u, fracgpu.GPUUsage) and u.total_memory == GiB
         assert u.partitions == [fracgpu.PartitionUsage(name=f"run-{job.pid}", memory_limit=512 * MiB, used=100 * MiB,
                                                        peak=100 * MiB, processes=1, ephemeral=True, oom_refusals=0)]
-        assert [(p.pid, p.used, p.peak) for p in u.processes] == [(job.pid, 100 * MiB, 100 * MiB)]
+        assert [(p.pid, p.used, p.peak) for p in u.processes] == [(command_pid(job), 100 * MiB, 100 * MiB)]
         table = gpu.fracgpu("partition", "list", env={"COLUMNS": "200"}).stdout
         assert f"run-{job.pid} (private)" in table
     finally:

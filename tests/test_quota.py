@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from simgpu import GiB, MiB, parse_facts
+from simgpu import GiB, MiB, command_pid, parse_facts
 
 QUOTA = 256 * MiB
 
@@ -169,7 +169,7 @@ def test_private_partitions_are_separate_and_vanish_with_their_job(clients, gpu)
         assert facts["meminfo_free"] == str(512 * MiB)
         (u,) = usage_of(gpu)
         assert [(p["name"], p["used"]) for p in u["partitions"]] == [(f"run-{a.pid}", 200 * MiB)]
-        assert u["processes"][0]["pid"] == a.pid
+        assert u["processes"][0]["pid"] == command_pid(a)
     finally:
         a.kill()
         a.wait(timeout=10)

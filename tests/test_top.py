@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from simgpu import GiB, MiB
+from simgpu import GiB, MiB, command_pid
 from fracgpu import cli_top, state
 
 
@@ -46,7 +46,7 @@ def test_once_shows_the_partition_and_its_process(gpu, holding_job):
     # partition, memory / limit, %, peak, share, achieved, device time, processes
     assert partition[1:4] == ["200MiB / 256MiB", "78%", "200MiB"]
     assert partition[4] == "-" and partition[5].endswith("%") and partition[6].endswith(" s") and partition[7] == "1"
-    process = next(r for r in rows if r[0] == str(holding_job.pid))
+    process = next(r for r in rows if r[0] == str(command_pid(holding_job)))
     assert process[1] == name and process[2].startswith("client_") and process[3] == "200MiB"
     (u,) = state.usage(gpu.state_dir)
     assert u.uuid in result.stdout and "200MiB / 1GiB" in result.stdout
@@ -62,7 +62,7 @@ def test_once_json(gpu, holding_job):
         (f"run-{holding_job.pid}", 256 * MiB, 200 * MiB, 200 * MiB, 1)
     assert p["compute_share_achieved"] == 0.0   # measured: the job launches nothing
     (q,) = g["processes"]
-    assert (q["pid"], q["used"], q["compute_share_achieved"]) == (holding_job.pid, 200 * MiB, 0.0)
+    assert (q["pid"], q["used"], q["compute_share_achieved"]) == (command_pid(holding_job), 200 * MiB, 0.0)
 
 
 def test_nothing_running(gpu):

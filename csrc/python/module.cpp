@@ -151,6 +151,8 @@ PYBIND11_MODULE(_native, m) {
           check(fracgpu::check_state_dir(dir, create, &err), err);
         }, py::arg("dir"), py::arg("create") = false,
         "Raise StateError unless dir is a folder of this user that nobody else can write (create: mkdir 0700).");
+  m.def("process_start_time", &fracgpu::process_start_time, py::arg("pid"),
+        "Start time of a live process (ticks since boot, /proc/PID/stat field 22); 0 when gone or a zombie.");
   m.def("region_files", &fracgpu::region_files, py::arg("dir"), "The GPU state files in dir, sorted.");
   m.def("valid_partition_name", [](const std::string &name) {
           std::string err;

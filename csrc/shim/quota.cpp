@@ -125,6 +125,7 @@ bool attach(int d, Binding &b) {
 
 void detach_at_exit() {
     if (!g_bound.load() || !g_bind) return;
+    gate_account_finished();
     for (int d = 0; d < g_ndev; d++)
         if (g_bind[d].ok) g_bind[d].region.leave(g_bind[d].slot);
 }

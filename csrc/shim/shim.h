@@ -66,6 +66,8 @@ int launch_device();
 // In a forked child (gate.cpp): the parent's events, reader thread and locks
 // are not the child's; start from nothing.
 void gate_forget_after_fork();
+// At exit, before the process leaves its slots: count launches that completed unread.
+void gate_account_finished();
 
 // The real driver's entry point `name`, cached by the caller in `slot`.
 void *real_symbol(const char *name, std::atomic<void *> &slot);

@@ -118,6 +118,9 @@ def init(memory: str | int | None = None, partition: str | None = None, *, compu
             _library = ctypes.CDLL(library, mode=os.RTLD_NOW | ctypes.RTLD_GLOBAL)
         except OSError as e:
             raise InitError(f"cannot load fracgpu's driver shim {library}: {e}") from None
+        if not inherited:   # under `fracgpu run`, that records the job already
+            environment["FRACGPU_JOB_HOLDER"] = str(_start_recorder(variables, memory is not None or
+                                                                    compute is not None))
         for name, value in environment.items():   # read by the shim when CUDA starts, and by child processes
             if value is None:
                 os.environ.pop(name, None)
@@ -125,6 +128,42 @@ def init(memory: str | int | None = None, partition: str | None = None, *, compu
                 os.environ[name] = value
         _done, _partition = wanted, os.environ["FRACGPU_PARTITION"]
         return _partition
+
+
+def _start_recorder(variables: dict, private: bool) -> int:
+    """Starts ``python -m fracgpu.recorder``, which records this process's job in the ledger
+    until the process ends; returns its pid (the holder of this job's processes). InitError
+    when the ledger cannot be used: no job runs unrecorded."""
+    import subprocess
+    import sys
+
+    from fracgpu import _native
+    from fracgpu.ledger import Ledger, LedgerError
+
+    try:
+        ledger = Ledger()
+        ledger.close()
+    except LedgerError as e:
+        raise InitError(str(e)) from None
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        command = " ".join([os.path.basename(argv[0]), *argv[1:]]) if argv else ""
+    except OSError:
+        command = ""
+    recorder = [sys.executable, "-m", "fracgpu.recorder", "--pid", str(os.getpid()),
+            "--start-time", str(_native.process_start_time(os.getpid())), "--job", command[:200] or
+            variables["FRACGPU_PARTITION"], "--partition", variables["FRACGPU_PARTITION"], "--state-dir",
+            variables["FRACGPU_STATE_DIR"], "--ledger", str(ledger.path), "--command", command]
+    if private:
+        recorder.append("--private")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRACGPU_") and k != "LD_PRELOAD"}
+    try:
+        process = subprocess.Popen(recorder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    start_new_session=True, close_fds=True)
+    except OSError as e:
+        raise InitError(f"cannot start fracgpu's job recorder: {e}") from None
+    return process.pid
 
 
 def _request(memory, partition, state_dir, oom_wait, compute=None, cap=False) -> _Request:

@@ -1,13 +1,100 @@
-"""``fracgpu run``: a command under a memory quota and a compute share, in a partition of its own or a shared one."""
+"""``fracgpu run``: a command under a memory quota and a compute share, recorded in the ledger.
+
+``fracgpu run`` stays as the command's parent: it starts the command (which
+the kernel kills if ``fracgpu run`` itself is killed), forwards the signals
+it is sent, samples what the job uses into the ledger, records how it ended,
+and exits as the command did (the same status, or the same signal).
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import click
 
 from fracgpu import jobs
-from fracgpu.cli import checked_by, exec_command, refusals
+from fracgpu.cli import CommandFailed, InputError, checked_by, refusals
+
+# Signals passed on to the command. SIGINT and SIGQUIT typed at the terminal
+# reach the command directly (same process group), so those are passed on only
+# when someone sent them to fracgpu run alone.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+             signal.SIGCONT, signal.SIGWINCH)
+WATCHED = set(FORWARDED) | {signal.SIGCHLD}
+SI_KERNEL = 0x80
+PR_SET_PDEATHSIG = 1
+
+
+def _child_setup(parent: int) -> None:
+    """In the command's process, before exec: no signal blocked, and SIGKILL when fracgpu run dies."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:   # fracgpu run died before the line above
+        os._exit(137)
+
+
+def supervise(command: tuple[str, ...], env: dict[str, str | None], recorder) -> int:
+    """Run ``command`` with ``env``, recording it with ``recorder``; returns its status
+    as Popen does (-N: killed by signal N). CommandFailed when it cannot start."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    environment = {name: value for name, value in {**os.environ, **env}.items() if value is not None}
+    parent = os.getpid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
+    try:
+        child = subprocess.Popen(list(command), env=environment, preexec_fn=lambda: _child_setup(parent),
+                                 close_fds=False)
+    except FileNotFoundError:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WATCHED)
+        raise CommandFailed(f"command not found: {command[0]}", 127) from None
+    except OSError as e:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WATCHED)
+        raise CommandFailed(f"cannot run {command[0]}: {e.strerror}", 126) from None
+    from fracgpu.recorder import sample_interval
+
+    started = time.time()
+    recorder.start(start=started)
+    next_sample = 0.0
+    while True:
+        status = child.poll()
+        if status is not None:
+            break
+        now = time.time()
+        if now >= next_sample:
+            recorder.sample(t=now)
+            next_sample = now + sample_interval(now - started)
+        info = signal.sigtimedwait(WATCHED, max(0.0, next_sample - time.time()))
+        if info is None or info.si_signo == signal.SIGCHLD:
+            continue
+        if info.si_signo in (signal.SIGINT, signal.SIGQUIT) and info.si_code == SI_KERNEL:
+            continue   # typed at the terminal: the command has it already
+        try:
+            child.send_signal(info.si_signo)
+        except ProcessLookupError:
+            pass
+    recorder.finish(status)
+    return status
+
+
+def exit_like(status: int) -> None:
+    """Leave as the command did: its exit status, or killed by the same signal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status >= 0:
+        sys.exit(status)
+    sig = -status
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WATCHED)
+    if sig not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    sys.exit(128 + sig)   # a signal that does not end a process (it was ignored): the shell's convention
 
 
 @click.command("run", context_settings={"allow_interspersed_args": False})
@@ -24,15 +111,22 @@ from fracgpu.cli import checked_by, exec_command, refusals
 @click.option("--oom-wait", metavar="SECONDS", callback=checked_by(jobs.parse_oom_wait),
               help="An allocation over the quota waits up to this long for memory to free before it fails "
                    "(sets FRACGPU_OOM_WAIT). [default: fail at once]")
+@click.option("--name", "job_name", metavar="NAME", help="The job's name in the ledger and the report. "
+              "[default: the command line]")
+@click.option("--ledger", "ledger_path", metavar="PATH", type=click.Path(dir_okay=False),
+              help="The ledger to record the job in. [default: $FRACGPU_LEDGER, else the per-user one]")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARGS]...")
 @click.pass_context
 def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, partition: str | None,
-        oom_wait: str | None, command: tuple[str, ...]) -> None:
-    """Run COMMAND, in place of this process, under a GPU memory quota and/or compute share.
+        oom_wait: str | None, job_name: str | None, ledger_path: str | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND under a GPU memory quota and/or compute share, and record it in the ledger.
 
     Every process the command starts is in the same partition, and every CUDA
     allocation they make counts against its limit: past it they get
     CUDA_ERROR_OUT_OF_MEMORY (each framework's own out-of-memory error).
+    What the job used (device time, memory) is sampled into the ledger while it
+    runs and when it ends (`fracgpu report`). fracgpu run exits as COMMAND did;
+    signals sent to it go to COMMAND, and COMMAND is killed if fracgpu run is.
 
     \b
       fracgpu run --memory 4GiB --compute 25% -- python train.py
@@ -47,9 +141,28 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
                                "--partition NAME (an existing one), not both", ctx) from None
     if not command:
         raise click.UsageError("missing the command to run: fracgpu run [OPTIONS] -- COMMAND [ARGS]...", ctx)
+    from fracgpu.ledger import Ledger, LedgerError
+    from fracgpu.recorder import JobRecorder
+
     with refusals():
-        # This process becomes the command (exec), so its pid names the private partition.
+        # This process stays the command's parent: its pid names the private partition.
         variables = jobs.partition_variables(private_name=f"run-{os.getpid()}", memory=memory,
                                              partition=partition, oom_wait=oom_wait, compute=compute, cap=cap)
         env = jobs.job_environment(variables)
-    exec_command(command, env)
+    env["FRACGPU_JOB_HOLDER"] = str(os.getpid())
+    try:
+        ledger = Ledger(ledger_path)
+        ledger.close_orphans()
+    except LedgerError as e:
+        raise InputError(f"{e}; the job was not started, so that none runs unrecorded") from None
+    memory_limit = None
+    if memory is not None:
+        size, _fraction = jobs.parse_memory(memory)
+        memory_limit = size or None   # a percentage becomes bytes when the job's GPU is seen
+    recorder = JobRecorder(ledger, job=job_name or shlex.join(command)[:200], partition=variables["FRACGPU_PARTITION"],
+                           private=partition is None, state_dir=variables["FRACGPU_STATE_DIR"],
+                           command=shlex.join(command), memory_limit=memory_limit,
+                           compute_share=jobs.parse_compute(compute) if compute is not None else None)
+    status = supervise(command, env, recorder)
+    ledger.close()
+    exit_like(status)

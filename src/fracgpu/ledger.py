@@ -11,14 +11,18 @@ else ``~/.local/state/fracgpu/ledger.sqlite``. The schema is versioned
 (``PRAGMA user_version``) and migrated forward on open; a ledger written by a
 newer fracgpu is refused rather than altered.
 
-This module is the store; what records jobs into it (``fracgpu run``, the
-report) builds on it.
+This module is the store; ``fracgpu.recorder`` records jobs into it while
+they run (``fracgpu run``, ``fracgpu.init()``). A job whose recorder was
+killed (so nobody will finish it) is closed by the next reader at its last
+sample: ``fracgpu run`` takes its command down with it (SIGKILL), so its exit
+status is -9.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import pathlib
 import sqlite3
@@ -27,7 +31,7 @@ from collections.abc import Iterator
 
 __all__ = ["Ledger", "LedgerError", "JobRecord", "default_path", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # MIGRATIONS[n] takes a ledger from version n - 1 to n.
 MIGRATIONS: dict[int, list[str]] = {
@@ -58,6 +62,14 @@ MIGRATIONS: dict[int, list[str]] = {
         "CREATE INDEX samples_by_job ON samples(job_id, t)",
         "CREATE INDEX jobs_by_start ON jobs(start)",
     ],
+    2: [
+        "ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'run'",   # 'run' | 'init'
+        "ALTER TABLE jobs ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",  # JSON object of strings
+        "ALTER TABLE jobs ADD COLUMN processes INTEGER NOT NULL DEFAULT 0",  # processes that used the GPU
+        "ALTER TABLE jobs ADD COLUMN launches INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN recorder_pid INTEGER",  # who keeps the row up to date
+        "ALTER TABLE jobs ADD COLUMN recorder_start INTEGER",  # its start time (ticks)
+    ],
 }
 
 
@@ -80,6 +92,10 @@ class JobRecord:
     gpu_seconds: float
     memory_byte_seconds: float
     peak_memory_bytes: int
+    kind: str = "run"
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    processes: int = 0
+    launches: int = 0
 
 
 def default_path() -> pathlib.Path:
@@ -95,7 +111,7 @@ class Ledger:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)   # autocommit
-            self.db.execute("PRAGMA journal_mode=WAL")
+            self._set_wal()
             self.db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except sqlite3.DatabaseError as e:
@@ -107,6 +123,20 @@ class Ledger:
 
     def close(self) -> None:
         self.db.close()
+
+    def _set_wal(self, timeout: float = 30.0) -> None:
+        """Write-ahead logging, so that readers (the report) never block the recorders. Switching
+        a new ledger to it does not wait for a lock held by another process opening it at the
+        same moment (SQLite answers "database is locked" at once), so that is retried here."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def __enter__(self) -> Ledger:
         return self
@@ -134,34 +164,70 @@ class Ledger:
                 self.db.execute("ROLLBACK")
                 raise
 
-    def start_job(self, *, job: str, partition: str, gpu: str, command: str = "", memory_limit: int | None = None,
-                  compute_share: float | None = None, start: float | None = None) -> int:
+    def start_job(self, *, job: str, partition: str, gpu: str = "", command: str = "", memory_limit: int | None = None,
+                  compute_share: float | None = None, start: float | None = None, kind: str = "run",
+                  labels: dict[str, str] | None = None, recorder_pid: int | None = None,
+                  recorder_start: int | None = None) -> int:
         cur = self.db.execute(
-            "INSERT INTO jobs (job, partition, gpu, command, start, memory_limit, compute_share) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (job, partition, gpu, command, time.time() if start is None else start, memory_limit, compute_share))
+            "INSERT INTO jobs (job, partition, gpu, command, start, memory_limit, compute_share, kind, labels, "
+            "recorder_pid, recorder_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job, partition, gpu, command, time.time() if start is None else start, memory_limit, compute_share,
+             kind, json.dumps(labels or {}, sort_keys=True), recorder_pid, recorder_start))
         return int(cur.lastrowid)
 
-    def sample(self, job_id: int, *, memory_bytes: int, device_seconds: float, t: float | None = None) -> None:
+    def sample(self, job_id: int, *, memory_bytes: int, device_seconds: float, t: float | None = None,
+               peak_memory_bytes: int | None = None, launches: int | None = None, processes: int | None = None,
+               gpu: str | None = None, memory_limit: int | None = None, compute_share: float | None = None) -> None:
         """Record the job's memory now and its device time so far (a cumulative
         counter). Memory byte-seconds grow by the previous sample's memory times
-        the time since it (memory is taken to hold until the next sample)."""
+        the time since it (memory is taken to hold until the next sample). The
+        peak is ``peak_memory_bytes`` when the caller knows it exactly, else the
+        largest memory sampled. The other values, when given, replace the job's."""
         t = time.time() if t is None else t
+        peak = max(memory_bytes, peak_memory_bytes or 0)
         with self._advance(job_id, t) as held:
             self.db.execute(
                 "UPDATE jobs SET memory_byte_seconds = memory_byte_seconds + ?, "
                 "peak_memory_bytes = MAX(peak_memory_bytes, ?), gpu_seconds = MAX(gpu_seconds, ?), "
-                "last_sample = ?, last_memory_bytes = ? WHERE id = ?",
-                (held, memory_bytes, device_seconds, t, memory_bytes, job_id))
+                "last_sample = ?, last_memory_bytes = ?, launches = MAX(launches, COALESCE(?, 0)), "
+                "processes = MAX(processes, COALESCE(?, 0)), gpu = COALESCE(?, gpu), "
+                "memory_limit = COALESCE(?, memory_limit), compute_share = COALESCE(?, compute_share) WHERE id = ?",
+                (held, peak, device_seconds, t, memory_bytes, launches, processes, gpu, memory_limit,
+                 compute_share, job_id))
             self.db.execute("INSERT INTO samples (job_id, t, memory_bytes, device_seconds) VALUES (?, ?, ?, ?)",
                             (job_id, t, memory_bytes, device_seconds))
 
-    def finish(self, job_id: int, *, exit_status: int, end: float | None = None) -> None:
+    def finish(self, job_id: int, *, exit_status: int | None, end: float | None = None) -> None:
         end = time.time() if end is None else end
         with self._advance(job_id, end) as held:
             self.db.execute('UPDATE jobs SET "end" = ?, exit_status = ?, '
-                            "memory_byte_seconds = memory_byte_seconds + ?, last_memory_bytes = 0 WHERE id = ?",
+                            "memory_byte_seconds = memory_byte_seconds + ?, last_memory_bytes = 0, "
+                            "recorder_pid = NULL WHERE id = ?",
                             (end, exit_status, held, job_id))
+
+    def close_orphans(self, is_alive=None) -> int:
+        """Close the jobs whose recorder is gone without finishing them (it was killed): they
+        end at their last sample; a ``fracgpu run`` job was killed with its recorder (-9).
+        ``is_alive(pid, start_time)`` says whether a recorder still runs. Returns how many."""
+        if is_alive is None:
+            from fracgpu.recorder import alive as is_alive
+        rows = self.db.execute('SELECT id, kind, recorder_pid, recorder_start, start, last_sample FROM jobs '
+                               'WHERE "end" IS NULL AND recorder_pid IS NOT NULL').fetchall()
+        closed = 0
+        for job_id, kind, pid, start_time, start, last in rows:
+            if is_alive(pid, start_time or 0):
+                continue
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute('UPDATE jobs SET "end" = ?, exit_status = ?, last_memory_bytes = 0, '
+                                'recorder_pid = NULL WHERE id = ? AND "end" IS NULL',
+                                (last if last is not None else start, -9 if kind == "run" else None, job_id))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            closed += 1
+        return closed
 
     @contextlib.contextmanager
     def _advance(self, job_id: int, t: float) -> Iterator[float]:
@@ -184,9 +250,10 @@ class Ledger:
         """Jobs that started at or after ``since`` (Unix time), or all, oldest first."""
         rows = self.db.execute(
             'SELECT id, job, partition, gpu, command, start, "end", exit_status, memory_limit, compute_share, '
-            "gpu_seconds, memory_byte_seconds, peak_memory_bytes FROM jobs WHERE start >= ? ORDER BY start, id",
+            "gpu_seconds, memory_byte_seconds, peak_memory_bytes, kind, labels, processes, launches FROM jobs "
+            "WHERE start >= ? ORDER BY start, id",
             (since if since is not None else float("-inf"),)).fetchall()
-        return [JobRecord(*row) for row in rows]
+        return [JobRecord(*row[:14], json.loads(row[14] or "{}"), *row[15:]) for row in rows]
 
     def samples(self, job_id: int) -> list[tuple[float, int, float]]:
         """(time, memory bytes, cumulative device seconds) of a job, in time order."""

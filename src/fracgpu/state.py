@@ -86,7 +86,7 @@ def read(region: _native.Region) -> GPUUsage:
                   for p in region.partitions()]
     processes = [ProcessUsage(pid=p["pid"], partition=p["partition"], command=p["command"], used=p["used"],
                               peak=p["peak"], device_ns=p["device_ns"], launches=p["launches"])
-                 for p in region.processes()]
+                 for p in region.processes() if not p["exited"]]   # exited: kept for a recorder, not running
     return GPUUsage(uuid=region.uuid, name=region.device_name, total_memory=region.total_memory,
                     partitions=partitions, processes=processes)
 
