@@ -1,5 +1,5 @@
-"""`fracgpu report` over a ledger (filled through the ledger's API here: what
-writes it from running jobs comes with the rest of the accounting work)."""
+"""`fracgpu report` over a ledger filled through the ledger's API, with known values
+(tests/test_accounting.py fills one from jobs running on the simulated GPU)."""
 
 from __future__ import annotations
 
@@ -72,3 +72,34 @@ def test_bad_input(ledger, tmp_path):
 def test_parse_since():
     assert parse_since("2h", now=10_000) == 10_000 - 7200
     assert parse_since("2026-11-28T00:00+00:00") == 1795824000.0
+
+
+def test_plot_is_a_png_with_one_line_per_job_in_each_panel(ledger, tmp_path):
+    from PIL import Image
+
+    from fracgpu import plot
+
+    out = tmp_path / "jobs.png"
+    result = report(ledger, "--plot", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "train" in result.stdout and "infer" in result.stdout   # the table is still printed
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(out) as image:
+        image.verify()
+        assert image.size == (1000, 600)
+    with Ledger(ledger) as l:
+        jobs = l.jobs()
+        fig = plot.draw(jobs, {job.id: l.samples(job.id) for job in jobs})
+    memory, share = fig.axes
+    assert [line.get_label() for line in memory.lines] == ["train (run-1)", "infer (run-2)"]
+    assert len(share.lines) == 2
+    # train: 1800 device-seconds over the 3600 s between its start sample and the next: half the GPU.
+    assert list(share.lines[0].get_ydata()) == [0.0, pytest.approx(0.5)]
+    assert list(memory.lines[0].get_ydata()) == [0.0, pytest.approx(200 / 1024)]
+
+
+def test_plot_refuses_what_it_cannot_write(ledger, tmp_path):
+    result = report(ledger, "--plot", str(tmp_path / "jobs.svg"))
+    assert result.returncode == 2 and "ending in .png" in result.stderr
+    result = report(ledger, "--plot", str(tmp_path / "missing" / "jobs.png"))
+    assert result.returncode == 2 and "does not exist" in result.stderr

@@ -6,8 +6,9 @@ import csv
 import datetime as dt
 import io
 import json
+import os
 import re
-import sys
+import signal
 import time
 
 import click
@@ -17,7 +18,7 @@ from fracgpu.ledger import JobRecord, Ledger, LedgerError
 from fracgpu.units import format_size
 
 FIELDS = ["job", "partition", "gpu", "start", "end", "exit_status", "gpu_seconds", "memory_byte_seconds",
-          "peak_memory_bytes", "memory_limit", "compute_share"]
+          "peak_memory_bytes", "memory_limit", "compute_share", "processes", "launches", "kind", "command", "labels"]
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -51,6 +52,18 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else dt.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
 
 
+def _check_plot_path(path: str) -> None:
+    if not path.lower().endswith(".png"):
+        raise InputError(f"--plot {path}: the plot is a PNG; give a file name ending in .png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise InputError("--plot needs matplotlib, which is not installed: pip install 'fracgpu[plot]'") from None
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"--plot {path}: the folder {folder} does not exist")
+
+
 def row(job: JobRecord, rate: float | None) -> dict:
     out = {field: getattr(job, field) for field in FIELDS}
     out["start"], out["end"] = _iso(job.start), _iso(job.end)
@@ -67,13 +80,25 @@ def row(job: JobRecord, rate: float | None) -> dict:
               help="Price per GPU-hour: adds each job's cost (GPU-seconds / 3600 x PRICE).")
 @click.option("--ledger", "ledger_path", metavar="PATH", type=click.Path(dir_okay=False),
               help="The ledger file. [default: $FRACGPU_LEDGER, else the per-user one]")
-def report(since: str | None, fmt: str, rate: str | None, ledger_path: str | None) -> None:
+@click.option("--plot", "plot_path", metavar="FILE.png", type=click.Path(dir_okay=False),
+              help="Also draw each job's memory and compute share over time into this PNG "
+                   "(needs matplotlib: pip install 'fracgpu[plot]').")
+def report(since: str | None, fmt: str, rate: str | None, ledger_path: str | None, plot_path: str | None) -> None:
     """Per-job usage and cost from the ledger: GPU-seconds, memory byte-seconds, peak memory."""
+    if plot_path is not None:
+        _check_plot_path(plot_path)
     try:
         with Ledger(ledger_path) as ledger:
+            ledger.close_orphans()   # jobs whose fracgpu run was killed end at their last sample
             jobs = ledger.jobs(parse_since(since) if since else None)
+            samples = {job.id: ledger.samples(job.id) for job in jobs} if plot_path is not None else {}
     except LedgerError as e:
         raise InputError(str(e)) from None
+    if plot_path is not None:
+        from fracgpu import plot
+
+        plot.save(plot.draw(jobs, samples), plot_path)
+        click.echo(f"plot of {len(jobs)} job(s) written to {plot_path}", err=True)
     price = parse_rate(rate) if rate is not None else None
     rows = [row(job, price) for job in jobs]
     if fmt == "json":
@@ -82,23 +107,41 @@ def report(since: str | None, fmt: str, rate: str | None, ledger_path: str | Non
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=FIELDS + (["cost"] if price is not None else []))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "labels": json.dumps(r["labels"], sort_keys=True)} for r in rows)
         click.echo(buf.getvalue(), nl=False)
     else:
-        from rich.console import Console
-        from rich.table import Table
+        from fracgpu.cli_top import _console
 
-        table = Table(title=f"fracgpu jobs ({len(rows)})")
-        columns = ["job", "partition", "start", "end", "exit", "GPU time", "memory GiB-h", "peak memory"]
+        _console().print(table(jobs, price))
+
+
+def exit_text(status: int | None, ended: bool) -> str:
+    if status is None:
+        return "" if not ended else "unknown"
+    if status < 0:
+        try:
+            return signal.Signals(-status).name
+        except ValueError:
+            return f"signal {-status}"
+    return str(status)
+
+
+def table(jobs: list[JobRecord], price: float | None = None):
+    """The report as a rich table: one row per job."""
+    from rich.table import Table
+
+    out = Table(title=f"fracgpu jobs ({len(jobs)})")
+    columns = ["job", "partition", "start", "end", "exit", "GPU time", "memory GiB-h", "peak memory"]
+    if price is not None:
+        columns.append("cost")
+    for column in columns:
+        out.add_column(column, justify="left" if column in ("job", "partition", "start", "end") else "right")
+    for job in jobs:
+        r = row(job, price)
+        cells = [job.job, job.partition, r["start"] or "", r["end"] or "running",
+                 exit_text(job.exit_status, job.end is not None), f"{job.gpu_seconds:.2f} s",
+                 f"{job.memory_byte_seconds / (1 << 30) / 3600:.4f}", format_size(job.peak_memory_bytes)]
         if price is not None:
-            columns.append("cost")
-        for column in columns:
-            table.add_column(column, justify="left" if column in ("job", "partition", "start", "end") else "right")
-        for job, r in zip(jobs, rows):
-            cells = [job.job, job.partition, r["start"] or "", r["end"] or "running",
-                     "" if job.exit_status is None else str(job.exit_status), f"{job.gpu_seconds:.2f} s",
-                     f"{job.memory_byte_seconds / (1 << 30) / 3600:.4f}", format_size(job.peak_memory_bytes)]
-            if price is not None:
-                cells.append(f"{r['cost']:.4f}")
-            table.add_row(*cells)
-        Console(file=sys.stdout).print(table)
+            cells.append(f"{r['cost']:.4f}")
+        out.add_row(*cells)
+    return out
