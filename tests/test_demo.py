@@ -4,20 +4,40 @@ import subprocess
 import sys
 
 
-def test_demo_runs_two_jobs_under_quotas_and_shares_on_the_simulated_gpu():
+def rows(section: str) -> dict[str, list[str]]:
+    return {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in section.splitlines() if line.startswith("│")}
+
+
+def test_demo_runs_three_jobs_then_shows_the_live_view_and_the_report_on_the_simulated_gpu():
     result = subprocess.run([sys.executable, "-m", "fracgpu", "demo", "--gpu", "sim"], capture_output=True,
                             text=True, timeout=300, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "simulated 8GiB GPU" in out
-    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
-            for line in out.splitlines() if line.startswith("│")}
-    # Each job saw its quota as the GPU, filled it, and had the next allocation refused.
-    assert rows["train"][:5] == ["--memory 3GiB --compute 75%", "3GiB", "3GiB", "refused (OOM)", "yes"]
-    assert rows["infer"][:5] == ["--memory 1GiB --compute 25%", "1GiB", "1GiB", "refused (OOM)", "yes"]
-    # While both were busy, the GPU's time went by their shares.
-    assert 20 <= int(rows["infer"][5].rstrip("%")) <= 30
-    assert 65 <= int(rows["train"][5].rstrip("%")) <= 80
+    live, rest = out.split("Three jobs sharing one GPU")
+    summary, _, report = rest.partition("fracgpu report")
+    # The live view: three partitions, each with its limit and share.
+    partitions = {name: cells for name, cells in rows(live).items() if name.startswith("run-")}
+    assert len(partitions) == 3
+    # Columns: used / limit, % of limit, peak, share set, share achieved, device time.
+    assert sorted(cells[0].split(" / ")[1] for cells in partitions.values()) == ["1GiB", "1GiB", "3GiB"], partitions
+    assert sorted(cells[3] for cells in partitions.values()) == ["25%", "25%", "50%"], partitions
+    # Each job saw its quota as the GPU; 'batch' asked for more, was refused and went on with less.
+    jobs = rows(summary)
+    assert jobs["train"][:4] == ["--memory 3GiB --compute 50%", "3GiB", "2GiB", "2GiB"]
+    assert jobs["infer"][:4] == ["--memory 1GiB --compute 25%", "1GiB", "512MiB", "512MiB"]
+    assert jobs["batch"][:4] == ["--memory 1GiB --compute 25%", "1GiB", "1.5GiB (refused, 1x halved)", "768MiB"]
+    assert all(cells[5] == "yes" for cells in jobs.values())
+    # While all were busy, the GPU's time went by their shares.
+    shares = {name: int(cells[4].rstrip("%")) for name, cells in jobs.items()}
+    assert 42 <= shares["train"] <= 58 and 18 <= shares["infer"] <= 32 and 18 <= shares["batch"] <= 32, shares
+    # The report: the three jobs from the ledger, ended with status 0, each with device time.
+    recorded = rows(report)
+    assert set(recorded) == {"train", "infer", "batch"}
+    for name, cells in recorded.items():
+        assert cells[3] == "0" and float(cells[4].rstrip(" s")) > 0.2, (name, cells)
+    assert recorded["batch"][6] == "768MiB" and recorded["train"][6] == "2GiB"
 
 
 def test_demo_real_without_a_gpu_says_what_to_do():

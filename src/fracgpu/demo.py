@@ -1,11 +1,13 @@
-"""``fracgpu demo``: two jobs sharing one GPU under quotas and shares, in a few seconds.
+"""``fracgpu demo``: three jobs sharing one GPU under quotas and shares, then the live view and the report.
 
 Runs on the real GPU when a working driver is found, else on a simulated GPU
 of its own (a private folder, so it never disturbs other users of the
-simulator). Each job is a separate process using the CUDA driver API: it
-allocates memory, checks a kernel's writes, and keeps the device busy with
-spin kernels, each under `fracgpu run --memory ... --compute ...`; the table
-shows what each one saw and used.
+simulator). Each job is a separate process using the CUDA driver API under
+``fracgpu run --memory ... --compute ...``: it allocates memory (one asks for
+more than its quota, is refused, and goes on with a smaller batch), checks a
+kernel's writes, and keeps the device busy with spin kernels. While they run,
+the demo prints what ``fracgpu top`` shows; after, what ``fracgpu report``
+shows from the ledger (a private one: the demo is not billed to anyone).
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ class Job:
     memory: str        # its quota
     compute: str       # its share of the GPU's time
     kernel_ms: float   # length of each spin kernel
+    want_mib: int      # the batch it asks for first
 
 
-JOBS = [Job("train", "3GiB", "75%", 2.0), Job("infer", "1GiB", "25%", 1.0)]
-BUSY_SECONDS = 1.5
+JOBS = [Job("train", "3GiB", "50%", 2.0, 2048), Job("infer", "1GiB", "25%", 1.0, 512),
+        Job("batch", "1GiB", "25%", 1.0, 1536)]   # asks for more than its quota: refused, then halves its batch
+BUSY_SECONDS = 2.0
 
 
 def real_gpu_available() -> bool:
@@ -59,10 +63,11 @@ def real_gpu_available() -> bool:
         return False
 
 
-def job_main(name: str, kernel_ms: float, module: str) -> None:
-    """One demo job (``python -m fracgpu.demo NAME KERNEL_MS MODULE``), run under
-    ``fracgpu run``: it fills its memory quota, sees the next allocation refused,
-    checks a kernel's writes, then keeps the GPU busy; prints one JSON line."""
+def job_main(name: str, kernel_ms: float, module: str, want_mib: int) -> None:
+    """One demo job (``python -m fracgpu.demo NAME KERNEL_MS MODULE WANT_MIB``), run under
+    ``fracgpu run``: it asks for WANT_MIB at once and, refused (CUDA_ERROR_OUT_OF_MEMORY),
+    halves its batch until it fits, as a training script does; checks a kernel's writes;
+    then keeps the GPU busy. Prints one JSON line."""
     import ctypes
 
     from fracgpu._driver import Driver
@@ -70,20 +75,22 @@ def job_main(name: str, kernel_ms: float, module: str) -> None:
     drv = Driver()
     free, total = drv.mem_info()
     drv.load_kernels(module)
-    block, blocks = 256 * MiB, []
-    while True:   # up to the quota: the framework's allocator would do the same
-        rc, ptr = drv.try_alloc(block)
-        if rc != 0:
+    size, refusals = want_mib * MiB, 0
+    while True:
+        rc, ptr = drv.try_alloc(size)
+        if rc == 0:
             break
-        blocks.append(ptr)
-    refused = rc == 2   # CUDA_ERROR_OUT_OF_MEMORY, handled: the job goes on with what it has
+        if rc != 2 or size <= 64 * MiB:   # 2: CUDA_ERROR_OUT_OF_MEMORY
+            raise SystemExit(f"demo job {name}: cannot allocate {size >> 20} MiB (CUresult {rc})")
+        refusals += 1
+        size //= 2
     count = 1 << 20
-    drv.fill(blocks[0], 0x600DF00D, count)
+    drv.fill(ptr, 0x600DF00D, count)
     back = (ctypes.c_uint * count)()
     drv.synchronize()
-    drv._check("cuMemcpyDtoH_v2", drv.lib.cuMemcpyDtoH_v2(back, ctypes.c_uint64(blocks[0]), ctypes.c_size_t(count * 4)))
+    drv._check("cuMemcpyDtoH_v2", drv.lib.cuMemcpyDtoH_v2(back, ctypes.c_uint64(ptr), ctypes.c_size_t(count * 4)))
     verified = all(v == 0x600DF00D for v in back[::4096])
-    print("ready", flush=True)   # both jobs start their kernels together
+    print("ready", flush=True)   # all jobs start their kernels together
     sys.stdin.readline()
     start, kernels = time.monotonic(), 0
     while time.monotonic() - start < BUSY_SECONDS:
@@ -92,10 +99,9 @@ def job_main(name: str, kernel_ms: float, module: str) -> None:
         drv.synchronize()
         kernels += 10
     wall = time.monotonic() - start
-    for b in blocks:
-        drv.free(b)
+    drv.free(ptr)
     print(json.dumps({"name": name, "device": drv.name(), "total": total, "free_at_start": free,
-                      "allocated": len(blocks) * block, "refused": refused, "verified": verified,
+                      "allocated": size, "refusals": refusals, "verified": verified,
                       "device_s": kernels * kernel_ms / 1000, "wall_s": wall}))
 
 
@@ -103,16 +109,19 @@ def job_main(name: str, kernel_ms: float, module: str) -> None:
 @click.option("--gpu", type=click.Choice(["auto", "sim", "real"]), default="auto", show_default=True,
               help="Where to run: the real GPU if one works (auto), or always the simulated one.")
 def demo(gpu: str) -> None:
-    """Two jobs sharing one GPU: memory each saw and used, device time, wall time."""
-    from rich.console import Console
+    """Three jobs sharing one GPU: their quotas and shares, the live view, the report."""
     from rich.table import Table
 
-    console = Console()
+    from fracgpu import cli_report, cli_top
+    from fracgpu.ledger import Ledger
+
+    console = cli_top._console()   # wide enough for the tables when not on a terminal
     use_real = gpu == "real" or (gpu == "auto" and real_gpu_available())
     if gpu == "real" and not real_gpu_available():
         raise click.ClickException("no working NVIDIA GPU driver was found; run `fracgpu demo --gpu sim`")
     with tempfile.TemporaryDirectory(prefix="fracgpu-demo-") as folder:
-        env = dict(os.environ, FRACGPU_STATE_DIR=os.path.join(folder, "state"))
+        state_dir, ledger_path = os.path.join(folder, "state"), os.path.join(folder, "ledger.sqlite")
+        env = dict(os.environ, FRACGPU_STATE_DIR=state_dir, FRACGPU_LEDGER=ledger_path)
         if use_real:
             console.print("Running on the real GPU.")
         else:
@@ -126,36 +135,68 @@ def demo(gpu: str) -> None:
                 raise click.ClickException(str(e)) from None
             # Built without nvcc: the simulated driver runs its kernels by name from any module file.
             module = str(sim.library_dir() / "libcuda.so.1")
-        procs = [subprocess.Popen([sys.executable, "-m", "fracgpu", "run", "--memory", j.memory, "--compute", j.compute,
-                                   "--", sys.executable, "-m", "fracgpu.demo", j.name, str(j.kernel_ms), module],
+        for j in JOBS:
+            console.print(f"  fracgpu run --name {j.name} --memory {j.memory} --compute {j.compute} -- "
+                          f"python -m fracgpu.demo {j.name} ...")
+        procs = [subprocess.Popen([sys.executable, "-m", "fracgpu", "run", "--name", j.name, "--memory", j.memory,
+                                   "--compute", j.compute, "--", sys.executable, "-m", "fracgpu.demo", j.name,
+                                   str(j.kernel_ms), module, str(j.want_mib)],
                                   env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True)
                  for j in JOBS]
-        for p in procs:
-            p.stdout.readline()
+        for job, p in zip(JOBS, procs):
+            if p.stdout.readline().strip() != "ready":
+                for q in procs:
+                    q.kill()
+                raise click.ClickException(f"demo job {job.name!r} failed to start:\n{p.communicate()[1]}")
         for p in procs:
             p.stdin.write("go\n")
             p.stdin.flush()
+        # The live view, as `fracgpu top` shows it, while all three are busy.
+        time.sleep(0.5)
+        saved = os.environ.get("FRACGPU_STATE_DIR")
+        os.environ["FRACGPU_STATE_DIR"] = state_dir
+        try:
+            first = cli_top.read()
+            time.sleep(1.0)
+            view = cli_top.snapshot(first, cli_top.read())
+        finally:
+            if saved is None:
+                del os.environ["FRACGPU_STATE_DIR"]
+            else:
+                os.environ["FRACGPU_STATE_DIR"] = saved
+        console.print("\n[bold]fracgpu top[/bold] while they run:")
+        cli_top._console().print(cli_top.render(view, state_dir))
         results = []
         for job, p in zip(JOBS, procs):
             out, err = p.communicate(timeout=300)
             if p.returncode != 0:
                 raise click.ClickException(f"demo job {job.name!r} failed (exit {p.returncode}):\n{err}")
             results.append(json.loads(out.strip().splitlines()[-1]))
-    table = Table(title=f"Two jobs sharing one GPU ({results[0]['device']})")
-    for column in ("job", "fracgpu run", "GPU memory seen", "allocated", "next allocation", "fill verified",
-                   "share of the GPU"):
+        with Ledger(ledger_path) as ledger:
+            recorded = ledger.jobs()
+    table = Table(title=f"Three jobs sharing one GPU ({results[0]['device']})")
+    for column in ("job", "fracgpu run", "GPU memory seen", "asked", "got", "share of the GPU", "fill verified"):
         table.add_column(column, justify="left" if column in ("job", "fracgpu run") else "right")
     for job, r in zip(JOBS, results):
-        table.add_row(r["name"], f"--memory {job.memory} --compute {job.compute}", format_size(r["total"]),
-                      format_size(r["allocated"]), "refused (OOM)" if r["refused"] else "NOT refused",
-                      "yes" if r["verified"] else "NO", f"{100 * r['device_s'] / r['wall_s']:.0f}%")
+        asked = format_size(job.want_mib * MiB) + (f" (refused, {r['refusals']}x halved)" if r["refusals"] else "")
+        table.add_row(r["name"], f"--memory {job.memory} --compute {job.compute}", format_size(r["total"]), asked,
+                      format_size(r["allocated"]), f"{100 * r['device_s'] / r['wall_s']:.0f}%",
+                      "yes" if r["verified"] else "NO")
+    console.print()
     console.print(table)
-    console.print("Each job saw its quota as the GPU's memory and got CUDA_ERROR_OUT_OF_MEMORY past it; "
-                  "while both were busy the GPU's time was split by their shares.")
-    if not all(r["verified"] and r["refused"] for r in results):
-        raise click.ClickException("a job was not held to its quota, or read back values its kernel did not write")
+    console.print("Each job saw its quota as the GPU's memory; 'batch' asked for more, got "
+                  "CUDA_ERROR_OUT_OF_MEMORY and went on with a smaller batch; while all were busy the GPU's "
+                  "time was split by their shares.")
+    console.print("\n[bold]fracgpu report[/bold] (from the ledger):")
+    cli_top._console().print(cli_report.table(recorded))
+    console.print("Your own jobs: `fracgpu run --memory 4GiB --compute 25% -- python train.py`, then "
+                  "`fracgpu top` and `fracgpu report`.")
+    quota_held = all(r["verified"] and r["allocated"] <= r["total"] for r in results)
+    if not quota_held or results[2]["refusals"] == 0 or len(recorded) != len(JOBS):
+        raise click.ClickException("a job was not held to its quota, was not recorded, or read back values its "
+                                   "kernel did not write")
 
 
 if __name__ == "__main__":
-    job_main(sys.argv[1], float(sys.argv[2]), sys.argv[3])
+    job_main(sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
