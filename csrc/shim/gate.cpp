@@ -201,7 +201,10 @@ CUevent take_event(CUcontext ctx) {
     }
     CUevent e = nullptr;
     auto create = REAL(cuEventCreate);
-    if (!create || create(&e, CU_EVENT_DEFAULT) != CUDA_SUCCESS) return nullptr;
+    // Blocking sync: the reader thread sleeps until its event completes rather
+    // than spin a CPU core for as long as the device is busy (what a default
+    // event does when there are more cores than contexts).
+    if (!create || create(&e, CU_EVENT_BLOCKING_SYNC) != CUDA_SUCCESS) return nullptr;
     return e;
 }
 
