@@ -86,6 +86,7 @@ class SimGPU:
         return self.run(sys.executable, "-c", code, **kwargs)
 
     def popen(self, *argv, env: dict | None = None, **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("stdin", subprocess.PIPE)   # a job that reads stdin waits for the test
         return subprocess.Popen([str(a) for a in argv], env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, **kwargs)
 

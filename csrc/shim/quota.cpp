@@ -41,7 +41,9 @@ struct Binding {
         return l ? l : region.total_memory();
     }
     std::string uuid, refusal;
-    std::atomic<bool> oom_reported{false};
+    std::atomic<bool> oom_reported{false};         // the refusal of a binding that is not ok was said
+    std::atomic<uint64_t> oom_logged_ns{0};        // when the last out-of-memory line was written
+    std::atomic<uint64_t> oom_unlogged{0};         // refusals since, not written
     std::atomic<uint64_t> last_reap_ns{0};
 };
 
@@ -140,13 +142,24 @@ Binding *binding(int dev) {
     return &g_bind[dev];
 }
 
+// One line at most every kOomLogNs per device, however often a job is refused
+// (an allocator that retries, a job that probes its limit).
+constexpr uint64_t kOomLogNs = 10'000'000'000ull;
+
 void report_oom(Binding &b, uint64_t requested) {
-    if (b.oom_reported.exchange(true)) return;   // one line per episode, not per failed call
+    uint64_t now = mono_ns(), last = b.oom_logged_ns.load(std::memory_order_relaxed);
+    if ((last && now - last < kOomLogNs) || !b.oom_logged_ns.compare_exchange_strong(last, now)) {
+        b.oom_unlogged.fetch_add(1, std::memory_order_relaxed);
+        return;
+    }
+    uint64_t unlogged = b.oom_unlogged.exchange(0);
     const fracgpu::SharedProcess &p = b.region.raw()->processes[b.slot];
     const fracgpu::SharedPartition &part = b.region.raw()->partitions[p.partition];
-    log("out of memory in partition '%s' on %s: limit %s, in use %s, requested %s%s", part.name, b.uuid.c_str(),
+    char more[96] = "";
+    if (unlogged) snprintf(more, sizeof more, " (and %llu more refused since the last message)", (unsigned long long)unlogged);
+    log("out of memory in partition '%s' on %s: limit %s, in use %s, requested %s%s%s", part.name, b.uuid.c_str(),
         size_text(b.limit()).c_str(), size_text(part.used.load()).c_str(), size_text(requested).c_str(),
-        settings().oom_wait_s > 0 ? " (waited FRACGPU_OOM_WAIT)" : "");
+        settings().oom_wait_s > 0 ? " (waited FRACGPU_OOM_WAIT)" : "", more);
 }
 
 CUresult charge(Binding *b, uint64_t bytes) {
@@ -157,19 +170,13 @@ CUresult charge(Binding *b, uint64_t bytes) {
             log("%s: allocations on %s are refused", b->refusal.c_str(), b->uuid.c_str());
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
-    if (b->region.charge(b->slot, bytes)) {
-        b->oom_reported.store(false, std::memory_order_relaxed);
-        return CUDA_SUCCESS;
-    }
+    if (b->region.charge(b->slot, bytes)) return CUDA_SUCCESS;
     // Over quota. Memory of jobs that died is given back first, then, with
     // FRACGPU_OOM_WAIT, wait for others to free some.
     uint64_t deadline = mono_ns() + (uint64_t)(settings().oom_wait_s * 1e9);
     for (;;) {
         b->region.reap();
-        if (b->region.charge(b->slot, bytes)) {
-            b->oom_reported.store(false, std::memory_order_relaxed);
-            return CUDA_SUCCESS;
-        }
+        if (b->region.charge(b->slot, bytes)) return CUDA_SUCCESS;
         if (mono_ns() >= deadline) break;
         std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
