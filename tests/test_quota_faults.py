@@ -1,10 +1,12 @@
 """Processes killed with SIGKILL at random moments (starting up, joining the
-partition under the state lock, allocating and freeing): nothing deadlocks,
-and the partition's books come back to the truth within a second."""
+partition under the state lock, allocating and freeing), either the job itself
+or the `fracgpu run` recording it: nothing deadlocks, the partition's books
+come back to the truth within a second, and the ledger keeps every job."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import sys
@@ -12,6 +14,7 @@ import time
 
 import pytest
 
+from simgpu import command_pid
 from test_quota_stress import CHURN
 
 pytestmark = pytest.mark.slow
@@ -21,21 +24,33 @@ def test_random_sigkills_leave_no_lock_held_and_no_memory_on_the_books(gpu):
     gpu.fracgpu("partition", "create", "team", "--memory", "256MiB")
     rng = random.Random(7)
     kills = 0
-    for i in range(12):
+    for i in range(16):
         # Two members, so a kill often lands while the other holds the lock or allocates.
-        members = [gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "team", "--",
-                             sys.executable, "-c", CHURN, str(i * 2 + k), "30") for k in range(2)]
+        members = [gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "team", "--name", f"j{i}-{k}",
+                             "--", sys.executable, "-c", CHURN, str(i * 2 + k), "30") for k in range(2)]
         time.sleep(rng.uniform(0.05, 0.8))
         for m in members:
-            m.send_signal(signal.SIGKILL)
+            if i % 2:
+                m.send_signal(signal.SIGKILL)            # fracgpu run: its command dies with it
+            else:
+                try:
+                    os.kill(command_pid(m), signal.SIGKILL)   # the command: fracgpu run records it
+                except ProcessLookupError:
+                    pass
             m.wait(timeout=10)
             kills += 1
         killed = time.monotonic()
-        usage = json.loads(gpu.fracgpu("partition", "list", "--json", timeout=10).stdout)   # never blocks
-        (team,) = [p for u in usage for p in u["partitions"] if p["name"] == "team"]
+        while True:   # never blocks, and the books are true again within a second
+            usage = json.loads(gpu.fracgpu("partition", "list", "--json", timeout=10).stdout)
+            (team,) = [p for u in usage for p in u["partitions"] if p["name"] == "team"]
+            if (team["used"], team["processes"]) == (0, 0) or time.monotonic() - killed > 1.0:
+                break
+            time.sleep(0.02)
         assert team["used"] == 0 and team["processes"] == 0, (i, team)
-        assert time.monotonic() - killed < 5
         assert team["peak"] <= 256 << 20
+    jobs = json.loads(gpu.fracgpu("report", "--format", "json").stdout)
+    assert sorted(j["job"] for j in jobs) == sorted(f"j{i}-{k}" for i in range(16) for k in range(2))
+    assert all(j["end"] is not None and j["exit_status"] == -signal.SIGKILL for j in jobs), jobs
     # And the partition still works: a new member gets all of it.
     out = gpu.python("import ctypes, fracgpu\nfracgpu.init(partition='team')\n"
                      "c = ctypes.CDLL('libcuda.so.1'); assert c.cuInit(0) == 0\n"
@@ -44,4 +59,4 @@ def test_random_sigkills_leave_no_lock_held_and_no_memory_on_the_books(gpu):
                      "p = ctypes.c_uint64()\n"
                      "print(c.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(256 << 20)))").stdout
     assert out.strip() == "0"
-    assert kills == 24
+    assert kills == 32
