@@ -9,6 +9,7 @@
 #include <ctime>
 #include <dirent.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -126,12 +127,62 @@ std::string default_state_dir() {
     return "/tmp/fracgpu-" + std::to_string((unsigned)geteuid());
 }
 
+bool state_group(gid_t *gid, std::string *err) {
+    const char *name = getenv("FRACGPU_STATE_GROUP");
+    if (!name || !*name) return false;
+    char buf[4096];
+    struct group g, *found = nullptr;
+    if (getgrnam_r(name, &g, buf, sizeof buf, &found) == 0 && found) {
+        *gid = found->gr_gid;
+        return true;
+    }
+    char *end = nullptr;
+    long n = strtol(name, &end, 10);
+    if (end != name && !*end && n >= 0) {
+        *gid = (gid_t)n;
+        return true;
+    }
+    if (err) *err = std::string("FRACGPU_STATE_GROUP='") + name + "' is not a group of this machine";
+    *gid = (gid_t)-1;
+    return true;
+}
+
+namespace {
+bool in_group(gid_t gid) {
+    if (getegid() == gid) return true;
+    gid_t groups[256];
+    int n = getgroups(256, groups);
+    for (int i = 0; i < n; i++)
+        if (groups[i] == gid) return true;
+    return false;
+}
+}  // namespace
+
 bool check_state_dir(const std::string &dir, bool create, std::string *err) {
     if (dir.empty()) {
         *err = "the state folder is empty; set FRACGPU_STATE_DIR to a folder of yours";
         return false;
     }
-    if (create && mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    gid_t gid = (gid_t)-1;
+    std::string group_err;
+    bool shared = state_group(&gid, &group_err);
+    if (shared && gid == (gid_t)-1) {
+        *err = group_err + "; set it to the group that shares the GPU, or unset it";
+        return false;
+    }
+    if (shared && !in_group(gid)) {
+        *err = "this user is not in group " + std::to_string(gid) + " (FRACGPU_STATE_GROUP), which shares the "
+               "state folder " + dir + "; ask to be added, or unset FRACGPU_STATE_GROUP";
+        return false;
+    }
+    if (create && mkdir(dir.c_str(), shared ? 02770 : 0700) == 0 && shared) {
+        // Shared with the group: set-group-ID so every state file made in it is the group's too.
+        if (chown(dir.c_str(), (uid_t)-1, gid) != 0 || chmod(dir.c_str(), 02770) != 0) {
+            *err = "cannot give the state folder " + dir + " to group " + std::to_string(gid) + ": " +
+                   errno_text(errno);
+            return false;
+        }
+    } else if (create && errno != EEXIST && access(dir.c_str(), F_OK) != 0) {
         *err = "cannot create the state folder " + dir + ": " + errno_text(errno) +
                "; set FRACGPU_STATE_DIR to a folder you can write";
         return false;
@@ -145,16 +196,33 @@ bool check_state_dir(const std::string &dir, bool create, std::string *err) {
         *err = "the state folder " + dir + " is not a folder; set FRACGPU_STATE_DIR to a folder of yours";
         return false;
     }
+    char mode[8];
+    snprintf(mode, sizeof mode, "%03o", (unsigned)(st.st_mode & 0777));
+    if (shared) {
+        // Owned by whoever set it up; shared with the group alone.
+        if (st.st_gid != gid) {
+            *err = "the state folder " + dir + " belongs to group " + std::to_string(st.st_gid) + ", not " +
+                   std::to_string(gid) + " (FRACGPU_STATE_GROUP); run `chgrp " + std::to_string(gid) + " " + dir +
+                   "` or use another folder";
+            return false;
+        }
+        if (st.st_mode & S_IWOTH) {
+            *err = "the state folder " + dir + " has unsafe permissions (mode " + mode + ": anyone can write to it); "
+                   "run `chmod 2770 " + dir + "` or use another folder";
+            return false;
+        }
+        return true;
+    }
     if (st.st_uid != geteuid()) {
         *err = "the state folder " + dir + " belongs to another user (uid " + std::to_string(st.st_uid) +
-               "); set FRACGPU_STATE_DIR to a folder of yours";
+               "); set FRACGPU_STATE_DIR to a folder of yours, or FRACGPU_STATE_GROUP to the group it is shared "
+               "with";
         return false;
     }
     if (st.st_mode & (S_IWGRP | S_IWOTH)) {
-        char mode[8];
-        snprintf(mode, sizeof mode, "%03o", (unsigned)(st.st_mode & 0777));
         *err = "the state folder " + dir + " has unsafe permissions (mode " + mode +
-               ": others can write to it); run `chmod 700 " + dir + "` or use another folder";
+               ": others can write to it); run `chmod 700 " + dir + "`, use another folder, or set "
+               "FRACGPU_STATE_GROUP to the group it is meant to be shared with";
         return false;
     }
     return true;
@@ -204,10 +272,15 @@ bool Region::open_file(const std::string &path, std::string *err) {
         *err = "the state file " + path + " is not a regular file; remove it";
         return false;
     }
-    if (st.st_uid != geteuid() || (st.st_mode & (S_IWGRP | S_IWOTH))) {
+    gid_t gid;
+    bool shared = state_group(&gid, nullptr) && gid != (gid_t)-1;
+    bool safe = shared ? st.st_gid == gid && !(st.st_mode & S_IWOTH)
+                       : st.st_uid == geteuid() && !(st.st_mode & (S_IWGRP | S_IWOTH));
+    if (!safe) {
         ::close(fd);
-        *err = "the state file " + path + " has unsafe owner or permissions (others could change quotas); "
-               "remove it, or fix it with chown/chmod 600";
+        *err = "the state file " + path + " has unsafe owner or permissions (others could change quotas); " +
+               (shared ? "remove it, or fix it with chgrp " + std::to_string(gid) + " and chmod 660"
+                       : std::string("remove it, or fix it with chown/chmod 600"));
         return false;
     }
     size_t size = (size_t)st.st_size;
@@ -254,11 +327,14 @@ bool Region::open(const std::string &dir, const std::string &uuid, const std::st
         // Build it complete under a private name, then link it into place: nobody
         // ever maps a half-made region, and of two creators one wins.
         std::string tmp = path + ".tmp." + std::to_string(getpid());
+        gid_t gid;
+        bool shared = state_group(&gid, nullptr);
         int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
         if (fd < 0) {
             *err = "cannot create the state file " + tmp + ": " + errno_text(errno);
             return false;
         }
+        if (shared) fchmod(fd, 0660);   // the group's jobs charge their memory in it (the umask is not asked)
         size_t size = sizeof(SharedRegion);
         bool ok = ftruncate(fd, (off_t)size) == 0;
         void *m = ok ? mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;

@@ -110,7 +110,7 @@ def refusals() -> Iterator[None]:
 
     try:
         yield
-    except (ValueError, StateError, DeviceError, FileNotFoundError) as e:
+    except (ValueError, StateError, DeviceError, FileNotFoundError, PermissionError) as e:
         raise InputError(str(e)) from None
 
 

@@ -110,6 +110,8 @@ class Ledger:
         self.path = pathlib.Path(path) if path is not None else default_path()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.path.exists():   # what every job used is the user's business: owner-only
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)   # autocommit
             self._set_wal()
             self.db.execute("PRAGMA synchronous=NORMAL")

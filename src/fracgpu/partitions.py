@@ -49,6 +49,7 @@ def create(name: str, memory: str | int | None = None, *, compute: str | float |
         raise ValueError("a compute cap needs a compute share: give --compute SHARE with --cap")
     folder = state.resolve_state_dir(state_dir)
     _native.check_state_dir(folder, create=True)
+    state.check_may_change_partitions(folder)
     gpu = device(device_index, env)
     limit = 0
     if memory is not None:
@@ -69,6 +70,7 @@ def remove(name: str, *, device_index: int | None = None, state_dir: str | os.Pa
     (the message lists them) or the state is unsafe or damaged."""
     jobs.check_partition_name(name)
     regions = state.open_regions(state_dir)
+    state.check_may_change_partitions(state.resolve_state_dir(state_dir))
     if device_index is not None:
         uuid = device(device_index, env).uuid
         regions = [r for r in regions if r.uuid == uuid]
@@ -106,6 +108,7 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
         jobs.parse_memory(memory)
     share = jobs.parse_compute(compute) if compute is not None else None
     regions = state.open_regions(state_dir)
+    state.check_may_change_partitions(state.resolve_state_dir(state_dir))
     if device_index is not None:
         uuid = device(device_index, env).uuid
         regions = [r for r in regions if r.uuid == uuid]

@@ -14,7 +14,8 @@ import os
 
 from fracgpu import _native
 
-__all__ = ["GPUUsage", "PartitionUsage", "ProcessUsage", "StateError", "usage", "resolve_state_dir", "open_regions"]
+__all__ = ["GPUUsage", "PartitionUsage", "ProcessUsage", "StateError", "usage", "resolve_state_dir", "open_regions",
+           "check_may_change_partitions"]
 
 StateError = _native.StateError
 
@@ -75,6 +76,18 @@ def open_regions(folder: str | os.PathLike | None = None, *, reap: bool = True) 
         for region in regions:
             region.reap()
     return regions
+
+
+def check_may_change_partitions(folder: str | os.PathLike) -> None:
+    """Partitions are made, changed and removed by whoever owns the state folder. On a host
+    where it is shared with a group (``FRACGPU_STATE_GROUP``), the other members run jobs in
+    them, and in private partitions of their own, but cannot change a quota or a share, their
+    own included. Raises PermissionError naming the owner."""
+    owner = os.stat(folder).st_uid
+    if owner != os.geteuid():
+        raise PermissionError(f"only the owner of the state folder {folder} (uid {owner}) may create, change or "
+                              "remove partitions; run jobs in them with `fracgpu run --partition NAME`, or give a "
+                              "job a private partition with `fracgpu run --memory SIZE`")
 
 
 def read(region: _native.Region) -> GPUUsage:

@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <pthread.h>
+#include <sys/types.h>
 #include <string>
 #include <vector>
 
@@ -131,8 +132,14 @@ struct ProcessInfo {
 std::string default_state_dir();
 
 // Creates `dir` (mode 0700) when missing, and checks it is safe: a folder owned
-// by this user that nobody else can write to.
+// by this user that nobody else can write to. With FRACGPU_STATE_GROUP set (a
+// shared host), the folder is the group's instead: made mode 2770 with that
+// group, it must belong to the group, the caller must be in it, and nobody
+// outside it may write there; state files are then made 0660.
 bool check_state_dir(const std::string &dir, bool create, std::string *err);
+// The group of FRACGPU_STATE_GROUP (a name or a number): false when unset;
+// true with gid (gid_t)-1 and `err` when it names no group.
+bool state_group(gid_t *gid, std::string *err);
 
 // Files of regions under dir ("gpu-*.state"), sorted.
 std::vector<std::string> region_files(const std::string &dir);
