@@ -101,6 +101,8 @@ def _wait_running(proc, timeout=30):
     assert line.strip() == "running" or time.monotonic() < deadline, line
 
 
+@pytest.mark.fault('SIGKILL of a running job',
+                   '`fracgpu run` exits as killed by SIGKILL; the report has the job, exit -9, its exact peak and its device time up to the kill')
 def test_a_job_killed_with_sigkill_is_in_the_report_with_its_use(gpu, kernels):
     p = run_job(gpu, kernels, "--memory", "1GiB", mib=200, n=-1, ms=2, name="killed")
     _wait_running(p)
@@ -115,6 +117,8 @@ def test_a_job_killed_with_sigkill_is_in_the_report_with_its_use(gpu, kernels):
     assert 0.8 <= job["gpu_seconds"] <= elapsed, job   # busy from the start to the kill
 
 
+@pytest.mark.fault('SIGKILL of `fracgpu run` itself',
+                   'the kernel kills the job too; the next report closes it at its last sample, exit -9')
 def test_killing_fracgpu_run_kills_the_job_and_the_report_keeps_it(gpu, kernels):
     p = run_job(gpu, kernels, "--memory", "1GiB", mib=50, n=-1, ms=2, name="orphan")
     _wait_running(p)

@@ -127,6 +127,8 @@ def test_bad_port_option(gpu):
     assert result.returncode == 2 and "'--port'" in result.stderr
 
 
+@pytest.mark.fault('The state damaged while the exporter serves',
+                   '`fracgpu_state_readable` 0 and a message; no crash')
 def test_a_state_damaged_while_serving_is_a_gauge_not_a_crash(gpu):
     gpu.fracgpu("partition", "create", "team")
     port = free_port()

@@ -49,6 +49,8 @@ def test_since_filters_by_start(tmp_path):
         assert [j.job for j in ledger.jobs(since=5.0)] == ["j5.0", "j9.0"]
 
 
+@pytest.mark.fault('A ledger written by a newer fracgpu',
+                   'refused with what to do, not altered')
 def test_schema_is_versioned_and_a_newer_ledger_is_refused(tmp_path):
     path = tmp_path / "l.sqlite"
     Ledger(path).close()
@@ -61,6 +63,8 @@ def test_schema_is_versioned_and_a_newer_ledger_is_refused(tmp_path):
         Ledger(path)
 
 
+@pytest.mark.fault('A ledger file that is not a database',
+                   'refused with what to do; the file is left as it was')
 def test_a_file_that_is_not_a_ledger_is_refused_and_left_alone(tmp_path):
     path = tmp_path / "l.sqlite"
     path.write_bytes(b"not a database at all" * 100)
@@ -97,6 +101,8 @@ with Ledger(sys.argv[1]) as ledger:
 """
 
 
+@pytest.mark.fault('Six jobs opening a new ledger at the same moment',
+                   "all six recorded (SQLite's immediate 'database is locked' is retried)")
 def test_jobs_starting_together_on_a_new_ledger_are_all_recorded(tmp_path):
     # A new ledger switched to WAL by several processes at once: SQLite answers
     # "database is locked" without waiting, which must not refuse a job.

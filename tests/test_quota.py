@@ -143,6 +143,8 @@ def test_eight_processes_in_one_partition_never_exceed_it(clients, gpu):
     assert team["memory_limit"] == QUOTA
 
 
+@pytest.mark.fault('A partition member killed while holding memory',
+                   'its memory is back with the partition within 1 s')
 def test_a_killed_member_gives_its_memory_back_within_a_second(clients, gpu):
     gpu.fracgpu("partition", "create", "team", "--memory", "256MiB")
     holder = gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "team", "--", clients.lcuda, "hold", 200, 60)
@@ -251,6 +253,8 @@ def test_oom_wait_blocks_until_memory_frees(clients, gpu):
     ({"FRACGPU_PARTITION": "p", "FRACGPU_MEMORY": "2GiB"}, "is above the 1GiB of GPU 0"),
     ({"FRACGPU_PARTITION": "p", "FRACGPU_MEMORY": "1GiB", "FRACGPU_OOM_WAIT": "soon"}, "FRACGPU_OOM_WAIT='soon'"),
 ])
+@pytest.mark.fault('Invalid `FRACGPU_*` variables in a job',
+                   'CUDA is refused in the job with the reason on stderr; it never runs unlimited')
 def test_the_shim_refuses_cuda_rather_than_run_without_limits(clients, gpu, shim, env, message):
     result = gpu.run(clients.lcuda, "info", check=False, env={"LD_PRELOAD": shim, **env})
     assert result.returncode == 1
@@ -258,6 +262,8 @@ def test_the_shim_refuses_cuda_rather_than_run_without_limits(clients, gpu, shim
     assert message in result.stderr
 
 
+@pytest.mark.fault('A state file damaged under a running shim',
+                   'CUDA refused with the reason; never unlimited')
 def test_a_damaged_state_file_refuses_cuda(clients, gpu, shim):
     env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "p", "FRACGPU_MEMORY": "256MiB"}
     assert gpu.facts(clients.lcuda, "info", env=env)["total_mem"] == str(QUOTA)

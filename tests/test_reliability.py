@@ -174,6 +174,8 @@ def finish(procs):
     return totals
 
 
+@pytest.mark.fault('32 processes in 4 partitions allocating, freeing and launching at random for 3 s',
+                   'no limit ever passed; books equal what the live processes hold, 0 after exit; no hang; 32 jobs in the ledger')
 def test_thirty_two_processes_in_four_partitions_keep_the_books_true(gpu, kernels):
     procs, holding, live, over = run_workers(gpu, kernels, 32, 3.0)
     assert not over, over
@@ -193,6 +195,8 @@ def test_thirty_two_processes_in_four_partitions_keep_the_books_true(gpu, kernel
           "0 invariant violations")
 
 
+@pytest.mark.fault("A planted leak: memory freed behind the shim's back",
+                   'the books check names the partition and the bytes no process holds')
 def test_a_planted_leak_is_caught(gpu, kernels):
     procs, holding, live, over = run_workers(gpu, kernels, 4, 0.5, leak_in="c")
     found = violations(live, holding, LIMITS)

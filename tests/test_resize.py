@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -56,6 +58,8 @@ def test_raising_a_running_partitions_limit_lets_its_next_allocation_through(gpu
     assert team["memory_limit"] == 128 * MiB and team["compute_share"] == 0.4 and team["used"] == 0
 
 
+@pytest.mark.fault('`partition set` with bad or impossible values',
+                   'refused with a message; the partition unchanged')
 def test_bad_changes_are_refused(gpu):
     gpu.fracgpu("partition", "create", "team", "--memory", "256MiB")
     for args, message in ((["team"], "nothing to change"),

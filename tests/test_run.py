@@ -103,6 +103,8 @@ def test_arguments_and_exit_status_pass_through(gpu):
     assert result.stdout.strip() == "1GiB"
 
 
+@pytest.mark.fault('A command not found, or not executable',
+                   'exit 127 or 126 with a message, as the shells do')
 def test_a_command_that_cannot_start(gpu, tmp_path):
     result = gpu.fracgpu("run", "--memory", "1GiB", "--", "fracgpu-no-such-command-xyz", check=False)
     assert result.returncode == 127
@@ -128,6 +130,8 @@ def test_a_command_that_cannot_start(gpu, tmp_path):
     (["--memory", "1GiB", "--oom-wait", "-1"], ["'--oom-wait'", "give seconds"]),
     (["--memory", "1GiB", "--oom-wait", "inf"], ["'--oom-wait'", "give seconds"]),
 ])
+@pytest.mark.fault('Malformed sizes and shares, a limit above the GPU, an unknown partition, conflicting options',
+                   'one message, exit 2, nothing started')
 def test_bad_input_is_refused_before_the_job_starts(gpu, args, phrases):
     refused(gpu.fracgpu("run", *args, "--", "echo", "started", check=False), *phrases)
 
@@ -143,6 +147,8 @@ def test_an_oom_wait_the_shim_would_refuse_is_refused_here(gpu, value):
                         env={"FRACGPU_OOM_WAIT": value}), "FRACGPU_OOM_WAIT", "give seconds")
 
 
+@pytest.mark.fault('A state folder others can write to',
+                   'refused with the `chmod` to run, exit 2')
 def test_an_unsafe_state_folder_is_refused(gpu):
     gpu.state_dir.chmod(0o777)
     try:
@@ -173,6 +179,8 @@ def region_file(gpu):
     (lambda data: b"FRACGPUS" + (99).to_bytes(4, "little") + data[12:], "layout version 99"),
     (lambda data: b"PNG\0" + data[4:], "not a fracgpu state file"),
 ])
+@pytest.mark.fault('A state file truncated, foreign, or of another layout',
+                   'refused with what to do, exit 2')
 @pytest.mark.parametrize("args", [["--memory", "1GiB"], ["--memory", "25%"], ["--partition", "team"]])
 def test_a_damaged_state_file_is_refused(gpu, damage, phrase, args):
     path = region_file(gpu)

@@ -45,6 +45,8 @@ def test_a_group_shares_the_state_on_a_shared_host(gpu, tmp_path):
     assert result.returncode == 2 and "FRACGPU_STATE_GROUP" in result.stderr
 
 
+@pytest.mark.fault('`FRACGPU_STATE_GROUP` naming no group',
+                   'refused before the job starts, exit 2')
 def test_an_unknown_group_is_refused_with_what_to_do(gpu, tmp_path):
     env = {"FRACGPU_STATE_DIR": str(tmp_path / "s"), "FRACGPU_STATE_GROUP": "no-such-group-here"}
     result = gpu.fracgpu("run", "--memory", "64MiB", "--", "true", check=False, env=env)
@@ -52,6 +54,8 @@ def test_an_unknown_group_is_refused_with_what_to_do(gpu, tmp_path):
     assert "FRACGPU_STATE_GROUP='no-such-group-here' is not a group" in result.stderr
 
 
+@pytest.mark.fault('A group member who does not own the state changes a partition',
+                   'refused (exit 2), naming the owner; its jobs still run under the quota')
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to hand the state folder to another user")
 def test_a_group_member_runs_jobs_but_cannot_change_a_quota(gpu, tmp_path):
     group = grp.getgrgid(os.getegid()).gr_name

@@ -20,6 +20,8 @@ def test_bad_environment_fails_cuinit_with_a_message(clients, gpu, name, value, 
     assert "fracgpu sim env" in result.stderr
 
 
+@pytest.mark.fault("The simulated GPU's shared file damaged",
+                   'cuInit fails with how to fix it')
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_damaged_shared_file_is_refused_with_how_to_fix(clients, gpu, damage):
     gpu.facts(clients.lcuda, "info")           # creates the shared file

@@ -79,6 +79,8 @@ def test_bad_options(gpu, args, phrase):
     refused(gpu.fracgpu("top", "--once", *args, check=False), phrase)
 
 
+@pytest.mark.fault('`fracgpu top` on a damaged or unsafe state',
+                   'refused with a message, exit 2')
 def test_a_damaged_or_unsafe_state_is_refused(gpu):
     gpu.fracgpu("partition", "create", "team")
     (path,) = gpu.state_dir.glob("gpu-*.state")

@@ -103,6 +103,8 @@ def test_a_percentage_rounds_down_to_whole_bytes():
         ("99999999999999999999999GiB", "too large"),
     ],
 )
+@pytest.mark.fault('Bad sizes: negative, overflow, unknown units, NaN, empty',
+                   'rejected with the problem and the accepted forms')
 def test_bad_sizes_are_rejected_with_the_problem_and_the_accepted_forms(text, problem):
     with pytest.raises(ValueError) as error:
         units.parse_size(text)
@@ -189,6 +191,8 @@ def test_a_bare_number_above_one_says_both_ways_to_write_it(text):
         ("0.0000000000000000001", "too small"),
     ],
 )
+@pytest.mark.fault('Bad shares: 0, over 100%, negative, malformed',
+                   'rejected with the accepted forms')
 def test_bad_shares_are_rejected_with_the_accepted_forms(text, problem):
     with pytest.raises(ValueError) as error:
         units.parse_share(text)
