@@ -39,19 +39,41 @@ def cuda_include_dir() -> pathlib.Path:
 
 
 def command_pid(run: subprocess.Popen, timeout: float = 10) -> int:
-    """The pid of the command a ``fracgpu run`` process started (its one child)."""
+    """The pid of the command a ``fracgpu run`` process started: its child that runs with
+    ``FRACGPU_JOB_HOLDER`` naming it (not a helper it ran before, such as ldconfig, nor the
+    child between fork and exec)."""
     deadline = time.monotonic() + timeout
+    mark = f"FRACGPU_JOB_HOLDER={run.pid}".encode()
     while True:
         try:
             with open(f"/proc/{run.pid}/task/{run.pid}/children") as f:
-                children = f.read().split()
+                children = [int(c) for c in f.read().split()]
         except OSError:
             children = []
-        if children:
-            return int(children[0])
+        for child in children:
+            try:
+                with open(f"/proc/{child}/environ", "rb") as f:
+                    if mark in f.read().split(b"\0"):
+                        return child
+            except OSError:
+                pass
         if time.monotonic() > deadline:
             raise AssertionError(f"fracgpu run ({run.pid}) started no command")
         time.sleep(0.01)
+
+
+def wait_gone(pid: int, timeout: float = 10) -> None:
+    """Waits until process ``pid`` has exited (and is no zombie either)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except OSError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} is still running")
 
 
 class SimGPU:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from simgpu import GiB, MiB, command_pid
+from simgpu import GiB, MiB, command_pid, wait_gone
 import fracgpu
 from fracgpu import devices, partitions
 
@@ -131,9 +131,11 @@ def test_usage_of_a_private_partition_and_its_end(clients, gpu):
         assert [(p.pid, p.used, p.peak) for p in u.processes] == [(command_pid(job), 100 * MiB, 100 * MiB)]
         table = gpu.fracgpu("partition", "list", env={"COLUMNS": "200"}).stdout
         assert f"run-{job.pid} (private)" in table
+        command = command_pid(job)
     finally:
         job.kill()
         job.wait(timeout=10)
+    wait_gone(command)   # the kernel kills it as its fracgpu run dies
     (u,) = fracgpu.usage(gpu.state_dir)   # the killed job is reaped as usage() looks
     assert u.partitions == [] and u.processes == []
 

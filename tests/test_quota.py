@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from simgpu import GiB, MiB, command_pid, parse_facts
+from simgpu import GiB, MiB, command_pid, parse_facts, wait_gone
 
 QUOTA = 256 * MiB
 
@@ -171,10 +171,12 @@ def test_private_partitions_are_separate_and_vanish_with_their_job(clients, gpu)
         assert facts["meminfo_free"] == str(512 * MiB)
         (u,) = usage_of(gpu)
         assert [(p["name"], p["used"]) for p in u["partitions"]] == [(f"run-{a.pid}", 200 * MiB)]
-        assert u["processes"][0]["pid"] == command_pid(a)
+        command = command_pid(a)
+        assert u["processes"][0]["pid"] == command
     finally:
         a.kill()
         a.wait(timeout=10)
+    wait_gone(command)   # the kernel kills it as its fracgpu run dies
     (u,) = usage_of(gpu)
     assert u["partitions"] == [] and u["processes"] == []
 

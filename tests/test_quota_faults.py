@@ -30,15 +30,13 @@ def test_random_sigkills_leave_no_lock_held_and_no_memory_on_the_books(gpu):
         # Two members, so a kill often lands while the other holds the lock or allocates.
         members = [gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "team", "--name", f"j{i}-{k}",
                              "--", sys.executable, "-c", CHURN, str(i * 2 + k), "30") for k in range(2)]
-        time.sleep(rng.uniform(0.05, 0.8))
-        for m in members:
+        commands = [command_pid(m) for m in members]   # started: from here on each is a job
+        time.sleep(rng.uniform(0.0, 0.6))
+        for m, command in zip(members, commands):
             if i % 2:
                 m.send_signal(signal.SIGKILL)            # fracgpu run: its command dies with it
             else:
-                try:
-                    os.kill(command_pid(m), signal.SIGKILL)   # the command: fracgpu run records it
-                except ProcessLookupError:
-                    pass
+                os.kill(command, signal.SIGKILL)         # the command: fracgpu run records it
             m.wait(timeout=10)
             kills += 1
         killed = time.monotonic()

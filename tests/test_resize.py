@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from simgpu import MiB
+from simgpu import MiB, command_pid, wait_gone
 
 # Allocates N MiB for each line "N" it reads, answering the CUresult.
 STEPPER = """
@@ -51,9 +51,11 @@ def test_raising_a_running_partitions_limit_lets_its_next_allocation_through(gpu
         result = gpu.fracgpu("partition", "set", "team", "--memory", "128MiB")
         assert "above the new limit" in result.stderr
         assert ask(job, 1) == (2, 128 * MiB)
+        command = command_pid(job)
     finally:
         job.kill()
         job.wait(timeout=10)
+    wait_gone(command)   # the kernel kills it as its fracgpu run dies
     (team,) = [p for u in json.loads(gpu.fracgpu("partition", "list", "--json").stdout) for p in u["partitions"]]
     assert team["memory_limit"] == 128 * MiB and team["compute_share"] == 0.4 and team["used"] == 0
 

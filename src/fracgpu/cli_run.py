@@ -47,20 +47,23 @@ def supervise(command: tuple[str, ...], env: dict[str, str | None], recorder) ->
     sys.stderr.flush()
     environment = {name: value for name, value in {**os.environ, **env}.items() if value is not None}
     parent = os.getpid()
+    from fracgpu.recorder import sample_interval
+
+    # The job is in the ledger before its command runs: whatever kills this process
+    # later, the command never ran unrecorded.
+    started = time.time()
+    recorder.start(start=started)
     signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
     try:
         child = subprocess.Popen(list(command), env=environment, preexec_fn=lambda: _child_setup(parent),
                                  close_fds=False)
-    except FileNotFoundError:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, WATCHED)
-        raise CommandFailed(f"command not found: {command[0]}", 127) from None
     except OSError as e:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WATCHED)
+        status = 127 if isinstance(e, FileNotFoundError) else 126
+        recorder.finish(status)
+        if status == 127:
+            raise CommandFailed(f"command not found: {command[0]}", 127) from None
         raise CommandFailed(f"cannot run {command[0]}: {e.strerror}", 126) from None
-    from fracgpu.recorder import sample_interval
-
-    started = time.time()
-    recorder.start(start=started)
     next_sample = 0.0
     while True:
         status = child.poll()
