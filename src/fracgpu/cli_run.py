@@ -86,6 +86,17 @@ def supervise(command: tuple[str, ...], env: dict[str, str | None], recorder) ->
     return status
 
 
+def parse_labels(labels: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` texts as a dict; ValueError naming a malformed one."""
+    out = {}
+    for text in labels:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"invalid label {text!r}: write KEY=VALUE, like team=vision")
+        out[key.strip()] = value
+    return out
+
+
 def exit_like(status: int) -> None:
     """Leave as the command did: its exit status, or killed by the same signal."""
     sys.stdout.flush()
@@ -118,10 +129,13 @@ def exit_like(status: int) -> None:
               "[default: the command line]")
 @click.option("--ledger", "ledger_path", metavar="PATH", type=click.Path(dir_okay=False),
               help="The ledger to record the job in. [default: $FRACGPU_LEDGER, else the per-user one]")
+@click.option("--label", "labels", metavar="KEY=VALUE", multiple=True, callback=checked_by(parse_labels),
+              help="A label recorded with the job (repeatable): team=vision, ray_job_id=01000000.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARGS]...")
 @click.pass_context
 def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, partition: str | None,
-        oom_wait: str | None, job_name: str | None, ledger_path: str | None, command: tuple[str, ...]) -> None:
+        oom_wait: str | None, job_name: str | None, ledger_path: str | None, labels: tuple[str, ...],
+        command: tuple[str, ...]) -> None:
     """Run COMMAND under a GPU memory quota and/or compute share, and record it in the ledger.
 
     Every process the command starts is in the same partition, and every CUDA
@@ -164,7 +178,7 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
         memory_limit = size or None   # a percentage becomes bytes when the job's GPU is seen
     recorder = JobRecorder(ledger, job=job_name or shlex.join(command)[:200], partition=variables["FRACGPU_PARTITION"],
                            private=partition is None, state_dir=variables["FRACGPU_STATE_DIR"],
-                           command=shlex.join(command), memory_limit=memory_limit,
+                           command=shlex.join(command), memory_limit=memory_limit, labels=parse_labels(labels),
                            compute_share=jobs.parse_compute(compute) if compute is not None else None)
     status = supervise(command, env, recorder)
     ledger.close()
