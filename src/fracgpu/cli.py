@@ -44,6 +44,7 @@ COMMANDS = {
     "partition": "fracgpu.cli_partition:partition_group",
     "report": "fracgpu.cli_report:report",
     "run": "fracgpu.cli_run:run",
+    "slurm-prolog": "fracgpu.cli_slurm:slurm_prolog",
     "sim": "fracgpu.cli:sim_group",
     "top": "fracgpu.cli_top:top",
 }
