@@ -149,3 +149,30 @@ def test_the_runtime_env_plugin_does_the_same_where_the_cluster_registers_it(gpu
     assert json.loads(out.strip().splitlines()[-1]) == 256 * MiB
     (job,) = json.loads(gpu.fracgpu("report", "--format", "json").stdout)
     assert job["job"] == "plugged" and job["memory_limit"] == 256 * MiB and job["exit_status"] == 0
+
+
+ACTOR_DRIVER = r"""
+import json, time
+import ray
+import fracgpu.ray
+ray.init(num_gpus=1, num_cpus=3, include_dashboard=False, log_to_driver=False)
+
+@fracgpu.ray.remote(num_gpus=0.5)
+class Server:
+    def total(self):
+        from fracgpu._driver import Driver
+        return Driver().mem_info()[1]
+
+server = Server.remote()
+print(json.dumps([ray.get(server.total.remote()), ray.get(server.total.remote())]))
+ray.kill(server)
+time.sleep(2)   # its worker goes, and fracgpu run with it
+"""
+
+
+def test_an_actor_is_one_job_for_its_life(gpu):
+    out = gpu.run(sys.executable, "-c", ACTOR_DRIVER, timeout=240).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [512 * MiB, 512 * MiB]
+    (job,) = json.loads(gpu.fracgpu("report", "--format", "json").stdout)
+    assert job["job"] == "Server" and job["labels"]["ray_name"] == "Server"
+    assert job["memory_limit"] == 512 * MiB and job["end"] is not None
