@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import select
+import signal
 import sys
 import time
 
@@ -187,12 +189,30 @@ def watch(argv: list[str] | None = None) -> int:
                            state_dir=args.state_dir, command=args.command, kind="init")
     started = time.time()
     recorder.start(start=started)
-    while alive(args.pid, args.start_time):
-        recorder.sample()
-        time.sleep(sample_interval(time.time() - started))
-    recorder.finish(None)
-    ledger.close()
+    # Stopped (SIGTERM, SIGHUP): the job's record is finished all the same.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
+    try:
+        ended = _exit_watch(args.pid)   # readable when the process ends: its record is finished at once
+        while alive(args.pid, args.start_time):
+            recorder.sample()
+            wait = sample_interval(time.time() - started)
+            if ended is not None:
+                select.select([ended], [], [], wait)
+            else:
+                time.sleep(wait)
+    finally:
+        recorder.finish(None)
+        ledger.close()
     return 0
+
+
+def _exit_watch(pid: int) -> int | None:
+    """A pidfd of ``pid`` (readable once it has exited), or None where the kernel has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 if __name__ == "__main__":
