@@ -7,6 +7,7 @@ process, exactly as users run them.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -141,6 +142,23 @@ def test_eight_processes_in_one_partition_never_exceed_it(clients, gpu):
     assert team["used"] == 0
     assert team["peak"] == QUOTA
     assert team["memory_limit"] == QUOTA
+
+
+@pytest.mark.fault('A free made by an exit handler after the shim has left the partition',
+                   "not counted twice: the partition's other members keep their memory on the books")
+def test_a_free_after_the_process_left_is_not_given_back_twice(clients, gpu, shim):
+    gpu.fracgpu("partition", "create", "team", "--memory", "256MiB")
+    env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "team"}
+    holder = gpu.popen(clients.lcuda, "hold", 64, 60, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "holding 64"
+        assert gpu.run(clients.lcuda, "free-at-exit", 32, env=env).stdout.strip() == "allocated 32"
+        usage = json.loads(gpu.fracgpu("partition", "list", "--json").stdout)
+        (team,) = [p for u in usage for p in u["partitions"] if p["name"] == "team"]
+        assert (team["used"], team["processes"]) == (64 * MiB, 1), team
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
 
 
 @pytest.mark.fault('A partition member killed while holding memory',

@@ -128,6 +128,11 @@ bool attach(int d, Binding &b) {
 void detach_at_exit() {
     if (!g_bound.load() || !g_bind) return;
     gate_account_finished();
+    // From here on nothing is charged or given back: a free made by a later exit
+    // handler (a static destructor freeing its cache) must not give the partition
+    // back memory that leaving it already returned, nor touch a slot that may
+    // belong to another process by then.
+    g_bound.store(false, std::memory_order_release);
     for (int d = 0; d < g_ndev; d++)
         if (g_bind[d].ok) g_bind[d].region.leave(g_bind[d].slot);
 }

@@ -15,6 +15,7 @@
  *   spins N MS MODULE [START]     N spins of MS back to back (from START), then wall time
  *   busy SECONDS MS MODULE [START]  MS spins for SECONDS, printing "t <ms> <kernels done>"
  *   hold MIB SECONDS              allocate MIB and keep it for SECONDS
+ *   free-at-exit MIB              allocate MIB, free it in an exit handler registered before cuInit
  */
 #include <cuda.h>
 
@@ -122,13 +123,21 @@ static void spin(CUfunction f, double ms) {
     CHECK(p_cuLaunchKernel(f, 1, 1, 1, 1, 1, 1, 0, NULL, args, NULL));
 }
 
+/* free-at-exit: a block freed by an exit handler that runs after the shim's. */
+static CUdeviceptr g_exit_block;
+static void free_at_exit(void) {
+    if (g_exit_block) p_cuMemFree(g_exit_block);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s info | alloc-until-oom MIB [MAX [HOLD]] | fill COUNT VALUE MODULE | spin MS MODULE | spins N MS MODULE [START] | busy SECONDS MS MODULE [START] | hold MIB SECONDS\n", argv[0]);
+        fprintf(stderr, "usage: %s info | alloc-until-oom MIB [MAX [HOLD]] | fill COUNT VALUE MODULE | spin MS MODULE | spins N MS MODULE [START] | busy SECONDS MS MODULE [START] | hold MIB SECONDS | free-at-exit MIB\n", argv[0]);
         return 2;
     }
     load_api();
     const char *cmd = argv[1];
+    /* Registered before cuInit, so it runs after the shim's own exit handler. */
+    if (!strcmp(cmd, "free-at-exit")) atexit(free_at_exit);
     CUdevice dev;
     CUcontext ctx;
     CHECK(p_cuInit(0));
@@ -218,6 +227,9 @@ int main(int argc, char **argv) {
             done += 10;
             printf("t %.3f %ld\n", now_ms() - t0, done);
         }
+    } else if (!strcmp(cmd, "free-at-exit") && argc >= 3) {
+        CHECK(p_cuMemAlloc(&g_exit_block, (size_t)atoll(argv[2]) << 20));
+        printf("allocated %s\n", argv[2]);
     } else if (!strcmp(cmd, "hold") && argc >= 4) {
         CUdeviceptr d;
         CHECK(p_cuMemAlloc(&d, (size_t)atoll(argv[2]) << 20));
