@@ -141,3 +141,28 @@ def test_a_state_damaged_while_serving_is_a_gauge_not_a_crash(gpu):
         assert "fracgpu_partition_memory_used_bytes" not in samples
     assert proc.returncode == 0
     assert "truncated" in proc.stderr.read()
+
+
+def test_achieved_share_and_process_limit(gpu, clients, kernels):
+    port = free_port()
+    job = gpu.popen(sys.executable, "-m", "fracgpu", "run", "--memory", "256MiB", "--compute", "50%", "--cap", "--",
+                    clients.lcuda, "busy", 5, 1, kernels)
+    try:
+        with exporter(gpu, port):
+            command = str(command_pid(job))
+            import time
+
+            time.sleep(1.0)
+            first = scrape(port)
+            assert "fracgpu_partition_compute_share_achieved_ratio" not in first   # nothing to compare with yet
+            time.sleep(1.5)
+            samples = scrape(port)
+            part = {"partition": f"run-{job.pid}"}
+            achieved = one(samples, "fracgpu_partition_compute_share_achieved_ratio", **part).value
+            assert 0.40 <= achieved <= 0.56, achieved        # capped at 50% of the GPU's time
+            proc = one(samples, "fracgpu_process_compute_share_achieved_ratio", pid=command).value
+            assert abs(proc - achieved) < 0.02
+            assert one(samples, "fracgpu_process_memory_limit_bytes", pid=command).value == 256 * MiB
+    finally:
+        job.kill()
+        job.wait(timeout=10)

@@ -6,7 +6,9 @@ conventions: a ``fracgpu_`` prefix, the unit in the name (``_bytes``,
 ``_seconds``, ``_ratio``), ``_total`` on counters. The ``gpu`` label is the
 device UUID on ``fracgpu_`` series; partition series have ``partition``,
 process series ``partition`` and ``pid``. The compute share achieved is
-``rate(fracgpu_partition_device_seconds_total[1m])``.
+``fracgpu_partition_compute_share_achieved_ratio`` (device time used between
+this scrape and the one before, over the time between them), or over any
+window ``rate(fracgpu_partition_device_seconds_total[1m])``.
 
 For dashboards made for NVIDIA's dcgm-exporter, ``DCGM_FI_DEV_FB_USED`` and
 ``DCGM_FI_DEV_FB_FREE`` (MiB, labels ``gpu`` = CUDA index, ``UUID``,
@@ -21,6 +23,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -45,6 +48,8 @@ class UsageCollector:
         self.read = read or (lambda: state.usage(self.state_dir))
         self.hostname = socket.gethostname()
         self.last_error: str | None = None
+        # The previous scrape: when, and each partition's and process's device time then.
+        self._before: tuple[float, dict[tuple, int]] | None = None
 
     def describe(self) -> list:
         return []   # nothing is read at registration; every scrape collects afresh
@@ -95,6 +100,25 @@ class UsageCollector:
         q_seconds = counter("fracgpu_process_device_seconds_total", "Device time the process's kernels used.",
                             q_labels)
         q_launches = counter("fracgpu_process_launches_total", "Kernel and graph launches of the process.", q_labels)
+        q_limit = gauge("fracgpu_process_memory_limit_bytes",
+                        "The memory limit the process is under: its partition's (the GPU's memory when none).",
+                        q_labels)
+        achieved = gauge("fracgpu_partition_compute_share_achieved_ratio",
+                         "Share of the GPU's time the partition used since the previous scrape (absent on the "
+                         "first).", p_labels)
+        q_achieved = gauge("fracgpu_process_compute_share_achieved_ratio",
+                           "Share of the GPU's time the process used since the previous scrape (absent on the "
+                           "first).", q_labels)
+        now = time.monotonic()
+        device_ns: dict[tuple, int] = {}
+
+        def share_since(key: tuple, ns: int, family) -> None:
+            device_ns[key] = ns
+            if self._before is None:
+                return
+            then, before = self._before
+            if key in before and ns >= before[key] and now > then:
+                family.add_metric(list(key[1:]), (ns - before[key]) / 1e9 / (now - then))
         dcgm_labels = ["gpu", "UUID", "device", "modelName", "Hostname"]
         fb_used = gauge("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB), by fracgpu partitions.",
                         dcgm_labels)
@@ -121,14 +145,21 @@ class UsageCollector:
                 launches.add_metric(labels, p.launches)
                 refusals_.add_metric(labels, p.oom_refusals)
                 processes.add_metric(labels, p.processes)
+                share_since(("p", *labels), p.device_ns, achieved)
+            limits = {p.name: p.memory_limit or gpu.total_memory for p in gpu.partitions}
             for q in gpu.processes:
                 labels = [gpu.uuid, q.partition, str(q.pid)]
                 q_used.add_metric(labels, q.used)
                 q_peak.add_metric(labels, q.peak)
+                q_limit.add_metric(labels, limits.get(q.partition, gpu.total_memory))
                 q_seconds.add_metric(labels, q.device_ns / 1e9)
                 q_launches.add_metric(labels, q.launches)
-        yield from (gpu_total, gpu_used, gpu_info, used, limit, peak, share, cap, seconds, launches, refusals_,
-                    processes, q_used, q_peak, q_seconds, q_launches, fb_used, fb_free)
+                share_since(("q", *labels), q.device_ns, q_achieved)
+        if error is None:
+            self._before = (now, device_ns)
+        yield from (gpu_total, gpu_used, gpu_info, used, limit, peak, share, cap, achieved, seconds, launches,
+                    refusals_, processes, q_used, q_peak, q_limit, q_achieved, q_seconds, q_launches, fb_used,
+                    fb_free)
 
 
 def _gpu_indexes() -> dict[str, int]:
