@@ -63,7 +63,7 @@ target_link_libraries(fracgpu_nvml_shim PRIVATE fracgpu_common Threads::Threads 
 # ---------------------------------------------------------------------------
 add_library(nvml_sim SHARED csrc/sim_nvml/sim_nvml.cpp "${NVML_GEN_sim_stubs}" "${NVML_GEN_errors}")
 set_target_properties(nvml_sim PROPERTIES OUTPUT_NAME "nvidia-ml" PREFIX "lib" SUFFIX ".so.1" NO_SONAME ON)
-target_include_directories(nvml_sim PRIVATE "${FRACGPU_NVML_INCLUDE}" "${GEN_DIR}" csrc/sim)
+target_include_directories(nvml_sim PRIVATE "${FRACGPU_NVML_INCLUDE}" "${GEN_DIR}" csrc/sim csrc/include)
 target_compile_options(nvml_sim PRIVATE ${FRACGPU_WARNINGS}
   $<$<COMPILE_LANGUAGE:CXX>:-fno-exceptions>)
 target_link_options(nvml_sim PRIVATE -Wl,-soname,libnvidia-ml.so.1 -Wl,-Bsymbolic -Wl,--no-undefined

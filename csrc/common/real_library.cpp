@@ -53,4 +53,15 @@ std::string find_real_library(const RealLibrary &lib, std::string *err) {
     return "";
 }
 
+void *open_real_library(const RealLibrary &lib, std::string *err) {
+    std::string path = find_real_library(lib, err);
+    if (path.empty()) return nullptr;
+    void *h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        const char *e = dlerror();
+        *err = std::string("cannot load ") + lib.what + " " + path + ": " + (e ? e : "unknown error");
+    }
+    return h;
+}
+
 }  // namespace fracgpu

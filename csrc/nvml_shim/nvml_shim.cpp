@@ -18,6 +18,7 @@
 //
 // No C++ exception ever leaves an NVML entry point (built -fno-exceptions).
 #include "nvml_forward.h"
+#include "fracgpu/error_text.h"
 
 #include <atomic>
 #include <cstdio>
@@ -61,17 +62,9 @@ void load_once() {
         "NVML calls return NVML_ERROR_LIBRARY_NOT_FOUND. Install the NVIDIA driver or set FRACGPU_REAL_LIBNVML to "
         "its full path",
         reinterpret_cast<const void *>(&load_once)};
-    std::string path = fracgpu::find_real_library(kNvml, &err);
-    if (path.empty()) {
-        log("%s", err.c_str());
-        return;
-    }
-    // RTLD_LOCAL and resolved through this handle: the real NVML's symbols
-    // never shadow the shim's.
-    void *h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    void *h = fracgpu::open_real_library(kNvml, &err);
     if (!h) {
-        const char *e = dlerror();
-        log("cannot load the real NVML %s: %s", path.c_str(), e ? e : "unknown error");
+        log("%s", err.c_str());
         return;
     }
     g_slots = new std::atomic<void *>[fg_nvml_count]();
@@ -101,12 +94,7 @@ void *real_symbol(const char *name, std::atomic<void *> &slot) {
 
 nvmlReturn_t missing() { return ensure_loaded() ? NVML_ERROR_FUNCTION_NOT_FOUND : NVML_ERROR_LIBRARY_NOT_FOUND; }
 
-struct ErrorEntry {
-    int code;
-    const char *name;
-    const char *text;
-};
-const ErrorEntry kErrors[] = {
+const fracgpu::ErrorText kErrors[] = {
 #define NVML_ERROR_ENTRY(code, name, text) {code, name, text},
 #include "nvml_errors.inc"
 #undef NVML_ERROR_ENTRY
@@ -227,7 +215,6 @@ NVML_SHIM_API nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlM
 
 NVML_SHIM_API const char *nvmlErrorString(nvmlReturn_t result) {
     if (auto real = REAL(nvmlErrorString)) return real(result);
-    for (const ErrorEntry &e : kErrors)
-        if (e.code == (int)result) return e.text;
-    return "Unknown Error";
+    const fracgpu::ErrorText *e = fracgpu::find_error(kErrors, (int)result);
+    return e ? e->text : "Unknown Error";
 }

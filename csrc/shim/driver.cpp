@@ -1,6 +1,7 @@
 // Settings and the real driver: read once, on the first CUDA call of a
 // process (a process that never uses CUDA loads no driver).
 #include "shim.h"
+#include "fracgpu/error_text.h"
 
 #include <cerrno>
 #include <climits>
@@ -119,19 +120,9 @@ void load_once() {
         "install the NVIDIA driver, set FRACGPU_REAL_LIBCUDA to its full path, or use the simulated GPU "
         "(eval \"$(fracgpu sim env)\")",
         reinterpret_cast<const void *>(&load_once)};
-    std::string path = fracgpu::find_real_library(kDriver, &err);
-    if (path.empty()) {
-        log("%s", err.c_str());
-        g_error = CUDA_ERROR_NO_DEVICE;
-        return;
-    }
-    // RTLD_LOCAL and resolved through this handle: the real driver's symbols
-    // never shadow the shim's, and a client loading the driver RTLD_LOCAL
-    // cannot hide them from us (RTLD_NEXT would fail there).
-    g_real = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    g_real = fracgpu::open_real_library(kDriver, &err);
     if (!g_real) {
-        const char *e = dlerror();
-        log("cannot load the real CUDA driver %s: %s", path.c_str(), e ? e : "unknown error");
+        log("%s", err.c_str());
         g_error = CUDA_ERROR_NO_DEVICE;
         return;
     }
@@ -175,21 +166,13 @@ extern "C" CUresult fg_forward_missing(unsigned idx) {
 // Error names and strings answer even when the real driver could not be
 // loaded, so a client can say what went wrong (cuInit's refusal included).
 namespace {
-struct ErrorText {
-    int code;
-    const char *name, *text;
-};
 #define ERROR_ENTRY(code, name, text) {code, name, text},
-const ErrorText kErrors[] = {
+const fracgpu::ErrorText kErrors[] = {
 #include "cuda_errors.inc"
 };
 #undef ERROR_ENTRY
 
-const ErrorText *error_text(CUresult rc) {
-    for (const ErrorText &e : kErrors)
-        if (e.code == (int)rc) return &e;
-    return nullptr;
-}
+const fracgpu::ErrorText *error_text(CUresult rc) { return fracgpu::find_error(kErrors, (int)rc); }
 }  // namespace
 
 SHIM_API CUresult cuGetErrorName(CUresult error, const char **pStr) {
@@ -197,7 +180,7 @@ SHIM_API CUresult cuGetErrorName(CUresult error, const char **pStr) {
         REAL_OR_RETURN(real, cuGetErrorName);
         return real(error, pStr);
     }
-    const ErrorText *e = error_text(error);
+    const fracgpu::ErrorText *e = error_text(error);
     if (!pStr) return CUDA_ERROR_INVALID_VALUE;
     *pStr = e ? e->name : nullptr;
     return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
@@ -208,7 +191,7 @@ SHIM_API CUresult cuGetErrorString(CUresult error, const char **pStr) {
         REAL_OR_RETURN(real, cuGetErrorString);
         return real(error, pStr);
     }
-    const ErrorText *e = error_text(error);
+    const fracgpu::ErrorText *e = error_text(error);
     if (!pStr) return CUDA_ERROR_INVALID_VALUE;
     *pStr = e ? e->text : nullptr;
     return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;

@@ -1,5 +1,6 @@
 // Initialisation, devices, error names and cuGetProcAddress.
 #include "sim.h"
+#include "fracgpu/error_text.h"
 
 #include <atomic>
 #include <cstdio>
@@ -74,12 +75,7 @@ void pick_visible_devices() {
     }
 }
 
-struct ErrorEntry {
-    int code;
-    const char *name;
-    const char *text;
-};
-const ErrorEntry kErrors[] = {
+const fracgpu::ErrorText kErrors[] = {
 #define ERROR_ENTRY(code, name, text) {code, name, text},
 #include "cuda_errors.inc"
 #undef ERROR_ENTRY
@@ -401,24 +397,16 @@ SIM_API CUresult cuDeviceGetTexture1DLinearMaxWidth(size_t *w, CUarray_format fo
 
 SIM_API CUresult cuGetErrorName(CUresult error, const char **pStr) {
     if (!pStr) return CUDA_ERROR_INVALID_VALUE;
-    for (const ErrorEntry &e : kErrors)
-        if (e.code == (int)error) {
-            *pStr = e.name;
-            return CUDA_SUCCESS;
-        }
-    *pStr = nullptr;
-    return CUDA_ERROR_INVALID_VALUE;
+    const fracgpu::ErrorText *e = fracgpu::find_error(kErrors, (int)error);
+    *pStr = e ? e->name : nullptr;
+    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
 
 SIM_API CUresult cuGetErrorString(CUresult error, const char **pStr) {
     if (!pStr) return CUDA_ERROR_INVALID_VALUE;
-    for (const ErrorEntry &e : kErrors)
-        if (e.code == (int)error) {
-            *pStr = e.text;
-            return CUDA_SUCCESS;
-        }
-    *pStr = nullptr;
-    return CUDA_ERROR_INVALID_VALUE;
+    const fracgpu::ErrorText *e = fracgpu::find_error(kErrors, (int)error);
+    *pStr = e ? e->text : nullptr;
+    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
 }
 
 SIM_API CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cudaVersion, cuuint64_t flags,

@@ -27,6 +27,7 @@
 #include <string>
 
 #include "nvml_info.h"
+#include "fracgpu/error_text.h"
 
 #define SIM_NVML_API extern "C" __attribute__((visibility("default")))
 
@@ -49,12 +50,7 @@ fracgpu_sim_device_info_fn g_info = nullptr;
 unsigned g_count = 0;
 nvmlDevice_st g_devices[kMaxDevices];
 
-struct ErrorEntry {
-    int code;
-    const char *name;
-    const char *text;
-};
-const ErrorEntry kErrors[] = {
+const fracgpu::ErrorText kErrors[] = {
 #define NVML_ERROR_ENTRY(code, name, text) {code, name, text},
 #include "nvml_errors.inc"
 #undef NVML_ERROR_ENTRY
@@ -153,9 +149,8 @@ SIM_NVML_API nvmlReturn_t nvmlShutdown(void) {
 }
 
 SIM_NVML_API const char *nvmlErrorString(nvmlReturn_t result) {
-    for (const ErrorEntry &e : kErrors)
-        if (e.code == (int)result) return e.text;
-    return "Unknown Error";
+    const fracgpu::ErrorText *e = fracgpu::find_error(kErrors, (int)result);
+    return e ? e->text : "Unknown Error";
 }
 
 // ---------------------------------------------------------------------------

@@ -20,4 +20,9 @@ struct RealLibrary {
 // The absolute path, or "" with *err saying why.
 std::string find_real_library(const RealLibrary &lib, std::string *err);
 
+// Finds it and loads it RTLD_NOW | RTLD_LOCAL (its symbols never shadow the
+// shim's, and a client loading it RTLD_LOCAL cannot hide them from the shim):
+// the handle, or null with *err saying why.
+void *open_real_library(const RealLibrary &lib, std::string *err);
+
 }  // namespace fracgpu
