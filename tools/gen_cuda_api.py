@@ -217,6 +217,14 @@ def emit_forwarders(protos: list[Proto]) -> str:
     return "".join(out)
 
 
+def write_output(path: str, text: str) -> None:
+    """Write a generated file whole or not at all (a build stopped midway leaves no half file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--include", required=True, help="folder holding cuda.h and cudaTypedefs.h")
@@ -238,10 +246,7 @@ def main(argv=None) -> int:
     else:
         entries = build_procaddr(protos, preprocess(ns.cc, ns.include, "cudaTypedefs.h"))
         text = emit_procaddr(entries)
-    tmp = ns.out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, ns.out)
+    write_output(ns.out, text)
     return 0
 
 

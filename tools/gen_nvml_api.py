@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gen_cuda_api import Proto as CudaProto  # noqa: E402  (prototypes and their parsing, shared)
 from gen_cuda_api import _rename_param, _split_params  # noqa: E402
 from gen_cuda_api import preprocess as cuda_preprocess  # noqa: E402
+from gen_cuda_api import write_output  # noqa: E402
 
 # A declaration: return type, name, parameters (none of NVML's contain parentheses).
 _PROTO = re.compile(r"(?<![\w*])(nvmlReturn_t|const\s+char\s*\*)\s*\b(nvml\w+)\s*\(([^;{}()]*)\)\s*;", re.S)
@@ -142,10 +143,7 @@ def main(argv=None) -> int:
             text = emit_sim_stubs(protos)
         else:
             text = "".join(p.name + "\n" for p in protos)
-    tmp = ns.out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, ns.out)
+    write_output(ns.out, text)
     return 0
 
 
