@@ -38,6 +38,25 @@ def cuda_include_dir() -> pathlib.Path:
     raise RuntimeError("cuda.h not found: `pip install '.[test]'` installs nvidia-cuda-runtime, which has it")
 
 
+# The start of a job script that uses the driver API through ctypes: `cuda` is
+# libcuda.so.1 (whatever stands behind that name: the shim, the simulated driver),
+# `dev` device 0, and its primary context is current.
+CTYPES_PRELUDE = """import ctypes
+cuda = ctypes.CDLL("libcuda.so.1")
+assert cuda.cuInit(0) == 0
+dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+assert cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0
+assert cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
+assert cuda.cuCtxSetCurrent(ctx) == 0
+"""
+
+
+def alloc_job(mib: int) -> str:
+    """A job script that allocates MIB and prints the CUresult (0: done, 2: out of memory)."""
+    return CTYPES_PRELUDE + ("p = ctypes.c_uint64()\n"
+                             f"print(cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t({mib} << 20)))\n")
+
+
 def command_pid(run: subprocess.Popen, timeout: float = 10) -> int:
     """The pid of the command a ``fracgpu run`` process started: its child that runs with
     ``FRACGPU_JOB_HOLDER`` naming it (not a helper it ran before, such as ldconfig, nor the

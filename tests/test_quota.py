@@ -14,19 +14,12 @@ import time
 
 import pytest
 
-from simgpu import GiB, MiB, command_pid, parse_facts, wait_gone
+from simgpu import CTYPES_PRELUDE, GiB, MiB, command_pid, parse_facts, wait_gone
 
 QUOTA = 256 * MiB
 
 # A Python client over ctypes: what it sees, then 32 MiB allocations until refused.
-CTYPES_JOB = """
-import ctypes
-cuda = ctypes.CDLL("libcuda.so.1")
-assert cuda.cuInit(0) == 0
-dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-assert cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0
-assert cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
-assert cuda.cuCtxSetCurrent(ctx) == 0
+CTYPES_JOB = CTYPES_PRELUDE + """
 free, total, dtotal = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_size_t()
 assert cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)) == 0
 assert cuda.cuDeviceTotalMem_v2(ctypes.byref(dtotal), dev) == 0

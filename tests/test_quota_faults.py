@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from simgpu import command_pid
+from simgpu import alloc_job, command_pid
 from test_quota_stress import CHURN
 
 pytestmark = pytest.mark.slow
@@ -53,11 +53,6 @@ def test_random_sigkills_leave_no_lock_held_and_no_memory_on_the_books(gpu):
     assert all(j["end"] is not None and j["exit_status"] == -signal.SIGKILL for j in jobs), jobs
     print(f"\nfaults: {kills} SIGKILLs, {len(jobs)} jobs in the ledger, 0 invariant violations")
     # And the partition still works: a new member gets all of it.
-    out = gpu.python("import ctypes, fracgpu\nfracgpu.init(partition='team')\n"
-                     "c = ctypes.CDLL('libcuda.so.1'); assert c.cuInit(0) == 0\n"
-                     "d, x = ctypes.c_int(), ctypes.c_void_p(); c.cuDeviceGet(ctypes.byref(d), 0)\n"
-                     "c.cuDevicePrimaryCtxRetain(ctypes.byref(x), d); c.cuCtxSetCurrent(x)\n"
-                     "p = ctypes.c_uint64()\n"
-                     "print(c.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(256 << 20)))").stdout
+    out = gpu.python("import fracgpu\nfracgpu.init(partition='team')\n" + alloc_job(256)).stdout
     assert out.strip() == "0"
     assert kills == 32

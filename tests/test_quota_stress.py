@@ -12,18 +12,12 @@ import sys
 
 import pytest
 
-from simgpu import MiB
+from simgpu import CTYPES_PRELUDE, MiB
 
 pytestmark = pytest.mark.slow
 
-CHURN = """
-import ctypes, random, sys, time
-cuda = ctypes.CDLL("libcuda.so.1")
-assert cuda.cuInit(0) == 0
-dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-assert cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0
-assert cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
-assert cuda.cuCtxSetCurrent(ctx) == 0
+CHURN = CTYPES_PRELUDE + """
+import random, sys, time
 rng = random.Random(int(sys.argv[1]))
 held, ops, refused = [], 0, 0
 deadline = time.monotonic() + float(sys.argv[2])

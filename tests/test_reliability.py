@@ -24,24 +24,18 @@ import time
 
 import pytest
 
-from simgpu import MiB
+from simgpu import CTYPES_PRELUDE, MiB
 
 pytestmark = pytest.mark.slow
 
 # argv: seed, seconds, kernel module, and "leak" to free one block behind the shim's back.
 # Prints "holding BYTES" when done, waits for a line on stdin, then frees half of
 # what it holds (the rest goes with the process) and prints its counts.
-WORKER = r"""
-import ctypes, os, random, sys, time
-cuda = ctypes.CDLL("libcuda.so.1")
+WORKER = CTYPES_PRELUDE + r"""
+import os, random, sys, time
 def ok(rc, *allowed):
     assert rc == 0 or rc in allowed, rc
     return rc
-ok(cuda.cuInit(0))
-dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-ok(cuda.cuDeviceGet(ctypes.byref(dev), 0))
-ok(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
-ok(cuda.cuCtxSetCurrent(ctx))
 module, spin = ctypes.c_void_p(), ctypes.c_void_p()
 ok(cuda.cuModuleLoad(ctypes.byref(module), sys.argv[3].encode()))
 ok(cuda.cuModuleGetFunction(ctypes.byref(spin), module, b"fracgpu_spin"))

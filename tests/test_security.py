@@ -11,12 +11,9 @@ import sys
 
 import pytest
 
-from simgpu import MiB
+from simgpu import MiB, alloc_job
 
-HOLD = ("import ctypes, sys\nc = ctypes.CDLL('libcuda.so.1'); assert c.cuInit(0) == 0\n"
-        "d, x = ctypes.c_int(), ctypes.c_void_p(); c.cuDeviceGet(ctypes.byref(d), 0)\n"
-        "c.cuDevicePrimaryCtxRetain(ctypes.byref(x), d); c.cuCtxSetCurrent(x)\n"
-        "p = ctypes.c_uint64()\nprint(c.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(64 << 20)))\n")
+HOLD = alloc_job(64)
 
 
 def mode(path) -> int:
