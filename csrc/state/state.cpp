@@ -505,40 +505,40 @@ bool Region::update_partition(const std::string &name, const uint64_t *memory_li
     return ok;
 }
 
-// A process is done with its slot (it left, or died): its memory and in-flight
-// launches go back to the partition. While its holder lives the slot stays,
-// marked exited, so that the holder can read its final counters.
+// What a slot holds, memory and launches in flight (it will never see them
+// complete), goes back to its partition.
+static void give_back_locked(SharedRegion *r, SharedProcess &p) {
+    if (p.partition < 0 || p.partition >= kMaxPartitions) return;
+    SharedPartition &part = r->partitions[p.partition];
+    saturating_sub(part.used, p.used.exchange(0));
+    saturating_sub(part.inflight, p.inflight.exchange(0));
+}
+
+// A process is done with its slot (it left, or died): what it held goes back
+// to the partition. While its holder lives the slot stays, marked exited, so
+// that the holder can read its final counters.
 void Region::release_slot_locked(int slot) {
     SharedProcess &p = r_->processes[slot];
     if (p.pid == 0) return;
-    if (p.exited.load()) {
-        if (!holder_alive(p)) free_slot_locked(slot);
-        return;
-    }
     if (!holder_alive(p)) {
         free_slot_locked(slot);
         return;
     }
-    int idx = p.partition;
-    if (idx >= 0 && idx < kMaxPartitions) {
-        SharedPartition &part = r_->partitions[idx];
-        saturating_sub(part.used, p.used.exchange(0));
-        saturating_sub(part.inflight, p.inflight.exchange(0));
-    }
+    if (p.exited.load()) return;   // kept already, for its holder
+    give_back_locked(r_, p);
     p.exited.store(1, std::memory_order_release);
 }
 
 void Region::free_slot_locked(int slot) {
     SharedProcess &p = r_->processes[slot];
     if (p.pid == 0) return;
+    give_back_locked(r_, p);
     int idx = p.partition;
     if (idx >= 0 && idx < kMaxPartitions) {
-        SharedPartition &part = r_->partitions[idx];
-        saturating_sub(part.used, p.used.exchange(0));
-        saturating_sub(part.inflight, p.inflight.exchange(0));   // launches it will never see complete
         bool others = false;
         for (int i = 0; i < kMaxProcesses; i++)
             if (i != slot && r_->processes[i].pid != 0 && r_->processes[i].partition == idx) others = true;
+        SharedPartition &part = r_->partitions[idx];
         if (!others && (part.flags & kPartitionEphemeral)) __atomic_store_n(&part.in_use, 0u, __ATOMIC_RELEASE);
     }
     p.exited.store(0);
