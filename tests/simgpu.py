@@ -51,6 +51,25 @@ assert cuda.cuCtxSetCurrent(ctx) == 0
 """
 
 
+# The same with cuda-bindings: `cu` (cuda.bindings.driver), `ck(result)` (the values of a
+# call, or the job ends with the error), `np`, `dev`, and its primary context current.
+BINDINGS_PRELUDE = """import sys
+import numpy as np
+from cuda.bindings import driver as cu
+
+def ck(result):
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        raise SystemExit(f"CUDA error {err}")
+    return values[0] if len(values) == 1 else values
+
+ck(cu.cuInit(0))
+dev = ck(cu.cuDeviceGet(0))
+ctx = ck(cu.cuDevicePrimaryCtxRetain(dev))
+ck(cu.cuCtxSetCurrent(ctx))
+"""
+
+
 def alloc_job(mib: int) -> str:
     """A job script that allocates MIB and prints the CUresult (0: done, 2: out of memory)."""
     return CTYPES_PRELUDE + ("p = ctypes.c_uint64()\n"

@@ -16,25 +16,12 @@ import time
 
 import pytest
 
-from simgpu import MiB
+from simgpu import BINDINGS_PRELUDE, MiB, command_pid, wait_gone
 
 # A job: allocate MIB, then 1 MiB more and free it (peak: MIB + 1), launch N spins of MS milliseconds back to back (N < 0: until
 # killed), synchronise, free, exit with STATUS.
-JOB = r"""
-import sys, time
-import numpy as np
-from cuda.bindings import driver as cu
-
-def ck(result):
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != cu.CUresult.CUDA_SUCCESS:
-        raise SystemExit(f"CUDA error {err}")
-    return values[0] if len(values) == 1 else values
-
+JOB = BINDINGS_PRELUDE + r"""
 module, mib, n, ms, status = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-ck(cu.cuInit(0))
-ctx = ck(cu.cuDevicePrimaryCtxRetain(ck(cu.cuDeviceGet(0))))
-ck(cu.cuCtxSetCurrent(ctx))
 spin = ck(cu.cuModuleGetFunction(ck(cu.cuModuleLoad(module.encode())), b"fracgpu_spin"))
 buf = ck(cu.cuMemAlloc(mib << 20))
 small = ck(cu.cuMemAlloc(1 << 20))
@@ -95,10 +82,9 @@ def test_a_job_alone_on_the_gpu_is_accounted(gpu, kernels):
     assert job["memory_limit"] == (1 << 30) // 4   # 25% of the simulated GPU's 1 GiB, in bytes
 
 
-def _wait_running(proc, timeout=30):
-    deadline = time.monotonic() + timeout
+def _wait_running(proc):
     line = proc.stdout.readline()
-    assert line.strip() == "running" or time.monotonic() < deadline, line
+    assert line.strip() == "running", (line, proc.stderr.read() if proc.poll() is not None else "")
 
 
 @pytest.mark.fault('SIGKILL of a running job',
@@ -122,12 +108,11 @@ def test_a_job_killed_with_sigkill_is_in_the_report_with_its_use(gpu, kernels):
 def test_killing_fracgpu_run_kills_the_job_and_the_report_keeps_it(gpu, kernels):
     p = run_job(gpu, kernels, "--memory", "1GiB", mib=50, n=-1, ms=2, name="orphan")
     _wait_running(p)
+    command = command_pid(p)
     time.sleep(1.0)
     p.kill()
     p.wait(30)
-    deadline = time.monotonic() + 10
-    while gpu_usage(gpu) and any(u["processes"] for u in gpu_usage(gpu)) and time.monotonic() < deadline:
-        time.sleep(0.05)   # the kernel kills the command too (its parent-death signal)
+    wait_gone(command)   # the kernel kills the command too (its parent-death signal)
     assert not any(u["processes"] for u in gpu_usage(gpu))
     (job,) = report(gpu)
     assert job["exit_status"] == -signal.SIGKILL and job["end"] is not None

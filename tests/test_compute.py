@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from simgpu import parse_facts
+from simgpu import BINDINGS_PRELUDE, parse_facts
 
 pytestmark = pytest.mark.slow
 
@@ -193,22 +193,20 @@ def test_a_burst_of_launches_never_keeps_a_waking_partition_waiting(gpu, clients
         sleeper.wait(timeout=10)
 
 
-GRAPH_JOB = """
-import ctypes, dataclasses, json, os, sys
-import numpy as np
-from cuda.bindings import driver as cu
+# Jobs that launch fracgpu_spin (module: argv[1]) and print what their partition recorded.
+SPIN_JOB = BINDINGS_PRELUDE + """
+import json, os, time
 import fracgpu
-
-def ck(result):
-    err, *values = result if isinstance(result, tuple) else (result,)
-    assert err == cu.CUresult.CUDA_SUCCESS, err
-    return values[0] if len(values) == 1 else values
-
-ck(cu.cuInit(0))
-dev = ck(cu.cuDeviceGet(0))
-ctx = ck(cu.cuDevicePrimaryCtxRetain(dev))
-ck(cu.cuCtxSetCurrent(ctx))
 spin = ck(cu.cuModuleGetFunction(ck(cu.cuModuleLoad(sys.argv[1].encode())), b"fracgpu_spin"))
+"""
+PRINT_PARTITION = """
+time.sleep(0.05)                                       # the gate's reader has taken the last completion
+me = os.environ["FRACGPU_PARTITION"]
+(part,) = [p for u in fracgpu.usage() for p in u.partitions if p.name == me]
+print(json.dumps({"device_ns": part.device_ns, "launches": part.launches}))
+"""
+
+GRAPH_JOB = SPIN_JOB + """
 graph = ck(cu.cuGraphCreate(0))
 ns = np.array([2_000_000], np.uint64)                  # each node: 2 ms
 args = np.array([ns.ctypes.data], np.uint64)
@@ -225,11 +223,7 @@ stream = ck(cu.cuStreamCreate(0))
 for _ in range(20):
     ck(cu.cuGraphLaunch(exe, stream))
 ck(cu.cuStreamSynchronize(stream))
-import time; time.sleep(0.05)                          # the gate's reader has taken the last completion
-me = os.environ["FRACGPU_PARTITION"]
-(part,) = [p for u in fracgpu.usage() for p in u.partitions if p.name == me]
-print(json.dumps({"device_ns": part.device_ns, "launches": part.launches}))
-"""
+""" + PRINT_PARTITION
 
 
 @pytest.mark.parametrize("options", [["--compute", "100%", "--cap"], ["--compute", "50%"], ["--memory", "1GiB"]],
@@ -243,18 +237,15 @@ def test_a_cuda_graph_is_charged_for_all_it_runs(gpu, kernels, options):
     assert abs(got["device_ns"] - 200_000_000) <= 0.05 * 200_000_000, got
 
 
-TINY_JOB = GRAPH_JOB.split("graph = ck(")[0] + """
+# argv[2]: the kernels' length in ns, argv[3]: how many, launched back to back.
+TINY_JOB = SPIN_JOB + """
 ns = np.array([int(sys.argv[2])], np.uint64)
 args = np.array([ns.ctypes.data], np.uint64)
 stream = ck(cu.cuStreamCreate(0))
 for _ in range(int(sys.argv[3])):
     ck(cu.cuLaunchKernel(spin, 1, 1, 1, 1, 1, 1, 0, stream, args.ctypes.data, 0))
 ck(cu.cuStreamSynchronize(stream))
-import time; time.sleep(0.05)
-me = os.environ["FRACGPU_PARTITION"]
-(part,) = [p for u in fracgpu.usage() for p in u.partitions if p.name == me]
-print(json.dumps({"device_ns": part.device_ns, "launches": part.launches}))
-"""
+""" + PRINT_PARTITION
 
 
 def test_short_launches_of_a_partition_alone_are_sampled_into_its_device_time(gpu, kernels):

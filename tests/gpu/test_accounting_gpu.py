@@ -12,30 +12,7 @@ import pytest
 
 import fracgpu
 
-JOB = r"""
-import sys
-import numpy as np
-from cuda.bindings import driver as cu
-
-def ck(result):
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != cu.CUresult.CUDA_SUCCESS:
-        raise SystemExit(f"CUDA error {err}")
-    return values[0] if len(values) == 1 else values
-
-ck(cu.cuInit(0))
-ctx = ck(cu.cuDevicePrimaryCtxRetain(ck(cu.cuDeviceGet(0))))
-ck(cu.cuCtxSetCurrent(ctx))
-spin = ck(cu.cuModuleGetFunction(ck(cu.cuModuleLoad(sys.argv[1].encode())), b"fracgpu_spin"))
-buf = ck(cu.cuMemAlloc(96 << 20))
-ns = np.array([int(float(sys.argv[3]) * 1e6)], np.uint64)
-args = np.array([ns.ctypes.data], np.uint64)
-stream = ck(cu.cuStreamCreate(0))
-for i in range(int(sys.argv[2])):
-    ck(cu.cuLaunchKernel(spin, 1, 1, 1, 1, 1, 1, 0, stream, args.ctypes.data, 0))
-ck(cu.cuStreamSynchronize(stream))
-ck(cu.cuMemFree(buf))
-"""
+from test_accounting import JOB   # the simulated GPU test's job: MIB, then 1 MiB more, N spins of MS
 
 
 @pytest.mark.parametrize("options", [["--memory", "2GiB"], ["--memory", "2GiB", "--compute", "100%", "--cap"]],
@@ -48,9 +25,9 @@ def test_device_time_and_peak_in_the_report(real, tmp_path, options):
         pytest.skip(str(e))
     ledger = tmp_path / "ledger.sqlite"
     env = {"FRACGPU_LEDGER": str(ledger)}
-    real.run([sys.executable, "-m", "fracgpu", "run", *options, "--", sys.executable, "-c", JOB, module, "200", "2"],
-             env=env)
+    real.run([sys.executable, "-m", "fracgpu", "run", *options, "--", sys.executable, "-c", JOB, module, "96", "200",
+              "2", "0"], env=env)
     (job,) = json.loads(real.run([sys.executable, "-m", "fracgpu", "report", "--format", "json"], env=env).stdout)
     assert abs(job["gpu_seconds"] - 0.4) <= 0.02, job        # 200 kernels of 2 ms
-    assert job["peak_memory_bytes"] == 96 << 20 and job["exit_status"] == 0
+    assert job["peak_memory_bytes"] == 97 << 20 and job["exit_status"] == 0   # 96 MiB, then 1 MiB more
     assert os.path.exists(ledger)
