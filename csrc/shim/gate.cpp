@@ -301,6 +301,35 @@ uint32_t next_countdown() {
     return (uint32_t)(1 + t_rng % (2 * n - 1));
 }
 
+// A measured launch: two pooled events of `ctx` (null when none could be made),
+// the launch between them, then the pair to the reader or back to the pool.
+void take_pair(CUcontext ctx, CUevent *start, CUevent *end) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    start_reader_locked();
+    *start = take_event(ctx);
+    *end = take_event(ctx);
+}
+
+// True when both events were recorded around a launch that succeeded.
+template <typename Record, typename Launch>
+bool launch_between(CUevent start, CUevent end, CUstream stream, Record record, Launch launch, CUresult *rc) {
+    bool measured = start && end && record(start, stream) == CUDA_SUCCESS;
+    *rc = launch();
+    return measured && *rc == CUDA_SUCCESS && record(end, stream) == CUDA_SUCCESS;
+}
+
+void settle(bool measured, const Pending &p) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (measured) {
+        g_pending->push_back(p);
+        g_cv.notify_all();
+        return;
+    }
+    auto &pool = (*g_pool)[p.ctx];
+    if (p.start) pool.push_back(p.start);
+    if (p.end) pool.push_back(p.end);
+}
+
 // A launch outside the gate: most go straight through; a measured one is
 // bracketed by events and stands for the unmeasured launches before it.
 // Returns false, having launched nothing, when another partition holds the
@@ -332,16 +361,10 @@ bool ungated(fracgpu::SharedRegion *r, int slot, int me, double weight, Record r
     CUcontext ctx = nullptr;
     auto get_ctx = REAL(cuCtxGetCurrent);
     CUevent start = nullptr, end = nullptr;
-    if (record && get_ctx && get_ctx(&ctx) == CUDA_SUCCESS && ctx) {
-        std::lock_guard<std::mutex> lk(g_mu);
-        start_reader_locked();
-        start = take_event(ctx);
-        end = take_event(ctx);
-    }
-    bool measured = start && end && record(start, stream) == CUDA_SUCCESS;
-    CUresult rc = launch();
+    if (record && get_ctx && get_ctx(&ctx) == CUDA_SUCCESS && ctx) take_pair(ctx, &start, &end);
+    CUresult rc;
+    bool measured = launch_between(start, end, stream, record, launch, &rc);
     *result = rc;
-    measured = measured && rc == CUDA_SUCCESS && record(end, stream) == CUDA_SUCCESS;
     uint32_t represents = t_unmeasured + (rc == CUDA_SUCCESS ? 1 : 0);
     t_unmeasured = 0;
     t_countdown = next_countdown();
@@ -351,16 +374,7 @@ bool ungated(fracgpu::SharedRegion *r, int slot, int me, double weight, Record r
         saturating_dec(proc.inflight);
         saturating_dec(mine.inflight);
     }
-    if (!ctx) return true;
-    std::lock_guard<std::mutex> lk(g_mu);
-    if (measured) {
-        g_pending->push_back(Pending{start, end, ctx, r, slot, me, weight, represents});
-        g_cv.notify_all();
-    } else {
-        auto &pool = (*g_pool)[ctx];
-        if (start) pool.push_back(start);
-        if (end) pool.push_back(end);
-    }
+    if (ctx) settle(measured, Pending{start, end, ctx, r, slot, me, weight, represents});
     return true;
 }
 
@@ -556,28 +570,17 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
     }
     wait_turn(r, me, prev_launch);
     CUevent start, end;
-    {
-        std::lock_guard<std::mutex> lk(g_mu);
-        start = take_event(ctx);
-        end = take_event(ctx);
-    }
-    bool measured = start && end && record(start, stream) == CUDA_SUCCESS;
-    CUresult rc = launch();
-    measured = measured && rc == CUDA_SUCCESS && record(end, stream) == CUDA_SUCCESS;
+    take_pair(ctx, &start, &end);
+    CUresult rc;
+    bool measured = launch_between(start, end, stream, record, launch, &rc);
     mine.last_launch_ns.store(mono_ns(), std::memory_order_relaxed);
     mine.launches.fetch_add(1, std::memory_order_relaxed);
     r->processes[slot].launches.fetch_add(1, std::memory_order_relaxed);
-    std::lock_guard<std::mutex> lk(g_mu);
-    if (measured) {
+    if (measured) {   // in flight until the reader sees it complete
         mine.inflight.fetch_add(1, std::memory_order_acq_rel);
         r->processes[slot].inflight.fetch_add(1, std::memory_order_acq_rel);
-        g_pending->push_back(Pending{start, end, ctx, r, slot, me, view.weight.load(), 1});
-        g_cv.notify_all();
-    } else {
-        auto &pool = (*g_pool)[ctx];
-        if (start) pool.push_back(start);
-        if (end) pool.push_back(end);
     }
+    settle(measured, Pending{start, end, ctx, r, slot, me, view.weight.load(), 1});
     return rc;
 }
 
