@@ -137,9 +137,7 @@ class JobRecorder:
                                gpu=",".join(reading.gpus) or None, memory_limit=reading.memory_limit,
                                compute_share=reading.compute_share)
             return reading
-        except (LedgerError, OSError, state.StateError) as e:
-            self._warn(e)
-        except Exception as e:   # sqlite3 errors: the job must not die because its record could not be written
+        except Exception as e:   # ledger, sqlite3, state: the job must not die because its record failed
             self._warn(e)
         return None
 
