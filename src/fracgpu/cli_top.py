@@ -42,10 +42,10 @@ class Snapshot:
         return self.process_shares.get((gpu.uuid, p.pid))
 
 
-def read() -> tuple[float, list[state.GPUUsage]]:
-    """One read of the shared state, with the monotonic time it was taken."""
+def read(state_dir: str | None = None) -> tuple[float, list[state.GPUUsage]]:
+    """One read of the shared state (``state_dir``, default the usual one), with the monotonic time it was taken."""
     with refusals():
-        gpus = state.usage()
+        gpus = state.usage(state_dir)
     return time.monotonic(), gpus
 
 

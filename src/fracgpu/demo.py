@@ -154,17 +154,9 @@ def demo(gpu: str) -> None:
             p.stdin.flush()
         # The live view, as `fracgpu top` shows it, while all three are busy.
         time.sleep(0.5)
-        saved = os.environ.get("FRACGPU_STATE_DIR")
-        os.environ["FRACGPU_STATE_DIR"] = state_dir
-        try:
-            first = cli_top.read()
-            time.sleep(1.0)
-            view = cli_top.snapshot(first, cli_top.read())
-        finally:
-            if saved is None:
-                del os.environ["FRACGPU_STATE_DIR"]
-            else:
-                os.environ["FRACGPU_STATE_DIR"] = saved
+        first = cli_top.read(state_dir)
+        time.sleep(1.0)
+        view = cli_top.snapshot(first, cli_top.read(state_dir))
         console.print("\n[bold]fracgpu top[/bold] while they run:")
         cli_top._console().print(cli_top.render(view, state_dir))
         results = []
