@@ -34,6 +34,7 @@ import sys
 import click
 
 from fracgpu import jobs, state
+from fracgpu.units import percent_text
 
 GRES_CONF = "/etc/slurm/gres.conf"
 
@@ -73,7 +74,7 @@ def exports(env: dict[str, str], shards_per_gpu: int | None, gres_conf: str = GR
     if per_gpu <= 0:
         raise ValueError(f"--shards-per-gpu must be at least 1, not {per_gpu}")
     fraction = min(1.0, shards / per_gpu)
-    share = f"{fraction * 100:.4f}".rstrip("0").rstrip(".") + "%"
+    share = percent_text(fraction)
     job = env.get("SLURM_JOB_ID", "").strip()
     if not job.isdigit():
         raise ValueError(f"SLURM_JOB_ID={job!r}: run this as Slurm's TaskProlog, which sets it")

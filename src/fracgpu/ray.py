@@ -31,6 +31,8 @@ import shlex
 import sys
 from typing import Any
 
+from fracgpu.units import percent_text
+
 __all__ = ["options", "remote", "runtime_env", "worker_command", "FracGPUPlugin"]
 
 
@@ -43,18 +45,14 @@ def _fraction(num_gpus: float) -> float:
     return float(num_gpus)
 
 
-def _percent(fraction: float) -> str:
-    text = f"{fraction * 100:.4f}".rstrip("0").rstrip(".")
-    return f"{text}%"
-
-
 def worker_command(num_gpus: float, *, name: str = "ray", cap: bool = False, labels: dict[str, str] | None = None,
                    python: str | None = None) -> str:
     """The command Ray starts the worker with (its ``py_executable``): ``fracgpu run`` with the
     fraction as memory quota and compute share, then the Python that runs the worker (``python``,
     a shell command as Ray's runtime environment has it; default this interpreter)."""
     fraction = _fraction(num_gpus)
-    argv = [sys.executable, "-m", "fracgpu", "run", "--memory", _percent(fraction), "--compute", _percent(fraction)]
+    share = percent_text(fraction)
+    argv = [sys.executable, "-m", "fracgpu", "run", "--memory", share, "--compute", share]
     if cap:
         argv.append("--cap")
     argv += ["--name", name]

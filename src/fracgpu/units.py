@@ -97,3 +97,9 @@ def format_share(share: float) -> str:
     if isinstance(share, bool) or not isinstance(share, (int, float)):
         raise TypeError(f"format_share needs a number, not {type(share).__name__}")
     return _native.format_share(float(share))
+
+
+def percent_text(fraction: float) -> str:
+    """A fraction of the GPU as a job's ``--memory``/``--compute`` text: a percentage to 0.0001%
+    (``0.25`` -> ``"25%"``, ``1/3`` -> ``"33.3333%"``), finer than ``format_share``'s display."""
+    return f"{fraction * 100:.4f}".rstrip("0").rstrip(".") + "%"
