@@ -100,19 +100,20 @@ def report(since: str | None, fmt: str, rate: str | None, ledger_path: str | Non
         plot.save(plot.draw(jobs, samples), plot_path)
         click.echo(f"plot of {len(jobs)} job(s) written to {plot_path}", err=True)
     price = parse_rate(rate) if rate is not None else None
+    if fmt == "table":
+        from fracgpu.cli_top import _console
+
+        _console().print(table(jobs, price))
+        return
     rows = [row(job, price) for job in jobs]
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
-    elif fmt == "csv":
+    else:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=FIELDS + (["cost"] if price is not None else []))
         writer.writeheader()
         writer.writerows({**r, "labels": json.dumps(r["labels"], sort_keys=True)} for r in rows)
         click.echo(buf.getvalue(), nl=False)
-    else:
-        from fracgpu.cli_top import _console
-
-        _console().print(table(jobs, price))
 
 
 def exit_text(status: int | None, ended: bool) -> str:
