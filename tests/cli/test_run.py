@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from simgpu import GiB
+from tests.support.simgpu import GiB
 from fracgpu import devices, sim
 from fracgpu import shim as shim_lib
 
