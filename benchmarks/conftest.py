@@ -14,15 +14,11 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
-
-from simgpu import SimGPU, clients, cuda_include_dir, kernels, make_gpu, shim  # noqa: E402,F401
-
-from fracgpu import sim  # noqa: E402
+from fracgpu import sim
+from tests.support.simgpu import SimGPU, clients, cuda_include_dir, kernels, make_gpu, shim  # noqa: F401
 
 HERE = pathlib.Path(__file__).resolve().parent
 

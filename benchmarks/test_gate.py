@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from simgpu import parse_facts
-from test_compute import completions, shares_of_device_time, windows
+from tests.shim.test_compute import completions, shares_of_device_time, windows
+from tests.support.simgpu import parse_facts
 
 LAUNCHES = 20_000
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from simgpu import parse_facts
+from tests.support.simgpu import parse_facts
 
 # Calls per process; divided among the processes when 8 run at once (on 2 cores
 # they take turns anyway), so every case takes about the same time.

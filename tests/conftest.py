@@ -8,7 +8,7 @@ simulated GPU unless they mean to.
 
 from __future__ import annotations
 
-from simgpu import (  # noqa: F401  (fixtures and helpers the tests use)
+from tests.support.simgpu import (  # noqa: F401  (fixtures and helpers the tests use)
     GiB,
     MiB,
     SimGPU,

@@ -32,9 +32,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
+if not __package__:   # run as a script, not as `python -m benchmarks.gpu.gpu_bench`: the repository's packages
+    sys.path.insert(0, str(ROOT))
 
-from simgpu import cuda_include_dir, parse_facts  # noqa: E402
+from tests.support.simgpu import cuda_include_dir, parse_facts  # noqa: E402
 
 import fracgpu  # noqa: E402
 from fracgpu.demo import real_gpu_available  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 
 import fracgpu
 
-from test_accounting import JOB   # the simulated GPU test's job: MIB, then 1 MiB more, N spins of MS
+from tests.shim.test_accounting import JOB   # the simulated GPU test's job: MIB, then 1 MiB more, N spins of MS
 
 
 @pytest.mark.parametrize("options", [["--memory", "2GiB"], ["--memory", "2GiB", "--compute", "100%", "--cap"]],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from simgpu import parse_facts
+from tests.support.simgpu import parse_facts
 
 GiB = 1 << 30
 QUOTA = "2GiB"

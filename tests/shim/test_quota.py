@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from simgpu import CTYPES_PRELUDE, GiB, MiB, command_pid, parse_facts, wait_gone
+from tests.support.simgpu import CTYPES_PRELUDE, GiB, MiB, command_pid, parse_facts, wait_gone
 
 QUOTA = 256 * MiB
 

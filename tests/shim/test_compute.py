@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from simgpu import BINDINGS_PRELUDE, parse_facts
+from tests.support.simgpu import BINDINGS_PRELUDE, parse_facts
 
 pytestmark = pytest.mark.slow
 

@@ -18,9 +18,9 @@ import sys
 
 import pytest
 
-from simgpu import GiB, MiB, cuda_include_dir, shim_path
+from tests.support import ROOT
+from tests.support.simgpu import GiB, MiB, cuda_include_dir, shim_path
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 QUOTA = 256 * MiB
 NVML_SUCCESS, NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_LIBRARY_NOT_FOUND = 0, 3, 12
 

@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from simgpu import MiB, command_pid, wait_gone
+from tests.support.simgpu import MiB, command_pid, wait_gone
 
 # Allocates N MiB for each line "N" it reads, answering the CUresult.
 STEPPER = """

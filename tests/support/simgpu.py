@@ -15,8 +15,8 @@ import sys
 import pytest
 
 from fracgpu import sim
+from tests.support import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 CLIENT_SOURCE = ROOT / "tests" / "clients" / "driver_client.c"
 MiB = 1 << 20
 GiB = 1 << 30

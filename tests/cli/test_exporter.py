@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from simgpu import GiB, MiB, command_pid
+from tests.support.simgpu import GiB, MiB, command_pid
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from simgpu import MiB
+from tests.support.simgpu import MiB
 
 # A job that reports what init() returned or raised, its fracgpu environment,
 # and whether the shim is loaded in it.

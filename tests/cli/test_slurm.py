@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from simgpu import MiB, parse_facts
+from tests.support.simgpu import MiB, parse_facts
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_TASK_PID": "12345",
          "CUDA_VISIBLE_DEVICES": "0"}

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from simgpu import GiB, MiB, parse_facts
+from tests.support.simgpu import GiB, MiB, parse_facts
 
 CLIENT_KINDS = ["lcuda", "dlopen"]
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from simgpu import GiB, MiB, command_pid, wait_gone
+from tests.support.simgpu import GiB, MiB, command_pid, wait_gone
 import fracgpu
 from fracgpu import devices, partitions
 

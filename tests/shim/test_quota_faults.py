@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from simgpu import alloc_job, command_pid
-from test_quota_stress import CHURN
+from tests.shim.test_quota_stress import CHURN
+from tests.support.simgpu import alloc_job, command_pid
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from simgpu import CTYPES_PRELUDE, MiB
+from tests.support.simgpu import CTYPES_PRELUDE, MiB
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """`fracgpu run`: what the job is given (its partition, the shim, the real driver), and every
 refusal to start it: exit status 2 and one clear message, no traceback, nothing run.
 
-Whether the shim then holds the quota is tests/test_quota.py; here the job is
+Whether the shim then holds the quota is tests/shim/test_quota.py; here the job is
 mostly `env`, printing what it received."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from simgpu import GiB
+from tests.support.simgpu import GiB
 from fracgpu import devices, sim
 from fracgpu import shim as shim_lib
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from simgpu import GiB, MiB, command_pid
+from tests.support.simgpu import GiB, MiB, command_pid
 from fracgpu import cli_top, state
 
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from simgpu import MiB, alloc_job
+from tests.support.simgpu import MiB, alloc_job
 
 HOLD = alloc_job(64)
 

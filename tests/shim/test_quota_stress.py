@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from simgpu import CTYPES_PRELUDE, MiB
+from tests.support.simgpu import CTYPES_PRELUDE, MiB
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from simgpu import BINDINGS_PRELUDE, MiB, command_pid, wait_gone
+from tests.support.simgpu import BINDINGS_PRELUDE, MiB, command_pid, wait_gone
 
 # A job: allocate MIB, then 1 MiB more and free it (peak: MIB + 1), launch N spins of MS milliseconds back to back (N < 0: until
 # killed), synchronise, free, exit with STATUS.

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from simgpu import MiB
+from tests.support.simgpu import MiB
 
 ray = pytest.importorskip("ray", reason="Ray is part of the test extras: pip install '.[test]'")
 

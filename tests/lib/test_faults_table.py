@@ -1,18 +1,16 @@
 """The README's table of faults tried is the one the tests' fault markers give."""
 
-import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from tests.support import ROOT
+from tools import faults_table
 
 
 def test_readme_faults_table_is_generated_from_the_tests():
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "faults_table.py"), "--check"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    sys.path.insert(0, str(ROOT / "tools"))
-    import faults_table
 
     rows = faults_table.faults()
     assert len(rows) >= 20

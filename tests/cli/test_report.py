@@ -1,5 +1,5 @@
 """`fracgpu report` over a ledger filled through the ledger's API, with known values
-(tests/test_accounting.py fills one from jobs running on the simulated GPU)."""
+(tests/shim/test_accounting.py fills one from jobs running on the simulated GPU)."""
 
 from __future__ import annotations
 
