@@ -19,8 +19,20 @@ environment's ``py_executable`` (Ray starts the worker with that command),
 which needs no cluster configuration; clusters that register
 ``fracgpu.ray.FracGPUPlugin`` in ``RAY_RUNTIME_ENV_PLUGINS`` can write
 ``runtime_env={"fracgpu": {"num_gpus": 0.25}}`` instead, and the plugin does
-the same. A task worker serves one task (``max_calls=1``), so every task is a
-job of its own in the ledger; an actor is one job for its life.
+the same.
+
+What the ledger shows: a job is one worker process, the process that
+``fracgpu run`` starts and whose memory and time count against its partition,
+so every task that worker runs is held to the quota. ``remote()`` declares
+tasks with ``max_calls=1``: the worker serves one task and exits, so every
+task is a job of its own. ``.options()`` cannot set ``max_calls`` (Ray refuses
+it there); the function keeps what it was declared with. Ray already declares
+``max_calls=1`` for ``@ray.remote(num_gpus=N)`` with N > 0, so each task is
+again a job; a function declared without GPUs (``max_calls=0``) runs in a
+worker Ray reuses for later tasks with the same runtime environment in the
+same Ray job, and that worker is one job, labelled with the name, for all of
+them; while it waits idle it keeps its partition and whatever memory it
+still holds. An actor is one job for its life.
 """
 
 from __future__ import annotations
@@ -91,26 +103,29 @@ def runtime_env(num_gpus: float, *, name: str = "ray", cap: bool = False,
 
 def options(num_gpus: float, *, name: str = "ray", cap: bool = False, actor: bool = False,
             runtime_env_base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``ray.remote(...)`` or ``.options(...)``: the fraction as Ray's
-    ``num_gpus``, and the runtime environment that enforces and records it. Tasks get
-    ``max_calls=1`` (each task a worker, so a job, of its own); pass ``actor=True`` for actors."""
-    out: dict[str, Any] = {"num_gpus": _fraction(num_gpus),
-                           "runtime_env": runtime_env(num_gpus, name=name, cap=cap, base=runtime_env_base)}
-    if not actor:
-        out["max_calls"] = 1
-    return out
+    """Keyword arguments for ``.options(...)`` of a remote function or actor class (and for
+    ``ray.remote(...)``): the fraction as Ray's ``num_gpus``, and the runtime environment that
+    enforces and records it. Only options Ray takes in ``.options()`` for tasks and actors
+    alike, so ``max_calls`` is not among them (see the module's note on what the ledger then
+    shows); ``actor`` is accepted for callers that say which they mean, and changes nothing."""
+    del actor   # the same keywords suit both: Ray's .options() refuses max_calls for tasks
+    return {"num_gpus": _fraction(num_gpus),
+            "runtime_env": runtime_env(num_gpus, name=name, cap=cap, base=runtime_env_base)}
 
 
 def remote(*, num_gpus: float, cap: bool = False, **ray_options: Any):
     """``@fracgpu.ray.remote(num_gpus=0.25)``: ``ray.remote`` with the fraction enforced and
-    the task or actor (by its name) recorded in the ledger."""
+    the task or actor (by its name) recorded in the ledger. A task gets ``max_calls=1`` (its
+    worker serves it alone, so each task is a job of its own) unless ``max_calls`` is given."""
     import ray
 
     def wrap(target):
         name = getattr(target, "__qualname__", getattr(target, "__name__", "ray"))
-        kwargs = options(num_gpus, name=name, cap=cap, actor=inspect.isclass(target),
-                         runtime_env_base=ray_options.pop("runtime_env", None))
-        return ray.remote(**kwargs, **ray_options)(target)
+        rest = dict(ray_options)   # the decorator may wrap several targets: each gets all of them
+        kwargs = options(num_gpus, name=name, cap=cap, runtime_env_base=rest.pop("runtime_env", None))
+        if not inspect.isclass(target):
+            kwargs["max_calls"] = rest.pop("max_calls", 1)
+        return ray.remote(**kwargs, **rest)(target)
 
     return wrap
 

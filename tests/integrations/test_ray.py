@@ -18,6 +18,21 @@ ray = pytest.importorskip("ray", reason="Ray is part of the test extras: pip ins
 
 pytestmark = pytest.mark.slow
 
+# Run inside a task: allocate 32 MiB blocks until refused, free them; how much it
+# held and the status of the call that was refused.
+FILL_QUOTA = r"""
+def fill_quota(drv, block=32 << 20):
+    blocks = []
+    while True:
+        rc, ptr = drv.try_alloc(block)
+        if rc != 0:
+            break
+        blocks.append(ptr)
+    for b in blocks:
+        drv.free(b)
+    return len(blocks) * block, rc
+"""
+
 # argv: kernel module, then the fractions of the tasks. Each task fills its quota in
 # 32 MiB blocks (until refused), frees it, waits for a common start, keeps the
 # device busy with 1 ms spins for 3 s, and returns what it saw and when its
@@ -26,7 +41,7 @@ DRIVER = r"""
 import json, os, sys, time
 import ray
 import fracgpu.ray
-
+""" + FILL_QUOTA + r"""
 module, fractions = sys.argv[1], [float(f) for f in sys.argv[2:]]
 ray.init(num_gpus=1, num_cpus=len(fractions) + 2, include_dashboard=False, log_to_driver=False)
 
@@ -35,15 +50,7 @@ def work(start_at, seconds, module):
     drv = Driver()
     free, total = drv.mem_info()
     drv.load_kernels(module)
-    blocks, block = [], 32 << 20
-    while True:
-        rc, ptr = drv.try_alloc(block)
-        if rc != 0:
-            break
-        blocks.append(ptr)
-    held = len(blocks) * block
-    for b in blocks:
-        drv.free(b)
+    held, rc = fill_quota(drv)
     while time.time() < start_at:
         time.sleep(0.001)
     done, marks = 0, []
@@ -118,7 +125,25 @@ def test_options_and_the_worker_command():
     import fracgpu.ray
 
     opts = fracgpu.ray.options(0.25, name="train")
-    assert opts["num_gpus"] == 0.25 and opts["max_calls"] == 1
+    assert opts["num_gpus"] == 0.25 and "max_calls" not in opts    # .options() refuses it for tasks
+    # what .options() takes, by Ray's own checks, for a task and for an actor
+    try:
+        from ray._common import ray_option_utils
+    except ImportError:   # older Ray
+        from ray._private import ray_option_utils
+    ray_option_utils.validate_task_options(opts, in_options=True)
+    ray_option_utils.validate_actor_options(fracgpu.ray.options(0.25, actor=True), in_options=True)
+
+    def train():
+        pass
+
+    # the decorator declares the task with max_calls=1 (where Ray takes it): a worker, so a job, per task
+    assert fracgpu.ray.remote(num_gpus=0.25)(train)._default_options["max_calls"] == 1
+    assert fracgpu.ray.remote(num_gpus=0.25, max_calls=3)(train)._default_options["max_calls"] == 3
+    decorate = fracgpu.ray.remote(num_gpus=0.25, max_calls=3, runtime_env={"env_vars": {"A": "1"}})
+    for _ in range(2):    # one decorator, several functions: each gets every option
+        declared = decorate(train)._default_options
+        assert declared["max_calls"] == 3 and declared["runtime_env"]["env_vars"] == {"A": "1"}
     command = opts["runtime_env"]["py_executable"]
     assert "-m fracgpu run --memory 25% --compute 25% --name train --label ray_name=train --" in command
     assert "max_calls" not in fracgpu.ray.options(0.5, actor=True)
@@ -176,3 +201,61 @@ def test_an_actor_is_one_job_for_its_life(gpu):
     (job,) = json.loads(gpu.fracgpu("report", "--format", "json").stdout)
     assert job["job"] == "Server" and job["labels"]["ray_name"] == "Server"
     assert job["memory_limit"] == 512 * MiB and job["end"] is not None
+
+
+OPTIONS_DRIVER = r"""
+import json, os, time
+import ray
+import fracgpu.ray
+ray.init(num_gpus=1, num_cpus=3, include_dashboard=False, log_to_driver=False)
+""" + FILL_QUOTA + r"""
+def probe():
+    from fracgpu._driver import Driver
+    drv = Driver()
+    total = drv.mem_info()[1]
+    held, rc = fill_quota(drv)
+    return {"total": total, "held": held, "refused": rc == 2, "pid": os.getpid(),
+            "partition": os.environ.get("FRACGPU_PARTITION")}
+
+declared_for_a_gpu = ray.remote(num_gpus=1)(probe)    # Ray declares it max_calls=1
+declared_without = ray.remote(probe)                   # max_calls=0: Ray may reuse the worker
+
+@ray.remote
+class Holder:
+    def probe(self):
+        return probe()
+
+out = {"per_task": [], "reused": [], "actor": []}
+for _ in range(2):    # one after the other, so Ray may hand the second to the first one's worker
+    out["per_task"].append(ray.get(declared_for_a_gpu.options(**fracgpu.ray.options(0.25, name="per-task")).remote()))
+for _ in range(2):
+    out["reused"].append(ray.get(declared_without.options(**fracgpu.ray.options(0.25, name="reused")).remote()))
+holder = Holder.options(**fracgpu.ray.options(0.5, name="holder", actor=True)).remote()
+out["actor"] = [ray.get(holder.probe.remote()) for _ in range(2)]
+print(json.dumps(out))
+ray.kill(holder)
+time.sleep(2)
+"""
+
+
+def test_options_on_existing_tasks_and_actors_hold_the_quota(gpu):
+    out = json.loads(gpu.run(sys.executable, "-c", OPTIONS_DRIVER, timeout=240).stdout.strip().splitlines()[-1])
+    for kind, quota in (("per_task", 256 * MiB), ("reused", 256 * MiB), ("actor", 512 * MiB)):
+        for r in out[kind]:
+            assert r["total"] == quota, (kind, r)                         # sees its quota as the GPU
+            assert r["held"] == quota and r["refused"], (kind, r)           # and is refused beyond it
+            assert r["partition"], (kind, r)
+    jobs = json.loads(gpu.fracgpu("report", "--format", "json").stdout)
+    by_name = {}
+    for job in jobs:
+        by_name.setdefault(job["job"], []).append(job)
+    assert set(by_name) == {"per-task", "reused", "holder"}, by_name
+    # a job is a worker process: Ray's max_calls=1 for a GPU-declared function gives each task its own,
+    # a function declared without GPUs may share one worker between tasks, an actor is one job
+    assert len({r["pid"] for r in out["per_task"]}) == 2 == len(by_name["per-task"])
+    assert len({r["pid"] for r in out["reused"]}) == len(by_name["reused"])
+    assert len({r["pid"] for r in out["actor"]}) == 1 == len(by_name["holder"])
+    for name, group in by_name.items():
+        for job in group:
+            assert job["labels"]["ray_name"] == name and "ray_job_id" in job["labels"]
+            assert job["memory_limit"] == (512 if name == "holder" else 256) * MiB
