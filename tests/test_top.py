@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from simgpu import GiB, MiB, command_pid
-from fracgpu import cli_top, state
+from fracgpu.cli import top as cli_top
+from fracgpu import state
 
 
 def refused(result, *phrases):

@@ -112,7 +112,8 @@ def demo(gpu: str) -> None:
     """Three jobs sharing one GPU: their quotas and shares, the live view, the report."""
     from rich.table import Table
 
-    from fracgpu import cli_report, cli_top
+    from fracgpu.cli import report as cli_report
+    from fracgpu.cli import top as cli_top
     from fracgpu.ledger import Ledger
 
     console = cli_top._console()   # wide enough for the tables when not on a terminal

@@ -101,7 +101,7 @@ def report(since: str | None, fmt: str, rate: str | None, ledger_path: str | Non
         click.echo(f"plot of {len(jobs)} job(s) written to {plot_path}", err=True)
     price = parse_rate(rate) if rate is not None else None
     if fmt == "table":
-        from fracgpu.cli_top import _console
+        from fracgpu.cli.top import _console
 
         _console().print(table(jobs, price))
         return

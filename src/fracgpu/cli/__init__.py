@@ -40,13 +40,13 @@ class LazyGroup(click.Group):
 # One row per top-level command; a new command is a module and a row here.
 COMMANDS = {
     "demo": "fracgpu.demo:demo",
-    "exporter": "fracgpu.exporter:exporter",
-    "partition": "fracgpu.cli_partition:partition_group",
-    "report": "fracgpu.cli_report:report",
-    "run": "fracgpu.cli_run:run",
-    "slurm-prolog": "fracgpu.cli_slurm:slurm_prolog",
+    "exporter": "fracgpu.metrics:exporter",
+    "partition": "fracgpu.cli.partition:partition_group",
+    "report": "fracgpu.cli.report:report",
+    "run": "fracgpu.cli.run:run",
+    "slurm-prolog": "fracgpu.slurm:slurm_prolog",
     "sim": "fracgpu.cli:sim_group",
-    "top": "fracgpu.cli_top:top",
+    "top": "fracgpu.cli.top:top",
 }
 
 
