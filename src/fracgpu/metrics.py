@@ -1,4 +1,4 @@
-"""``fracgpu exporter``: Prometheus metrics of every partition and process, read on each scrape.
+"""Prometheus metrics of every partition and process, read on each scrape (``fracgpu exporter`` serves them).
 
 The collector reads ``fracgpu.usage()`` when Prometheus scrapes, so the
 figures are as current as the shared state. Names follow the Prometheus
@@ -18,21 +18,59 @@ by fracgpu's partitions.
 
 from __future__ import annotations
 
-import errno
-import signal
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import click
+from fracgpu import devices, state
+from fracgpu.snapshot import achieved_share
 
-from fracgpu import state
-from fracgpu.cli import InputError, refusals
+__all__ = ["UsageCollector", "gpu_indexes"]
 
 MiB = 1 << 20
+
+LABELS = {"gpu": ("gpu",), "partition": ("gpu", "partition"), "process": ("gpu", "partition", "pid"),
+          "info": ("gpu", "index", "model"), "dcgm": ("gpu", "UUID", "device", "modelName", "Hostname")}
+
+# Every family a scrape exposes after fracgpu_state_readable, in this order: (key, kind, name, help, labels).
+FAMILIES = (
+    ("gpu_total", "gauge", "fracgpu_gpu_memory_total_bytes", "Memory of the GPU.", "gpu"),
+    ("gpu_used", "gauge", "fracgpu_gpu_memory_used_bytes", "Memory in use by all fracgpu partitions of the GPU.",
+     "gpu"),
+    ("gpu_info", "gauge", "fracgpu_gpu_info", "The GPU's CUDA index and model; always 1.", "info"),
+    ("used", "gauge", "fracgpu_partition_memory_used_bytes", "Memory the partition's processes hold now.",
+     "partition"),
+    ("limit", "gauge", "fracgpu_partition_memory_limit_bytes",
+     "The partition's memory limit (the GPU's memory when it has none).", "partition"),
+    ("peak", "gauge", "fracgpu_partition_memory_peak_bytes", "The most memory the partition held at once.",
+     "partition"),
+    ("share", "gauge", "fracgpu_partition_compute_share_ratio",
+     "Configured share of the GPU's time (absent when none is set).", "partition"),
+    ("cap", "gauge", "fracgpu_partition_compute_capped", "1 when the compute share is also a ceiling.", "partition"),
+    ("achieved", "gauge", "fracgpu_partition_compute_share_achieved_ratio",
+     "Share of the GPU's time the partition used since the previous scrape (absent on the first).", "partition"),
+    ("seconds", "counter", "fracgpu_partition_device_seconds_total",
+     "Device time the partition's kernels used; rate() of it is the share achieved.", "partition"),
+    ("launches", "counter", "fracgpu_partition_launches_total", "Kernel and graph launches.", "partition"),
+    ("refusals", "counter", "fracgpu_partition_oom_refusals_total",
+     "Allocations refused because they would pass the memory limit.", "partition"),
+    ("processes", "gauge", "fracgpu_partition_processes", "Processes in the partition now.", "partition"),
+    ("q_used", "gauge", "fracgpu_process_memory_used_bytes", "Memory the process holds now.", "process"),
+    ("q_peak", "gauge", "fracgpu_process_memory_peak_bytes", "The most memory the process held at once.", "process"),
+    ("q_limit", "gauge", "fracgpu_process_memory_limit_bytes",
+     "The memory limit the process is under: its partition's (the GPU's memory when none).", "process"),
+    ("q_achieved", "gauge", "fracgpu_process_compute_share_achieved_ratio",
+     "Share of the GPU's time the process used since the previous scrape (absent on the first).", "process"),
+    ("q_seconds", "counter", "fracgpu_process_device_seconds_total", "Device time the process's kernels used.",
+     "process"),
+    ("q_launches", "counter", "fracgpu_process_launches_total", "Kernel and graph launches of the process.",
+     "process"),
+    ("fb_used", "gauge", "DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB), by fracgpu partitions.", "dcgm"),
+    ("fb_free", "gauge", "DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB), by fracgpu's books.", "dcgm"),
+)
+
 
 
 class UsageCollector:
@@ -69,46 +107,11 @@ class UsageCollector:
                                 "0 when it is unsafe or damaged (the exporter's stderr says why).",
                                 value=0 if error else 1)
 
-        p_labels, q_labels, g_labels = ["gpu", "partition"], ["gpu", "partition", "pid"], ["gpu"]
-
-        def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, labels=labels)
-
-        def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, labels=labels)
-
-        gpu_total = gauge("fracgpu_gpu_memory_total_bytes", "Memory of the GPU.", g_labels)
-        gpu_used = gauge("fracgpu_gpu_memory_used_bytes", "Memory in use by all fracgpu partitions of the GPU.",
-                         g_labels)
-        gpu_info = gauge("fracgpu_gpu_info", "The GPU's CUDA index and model; always 1.",
-                         ["gpu", "index", "model"])
-        used = gauge("fracgpu_partition_memory_used_bytes", "Memory the partition's processes hold now.", p_labels)
-        limit = gauge("fracgpu_partition_memory_limit_bytes",
-                      "The partition's memory limit (the GPU's memory when it has none).", p_labels)
-        peak = gauge("fracgpu_partition_memory_peak_bytes", "The most memory the partition held at once.", p_labels)
-        share = gauge("fracgpu_partition_compute_share_ratio",
-                      "Configured share of the GPU's time (absent when none is set).", p_labels)
-        cap = gauge("fracgpu_partition_compute_capped", "1 when the compute share is also a ceiling.", p_labels)
-        seconds = counter("fracgpu_partition_device_seconds_total",
-                          "Device time the partition's kernels used; rate() of it is the share achieved.", p_labels)
-        launches = counter("fracgpu_partition_launches_total", "Kernel and graph launches.", p_labels)
-        refusals_ = counter("fracgpu_partition_oom_refusals_total",
-                            "Allocations refused because they would pass the memory limit.", p_labels)
-        processes = gauge("fracgpu_partition_processes", "Processes in the partition now.", p_labels)
-        q_used = gauge("fracgpu_process_memory_used_bytes", "Memory the process holds now.", q_labels)
-        q_peak = gauge("fracgpu_process_memory_peak_bytes", "The most memory the process held at once.", q_labels)
-        q_seconds = counter("fracgpu_process_device_seconds_total", "Device time the process's kernels used.",
-                            q_labels)
-        q_launches = counter("fracgpu_process_launches_total", "Kernel and graph launches of the process.", q_labels)
-        q_limit = gauge("fracgpu_process_memory_limit_bytes",
-                        "The memory limit the process is under: its partition's (the GPU's memory when none).",
-                        q_labels)
-        achieved = gauge("fracgpu_partition_compute_share_achieved_ratio",
-                         "Share of the GPU's time the partition used since the previous scrape (absent on the "
-                         "first).", p_labels)
-        q_achieved = gauge("fracgpu_process_compute_share_achieved_ratio",
-                           "Share of the GPU's time the process used since the previous scrape (absent on the "
-                           "first).", q_labels)
+        kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
+        families = {key: kinds[kind](name, doc, labels=list(LABELS[labels]))
+                    for key, kind, name, doc, labels in FAMILIES}
+        (gpu_total, gpu_used, gpu_info, used, limit, peak, share, cap, achieved, seconds, launches, refusals_,
+         processes, q_used, q_peak, q_limit, q_achieved, q_seconds, q_launches, fb_used, fb_free) = families.values()
         now = time.monotonic()
         device_ns: dict[tuple, int] = {}
 
@@ -117,13 +120,9 @@ class UsageCollector:
             if self._before is None:
                 return
             then, before = self._before
-            if key in before and ns >= before[key] and now > then:
-                family.add_metric(list(key[1:]), (ns - before[key]) / 1e9 / (now - then))
-        dcgm_labels = ["gpu", "UUID", "device", "modelName", "Hostname"]
-        fb_used = gauge("DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB), by fracgpu partitions.",
-                        dcgm_labels)
-        fb_free = gauge("DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB), by fracgpu's books.", dcgm_labels)
-
+            ratio = achieved_share(before.get(key), ns, (now - then) * 1e9)
+            if ratio is not None:
+                family.add_metric(list(key[1:]), ratio)
         for position, gpu in enumerate(gpus):
             index = str(self.gpu_index.get(gpu.uuid, position))
             in_use = sum(p.used for p in gpu.partitions)
@@ -157,61 +156,14 @@ class UsageCollector:
                 share_since(("q", *labels), q.device_ns, q_achieved)
         if error is None:
             self._before = (now, device_ns)
-        yield from (gpu_total, gpu_used, gpu_info, used, limit, peak, share, cap, achieved, seconds, launches,
-                    refusals_, processes, q_used, q_peak, q_limit, q_achieved, q_seconds, q_launches, fb_used,
-                    fb_free)
+        yield from families.values()
 
 
-def _gpu_indexes() -> dict[str, int]:
+def gpu_indexes() -> dict[str, int]:
     """UUID -> CUDA index, from the device probe; empty (with a note) when it cannot run."""
-    from fracgpu import devices
-
     try:
         return {d.uuid: d.index for d in devices.probe()}
     except devices.DeviceError as e:
         print(f"fracgpu exporter: GPU indexes unknown ({e}); DCGM 'gpu' labels number the GPUs in the order "
               "of the state", file=sys.stderr, flush=True)
         return {}
-
-
-@click.command("exporter")
-@click.option("--port", type=click.IntRange(1, 65535), default=9400, show_default=True,
-              help="TCP port to serve /metrics on.")
-@click.option("--address", default="127.0.0.1", show_default=True,
-              help="Address to listen on (0.0.0.0: every interface).")
-def exporter(port: int, address: str) -> None:
-    """Serve Prometheus metrics of every partition and process at http://ADDRESS:PORT/metrics.
-
-    Memory used, limit and peak in bytes, compute share configured, device seconds, launches
-    and refused allocations per partition (labels gpu=UUID, partition), memory and device seconds
-    per process (plus pid), and DCGM_FI_DEV_FB_USED/FREE for existing dashboards. Runs until
-    Ctrl-C or SIGTERM."""
-    from prometheus_client import CollectorRegistry, start_http_server
-
-    with refusals():
-        state_dir = state.resolve_state_dir()
-        state.usage(state_dir)   # an unsafe or damaged state is refused before serving
-    registry = CollectorRegistry(auto_describe=False)
-    try:
-        server, thread = start_http_server(port, addr=address, registry=registry)
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise InputError(f"port {port} on {address} is in use; choose another with --port") from None
-        raise InputError(f"cannot listen on {address} port {port}: {e.strerror or e}; check --address and "
-                         "--port") from None
-    # Listen first, so a port in use is refused at once; the device probe may take a while.
-    registry.register(UsageCollector(state_dir, _gpu_indexes()))
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    shown = f"[{address}]" if ":" in address else address
-    click.echo(f"fracgpu exporter: serving http://{shown}:{port}/metrics (state folder {state_dir}); "
-               "Ctrl-C stops")
-    sys.stdout.flush()
-    try:
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)

@@ -17,6 +17,7 @@ import pathlib
 import shlex
 from collections.abc import Callable, Mapping
 
+from fracgpu import settings
 from fracgpu.units import format_size
 
 __all__ = ["SimConfig", "ConfigError", "library_dir", "environment", "shell_exports"]
@@ -94,14 +95,14 @@ def environment(config: SimConfig, base_env: Mapping[str, str] | None = None) ->
     config.validate()
     lib = str(library_dir())
     env = {
-        "FRACGPU_SIM_MEMORY": str(config.memory),
-        "FRACGPU_SIM_SMS": str(config.sms),
-        "FRACGPU_SIM_DEVICES": str(config.devices),
-        "FRACGPU_SIM_NAME": config.name,
-        "FRACGPU_SIM_CONTEXT_MEMORY": str(config.context_memory),
+        settings.SIM_MEMORY: str(config.memory),
+        settings.SIM_SMS: str(config.sms),
+        settings.SIM_DEVICES: str(config.devices),
+        settings.SIM_NAME: config.name,
+        settings.SIM_CONTEXT_MEMORY: str(config.context_memory),
     }
     if config.state_dir is not None:
-        env["FRACGPU_SIM_DIR"] = os.fspath(config.state_dir)
+        env[settings.SIM_DIR] = os.fspath(config.state_dir)
     existing = (os.environ if base_env is None else base_env).get("LD_LIBRARY_PATH", "")
     if existing == lib or existing.startswith(lib + ":"):
         env["LD_LIBRARY_PATH"] = existing

@@ -7,8 +7,8 @@ import json
 
 import click
 
-from fracgpu import jobs, partitions, state
-from fracgpu.cli import checked_by, refusals
+from fracgpu import jobs, partitions, state, units
+from fracgpu.cli.common import CAP_WITHOUT_SHARE, checked_by, quota_options, refusals
 from fracgpu.units import format_share, format_size
 
 
@@ -18,22 +18,21 @@ def partition_group() -> None:
 
 
 @partition_group.command("create")
-@click.argument("name", callback=checked_by(jobs.check_partition_name))
-@click.option("--memory", metavar="SIZE", callback=checked_by(jobs.parse_memory),
-              help="Memory limit shared by the partition's processes: 8GiB, 512MiB, plain bytes, or 25% of "
-                   "the GPU. [default: no limit]")
-@click.option("--compute", metavar="SHARE", callback=checked_by(jobs.parse_compute),
-              help="Share of the GPU's time: 25% or 0.25, guaranteed when every partition is busy; time others "
-                   "leave idle is used too, unless --cap. [default: an equal part of what shares leave]")
-@click.option("--cap", is_flag=True, help="Make the --compute share a ceiling, even on an idle GPU.")
+@click.argument("name", callback=checked_by(state.check_partition_name))
+@quota_options("Memory limit shared by the partition's processes: 8GiB, 512MiB, plain bytes, or 25% of the GPU. "
+               "[default: no limit]",
+               "Share of the GPU's time: 25% or 0.25, guaranteed when every partition is busy; time others leave "
+               "idle is used too, unless --cap. [default: an equal part of what shares leave]", checked=True)
 @click.option("--device", "device_index", type=click.IntRange(min=0), default=0, show_default=True,
               help="The GPU, by CUDA index (as CUDA_VISIBLE_DEVICES numbers them).")
 @click.pass_context
 def create(ctx: click.Context, name: str, memory: str | None, compute: str | None, cap: bool,
            device_index: int) -> None:
     """Make partition NAME; jobs join it with `fracgpu run --partition NAME`."""
-    if cap and compute is None:
-        raise click.UsageError("--cap needs --compute SHARE (the share to cap at)", ctx)
+    try:
+        jobs.check_cap(compute, cap)
+    except jobs.CapWithoutShare:
+        raise click.UsageError(CAP_WITHOUT_SHARE, ctx) from None
     with refusals():
         made = partitions.create(name, memory, compute=compute, cap=cap, device_index=device_index)
     click.echo(f"partition '{name}' created on GPU {device_index}: {_limits(made)}")
@@ -79,11 +78,11 @@ def list_(as_json: bool) -> None:
 
 
 @partition_group.command("set")
-@click.argument("name", callback=checked_by(jobs.check_partition_name))
-@click.option("--memory", metavar="SIZE", callback=checked_by(jobs.parse_memory),
+@click.argument("name", callback=checked_by(state.check_partition_name))
+@click.option("--memory", metavar="SIZE", callback=checked_by(units.parse_memory),
               help="New memory limit: 8GiB, 512MiB, plain bytes, or 25% of the GPU.")
 @click.option("--unlimited", is_flag=True, help="Remove the memory limit.")
-@click.option("--compute", metavar="SHARE", callback=checked_by(jobs.parse_compute),
+@click.option("--compute", metavar="SHARE", callback=checked_by(units.parse_share),
               help="New share of the GPU's time: 25% or 0.25.")
 @click.option("--cap/--no-cap", default=None, help="Make the share a ceiling, or stop it being one.")
 @click.option("--device", "device_index", type=click.IntRange(min=0),
@@ -107,7 +106,7 @@ def set_(ctx: click.Context, name: str, memory: str | None, unlimited: bool, com
 
 
 @partition_group.command("rm")
-@click.argument("name", callback=checked_by(jobs.check_partition_name))
+@click.argument("name", callback=checked_by(state.check_partition_name))
 @click.option("--device", "device_index", type=click.IntRange(min=0),
               help="The GPU, by CUDA index, when several have a partition of this name.")
 def remove(name: str, device_index: int | None) -> None:
