@@ -67,8 +67,6 @@ def job_main(name: str, kernel_ms: float, module: str, want_mib: int) -> None:
     ``fracgpu run``: it asks for WANT_MIB at once and, refused (CUDA_ERROR_OUT_OF_MEMORY),
     halves its batch until it fits, as a training script does; checks a kernel's writes;
     then keeps the GPU busy. Prints one JSON line."""
-    import ctypes
-
     from fracgpu._driver import Driver
 
     drv = Driver()
@@ -85,10 +83,8 @@ def job_main(name: str, kernel_ms: float, module: str, want_mib: int) -> None:
         size //= 2
     count = 1 << 20
     drv.fill(ptr, 0x600DF00D, count)
-    back = (ctypes.c_uint * count)()
     drv.synchronize()
-    drv._check("cuMemcpyDtoH_v2", drv.lib.cuMemcpyDtoH_v2(back, ctypes.c_uint64(ptr), ctypes.c_size_t(count * 4)))
-    verified = all(v == 0x600DF00D for v in back[::4096])
+    verified = all(v == 0x600DF00D for v in drv.read_u32(ptr, count)[::4096])
     print("ready", flush=True)   # all jobs start their kernels together
     sys.stdin.readline()
     start, kernels = time.monotonic(), 0

@@ -31,10 +31,7 @@ from fracgpu import devices, settings, shim, state
 from fracgpu.units import bytes_of, format_size, parse_memory, parse_seconds, parse_share
 
 __all__ = ["JobSpec", "OptionError", "CapWithoutShare", "ConflictingChoice", "partition_variables",
-           "job_environment", "check_partition_name", "check_cap", "check_limit"]
-
-check_partition_name = state.check_partition_name
-
+           "job_environment", "check_cap", "check_limit"]
 
 class OptionError(ValueError):
     """A job option with a bad value: ``field`` names it (``memory``, ``compute``, ``partition``, ``oom_wait``)."""
@@ -63,6 +60,8 @@ class JobSpec:
     cap: bool = False                         # the share is also a ceiling
     partition: str | None = None              # an existing partition to join
     oom_wait: float | None = None             # seconds an allocation over the quota waits; None: as inherited
+    # A new job option (a priority, say) is one more field here, parsed in parse() and
+    # from_environment() and written by partition_variables(): every caller gets it at once.
     # The values as written, which the job's variables carry (``FRACGPU_MEMORY=4GiB``, ``25%``).
     memory_text: str | None = None
     compute_text: str | None = None
@@ -82,7 +81,7 @@ class JobSpec:
                 raise OptionError(field, str(e)) from None
 
         spec = cls(memory=parsed("memory", parse_memory, memory), compute=parsed("compute", parse_share, compute),
-                   cap=bool(cap), partition=parsed("partition", check_partition_name, partition),
+                   cap=bool(cap), partition=parsed("partition", state.check_partition_name, partition),
                    oom_wait=parsed("oom_wait", parse_seconds, oom_wait),
                    memory_text=None if memory is None else memory if isinstance(memory, str) else str(memory),
                    compute_text=None if compute is None else compute if isinstance(compute, str)
