@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from fracgpu import devices, settings, shim, state
 from fracgpu.units import bytes_of, format_size, parse_memory, parse_seconds, parse_share
 
 __all__ = ["JobSpec", "OptionError", "CapWithoutShare", "ConflictingChoice", "partition_variables",
-           "job_environment", "check_cap", "check_limit"]
+           "job_environment", "parse_option", "check_cap", "check_fits", "check_limit"]
 
 class OptionError(ValueError):
     """A job option with a bad value: ``field`` names it (``memory``, ``compute``, ``partition``, ``oom_wait``)."""
@@ -72,14 +73,7 @@ class JobSpec:
               partition: str | None = None, oom_wait: str | float | None = None) -> JobSpec:
         """Each option parsed and every rule checked, in the order a user reads them: OptionError
         (a ValueError naming the option) for a bad value, CapWithoutShare, then ConflictingChoice."""
-        def parsed(field, parser, value):
-            if value is None:
-                return None
-            try:
-                return parser(value)
-            except ValueError as e:   # a TypeError (not a value of any kind) stays one
-                raise OptionError(field, str(e)) from None
-
+        parsed = parse_option
         spec = cls(memory=parsed("memory", parse_memory, memory), compute=parsed("compute", parse_share, compute),
                    cap=bool(cap), partition=parsed("partition", state.check_partition_name, partition),
                    oom_wait=parsed("oom_wait", parse_seconds, oom_wait),
@@ -135,8 +129,19 @@ class JobSpec:
         if self.memory is None:
             return 0
         size = bytes_of(self.memory, device.total_memory, self.memory_text)
-        check_limit(size, device.total_memory, f"{device.index} ({device.name}, {device.uuid})")
+        check_fits(size, device)
         return size
+
+
+def parse_option(field: str, parser: Callable[[Any], Any], value: Any) -> Any:
+    """``parser(value)`` (None for None); its ValueError becomes an OptionError naming ``field``
+    (a TypeError, not a value of any kind, stays one)."""
+    if value is None:
+        return None
+    try:
+        return parser(value)
+    except ValueError as e:
+        raise OptionError(field, str(e)) from None
 
 
 def check_cap(compute: object, cap: bool | None) -> None:
@@ -151,6 +156,11 @@ def check_limit(size: int, total_memory: int, gpu: str) -> None:
     if size > total_memory:
         raise ValueError(f"memory limit {format_size(size)} is above the {format_size(total_memory)} of GPU "
                          f"{gpu}; ask for at most {format_size(total_memory)}, or a percentage like 50%")
+
+
+def check_fits(size: int, device: devices.Device) -> None:
+    """A memory limit of ``size`` bytes must fit ``device``: ValueError naming it when it does not."""
+    check_limit(size, device.total_memory, f"{device.index} ({device.name}, {device.uuid})")
 
 
 def partition_variables(spec: JobSpec, *, private_name: str, state_dir: str | os.PathLike | None = None,

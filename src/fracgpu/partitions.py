@@ -39,11 +39,12 @@ def create(name: str, memory: str | int | None = None, *, compute: str | float |
     ``memory`` is bytes or a size such as ``"8GiB"`` or ``"25%"`` (of that
     device). ``compute`` is its share of the device's time (``0.25`` or
     ``"25%"``), ``cap`` makes that share a ceiling. Raises ValueError for a bad
-    name, size or share, a cap without a share, or a limit above the device; StateError for a name already used on that GPU, an unsafe state
-    folder or a damaged state file; DeviceError when there is no GPU."""
-    state.check_partition_name(name)
-    size = parse_memory(memory) if memory is not None else None   # the grammar, before asking the driver
-    share = parse_share(compute) if compute is not None else 0.0
+    name, size or share (``jobs.OptionError``, naming which), a cap without a share, or a limit
+    above the device; StateError for a name already used on that GPU, an unsafe state folder or
+    a damaged state file; DeviceError when there is no GPU."""
+    jobs.parse_option("name", state.check_partition_name, name)
+    size = jobs.parse_option("memory", parse_memory, memory)   # the grammar, before asking the driver
+    share = jobs.parse_option("compute", parse_share, compute) or 0.0
     jobs.check_cap(compute, cap)
     folder = state.resolve_state_dir(state_dir)
     state.check_state_dir(folder, create=True)
@@ -52,7 +53,7 @@ def create(name: str, memory: str | int | None = None, *, compute: str | float |
     limit = 0
     if size is not None:
         limit = bytes_of(size, gpu.total_memory, memory)
-        jobs.check_limit(limit, gpu.total_memory, f"{gpu.index} ({gpu.name}, {gpu.uuid})")
+        jobs.check_fits(limit, gpu)
     state.open_regions(folder)   # no partition is made beside a damaged state file
     region = state.open_region(folder, gpu.uuid, gpu.name, gpu.total_memory)
     return region.create_partition(name, limit, share, cap)   # StateError when the name is taken on this GPU
@@ -65,7 +66,7 @@ def remove(name: str, *, device_index: int | None = None, state_dir: str | os.Pa
     Returns the UUID of its GPU. Raises ValueError when no GPU (or several,
     without ``device_index``) has it, StateError when processes still use it
     (the message lists them) or the state is unsafe or damaged."""
-    state.check_partition_name(name)
+    jobs.parse_option("name", state.check_partition_name, name)
     regions = state.open_regions(state_dir)
     state.check_may_change_partitions(state.resolve_state_dir(state_dir))
     if device_index is not None:
@@ -96,13 +97,13 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
     Returns (the GPU's UUID, the partition as it is now). Raises ValueError for
     bad values or when no GPU (or several, without ``device_index``) has the
     partition, StateError for an unsafe or damaged state."""
-    state.check_partition_name(name)
+    jobs.parse_option("name", state.check_partition_name, name)
     if memory is None and compute is None and cap is None and not unlimited:
         raise ValueError("nothing to change: give a memory limit, a compute share or a cap setting")
     if memory is not None and unlimited:
         raise ValueError("give a memory limit or remove it, not both")
-    size = parse_memory(memory) if memory is not None else None
-    share = parse_share(compute) if compute is not None else None
+    size = jobs.parse_option("memory", parse_memory, memory)
+    share = jobs.parse_option("compute", parse_share, compute)
     regions = state.open_regions(state_dir)
     state.check_may_change_partitions(state.resolve_state_dir(state_dir))
     if device_index is not None:

@@ -56,14 +56,11 @@ def converted_by(convert: Any) -> Any:
     return callback
 
 
-def quota_options(memory_help: str, compute_help: str, *, checked: bool = False) -> Any:
-    """``--memory SIZE``, ``--compute SHARE`` and ``--cap``, the options that make a quota and a share.
-    ``checked``: their grammar is checked as they are parsed (for commands that hand the text on)."""
-    def check(parse: Any) -> Any:
-        return checked_by(parse) if checked else None
-
-    options = [click.option("--memory", metavar="SIZE", callback=check(units.parse_memory), help=memory_help),
-               click.option("--compute", metavar="SHARE", callback=check(units.parse_share), help=compute_help),
+def quota_options(memory_help: str, compute_help: str) -> Any:
+    """``--memory SIZE``, ``--compute SHARE`` and ``--cap``, the options that make a quota and a share;
+    the library parses them (``option_errors`` makes its refusals usage errors on them)."""
+    options = [click.option("--memory", metavar="SIZE", help=memory_help),
+               click.option("--compute", metavar="SHARE", help=compute_help),
                click.option("--cap", is_flag=True, help="Make the --compute share a ceiling, even on an idle GPU.")]
 
     def decorate(command: Any) -> Any:
@@ -77,18 +74,29 @@ def quota_options(memory_help: str, compute_help: str, *, checked: bool = False)
 CAP_WITHOUT_SHARE = "--cap needs --compute SHARE (the share to cap at)"
 
 
+@contextlib.contextmanager
+def option_errors(ctx: click.Context) -> Iterator[None]:
+    """The library's refusal of an option's value (``jobs.OptionError``) as a usage error on that
+    option, and a cap without a share as the usage error that says so."""
+    from fracgpu import jobs
+
+    try:
+        yield
+    except jobs.OptionError as e:
+        param = next((p for p in ctx.command.params if p.name == e.field), None)
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    except jobs.CapWithoutShare:
+        raise click.UsageError(CAP_WITHOUT_SHARE, ctx) from None
+
+
 def job_spec(ctx: click.Context, **options: Any) -> Any:
     """The job's options (``memory``, ``compute``, ``cap``, ``partition``, ``oom_wait``) parsed once
     into a ``jobs.JobSpec``; a bad value is a usage error on its option."""
     from fracgpu import jobs
 
     try:
-        return jobs.JobSpec.parse(**options)
-    except jobs.OptionError as e:
-        param = next((p for p in ctx.command.params if p.name == e.field), None)
-        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
-    except jobs.CapWithoutShare:
-        raise click.UsageError(CAP_WITHOUT_SHARE, ctx) from None
+        with option_errors(ctx):
+            return jobs.JobSpec.parse(**options)
     except jobs.ConflictingChoice:
         raise click.UsageError("give --memory SIZE and/or --compute SHARE [--cap] (a private partition), or "
                                "--partition NAME (an existing one), not both", ctx) from None
