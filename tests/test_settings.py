@@ -82,3 +82,14 @@ def test_each_setting_is_parsed_by_its_row(name, text, value):
 def test_a_bad_value_is_refused_naming_the_variable(name, text):
     with pytest.raises(ValueError, match=f"^{name}: "):
         settings.read(name, {name: text})
+
+
+def test_the_simulated_gpu_defaults_are_the_tables():
+    from fracgpu import sim
+
+    config = sim.SimConfig()
+    assert (config.memory, config.sms, config.devices, config.name, config.context_memory) == (
+        16 << 30, 132, 1, "fracgpu simulated GPU", 0)
+    assert config.memory == settings.default(settings.SIM_MEMORY)
+    with pytest.raises(ValueError):
+        settings.default(settings.STATE_DIR)   # a rule, not a value

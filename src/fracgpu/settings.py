@@ -20,7 +20,7 @@ from typing import Any
 
 from fracgpu import units
 
-__all__ = ["Setting", "SETTINGS", "NAMES", "PARTITION_VARIABLES", "JOB_VARIABLES", "by_name", "read",
+__all__ = ["Setting", "SETTINGS", "NAMES", "PARTITION_VARIABLES", "JOB_VARIABLES", "by_name", "default", "read",
            "without_job_variables"]
 
 PREFIX = "FRACGPU_"
@@ -87,6 +87,13 @@ class Setting:
     meaning: str
     role: str                      # one of ROLES
 
+    def default_value(self) -> Any:
+        """The default as a value, for a setting whose default is one (``16GiB``, ``132``); ValueError
+        for one that is a rule (``(unset)``, ``(searched)``, a path built from other variables)."""
+        if self.default.startswith("(") or "$" in self.default:
+            raise ValueError(f"{self.name} has no default value: {self.default}")
+        return self.parse(self.default)
+
     def parse(self, text: str) -> Any:
         """The value of ``text``; ValueError names the variable."""
         try:
@@ -145,6 +152,11 @@ PARTITION_VARIABLES: tuple[str, ...] = tuple(s.name for s in SETTINGS if s.role 
 JOB_VARIABLES: tuple[str, ...] = PARTITION_VARIABLES + (JOB_HOLDER,)
 
 _BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def default(name: str) -> Any:
+    """The default value of setting ``name`` (see ``Setting.default_value``)."""
+    return by_name(name).default_value()
 
 
 def by_name(name: str) -> Setting:

@@ -22,7 +22,6 @@ from fracgpu.units import format_size
 
 __all__ = ["SimConfig", "ConfigError", "library_dir", "environment", "shell_exports"]
 
-GiB = 1 << 30
 TiB = 1 << 40
 MAX_MEMORY = 64 * TiB
 MAX_SMS = 1024
@@ -43,11 +42,12 @@ class ConfigError(ValueError):
 class SimConfig:
     """The simulated GPU(s): every device gets the same memory, SMs and name."""
 
-    memory: int = 16 * GiB  # bytes per device
-    sms: int = 132
-    devices: int = 1
-    name: str = "fracgpu simulated GPU"
-    context_memory: int = 0  # bytes each context reserves on its device
+    # The defaults are the settings table's, the ones the simulated driver has when a variable is unset.
+    memory: int = settings.default(settings.SIM_MEMORY)  # bytes per device
+    sms: int = settings.default(settings.SIM_SMS)
+    devices: int = settings.default(settings.SIM_DEVICES)
+    name: str = settings.default(settings.SIM_NAME)
+    context_memory: int = settings.default(settings.SIM_CONTEXT_MEMORY)  # bytes each context reserves on its device
     state_dir: str | None = None  # where the shared simulated GPU keeps its file
 
     def validate(self) -> None:
