@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from fracgpu import devices, jobs, state
 from fracgpu.units import bytes_of, parse_memory, parse_share
 
-__all__ = ["create", "remove", "update", "device"]
+__all__ = ["create", "remove", "update", "device", "NothingToChange", "LimitAndUnlimited"]
+
+
+class NothingToChange(ValueError):
+    """``update`` was given nothing to change."""
+
+
+class LimitAndUnlimited(ValueError):
+    """``update`` was given a memory limit and asked to remove it."""
 
 
 def device(index: int, env: Mapping[str, str] | None = None) -> devices.Device:
@@ -99,9 +107,9 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
     partition, StateError for an unsafe or damaged state."""
     jobs.parse_option("name", state.check_partition_name, name)
     if memory is None and compute is None and cap is None and not unlimited:
-        raise ValueError("nothing to change: give a memory limit, a compute share or a cap setting")
+        raise NothingToChange("nothing to change: give a memory limit, a compute share or a cap setting")
     if memory is not None and unlimited:
-        raise ValueError("give a memory limit or remove it, not both")
+        raise LimitAndUnlimited("give a memory limit or remove it, not both")
     size = jobs.parse_option("memory", parse_memory, memory)
     share = jobs.parse_option("compute", parse_share, compute)
     regions = state.open_regions(state_dir)

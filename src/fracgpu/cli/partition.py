@@ -87,14 +87,15 @@ def list_(as_json: bool) -> None:
 def set_(ctx: click.Context, name: str, memory: str | None, unlimited: bool, compute: str | None, cap: bool | None,
          device_index: int | None) -> None:
     """Change partition NAME while its jobs run (they see it at their next allocation or launch)."""
-    if memory is None and compute is None and cap is None and not unlimited:
-        raise click.UsageError("nothing to change: give --memory SIZE, --unlimited, --compute SHARE or --cap/--no-cap",
-                               ctx)
-    if memory is not None and unlimited:
-        raise click.UsageError("give --memory SIZE or --unlimited, not both", ctx)
     with refusals(), option_errors(ctx):
-        uuid, now = partitions.update(name, memory=memory, compute=compute, cap=cap, unlimited=unlimited,
-                                      device_index=device_index)
+        try:
+            uuid, now = partitions.update(name, memory=memory, compute=compute, cap=cap, unlimited=unlimited,
+                                          device_index=device_index)
+        except partitions.NothingToChange:
+            raise click.UsageError("nothing to change: give --memory SIZE, --unlimited, --compute SHARE or "
+                                   "--cap/--no-cap", ctx) from None
+        except partitions.LimitAndUnlimited:
+            raise click.UsageError("give --memory SIZE or --unlimited, not both", ctx) from None
     click.echo(f"partition '{name}' on {uuid}: {_limits(now)}")
     if now.memory_limit and now.used > now.memory_limit:
         click.echo(f"note: it holds {format_size(now.used)}, above the new limit; its new allocations are refused "
