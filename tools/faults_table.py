@@ -15,6 +15,8 @@ import ast
 import pathlib
 import sys
 
+import readme_block
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- faults:begin -->", "<!-- faults:end -->"
 
@@ -43,22 +45,8 @@ def table(rows: list[tuple[str, str, str]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        print(f"{readme} has no {BEGIN} ... {END} block", file=sys.stderr)
-        return 1
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    new = head + table(faults()) + tail
-    if "--check" in argv:
-        if new != text:
-            print("README.md's faults table is not the one the tests give: run python tools/faults_table.py",
-                  file=sys.stderr)
-            return 1
-        return 0
-    readme.write_text(new)
-    return 0
+    return readme_block.main(argv, BEGIN, END, lambda: table(faults()), "README.md's faults table is not the one "
+                             "the tests give: run python tools/faults_table.py")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,17 @@
 """fracgpu: share one NVIDIA GPU between jobs, with memory quotas, compute shares and accounting.
 
 Importing fracgpu is cheap: it loads no CUDA library and starts no process.
+
+The package is a plain library with the command line on top (``fracgpu.cli``,
+the only code that imports click or rich; nothing else imports it):
+
+- ``settings``: every ``FRACGPU_*`` variable, one row each; ``units``: sizes and shares;
+- ``state``: the shared state (the one owner of ``_native``'s regions), as typed objects;
+- ``jobs``: a job's options parsed once (``JobSpec``) and the environment that enforces them;
+  ``partitions``: named partitions; ``devices``: the GPUs a job sees; ``shim``: the installed shims;
+- ``snapshot``: usage with the compute share achieved; ``metrics``: the Prometheus collector;
+- ``ledger`` and ``recorder``: accounting; ``plot``: the report's figure;
+- ``ray`` and ``slurm``: the cluster integrations; ``sim``: the simulated GPU; ``demo``: the demo's jobs.
 """
 
 from __future__ import annotations

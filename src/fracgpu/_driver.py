@@ -84,5 +84,12 @@ class Driver:
     def fill(self, ptr: int, value: int, count: int) -> None:
         self._launch(self._fill, 64, 256, ctypes.c_uint64(ptr), ctypes.c_uint(value), ctypes.c_ulonglong(count))
 
+    def read_u32(self, ptr: int, count: int) -> list[int]:
+        """``count`` 32-bit values copied from device memory at ``ptr``."""
+        back = (ctypes.c_uint * count)()
+        self._check("cuMemcpyDtoH_v2",
+                    self.lib.cuMemcpyDtoH_v2(back, ctypes.c_uint64(ptr), ctypes.c_size_t(count * 4)))
+        return list(back)
+
     def synchronize(self) -> None:
         self._check("cuCtxSynchronize", self.lib.cuCtxSynchronize())

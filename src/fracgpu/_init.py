@@ -19,7 +19,7 @@ import dataclasses
 import os
 import threading
 
-from fracgpu import devices, jobs, shim, state
+from fracgpu import devices, jobs, settings, shim, state
 
 __all__ = ["init", "InitError"]
 
@@ -30,19 +30,13 @@ class InitError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class _Request:
-    memory: tuple[int, float] | None   # parsed: (bytes, 0) or (0, fraction)
-    partition: str | None
+    spec: jobs.JobSpec
     state_dir: str
-    oom_wait: float | None
     shown: str                         # the call as written, for messages
-    compute: float | None = None       # parsed share
-    cap: bool = False
 
     def same_as(self, other: _Request) -> bool:
         """Whether a later call asking ``other`` asks for what this one set (no wait given: any)."""
-        mine = (self.memory, self.partition, self.state_dir, self.compute, self.cap)
-        return mine == (other.memory, other.partition, other.state_dir, other.compute, other.cap) \
-            and other.oom_wait in (None, self.oom_wait)
+        return self.state_dir == other.state_dir and self.spec.same_partition(other.spec)
 
 
 _lock = threading.Lock()
@@ -79,12 +73,14 @@ def init(memory: str | int | None = None, partition: str | None = None, *, compu
     name, unknown partition, a limit above the device) raises ValueError."""
     global _done, _partition, _library
     try:
-        jobs.check_choice(memory, compute, cap, partition)
-    except TypeError:
+        spec = jobs.JobSpec.parse(memory=memory, compute=compute, cap=cap, partition=partition, oom_wait=oom_wait)
+    except jobs.ConflictingChoice:
         raise TypeError("fracgpu.init() takes memory= and/or compute= (a private partition with that limit and "
                         "share, like memory='4GiB', compute=0.25), or partition= (the name of a partition made "
                         "with `fracgpu partition create`), not both") from None
-    wanted = _request(memory, partition, state_dir, oom_wait, compute, cap)
+    except ValueError as e:   # a bad value, or a cap without a share: a plain ValueError, as documented
+        raise ValueError(str(e)) from None
+    wanted = _request(spec, memory, partition, state_dir, compute, cap)
     with _lock:
         if _done is not None:
             if _done.same_as(wanted):
@@ -108,9 +104,8 @@ def init(memory: str | int | None = None, partition: str | None = None, *, compu
             variables = {}
         else:
             try:
-                variables = jobs.partition_variables(private_name=f"init-{os.getpid()}", memory=memory,
-                                                     partition=partition, oom_wait=oom_wait,
-                                                     state_dir=wanted.state_dir, compute=compute, cap=cap)
+                variables = jobs.partition_variables(spec, private_name=f"init-{os.getpid()}",
+                                                     state_dir=wanted.state_dir)
             except (state.StateError, devices.DeviceError) as e:
                 raise InitError(str(e)) from None
         environment = jobs.job_environment(variables, os.environ, library)
@@ -119,14 +114,13 @@ def init(memory: str | int | None = None, partition: str | None = None, *, compu
         except OSError as e:
             raise InitError(f"cannot load fracgpu's driver shim {library}: {e}") from None
         if not inherited:   # under `fracgpu run`, that records the job already
-            environment["FRACGPU_JOB_HOLDER"] = str(_start_recorder(variables, memory is not None or
-                                                                    compute is not None))
+            environment[settings.JOB_HOLDER] = str(_start_recorder(variables, spec.private))
         for name, value in environment.items():   # read by the shim when CUDA starts, and by child processes
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        _done, _partition = wanted, os.environ["FRACGPU_PARTITION"]
+        _done, _partition = wanted, os.environ[settings.PARTITION]
         return _partition
 
 
@@ -137,7 +131,6 @@ def _start_recorder(variables: dict, private: bool) -> int:
     import subprocess
     import sys
 
-    from fracgpu import _native
     from fracgpu.ledger import Ledger, LedgerError
 
     try:
@@ -151,13 +144,14 @@ def _start_recorder(variables: dict, private: bool) -> int:
         command = " ".join([os.path.basename(argv[0]), *argv[1:]]) if argv else ""
     except OSError:
         command = ""
+    partition = variables[settings.PARTITION]
     recorder = [sys.executable, "-m", "fracgpu.recorder", "--pid", str(os.getpid()),
-            "--start-time", str(_native.process_start_time(os.getpid())), "--job", command[:200] or
-            variables["FRACGPU_PARTITION"], "--partition", variables["FRACGPU_PARTITION"], "--state-dir",
-            variables["FRACGPU_STATE_DIR"], "--ledger", str(ledger.path), "--command", command]
+                "--start-time", str(state.process_start_time(os.getpid())), "--job", command[:200] or partition,
+                "--partition", partition, "--state-dir", variables[settings.STATE_DIR], "--ledger", str(ledger.path),
+                "--command", command]
     if private:
         recorder.append("--private")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRACGPU_") and k != "LD_PRELOAD"}
+    env = settings.without_job_variables(os.environ)
     try:
         process = subprocess.Popen(recorder, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     start_new_session=True, close_fds=True)
@@ -166,39 +160,30 @@ def _start_recorder(variables: dict, private: bool) -> int:
     return process.pid
 
 
-def _request(memory, partition, state_dir, oom_wait, compute=None, cap=False) -> _Request:
-    parsed, shown = None, []
+def _request(spec: jobs.JobSpec, memory, partition, state_dir, compute, cap) -> _Request:
+    shown = []
     if memory is not None:
-        parsed = jobs.parse_memory(memory)
         shown.append(f"memory={memory!r}")
     if compute is not None:
         shown.append(f"compute={compute!r}" + (", cap=True" if cap else ""))
     if partition is not None:
-        shown.append(f"partition={jobs.check_partition_name(partition)!r}")
-    share = jobs.parse_compute(compute) if compute is not None else None
-    wait = jobs.parse_oom_wait(oom_wait) if oom_wait is not None else None
-    return _Request(parsed, partition, state.resolve_state_dir(state_dir), wait, ", ".join(shown), share, bool(cap))
+        shown.append(f"partition={partition!r}")
+    return _Request(spec, state.resolve_state_dir(state_dir), ", ".join(shown))
 
 
 def _inherited(env, wanted: _Request) -> bool:
     """Whether this process was started in a partition (FRACGPU_* inherited) that is the one wanted.
 
     Raises InitError when it was started in another one: a job cannot leave its partition."""
-    name = env.get("FRACGPU_PARTITION")
+    name = env.get(settings.PARTITION)
     if not name:
         return False
-    shown = ", ".join(f"{var}={env[var]!r}" for var in ("FRACGPU_PARTITION", "FRACGPU_MEMORY", "FRACGPU_COMPUTE",
-                                                         "FRACGPU_COMPUTE_CAP") if env.get(var))
+    shown = ", ".join(f"{var}={env[var]!r}" for var in settings.PARTITION_VARIABLES if env.get(var))
     try:
-        memory = jobs.parse_memory(env["FRACGPU_MEMORY"]) if env.get("FRACGPU_MEMORY") else None
-        compute = jobs.parse_compute(env["FRACGPU_COMPUTE"]) if env.get("FRACGPU_COMPUTE") else None
-        wait = jobs.parse_oom_wait(env["FRACGPU_OOM_WAIT"]) if env.get("FRACGPU_OOM_WAIT") else None
+        spec = jobs.JobSpec.from_environment(env)
     except ValueError as e:
         raise InitError(f"this process was started with invalid fracgpu settings ({shown}): {e}") from None
-    private = memory is not None or compute is not None
-    have = _Request(memory, None if private else name, state.resolve_state_dir(), wait, shown, compute,
-                    env.get("FRACGPU_COMPUTE_CAP") == "1")
-    if have.same_as(wanted):
+    if _Request(spec, state.resolve_state_dir(), shown).same_as(wanted):
         return True
     raise InitError(f"this process was started in fracgpu partition {name!r} ({shown}, set by `fracgpu run` or "
                     f"by a parent process's fracgpu.init()), and fracgpu.init({wanted.shown}) asks for another; a "

@@ -1,4 +1,4 @@
-"""``fracgpu demo``: three jobs sharing one GPU under quotas and shares, then the live view and the report.
+"""The demo (``fracgpu demo``): three jobs sharing one GPU under quotas and shares, then the live view and the report.
 
 Runs on the real GPU when a working driver is found, else on a simulated GPU
 of its own (a private folder, so it never disturbs other users of the
@@ -16,13 +16,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import click
-
-from fracgpu import kernels_path, sim
+from fracgpu import kernels_path, settings, sim, snapshot
+from fracgpu.ledger import Ledger
 from fracgpu.units import format_size
 
 MiB = 1 << 20
@@ -49,7 +48,7 @@ def real_gpu_available() -> bool:
     probe = ("import ctypes,sys\ntry:\n l=ctypes.CDLL('libcuda.so.1')\nexcept OSError:\n sys.exit(1)\n"
              "n=ctypes.c_int()\nsys.exit(0 if l.cuInit(0)==0 and l.cuDeviceGetCount(ctypes.byref(n))==0 "
              "and n.value>0 else 1)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRACGPU_") and k != "LD_PRELOAD"}
+    env = settings.without_job_variables(os.environ)
     try:   # the simulated driver is not a GPU
         sim_dir = os.path.realpath(sim.library_dir())
         env["LD_LIBRARY_PATH"] = ":".join(p for p in env.get("LD_LIBRARY_PATH", "").split(":")
@@ -68,8 +67,6 @@ def job_main(name: str, kernel_ms: float, module: str, want_mib: int) -> None:
     ``fracgpu run``: it asks for WANT_MIB at once and, refused (CUDA_ERROR_OUT_OF_MEMORY),
     halves its batch until it fits, as a training script does; checks a kernel's writes;
     then keeps the GPU busy. Prints one JSON line."""
-    import ctypes
-
     from fracgpu._driver import Driver
 
     drv = Driver()
@@ -86,10 +83,8 @@ def job_main(name: str, kernel_ms: float, module: str, want_mib: int) -> None:
         size //= 2
     count = 1 << 20
     drv.fill(ptr, 0x600DF00D, count)
-    back = (ctypes.c_uint * count)()
     drv.synchronize()
-    drv._check("cuMemcpyDtoH_v2", drv.lib.cuMemcpyDtoH_v2(back, ctypes.c_uint64(ptr), ctypes.c_size_t(count * 4)))
-    verified = all(v == 0x600DF00D for v in back[::4096])
+    verified = all(v == 0x600DF00D for v in drv.read_u32(ptr, count)[::4096])
     print("ready", flush=True)   # all jobs start their kernels together
     sys.stdin.readline()
     start, kernels = time.monotonic(), 0
@@ -105,89 +100,78 @@ def job_main(name: str, kernel_ms: float, module: str, want_mib: int) -> None:
                       "device_s": kernels * kernel_ms / 1000, "wall_s": wall}))
 
 
-@click.command("demo")
-@click.option("--gpu", type=click.Choice(["auto", "sim", "real"]), default="auto", show_default=True,
-              help="Where to run: the real GPU if one works (auto), or always the simulated one.")
-def demo(gpu: str) -> None:
-    """Three jobs sharing one GPU: their quotas and shares, the live view, the report."""
-    from rich.table import Table
+class DemoError(RuntimeError):
+    """The demo could not run, or a job was not held to its quota; the message says which."""
 
-    from fracgpu import cli_report, cli_top
-    from fracgpu.ledger import Ledger
 
-    console = cli_top._console()   # wide enough for the tables when not on a terminal
-    use_real = gpu == "real" or (gpu == "auto" and real_gpu_available())
-    if gpu == "real" and not real_gpu_available():
-        raise click.ClickException("no working NVIDIA GPU driver was found; run `fracgpu demo --gpu sim`")
-    with tempfile.TemporaryDirectory(prefix="fracgpu-demo-") as folder:
-        state_dir, ledger_path = os.path.join(folder, "state"), os.path.join(folder, "ledger.sqlite")
-        env = dict(os.environ, FRACGPU_STATE_DIR=state_dir, FRACGPU_LEDGER=ledger_path)
+@dataclass
+class Outcome:
+    """What the demo's jobs did: each job's own report (its JSON line), and the ledger's records."""
+
+    results: list[dict]
+    recorded: list   # ledger.JobRecord
+
+
+def run(folder: str, use_real: bool, say: Callable[[str], None],
+        while_busy: Callable[[snapshot.Snapshot, str], None]) -> Outcome:
+    """Run the demo's jobs in ``folder`` (its private state folder, ledger and simulated GPU):
+    ``say`` is given each line to show as they start, ``while_busy`` the usage snapshot (and
+    the state folder) taken while all of them are busy. Raises DemoError."""
+    state_dir, ledger_path = os.path.join(folder, "state"), os.path.join(folder, "ledger.sqlite")
+    env = dict(os.environ, **{settings.STATE_DIR: state_dir, settings.LEDGER: ledger_path})
+    if use_real:
+        say("Running on the real GPU.")
+    else:
+        config = sim.SimConfig(memory=8 * GiB, state_dir=os.path.join(folder, "sim"))
+        env.update(sim.environment(config))
+        say(f"No GPU needed: running on a simulated {format_size(config.memory)} GPU.")
+    try:
+        module = str(kernels_path())
+    except FileNotFoundError as e:
         if use_real:
-            console.print("Running on the real GPU.")
-        else:
-            config = sim.SimConfig(memory=8 * GiB, state_dir=os.path.join(folder, "sim"))
-            env.update(sim.environment(config))
-            console.print(f"No GPU needed: running on a simulated {format_size(config.memory)} GPU.")
-        try:
-            module = str(kernels_path())
-        except FileNotFoundError as e:
-            if use_real:
-                raise click.ClickException(str(e)) from None
-            # Built without nvcc: the simulated driver runs its kernels by name from any module file.
-            module = str(sim.library_dir() / "libcuda.so.1")
-        for j in JOBS:
-            console.print(f"  fracgpu run --name {j.name} --memory {j.memory} --compute {j.compute} -- "
-                          f"python -m fracgpu.demo {j.name} ...")
-        procs = [subprocess.Popen([sys.executable, "-m", "fracgpu", "run", "--name", j.name, "--memory", j.memory,
-                                   "--compute", j.compute, "--", sys.executable, "-m", "fracgpu.demo", j.name,
-                                   str(j.kernel_ms), module, str(j.want_mib)],
-                                  env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
-                 for j in JOBS]
-        for job, p in zip(JOBS, procs):
-            if p.stdout.readline().strip() != "ready":
-                for q in procs:
-                    q.kill()
-                raise click.ClickException(f"demo job {job.name!r} failed to start:\n{p.communicate()[1]}")
-        for p in procs:
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        # The live view, as `fracgpu top` shows it, while all three are busy.
-        time.sleep(0.5)
-        first = cli_top.read(state_dir)
-        time.sleep(1.0)
-        view = cli_top.snapshot(first, cli_top.read(state_dir))
-        console.print("\n[bold]fracgpu top[/bold] while they run:")
-        cli_top._console().print(cli_top.render(view, state_dir))
-        results = []
-        for job, p in zip(JOBS, procs):
-            out, err = p.communicate(timeout=300)
-            if p.returncode != 0:
-                raise click.ClickException(f"demo job {job.name!r} failed (exit {p.returncode}):\n{err}")
-            results.append(json.loads(out.strip().splitlines()[-1]))
-        with Ledger(ledger_path) as ledger:
-            recorded = ledger.jobs()
-    table = Table(title=f"Three jobs sharing one GPU ({results[0]['device']})")
-    for column in ("job", "fracgpu run", "GPU memory seen", "asked", "got", "share of the GPU", "fill verified"):
-        table.add_column(column, justify="left" if column in ("job", "fracgpu run") else "right")
-    for job, r in zip(JOBS, results):
-        asked = format_size(job.want_mib * MiB) + (f" (refused, {r['refusals']}x halved)" if r["refusals"] else "")
-        table.add_row(r["name"], f"--memory {job.memory} --compute {job.compute}", format_size(r["total"]), asked,
-                      format_size(r["allocated"]), f"{100 * r['device_s'] / r['wall_s']:.0f}%",
-                      "yes" if r["verified"] else "NO")
-    console.print()
-    console.print(table)
-    console.print("Each job saw its quota as the GPU's memory; 'batch' asked for more, got "
-                  "CUDA_ERROR_OUT_OF_MEMORY and went on with a smaller batch; while all were busy the GPU's "
-                  "time was split by their shares.")
-    console.print("\n[bold]fracgpu report[/bold] (from the ledger):")
-    cli_top._console().print(cli_report.table(recorded))
-    console.print("Your own jobs: `fracgpu run --memory 4GiB --compute 25% -- python train.py`, then "
-                  "`fracgpu top` and `fracgpu report`.")
+            raise DemoError(str(e)) from None
+        # Built without nvcc: the simulated driver runs its kernels by name from any module file.
+        module = str(sim.library_dir() / "libcuda.so.1")
+    for j in JOBS:
+        say(f"  fracgpu run --name {j.name} --memory {j.memory} --compute {j.compute} -- "
+            f"python -m fracgpu.demo {j.name} ...")
+    procs = [subprocess.Popen([sys.executable, "-m", "fracgpu", "run", "--name", j.name, "--memory", j.memory,
+                               "--compute", j.compute, "--", sys.executable, "-m", "fracgpu.demo", j.name,
+                               str(j.kernel_ms), module, str(j.want_mib)],
+                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for j in JOBS]
+    for job, p in zip(JOBS, procs):
+        if p.stdout.readline().strip() != "ready":
+            for q in procs:
+                q.kill()
+            raise DemoError(f"demo job {job.name!r} failed to start:\n{p.communicate()[1]}")
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    # The live view, as `fracgpu top` shows it, while all three are busy.
+    time.sleep(0.5)
+    first = snapshot.read(state_dir)
+    time.sleep(1.0)
+    while_busy(snapshot.take(first, snapshot.read(state_dir)), state_dir)
+    results = []
+    for job, p in zip(JOBS, procs):
+        out, err = p.communicate(timeout=300)
+        if p.returncode != 0:
+            raise DemoError(f"demo job {job.name!r} failed (exit {p.returncode}):\n{err}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    with Ledger(ledger_path) as ledger:
+        return Outcome(results, ledger.jobs())
+
+
+def check(outcome: Outcome) -> None:
+    """DemoError unless every job was held to its quota and read back what its kernel wrote, the
+    greedy one was refused, and every job was recorded."""
+    results = outcome.results
     quota_held = all(r["verified"] and r["allocated"] <= r["total"] for r in results)
-    if not quota_held or results[2]["refusals"] == 0 or len(recorded) != len(JOBS):
-        raise click.ClickException("a job was not held to its quota, was not recorded, or read back values its "
-                                   "kernel did not write")
+    if not quota_held or results[2]["refusals"] == 0 or len(outcome.recorded) != len(JOBS):
+        raise DemoError("a job was not held to its quota, was not recorded, or read back values its "
+                        "kernel did not write")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 
-from fracgpu import shim
+from fracgpu import settings, shim
 
 __all__ = ["Device", "DeviceError", "probe", "probe_environment", "uuid_text"]
 
@@ -51,7 +51,7 @@ def uuid_text(raw: bytes) -> str:
 def probe_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """``env`` (default ``os.environ``) without the shim: no partition, no shim preloaded."""
     env = dict(os.environ if env is None else env)
-    for name in ("FRACGPU_PARTITION", "FRACGPU_MEMORY", "FRACGPU_COMPUTE", "FRACGPU_COMPUTE_CAP", "FRACGPU_JOB_HOLDER"):
+    for name in settings.JOB_VARIABLES:
         env.pop(name, None)
     if "LD_PRELOAD" in env:
         nvml = shim.nvml_shim_path() if shim.is_installed() else None

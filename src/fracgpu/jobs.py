@@ -1,8 +1,11 @@
 """What a job under fracgpu is given: its partition and the environment that enforces it.
 
-``fracgpu run`` (for a command) and ``fracgpu.init()`` (for the calling
-process) both come here, so they accept and refuse the same things. The shim
-in the job reads the variables set here:
+``fracgpu run`` (for a command), ``fracgpu.init()`` (for the calling
+process), the Slurm prolog and the Ray integration all come here, so they
+accept and refuse the same things. A job's options are parsed once, into a
+``JobSpec``; every rule about them (a cap needs a share, a limit must fit the
+device, a job is in a private partition or a named one) is checked here, once.
+The shim in the job reads the variables set here (``fracgpu.settings``):
 
 - ``FRACGPU_PARTITION``: the partition the job belongs to;
 - ``FRACGPU_MEMORY``: when set, that partition is made for the job (private,
@@ -20,139 +23,179 @@ here rather than CUDA refused inside the job.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from fracgpu import _native, devices, shim, state
-from fracgpu.units import format_size, parse_size
+from fracgpu import devices, settings, shim, state
+from fracgpu.units import bytes_of, format_size, parse_memory, parse_seconds, parse_share
 
-__all__ = ["partition_variables", "job_environment", "parse_memory", "parse_compute", "parse_oom_wait",
-           "check_partition_name"]
+__all__ = ["JobSpec", "OptionError", "CapWithoutShare", "ConflictingChoice", "partition_variables",
+           "job_environment", "parse_option", "check_cap", "check_fits", "check_limit"]
 
-_SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+class OptionError(ValueError):
+    """A job option with a bad value: ``field`` names it (``memory``, ``compute``, ``partition``, ``oom_wait``)."""
 
-
-def parse_memory(memory: str | int) -> tuple[int, float]:
-    """(bytes, 0.0) for a size, (0, fraction) for a percentage of the device. Raises ValueError/TypeError."""
-    if isinstance(memory, str):
-        return _native.parse_size(memory)
-    return parse_size(memory), 0.0
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
-def parse_compute(share: str | float) -> float:
-    """A share of the device's time: ``"25%"``, ``"0.25"`` or 0.25, in (0, 1]. Raises ValueError/TypeError."""
-    if isinstance(share, str):
-        return _native.parse_share(share)
-    if isinstance(share, bool) or not isinstance(share, (int, float)):
-        raise TypeError(f"a compute share must be a fraction like 0.25 or text like '25%', not {type(share).__name__}")
-    if not (math.isfinite(share) and 0 < share <= 1):
-        raise ValueError(f"invalid compute share {share!r}: give a fraction in (0, 1] like 0.25, or '25%'")
-    return float(share)
+class CapWithoutShare(ValueError):
+    """A compute cap was asked for without a compute share to cap at."""
 
 
-def memory_text(memory: str | int) -> str:
-    """``memory`` as ``FRACGPU_MEMORY`` carries it: the text as given, or the byte count."""
-    return memory if isinstance(memory, str) else str(memory)
+class ConflictingChoice(TypeError):
+    """Neither or both of a private partition (memory/compute) and a named one (partition)."""
 
 
-def parse_oom_wait(value: str | float | int) -> float:
-    """Seconds from ``FRACGPU_OOM_WAIT`` text or a number: finite and >= 0. Raises ValueError/TypeError."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise TypeError(f"the out-of-memory wait must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value) if not isinstance(value, str) or _SECONDS.fullmatch(value) else -1.0
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise ValueError(f"invalid out-of-memory wait {value!r}: give seconds, a number >= 0 like 30 or 2.5")
-    return seconds
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """A job's options, parsed once: what ``fracgpu run``, ``fracgpu.init()``, the Slurm prolog
+    and the Ray integration hand on. A job is in a private partition (``memory`` and/or
+    ``compute``) or in a named one (``partition``)."""
 
+    memory: tuple[int, float] | None = None   # (bytes, 0.0), or (0, fraction of each device); None: no limit
+    compute: float | None = None              # share of the device's time, in (0, 1]
+    cap: bool = False                         # the share is also a ceiling
+    partition: str | None = None              # an existing partition to join
+    oom_wait: float | None = None             # seconds an allocation over the quota waits; None: as inherited
+    # A new job option (a priority, say) is one more field here, parsed in parse() and
+    # from_environment() and written by partition_variables(): every caller gets it at once.
+    # The values as written, which the job's variables carry (``FRACGPU_MEMORY=4GiB``, ``25%``).
+    memory_text: str | None = None
+    compute_text: str | None = None
+    oom_wait_text: str | None = None
 
-def check_partition_name(name: str) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"a partition name must be a str, not {type(name).__name__}")
-    if "\0" in name:
-        raise ValueError("invalid partition name: it contains a NUL character")
-    _native.valid_partition_name(name)
-    return name
+    @classmethod
+    def parse(cls, *, memory: str | int | None = None, compute: str | float | None = None, cap: bool = False,
+              partition: str | None = None, oom_wait: str | float | None = None) -> JobSpec:
+        """Each option parsed and every rule checked, in the order a user reads them: OptionError
+        (a ValueError naming the option) for a bad value, CapWithoutShare, then ConflictingChoice."""
+        parsed = parse_option
+        spec = cls(memory=parsed("memory", parse_memory, memory), compute=parsed("compute", parse_share, compute),
+                   cap=bool(cap), partition=parsed("partition", state.check_partition_name, partition),
+                   oom_wait=parsed("oom_wait", parse_seconds, oom_wait),
+                   memory_text=None if memory is None else memory if isinstance(memory, str) else str(memory),
+                   compute_text=None if compute is None else compute if isinstance(compute, str)
+                   else repr(float(compute)),
+                   oom_wait_text=None if oom_wait is None else oom_wait if isinstance(oom_wait, str)
+                   else repr(float(oom_wait)))
+        check_cap(spec.compute, spec.cap)
+        if spec.partition is not None and spec.private:
+            raise ConflictingChoice(f"a job joining partition '{spec.partition}' gets that partition's memory and "
+                                    "compute; give either partition or memory/compute (a private partition), not "
+                                    "both")
+        if spec.partition is None and not spec.private:
+            raise ConflictingChoice("give memory and/or compute (a private partition with that limit and share), or "
+                                    "partition (the name of an existing partition)")
+        return spec
 
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str]) -> JobSpec | None:
+        """The job a process was started in, from its ``FRACGPU_*`` variables; None when it is in none.
+        ValueError names a variable with a bad value."""
+        name = env.get(settings.PARTITION)
+        if not name:
+            return None
+        memory = settings.read(settings.MEMORY, env)
+        compute = settings.read(settings.COMPUTE, env)
+        private = memory is not None or compute is not None
+        return cls(memory=memory, compute=compute, cap=env.get(settings.COMPUTE_CAP) == "1",
+                   partition=None if private else name, oom_wait=settings.read(settings.OOM_WAIT, env),
+                   memory_text=env.get(settings.MEMORY) or None, compute_text=env.get(settings.COMPUTE) or None,
+                   oom_wait_text=env.get(settings.OOM_WAIT) or None)
 
-def check_memory_fits(memory: str | int, env: Mapping[str, str] | None = None) -> None:
-    """A limit in bytes must fit every device the job sees (each gets the limit); a
-    percentage always does. Raises ValueError, or DeviceError when there is no GPU."""
-    size, fraction = parse_memory(memory)
-    if fraction:
-        return
-    for device in devices.probe(env):
+    @property
+    def private(self) -> bool:
+        """Whether the job gets a partition of its own (memory and/or compute given)."""
+        return self.memory is not None or self.compute is not None
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """The limit in bytes when it is absolute; None for a percentage (bytes once a device is
+        seen) or no limit."""
+        return self.memory[0] or None if self.memory is not None else None
+
+    def same_partition(self, other: JobSpec) -> bool:
+        """Whether ``other`` asks for the partition this one gives (a wait not given: any)."""
+        mine = (self.memory, self.partition, self.compute, self.cap)
+        return mine == (other.memory, other.partition, other.compute, other.cap) \
+            and other.oom_wait in (None, self.oom_wait)
+
+    def limit_on(self, device: devices.Device) -> int:
+        """The limit on ``device`` in bytes (0: none), checked to fit it (ValueError when above it)."""
+        if self.memory is None:
+            return 0
+        size = bytes_of(self.memory, device.total_memory, self.memory_text)
         check_fits(size, device)
+        return size
+
+
+def parse_option(field: str, parser: Callable[[Any], Any], value: Any) -> Any:
+    """``parser(value)`` (None for None); its ValueError becomes an OptionError naming ``field``
+    (a TypeError, not a value of any kind, stays one)."""
+    if value is None:
+        return None
+    try:
+        return parser(value)
+    except ValueError as e:
+        raise OptionError(field, str(e)) from None
+
+
+def check_cap(compute: object, cap: bool | None) -> None:
+    """A compute cap needs a compute share to cap at: CapWithoutShare when ``cap`` is asked without one."""
+    if cap and compute is None:
+        raise CapWithoutShare("a compute cap needs a compute share to cap at: give compute (--compute) with cap "
+                              "(--cap)")
+
+
+def check_limit(size: int, total_memory: int, gpu: str) -> None:
+    """A memory limit must fit its GPU (``gpu`` names it in the message): ValueError when it is above."""
+    if size > total_memory:
+        raise ValueError(f"memory limit {format_size(size)} is above the {format_size(total_memory)} of GPU "
+                         f"{gpu}; ask for at most {format_size(total_memory)}, or a percentage like 50%")
 
 
 def check_fits(size: int, device: devices.Device) -> None:
-    if size > device.total_memory:
-        raise ValueError(f"memory limit {format_size(size)} is above the {format_size(device.total_memory)} of GPU "
-                         f"{device.index} ({device.name}, {device.uuid}); ask for at most "
-                         f"{format_size(device.total_memory)}, or a percentage like 50%")
+    """A memory limit of ``size`` bytes must fit ``device``: ValueError naming it when it does not."""
+    check_limit(size, device.total_memory, f"{device.index} ({device.name}, {device.uuid})")
 
 
-def check_choice(memory, compute, cap, partition) -> None:
-    """A job is either in a private partition (memory and/or compute given) or in a named one."""
-    if partition is not None and (memory is not None or compute is not None or cap):
-        raise TypeError("a job joining partition "
-                        f"'{partition}' gets that partition's memory and compute; give either partition or "
-                        "memory/compute (a private partition), not both")
-    if partition is None and memory is None and compute is None:
-        raise TypeError("give memory and/or compute (a private partition with that limit and share), or "
-                        "partition (the name of an existing partition)")
-    if cap and compute is None:
-        raise ValueError("a compute cap needs a compute share to cap at: give compute (--compute) with cap (--cap)")
+def partition_variables(spec: JobSpec, *, private_name: str, state_dir: str | os.PathLike | None = None,
+                        env: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """The ``FRACGPU_*`` variables that put the job ``spec`` in its partition (None: to unset), after
+    checking it against the state and the devices.
 
-
-def partition_variables(*, private_name: str, memory: str | int | None = None, partition: str | None = None,
-                        oom_wait: str | float | None = None, state_dir: str | os.PathLike | None = None,
-                        env: Mapping[str, str] | None = None, compute: str | float | None = None,
-                        cap: bool = False) -> dict[str, str | None]:
-    """The ``FRACGPU_*`` variables that put a job in its partition (None: to unset), after checking them all.
-
-    Exactly one of ``memory`` (a private partition called ``private_name``,
-    made when the job starts CUDA) and ``partition`` (an existing one's name).
-    Raises TypeError or ValueError for a bad value (size grammar, a limit above
-    the device, an unknown or invalid partition, a bad wait), StateError for
-    an unsafe state folder or a damaged state file, DeviceError when a size
-    must be checked against a GPU and none is found."""
-    check_choice(memory, compute, cap, partition)
-    if memory is not None:
-        parse_memory(memory)
-    if compute is not None:
-        parse_compute(compute)
-    if partition is not None:
-        check_partition_name(partition)
+    The private partition is called ``private_name`` (made when the job starts
+    CUDA). Raises ValueError for a limit above a device the job sees, an
+    unknown partition, or an inherited wait the shim would refuse; StateError
+    for an unsafe state folder or a damaged state file; DeviceError when a
+    size must be checked against a GPU and none is found."""
     env = os.environ if env is None else env
-    if oom_wait is not None:
-        parse_oom_wait(oom_wait)
-    elif env.get("FRACGPU_OOM_WAIT"):   # passed on as it is, but never one the shim would refuse
-        try:
-            parse_oom_wait(env["FRACGPU_OOM_WAIT"])
-        except ValueError as e:
-            raise ValueError(f"FRACGPU_OOM_WAIT: {e}") from None
+    if spec.oom_wait is None and env.get(settings.OOM_WAIT):   # passed on as it is, but never one the shim refuses
+        settings.read(settings.OOM_WAIT, env)
     folder = state.resolve_state_dir(state_dir)
-    _native.check_state_dir(folder, create=True)
+    state.check_state_dir(folder, create=True)
     regions = state.open_regions(folder)   # every region must be readable, and dead jobs are reaped
-    if partition is not None and not any(p["name"] == partition for r in regions for p in r.partitions()):
-        raise ValueError(f"partition '{partition}' does not exist (state folder {folder}); `fracgpu partition "
-                         f"list` shows the partitions, `fracgpu partition create {partition} --memory SIZE` "
+    if spec.partition is not None and not any(r.partition(spec.partition) for r in regions):
+        raise ValueError(f"partition '{spec.partition}' does not exist (state folder {folder}); `fracgpu partition "
+                         f"list` shows the partitions, `fracgpu partition create {spec.partition} --memory SIZE` "
                          "makes one")
-    if memory is not None:
-        check_memory_fits(memory, env)
+    if spec.memory_bytes is not None:   # each device the job sees gets the limit; a percentage always fits
+        for device in devices.probe(env):
+            spec.limit_on(device)
     variables: dict[str, str | None] = {
-        "FRACGPU_PARTITION": partition if partition is not None else private_name,
-        "FRACGPU_STATE_DIR": folder,
+        settings.PARTITION: spec.partition if spec.partition is not None else private_name,
+        settings.STATE_DIR: folder,
         # None: unset, so a size inherited from an outer job never turns a shared partition private.
-        "FRACGPU_MEMORY": memory_text(memory) if memory is not None else None,
-        "FRACGPU_COMPUTE": (compute if isinstance(compute, str) else repr(float(compute))) if compute is not None
-        else None,
-        "FRACGPU_COMPUTE_CAP": "1" if cap else None,
+        settings.MEMORY: spec.memory_text,
+        settings.COMPUTE: spec.compute_text,
+        settings.COMPUTE_CAP: "1" if spec.cap else None,
     }
-    if oom_wait is not None:
-        variables["FRACGPU_OOM_WAIT"] = oom_wait if isinstance(oom_wait, str) else repr(float(oom_wait))
+    if spec.oom_wait_text is not None:
+        variables[settings.OOM_WAIT] = spec.oom_wait_text
     return variables
 
 
@@ -168,8 +211,8 @@ def job_environment(variables: Mapping[str, str | None], env: Mapping[str, str] 
     # NVML (nvidia-smi, pynvml, torch's device queries) shows the same quota, through its own shim.
     nvml = shim.nvml_shim_path(library)
     out["LD_PRELOAD"] = shim.preload_with_shim(env.get("LD_PRELOAD"), library, *([nvml] if nvml else []))
-    if not env.get("FRACGPU_REAL_LIBCUDA"):
+    if not env.get(settings.REAL_LIBCUDA):
         real = shim.find_real_driver(env, library)
         if real:
-            out["FRACGPU_REAL_LIBCUDA"] = real
+            out[settings.REAL_LIBCUDA] = real
     return out

@@ -29,6 +29,8 @@ import sqlite3
 import time
 from collections.abc import Iterator
 
+from fracgpu import settings
+
 __all__ = ["Ledger", "LedgerError", "JobRecord", "default_path", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 2
@@ -99,8 +101,8 @@ class JobRecord:
 
 
 def default_path() -> pathlib.Path:
-    if os.environ.get("FRACGPU_LEDGER"):
-        return pathlib.Path(os.environ["FRACGPU_LEDGER"])
+    if os.environ.get(settings.LEDGER):
+        return pathlib.Path(os.environ[settings.LEDGER])
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return pathlib.Path(base) / "fracgpu" / "ledger.sqlite"
 
@@ -212,7 +214,7 @@ class Ledger:
         end at their last sample; a ``fracgpu run`` job was killed with its recorder (-9).
         ``is_alive(pid, start_time)`` says whether a recorder still runs. Returns how many."""
         if is_alive is None:
-            from fracgpu.recorder import alive as is_alive
+            from fracgpu.state import process_alive as is_alive
         rows = self.db.execute('SELECT id, kind, recorder_pid, recorder_start, start, last_sample FROM jobs '
                                'WHERE "end" IS NULL AND recorder_pid IS NOT NULL').fetchall()
         closed = 0

@@ -11,10 +11,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from fracgpu import _native, devices, jobs, state
-from fracgpu.units import format_size, parse_size
+from fracgpu import devices, jobs, state
+from fracgpu.units import bytes_of, parse_memory, parse_share
 
-__all__ = ["create", "remove", "update", "device"]
+__all__ = ["create", "remove", "update", "device", "NothingToChange", "LimitAndUnlimited"]
+
+
+class NothingToChange(ValueError):
+    """``update`` was given nothing to change."""
+
+
+class LimitAndUnlimited(ValueError):
+    """``update`` was given a memory limit and asked to remove it."""
 
 
 def device(index: int, env: Mapping[str, str] | None = None) -> devices.Device:
@@ -39,26 +47,24 @@ def create(name: str, memory: str | int | None = None, *, compute: str | float |
     ``memory`` is bytes or a size such as ``"8GiB"`` or ``"25%"`` (of that
     device). ``compute`` is its share of the device's time (``0.25`` or
     ``"25%"``), ``cap`` makes that share a ceiling. Raises ValueError for a bad
-    name, size or share, a cap without a share, or a limit above the device; StateError for a name already used on that GPU, an unsafe state
-    folder or a damaged state file; DeviceError when there is no GPU."""
-    jobs.check_partition_name(name)
-    if memory is not None:
-        jobs.parse_memory(memory)   # the grammar, before asking the driver
-    share = jobs.parse_compute(compute) if compute is not None else 0.0
-    if cap and compute is None:
-        raise ValueError("a compute cap needs a compute share: give --compute SHARE with --cap")
+    name, size or share (``jobs.OptionError``, naming which), a cap without a share, or a limit
+    above the device; StateError for a name already used on that GPU, an unsafe state folder or
+    a damaged state file; DeviceError when there is no GPU."""
+    jobs.parse_option("name", state.check_partition_name, name)
+    size = jobs.parse_option("memory", parse_memory, memory)   # the grammar, before asking the driver
+    share = jobs.parse_option("compute", parse_share, compute) or 0.0
+    jobs.check_cap(compute, cap)
     folder = state.resolve_state_dir(state_dir)
-    _native.check_state_dir(folder, create=True)
+    state.check_state_dir(folder, create=True)
     state.check_may_change_partitions(folder)
     gpu = device(device_index, env)
     limit = 0
-    if memory is not None:
-        limit = parse_size(memory, device_total=gpu.total_memory)
+    if size is not None:
+        limit = bytes_of(size, gpu.total_memory, memory)
         jobs.check_fits(limit, gpu)
     state.open_regions(folder)   # no partition is made beside a damaged state file
-    region = _native.Region.open(folder, gpu.uuid, gpu.name, gpu.total_memory, create=True)
-    region.create_partition(name, limit, share, cap)   # StateError when the name is taken on this GPU
-    return next(p for p in state.read(region).partitions if p.name == name)
+    region = state.open_region(folder, gpu.uuid, gpu.name, gpu.total_memory)
+    return region.create_partition(name, limit, share, cap)   # StateError when the name is taken on this GPU
 
 
 def remove(name: str, *, device_index: int | None = None, state_dir: str | os.PathLike | None = None,
@@ -68,7 +74,7 @@ def remove(name: str, *, device_index: int | None = None, state_dir: str | os.Pa
     Returns the UUID of its GPU. Raises ValueError when no GPU (or several,
     without ``device_index``) has it, StateError when processes still use it
     (the message lists them) or the state is unsafe or damaged."""
-    jobs.check_partition_name(name)
+    jobs.parse_option("name", state.check_partition_name, name)
     regions = state.open_regions(state_dir)
     state.check_may_change_partitions(state.resolve_state_dir(state_dir))
     if device_index is not None:
@@ -77,7 +83,7 @@ def remove(name: str, *, device_index: int | None = None, state_dir: str | os.Pa
         where = f" on GPU {device_index} ({uuid})"
     else:
         where = ""
-    holders = [r for r in regions if any(p["name"] == name for p in r.partitions())]
+    holders = [r for r in regions if r.partition(name)]
     if not holders:
         raise ValueError(f"there is no partition '{name}'{where}; `fracgpu partition list` shows the partitions")
     if len(holders) > 1:
@@ -99,32 +105,28 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
     Returns (the GPU's UUID, the partition as it is now). Raises ValueError for
     bad values or when no GPU (or several, without ``device_index``) has the
     partition, StateError for an unsafe or damaged state."""
-    jobs.check_partition_name(name)
+    jobs.parse_option("name", state.check_partition_name, name)
     if memory is None and compute is None and cap is None and not unlimited:
-        raise ValueError("nothing to change: give a memory limit, a compute share or a cap setting")
+        raise NothingToChange("nothing to change: give a memory limit, a compute share or a cap setting")
     if memory is not None and unlimited:
-        raise ValueError("give a memory limit or remove it, not both")
-    if memory is not None:
-        jobs.parse_memory(memory)
-    share = jobs.parse_compute(compute) if compute is not None else None
+        raise LimitAndUnlimited("give a memory limit or remove it, not both")
+    size = jobs.parse_option("memory", parse_memory, memory)
+    share = jobs.parse_option("compute", parse_share, compute)
     regions = state.open_regions(state_dir)
     state.check_may_change_partitions(state.resolve_state_dir(state_dir))
     if device_index is not None:
         uuid = device(device_index, env).uuid
         regions = [r for r in regions if r.uuid == uuid]
-    holders = [r for r in regions if any(p["name"] == name for p in r.partitions())]
+    holders = [r for r in regions if r.partition(name)]
     if not holders:
         raise ValueError(f"there is no partition '{name}'; `fracgpu partition list` shows the partitions")
     if len(holders) > 1:
         raise ValueError(f"partition '{name}' exists on several GPUs; say which with --device N")
     region = holders[0]
     limit = None
-    if memory is not None:
-        limit = parse_size(memory, device_total=region.total_memory)
-        if limit > region.total_memory:
-            raise ValueError(f"memory limit {format_size(limit)} is above the {format_size(region.total_memory)} "
-                             f"of GPU {region.uuid}")
+    if size is not None:
+        limit = bytes_of(size, region.total_memory, memory)
+        jobs.check_limit(limit, region.total_memory, region.uuid)
     elif unlimited:
         limit = 0
-    region.update_partition(name, limit, share, cap)
-    return region.uuid, next(p for p in state.read(region).partitions if p.name == name)
+    return region.uuid, region.update_partition(name, limit, share, cap)

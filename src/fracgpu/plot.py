@@ -6,6 +6,7 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 
 from fracgpu.ledger import JobRecord
+from fracgpu.snapshot import achieved_share
 
 __all__ = ["draw", "save", "series"]
 
@@ -18,10 +19,8 @@ def series(samples: Sequence[tuple[float, int, float]]) -> tuple[list[float], li
     for t, memory_bytes, device_seconds in samples:
         times.append(t)
         memory.append(memory_bytes / (1 << 30))
-        if previous is None or t <= previous[0]:
-            share.append(0.0)
-        else:
-            share.append(max(0.0, (device_seconds - previous[1]) / (t - previous[0])))
+        since = achieved_share(previous[1], device_seconds, t - previous[0]) if previous else None
+        share.append(since or 0.0)
         previous = (t, device_seconds)
     return times, memory, share
 

@@ -38,23 +38,24 @@ still holds. An actor is one job for its life.
 from __future__ import annotations
 
 import inspect
-import math
 import shlex
 import sys
 from typing import Any
 
-from fracgpu.units import percent_text
+from fracgpu.units import parse_share, percent_text
 
 __all__ = ["options", "remote", "runtime_env", "worker_command", "FracGPUPlugin"]
 
 
 def _fraction(num_gpus: float) -> float:
+    """``num_gpus`` as a share of one GPU (the share grammar of ``units.parse_share``, for a number)."""
     if isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float)):
         raise TypeError(f"num_gpus must be a number like 0.25, not {num_gpus!r}")
-    if not (math.isfinite(num_gpus) and 0 < num_gpus <= 1):
+    try:
+        return parse_share(num_gpus)
+    except ValueError:
         raise ValueError(f"num_gpus={num_gpus!r}: fracgpu shares one GPU, so give a fraction in (0, 1]; a task "
-                         "that needs whole GPUs needs no sharing (use ray.remote(num_gpus=N) as it is)")
-    return float(num_gpus)
+                         "that needs whole GPUs needs no sharing (use ray.remote(num_gpus=N) as it is)") from None
 
 
 def worker_command(num_gpus: float, *, name: str = "ray", cap: bool = False, labels: dict[str, str] | None = None,

@@ -13,7 +13,7 @@ For a job in a shared partition (``--partition NAME``): the slots of its
 processes (those it holds); its peak is the largest of their peaks and of the
 sampled sum.
 
-``fracgpu run`` records its command this way (``cli_run``); ``fracgpu.init()``
+``fracgpu run`` records its command this way (``fracgpu.cli.run``); ``fracgpu.init()``
 starts ``python -m fracgpu.recorder`` to watch the calling process.
 """
 
@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 
-from fracgpu import _native, state
+from fracgpu import state
 from fracgpu.ledger import Ledger, LedgerError
 
 __all__ = ["JobRecorder", "sample_interval"]
@@ -67,7 +67,7 @@ class JobRecorder:
         self.memory_limit, self.compute_share = memory_limit, compute_share
         self.holder = os.getpid() if holder is None else holder
         self.job_id: int | None = None
-        self._regions: dict[str, _native.Region] = {}
+        self._regions: dict[str, state.Region] = {}
         self._processes: set[tuple[str, int, int]] = set()   # (gpu, pid, attach time) seen
         self._peak = 0
         self._warned = False
@@ -76,16 +76,16 @@ class JobRecorder:
         self.job_id = self.ledger.start_job(
             job=self.job, partition=self.partition, gpu="", command=self.command, kind=self.kind,
             labels=self.labels, memory_limit=self.memory_limit, compute_share=self.compute_share, start=start,
-            recorder_pid=os.getpid(), recorder_start=_native.process_start_time(os.getpid()))
+            recorder_pid=os.getpid(), recorder_start=state.process_start_time(os.getpid()))
         return self.job_id
 
-    def _open_regions(self) -> list[_native.Region]:
+    def _open_regions(self) -> list[state.Region]:
         folder = self.state_dir
         if os.path.isdir(folder):
-            for path in _native.region_files(folder):
+            for path in state.region_files(folder):
                 if path not in self._regions:
                     try:
-                        self._regions[path] = _native.Region.open_file(path)
+                        self._regions[path] = state.open_region_file(path)
                     except state.StateError:
                         continue   # a damaged file is reported by those who use it, not by the recorder
         return list(self._regions.values())
@@ -98,28 +98,28 @@ class JobRecorder:
         limits, shares = [], []
         for region in self._open_regions():
             region.reap()
-            mine = [p for p in region.processes() if p["holder"] == self.holder]
-            part = next((p for p in region.partitions() if p["name"] == self.partition), None)
+            mine = [p for p in region.processes() if p.holder == self.holder]
+            part = region.partition(self.partition)
             if part is None or not (mine or self.private):
                 continue
             if self.private:
-                out.memory_bytes += part["used"]
-                out.peak_memory_bytes = max(out.peak_memory_bytes, part["peak"])
-                out.device_ns += part["device_ns"]
-                out.launches += part["launches"]
+                out.memory_bytes += part.used
+                out.peak_memory_bytes = max(out.peak_memory_bytes, part.peak)
+                out.device_ns += part.device_ns
+                out.launches += part.launches
             else:
-                used = sum(p["used"] for p in mine)
+                used = sum(p.used for p in mine)
                 out.memory_bytes += used
-                out.peak_memory_bytes = max(out.peak_memory_bytes, used, *(p["peak"] for p in mine))
-                out.device_ns += sum(p["device_ns"] for p in mine)
-                out.launches += sum(p["launches"] for p in mine)
+                out.peak_memory_bytes = max(out.peak_memory_bytes, used, *(p.peak for p in mine))
+                out.device_ns += sum(p.device_ns for p in mine)
+                out.launches += sum(p.launches for p in mine)
             for p in mine:
-                self._processes.add((region.uuid, p["pid"], p["attached_unix_ns"]))
+                self._processes.add((region.uuid, p.pid, p.attached_unix_ns))
             gpus.append(region.uuid)
-            if part["memory_limit"]:
-                limits.append(part["memory_limit"])
-            if part["compute_share"]:
-                shares.append(part["compute_share"])
+            if part.memory_limit:
+                limits.append(part.memory_limit)
+            if part.compute_share:
+                shares.append(part.compute_share)
         self._peak = max(self._peak, out.peak_memory_bytes)
         out.peak_memory_bytes = self._peak
         out.gpus = tuple(gpus)
@@ -160,11 +160,6 @@ class JobRecorder:
                   "goes on unrecorded", file=sys.stderr)
 
 
-def alive(pid: int, start_time: int) -> bool:
-    """Whether process ``pid`` that started at ``start_time`` still runs (not a zombie, not a reused pid)."""
-    return pid > 0 and start_time != 0 and _native.process_start_time(pid) == start_time
-
-
 def watch(argv: list[str] | None = None) -> int:
     """``python -m fracgpu.recorder``: record the job of a process that fracgpu did not start
     (``fracgpu.init()``) until it ends. Its exit status is not known to us: recorded as null."""
@@ -192,7 +187,7 @@ def watch(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: sys.exit(0))
     try:
         ended = _exit_watch(args.pid)   # readable when the process ends: its record is finished at once
-        while alive(args.pid, args.start_time):
+        while state.process_alive(args.pid, args.start_time):
             recorder.sample()
             wait = sample_interval(time.time() - started)
             if ended is not None:

@@ -17,11 +17,11 @@ import pathlib
 import shlex
 from collections.abc import Callable, Mapping
 
+from fracgpu import settings
 from fracgpu.units import format_size
 
 __all__ = ["SimConfig", "ConfigError", "library_dir", "environment", "shell_exports"]
 
-GiB = 1 << 30
 TiB = 1 << 40
 MAX_MEMORY = 64 * TiB
 MAX_SMS = 1024
@@ -42,11 +42,12 @@ class ConfigError(ValueError):
 class SimConfig:
     """The simulated GPU(s): every device gets the same memory, SMs and name."""
 
-    memory: int = 16 * GiB  # bytes per device
-    sms: int = 132
-    devices: int = 1
-    name: str = "fracgpu simulated GPU"
-    context_memory: int = 0  # bytes each context reserves on its device
+    # The defaults are the settings table's, the ones the simulated driver has when a variable is unset.
+    memory: int = settings.default(settings.SIM_MEMORY)  # bytes per device
+    sms: int = settings.default(settings.SIM_SMS)
+    devices: int = settings.default(settings.SIM_DEVICES)
+    name: str = settings.default(settings.SIM_NAME)
+    context_memory: int = settings.default(settings.SIM_CONTEXT_MEMORY)  # bytes each context reserves on its device
     state_dir: str | None = None  # where the shared simulated GPU keeps its file
 
     def validate(self) -> None:
@@ -94,14 +95,14 @@ def environment(config: SimConfig, base_env: Mapping[str, str] | None = None) ->
     config.validate()
     lib = str(library_dir())
     env = {
-        "FRACGPU_SIM_MEMORY": str(config.memory),
-        "FRACGPU_SIM_SMS": str(config.sms),
-        "FRACGPU_SIM_DEVICES": str(config.devices),
-        "FRACGPU_SIM_NAME": config.name,
-        "FRACGPU_SIM_CONTEXT_MEMORY": str(config.context_memory),
+        settings.SIM_MEMORY: str(config.memory),
+        settings.SIM_SMS: str(config.sms),
+        settings.SIM_DEVICES: str(config.devices),
+        settings.SIM_NAME: config.name,
+        settings.SIM_CONTEXT_MEMORY: str(config.context_memory),
     }
     if config.state_dir is not None:
-        env["FRACGPU_SIM_DIR"] = os.fspath(config.state_dir)
+        env[settings.SIM_DIR] = os.fspath(config.state_dir)
     existing = (os.environ if base_env is None else base_env).get("LD_LIBRARY_PATH", "")
     if existing == lib or existing.startswith(lib + ":"):
         env["LD_LIBRARY_PATH"] = existing

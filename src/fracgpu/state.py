@@ -3,8 +3,9 @@
 Every GPU fracgpu has governed has a region, a file in the state folder
 (``$FRACGPU_STATE_DIR``, else a per-user default) that the shim in every job
 maps; ``fracgpu._native`` reads and changes it. This module is the one place
-the Python side opens regions: ``usage()``, the partition commands,
-``fracgpu run`` and ``fracgpu.init()`` all go through it.
+the Python side touches ``_native`` for the state: ``usage()``, partitions,
+jobs, the recorder and the ledger all go through it, and get typed objects
+(``Region``, ``PartitionUsage``, ``ProcessSlot``), never the native dicts.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import os
 
 from fracgpu import _native
 
-__all__ = ["GPUUsage", "PartitionUsage", "ProcessUsage", "StateError", "usage", "resolve_state_dir", "open_regions",
-           "check_may_change_partitions"]
+__all__ = ["GPUUsage", "PartitionUsage", "ProcessUsage", "ProcessSlot", "Region", "StateError", "usage",
+           "resolve_state_dir", "open_regions", "open_region", "open_region_file", "region_files", "check_state_dir",
+           "check_may_change_partitions", "check_partition_name", "process_start_time", "process_alive"]
 
 StateError = _native.StateError
 
@@ -46,6 +48,27 @@ class ProcessUsage:
     launches: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class ProcessSlot:
+    """A process's slot in a region, as the shim keeps it (ended ones included, for their recorder)."""
+
+    pid: int
+    partition: str
+    command: str
+    used: int
+    peak: int
+    start_time: int          # the process's start time (clock ticks), so a reused pid is not taken for it
+    attached_unix_ns: int    # when it attached to the GPU
+    device_ns: int
+    launches: int
+    holder: int              # the pid recording its job (FRACGPU_JOB_HOLDER); 0: none
+    exited: bool             # ended, kept until its holder has read it
+
+    def usage(self) -> ProcessUsage:
+        return ProcessUsage(pid=self.pid, partition=self.partition, command=self.command, used=self.used,
+                            peak=self.peak, device_ns=self.device_ns, launches=self.launches)
+
+
 @dataclasses.dataclass
 class GPUUsage:
     uuid: str
@@ -55,12 +78,115 @@ class GPUUsage:
     processes: list[ProcessUsage]
 
 
+class Region:
+    """One GPU's region of the shared state: typed reads, and the partition changes."""
+
+    def __init__(self, native: _native.Region):
+        self._native = native
+
+    @property
+    def uuid(self) -> str:
+        return self._native.uuid
+
+    @property
+    def device_name(self) -> str:
+        return self._native.device_name
+
+    @property
+    def total_memory(self) -> int:
+        return self._native.total_memory
+
+    def reap(self) -> int:
+        """Drop dead processes, giving their memory back (ended ones a holder still reads are kept);
+        returns how many slots were freed."""
+        return self._native.reap()
+
+    def collect(self, holder: int) -> int:
+        """Free the slots of ``holder``'s ended processes, once it has read them; returns how many."""
+        return self._native.collect(holder)
+
+    def partitions(self) -> list[PartitionUsage]:
+        return [PartitionUsage(name=p["name"], memory_limit=p["memory_limit"] or None, used=p["used"],
+                               peak=p["peak"], processes=p["processes"], ephemeral=p["ephemeral"],
+                               oom_refusals=p["oom_refusals"], compute_share=p["compute_share"] or None,
+                               compute_cap=p["cap"], device_ns=p["device_ns"], launches=p["launches"])
+                for p in self._native.partitions()]
+
+    def partition(self, name: str) -> PartitionUsage | None:
+        return next((p for p in self.partitions() if p.name == name), None)
+
+    def processes(self) -> list[ProcessSlot]:
+        return [ProcessSlot(**{field.name: p[field.name] for field in dataclasses.fields(ProcessSlot)})
+                for p in self._native.processes()]
+
+    def create_partition(self, name: str, limit: int, share: float, cap: bool) -> PartitionUsage:
+        """Make partition ``name`` (limit 0: none; share 0: none); StateError when the name is taken."""
+        self._native.create_partition(name, limit, share, cap)
+        return self.partition(name)
+
+    def update_partition(self, name: str, limit: int | None, share: float | None, cap: bool | None) -> PartitionUsage:
+        """Change what is given (None: keeps it; limit 0: no limit)."""
+        self._native.update_partition(name, limit, share, cap)
+        return self.partition(name)
+
+    def remove_partition(self, name: str) -> None:
+        """StateError when processes still use it (the message lists them)."""
+        self._native.remove_partition(name)
+
+    def usage(self) -> GPUUsage:
+        """This region as plain values (reap it first to drop dead processes)."""
+        return GPUUsage(uuid=self.uuid, name=self.device_name, total_memory=self.total_memory,
+                        partitions=self.partitions(),
+                        # exited: kept for a recorder, not running
+                        processes=[p.usage() for p in self.processes() if not p.exited])
+
+
+def check_state_dir(folder: str, *, create: bool) -> None:
+    """StateError (with what to do) unless ``folder`` is a safe state folder; ``create`` makes it."""
+    _native.check_state_dir(folder, create=create)
+
+
+def check_partition_name(name: str) -> str:
+    """``name`` when it is a valid partition name; TypeError or ValueError saying why not."""
+    if not isinstance(name, str):
+        raise TypeError(f"a partition name must be a str, not {type(name).__name__}")
+    if "\0" in name:
+        raise ValueError("invalid partition name: it contains a NUL character")
+    _native.valid_partition_name(name)
+    return name
+
+
+def region_files(folder: str) -> list[str]:
+    """The region files in the state folder ``folder``."""
+    return list(_native.region_files(folder))
+
+
+def open_region_file(path: str) -> Region:
+    """The region in file ``path``; StateError when it is foreign, truncated or of another layout."""
+    return Region(_native.Region.open_file(path))
+
+
+def open_region(folder: str, uuid: str, name: str, total_memory: int) -> Region:
+    """The region of GPU ``uuid`` in ``folder``, made when it has none."""
+    return Region(_native.Region.open(folder, uuid, name, total_memory, create=True))
+
+
+def process_start_time(pid: int) -> int:
+    """When process ``pid`` started (clock ticks since boot); 0 when it does not run."""
+    return _native.process_start_time(pid)
+
+
+def process_alive(pid: int, start_time: int) -> bool:
+    """Whether process ``pid`` that started at ``start_time`` still runs (not a zombie, not a reused pid)."""
+    return pid > 0 and start_time != 0 and process_start_time(pid) == start_time
+
+
 def resolve_state_dir(folder: str | os.PathLike | None = None) -> str:
     """The state folder, absolute: ``folder``, else ``$FRACGPU_STATE_DIR``, else the per-user default."""
     return os.path.abspath(os.fspath(folder) if folder is not None else _native.default_state_dir())
 
 
-def open_regions(folder: str | os.PathLike | None = None, *, reap: bool = True) -> list[_native.Region]:
+def open_regions(folder: str | os.PathLike | None = None, *, reap: bool = True) -> list[Region]:
     """Every GPU's region in the state folder, dead processes reaped first.
 
     A folder that does not exist holds no regions. Raises StateError (with
@@ -70,8 +196,8 @@ def open_regions(folder: str | os.PathLike | None = None, *, reap: bool = True) 
     folder = resolve_state_dir(folder)
     if not os.path.lexists(folder):
         return []
-    _native.check_state_dir(folder, create=False)
-    regions = [_native.Region.open_file(path) for path in _native.region_files(folder)]
+    check_state_dir(folder, create=False)
+    regions = [open_region_file(path) for path in region_files(folder)]
     if reap:
         for region in regions:
             region.reap()
@@ -90,24 +216,10 @@ def check_may_change_partitions(folder: str | os.PathLike) -> None:
                               "job a private partition with `fracgpu run --memory SIZE`")
 
 
-def read(region: _native.Region) -> GPUUsage:
-    """One region as plain values (reap it first to drop dead processes)."""
-    partitions = [PartitionUsage(name=p["name"], memory_limit=p["memory_limit"] or None, used=p["used"],
-                                 peak=p["peak"], processes=p["processes"], ephemeral=p["ephemeral"],
-                                 oom_refusals=p["oom_refusals"], compute_share=p["compute_share"] or None,
-                                 compute_cap=p["cap"], device_ns=p["device_ns"], launches=p["launches"])
-                  for p in region.partitions()]
-    processes = [ProcessUsage(pid=p["pid"], partition=p["partition"], command=p["command"], used=p["used"],
-                              peak=p["peak"], device_ns=p["device_ns"], launches=p["launches"])
-                 for p in region.processes() if not p["exited"]]   # exited: kept for a recorder, not running
-    return GPUUsage(uuid=region.uuid, name=region.device_name, total_memory=region.total_memory,
-                    partitions=partitions, processes=processes)
-
-
 def usage(state_dir: str | os.PathLike | None = None) -> list[GPUUsage]:
     """Partitions and processes of every GPU in the state folder, with limits and bytes in use.
 
     Processes that died (even by SIGKILL) are reaped first, so their memory is
     back with their partition and private partitions of finished jobs are gone.
     Raises StateError when the folder or a region file is unsafe or damaged."""
-    return [read(region) for region in open_regions(state_dir)]
+    return [region.usage() for region in open_regions(state_dir)]

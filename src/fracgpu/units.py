@@ -11,7 +11,8 @@ import re
 
 from fracgpu import _native
 
-__all__ = ["parse_size", "parse_share", "format_size", "format_share"]
+__all__ = ["parse_size", "parse_memory", "parse_share", "parse_seconds", "bytes_of", "format_size", "format_share",
+           "percent_text"]
 
 SIZE_FORMS = (
     "write a byte count like 1048576, a size like 512MiB, 4GiB or 4GB "
@@ -21,6 +22,7 @@ SIZE_FORMS = (
 SHARE_FORMS = "write a percentage like 25% or a fraction like 0.25"
 
 _MAX_BYTES = 2**63 - 1
+_SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 # "0", "0.0", "0 MiB": the C parser rejects every zero, as a quota of zero is
 # always a mistake; a few settings (a context's own memory) mean it.
 _ZERO = re.compile(r"\s*0+(?:\.0+)?\s*([^\s%]*)\s*")
@@ -41,20 +43,34 @@ def parse_size(value: str | int, device_total: int | None = None, *, allow_zero:
         if not 0 < value <= _MAX_BYTES:
             raise ValueError(f"invalid size {value}: it must be at least 1 byte and below 2^63; {SIZE_FORMS}")
         return value
-    size, fraction = _native.parse_size(value)
+    return bytes_of(_native.parse_size(value), device_total, value)
+
+
+def bytes_of(memory: tuple[int, float], device_total: int | None, shown: str | int = "") -> int:
+    """Bytes of a parsed size (``parse_memory``'s (bytes, 0.0) or (0, fraction)) on a device of
+    ``device_total`` bytes, which a percentage needs (rounded down). ``shown``: the size as written."""
+    size, fraction = memory
     if not fraction:
         return size
     if device_total is None:
         raise ValueError(
-            f"invalid size {value!r}: a percentage of the device needs the device's memory size; "
+            f"invalid size {shown!r}: a percentage of the device needs the device's memory size; "
             "write an absolute size like 4GiB instead"
         )
     if isinstance(device_total, bool) or not isinstance(device_total, int) or device_total <= 0:
         raise ValueError(f"device_total must be a positive number of bytes, not {device_total!r}")
     size = math.floor(fraction * device_total)
     if size <= 0:
-        raise ValueError(f"invalid size {value!r}: it is less than one byte of a {device_total}-byte device")
+        raise ValueError(f"invalid size {shown!r}: it is less than one byte of a {device_total}-byte device")
     return size
+
+
+def parse_memory(memory: str | int) -> tuple[int, float]:
+    """A memory limit before the device is known: (bytes, 0.0) for a size, (0, fraction) for a
+    percentage of each device. Raises ValueError/TypeError naming the forms."""
+    if isinstance(memory, str):
+        return _native.parse_size(memory)
+    return parse_size(memory), 0.0
 
 
 def _is_zero(text: str) -> bool:
@@ -81,6 +97,16 @@ def parse_share(value: str | float) -> float:
         hint = f"write {value:g}% or {value / 100:g}" if value <= 100 else SHARE_FORMS
         raise ValueError(f"invalid share {value!r}: a share without % is a fraction of at most 1; {hint}")
     return float(value)
+
+
+def parse_seconds(value: str | float | int) -> float:
+    """Seconds from text such as ``"30"`` or ``"2.5"``, or a number: finite and >= 0. Raises ValueError/TypeError."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(f"the out-of-memory wait must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value) if not isinstance(value, str) or _SECONDS.fullmatch(value) else -1.0
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"invalid out-of-memory wait {value!r}: give seconds, a number >= 0 like 30 or 2.5")
+    return seconds
 
 
 def format_size(size: int) -> str:

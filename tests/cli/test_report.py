@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from fracgpu.cli_report import parse_since
+from fracgpu.cli.report import parse_since
 from fracgpu.ledger import Ledger
 
 MiB = 1 << 20

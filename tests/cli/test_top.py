@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.support.simgpu import GiB, MiB, command_pid
-from fracgpu import cli_top, state
+from fracgpu import snapshot, state
 
 
 def refused(result, *phrases):
@@ -106,13 +106,13 @@ def usage(*partitions: tuple[str, int], processes: tuple[tuple[int, str, int], .
 def test_achieved_share_is_device_time_over_the_interval():
     before = (10.0, usage(("a", 1_000_000_000), ("b", 5_000_000_000), ("gone", 0), processes=((7, "a", 0),)))
     after = (12.0, usage(("a", 1_500_000_000), ("b", 1_000), ("new", 9), processes=((7, "a", 500_000_000),)))
-    view = cli_top.snapshot(before, after)
+    view = snapshot.take(before, after)
     assert view.interval == 2.0
     g = view.gpus[0]
     shares = {p.name: view.partition_share(g, p) for p in g.partitions}
     # a: 0.5 s in 2 s; b went down (made again): not measurable; new: no earlier read
     assert shares == {"a": 0.25, "b": None, "new": None}
     assert view.process_share(g, g.processes[0]) == 0.25
-    alone = cli_top.snapshot(None, after)
+    alone = snapshot.take(None, after)
     assert alone.interval is None and alone.partition_shares == {}
-    assert cli_top.as_json(view)["gpus"][0]["partitions"][1]["compute_share_achieved"] is None
+    assert snapshot.as_json(view)["gpus"][0]["partitions"][1]["compute_share_achieved"] is None

@@ -7,8 +7,8 @@ import json
 
 import click
 
-from fracgpu import jobs, partitions, state
-from fracgpu.cli import checked_by, refusals
+from fracgpu import partitions, state
+from fracgpu.cli.common import option_errors, quota_options, refusals
 from fracgpu.units import format_share, format_size
 
 
@@ -18,23 +18,18 @@ def partition_group() -> None:
 
 
 @partition_group.command("create")
-@click.argument("name", callback=checked_by(jobs.check_partition_name))
-@click.option("--memory", metavar="SIZE", callback=checked_by(jobs.parse_memory),
-              help="Memory limit shared by the partition's processes: 8GiB, 512MiB, plain bytes, or 25% of "
-                   "the GPU. [default: no limit]")
-@click.option("--compute", metavar="SHARE", callback=checked_by(jobs.parse_compute),
-              help="Share of the GPU's time: 25% or 0.25, guaranteed when every partition is busy; time others "
-                   "leave idle is used too, unless --cap. [default: an equal part of what shares leave]")
-@click.option("--cap", is_flag=True, help="Make the --compute share a ceiling, even on an idle GPU.")
+@click.argument("name")
+@quota_options("Memory limit shared by the partition's processes: 8GiB, 512MiB, plain bytes, or 25% of the GPU. "
+               "[default: no limit]",
+               "Share of the GPU's time: 25% or 0.25, guaranteed when every partition is busy; time others leave "
+               "idle is used too, unless --cap. [default: an equal part of what shares leave]")
 @click.option("--device", "device_index", type=click.IntRange(min=0), default=0, show_default=True,
               help="The GPU, by CUDA index (as CUDA_VISIBLE_DEVICES numbers them).")
 @click.pass_context
 def create(ctx: click.Context, name: str, memory: str | None, compute: str | None, cap: bool,
            device_index: int) -> None:
     """Make partition NAME; jobs join it with `fracgpu run --partition NAME`."""
-    if cap and compute is None:
-        raise click.UsageError("--cap needs --compute SHARE (the share to cap at)", ctx)
-    with refusals():
+    with refusals(), option_errors(ctx):
         made = partitions.create(name, memory, compute=compute, cap=cap, device_index=device_index)
     click.echo(f"partition '{name}' created on GPU {device_index}: {_limits(made)}")
 
@@ -79,11 +74,11 @@ def list_(as_json: bool) -> None:
 
 
 @partition_group.command("set")
-@click.argument("name", callback=checked_by(jobs.check_partition_name))
-@click.option("--memory", metavar="SIZE", callback=checked_by(jobs.parse_memory),
+@click.argument("name")
+@click.option("--memory", metavar="SIZE",
               help="New memory limit: 8GiB, 512MiB, plain bytes, or 25% of the GPU.")
 @click.option("--unlimited", is_flag=True, help="Remove the memory limit.")
-@click.option("--compute", metavar="SHARE", callback=checked_by(jobs.parse_compute),
+@click.option("--compute", metavar="SHARE",
               help="New share of the GPU's time: 25% or 0.25.")
 @click.option("--cap/--no-cap", default=None, help="Make the share a ceiling, or stop it being one.")
 @click.option("--device", "device_index", type=click.IntRange(min=0),
@@ -92,14 +87,15 @@ def list_(as_json: bool) -> None:
 def set_(ctx: click.Context, name: str, memory: str | None, unlimited: bool, compute: str | None, cap: bool | None,
          device_index: int | None) -> None:
     """Change partition NAME while its jobs run (they see it at their next allocation or launch)."""
-    if memory is None and compute is None and cap is None and not unlimited:
-        raise click.UsageError("nothing to change: give --memory SIZE, --unlimited, --compute SHARE or --cap/--no-cap",
-                               ctx)
-    if memory is not None and unlimited:
-        raise click.UsageError("give --memory SIZE or --unlimited, not both", ctx)
-    with refusals():
-        uuid, now = partitions.update(name, memory=memory, compute=compute, cap=cap, unlimited=unlimited,
-                                      device_index=device_index)
+    with refusals(), option_errors(ctx):
+        try:
+            uuid, now = partitions.update(name, memory=memory, compute=compute, cap=cap, unlimited=unlimited,
+                                          device_index=device_index)
+        except partitions.NothingToChange:
+            raise click.UsageError("nothing to change: give --memory SIZE, --unlimited, --compute SHARE or "
+                                   "--cap/--no-cap", ctx) from None
+        except partitions.LimitAndUnlimited:
+            raise click.UsageError("give --memory SIZE or --unlimited, not both", ctx) from None
     click.echo(f"partition '{name}' on {uuid}: {_limits(now)}")
     if now.memory_limit and now.used > now.memory_limit:
         click.echo(f"note: it holds {format_size(now.used)}, above the new limit; its new allocations are refused "
@@ -107,11 +103,12 @@ def set_(ctx: click.Context, name: str, memory: str | None, unlimited: bool, com
 
 
 @partition_group.command("rm")
-@click.argument("name", callback=checked_by(jobs.check_partition_name))
+@click.argument("name")
 @click.option("--device", "device_index", type=click.IntRange(min=0),
               help="The GPU, by CUDA index, when several have a partition of this name.")
-def remove(name: str, device_index: int | None) -> None:
+@click.pass_context
+def remove(ctx: click.Context, name: str, device_index: int | None) -> None:
     """Remove partition NAME (refused while processes use it)."""
-    with refusals():
+    with refusals(), option_errors(ctx):
         uuid = partitions.remove(name, device_index=device_index)
     click.echo(f"partition '{name}' removed from {uuid}")

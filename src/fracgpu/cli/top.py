@@ -1,84 +1,31 @@
 """``fracgpu top``: a live view of each GPU's partitions and processes.
 
-Everything shown comes from ``fracgpu.usage()``. The compute share a partition
-(or process) achieved is the device time it used between two reads divided by
-the time between them, so every view needs two reads: the live view shows it
-from its second refresh on, and ``--once`` reads twice, ``--interval`` apart.
+Everything shown is a ``fracgpu.snapshot``: the compute share a partition (or
+process) achieved needs two reads, so the live view shows it from its second
+refresh on, and ``--once`` reads twice, ``--interval`` apart.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import sys
 import time
 from typing import Any
 
 import click
 
-from fracgpu import state
-from fracgpu.cli import refusals
+from fracgpu import snapshot, state
+from fracgpu.cli.common import console, refusals
 from fracgpu.units import format_share, format_size
 
 NOT_AVAILABLE = "n/a"
 
 
-@dataclasses.dataclass
-class Snapshot:
-    """What one view shows: the latest read, and the shares achieved since the one before it."""
-
-    time: float                       # time.time() of the latest read
-    interval: float | None            # seconds between the two reads; None: only one read
-    gpus: list[state.GPUUsage]
-    # (gpu uuid, partition name) and (gpu uuid, pid) -> achieved share; absent: not measurable
-    partition_shares: dict[tuple[str, str], float]
-    process_shares: dict[tuple[str, int], float]
-
-    def partition_share(self, gpu: state.GPUUsage, p: state.PartitionUsage) -> float | None:
-        return self.partition_shares.get((gpu.uuid, p.name))
-
-    def process_share(self, gpu: state.GPUUsage, p: state.ProcessUsage) -> float | None:
-        return self.process_shares.get((gpu.uuid, p.pid))
-
-
-def read(state_dir: str | None = None) -> tuple[float, list[state.GPUUsage]]:
-    """One read of the shared state (``state_dir``, default the usual one), with the monotonic time it was taken."""
+def read(state_dir: str | None = None) -> snapshot.Read:
+    """One read of the shared state; an unsafe or damaged one is refused with its message."""
     with refusals():
-        gpus = state.usage(state_dir)
-    return time.monotonic(), gpus
+        return snapshot.read(state_dir)
 
 
-def snapshot(before: tuple[float, list[state.GPUUsage]] | None, after: tuple[float, list[state.GPUUsage]]) -> Snapshot:
-    """The view of ``after``, with each share achieved since ``before`` (None: no earlier read).
-
-    A partition or process missing from ``before`` (new), or whose device time went
-    down (removed and made again under the same name), has no achieved share."""
-    t1, gpus = after
-    partition_shares: dict[tuple[str, str], float] = {}
-    process_shares: dict[tuple[str, int], float] = {}
-    interval = None
-    if before is not None and after[0] > before[0]:
-        t0, earlier = before
-        interval = t1 - t0
-        elapsed_ns = interval * 1e9
-        old_partitions = {(g.uuid, p.name): p.device_ns for g in earlier for p in g.partitions}
-        old_processes = {(g.uuid, p.pid): p.device_ns for g in earlier for p in g.processes}
-        for g in gpus:
-            for p in g.partitions:
-                old = old_partitions.get((g.uuid, p.name))
-                if old is not None and p.device_ns >= old:
-                    partition_shares[(g.uuid, p.name)] = (p.device_ns - old) / elapsed_ns
-            for q in g.processes:
-                old = old_processes.get((g.uuid, q.pid))
-                if old is not None and q.device_ns >= old:
-                    process_shares[(g.uuid, q.pid)] = (q.device_ns - old) / elapsed_ns
-    return Snapshot(time.time(), interval, gpus, partition_shares, process_shares)
-
-
-# ---------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------
 def _seconds(ns: int) -> str:
     return f"{ns / 1e9:.2f} s"
 
@@ -93,7 +40,7 @@ def _configured(p: state.PartitionUsage) -> str:
     return format_share(p.compute_share) + (" cap" if p.compute_cap else "")
 
 
-def render(view: Snapshot, state_dir: str) -> Any:
+def render(view: snapshot.Snapshot, state_dir: str) -> Any:
     """The view as a rich renderable: per GPU, a table of partitions and one of processes."""
     from rich.console import Group
     from rich.table import Table
@@ -137,28 +84,6 @@ def render(view: Snapshot, state_dir: str) -> Any:
     return Group(*parts)
 
 
-def as_json(view: Snapshot) -> dict[str, Any]:
-    """The view's facts as plain values (bytes, nanoseconds, shares as fractions; None: not measured)."""
-    gpus = []
-    for gpu in view.gpus:
-        g = dataclasses.asdict(gpu)
-        g["used"] = sum(p.used for p in gpu.partitions)
-        for entry, p in zip(g["partitions"], gpu.partitions):
-            entry["compute_share_achieved"] = view.partition_share(gpu, p)
-        for entry, q in zip(g["processes"], gpu.processes):
-            entry["compute_share_achieved"] = view.process_share(gpu, q)
-        gpus.append(g)
-    return {"time": view.time, "interval": view.interval, "gpus": gpus}
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    # Not a terminal and no COLUMNS: wide enough that rows of a usual view stay on one line for scripts.
-    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
-    return Console(width=width)
-
-
 @click.command("top")
 @click.option("--once", is_flag=True, help="Print one snapshot and exit (no live view).")
 @click.option("--interval", type=click.FloatRange(min=0.1, max=3600), default=1.0, show_default=True,
@@ -175,11 +100,11 @@ def top(once: bool, interval: float, json_output: bool) -> None:
         if once or json_output:
             first = read()
             time.sleep(interval)
-            view = snapshot(first, read())
+            view = snapshot.take(first, read())
             if json_output:
-                click.echo(json.dumps(as_json(view), indent=2))
+                click.echo(json.dumps(snapshot.as_json(view), indent=2))
             else:
-                _console().print(render(view, state_dir))
+                console().print(render(view, state_dir))
             return
         _live(interval, state_dir)
     except KeyboardInterrupt:
@@ -188,22 +113,22 @@ def top(once: bool, interval: float, json_output: bool) -> None:
 
 def _live(interval: float, state_dir: str) -> None:
     """Refresh in place on a terminal; elsewhere (a pipe, a file) print a snapshot each interval."""
-    console = _console()
+    screen = console()
     previous = read()
-    view = snapshot(None, previous)
-    if not console.is_terminal:
+    view = snapshot.take(None, previous)
+    if not screen.is_terminal:
         while True:
             time.sleep(interval)
             current = read()
-            console.print(render(snapshot(previous, current), state_dir))
-            console.print()
+            screen.print(render(snapshot.take(previous, current), state_dir))
+            screen.print()
             previous = current
     from rich.live import Live
 
-    with Live(render(view, state_dir), console=console, auto_refresh=False, transient=False,
+    with Live(render(view, state_dir), console=screen, auto_refresh=False, transient=False,
               vertical_overflow="ellipsis") as live:
         while True:
             time.sleep(interval)
             current = read()
-            live.update(render(snapshot(previous, current), state_dir), refresh=True)
+            live.update(render(snapshot.take(previous, current), state_dir), refresh=True)
             previous = current

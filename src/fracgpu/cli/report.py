@@ -13,7 +13,7 @@ import time
 
 import click
 
-from fracgpu.cli import InputError, checked_by
+from fracgpu.cli.common import InputError, checked_by, console
 from fracgpu.ledger import JobRecord, Ledger, LedgerError
 from fracgpu.units import format_size
 
@@ -101,9 +101,7 @@ def report(since: str | None, fmt: str, rate: str | None, ledger_path: str | Non
         click.echo(f"plot of {len(jobs)} job(s) written to {plot_path}", err=True)
     price = parse_rate(rate) if rate is not None else None
     if fmt == "table":
-        from fracgpu.cli_top import _console
-
-        _console().print(table(jobs, price))
+        console().print(table(jobs, price))
         return
     rows = [row(job, price) for job in jobs]
     if fmt == "json":

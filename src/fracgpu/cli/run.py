@@ -18,8 +18,8 @@ import time
 
 import click
 
-from fracgpu import jobs
-from fracgpu.cli import CommandFailed, InputError, checked_by, refusals
+from fracgpu import jobs, settings
+from fracgpu.cli.common import CommandFailed, InputError, converted_by, job_spec, quota_options, refusals
 
 # Signals passed on to the command. SIGINT and SIGQUIT typed at the terminal
 # reach the command directly (same process group), so those are passed on only
@@ -112,29 +112,26 @@ def exit_like(status: int) -> None:
 
 
 @click.command("run", context_settings={"allow_interspersed_args": False})
-@click.option("--memory", metavar="SIZE", callback=checked_by(jobs.parse_memory),
-              help="Give the command a private partition with this memory limit: 4GiB, 512MiB, "
-                   "plain bytes, or 25% of each GPU. Gone when the command and its children exit.")
-@click.option("--compute", metavar="SHARE", callback=checked_by(jobs.parse_compute),
-              help="Give the command's private partition this share of the GPU's time: 25% or 0.25. Guaranteed "
-                   "when every partition is busy; time others leave idle is used too, unless --cap.")
-@click.option("--cap", is_flag=True, help="Make the --compute share a ceiling, even on an idle GPU.")
-@click.option("--partition", metavar="NAME", callback=checked_by(jobs.check_partition_name),
+@quota_options("Give the command a private partition with this memory limit: 4GiB, 512MiB, plain bytes, or 25% "
+               "of each GPU. Gone when the command and its children exit.",
+               "Give the command's private partition this share of the GPU's time: 25% or 0.25. Guaranteed when "
+               "every partition is busy; time others leave idle is used too, unless --cap.")
+@click.option("--partition", metavar="NAME",
               help="Run the command in this existing partition (fracgpu partition create), sharing its quota "
                    "with the partition's other processes.")
-@click.option("--oom-wait", metavar="SECONDS", callback=checked_by(jobs.parse_oom_wait),
+@click.option("--oom-wait", metavar="SECONDS",
               help="An allocation over the quota waits up to this long for memory to free before it fails "
                    "(sets FRACGPU_OOM_WAIT). [default: fail at once]")
 @click.option("--name", "job_name", metavar="NAME", help="The job's name in the ledger and the report. "
               "[default: the command line]")
 @click.option("--ledger", "ledger_path", metavar="PATH", type=click.Path(dir_okay=False),
               help="The ledger to record the job in. [default: $FRACGPU_LEDGER, else the per-user one]")
-@click.option("--label", "labels", metavar="KEY=VALUE", multiple=True, callback=checked_by(parse_labels),
+@click.option("--label", "labels", metavar="KEY=VALUE", multiple=True, callback=converted_by(parse_labels),
               help="A label recorded with the job (repeatable): team=vision, ray_job_id=01000000.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARGS]...")
 @click.pass_context
 def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, partition: str | None,
-        oom_wait: str | None, job_name: str | None, ledger_path: str | None, labels: tuple[str, ...],
+        oom_wait: str | None, job_name: str | None, ledger_path: str | None, labels: dict[str, str],
         command: tuple[str, ...]) -> None:
     """Run COMMAND under a GPU memory quota and/or compute share, and record it in the ledger.
 
@@ -149,13 +146,7 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
       fracgpu run --memory 4GiB --compute 25% -- python train.py
       fracgpu run --partition team -- python infer.py
     """
-    if cap and compute is None:
-        raise click.UsageError("--cap needs --compute SHARE (the share to cap at)", ctx)
-    try:
-        jobs.check_choice(memory, compute, cap, partition)
-    except (TypeError, ValueError):
-        raise click.UsageError("give --memory SIZE and/or --compute SHARE [--cap] (a private partition), or "
-                               "--partition NAME (an existing one), not both", ctx) from None
+    spec = job_spec(ctx, memory=memory, compute=compute, cap=cap, partition=partition, oom_wait=oom_wait)
     if not command:
         raise click.UsageError("missing the command to run: fracgpu run [OPTIONS] -- COMMAND [ARGS]...", ctx)
     from fracgpu.ledger import Ledger, LedgerError
@@ -163,23 +154,19 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
 
     with refusals():
         # This process stays the command's parent: its pid names the private partition.
-        variables = jobs.partition_variables(private_name=f"run-{os.getpid()}", memory=memory,
-                                             partition=partition, oom_wait=oom_wait, compute=compute, cap=cap)
+        variables = jobs.partition_variables(spec, private_name=f"run-{os.getpid()}")
         env = jobs.job_environment(variables)
-    env["FRACGPU_JOB_HOLDER"] = str(os.getpid())
+    env[settings.JOB_HOLDER] = str(os.getpid())
     try:
         ledger = Ledger(ledger_path)
         ledger.close_orphans()
     except LedgerError as e:
         raise InputError(f"{e}; the job was not started, so that none runs unrecorded") from None
-    memory_limit = None
-    if memory is not None:
-        size, _fraction = jobs.parse_memory(memory)
-        memory_limit = size or None   # a percentage becomes bytes when the job's GPU is seen
-    recorder = JobRecorder(ledger, job=job_name or shlex.join(command)[:200], partition=variables["FRACGPU_PARTITION"],
-                           private=partition is None, state_dir=variables["FRACGPU_STATE_DIR"],
-                           command=shlex.join(command), memory_limit=memory_limit, labels=parse_labels(labels),
-                           compute_share=jobs.parse_compute(compute) if compute is not None else None)
+    recorder = JobRecorder(ledger, job=job_name or shlex.join(command)[:200], partition=variables[settings.PARTITION],
+                           private=spec.private, state_dir=variables[settings.STATE_DIR],
+                           command=shlex.join(command),
+                           # a percentage becomes bytes when the job's GPU is seen
+                           memory_limit=spec.memory_bytes, labels=labels, compute_share=spec.compute)
     status = supervise(command, env, recorder)
     ledger.close()
     exit_like(status)

@@ -1,7 +1,7 @@
-"""``fracgpu slurm-prolog``: a Slurm TaskProlog that makes a job's GPU shards its quota and share.
+"""Slurm: a job's GPU shards as its quota and share (``fracgpu slurm-prolog`` prints these exports).
 
 Slurm's ``gres/shard`` lets several jobs share a GPU but, in its own words,
-does not fence them. Run as the ``TaskProlog``, this command reads what Slurm
+does not fence them. Run as the ``TaskProlog``, ``fracgpu slurm-prolog`` reads what Slurm
 gives the task (``SLURM_SHARDS_ON_NODE``: the shards the job has here) and the
 GPU's shard count, and prints the ``export`` lines Slurm applies to the task:
 the fracgpu shim preloaded, and a private partition for the job on this node
@@ -27,14 +27,12 @@ reason, rather than let it run unlimited.
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 
-import click
-
-from fracgpu import jobs, state
+from fracgpu import jobs, settings
 from fracgpu.units import percent_text
+
+__all__ = ["GRES_CONF", "exports", "shards_per_gpu_from_gres"]
 
 GRES_CONF = "/etc/slurm/gres.conf"
 
@@ -78,28 +76,8 @@ def exports(env: dict[str, str], shards_per_gpu: int | None, gres_conf: str = GR
     job = env.get("SLURM_JOB_ID", "").strip()
     if not job.isdigit():
         raise ValueError(f"SLURM_JOB_ID={job!r}: run this as Slurm's TaskProlog, which sets it")
-    variables = jobs.partition_variables(private_name=f"slurm-{job}", memory=share, compute=share, cap=cap,
-                                         env=env, state_dir=env.get("FRACGPU_STATE_DIR") or None)
+    spec = jobs.JobSpec.parse(memory=share, compute=share, cap=cap)
+    variables = jobs.partition_variables(spec, private_name=f"slurm-{job}", env=env,
+                                         state_dir=env.get(settings.STATE_DIR) or None)
     out = jobs.job_environment(variables, env)
     return {name: value for name, value in out.items() if value is not None}
-
-
-@click.command("slurm-prolog")
-@click.option("--shards-per-gpu", type=click.IntRange(min=1), metavar="N",
-              help=f"Shards each GPU is cut into (gres.conf's Name=shard Count= per GPU). [default: read from "
-                   f"{GRES_CONF}]")
-@click.option("--gres-conf", default=GRES_CONF, show_default=True, metavar="PATH", help="Where gres.conf is.")
-@click.option("--cap", is_flag=True, help="Make the share a ceiling too, even on an idle GPU.")
-def slurm_prolog(shards_per_gpu: int | None, gres_conf: str, cap: bool) -> None:
-    """Slurm TaskProlog: print the exports that hold a sharded job to its fraction of the GPU."""
-    try:
-        variables = exports(dict(os.environ), shards_per_gpu, gres_conf, cap)
-    except (ValueError, OSError, state.StateError) as e:
-        # Slurm fails the task when its TaskProlog fails: better than a job with no limit.
-        click.echo(f"fracgpu slurm-prolog: {e}", err=True)
-        sys.exit(1)
-    for name, value in sorted(variables.items()):
-        if "\n" in value:
-            click.echo(f"fracgpu slurm-prolog: {name} has a line break; refusing to export it", err=True)
-            sys.exit(1)
-        click.echo(f"export {name}={value}")

@@ -1,0 +1,55 @@
+"""The ``fracgpu`` command line: a thin layer over the library.
+
+Commands only parse options, call ``fracgpu`` modules and print; every rule
+(units, ranges, environment variables) lives in the library, so the CLI and
+the Python API cannot disagree. This package is the only code that imports
+click or rich, and nothing outside it imports it: one module per command
+(``COMMANDS``, loaded when used), and ``common`` for the parameter types, the
+errors and the console.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+
+from fracgpu import __version__
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported when used, so ``fracgpu --help`` and
+    each command load only what they need. Commands are ``"module:attribute"``."""
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, str] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy_commands:
+            module, _, attribute = self.lazy_commands[name].partition(":")
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
+
+
+# One row per top-level command; a new command is a module and a row here.
+COMMANDS = {
+    "demo": "fracgpu.cli.demo:demo",
+    "exporter": "fracgpu.cli.exporter:exporter",
+    "partition": "fracgpu.cli.partition:partition_group",
+    "report": "fracgpu.cli.report:report",
+    "run": "fracgpu.cli.run:run",
+    "slurm-prolog": "fracgpu.cli.slurm:slurm_prolog",
+    "sim": "fracgpu.cli.sim:sim_group",
+    "top": "fracgpu.cli.top:top",
+}
+
+
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="fracgpu")
+def main() -> None:
+    """Share one NVIDIA GPU between jobs: memory quotas, compute shares, accounting."""

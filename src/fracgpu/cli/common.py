@@ -1,0 +1,154 @@
+"""What every command shares: parameter types, the errors a command exits with, the console."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from fracgpu import units
+
+
+class SizeParam(click.ParamType):
+    """A size as people write it ("4GiB", "512MiB", "4GB", "1048576")."""
+
+    name = "SIZE"
+
+    def __init__(self, allow_zero: bool = False):
+        self.allow_zero = allow_zero
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            return units.parse_size(value, allow_zero=self.allow_zero)
+        except (TypeError, ValueError) as e:
+            self.fail(str(e), param, ctx)
+
+
+def checked_by(check: Any) -> Any:
+    """An option callback: the value stays as written, but ``check(value)`` must accept it
+    (its ValueError is a usage error naming the option)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            try:
+                check(value)
+            except (TypeError, ValueError) as e:
+                raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+        return value
+
+    return callback
+
+
+def converted_by(convert: Any) -> Any:
+    """An option callback: the value becomes ``convert(value)`` (its ValueError is a usage error
+    naming the option)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        try:
+            return convert(value)
+        except (TypeError, ValueError) as e:
+            raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+
+    return callback
+
+
+def quota_options(memory_help: str, compute_help: str) -> Any:
+    """``--memory SIZE``, ``--compute SHARE`` and ``--cap``, the options that make a quota and a share;
+    the library parses them (``option_errors`` makes its refusals usage errors on them)."""
+    options = [click.option("--memory", metavar="SIZE", help=memory_help),
+               click.option("--compute", metavar="SHARE", help=compute_help),
+               click.option("--cap", is_flag=True, help="Make the --compute share a ceiling, even on an idle GPU.")]
+
+    def decorate(command: Any) -> Any:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+CAP_WITHOUT_SHARE = "--cap needs --compute SHARE (the share to cap at)"
+
+
+@contextlib.contextmanager
+def option_errors(ctx: click.Context) -> Iterator[None]:
+    """The library's refusal of an option's value (``jobs.OptionError``) as a usage error on that
+    option, and a cap without a share as the usage error that says so."""
+    from fracgpu import jobs
+
+    try:
+        yield
+    except jobs.OptionError as e:
+        param = next((p for p in ctx.command.params if p.name == e.field), None)
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+    except jobs.CapWithoutShare:
+        raise click.UsageError(CAP_WITHOUT_SHARE, ctx) from None
+
+
+def job_spec(ctx: click.Context, **options: Any) -> Any:
+    """The job's options (``memory``, ``compute``, ``cap``, ``partition``, ``oom_wait``) parsed once
+    into a ``jobs.JobSpec``; a bad value is a usage error on its option."""
+    from fracgpu import jobs
+
+    try:
+        with option_errors(ctx):
+            return jobs.JobSpec.parse(**options)
+    except jobs.ConflictingChoice:
+        raise click.UsageError("give --memory SIZE and/or --compute SHARE [--cap] (a private partition), or "
+                               "--partition NAME (an existing one), not both", ctx) from None
+
+
+class CommandFailed(click.ClickException):
+    """The command to run could not be started: status 127 when it was not
+    found and 126 when it could not be executed, as env(1) and the shells do."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class InputError(click.ClickException):
+    """Bad input, or a state that must not be used: one line on stderr and exit status 2,
+    the status of every refusal to start (as for usage errors)."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    """The library's refusals (a bad value, an unsafe or damaged state, no GPU, fracgpu not
+    fully installed) as InputError: the message, no traceback."""
+    from fracgpu.devices import DeviceError
+    from fracgpu.state import StateError
+
+    try:
+        yield
+    except (ValueError, StateError, DeviceError, FileNotFoundError, PermissionError) as e:
+        raise InputError(str(e)) from None
+
+
+def console() -> Any:
+    """A rich console for tables; when not on a terminal and no COLUMNS is set, wide enough
+    that rows of a usual view stay on one line for scripts."""
+    from rich.console import Console
+
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(width=width)
+
+
+def exec_command(command: tuple[str, ...], env: dict[str, str | None]) -> None:
+    """Run ``command`` in place of this process (so it keeps this pid), with ``env`` set in its
+    environment (None: unset); CommandFailed when it cannot start."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    environment = {name: value for name, value in {**os.environ, **env}.items() if value is not None}
+    try:
+        os.execvpe(command[0], list(command), environment)
+    except FileNotFoundError:
+        raise CommandFailed(f"command not found: {command[0]}", 127) from None
+    except OSError as e:
+        raise CommandFailed(f"cannot run {command[0]}: {e.strerror}", 126) from None

@@ -1,0 +1,61 @@
+"""``fracgpu demo``: three jobs sharing one GPU under quotas and shares, then the live view and the report.
+
+The jobs and what they check are ``fracgpu.demo``; this command shows them.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import click
+
+from fracgpu import demo as library
+from fracgpu.cli import report, top
+from fracgpu.cli.common import console as make_console
+from fracgpu.units import format_size
+
+
+@click.command("demo")
+@click.option("--gpu", type=click.Choice(["auto", "sim", "real"]), default="auto", show_default=True,
+              help="Where to run: the real GPU if one works (auto), or always the simulated one.")
+def demo(gpu: str) -> None:
+    """Three jobs sharing one GPU: their quotas and shares, the live view, the report."""
+    from rich.table import Table
+
+    console = make_console()   # wide enough for the tables when not on a terminal
+    use_real = gpu == "real" or (gpu == "auto" and library.real_gpu_available())
+    if gpu == "real" and not library.real_gpu_available():
+        raise click.ClickException("no working NVIDIA GPU driver was found; run `fracgpu demo --gpu sim`")
+
+    def while_busy(view, state_dir: str) -> None:
+        console.print("\n[bold]fracgpu top[/bold] while they run:")
+        make_console().print(top.render(view, state_dir))
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="fracgpu-demo-") as folder:
+            outcome = library.run(folder, use_real, console.print, while_busy)
+    except library.DemoError as e:
+        raise click.ClickException(str(e)) from None
+    results = outcome.results
+    table = Table(title=f"Three jobs sharing one GPU ({results[0]['device']})")
+    for column in ("job", "fracgpu run", "GPU memory seen", "asked", "got", "share of the GPU", "fill verified"):
+        table.add_column(column, justify="left" if column in ("job", "fracgpu run") else "right")
+    for job, r in zip(library.JOBS, results):
+        asked = format_size(job.want_mib * library.MiB) + (f" (refused, {r['refusals']}x halved)" if r["refusals"]
+                                                           else "")
+        table.add_row(r["name"], f"--memory {job.memory} --compute {job.compute}", format_size(r["total"]), asked,
+                      format_size(r["allocated"]), f"{100 * r['device_s'] / r['wall_s']:.0f}%",
+                      "yes" if r["verified"] else "NO")
+    console.print()
+    console.print(table)
+    console.print("Each job saw its quota as the GPU's memory; 'batch' asked for more, got "
+                  "CUDA_ERROR_OUT_OF_MEMORY and went on with a smaller batch; while all were busy the GPU's "
+                  "time was split by their shares.")
+    console.print("\n[bold]fracgpu report[/bold] (from the ledger):")
+    make_console().print(report.table(outcome.recorded))
+    console.print("Your own jobs: `fracgpu run --memory 4GiB --compute 25% -- python train.py`, then "
+                  "`fracgpu top` and `fracgpu report`.")
+    try:
+        library.check(outcome)
+    except library.DemoError as e:
+        raise click.ClickException(str(e)) from None

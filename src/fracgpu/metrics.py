@@ -1,0 +1,169 @@
+"""Prometheus metrics of every partition and process, read on each scrape (``fracgpu exporter`` serves them).
+
+The collector reads ``fracgpu.usage()`` when Prometheus scrapes, so the
+figures are as current as the shared state. Names follow the Prometheus
+conventions: a ``fracgpu_`` prefix, the unit in the name (``_bytes``,
+``_seconds``, ``_ratio``), ``_total`` on counters. The ``gpu`` label is the
+device UUID on ``fracgpu_`` series; partition series have ``partition``,
+process series ``partition`` and ``pid``. The compute share achieved is
+``fracgpu_partition_compute_share_achieved_ratio`` (device time used between
+this scrape and the one before, over the time between them), or over any
+window ``rate(fracgpu_partition_device_seconds_total[1m])``.
+
+For dashboards made for NVIDIA's dcgm-exporter, ``DCGM_FI_DEV_FB_USED`` and
+``DCGM_FI_DEV_FB_FREE`` (MiB, labels ``gpu`` = CUDA index, ``UUID``,
+``device``, ``modelName``, ``Hostname``) are computed from the memory in use
+by fracgpu's partitions.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fracgpu import devices, state
+from fracgpu.snapshot import achieved_share
+
+__all__ = ["UsageCollector", "gpu_indexes"]
+
+MiB = 1 << 20
+
+LABELS = {"gpu": ("gpu",), "partition": ("gpu", "partition"), "process": ("gpu", "partition", "pid"),
+          "info": ("gpu", "index", "model"), "dcgm": ("gpu", "UUID", "device", "modelName", "Hostname")}
+
+# Every family a scrape exposes after fracgpu_state_readable, in this order: (key, kind, name, help, labels).
+FAMILIES = (
+    ("gpu_total", "gauge", "fracgpu_gpu_memory_total_bytes", "Memory of the GPU.", "gpu"),
+    ("gpu_used", "gauge", "fracgpu_gpu_memory_used_bytes", "Memory in use by all fracgpu partitions of the GPU.",
+     "gpu"),
+    ("gpu_info", "gauge", "fracgpu_gpu_info", "The GPU's CUDA index and model; always 1.", "info"),
+    ("used", "gauge", "fracgpu_partition_memory_used_bytes", "Memory the partition's processes hold now.",
+     "partition"),
+    ("limit", "gauge", "fracgpu_partition_memory_limit_bytes",
+     "The partition's memory limit (the GPU's memory when it has none).", "partition"),
+    ("peak", "gauge", "fracgpu_partition_memory_peak_bytes", "The most memory the partition held at once.",
+     "partition"),
+    ("share", "gauge", "fracgpu_partition_compute_share_ratio",
+     "Configured share of the GPU's time (absent when none is set).", "partition"),
+    ("cap", "gauge", "fracgpu_partition_compute_capped", "1 when the compute share is also a ceiling.", "partition"),
+    ("achieved", "gauge", "fracgpu_partition_compute_share_achieved_ratio",
+     "Share of the GPU's time the partition used since the previous scrape (absent on the first).", "partition"),
+    ("seconds", "counter", "fracgpu_partition_device_seconds_total",
+     "Device time the partition's kernels used; rate() of it is the share achieved.", "partition"),
+    ("launches", "counter", "fracgpu_partition_launches_total", "Kernel and graph launches.", "partition"),
+    ("refusals", "counter", "fracgpu_partition_oom_refusals_total",
+     "Allocations refused because they would pass the memory limit.", "partition"),
+    ("processes", "gauge", "fracgpu_partition_processes", "Processes in the partition now.", "partition"),
+    ("q_used", "gauge", "fracgpu_process_memory_used_bytes", "Memory the process holds now.", "process"),
+    ("q_peak", "gauge", "fracgpu_process_memory_peak_bytes", "The most memory the process held at once.", "process"),
+    ("q_limit", "gauge", "fracgpu_process_memory_limit_bytes",
+     "The memory limit the process is under: its partition's (the GPU's memory when none).", "process"),
+    ("q_achieved", "gauge", "fracgpu_process_compute_share_achieved_ratio",
+     "Share of the GPU's time the process used since the previous scrape (absent on the first).", "process"),
+    ("q_seconds", "counter", "fracgpu_process_device_seconds_total", "Device time the process's kernels used.",
+     "process"),
+    ("q_launches", "counter", "fracgpu_process_launches_total", "Kernel and graph launches of the process.",
+     "process"),
+    ("fb_used", "gauge", "DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB), by fracgpu partitions.", "dcgm"),
+    ("fb_free", "gauge", "DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB), by fracgpu's books.", "dcgm"),
+)
+
+
+
+class UsageCollector:
+    """A prometheus_client collector: one read of the shared state per scrape.
+
+    ``gpu_index`` maps a device UUID to its CUDA index (for the DCGM-style
+    ``gpu`` label); a UUID it does not know is numbered by its place in the read."""
+
+    def __init__(self, state_dir: str | None = None, gpu_index: dict[str, int] | None = None,
+                 read: Callable[[], list[state.GPUUsage]] | None = None):
+        self.state_dir = state_dir
+        self.gpu_index = dict(gpu_index or {})
+        self.read = read or (lambda: state.usage(self.state_dir))
+        self.hostname = socket.gethostname()
+        self.last_error: str | None = None
+        # The previous scrape: when, and each partition's and process's device time then.
+        self._before: tuple[float, dict[tuple, int]] | None = None
+
+    def describe(self) -> list:
+        return []   # nothing is read at registration; every scrape collects afresh
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        try:
+            gpus = self.read()
+            error = None
+        except state.StateError as e:
+            gpus, error = [], str(e)
+        if error != self.last_error:   # say it once when it starts, and once when it is over
+            print(f"fracgpu exporter: {error or 'the state is readable again'}", file=sys.stderr, flush=True)
+            self.last_error = error
+        yield GaugeMetricFamily("fracgpu_state_readable", "1 when the fracgpu state was read for this scrape, "
+                                "0 when it is unsafe or damaged (the exporter's stderr says why).",
+                                value=0 if error else 1)
+
+        kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
+        families = {key: kinds[kind](name, doc, labels=list(LABELS[labels]))
+                    for key, kind, name, doc, labels in FAMILIES}
+        (gpu_total, gpu_used, gpu_info, used, limit, peak, share, cap, achieved, seconds, launches, refusals_,
+         processes, q_used, q_peak, q_limit, q_achieved, q_seconds, q_launches, fb_used, fb_free) = families.values()
+        now = time.monotonic()
+        device_ns: dict[tuple, int] = {}
+
+        def share_since(key: tuple, ns: int, family) -> None:
+            device_ns[key] = ns
+            if self._before is None:
+                return
+            then, before = self._before
+            ratio = achieved_share(before.get(key), ns, (now - then) * 1e9)
+            if ratio is not None:
+                family.add_metric(list(key[1:]), ratio)
+        for position, gpu in enumerate(gpus):
+            index = str(self.gpu_index.get(gpu.uuid, position))
+            in_use = sum(p.used for p in gpu.partitions)
+            gpu_total.add_metric([gpu.uuid], gpu.total_memory)
+            gpu_used.add_metric([gpu.uuid], in_use)
+            gpu_info.add_metric([gpu.uuid, index, gpu.name], 1)
+            dcgm = [index, gpu.uuid, f"nvidia{index}", gpu.name, self.hostname]
+            fb_used.add_metric(dcgm, in_use // MiB)
+            fb_free.add_metric(dcgm, max(gpu.total_memory - in_use, 0) // MiB)
+            for p in gpu.partitions:
+                labels = [gpu.uuid, p.name]
+                used.add_metric(labels, p.used)
+                limit.add_metric(labels, p.memory_limit or gpu.total_memory)
+                peak.add_metric(labels, p.peak)
+                if p.compute_share:
+                    share.add_metric(labels, p.compute_share)
+                    cap.add_metric(labels, 1 if p.compute_cap else 0)
+                seconds.add_metric(labels, p.device_ns / 1e9)
+                launches.add_metric(labels, p.launches)
+                refusals_.add_metric(labels, p.oom_refusals)
+                processes.add_metric(labels, p.processes)
+                share_since(("p", *labels), p.device_ns, achieved)
+            limits = {p.name: p.memory_limit or gpu.total_memory for p in gpu.partitions}
+            for q in gpu.processes:
+                labels = [gpu.uuid, q.partition, str(q.pid)]
+                q_used.add_metric(labels, q.used)
+                q_peak.add_metric(labels, q.peak)
+                q_limit.add_metric(labels, limits.get(q.partition, gpu.total_memory))
+                q_seconds.add_metric(labels, q.device_ns / 1e9)
+                q_launches.add_metric(labels, q.launches)
+                share_since(("q", *labels), q.device_ns, q_achieved)
+        if error is None:
+            self._before = (now, device_ns)
+        yield from families.values()
+
+
+def gpu_indexes() -> dict[str, int]:
+    """UUID -> CUDA index, from the device probe; empty (with a note) when it cannot run."""
+    try:
+        return {d.uuid: d.index for d in devices.probe()}
+    except devices.DeviceError as e:
+        print(f"fracgpu exporter: GPU indexes unknown ({e}); DCGM 'gpu' labels number the GPUs in the order "
+              "of the state", file=sys.stderr, flush=True)
+        return {}
