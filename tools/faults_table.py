@@ -15,7 +15,10 @@ import ast
 import pathlib
 import sys
 
-import readme_block
+if __package__:              # imported as tools.<name>, as the tests do
+    from tools import readme_block
+else:                        # run as python tools/<name>.py
+    import readme_block
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- faults:begin -->", "<!-- faults:end -->"

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import sys
 
-import readme_block
+if __package__:              # imported as tools.<name>, as the tests do
+    from tools import readme_block
+else:                        # run as python tools/<name>.py
+    import readme_block
 
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from fracgpu import devices, settings
-
 from tests.support import ROOT
+
 SOURCES = pathlib.Path(settings.__file__).resolve().parent
 
 
