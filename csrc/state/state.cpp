@@ -1,6 +1,8 @@
 // The shared state: see fracgpu/state.h.
 #include "fracgpu/state.h"
 
+#include "fracgpu/settings.h"
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
@@ -118,8 +120,7 @@ uint64_t process_start_time(int pid) {
 }
 
 std::string default_state_dir() {
-    const char *v = getenv("FRACGPU_STATE_DIR");
-    if (v && *v) return v;
+    if (const char *v = fracgpu_setting(FRACGPU_SETTING_STATE_DIR)) return v;
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     struct stat st;
     if (xdg && *xdg && stat(xdg, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == geteuid())
@@ -128,8 +129,8 @@ std::string default_state_dir() {
 }
 
 bool state_group(gid_t *gid, std::string *err) {
-    const char *name = getenv("FRACGPU_STATE_GROUP");
-    if (!name || !*name) return false;
+    const char *name = fracgpu_setting(FRACGPU_SETTING_STATE_GROUP);
+    if (!name) return false;
     char buf[4096];
     struct group g, *found = nullptr;
     if (getgrnam_r(name, &g, buf, sizeof buf, &found) == 0 && found) {

@@ -13,6 +13,7 @@
 // the sum over live slots, so a process killed at any moment, even holding the
 // lock, leaves nothing behind: its slot is reaped by whoever looks next.
 #include "sim.h"
+#include "fracgpu/settings.h"
 
 #include <cerrno>
 #include <cinttypes>
@@ -138,7 +139,8 @@ uint64_t used_locked(int phys) {
     return sum;
 }
 
-bool parse_u64(const char *name, const char *text, uint64_t lo, uint64_t hi, uint64_t *out) {
+// Setting `id` (set: its value is `text`), a whole number in [lo, hi].
+bool parse_u64(fracgpu_setting_id id, const char *text, uint64_t lo, uint64_t hi, uint64_t *out) {
     // Plain decimal with an optional binary unit; the CLI writes plain bytes.
     char *end = nullptr;
     errno = 0;
@@ -160,7 +162,7 @@ bool parse_u64(const char *name, const char *text, uint64_t lo, uint64_t hi, uin
 bad:
     warn("%s='%s' is not valid: give a whole number from %" PRIu64 " to %" PRIu64
          " (bytes, or with K/M/G/T), or use `fracgpu sim env` to write the settings",
-         name, text ? text : "", lo, hi);
+         fracgpu_setting_name(id), text ? text : "", lo, hi);
     return false;
 }
 
@@ -253,31 +255,31 @@ CUresult load_config(Config &cfg) {
     cfg = Config();
     const char *v;
     uint64_t x;
-    if ((v = getenv("FRACGPU_SIM_MEMORY")) && *v) {
-        if (!parse_u64("FRACGPU_SIM_MEMORY", v, 1, 64ull << 40, &x)) return CUDA_ERROR_INVALID_VALUE;
+    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_MEMORY))) {
+        if (!parse_u64(FRACGPU_SETTING_SIM_MEMORY, v, 1, 64ull << 40, &x)) return CUDA_ERROR_INVALID_VALUE;
         cfg.memory = x;
     }
-    if ((v = getenv("FRACGPU_SIM_SMS")) && *v) {
-        if (!parse_u64("FRACGPU_SIM_SMS", v, 1, 1024, &x)) return CUDA_ERROR_INVALID_VALUE;
+    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_SMS))) {
+        if (!parse_u64(FRACGPU_SETTING_SIM_SMS, v, 1, 1024, &x)) return CUDA_ERROR_INVALID_VALUE;
         cfg.sms = (int)x;
     }
-    if ((v = getenv("FRACGPU_SIM_DEVICES")) && *v) {
-        if (!parse_u64("FRACGPU_SIM_DEVICES", v, 1, kMaxDevices, &x)) return CUDA_ERROR_INVALID_VALUE;
+    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_DEVICES))) {
+        if (!parse_u64(FRACGPU_SETTING_SIM_DEVICES, v, 1, kMaxDevices, &x)) return CUDA_ERROR_INVALID_VALUE;
         cfg.devices = (int)x;
     }
-    if ((v = getenv("FRACGPU_SIM_CONTEXT_MEMORY")) && *v) {
-        if (!parse_u64("FRACGPU_SIM_CONTEXT_MEMORY", v, 0, cfg.memory - 1, &x))
+    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_CONTEXT_MEMORY))) {
+        if (!parse_u64(FRACGPU_SETTING_SIM_CONTEXT_MEMORY, v, 0, cfg.memory - 1, &x))
             return CUDA_ERROR_INVALID_VALUE;
         cfg.context_memory = x;
     }
-    if ((v = getenv("FRACGPU_SIM_NAME")) && *v) {
+    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_NAME))) {
         if (strlen(v) > 200) {
             warn("FRACGPU_SIM_NAME is longer than 200 characters");
             return CUDA_ERROR_INVALID_VALUE;
         }
         cfg.name = v;
     }
-    if ((v = getenv("FRACGPU_SIM_DIR")) && *v) {
+    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_DIR))) {
         cfg.dir = v;
     } else {
         const char *xdg = getenv("XDG_RUNTIME_DIR");

@@ -60,6 +60,8 @@ CUresult load_config(Config &cfg);
 CUresult shared_attach(const Config &cfg);
 void shared_detach();
 const CUuuid &device_uuid(int phys);
+// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" (lowercase), as NVML and CUDA_VISIBLE_DEVICES write it.
+std::string uuid_text(const CUuuid &u);
 // Global memory accounting across processes (phys = physical device index).
 bool mem_charge(int phys, uint64_t bytes);           // false: device out of memory
 void mem_uncharge(int phys, uint64_t bytes);
