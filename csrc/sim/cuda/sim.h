@@ -118,6 +118,7 @@ struct Alloc {
 // is not inside one known allocation. *out (optional) receives the allocation.
 void *translate(uint64_t addr, uint64_t len, Alloc **out = nullptr);
 Alloc *find_alloc(uint64_t addr);          // allocation containing addr
+Alloc *as_array(CUarray h);                // the array h, or null when h is not a live array
 void free_context_memory(Context *ctx);     // everything a destroyed context owned
 
 // ---------------------------------------------------------------------------
