@@ -1,7 +1,7 @@
 # NVML: the shim's libnvidia-ml.so.1 (libfracgpu-nvml.so) and the simulated GPU's.
 #
 # Included from CMakeLists.txt after the shim target. Uses FRACGPU_CUDA_INCLUDE,
-# GEN_DIR, FRACGPU_WARNINGS, Python_EXECUTABLE and the targets fracgpu_common
+# GEN_DIR, FRACGPU_WARNINGS, fracgpu_generate and the targets fracgpu_common
 # and cuda_sim.
 
 set(FRACGPU_NVML_INCLUDE "${FRACGPU_CUDA_INCLUDE}" CACHE PATH "Folder holding nvml.h (next to cuda.h by default)")
@@ -15,24 +15,9 @@ message(STATUS "fracgpu: NVML header from ${FRACGPU_NVML_INCLUDE}")
 # ---------------------------------------------------------------------------
 # Generated NVML tables (never committed: made from nvml.h here)
 # ---------------------------------------------------------------------------
-set(NVML_GEN_SCRIPT "${CMAKE_CURRENT_SOURCE_DIR}/csrc/gen/gen_nvml_api.py")
-foreach(mode forwarders sim-stubs errors names)
-  string(REPLACE "-" "_" _m "${mode}")
-  if(mode STREQUAL "names")
-    set(_out "${GEN_DIR}/nvml_exports.txt")
-  elseif(mode STREQUAL "errors")
-    set(_out "${GEN_DIR}/nvml_errors.inc")
-  else()
-    set(_out "${GEN_DIR}/nvml_${_m}.c")
-  endif()
-  add_custom_command(OUTPUT "${_out}"
-    COMMAND "${Python_EXECUTABLE}" "${NVML_GEN_SCRIPT}" --include "${FRACGPU_NVML_INCLUDE}"
-            --cc "${CMAKE_C_COMPILER}" --mode ${mode} --out "${_out}"
-    DEPENDS "${NVML_GEN_SCRIPT}" "${CMAKE_CURRENT_SOURCE_DIR}/csrc/gen/gen_cuda_api.py"
-            "${FRACGPU_NVML_INCLUDE}/nvml.h"
-    COMMENT "Generating NVML ${mode} from nvml.h" VERBATIM)
-  set(NVML_GEN_${_m} "${_out}")
-endforeach()
+fracgpu_generate(NVML_GEN nvml gen_nvml_api.py "${FRACGPU_NVML_INCLUDE}" "nvml.h"
+  MODES forwarders sim-stubs errors names INC errors
+  DEPENDS "${PROJECT_SOURCE_DIR}/csrc/gen/gen_cuda_api.py" "${FRACGPU_NVML_INCLUDE}/nvml.h")
 add_custom_target(fracgpu_nvml_names ALL DEPENDS "${NVML_GEN_names}")
 
 # Only NVML functions are exported (not the C++ runtime's template instances).

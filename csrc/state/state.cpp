@@ -31,6 +31,12 @@ uint64_t unix_ns() {
 
 std::string errno_text(int e) { return std::string(strerror(e)); }
 
+// *err: there is no partition `name` on this GPU. Always false.
+bool no_partition(const SharedRegion *r, const std::string &name, std::string *err) {
+    *err = "no partition '" + name + "' on GPU " + std::string(r->uuid) + "; `fracgpu partition list` shows them";
+    return false;
+}
+
 void copy_name(char *dst, size_t n, const std::string &src) {
     size_t len = std::min(src.size(), n - 1);
     memcpy(dst, src.data(), len);
@@ -446,11 +452,8 @@ bool Region::create_partition(const std::string &name, uint64_t memory_limit, do
 bool Region::remove_partition(const std::string &name, std::string *err) {
     if (!lock(err)) return false;
     int idx = find_partition(name);
-    bool ok = idx >= 0;
-    if (!ok) {
-        *err = "no partition '" + name + "' on GPU " + std::string(r_->uuid) + "; `fracgpu partition list` "
-               "shows them";
-    } else {
+    bool ok = idx >= 0 || no_partition(r_, name, err);
+    if (ok) {
         std::vector<int> pids;
         for (int i = 0; i < kMaxProcesses; i++) {
             SharedProcess &p = r_->processes[i];
@@ -484,11 +487,8 @@ bool Region::update_partition(const std::string &name, const uint64_t *memory_li
     }
     if (!lock(err)) return false;
     int idx = find_partition(name);
-    bool ok = idx >= 0;
-    if (!ok) {
-        *err = "no partition '" + name + "' on GPU " + std::string(r_->uuid) + "; `fracgpu partition list` "
-               "shows them";
-    } else {
+    bool ok = idx >= 0 || no_partition(r_, name, err);
+    if (ok) {
         SharedPartition &p = r_->partitions[idx];
         double share = compute_share ? *compute_share : share_of(p);
         uint32_t flags = p.flags;

@@ -59,27 +59,20 @@ const fracgpu::ErrorText kErrors[] = {
 };
 #undef ERROR_ENTRY
 
-const fracgpu::ErrorText *error_text(CUresult rc) { return fracgpu::find_error(kErrors, (int)rc); }
+// Loaded: the real driver answers; else the table, so that a client can say
+// why CUDA is refused.
+template <typename Real>
+CUresult describe(Real real, CUresult error, const char **pStr, const char *fracgpu::ErrorText::*field) {
+    if (shim::ensure_loaded()) return real ? real(error, pStr) : shim::missing_error();
+    if (!pStr) return CUDA_ERROR_INVALID_VALUE;
+    return fracgpu::describe_error(kErrors, (int)error, field, pStr) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
 }  // namespace
 
 SHIM_API CUresult cuGetErrorName(CUresult error, const char **pStr) {
-    if (shim::ensure_loaded()) {
-        REAL_OR_RETURN(real, cuGetErrorName);
-        return real(error, pStr);
-    }
-    const fracgpu::ErrorText *e = error_text(error);
-    if (!pStr) return CUDA_ERROR_INVALID_VALUE;
-    *pStr = e ? e->name : nullptr;
-    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    return describe(REAL(cuGetErrorName), error, pStr, &fracgpu::ErrorText::name);
 }
 
 SHIM_API CUresult cuGetErrorString(CUresult error, const char **pStr) {
-    if (shim::ensure_loaded()) {
-        REAL_OR_RETURN(real, cuGetErrorString);
-        return real(error, pStr);
-    }
-    const fracgpu::ErrorText *e = error_text(error);
-    if (!pStr) return CUDA_ERROR_INVALID_VALUE;
-    *pStr = e ? e->text : nullptr;
-    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    return describe(REAL(cuGetErrorString), error, pStr, &fracgpu::ErrorText::text);
 }

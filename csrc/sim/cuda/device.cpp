@@ -397,16 +397,14 @@ SIM_API CUresult cuDeviceGetTexture1DLinearMaxWidth(size_t *w, CUarray_format fo
 
 SIM_API CUresult cuGetErrorName(CUresult error, const char **pStr) {
     if (!pStr) return CUDA_ERROR_INVALID_VALUE;
-    const fracgpu::ErrorText *e = fracgpu::find_error(kErrors, (int)error);
-    *pStr = e ? e->name : nullptr;
-    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    return fracgpu::describe_error(kErrors, (int)error, &fracgpu::ErrorText::name, pStr) ? CUDA_SUCCESS
+                                                                                        : CUDA_ERROR_INVALID_VALUE;
 }
 
 SIM_API CUresult cuGetErrorString(CUresult error, const char **pStr) {
     if (!pStr) return CUDA_ERROR_INVALID_VALUE;
-    const fracgpu::ErrorText *e = fracgpu::find_error(kErrors, (int)error);
-    *pStr = e ? e->text : nullptr;
-    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    return fracgpu::describe_error(kErrors, (int)error, &fracgpu::ErrorText::text, pStr) ? CUDA_SUCCESS
+                                                                                        : CUDA_ERROR_INVALID_VALUE;
 }
 
 SIM_API CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cudaVersion, cuuint64_t flags,
