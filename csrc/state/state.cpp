@@ -2,6 +2,7 @@
 #include "fracgpu/state.h"
 
 #include "fracgpu/settings.h"
+#include "fracgpu/shared_mutex.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -83,12 +84,7 @@ bool init_region(SharedRegion *r, size_t size, const std::string &uuid, const st
     r->total_memory = total;
     r->created_unix_ns = unix_ns();
     r->owner.store(-1);
-    pthread_mutexattr_t a;
-    pthread_mutexattr_init(&a);
-    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
-    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
-    int rc = pthread_mutex_init(&r->lock, &a);
-    pthread_mutexattr_destroy(&a);
+    int rc = fracgpu::init_shared_mutex(&r->lock);
     if (rc != 0) {
         *err = "cannot initialise the shared state's lock: " + errno_text(rc);
         return false;

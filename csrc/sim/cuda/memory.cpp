@@ -216,16 +216,23 @@ Alloc *sim::as_array(CUarray h) {
 
 // --- allocation --------------------------------------------------------------
 
-SIM_API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
-    if (!dptr) return CUDA_ERROR_INVALID_VALUE;
+namespace {
+// A new allocation of `kind` in the current context, at *dptr.
+CUresult alloc_current(CUdeviceptr *dptr, size_t bytesize, MemKind kind) {
     std::lock_guard<std::mutex> lk(g_mu);
     Context *c;
     CUresult rc = get_context(&c);
     if (rc != CUDA_SUCCESS) return rc;
     Alloc *a;
-    rc = alloc_common(c, bytesize, MemKind::Device, nullptr, &a);
+    rc = alloc_common(c, bytesize, kind, nullptr, &a);
     if (rc == CUDA_SUCCESS) *dptr = a->base;
     return rc;
+}
+}  // namespace
+
+SIM_API CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
+    if (!dptr) return CUDA_ERROR_INVALID_VALUE;
+    return alloc_current(dptr, bytesize, MemKind::Device);
 }
 
 SIM_API CUresult cuMemAlloc(CUdeviceptr_v1 *dptr, unsigned int bytesize) {
@@ -249,14 +256,7 @@ SIM_API CUresult cuMemAllocPitch_v2(CUdeviceptr *dptr, size_t *pPitch, size_t wi
 SIM_API CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags) {
     if (!dptr) return CUDA_ERROR_INVALID_VALUE;
     if (flags != CU_MEM_ATTACH_GLOBAL && flags != CU_MEM_ATTACH_HOST) return CUDA_ERROR_INVALID_VALUE;
-    std::lock_guard<std::mutex> lk(g_mu);
-    Context *c;
-    CUresult rc = get_context(&c);
-    if (rc != CUDA_SUCCESS) return rc;
-    Alloc *a;
-    rc = alloc_common(c, bytesize, MemKind::Managed, nullptr, &a);
-    if (rc == CUDA_SUCCESS) *dptr = a->base;
-    return rc;
+    return alloc_current(dptr, bytesize, MemKind::Managed);
 }
 
 SIM_API CUresult cuMemFree_v2(CUdeviceptr dptr) { return free_common(dptr, MemKind::Device); }

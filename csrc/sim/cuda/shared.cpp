@@ -14,6 +14,7 @@
 // lock, leaves nothing behind: its slot is reaped by whoever looks next.
 #include "sim.h"
 #include "fracgpu/settings.h"
+#include "fracgpu/shared_mutex.h"
 
 #include <cerrno>
 #include <cinttypes>
@@ -195,12 +196,7 @@ CUresult init_region(SharedRegion *r, const Config &cfg, const std::string &dir,
     r->sms = cfg.sms;
     r->devices = cfg.devices;
     snprintf(r->name, sizeof r->name, "%s", cfg.name.c_str());
-    pthread_mutexattr_t a;
-    pthread_mutexattr_init(&a);
-    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
-    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
-    int rc = pthread_mutex_init(&r->lock, &a);
-    pthread_mutexattr_destroy(&a);
+    int rc = fracgpu::init_shared_mutex(&r->lock);
     if (rc != 0) return CUDA_ERROR_OPERATING_SYSTEM;
     // A stable identity per (folder, configuration, index): the same simulated
     // GPU keeps its UUID across runs, another folder is another GPU.
