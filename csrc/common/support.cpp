@@ -9,12 +9,10 @@
 namespace fracgpu {
 
 void log(const char *fmt, ...) {
-    char buf[1024];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
+    print_line("fracgpu", fmt, ap);
     va_end(ap);
-    fprintf(stderr, "fracgpu: %s\n", buf);
 }
 
 std::string size_text(uint64_t bytes) {

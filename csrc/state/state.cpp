@@ -2,7 +2,7 @@
 #include "fracgpu/state.h"
 
 #include "fracgpu/settings.h"
-#include "fracgpu/shared_mutex.h"
+#include "fracgpu/os.h"
 
 #include <algorithm>
 #include <cerrno>

@@ -1,19 +1,13 @@
-// Small things both shims need (the simulated driver keeps its own: it shares
-// no code with them).
+// Small things both shims need (compiled into fracgpu_common, which the
+// simulated driver does not link).
 #pragma once
 
 #include <cstdint>
-#include <ctime>
 #include <string>
 
-namespace fracgpu {
+#include "fracgpu/os.h"   // mono_ns
 
-// CLOCK_MONOTONIC in nanoseconds: the same clock in every process.
-inline uint64_t mono_ns() {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
+namespace fracgpu {
 
 // One line "fracgpu: ..." on stderr.
 void log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

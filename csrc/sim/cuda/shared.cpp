@@ -14,7 +14,7 @@
 // lock, leaves nothing behind: its slot is reaped by whoever looks next.
 #include "sim.h"
 #include "fracgpu/settings.h"
-#include "fracgpu/shared_mutex.h"
+#include "fracgpu/os.h"
 
 #include <cerrno>
 #include <cinttypes>
@@ -232,19 +232,13 @@ CUresult validate_region(const SharedRegion *r, size_t file_size, const char *pa
 
 }  // namespace
 
-uint64_t now_ns() {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
+uint64_t now_ns() { return fracgpu::mono_ns(); }
 
 void warn(const char *fmt, ...) {
-    char buf[1024];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
+    fracgpu::print_line("fracgpu-sim", fmt, ap);
     va_end(ap);
-    fprintf(stderr, "fracgpu-sim: %s\n", buf);
 }
 
 CUresult load_config(Config &cfg) {
