@@ -457,22 +457,17 @@ CUresult primary_reset(CUdevice dev, CUresult rc) {
 }
 }  // namespace
 
-SHIM_API CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
-    REAL_OR_RETURN(real, cuDevicePrimaryCtxRelease_v2);
-    return primary_release(dev, real(dev));
-}
-SHIM_API CUresult cuDevicePrimaryCtxRelease(CUdevice dev) {
-    REAL_OR_RETURN(real, cuDevicePrimaryCtxRelease);
-    return primary_release(dev, real(dev));
-}
-SHIM_API CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev) {
-    REAL_OR_RETURN(real, cuDevicePrimaryCtxReset_v2);
-    return primary_reset(dev, real(dev));
-}
-SHIM_API CUresult cuDevicePrimaryCtxReset(CUdevice dev) {
-    REAL_OR_RETURN(real, cuDevicePrimaryCtxReset);
-    return primary_reset(dev, real(dev));
-}
+// Release and reset, both versions: the real call, then what it dropped.
+#define PRIMARY_HOOK(fn, after)                \
+    SHIM_API CUresult fn(CUdevice dev) {       \
+        REAL_OR_RETURN(real, fn);              \
+        return after(dev, real(dev));          \
+    }
+PRIMARY_HOOK(cuDevicePrimaryCtxRelease_v2, primary_release)
+PRIMARY_HOOK(cuDevicePrimaryCtxRelease, primary_release)
+PRIMARY_HOOK(cuDevicePrimaryCtxReset_v2, primary_reset)
+PRIMARY_HOOK(cuDevicePrimaryCtxReset, primary_reset)
+#undef PRIMARY_HOOK
 
 // ---------------------------------------------------------------------------
 // The quota shown as the device's memory

@@ -241,51 +241,39 @@ SIM_API CUresult cuMemcpyAtoHAsync_v2(void *dst, CUarray src, size_t off, size_t
     return array_copy(src, off, HOST(dst), n, false, false, s, false);
 }
 
-#define MEMSET_FAMILY(NAME, T, SUFFIX, PT)                                                                \
-    SIM_API CUresult NAME##SUFFIX(CUdeviceptr d, T v, size_t n) {                                       \
-        return memset_n<T>(d, v, n, 0, 1, nullptr, PT, true);                                            \
+// The cuMemset entry points: four families (1D or 2D, synchronous or on a
+// stream), each in three widths (8, 16, 32 bits) and two stream APIs (legacy
+// and per-thread), all one memset_n.
+#define MEMSET_WIDTHS(FAMILY, ...)                                                                      \
+    FAMILY(8, unsigned char, __VA_ARGS__) FAMILY(16, unsigned short, __VA_ARGS__) FAMILY(32, unsigned int, __VA_ARGS__)
+#define MEMSET_1D(BITS, T, SUFFIX, PT)                                                                  \
+    SIM_API CUresult cuMemsetD##BITS##SUFFIX(CUdeviceptr d, T v, size_t n) {                            \
+        return memset_n<T>(d, v, n, 0, 1, nullptr, PT, true);                                           \
     }
-MEMSET_FAMILY(cuMemsetD8, unsigned char, _v2, false)
-MEMSET_FAMILY(cuMemsetD16, unsigned short, _v2, false)
-MEMSET_FAMILY(cuMemsetD32, unsigned int, _v2, false)
-MEMSET_FAMILY(cuMemsetD8, unsigned char, _v2_ptds, true)
-MEMSET_FAMILY(cuMemsetD16, unsigned short, _v2_ptds, true)
-MEMSET_FAMILY(cuMemsetD32, unsigned int, _v2_ptds, true)
-#undef MEMSET_FAMILY
-
-#define MEMSET_ASYNC(NAME, T, SUFFIX, PT)                                                                 \
-    SIM_API CUresult NAME##SUFFIX(CUdeviceptr d, T v, size_t n, CUstream s) {                            \
-        return memset_n<T>(d, v, n, 0, 1, s, PT, false);                                                   \
+#define MEMSET_1D_ASYNC(BITS, T, SUFFIX, PT)                                                            \
+    SIM_API CUresult cuMemsetD##BITS##Async##SUFFIX(CUdeviceptr d, T v, size_t n, CUstream s) {         \
+        return memset_n<T>(d, v, n, 0, 1, s, PT, false);                                                \
     }
-MEMSET_ASYNC(cuMemsetD8Async, unsigned char, , false)
-MEMSET_ASYNC(cuMemsetD16Async, unsigned short, , false)
-MEMSET_ASYNC(cuMemsetD32Async, unsigned int, , false)
-MEMSET_ASYNC(cuMemsetD8Async, unsigned char, _ptsz, true)
-MEMSET_ASYNC(cuMemsetD16Async, unsigned short, _ptsz, true)
-MEMSET_ASYNC(cuMemsetD32Async, unsigned int, _ptsz, true)
-#undef MEMSET_ASYNC
-
-#define MEMSET_2D(NAME, T, SUFFIX, PT)                                                                    \
-    SIM_API CUresult NAME##SUFFIX(CUdeviceptr d, size_t pitch, T v, size_t w, size_t h) {                \
-        return memset_n<T>(d, v, w, pitch, h, nullptr, PT, true);                                         \
+#define MEMSET_2D(BITS, T, SUFFIX, PT)                                                                  \
+    SIM_API CUresult cuMemsetD2D##BITS##SUFFIX(CUdeviceptr d, size_t pitch, T v, size_t w, size_t h) {  \
+        return memset_n<T>(d, v, w, pitch, h, nullptr, PT, true);                                       \
     }
-MEMSET_2D(cuMemsetD2D8, unsigned char, _v2, false)
-MEMSET_2D(cuMemsetD2D16, unsigned short, _v2, false)
-MEMSET_2D(cuMemsetD2D32, unsigned int, _v2, false)
-MEMSET_2D(cuMemsetD2D8, unsigned char, _v2_ptds, true)
-MEMSET_2D(cuMemsetD2D16, unsigned short, _v2_ptds, true)
-MEMSET_2D(cuMemsetD2D32, unsigned int, _v2_ptds, true)
-#undef MEMSET_2D
-
-#define MEMSET_2D_ASYNC(NAME, T, SUFFIX, PT)                                                              \
-    SIM_API CUresult NAME##SUFFIX(CUdeviceptr d, size_t pitch, T v, size_t w, size_t h, CUstream s) {    \
-        return memset_n<T>(d, v, w, pitch, h, s, PT, false);                                               \
+#define MEMSET_2D_ASYNC(BITS, T, SUFFIX, PT)                                                            \
+    SIM_API CUresult cuMemsetD2D##BITS##Async##SUFFIX(CUdeviceptr d, size_t pitch, T v, size_t w, size_t h, \
+                                                      CUstream s) {                                     \
+        return memset_n<T>(d, v, w, pitch, h, s, PT, false);                                            \
     }
-MEMSET_2D_ASYNC(cuMemsetD2D8Async, unsigned char, , false)
-MEMSET_2D_ASYNC(cuMemsetD2D16Async, unsigned short, , false)
-MEMSET_2D_ASYNC(cuMemsetD2D32Async, unsigned int, , false)
-MEMSET_2D_ASYNC(cuMemsetD2D8Async, unsigned char, _ptsz, true)
-MEMSET_2D_ASYNC(cuMemsetD2D16Async, unsigned short, _ptsz, true)
-MEMSET_2D_ASYNC(cuMemsetD2D32Async, unsigned int, _ptsz, true)
+MEMSET_WIDTHS(MEMSET_1D, _v2, false)
+MEMSET_WIDTHS(MEMSET_1D, _v2_ptds, true)
+MEMSET_WIDTHS(MEMSET_1D_ASYNC, , false)
+MEMSET_WIDTHS(MEMSET_1D_ASYNC, _ptsz, true)
+MEMSET_WIDTHS(MEMSET_2D, _v2, false)
+MEMSET_WIDTHS(MEMSET_2D, _v2_ptds, true)
+MEMSET_WIDTHS(MEMSET_2D_ASYNC, , false)
+MEMSET_WIDTHS(MEMSET_2D_ASYNC, _ptsz, true)
 #undef MEMSET_2D_ASYNC
+#undef MEMSET_2D
+#undef MEMSET_1D_ASYNC
+#undef MEMSET_1D
+#undef MEMSET_WIDTHS
 
