@@ -28,8 +28,6 @@
 #include <new>
 #include <unistd.h>
 
-#include "fracgpu/units.h"
-
 namespace shim {
 
 Binding *g_bind = nullptr;
@@ -109,7 +107,6 @@ void detach_at_exit() {
     for (int d = 0; d < g_ndev; d++)
         if (g_bind[d].ok) g_bind[d].region.leave(g_bind[d].slot);
 }
-
 
 void forget_after_fork() {
     // The child is a new process: its first cuInit binds it anew. The parent's

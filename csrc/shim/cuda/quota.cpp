@@ -17,10 +17,8 @@
 #include <thread>
 #include <type_traits>
 #include <unordered_map>
-#include <unistd.h>
 
 #include "fracgpu/state.h"
-#include "fracgpu/units.h"
 #include "fracgpu/view.h"
 
 namespace shim {
