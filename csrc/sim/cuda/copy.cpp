@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 
 using namespace sim;
 
@@ -20,45 +21,55 @@ void *resolve(uint64_t addr, uint64_t len, bool must_be_device) {
     return reinterpret_cast<void *>(addr);
 }
 
-CUresult copy(uint64_t dst, uint64_t src, size_t n, bool dst_dev, bool src_dev, CUstream h, bool per_thread,
-              bool wait) {
+// Every copy and set: in the current context, `prepare` (called under g_mu)
+// checks and resolves its memory into the host action it sets (none: nothing
+// to do), which then runs in stream order on stream h; a synchronous one
+// (wait) waits for it and returns the context's sticky error.
+template <typename Prepare>
+CUresult in_stream_order(CUstream h, bool per_thread, bool wait, Prepare prepare) {
     std::unique_lock<std::mutex> lk(g_mu);
     Context *c;
     CUresult rc = get_context(&c);
     if (rc != CUDA_SUCCESS) return rc;
-    if (n == 0) return CUDA_SUCCESS;
-    void *d = resolve(dst, n, dst_dev), *s = resolve(src, n, src_dev);
-    if (!d || !s) return CUDA_ERROR_INVALID_VALUE;
+    std::function<void()> action;
+    rc = prepare(&action);
+    if (rc != CUDA_SUCCESS || !action) return rc;
     Stream *st;
     rc = resolve_stream(h, per_thread, &st);
     if (rc != CUDA_SUCCESS) return rc;
-    engine_run_ordered(lk, st, [d, s, n] { memmove(d, s, n); }, wait);
+    engine_run_ordered(lk, st, std::move(action), wait);
     return wait ? c->sticky : CUDA_SUCCESS;
+}
+
+CUresult copy(uint64_t dst, uint64_t src, size_t n, bool dst_dev, bool src_dev, CUstream h, bool per_thread,
+              bool wait) {
+    return in_stream_order(h, per_thread, wait, [&](std::function<void()> *action) {
+        if (n == 0) return CUDA_SUCCESS;
+        void *d = resolve(dst, n, dst_dev), *s = resolve(src, n, src_dev);
+        if (!d || !s) return CUDA_ERROR_INVALID_VALUE;
+        *action = [d, s, n] { memmove(d, s, n); };
+        return CUDA_SUCCESS;
+    });
 }
 
 template <typename T>
 CUresult memset_n(uint64_t dst, T value, size_t n, size_t pitch, size_t height, CUstream h, bool per_thread,
                   bool wait) {
-    std::unique_lock<std::mutex> lk(g_mu);
-    Context *c;
-    CUresult rc = get_context(&c);
-    if (rc != CUDA_SUCCESS) return rc;
-    if (n == 0 || height == 0) return CUDA_SUCCESS;
-    if (pitch == 0) pitch = n * sizeof(T);
-    size_t span = pitch * (height - 1) + n * sizeof(T);
-    char *p = static_cast<char *>(translate(dst, span));
-    if (!p) return CUDA_ERROR_INVALID_VALUE;
-    Stream *st;
-    rc = resolve_stream(h, per_thread, &st);
-    if (rc != CUDA_SUCCESS) return rc;
-    engine_run_ordered(lk, st, [p, value, n, pitch, height] {
-        for (size_t row = 0; row < height; row++) {
-            T *q = reinterpret_cast<T *>(p + row * pitch);
-            if (sizeof(T) == 1) memset(q, (int)value, n);
-            else std::fill(q, q + n, value);
-        }
-    }, wait);
-    return wait ? c->sticky : CUDA_SUCCESS;
+    return in_stream_order(h, per_thread, wait, [&](std::function<void()> *action) {
+        if (n == 0 || height == 0) return CUDA_SUCCESS;
+        if (pitch == 0) pitch = n * sizeof(T);
+        size_t span = pitch * (height - 1) + n * sizeof(T);
+        char *p = static_cast<char *>(translate(dst, span));
+        if (!p) return CUDA_ERROR_INVALID_VALUE;
+        *action = [p, value, n, pitch, height] {
+            for (size_t row = 0; row < height; row++) {
+                T *q = reinterpret_cast<T *>(p + row * pitch);
+                if (sizeof(T) == 1) memset(q, (int)value, n);
+                else std::fill(q, q + n, value);
+            }
+        };
+        return CUDA_SUCCESS;
+    });
 }
 
 // 2D/3D copies: each endpoint is host, device, array or unified memory.
@@ -87,29 +98,25 @@ char *endpoint_base(const Endpoint &e, size_t span) {
 
 CUresult copy3d(Endpoint s, Endpoint d, size_t width, size_t height, size_t depth, CUstream h, bool per_thread,
                 bool wait) {
-    std::unique_lock<std::mutex> lk(g_mu);
-    Context *c;
-    CUresult rc = get_context(&c);
-    if (rc != CUDA_SUCCESS) return rc;
-    if (width == 0 || height == 0 || depth == 0) return CUDA_SUCCESS;
-    if (s.pitch == 0) s.pitch = width;
-    if (d.pitch == 0) d.pitch = width;
-    if (s.pitch < width || d.pitch < width) return CUDA_ERROR_INVALID_VALUE;
-    if (s.height == 0) s.height = height;
-    if (d.height == 0) d.height = height;
-    size_t sspan = s.pitch * s.height * (depth - 1) + s.pitch * (height - 1) + width;
-    size_t dspan = d.pitch * d.height * (depth - 1) + d.pitch * (height - 1) + width;
-    char *sp = endpoint_base(s, sspan), *dp = endpoint_base(d, dspan);
-    if (!sp || !dp) return CUDA_ERROR_INVALID_VALUE;
-    Stream *st;
-    rc = resolve_stream(h, per_thread, &st);
-    if (rc != CUDA_SUCCESS) return rc;
-    engine_run_ordered(lk, st, [=] {
-        for (size_t z = 0; z < depth; z++)
-            for (size_t y = 0; y < height; y++)
-                memmove(dp + z * d.pitch * d.height + y * d.pitch, sp + z * s.pitch * s.height + y * s.pitch, width);
-    }, wait);
-    return wait ? c->sticky : CUDA_SUCCESS;
+    return in_stream_order(h, per_thread, wait, [&](std::function<void()> *action) {
+        if (width == 0 || height == 0 || depth == 0) return CUDA_SUCCESS;
+        if (s.pitch == 0) s.pitch = width;
+        if (d.pitch == 0) d.pitch = width;
+        if (s.pitch < width || d.pitch < width) return CUDA_ERROR_INVALID_VALUE;
+        if (s.height == 0) s.height = height;
+        if (d.height == 0) d.height = height;
+        size_t sspan = s.pitch * s.height * (depth - 1) + s.pitch * (height - 1) + width;
+        size_t dspan = d.pitch * d.height * (depth - 1) + d.pitch * (height - 1) + width;
+        char *sp = endpoint_base(s, sspan), *dp = endpoint_base(d, dspan);
+        if (!sp || !dp) return CUDA_ERROR_INVALID_VALUE;
+        *action = [=] {
+            for (size_t z = 0; z < depth; z++)
+                for (size_t y = 0; y < height; y++)
+                    memmove(dp + z * d.pitch * d.height + y * d.pitch, sp + z * s.pitch * s.height + y * s.pitch,
+                            width);
+        };
+        return CUDA_SUCCESS;
+    });
 }
 
 CUresult copy2d(const CUDA_MEMCPY2D *p, CUstream h, bool per_thread, bool wait) {
