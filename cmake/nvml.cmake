@@ -1,12 +1,8 @@
 # NVML: the shim's libnvidia-ml.so.1 (libfracgpu-nvml.so) and the simulated GPU's.
 #
 # Included from CMakeLists.txt after the shim target. Uses FRACGPU_CUDA_INCLUDE,
-# GEN_DIR, FRACGPU_WARNINGS, Python_EXECUTABLE and the targets fracgpu_common
+# GEN_DIR, FRACGPU_WARNINGS, fracgpu_generate and the targets fracgpu_common
 # and cuda_sim.
-
-# A partition's memory as its jobs see it (fracgpu/view.h): shared state, so
-# part of fracgpu_common whether or not the NVML libraries are built.
-target_sources(fracgpu_common PRIVATE "${CMAKE_CURRENT_SOURCE_DIR}/csrc/state/view.cpp")
 
 set(FRACGPU_NVML_INCLUDE "${FRACGPU_CUDA_INCLUDE}" CACHE PATH "Folder holding nvml.h (next to cuda.h by default)")
 if(NOT EXISTS "${FRACGPU_NVML_INCLUDE}/nvml.h")
@@ -19,24 +15,9 @@ message(STATUS "fracgpu: NVML header from ${FRACGPU_NVML_INCLUDE}")
 # ---------------------------------------------------------------------------
 # Generated NVML tables (never committed: made from nvml.h here)
 # ---------------------------------------------------------------------------
-set(NVML_GEN_SCRIPT "${CMAKE_CURRENT_SOURCE_DIR}/tools/gen_nvml_api.py")
-foreach(mode forwarders sim-stubs errors names)
-  string(REPLACE "-" "_" _m "${mode}")
-  if(mode STREQUAL "names")
-    set(_out "${GEN_DIR}/nvml_exports.txt")
-  elseif(mode STREQUAL "errors")
-    set(_out "${GEN_DIR}/nvml_errors.inc")
-  else()
-    set(_out "${GEN_DIR}/nvml_${_m}.c")
-  endif()
-  add_custom_command(OUTPUT "${_out}"
-    COMMAND "${Python_EXECUTABLE}" "${NVML_GEN_SCRIPT}" --include "${FRACGPU_NVML_INCLUDE}"
-            --cc "${CMAKE_C_COMPILER}" --mode ${mode} --out "${_out}"
-    DEPENDS "${NVML_GEN_SCRIPT}" "${CMAKE_CURRENT_SOURCE_DIR}/tools/gen_cuda_api.py"
-            "${FRACGPU_NVML_INCLUDE}/nvml.h"
-    COMMENT "Generating NVML ${mode} from nvml.h" VERBATIM)
-  set(NVML_GEN_${_m} "${_out}")
-endforeach()
+fracgpu_generate(NVML_GEN nvml gen_nvml_api.py "${FRACGPU_NVML_INCLUDE}" "nvml.h"
+  MODES forwarders sim-stubs errors names INC errors
+  DEPENDS "${PROJECT_SOURCE_DIR}/csrc/gen/gen_cuda_api.py" "${FRACGPU_NVML_INCLUDE}/nvml.h")
 add_custom_target(fracgpu_nvml_names ALL DEPENDS "${NVML_GEN_names}")
 
 # Only NVML functions are exported (not the C++ runtime's template instances).
@@ -44,11 +25,11 @@ file(WRITE "${GEN_DIR}/nvml_exports.map" "{ global: nvml*; local: *; };\n")
 
 # ---------------------------------------------------------------------------
 # The NVML shim: libfracgpu-nvml.so, SONAME libnvidia-ml.so.1, every NVML
-# function exported (memory info hooked in csrc/nvml_shim, the rest forwarded)
+# function exported (memory info hooked in csrc/shim/nvml, the rest forwarded)
 # ---------------------------------------------------------------------------
-add_library(fracgpu_nvml_shim SHARED csrc/nvml_shim/nvml_shim.cpp "${NVML_GEN_forwarders}" "${NVML_GEN_errors}")
+add_library(fracgpu_nvml_shim SHARED csrc/shim/nvml/nvml_shim.cpp "${NVML_GEN_forwarders}" "${NVML_GEN_errors}")
 set_target_properties(fracgpu_nvml_shim PROPERTIES OUTPUT_NAME "fracgpu-nvml" NO_SONAME ON)
-target_include_directories(fracgpu_nvml_shim PRIVATE "${FRACGPU_NVML_INCLUDE}" "${GEN_DIR}" csrc/nvml_shim)
+target_include_directories(fracgpu_nvml_shim PRIVATE "${FRACGPU_NVML_INCLUDE}" "${GEN_DIR}" csrc/shim/nvml)
 target_compile_options(fracgpu_nvml_shim PRIVATE ${FRACGPU_WARNINGS}
   $<$<COMPILE_LANGUAGE:CXX>:-fno-exceptions>)
 # -Bsymbolic: the shim's own references bind to its own functions, whatever
@@ -61,7 +42,7 @@ target_link_libraries(fracgpu_nvml_shim PRIVATE fracgpu_common Threads::Threads 
 # The simulated GPU's NVML: libnvidia-ml.so.1 next to the simulated
 # libcuda.so.1, asking it (fracgpu_sim_device_info) what to report
 # ---------------------------------------------------------------------------
-add_library(nvml_sim SHARED csrc/sim_nvml/sim_nvml.cpp "${NVML_GEN_sim_stubs}" "${NVML_GEN_errors}")
+add_library(nvml_sim SHARED csrc/sim/nvml/sim_nvml.cpp "${NVML_GEN_sim_stubs}" "${NVML_GEN_errors}")
 set_target_properties(nvml_sim PROPERTIES OUTPUT_NAME "nvidia-ml" PREFIX "lib" SUFFIX ".so.1" NO_SONAME ON)
 target_include_directories(nvml_sim PRIVATE "${FRACGPU_NVML_INCLUDE}" "${GEN_DIR}" csrc/sim csrc/include)
 target_compile_options(nvml_sim PRIVATE ${FRACGPU_WARNINGS}

@@ -2,6 +2,8 @@
 #include "fracgpu/real_library.h"
 
 #include <cstdlib>
+
+#include "fracgpu/support.h"
 #include <dlfcn.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -18,14 +20,17 @@ bool same_file(const char *a, const char *b) {
 }  // namespace
 
 std::string find_real_library(const RealLibrary &lib, std::string *err) {
+    // This file is linked into each shim (fracgpu_common is static), so its own
+    // address is inside the shim that asks.
     Dl_info info;
-    const char *self = dladdr(lib.self, &info) && info.dli_fname ? info.dli_fname : nullptr;
+    const char *self = dladdr(reinterpret_cast<const void *>(&find_real_library), &info) && info.dli_fname
+                           ? info.dli_fname : nullptr;
     auto is_self = [&](const std::string &path) { return self && same_file(self, path.c_str()); };
     auto usable = [&](const std::string &path) { return access(path.c_str(), R_OK) == 0 && !is_self(path); };
 
-    const char *v = getenv(lib.variable);
-    if (v && *v) {
-        std::string given = std::string(lib.variable) + "='" + v + "'";
+    const char *variable = fracgpu_setting_name(lib.setting);
+    if (const char *v = fracgpu_setting(lib.setting)) {
+        std::string given = std::string(variable) + "='" + v + "'";
         if (v[0] != '/') {
             *err = given + " is not an absolute path; give " + lib.what + "'s full path, like "
                    "/usr/lib/x86_64-linux-gnu/" + lib.file;
@@ -62,6 +67,25 @@ void *open_real_library(const RealLibrary &lib, std::string *err) {
         *err = std::string("cannot load ") + lib.what + " " + path + ": " + (e ? e : "unknown error");
     }
     return h;
+}
+
+void RealLibraryLoader::load() {
+    if (prepare_ && !prepare_()) return;
+    std::string err;
+    void *h = open_real_library(lib_, &err);
+    if (!h) {
+        log("%s", err.c_str());
+        return;
+    }
+    slots_ = new std::atomic<void *>[*forwarders_]();
+    handle_ = h;
+}
+
+void *RealLibraryLoader::resolve(const char *name, std::atomic<void *> &slot) {
+    if (!ensure_loaded()) return nullptr;
+    void *p = dlsym(handle_, name);
+    slot.store(p, std::memory_order_release);
+    return p;
 }
 
 }  // namespace fracgpu

@@ -1,4 +1,5 @@
-// fracgpu._native: the C units parser, and what this build was made with.
+// fracgpu._native: the C units parser, the shared state, the C settings
+// table, and what this build was made with.
 //
 // The Python package parses sizes and shares with the same C code the shim
 // uses for FRACGPU_* variables, so a value accepted on the command line is
@@ -12,6 +13,7 @@
 #include <optional>
 #include <string>
 
+#include "fracgpu/settings.h"
 #include "fracgpu/state.h"
 #include "fracgpu/units.h"
 
@@ -25,6 +27,17 @@ constexpr size_t kErrLen = 512;
 void reject_nul(const std::string &text, const char *what) {
   if (text.find('\0') != std::string::npos)
     throw py::value_error(std::string("invalid ") + what + ": it contains a NUL character");
+}
+
+// The C settings table (fracgpu/settings.h), row by row, for the Python
+// table to be checked against.
+py::list settings() {
+  py::list rows;
+  for (int id = 0; id < FRACGPU_SETTING_COUNT; id++) {
+    const fracgpu_setting_info *r = fracgpu_setting_row((fracgpu_setting_id)id);
+    rows.append(py::make_tuple(r->name, r->default_text, r->reader, r->meaning));
+  }
+  return rows;
 }
 
 py::tuple parse_size(const std::string &text) {
@@ -135,6 +148,8 @@ py::list processes(fracgpu::Region &r) {
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "fracgpu native core: sizes and shares, build information";
+  m.def("settings", &settings,
+        "The native settings table: a list of (name, default, reader, meaning), one per FRACGPU_* variable.");
   m.def("parse_size", &parse_size, py::arg("text"),
         "Parse '4GiB', '512MiB', '4GB', '1048576' or '25%'. Returns (bytes, fraction): "
         "(n, 0.0) for a size, (0, f) for a percentage of the device. Raises ValueError.");

@@ -1,5 +1,5 @@
 /* The one extra export of the simulated libcuda.so.1: what the simulated NVML
- * (csrc/sim_nvml) reports about the simulated GPU. Plain C, so the simulated
+ * (csrc/sim/nvml) reports about the simulated GPU. Plain C, so the simulated
  * NVML needs nothing of the simulator but this. */
 #ifndef FRACGPU_SIM_NVML_INFO_H
 #define FRACGPU_SIM_NVML_INFO_H

@@ -1,6 +1,9 @@
 // The shared state: see fracgpu/state.h.
 #include "fracgpu/state.h"
 
+#include "fracgpu/settings.h"
+#include "fracgpu/os.h"
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
@@ -28,6 +31,12 @@ uint64_t unix_ns() {
 }
 
 std::string errno_text(int e) { return std::string(strerror(e)); }
+
+// *err: there is no partition `name` on this GPU. Always false.
+bool no_partition(const SharedRegion *r, const std::string &name, std::string *err) {
+    *err = "no partition '" + name + "' on GPU " + std::string(r->uuid) + "; `fracgpu partition list` shows them";
+    return false;
+}
 
 void copy_name(char *dst, size_t n, const std::string &src) {
     size_t len = std::min(src.size(), n - 1);
@@ -75,12 +84,7 @@ bool init_region(SharedRegion *r, size_t size, const std::string &uuid, const st
     r->total_memory = total;
     r->created_unix_ns = unix_ns();
     r->owner.store(-1);
-    pthread_mutexattr_t a;
-    pthread_mutexattr_init(&a);
-    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
-    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
-    int rc = pthread_mutex_init(&r->lock, &a);
-    pthread_mutexattr_destroy(&a);
+    int rc = fracgpu::init_shared_mutex(&r->lock);
     if (rc != 0) {
         *err = "cannot initialise the shared state's lock: " + errno_text(rc);
         return false;
@@ -118,8 +122,7 @@ uint64_t process_start_time(int pid) {
 }
 
 std::string default_state_dir() {
-    const char *v = getenv("FRACGPU_STATE_DIR");
-    if (v && *v) return v;
+    if (const char *v = fracgpu_setting(FRACGPU_SETTING_STATE_DIR)) return v;
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     struct stat st;
     if (xdg && *xdg && stat(xdg, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == geteuid())
@@ -128,8 +131,8 @@ std::string default_state_dir() {
 }
 
 bool state_group(gid_t *gid, std::string *err) {
-    const char *name = getenv("FRACGPU_STATE_GROUP");
-    if (!name || !*name) return false;
+    const char *name = fracgpu_setting(FRACGPU_SETTING_STATE_GROUP);
+    if (!name) return false;
     char buf[4096];
     struct group g, *found = nullptr;
     if (getgrnam_r(name, &g, buf, sizeof buf, &found) == 0 && found) {
@@ -445,11 +448,8 @@ bool Region::create_partition(const std::string &name, uint64_t memory_limit, do
 bool Region::remove_partition(const std::string &name, std::string *err) {
     if (!lock(err)) return false;
     int idx = find_partition(name);
-    bool ok = idx >= 0;
-    if (!ok) {
-        *err = "no partition '" + name + "' on GPU " + std::string(r_->uuid) + "; `fracgpu partition list` "
-               "shows them";
-    } else {
+    bool ok = idx >= 0 || no_partition(r_, name, err);
+    if (ok) {
         std::vector<int> pids;
         for (int i = 0; i < kMaxProcesses; i++) {
             SharedProcess &p = r_->processes[i];
@@ -483,11 +483,8 @@ bool Region::update_partition(const std::string &name, const uint64_t *memory_li
     }
     if (!lock(err)) return false;
     int idx = find_partition(name);
-    bool ok = idx >= 0;
-    if (!ok) {
-        *err = "no partition '" + name + "' on GPU " + std::string(r_->uuid) + "; `fracgpu partition list` "
-               "shows them";
-    } else {
+    bool ok = idx >= 0 || no_partition(r_, name, err);
+    if (ok) {
         SharedPartition &p = r_->partitions[idx];
         double share = compute_share ? *compute_share : share_of(p);
         uint32_t flags = p.flags;

@@ -188,7 +188,7 @@ def test_simulated_nvml_answers_the_rest_not_supported(gpu):
 
 def generated_names(tmp_path) -> list[str]:
     out = tmp_path / "nvml_exports.txt"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "gen_nvml_api.py"), "--include", str(cuda_include_dir()),
+    subprocess.run([sys.executable, str(ROOT / "csrc" / "gen" / "gen_nvml_api.py"), "--include", str(cuda_include_dir()),
                     "--mode", "names", "--out", str(out)], check=True)
     return out.read_text().split()
 

@@ -22,4 +22,13 @@ const ErrorText *find_error(const ErrorText (&table)[N], int code) {
     return nullptr;
 }
 
+// cuGetErrorName / cuGetErrorString from `table`: *out = the `field` (name or
+// text) of code's entry; false (and *out null) when the table has no such code.
+template <size_t N>
+bool describe_error(const ErrorText (&table)[N], int code, const char *ErrorText::*field, const char **out) {
+    const ErrorText *e = find_error(table, code);
+    *out = e ? e->*field : nullptr;
+    return e != nullptr;
+}
+
 }  // namespace fracgpu

@@ -45,7 +45,7 @@ struct SharedPartition {
     std::atomic<uint64_t> used;            // bytes charged to the partition now
     std::atomic<uint64_t> peak;            // highest `used` seen
     std::atomic<uint64_t> oom_refusals;    // allocations refused over quota
-    // Compute (the launch gate, csrc/shim/gate.cpp)
+    // Compute (the launch gate, csrc/shim/cuda/gate.cpp)
     std::atomic<uint64_t> device_ns;       // device time its kernels used, measured with events
     std::atomic<uint64_t> vtime_ns;        // device_ns / weight: the fair-share clock
     std::atomic<uint64_t> last_launch_ns;  // CLOCK_MONOTONIC of its latest launch (0: never)

@@ -1,12 +1,20 @@
 // libfracgpu.so, the driver shim: internal interfaces between its layers.
 //
-//   settings + real driver (driver.cpp)   FRACGPU_* variables; the real libcuda, opened
-//                                          by absolute path; lazy, once per process
-//   memory quota (quota.cpp)               per-device bindings to the shared state,
-//                                          check-and-charge, allocation tracking
-//   interposition (interpose.cpp)          the exported hooked entry points and the
-//                                          cuGetProcAddress swap; the only layer that
-//                                          knows the full list of wrappers
+//   settings + real driver (driver.cpp)   FRACGPU_* settings (fracgpu/settings.h);
+//                                          the real libcuda, opened by absolute path
+//                                          (fracgpu/real_library.h); lazy, once per process
+//   process binding (process.cpp,          cuInit: this process's slot in its partition on
+//     process.h)                           each device; exit and fork
+//   memory quota (quota.cpp)               the memory hooks: check-and-charge, allocation
+//                                          tracking, the quota shown as device memory
+//   launch gate (gate.cpp)                 the launch hooks: compute shares, device time
+//   interposition (interpose.cpp)          the HOOKS(X) list of every hooked entry point
+//                                          and the cuGetProcAddress swap; the only place
+//                                          that knows the full list of wrappers
+//
+// The hooks themselves live with their layer (cuInit in process.cpp, the
+// memory hooks in quota.cpp, the launch hooks in gate.cpp); interpose.cpp
+// names them all.
 //
 // Everything else the driver exports is a generated forwarder
 // (cuda_forwarders.c) that calls the real entry point through forward.h.
@@ -20,6 +28,7 @@
 #include <string>
 
 #include "forward.h"
+#include "fracgpu/job_settings.h"
 #include "fracgpu/support.h"
 
 #define SHIM_API extern "C" __attribute__((visibility("default")))
@@ -30,22 +39,9 @@ class Region;
 
 namespace shim {
 
-struct Settings {
-    bool enforce = false;          // FRACGPU_PARTITION is set
-    std::string partition;
-    // FRACGPU_MEMORY / FRACGPU_COMPUTE: the partition is private to this job
-    // and made on demand with these settings.
-    bool ephemeral = false;
-    bool has_memory = false;
-    uint64_t memory_bytes = 0;     // limit
-    double memory_fraction = 0;    // ... or this fraction of each device
-    double compute_share = 0;      // FRACGPU_COMPUTE, (0, 1]; 0: none
-    bool compute_cap = false;      // FRACGPU_COMPUTE_CAP=1: the share is also a ceiling
-    std::string state_dir;
-    double oom_wait_s = 0;         // FRACGPU_OOM_WAIT
-    uint64_t context_memory = 0;   // FRACGPU_CONTEXT_MEMORY: charged per context
-    int holder = 0;                // FRACGPU_JOB_HOLDER: the pid recording this job (fracgpu run)
-};
+// The job's settings (FRACGPU_PARTITION, FRACGPU_MEMORY, ...), parsed by the
+// function the NVML shim uses too.
+using Settings = fracgpu::JobSettings;
 
 // Loads settings and the real driver once. False: the shim cannot work in
 // this process; init_error() says what every call returns (the reason was
@@ -56,8 +52,9 @@ const Settings &settings();
 void *real_handle();
 using fracgpu::log;        // "fracgpu: ..." on stderr (fracgpu/support.h)
 using fracgpu::mono_ns;
+using fracgpu::size_text;  // "4 GiB"
 
-// The memory layer's binding of device `dev` in this process (quota.cpp): its
+// The binding of device `dev` in this process (process.cpp): its
 // region and process slot. False when nothing is enforced there.
 bool bound_slot(int dev, fracgpu::Region **region, int *slot);
 // The device the current context is on (0 without a driver call when the

@@ -13,6 +13,8 @@
 // the sum over live slots, so a process killed at any moment, even holding the
 // lock, leaves nothing behind: its slot is reaped by whoever looks next.
 #include "sim.h"
+#include "fracgpu/settings.h"
+#include "fracgpu/os.h"
 
 #include <cerrno>
 #include <cinttypes>
@@ -138,7 +140,8 @@ uint64_t used_locked(int phys) {
     return sum;
 }
 
-bool parse_u64(const char *name, const char *text, uint64_t lo, uint64_t hi, uint64_t *out) {
+// Setting `id` (set: its value is `text`), a whole number in [lo, hi].
+bool parse_u64(fracgpu_setting_id id, const char *text, uint64_t lo, uint64_t hi, uint64_t *out) {
     // Plain decimal with an optional binary unit; the CLI writes plain bytes.
     char *end = nullptr;
     errno = 0;
@@ -160,7 +163,7 @@ bool parse_u64(const char *name, const char *text, uint64_t lo, uint64_t hi, uin
 bad:
     warn("%s='%s' is not valid: give a whole number from %" PRIu64 " to %" PRIu64
          " (bytes, or with K/M/G/T), or use `fracgpu sim env` to write the settings",
-         name, text ? text : "", lo, hi);
+         fracgpu_setting_name(id), text ? text : "", lo, hi);
     return false;
 }
 
@@ -193,12 +196,7 @@ CUresult init_region(SharedRegion *r, const Config &cfg, const std::string &dir,
     r->sms = cfg.sms;
     r->devices = cfg.devices;
     snprintf(r->name, sizeof r->name, "%s", cfg.name.c_str());
-    pthread_mutexattr_t a;
-    pthread_mutexattr_init(&a);
-    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
-    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
-    int rc = pthread_mutex_init(&r->lock, &a);
-    pthread_mutexattr_destroy(&a);
+    int rc = fracgpu::init_shared_mutex(&r->lock);
     if (rc != 0) return CUDA_ERROR_OPERATING_SYSTEM;
     // A stable identity per (folder, configuration, index): the same simulated
     // GPU keeps its UUID across runs, another folder is another GPU.
@@ -234,50 +232,44 @@ CUresult validate_region(const SharedRegion *r, size_t file_size, const char *pa
 
 }  // namespace
 
-uint64_t now_ns() {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
+uint64_t now_ns() { return fracgpu::mono_ns(); }
 
 void warn(const char *fmt, ...) {
-    char buf[1024];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
+    fracgpu::print_line("fracgpu-sim", fmt, ap);
     va_end(ap);
-    fprintf(stderr, "fracgpu-sim: %s\n", buf);
 }
 
 CUresult load_config(Config &cfg) {
     cfg = Config();
     const char *v;
     uint64_t x;
-    if ((v = getenv("FRACGPU_SIM_MEMORY")) && *v) {
-        if (!parse_u64("FRACGPU_SIM_MEMORY", v, 1, 64ull << 40, &x)) return CUDA_ERROR_INVALID_VALUE;
+    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_MEMORY))) {
+        if (!parse_u64(FRACGPU_SETTING_SIM_MEMORY, v, 1, 64ull << 40, &x)) return CUDA_ERROR_INVALID_VALUE;
         cfg.memory = x;
     }
-    if ((v = getenv("FRACGPU_SIM_SMS")) && *v) {
-        if (!parse_u64("FRACGPU_SIM_SMS", v, 1, 1024, &x)) return CUDA_ERROR_INVALID_VALUE;
+    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_SMS))) {
+        if (!parse_u64(FRACGPU_SETTING_SIM_SMS, v, 1, 1024, &x)) return CUDA_ERROR_INVALID_VALUE;
         cfg.sms = (int)x;
     }
-    if ((v = getenv("FRACGPU_SIM_DEVICES")) && *v) {
-        if (!parse_u64("FRACGPU_SIM_DEVICES", v, 1, kMaxDevices, &x)) return CUDA_ERROR_INVALID_VALUE;
+    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_DEVICES))) {
+        if (!parse_u64(FRACGPU_SETTING_SIM_DEVICES, v, 1, kMaxDevices, &x)) return CUDA_ERROR_INVALID_VALUE;
         cfg.devices = (int)x;
     }
-    if ((v = getenv("FRACGPU_SIM_CONTEXT_MEMORY")) && *v) {
-        if (!parse_u64("FRACGPU_SIM_CONTEXT_MEMORY", v, 0, cfg.memory - 1, &x))
+    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_CONTEXT_MEMORY))) {
+        if (!parse_u64(FRACGPU_SETTING_SIM_CONTEXT_MEMORY, v, 0, cfg.memory - 1, &x))
             return CUDA_ERROR_INVALID_VALUE;
         cfg.context_memory = x;
     }
-    if ((v = getenv("FRACGPU_SIM_NAME")) && *v) {
+    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_NAME))) {
         if (strlen(v) > 200) {
             warn("FRACGPU_SIM_NAME is longer than 200 characters");
             return CUDA_ERROR_INVALID_VALUE;
         }
         cfg.name = v;
     }
-    if ((v = getenv("FRACGPU_SIM_DIR")) && *v) {
+    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_DIR))) {
         cfg.dir = v;
     } else {
         const char *xdg = getenv("XDG_RUNTIME_DIR");

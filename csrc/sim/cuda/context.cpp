@@ -179,14 +179,20 @@ static CUresult ctx_or_current(CUcontext h, Context **out) {
     return CUDA_SUCCESS;
 }
 
-SIM_API CUresult cuCtxGetDevice_v2(CUdevice *device, CUcontext ctx) {
-    if (!device) return CUDA_ERROR_INVALID_VALUE;
+// *out = get(context h, or the current one when h is null); out must not be null.
+template <typename T, typename Get>
+static CUresult context_attribute(CUcontext h, T *out, Get get) {
+    if (!out) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::mutex> lk(g_mu);
     Context *c;
-    CUresult rc = ctx_or_current(ctx, &c);
+    CUresult rc = ctx_or_current(h, &c);
     if (rc != CUDA_SUCCESS) return rc;
-    *device = c->dev;
+    *out = get(c);
     return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuCtxGetDevice_v2(CUdevice *device, CUcontext ctx) {
+    return context_attribute(ctx, device, [](const Context *c) { return c->dev; });
 }
 SIM_API CUresult cuCtxGetDevice(CUdevice *device) { return cuCtxGetDevice_v2(device, nullptr); }
 
@@ -201,13 +207,7 @@ SIM_API CUresult cuCtxSynchronize_v2(CUcontext ctx) {
 SIM_API CUresult cuCtxSynchronize(void) { return cuCtxSynchronize_v2(nullptr); }
 
 SIM_API CUresult cuCtxGetFlags(unsigned int *flags) {
-    if (!flags) return CUDA_ERROR_INVALID_VALUE;
-    std::lock_guard<std::mutex> lk(g_mu);
-    Context *c;
-    CUresult rc = get_context(&c);
-    if (rc != CUDA_SUCCESS) return rc;
-    *flags = c->flags;
-    return CUDA_SUCCESS;
+    return context_attribute(nullptr, flags, [](const Context *c) { return c->flags; });
 }
 
 SIM_API CUresult cuCtxSetFlags(unsigned int flags) {
@@ -220,23 +220,12 @@ SIM_API CUresult cuCtxSetFlags(unsigned int flags) {
 }
 
 SIM_API CUresult cuCtxGetId(CUcontext ctx, unsigned long long *id) {
-    if (!id) return CUDA_ERROR_INVALID_VALUE;
-    std::lock_guard<std::mutex> lk(g_mu);
-    Context *c;
-    CUresult rc = ctx_or_current(ctx, &c);
-    if (rc != CUDA_SUCCESS) return rc;
-    *id = c->id;
-    return CUDA_SUCCESS;
+    return context_attribute(ctx, id, [](const Context *c) { return c->id; });
 }
 
 SIM_API CUresult cuCtxGetApiVersion(CUcontext ctx, unsigned int *version) {
-    if (!version) return CUDA_ERROR_INVALID_VALUE;
-    std::lock_guard<std::mutex> lk(g_mu);
-    Context *c;
-    CUresult rc = ctx_or_current(ctx, &c);
-    if (rc != CUDA_SUCCESS) return rc;
-    *version = 12010;   // what current drivers report for contexts
-    return CUDA_SUCCESS;
+    // What current drivers report for contexts.
+    return context_attribute(ctx, version, [](const Context *) { return 12010u; });
 }
 
 SIM_API CUresult cuCtxGetLimit(size_t *value, CUlimit limit) {

@@ -53,6 +53,13 @@ using namespace sim;
 
 namespace {
 
+// Stream h (or the legacy or per-thread stream), once the driver is initialised.
+CUresult stream_get(CUstream h, bool pt, Stream **s) {
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    return resolve_stream(h, pt, s);
+}
+
 CUresult stream_create(CUstream *ph, unsigned flags, int priority) {
     if (!ph || (flags & ~CU_STREAM_NON_BLOCKING)) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::mutex> lk(g_mu);
@@ -72,10 +79,8 @@ CUresult stream_create(CUstream *ph, unsigned flags, int priority) {
 
 CUresult stream_sync(CUstream h, bool pt) {
     std::unique_lock<std::mutex> lk(g_mu);
-    CUresult rc = check_init();
-    if (rc != CUDA_SUCCESS) return rc;
     Stream *s;
-    rc = resolve_stream(h, pt, &s);
+    CUresult rc = stream_get(h, pt, &s);
     if (rc != CUDA_SUCCESS) return rc;
     Context *c = s->ctx;
     std::shared_ptr<Record> r = s->is_null ? nullptr : engine_mark(s);
@@ -90,10 +95,8 @@ CUresult stream_sync(CUstream h, bool pt) {
 
 CUresult stream_query(CUstream h, bool pt) {
     std::lock_guard<std::mutex> lk(g_mu);
-    CUresult rc = check_init();
-    if (rc != CUDA_SUCCESS) return rc;
     Stream *s;
-    rc = resolve_stream(h, pt, &s);
+    CUresult rc = stream_get(h, pt, &s);
     if (rc != CUDA_SUCCESS) return rc;
     if (s->ctx->sticky) return s->ctx->sticky;
     return engine_stream_idle(s) ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
@@ -101,10 +104,8 @@ CUresult stream_query(CUstream h, bool pt) {
 
 CUresult stream_wait_event(CUstream h, CUevent e, unsigned flags, bool pt) {
     std::unique_lock<std::mutex> lk(g_mu);
-    CUresult rc = check_init();
-    if (rc != CUDA_SUCCESS) return rc;
     Stream *s;
-    rc = resolve_stream(h, pt, &s);
+    CUresult rc = stream_get(h, pt, &s);
     if (rc != CUDA_SUCCESS) return rc;
     Event *ev = reinterpret_cast<Event *>(e);
     if (!g_events.count(ev)) return CUDA_ERROR_INVALID_HANDLE;
@@ -131,10 +132,8 @@ CUresult event_record(CUevent e, CUstream h, bool pt) {
 
 CUresult host_func(CUstream h, std::function<void()> fn, bool pt) {
     std::unique_lock<std::mutex> lk(g_mu);
-    CUresult rc = check_init();
-    if (rc != CUDA_SUCCESS) return rc;
     Stream *s;
-    rc = resolve_stream(h, pt, &s);
+    CUresult rc = stream_get(h, pt, &s);
     if (rc != CUDA_SUCCESS) return rc;
     engine_enqueue(lk, s, Op{Op::Callback, 0, 0, std::move(fn), nullptr});
     return CUDA_SUCCESS;
@@ -172,46 +171,32 @@ SIM_API CUresult cuStreamWaitEvent_ptsz(CUstream h, CUevent e, unsigned int f) {
     return stream_wait_event(h, e, f, true);
 }
 
-static CUresult stream_get(CUstream h, bool pt, Stream **s) {
-    CUresult rc = check_init();
-    if (rc != CUDA_SUCCESS) return rc;
-    return resolve_stream(h, pt, s);
+namespace {
+// *out = get(stream h), when h is a stream and out is not null.
+template <typename T, typename Get>
+CUresult stream_attribute(CUstream h, T *out, Get get) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    Stream *s;
+    CUresult rc = stream_get(h, false, &s);
+    if (rc == CUDA_SUCCESS && out) *out = get(s);
+    return rc;
 }
+}  // namespace
 
 SIM_API CUresult cuStreamGetFlags(CUstream h, unsigned int *flags) {
-    std::lock_guard<std::mutex> lk(g_mu);
-    Stream *s;
-    CUresult rc = stream_get(h, false, &s);
-    if (rc == CUDA_SUCCESS && flags) *flags = s->flags;
-    return rc;
+    return stream_attribute(h, flags, [](const Stream *s) { return s->flags; });
 }
 SIM_API CUresult cuStreamGetPriority(CUstream h, int *priority) {
-    std::lock_guard<std::mutex> lk(g_mu);
-    Stream *s;
-    CUresult rc = stream_get(h, false, &s);
-    if (rc == CUDA_SUCCESS && priority) *priority = s->priority;
-    return rc;
+    return stream_attribute(h, priority, [](const Stream *s) { return s->priority; });
 }
 SIM_API CUresult cuStreamGetId(CUstream h, unsigned long long *id) {
-    std::lock_guard<std::mutex> lk(g_mu);
-    Stream *s;
-    CUresult rc = stream_get(h, false, &s);
-    if (rc == CUDA_SUCCESS && id) *id = s->is_null ? 0 : s->id;
-    return rc;
+    return stream_attribute(h, id, [](const Stream *s) { return s->is_null ? 0 : s->id; });
 }
 SIM_API CUresult cuStreamGetCtx(CUstream h, CUcontext *pctx) {
-    std::lock_guard<std::mutex> lk(g_mu);
-    Stream *s;
-    CUresult rc = stream_get(h, false, &s);
-    if (rc == CUDA_SUCCESS && pctx) *pctx = reinterpret_cast<CUcontext>(s->ctx);
-    return rc;
+    return stream_attribute(h, pctx, [](const Stream *s) { return reinterpret_cast<CUcontext>(s->ctx); });
 }
 SIM_API CUresult cuStreamGetDevice(CUstream h, CUdevice *dev) {
-    std::lock_guard<std::mutex> lk(g_mu);
-    Stream *s;
-    CUresult rc = stream_get(h, false, &s);
-    if (rc == CUDA_SUCCESS && dev) *dev = s->ctx->dev;
-    return rc;
+    return stream_attribute(h, dev, [](const Stream *s) { return s->ctx->dev; });
 }
 
 SIM_API CUresult cuStreamIsCapturing(CUstream h, CUstreamCaptureStatus *status) {

@@ -60,6 +60,8 @@ CUresult load_config(Config &cfg);
 CUresult shared_attach(const Config &cfg);
 void shared_detach();
 const CUuuid &device_uuid(int phys);
+// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" (lowercase), as NVML and CUDA_VISIBLE_DEVICES write it.
+std::string uuid_text(const CUuuid &u);
 // Global memory accounting across processes (phys = physical device index).
 bool mem_charge(int phys, uint64_t bytes);           // false: device out of memory
 void mem_uncharge(int phys, uint64_t bytes);
@@ -116,6 +118,7 @@ struct Alloc {
 // is not inside one known allocation. *out (optional) receives the allocation.
 void *translate(uint64_t addr, uint64_t len, Alloc **out = nullptr);
 Alloc *find_alloc(uint64_t addr);          // allocation containing addr
+Alloc *as_array(CUarray h);                // the array h, or null when h is not a live array
 void free_context_memory(Context *ctx);     // everything a destroyed context owned
 
 // ---------------------------------------------------------------------------

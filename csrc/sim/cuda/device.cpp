@@ -16,6 +16,14 @@ Config &g_cfg = *new Config;
 std::vector<Device> &g_devices = *new std::vector<Device>;
 std::mutex g_mu;
 
+std::string uuid_text(const CUuuid &u) {
+    const unsigned char *b = reinterpret_cast<const unsigned char *>(u.bytes);
+    char s[48];
+    snprintf(s, sizeof s, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
+             b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+    return s;
+}
+
 namespace {
 
 enum State { kUninit, kReady, kFailed, kForked };
@@ -29,14 +37,6 @@ void after_fork_in_child() {
 }
 
 void at_exit() { shared_detach(); }
-
-std::string uuid_string(const CUuuid &u) {
-    const unsigned char *b = reinterpret_cast<const unsigned char *>(u.bytes);
-    char s[64];
-    snprintf(s, sizeof s, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
-             b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
-    return s;
-}
 
 // CUDA_VISIBLE_DEVICES: indices or GPU-UUID prefixes; the list ends at the
 // first entry that names no device (or repeats one), as with the real driver.
@@ -60,7 +60,7 @@ void pick_visible_devices() {
             if (v < g_cfg.devices) phys = (int)v;
         } else if (item.size() > 4 && item.compare(0, 4, "GPU-") == 0) {
             for (int d = 0; d < g_cfg.devices; d++)
-                if (uuid_string(device_uuid(d)).compare(0, item.size(), item) == 0) {
+                if (uuid_text(device_uuid(d)).compare(0, item.size(), item) == 0) {
                     phys = d;
                     break;
                 }
@@ -397,16 +397,14 @@ SIM_API CUresult cuDeviceGetTexture1DLinearMaxWidth(size_t *w, CUarray_format fo
 
 SIM_API CUresult cuGetErrorName(CUresult error, const char **pStr) {
     if (!pStr) return CUDA_ERROR_INVALID_VALUE;
-    const fracgpu::ErrorText *e = fracgpu::find_error(kErrors, (int)error);
-    *pStr = e ? e->name : nullptr;
-    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    return fracgpu::describe_error(kErrors, (int)error, &fracgpu::ErrorText::name, pStr) ? CUDA_SUCCESS
+                                                                                        : CUDA_ERROR_INVALID_VALUE;
 }
 
 SIM_API CUresult cuGetErrorString(CUresult error, const char **pStr) {
     if (!pStr) return CUDA_ERROR_INVALID_VALUE;
-    const fracgpu::ErrorText *e = fracgpu::find_error(kErrors, (int)error);
-    *pStr = e ? e->text : nullptr;
-    return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    return fracgpu::describe_error(kErrors, (int)error, &fracgpu::ErrorText::text, pStr) ? CUDA_SUCCESS
+                                                                                        : CUDA_ERROR_INVALID_VALUE;
 }
 
 SIM_API CUresult cuGetProcAddress_v2(const char *symbol, void **pfn, int cudaVersion, cuuint64_t flags,

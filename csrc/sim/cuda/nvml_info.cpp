@@ -20,14 +20,6 @@ Config &g_nvml_cfg = *new Config;   // the settings of the attach made here (nev
 pid_t g_nvml_pid = 0;               // the process that made it (a forked child attaches anew)
 bool g_nvml_failed = false;
 
-std::string uuid_text(const CUuuid &u) {
-    const unsigned char *b = reinterpret_cast<const unsigned char *>(u.bytes);
-    char s[48];
-    snprintf(s, sizeof s, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
-             b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
-    return s;
-}
-
 // The settings of the attached simulated GPU, or null (callers hold g_mu).
 const Config *attached() {
     if (initialized()) return &g_cfg;

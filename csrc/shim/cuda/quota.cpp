@@ -7,7 +7,7 @@
 // The shim remembers what it charged per allocation (by pointer, handle or
 // array), so a release uncharges exactly that, and a destroyed context
 // uncharges everything it owned.
-#include "shim.h"
+#include "process.h"
 
 #include <chrono>
 #include <cstdio>
@@ -17,135 +17,16 @@
 #include <thread>
 #include <type_traits>
 #include <unordered_map>
-#include <unistd.h>
 
 #include "fracgpu/state.h"
-#include "fracgpu/units.h"
 #include "fracgpu/view.h"
 
 namespace shim {
 namespace {
 
-constexpr int kMaxDevices = 64;
 constexpr uint64_t kReapIntervalNs = 100'000'000;   // cuMemGetInfo looks for dead jobs this often
 
-struct Binding {
-    bool ok = false;                 // this device has the job's partition
-    fracgpu::Region region;
-    int slot = -1;
-    // What the job sees as the device's memory: its partition's limit, read
-    // from the shared state each time (it may change while the job runs).
-    uint64_t limit() {
-        const fracgpu::SharedRegion *r = region.raw();
-        uint64_t l = fracgpu::memory_limit_of(r->partitions[r->processes[slot].partition]);
-        return l ? l : region.total_memory();
-    }
-    std::string uuid, refusal;
-    std::atomic<bool> oom_reported{false};         // the refusal of a binding that is not ok was said
-    std::atomic<uint64_t> oom_logged_ns{0};        // when the last out-of-memory line was written
-    std::atomic<uint64_t> oom_unlogged{0};         // refusals since, not written
-    std::atomic<uint64_t> last_reap_ns{0};
-};
 
-std::mutex g_bind_mu;
-Binding *g_bind = nullptr;           // kMaxDevices, by ordinal; never freed (used until exit)
-int g_ndev = 0;
-std::atomic<bool> g_bound{false};     // this process has bindings (a forked child has none until its cuInit)
-CUresult g_bind_result = CUDA_SUCCESS;
-
-std::string size_text(uint64_t bytes) {
-    char buf[32];
-    fracgpu_format_size(bytes, buf, sizeof buf);
-    return buf;
-}
-
-std::string uuid_text(const CUuuid &u) {
-    const unsigned char *b = reinterpret_cast<const unsigned char *>(u.bytes);
-    char s[48];
-    snprintf(s, sizeof s, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
-             b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
-    return s;
-}
-
-std::string command_name() {
-    char buf[64] = "";
-    FILE *f = fopen("/proc/self/comm", "re");
-    if (f) {
-        if (!fgets(buf, sizeof buf, f)) buf[0] = 0;
-        fclose(f);
-    }
-    buf[strcspn(buf, "\n")] = 0;
-    return buf;
-}
-
-// Binds device ordinal d: its region, the partition, a process slot.
-// Returns false when the job must not run at all (its reason logged).
-bool attach(int d, Binding &b) {
-    const Settings &s = settings();
-    CUdevice dev;
-    CUuuid uuid;
-    char name[96] = "";
-    size_t total = 0;
-    auto get = REAL(cuDeviceGet);
-    auto get_uuid = REAL(cuDeviceGetUuid_v2) ? REAL(cuDeviceGetUuid_v2) : REAL(cuDeviceGetUuid);
-    auto get_name = REAL(cuDeviceGetName);
-    auto get_total = REAL(cuDeviceTotalMem_v2);
-    if (!get || !get_uuid || !get_name || !get_total || get(&dev, d) != CUDA_SUCCESS ||
-        get_uuid(&uuid, dev) != CUDA_SUCCESS || get_name(name, sizeof name, dev) != CUDA_SUCCESS ||
-        get_total(&total, dev) != CUDA_SUCCESS) {
-        log("cannot identify CUDA device %d; CUDA is refused in this process so that no job runs without its "
-            "limits", d);
-        return false;
-    }
-    b.uuid = uuid_text(uuid);
-    std::string err;
-    if (!b.region.open(s.state_dir, b.uuid, name, total, true, &err)) {
-        log("%s; CUDA is refused in this process so that no job runs without its limits", err.c_str());
-        return false;
-    }
-    uint64_t limit = s.memory_fraction > 0 ? (uint64_t)((double)total * s.memory_fraction) : s.memory_bytes;
-    if (s.has_memory && limit > total) {
-        log("the memory limit %s of partition '%s' is above the %s of GPU %d (%s); ask for at most %s",
-            size_text(limit).c_str(), s.partition.c_str(), size_text(total).c_str(), d, b.uuid.c_str(),
-            size_text(total).c_str());
-        return false;
-    }
-    if (!s.has_memory) limit = 0;
-    b.slot = b.region.join(s.partition, getpid(), command_name().c_str(), s.ephemeral ? &limit : nullptr, &err,
-                           s.compute_share, s.compute_cap ? fracgpu::kPartitionCap : 0u, s.holder);
-    if (b.slot < 0) {
-        if (b.region.find_partition(s.partition) >= 0 || s.ephemeral) {
-            log("%s; CUDA is refused in this process", err.c_str());
-            return false;
-        }
-        b.refusal = err;   // the partition lives on another GPU: this one gets no memory
-        return true;
-    }
-    b.ok = true;
-    return true;
-}
-
-void detach_at_exit() {
-    if (!g_bound.load() || !g_bind) return;
-    gate_account_finished();
-    // From here on nothing is charged or given back: a free made by a later exit
-    // handler (a static destructor freeing its cache) must not give the partition
-    // back memory that leaving it already returned, nor touch a slot that may
-    // belong to another process by then.
-    g_bound.store(false, std::memory_order_release);
-    for (int d = 0; d < g_ndev; d++)
-        if (g_bind[d].ok) g_bind[d].region.leave(g_bind[d].slot);
-}
-
-void forget_after_fork();   // below, once the tables it resets are declared
-
-// The binding that governs device `dev` in this process, or null when nothing
-// is enforced here.
-Binding *binding(int dev) {
-    if (!g_bound.load(std::memory_order_acquire)) return nullptr;
-    if (dev < 0 || dev >= g_ndev) return nullptr;
-    return &g_bind[dev];
-}
 
 // One line at most every kOomLogNs per device, however often a job is refused
 // (an allocator that retries, a job that probes its limit).
@@ -298,20 +179,18 @@ struct Primary {
 std::mutex g_primary_mu;
 Primary g_primary[kMaxDevices];
 
-void forget_after_fork() {
-    // The child is a new process: its first cuInit binds it anew. The parent's
-    // slots, allocations and launch gate stay the parent's; locks another
-    // thread of the parent held at the fork are remade.
-    g_bound.store(false);
-    new (&g_bind_mu) std::mutex();
+}  // namespace
+
+void quota_forget_after_fork() {
     new (&g_primary_mu) std::mutex();
     for (int k = 0; k < kKinds; k++) {
         new (&g_tables[k].mu) std::mutex();
         g_tables[k].map.clear();
     }
     for (Primary &p : g_primary) p = Primary{};
-    gate_forget_after_fork();
 }
+
+namespace {
 
 uint64_t array_bytes(size_t w, size_t h, size_t d, unsigned channels, CUarray_format f) {
     size_t elem;
@@ -328,65 +207,9 @@ uint64_t array_bytes(size_t w, size_t h, size_t d, unsigned channels, CUarray_fo
 
 }  // namespace
 
-bool bound_slot(int dev, fracgpu::Region **region, int *slot) {
-    Binding *b = binding(dev);
-    if (!b || !b->ok) return false;
-    *region = &b->region;
-    *slot = b->slot;
-    return true;
-}
-
-int launch_device() {
-    if (!g_bound.load(std::memory_order_acquire)) return -1;
-    if (g_ndev == 1) return 0;
-    CUdevice d;   // only the device: a launch needs no context lookup here
-    auto get_dev = REAL(cuCtxGetDevice);
-    return get_dev && get_dev(&d) == CUDA_SUCCESS ? d : -1;
-}
-
 }  // namespace shim
 
 using namespace shim;
-
-// ---------------------------------------------------------------------------
-// Initialisation: the real cuInit, then this process joins its partition on
-// every device it can see.
-// ---------------------------------------------------------------------------
-SHIM_API CUresult cuInit(unsigned int flags) {
-    if (!ensure_loaded()) return init_error();
-    REAL_OR_RETURN(real, cuInit);
-    CUresult rc = real(flags);
-    if (rc != CUDA_SUCCESS || !settings().enforce) return rc;
-    std::lock_guard<std::mutex> lk(g_bind_mu);
-    if (g_bound.load()) return g_bind_result;
-    static bool hooks_installed = false;
-    if (!hooks_installed) {
-        hooks_installed = true;
-        pthread_atfork(nullptr, nullptr, forget_after_fork);
-        atexit(detach_at_exit);
-    }
-    int n = 0;
-    REAL_OR_RETURN(count, cuDeviceGetCount);
-    if ((rc = count(&n)) != CUDA_SUCCESS) return rc;
-    // A forked child gets bindings of its own; the parent's stay untouched.
-    g_bind = new Binding[kMaxDevices];
-    g_ndev = n < kMaxDevices ? n : kMaxDevices;
-    bool any = false, fatal = false;
-    for (int d = 0; d < g_ndev && !fatal; d++) {
-        fatal = !attach(d, g_bind[d]);
-        any = any || g_bind[d].ok;
-    }
-    if (!fatal && !any && g_ndev > 0) {
-        log("%s; CUDA is refused in this process", g_bind[0].refusal.c_str());
-        fatal = true;
-    }
-    if (fatal)
-        for (int d = 0; d < g_ndev; d++)
-            if (g_bind[d].ok) g_bind[d].region.leave(g_bind[d].slot), g_bind[d].ok = false;
-    g_bind_result = fatal ? CUDA_ERROR_NOT_PERMITTED : CUDA_SUCCESS;
-    g_bound.store(settings().enforce, std::memory_order_release);
-    return g_bind_result;
-}
 
 // ---------------------------------------------------------------------------
 // Linear device memory
@@ -632,22 +455,17 @@ CUresult primary_reset(CUdevice dev, CUresult rc) {
 }
 }  // namespace
 
-SHIM_API CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
-    REAL_OR_RETURN(real, cuDevicePrimaryCtxRelease_v2);
-    return primary_release(dev, real(dev));
-}
-SHIM_API CUresult cuDevicePrimaryCtxRelease(CUdevice dev) {
-    REAL_OR_RETURN(real, cuDevicePrimaryCtxRelease);
-    return primary_release(dev, real(dev));
-}
-SHIM_API CUresult cuDevicePrimaryCtxReset_v2(CUdevice dev) {
-    REAL_OR_RETURN(real, cuDevicePrimaryCtxReset_v2);
-    return primary_reset(dev, real(dev));
-}
-SHIM_API CUresult cuDevicePrimaryCtxReset(CUdevice dev) {
-    REAL_OR_RETURN(real, cuDevicePrimaryCtxReset);
-    return primary_reset(dev, real(dev));
-}
+// Release and reset, both versions: the real call, then what it dropped.
+#define PRIMARY_HOOK(fn, after)                \
+    SHIM_API CUresult fn(CUdevice dev) {       \
+        REAL_OR_RETURN(real, fn);              \
+        return after(dev, real(dev));          \
+    }
+PRIMARY_HOOK(cuDevicePrimaryCtxRelease_v2, primary_release)
+PRIMARY_HOOK(cuDevicePrimaryCtxRelease, primary_release)
+PRIMARY_HOOK(cuDevicePrimaryCtxReset_v2, primary_reset)
+PRIMARY_HOOK(cuDevicePrimaryCtxReset, primary_reset)
+#undef PRIMARY_HOOK
 
 // ---------------------------------------------------------------------------
 // The quota shown as the device's memory

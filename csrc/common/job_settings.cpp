@@ -1,0 +1,97 @@
+// A job's settings, parsed once for both shims: see fracgpu/job_settings.h.
+#include "fracgpu/job_settings.h"
+
+#include <cerrno>
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "fracgpu/settings.h"
+#include "fracgpu/state.h"
+#include "fracgpu/units.h"
+
+namespace fracgpu {
+
+bool read_job_settings(JobSettings *out, std::string *err) {
+    JobSettings &s = *out;
+    s = JobSettings();
+    char msg[512];
+    const char *v;
+    if ((v = fracgpu_setting(FRACGPU_SETTING_PARTITION))) {
+        if (!valid_partition_name(v, err)) {
+            *err = "FRACGPU_PARTITION: " + *err;
+            return false;
+        }
+        s.enforce = true;
+        s.partition = v;
+    }
+    if ((v = fracgpu_setting(FRACGPU_SETTING_COMPUTE))) {
+        if (!s.enforce) {
+            *err = "FRACGPU_COMPUTE is set without FRACGPU_PARTITION; run jobs with `fracgpu run --compute SHARE`";
+            return false;
+        }
+        if (fracgpu_parse_share(v, &s.compute_share, msg, sizeof msg) != 0) {
+            *err = std::string("FRACGPU_COMPUTE='") + v + "' is not valid: " + msg;
+            return false;
+        }
+        s.ephemeral = true;
+    }
+    if ((v = fracgpu_setting(FRACGPU_SETTING_COMPUTE_CAP)) && strcmp(v, "0") != 0) {
+        if (strcmp(v, "1") != 0 || s.compute_share == 0) {
+            *err = std::string("FRACGPU_COMPUTE_CAP='") + v + "' is not valid: set it to 1, with FRACGPU_COMPUTE";
+            return false;
+        }
+        s.compute_cap = true;
+    }
+    if ((v = fracgpu_setting(FRACGPU_SETTING_MEMORY))) {
+        if (!s.enforce) {
+            *err = "FRACGPU_MEMORY is set without FRACGPU_PARTITION; run jobs with `fracgpu run --memory SIZE`";
+            return false;
+        }
+        s.ephemeral = true;
+        if (fracgpu_parse_size(v, &s.memory_bytes, &s.memory_fraction, msg, sizeof msg) != 0) {
+            *err = std::string("FRACGPU_MEMORY='") + v + "' is not valid: " + msg;
+            return false;
+        }
+        s.has_memory = true;
+    }
+    if ((v = fracgpu_setting(FRACGPU_SETTING_CONTEXT_MEMORY))) {
+        double fraction = 0;
+        if (fracgpu_parse_size(v, &s.context_memory, &fraction, msg, sizeof msg) != 0 || fraction != 0) {
+            if (strcmp(v, "0") != 0) {
+                *err = std::string("FRACGPU_CONTEXT_MEMORY='") + v + "' is not valid: " +
+                       (fraction != 0 ? "give a size, not a percentage" : msg);
+                return false;
+            }
+            s.context_memory = 0;
+        }
+    }
+    if ((v = fracgpu_setting(FRACGPU_SETTING_OOM_WAIT))) {
+        char *end = nullptr;
+        errno = 0;
+        double w = strtod(v, &end);
+        if (errno || end == v || *end || !std::isfinite(w) || w < 0) {
+            *err = std::string("FRACGPU_OOM_WAIT='") + v + "' is not valid: give seconds, a number >= 0";
+            return false;
+        }
+        s.oom_wait_s = w;
+    }
+    // Set by `fracgpu run` (and the recorder of fracgpu.init()): the process
+    // that records this job in the ledger, which keeps our slot when we end.
+    if ((v = fracgpu_setting(FRACGPU_SETTING_JOB_HOLDER))) {
+        char *end = nullptr;
+        errno = 0;
+        long h = strtol(v, &end, 10);
+        if (errno || end == v || *end || h <= 0 || h > INT32_MAX) {
+            *err = std::string("FRACGPU_JOB_HOLDER='") + v + "' is not valid: it is set by `fracgpu run`, a "
+                   "process id; unset it";
+            return false;
+        }
+        s.holder = (int)h;
+    }
+    s.state_dir = default_state_dir();
+    return true;
+}
+
+}  // namespace fracgpu

@@ -1,0 +1,42 @@
+// A job's settings as both shims read them: FRACGPU_PARTITION and what the
+// job asks of its partition (FRACGPU_MEMORY, FRACGPU_COMPUTE, ...), parsed
+// once, by one function, from the settings table (fracgpu/settings.h).
+//
+// The driver shim refuses CUDA in a process whose settings do not parse (no
+// job runs without its limits); the NVML shim refuses memory queries there
+// with the same reason, so the two never disagree about the quota.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace fracgpu {
+
+struct JobSettings {
+    bool enforce = false;          // FRACGPU_PARTITION is set
+    std::string partition;
+    // FRACGPU_MEMORY / FRACGPU_COMPUTE: the partition is private to this job
+    // and made on demand with these settings.
+    bool ephemeral = false;
+    bool has_memory = false;
+    uint64_t memory_bytes = 0;     // limit
+    double memory_fraction = 0;    // ... or this fraction of each device
+    double compute_share = 0;      // FRACGPU_COMPUTE, (0, 1]; 0: none
+    bool compute_cap = false;      // FRACGPU_COMPUTE_CAP=1: the share is also a ceiling
+    std::string state_dir;
+    double oom_wait_s = 0;         // FRACGPU_OOM_WAIT
+    uint64_t context_memory = 0;   // FRACGPU_CONTEXT_MEMORY: charged per context
+    int holder = 0;                // FRACGPU_JOB_HOLDER: the pid recording this job (fracgpu run)
+
+    // FRACGPU_MEMORY's limit on a device of `device_total` bytes (0: none asked).
+    uint64_t memory_limit(uint64_t device_total) const {
+        if (!has_memory) return 0;
+        return memory_fraction > 0 ? (uint64_t)((double)device_total * memory_fraction) : memory_bytes;
+    }
+};
+
+// Reads this process's settings into *out. False with *err saying which
+// setting is wrong and why ("FRACGPU_MEMORY='4XB' is not valid: ..."). Never throws.
+bool read_job_settings(JobSettings *out, std::string *err);
+
+}  // namespace fracgpu
