@@ -93,3 +93,20 @@ def test_the_simulated_gpu_defaults_are_the_tables():
     assert config.memory == settings.default(settings.SIM_MEMORY)
     with pytest.raises(ValueError):
         settings.default(settings.STATE_DIR)   # a rule, not a value
+
+
+def test_the_c_table_the_shims_read_is_the_python_table():
+    """Both languages' tables list the same variables, in the same order, with the same
+    defaults, readers and meanings: the README, the shims and this package cannot disagree."""
+    from fracgpu import _native
+
+    native = [tuple(row) for row in _native.settings()]
+    python = [(s.name, s.default, s.reader, s.meaning) for s in settings.SETTINGS]
+    assert native == python
+
+
+def test_no_native_source_reads_a_fracgpu_variable_outside_the_table():
+    sources = [p for p in (ROOT / "csrc").rglob("*") if p.suffix in (".c", ".cpp", ".h")]
+    assert sources
+    readers = [str(p.relative_to(ROOT)) for p in sources if re.search(r'getenv\("FRACGPU_', p.read_text())]
+    assert readers == []
