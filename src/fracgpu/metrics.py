@@ -29,6 +29,7 @@ Two groups are opt-in:
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import sys
@@ -95,8 +96,8 @@ class UsageCollector:
     """A prometheus_client collector: one read of the shared state per scrape.
 
     ``gpus`` maps a device UUID to its device (index and PCI bus id, from
-    ``probe_gpus``); a UUID it does not know is numbered by its place in the
-    read. ``per_process`` and ``dcgm`` turn on those groups of series;
+    ``probe_gpus``); the UUIDs it does not know are numbered after those it
+    does. ``per_process`` and ``dcgm`` turn on those groups of series;
     ``driver_version`` (when known) labels the DCGM series as dcgm-exporter does."""
 
     def __init__(self, state_dir: str | None = None, gpus: Mapping[str, devices.Device] | None = None,
@@ -133,7 +134,7 @@ class UsageCollector:
         kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
         # dcgm-exporter adds its label fields (DCGM_FI_DRIVER_VERSION) after its own labels, when it has a value.
         driver = [self.driver_version] if self.driver_version else []
-        label_names = {**LABELS, "dcgm": (*DCGM, *[DRIVER_VERSION_LABEL] * len(driver))}
+        label_names = {**LABELS, "dcgm": (*DCGM, DRIVER_VERSION_LABEL) if driver else DCGM}
         families = {key: kinds[kind](name, doc, labels=list(label_names[labels]))
                     for key, kind, name, doc, labels in FAMILIES}
         (gpu_total, gpu_used, gpu_info, used, limit, peak, share, cap, achieved, seconds, launches, refusals_,
@@ -150,9 +151,11 @@ class UsageCollector:
             ratio = achieved_share(before.get(key), ns, (now - then) * 1e9)
             if ratio is not None:
                 family.add_metric(list(key[1:]), ratio)
-        for position, gpu in enumerate(gpus):
+        # A GPU the probe did not see (or all, when it failed) is numbered after those it saw, in the state's order.
+        unseen = itertools.count(max((d.index for d in self.gpus.values()), default=-1) + 1)
+        for gpu in gpus:
             device = self.gpus.get(gpu.uuid)
-            index = str(device.index if device else position)
+            index = str(device.index if device else next(unseen))
             bus_id = device.pci_bus_id if device else ""
             ids = [index, gpu.uuid]
             in_use = sum(p.used for p in gpu.partitions)

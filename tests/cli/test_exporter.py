@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fracgpu import devices, metrics
+from fracgpu import devices, metrics, state
 from fracgpu.cli.exporter import DEFAULT_PORT
 from tests.support.simgpu import GiB, MiB, command_pid
 
@@ -159,6 +159,19 @@ def test_gpu_is_the_index_and_uuid_the_uuid_on_every_series(make_gpu, clients):
     finally:
         job.kill()
         job.wait(timeout=10)
+
+
+def test_a_gpu_the_probe_did_not_see_is_numbered_after_those_it_saw():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    seen = devices.Device(index=0, uuid="GPU-seen", name="sim", total_memory=GiB, pci_bus_id=SIM_BUS_ID)
+    read = [state.GPUUsage(uuid=u, name="sim", total_memory=GiB, partitions=[], processes=[])
+            for u in ("GPU-gone", "GPU-seen")]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics.UsageCollector(gpus={seen.uuid: seen}, read=lambda: read))
+    totals = {s.labels["UUID"]: s.labels["gpu"] for family in text_string_to_metric_families(
+        generate_latest(registry).decode()) for s in family.samples if s.name == "fracgpu_gpu_memory_total_bytes"}
+    assert totals == {"GPU-seen": "0", "GPU-gone": "1"}
 
 
 def test_driver_version_is_the_kernel_modules(tmp_path):
