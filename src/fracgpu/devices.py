@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 from fracgpu import settings, shim
 
-__all__ = ["Device", "DeviceError", "probe", "probe_environment", "uuid_text"]
+__all__ = ["Device", "DeviceError", "pci_bus_id", "probe", "probe_environment", "uuid_text"]
 
 NO_DRIVER_HINT = 'install the NVIDIA driver, or use the simulated GPU: eval "$(fracgpu sim env)"'
 PROBE_TIMEOUT_S = 120   # cuInit on a machine with many GPUs can take tens of seconds
@@ -36,6 +36,7 @@ class Device:
     uuid: str           # "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx", the key of its shared state
     name: str
     total_memory: int   # bytes
+    pci_bus_id: str = ""   # "00000000:3B:00.0", as NVML and dcgm-exporter write it; "" when the driver cannot say
 
 
 def uuid_text(raw: bytes) -> str:
@@ -46,6 +47,12 @@ def uuid_text(raw: bytes) -> str:
         raise ValueError(f"a GPU UUID has 16 bytes, not {len(raw)}")
     h = raw.hex()
     return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def pci_bus_id(text: str) -> str:
+    """CUDA's ``0000:3b:00.0`` as NVML writes it (``00000000:3B:00.0``: an 8-digit domain, upper case)."""
+    domain, sep, rest = text.strip().partition(":")
+    return f"{domain.zfill(8)}:{rest}".upper() if sep else text.strip().upper()
 
 
 def probe_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -123,8 +130,10 @@ def _list_devices() -> dict:
             rc = function(*args)
             if rc != 0:
                 return {"error": f"{call} failed for CUDA device {index} with {error_name(rc)}"}
-        devices.append({"index": index, "uuid": uuid_text(bytes(uuid)),
-                        "name": name.value.decode(errors="replace"), "total_memory": total.value})
+        bus = ctypes.create_string_buffer(32)   # optional: a driver without it still lists the device
+        bus_id = pci_bus_id(bus.value.decode()) if cuda.cuDeviceGetPCIBusId(bus, len(bus), dev) == 0 else ""
+        devices.append({"index": index, "uuid": uuid_text(bytes(uuid)), "name": name.value.decode(errors="replace"),
+                        "total_memory": total.value, "pci_bus_id": bus_id})
     return {"devices": devices}
 
 

@@ -1,45 +1,64 @@
-"""Prometheus metrics of every partition and process, read on each scrape (``fracgpu exporter`` serves them).
+"""Prometheus metrics of every partition (and, on request, every process), read on each scrape.
 
-The collector reads ``fracgpu.usage()`` when Prometheus scrapes, so the
-figures are as current as the shared state. Names follow the Prometheus
-conventions: a ``fracgpu_`` prefix, the unit in the name (``_bytes``,
-``_seconds``, ``_ratio``), ``_total`` on counters. The ``gpu`` label is the
-device UUID on ``fracgpu_`` series; partition series have ``partition``,
-process series ``partition`` and ``pid``. The compute share achieved is
+``fracgpu exporter`` serves them. The collector reads the shared state when
+Prometheus scrapes, so the figures are as current as the state. Names follow
+the Prometheus conventions: a ``fracgpu_`` prefix, the unit in the name
+(``_bytes``, ``_seconds``, ``_ratio``), ``_total`` on counters.
+
+Every series names its GPU the way dcgm-exporter does, so the two join:
+``gpu`` is the GPU's index (the NVML index, that is CUDA's in PCI bus order,
+whatever the exporter's ``CUDA_VISIBLE_DEVICES``) and ``UUID`` its UUID.
+Partition series add ``partition``. The compute share achieved is
 ``fracgpu_partition_compute_share_achieved_ratio`` (device time used between
 this scrape and the one before, over the time between them), or over any
 window ``rate(fracgpu_partition_device_seconds_total[1m])``.
 
-For dashboards made for NVIDIA's dcgm-exporter, ``DCGM_FI_DEV_FB_USED`` and
-``DCGM_FI_DEV_FB_FREE`` (MiB, labels ``gpu`` = CUDA index, ``UUID``,
-``device``, ``modelName``, ``Hostname``) are computed from the memory in use
-by fracgpu's partitions.
+Two groups are opt-in:
+
+- per process (``per_process``): the ``fracgpu_process_*`` series, labelled
+  ``partition`` and ``pid``. A pid is unbounded cardinality where every task
+  is a new process (Ray starts a worker per task), so they are off by default.
+- dcgm (``dcgm``): ``DCGM_FI_DEV_FB_USED`` and ``DCGM_FI_DEV_FB_FREE`` in MiB,
+  computed from the memory in use by fracgpu's partitions, for dashboards made
+  for NVIDIA's dcgm-exporter, with its labels: ``gpu``, ``UUID``,
+  ``pci_bus_id``, ``device`` (``nvidia<index>``), ``modelName``, ``hostname``,
+  and ``DCGM_FI_DRIVER_VERSION`` where the NVIDIA kernel module says it. On a
+  node where dcgm-exporter runs too, both would report the same series name
+  for the same GPU: leave it off there.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from fracgpu import devices, state
 from fracgpu.snapshot import achieved_share
 
-__all__ = ["UsageCollector", "gpu_indexes"]
+__all__ = ["UsageCollector", "probe_gpus", "driver_version"]
 
 MiB = 1 << 20
 
-LABELS = {"gpu": ("gpu",), "partition": ("gpu", "partition"), "process": ("gpu", "partition", "pid"),
-          "info": ("gpu", "index", "model"), "dcgm": ("gpu", "UUID", "device", "modelName", "Hostname")}
+# Label names. Every fracgpu_ series starts with GPU; DCGM's are dcgm-exporter's own (its render_metrics.go).
+GPU = ("gpu", "UUID")
+DCGM = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "hostname")
+DRIVER_VERSION_LABEL = "DCGM_FI_DRIVER_VERSION"
+LABELS = {"gpu": GPU, "partition": (*GPU, "partition"), "process": (*GPU, "partition", "pid"),
+          "info": (*GPU, "pci_bus_id", "model"), "dcgm": DCGM}
+# The opt-in groups, by the label set their families use.
+GROUPS = {"process": "per_process", "dcgm": "dcgm"}
 
 # Every family a scrape exposes after fracgpu_state_readable, in this order: (key, kind, name, help, labels).
 FAMILIES = (
     ("gpu_total", "gauge", "fracgpu_gpu_memory_total_bytes", "Memory of the GPU.", "gpu"),
     ("gpu_used", "gauge", "fracgpu_gpu_memory_used_bytes", "Memory in use by all fracgpu partitions of the GPU.",
      "gpu"),
-    ("gpu_info", "gauge", "fracgpu_gpu_info", "The GPU's CUDA index and model; always 1.", "info"),
+    ("gpu_info", "gauge", "fracgpu_gpu_info", "The GPU's PCI bus id and model; always 1.", "info"),
     ("used", "gauge", "fracgpu_partition_memory_used_bytes", "Memory the partition's processes hold now.",
      "partition"),
     ("limit", "gauge", "fracgpu_partition_memory_limit_bytes",
@@ -76,14 +95,19 @@ FAMILIES = (
 class UsageCollector:
     """A prometheus_client collector: one read of the shared state per scrape.
 
-    ``gpu_index`` maps a device UUID to its CUDA index (for the DCGM-style
-    ``gpu`` label); a UUID it does not know is numbered by its place in the read."""
+    ``gpus`` maps a device UUID to its device (index and PCI bus id, from
+    ``probe_gpus``); the UUIDs it does not know are numbered after those it
+    does. ``per_process`` and ``dcgm`` turn on those groups of series;
+    ``driver_version`` (when known) labels the DCGM series as dcgm-exporter does."""
 
-    def __init__(self, state_dir: str | None = None, gpu_index: dict[str, int] | None = None,
-                 read: Callable[[], list[state.GPUUsage]] | None = None):
+    def __init__(self, state_dir: str | None = None, gpus: Mapping[str, devices.Device] | None = None,
+                 read: Callable[[], list[state.GPUUsage]] | None = None, *, per_process: bool = False,
+                 dcgm: bool = False, driver_version: str | None = None):
         self.state_dir = state_dir
-        self.gpu_index = dict(gpu_index or {})
+        self.gpus = dict(gpus or {})
         self.read = read or (lambda: state.usage(self.state_dir))
+        self.enabled = {"per_process": per_process, "dcgm": dcgm}
+        self.driver_version = driver_version
         self.hostname = socket.gethostname()
         self.last_error: str | None = None
         # The previous scrape: when, and each partition's and process's device time then.
@@ -108,10 +132,14 @@ class UsageCollector:
                                 value=0 if error else 1)
 
         kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
-        families = {key: kinds[kind](name, doc, labels=list(LABELS[labels]))
+        # dcgm-exporter adds its label fields (DCGM_FI_DRIVER_VERSION) after its own labels, when it has a value.
+        driver = [self.driver_version] if self.driver_version else []
+        label_names = {**LABELS, "dcgm": (*DCGM, DRIVER_VERSION_LABEL) if driver else DCGM}
+        families = {key: kinds[kind](name, doc, labels=list(label_names[labels]))
                     for key, kind, name, doc, labels in FAMILIES}
         (gpu_total, gpu_used, gpu_info, used, limit, peak, share, cap, achieved, seconds, launches, refusals_,
          processes, q_used, q_peak, q_limit, q_achieved, q_seconds, q_launches, fb_used, fb_free) = families.values()
+        per_process, dcgm = self.enabled["per_process"], self.enabled["dcgm"]
         now = time.monotonic()
         device_ns: dict[tuple, int] = {}
 
@@ -123,17 +151,23 @@ class UsageCollector:
             ratio = achieved_share(before.get(key), ns, (now - then) * 1e9)
             if ratio is not None:
                 family.add_metric(list(key[1:]), ratio)
-        for position, gpu in enumerate(gpus):
-            index = str(self.gpu_index.get(gpu.uuid, position))
+        # A GPU the probe did not see (or all, when it failed) is numbered after those it saw, in the state's order.
+        unseen = itertools.count(max((d.index for d in self.gpus.values()), default=-1) + 1)
+        for gpu in gpus:
+            device = self.gpus.get(gpu.uuid)
+            index = str(device.index if device else next(unseen))
+            bus_id = device.pci_bus_id if device else ""
+            ids = [index, gpu.uuid]
             in_use = sum(p.used for p in gpu.partitions)
-            gpu_total.add_metric([gpu.uuid], gpu.total_memory)
-            gpu_used.add_metric([gpu.uuid], in_use)
-            gpu_info.add_metric([gpu.uuid, index, gpu.name], 1)
-            dcgm = [index, gpu.uuid, f"nvidia{index}", gpu.name, self.hostname]
-            fb_used.add_metric(dcgm, in_use // MiB)
-            fb_free.add_metric(dcgm, max(gpu.total_memory - in_use, 0) // MiB)
+            gpu_total.add_metric(ids, gpu.total_memory)
+            gpu_used.add_metric(ids, in_use)
+            gpu_info.add_metric([*ids, bus_id, gpu.name], 1)
+            if dcgm:
+                labels = [*ids, bus_id, f"nvidia{index}", gpu.name, self.hostname, *driver]
+                fb_used.add_metric(labels, in_use // MiB)
+                fb_free.add_metric(labels, max(gpu.total_memory - in_use, 0) // MiB)
             for p in gpu.partitions:
-                labels = [gpu.uuid, p.name]
+                labels = [*ids, p.name]
                 used.add_metric(labels, p.used)
                 limit.add_metric(labels, p.memory_limit or gpu.total_memory)
                 peak.add_metric(labels, p.peak)
@@ -145,9 +179,11 @@ class UsageCollector:
                 refusals_.add_metric(labels, p.oom_refusals)
                 processes.add_metric(labels, p.processes)
                 share_since(("p", *labels), p.device_ns, achieved)
+            if not per_process:
+                continue
             limits = {p.name: p.memory_limit or gpu.total_memory for p in gpu.partitions}
             for q in gpu.processes:
-                labels = [gpu.uuid, q.partition, str(q.pid)]
+                labels = [*ids, q.partition, str(q.pid)]
                 q_used.add_metric(labels, q.used)
                 q_peak.add_metric(labels, q.peak)
                 q_limit.add_metric(labels, limits.get(q.partition, gpu.total_memory))
@@ -156,14 +192,30 @@ class UsageCollector:
                 share_since(("q", *labels), q.device_ns, q_achieved)
         if error is None:
             self._before = (now, device_ns)
-        yield from families.values()
+        for (*_, labels), family in zip(FAMILIES, families.values()):
+            if labels not in GROUPS or self.enabled[GROUPS[labels]]:
+                yield family
 
 
-def gpu_indexes() -> dict[str, int]:
-    """UUID -> CUDA index, from the device probe; empty (with a note) when it cannot run."""
+def probe_gpus() -> dict[str, devices.Device]:
+    """UUID -> device, numbered as NVML and dcgm-exporter number them; empty (with a note) when the probe fails.
+
+    The probe sees every GPU (``CUDA_VISIBLE_DEVICES`` dropped) in PCI bus order, so ``gpu`` is
+    the index ``nvidia-smi`` and dcgm-exporter show, not the exporter's own CUDA numbering."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     try:
-        return {d.uuid: d.index for d in devices.probe()}
+        return {d.uuid: d for d in devices.probe(env)}
     except devices.DeviceError as e:
-        print(f"fracgpu exporter: GPU indexes unknown ({e}); DCGM 'gpu' labels number the GPUs in the order "
-              "of the state", file=sys.stderr, flush=True)
+        print(f"fracgpu exporter: GPU indexes unknown ({e}); 'gpu' labels number the GPUs in the order of the "
+              "state", file=sys.stderr, flush=True)
         return {}
+
+
+def driver_version(path: str = "/sys/module/nvidia/version") -> str | None:
+    """The NVIDIA kernel module's version (dcgm-exporter's ``DCGM_FI_DRIVER_VERSION``), or None without one."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None

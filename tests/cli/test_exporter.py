@@ -1,7 +1,10 @@
 """`fracgpu exporter`: /metrics scraped and parsed with the Prometheus text parser.
 
 The exporter runs as a subprocess on a free port, on the test's own simulated GPU
-and state folder (the `gpu` fixture)."""
+and state folder (the `gpu` fixture). Its defaults: port 10061 (not dcgm-exporter's
+9400), partition and GPU series only; `--per-process` adds the process series and
+`--dcgm` dcgm-exporter's framebuffer series. `gpu` is the GPU's index and `UUID`
+its UUID on every series."""
 
 from __future__ import annotations
 
@@ -14,7 +17,11 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from fracgpu import devices, metrics, state
+from fracgpu.cli.exporter import DEFAULT_PORT
 from tests.support.simgpu import GiB, MiB, command_pid
+
+SIM_BUS_ID = "00000000:18:00.0"   # the simulated driver's cuDeviceGetPCIBusId for its first device
 
 
 def free_port() -> int:
@@ -24,8 +31,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def exporter(gpu, port: int):
-    proc = gpu.popen(sys.executable, "-m", "fracgpu", "exporter", "--port", port)
+def exporter(gpu, port: int | None, *options: str, env: dict | None = None):
+    """`fracgpu exporter` on `port` (None: its default port) with these options, until the block ends."""
+    port_options = () if port is None else ("--port", port)
+    proc = gpu.popen(sys.executable, "-m", "fracgpu", "exporter", *port_options, *options, env=env)
+    port = DEFAULT_PORT if port is None else port
     try:
         line = proc.stdout.readline()
         assert f"serving http://127.0.0.1:{port}/metrics" in line, \
@@ -59,11 +69,11 @@ def test_metrics_of_a_holding_job(gpu, clients):
     port = free_port()
     try:
         assert job.stdout.readline().strip() == "holding 200"
-        with exporter(gpu, port) as proc:
+        with exporter(gpu, port, "--per-process", "--dcgm") as proc:
             samples = scrape(port)
-            uuid = one(samples, "fracgpu_gpu_memory_total_bytes").labels["gpu"]
+            uuid = one(samples, "fracgpu_gpu_memory_total_bytes", gpu="0").labels["UUID"]
             assert uuid.startswith("GPU-") and one(samples, "fracgpu_gpu_memory_total_bytes").value == GiB
-            part = {"gpu": uuid, "partition": f"run-{job.pid}"}
+            part = {"gpu": "0", "UUID": uuid, "partition": f"run-{job.pid}"}
             assert one(samples, "fracgpu_partition_memory_used_bytes", **part).value == 200 * MiB
             assert one(samples, "fracgpu_partition_memory_limit_bytes", **part).value == 256 * MiB
             assert one(samples, "fracgpu_partition_memory_peak_bytes", **part).value == 200 * MiB
@@ -77,12 +87,14 @@ def test_metrics_of_a_holding_job(gpu, clients):
             assert one(samples, "fracgpu_process_device_seconds_total", **proc_labels).value == 0
             fb = one(samples, "DCGM_FI_DEV_FB_USED", gpu="0", UUID=uuid)
             assert fb.value == 200 and fb.labels["modelName"] == "fracgpu simulated GPU"
+            assert fb.labels["pci_bus_id"] == SIM_BUS_ID and fb.labels["device"] == "nvidia0"
+            assert fb.labels["hostname"] == socket.gethostname()
             assert one(samples, "DCGM_FI_DEV_FB_FREE", gpu="0").value == 1024 - 200
             assert one(samples, "fracgpu_state_readable").value == 1
             # A shared partition with a share, read on the next scrape.
             gpu.fracgpu("partition", "create", "svc", "--memory", "128MiB", "--compute", "40%", "--cap")
             samples = scrape(port)
-            svc = {"gpu": uuid, "partition": "svc"}
+            svc = {"gpu": "0", "UUID": uuid, "partition": "svc"}
             assert one(samples, "fracgpu_partition_compute_share_ratio", **svc).value == pytest.approx(0.4)
             assert one(samples, "fracgpu_partition_memory_limit_bytes", **svc).value == 128 * MiB
             assert one(samples, "fracgpu_partition_memory_used_bytes", **svc).value == 0
@@ -92,10 +104,88 @@ def test_metrics_of_a_holding_job(gpu, clients):
         job.wait(timeout=10)
 
 
+def test_defaults_partition_series_on_port_10061_without_process_or_dcgm_series(gpu, clients):
+    with socket.socket() as probe:   # the default port is fixed: another program holding it is no failure of ours
+        try:
+            probe.bind(("127.0.0.1", DEFAULT_PORT))
+        except OSError:
+            pytest.skip(f"port {DEFAULT_PORT} is in use on this machine")
+    assert DEFAULT_PORT not in (9400, 9835, 9100)   # dcgm-exporter, nvidia_gpu_exporter, node_exporter
+    assert "[default: 10061;" in gpu.fracgpu("exporter", "--help").stdout
+    job = gpu.popen(sys.executable, "-m", "fracgpu", "run", "--memory", "256MiB", "--", clients.lcuda, "hold", 200, 30)
+    try:
+        assert job.stdout.readline().strip() == "holding 200"
+        with exporter(gpu, None) as proc:
+            samples = scrape(DEFAULT_PORT)
+            part = one(samples, "fracgpu_partition_memory_used_bytes", gpu="0", partition=f"run-{job.pid}")
+            assert part.value == 200 * MiB and one(samples, "fracgpu_partition_processes").value == 1
+            assert [name for name in samples if name.startswith(("DCGM_", "fracgpu_process_"))] == []
+            assert not any("pid" in s.labels for family in samples.values() for s in family)
+        assert proc.returncode == 0, proc.stderr.read()
+    finally:
+        job.kill()
+        job.wait(timeout=10)
+
+
+def test_gpu_is_the_index_and_uuid_the_uuid_on_every_series(make_gpu, clients):
+    gpu = make_gpu(memory=GiB, devices=2)
+    found = devices.probe(gpu.env)
+    uuids = {str(d.index): d.uuid for d in found}
+    gpu.fracgpu("partition", "create", "zero", "--memory", "64MiB", "--device", "0")
+    # A job on the second GPU, which it sees as its only one (its CUDA index 0).
+    job = gpu.popen(sys.executable, "-m", "fracgpu", "run", "--memory", "256MiB", "--", clients.lcuda, "hold", 100, 30,
+                    env={"CUDA_VISIBLE_DEVICES": "1"})
+    port = free_port()
+    try:
+        assert job.stdout.readline().strip() == "holding 100"
+        # The exporter's own CUDA_VISIBLE_DEVICES renumbers nothing: gpu is the index nvidia-smi and dcgm-exporter show.
+        with exporter(gpu, port, "--per-process", "--dcgm", env={"CUDA_VISIBLE_DEVICES": "1"}):
+            samples = scrape(port)
+        run = {"gpu": "1", "UUID": uuids["1"], "partition": f"run-{job.pid}"}
+        assert one(samples, "fracgpu_partition_memory_used_bytes", **run).value == 100 * MiB
+        assert one(samples, "fracgpu_process_memory_used_bytes", **run).labels["pid"] == str(command_pid(job))
+        assert one(samples, "fracgpu_partition_memory_limit_bytes", gpu="0", UUID=uuids["0"]).value == 64 * MiB
+        assert one(samples, "DCGM_FI_DEV_FB_USED", gpu="1", UUID=uuids["1"], device="nvidia1").value == 100
+        assert one(samples, "DCGM_FI_DEV_FB_USED", gpu="0", UUID=uuids["0"], device="nvidia0").value == 0
+        for d in found:
+            info = one(samples, "fracgpu_gpu_info", gpu=str(d.index))
+            assert info.labels["pci_bus_id"] == d.pci_bus_id and info.labels["UUID"] == d.uuid
+        assert found[0].pci_bus_id == SIM_BUS_ID and found[1].pci_bus_id != SIM_BUS_ID
+        labelled = [s for family in samples.values() for s in family if s.name != "fracgpu_state_readable"]
+        assert labelled and all(uuids[s.labels["gpu"]] == s.labels["UUID"] for s in labelled)
+        # dcgm-exporter labels its series with the driver's version where the NVIDIA kernel module is loaded.
+        version = metrics.driver_version()
+        assert {s.labels.get("DCGM_FI_DRIVER_VERSION") for s in samples["DCGM_FI_DEV_FB_FREE"]} == {version}
+    finally:
+        job.kill()
+        job.wait(timeout=10)
+
+
+def test_a_gpu_the_probe_did_not_see_is_numbered_after_those_it_saw():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    seen = devices.Device(index=0, uuid="GPU-seen", name="sim", total_memory=GiB, pci_bus_id=SIM_BUS_ID)
+    read = [state.GPUUsage(uuid=u, name="sim", total_memory=GiB, partitions=[], processes=[])
+            for u in ("GPU-gone", "GPU-seen")]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics.UsageCollector(gpus={seen.uuid: seen}, read=lambda: read))
+    totals = {s.labels["UUID"]: s.labels["gpu"] for family in text_string_to_metric_families(
+        generate_latest(registry).decode()) for s in family.samples if s.name == "fracgpu_gpu_memory_total_bytes"}
+    assert totals == {"GPU-seen": "0", "GPU-gone": "1"}
+
+
+def test_driver_version_is_the_kernel_modules(tmp_path):
+    (tmp_path / "version").write_text("580.65.06\n")
+    assert metrics.driver_version(str(tmp_path / "version")) == "580.65.06"
+    assert metrics.driver_version(str(tmp_path / "absent")) is None
+    assert devices.pci_bus_id("0000:3b:00.0") == "00000000:3B:00.0"   # CUDA's form, written as NVML's
+    assert devices.pci_bus_id("00000000:18:00.0") == SIM_BUS_ID
+
+
 def test_unlimited_partition_reports_the_device_total(gpu):
     gpu.fracgpu("partition", "create", "open")
     port = free_port()
-    with exporter(gpu, port) as proc:
+    with exporter(gpu, port, "--dcgm") as proc:
         samples = scrape(port)
         assert one(samples, "fracgpu_partition_memory_limit_bytes", partition="open").value == GiB
         assert one(samples, "DCGM_FI_DEV_FB_USED").value == 0
@@ -148,7 +238,7 @@ def test_achieved_share_and_process_limit(gpu, clients, kernels):
     job = gpu.popen(sys.executable, "-m", "fracgpu", "run", "--memory", "256MiB", "--compute", "50%", "--cap", "--",
                     clients.lcuda, "busy", 5, 1, kernels)
     try:
-        with exporter(gpu, port):
+        with exporter(gpu, port, "--per-process"):
             command = str(command_pid(job))
             import time
 

@@ -1,4 +1,4 @@
-"""``fracgpu exporter``: serve ``fracgpu.metrics`` (Prometheus metrics of every partition and process)."""
+"""``fracgpu exporter``: serve ``fracgpu.metrics``, the Prometheus metrics of fracgpu's partitions."""
 
 from __future__ import annotations
 
@@ -11,20 +11,31 @@ import click
 
 from fracgpu import state
 from fracgpu.cli.common import InputError, refusals
-from fracgpu.metrics import UsageCollector, gpu_indexes
+from fracgpu.metrics import UsageCollector, driver_version, probe_gpus
+
+# Not 9400 (dcgm-exporter), 9835 (nvidia_gpu_exporter) or 9100 (node_exporter), which share GPU nodes with it;
+# the Prometheus allocation list's 9100-9999 is all taken, so this is past it, clear of Zabbix (10050/10051)
+# and the kubelet and kube-proxy (10249-10259).
+DEFAULT_PORT = 10061
 
 
 @click.command("exporter")
-@click.option("--port", type=click.IntRange(1, 65535), default=9400, show_default=True,
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
               help="TCP port to serve /metrics on.")
 @click.option("--address", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0: every interface).")
-def exporter(port: int, address: str) -> None:
-    """Serve Prometheus metrics of every partition and process at http://ADDRESS:PORT/metrics.
+@click.option("--per-process", is_flag=True,
+              help="Also serve fracgpu_process_* series, labelled by pid (a new series for every process).")
+@click.option("--dcgm", is_flag=True,
+              help="Also serve dcgm-exporter's DCGM_FI_DEV_FB_USED/FREE, from fracgpu's books (not where "
+                   "dcgm-exporter runs: both would report them).")
+def exporter(port: int, address: str, per_process: bool, dcgm: bool) -> None:
+    """Serve Prometheus metrics of every partition at http://ADDRESS:PORT/metrics.
 
-    Memory used, limit and peak in bytes, compute share configured, device seconds, launches
-    and refused allocations per partition (labels gpu=UUID, partition), memory and device seconds
-    per process (plus pid), and DCGM_FI_DEV_FB_USED/FREE for existing dashboards. Runs until
+    Memory used, limit and peak in bytes, compute share configured and achieved, device seconds,
+    launches and refused allocations per partition (labels gpu = the GPU's index as nvidia-smi
+    and dcgm-exporter number it, UUID, partition); with --per-process the same per process (plus
+    pid); with --dcgm DCGM_FI_DEV_FB_USED/FREE for dashboards made for dcgm-exporter. Runs until
     Ctrl-C or SIGTERM."""
     from prometheus_client import CollectorRegistry, start_http_server
 
@@ -40,7 +51,8 @@ def exporter(port: int, address: str) -> None:
         raise InputError(f"cannot listen on {address} port {port}: {e.strerror or e}; check --address and "
                          "--port") from None
     # Listen first, so a port in use is refused at once; the device probe may take a while.
-    registry.register(UsageCollector(state_dir, gpu_indexes()))
+    registry.register(UsageCollector(state_dir, probe_gpus(), per_process=per_process, dcgm=dcgm,
+                                      driver_version=driver_version() if dcgm else None))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     shown = f"[{address}]" if ":" in address else address
