@@ -14,7 +14,8 @@ fracgpu reads is taken from it. Every ``FRACGPU_*`` variable the prolog does not
 set is unset in the task (a user's ``FRACGPU_COMPUTE_CAP=1`` or own state
 folder never reaches it), and the node's settings (the state folder and its
 group, above all) come from the prolog's options or the node's config file,
-``/etc/slurm/fracgpu.conf``: one ``FRACGPU_NAME=value`` a line, ``#`` comments.
+``/etc/slurm/fracgpu.conf``: one ``NAME=value`` a line (NAME a ``FRACGPU_*``
+setting), ``#`` comments.
 
 slurm.conf::
 
@@ -91,8 +92,9 @@ def _check_node_setting(name: str, value: str, where: str) -> None:
 
 def read_config(path: str | os.PathLike | None = None) -> NodeConfig:
     """The node's settings from ``path`` (default ``CONFIG``; a missing default file is an empty
-    config): ``FRACGPU_NAME=value`` lines, ``#`` comments. ValueError (naming the file and line)
-    for anything else; OSError when a file named explicitly cannot be read."""
+    config): ``NAME=value`` lines (NAME a ``FRACGPU_*`` setting), ``#`` comments. ValueError
+    (naming the file and line) for anything else; OSError when a file named explicitly cannot
+    be read."""
     if path is None:
         path = CONFIG
         if not os.path.exists(path):
@@ -108,7 +110,7 @@ def read_config(path: str | os.PathLike | None = None) -> NodeConfig:
             name, value = name.strip(), value.strip()
             where = f"{path}:{number}"
             if not sep or not value:
-                raise ValueError(f"{where}: write FRACGPU_NAME=value, not {line!r}")
+                raise ValueError(f"{where}: write NAME=value (NAME a FRACGPU_* setting), not {line!r}")
             _check_node_setting(name, value, where)
             values[name] = value
     return NodeConfig(values)

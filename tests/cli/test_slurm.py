@@ -181,7 +181,7 @@ def test_a_task_without_shards_gets_nothing(gpu):
      "fracgpu.conf:2: FRACGPU_COMPUTE_CAP is not a node setting"),
     (["--shards-per-gpu", "8"], {"SLURM_SHARDS_ON_NODE": "2"}, "FRACGPU_OOM_WAIT=soon\n", "FRACGPU_OOM_WAIT"),
     (["--shards-per-gpu", "8"], {"SLURM_SHARDS_ON_NODE": "2"}, "state_dir /var/lib/fracgpu\n",
-     "write FRACGPU_NAME=value"),
+     "write NAME=value"),
 ])
 def test_a_misconfiguration_fails_the_task_with_the_reason(gpu, tmp_path, args, env, config, phrase):
     if config is not None:

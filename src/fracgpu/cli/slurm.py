@@ -27,7 +27,7 @@ def fail(message: str) -> None:
 @click.option("--gres-conf", metavar="PATH",
               help=f"Where gres.conf is. [default: beside $SLURM_CONF, else {SLURM_CONF_DIR}/gres.conf]")
 @click.option("--config", "config_path", metavar="PATH",
-              help=f"The node's fracgpu settings, FRACGPU_NAME=value lines (FRACGPU_STATE_DIR, "
+              help=f"The node's fracgpu settings, NAME=value lines (FRACGPU_STATE_DIR, "
                    f"FRACGPU_STATE_GROUP, ...). [default: {CONFIG} when it exists]")
 @click.option("--state-dir", metavar="PATH", help="The node's state folder (in place of the config's).")
 @click.option("--state-group", metavar="GROUP", help="The group sharing it (in place of the config's).")
