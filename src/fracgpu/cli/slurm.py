@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 import click
 
@@ -14,7 +15,7 @@ from fracgpu import settings, state
 from fracgpu.slurm import CONFIG, SLURM_CONF_DIR, exports, prolog_lines, read_config
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     # Slurm fails the task when its TaskProlog fails: better than a job with no limit.
     click.echo(f"fracgpu slurm-prolog: {message}", err=True)
     sys.exit(1)
