@@ -1,5 +1,6 @@
 """`fracgpu run`: what the job is given (its partition, the shim, the real driver), and every
-refusal to start it: exit status 2 and one clear message, no traceback, nothing run.
+refusal to start it: exit status 125 and one clear message, no traceback, nothing run;
+and the command's own status passed on as it is.
 
 Whether the shim then holds the quota is tests/shim/test_quota.py; here the job is
 mostly `env`, printing what it received."""
@@ -25,8 +26,8 @@ def job_env(gpu, *options, env=None):
 
 
 def refused(result, *phrases):
-    """A refusal to start: status 2, the phrases on stderr, no traceback, nothing on stdout."""
-    assert result.returncode == 2, result.stdout + result.stderr
+    """A refusal to start: status 125, the phrases on stderr, no traceback, nothing on stdout."""
+    assert result.returncode == 125, result.stdout + result.stderr
     for phrase in phrases:
         assert phrase in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
@@ -103,6 +104,24 @@ def test_arguments_and_exit_status_pass_through(gpu):
     assert result.stdout.strip() == "1GiB"
 
 
+@pytest.mark.parametrize("status", [2, 125, 126, 127])
+def test_the_commands_own_status_is_passed_on_even_where_it_is_one_of_ours(gpu, status):
+    # A usage error of the command's own (2), or a 125 of its own, is its status, not a refusal.
+    result = gpu.fracgpu("run", "--memory", "1GiB", "--", "sh", "-c", f"echo ran; exit {status}", check=False)
+    assert (result.returncode, result.stdout) == (status, "ran\n"), result.stderr
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--no-such-option", "--memory", "1GiB"], "No such option"),
+    (["--memory"], "Option '--memory' requires an argument"),
+    (["--label", "novalue", "--memory", "1GiB"], "invalid label 'novalue'"),
+])
+def test_click_usage_errors_are_refusals_too(gpu, args, phrase):
+    refused(gpu.fracgpu("run", *args, *(["--", "echo", "started"] if args[-1] != "--memory" else []), check=False),
+            phrase)
+
+
 @pytest.mark.fault('A command not found, or not executable',
                    'exit 127 or 126 with a message, as the shells do')
 def test_a_command_that_cannot_start(gpu, tmp_path):
@@ -131,7 +150,7 @@ def test_a_command_that_cannot_start(gpu, tmp_path):
     (["--memory", "1GiB", "--oom-wait", "inf"], ["'--oom-wait'", "give seconds"]),
 ])
 @pytest.mark.fault('Malformed sizes and shares, a limit above the GPU, an unknown partition, conflicting options',
-                   'one message, exit 2, nothing started')
+                   'one message, exit 125, nothing started')
 def test_bad_input_is_refused_before_the_job_starts(gpu, args, phrases):
     refused(gpu.fracgpu("run", *args, "--", "echo", "started", check=False), *phrases)
 
@@ -148,7 +167,7 @@ def test_an_oom_wait_the_shim_would_refuse_is_refused_here(gpu, value):
 
 
 @pytest.mark.fault('A state folder others can write to',
-                   'refused with the `chmod` to run, exit 2')
+                   'refused with the `chmod` to run, exit 125')
 def test_an_unsafe_state_folder_is_refused(gpu):
     gpu.state_dir.chmod(0o777)
     try:
@@ -180,7 +199,7 @@ def region_file(gpu):
     (lambda data: b"PNG\0" + data[4:], "not a fracgpu state file"),
 ])
 @pytest.mark.fault('A state file truncated, foreign, or of another layout',
-                   'refused with what to do, exit 2')
+                   'refused with what to do, exit 125')
 @pytest.mark.parametrize("args", [["--memory", "1GiB"], ["--memory", "25%"], ["--partition", "team"]])
 def test_a_damaged_state_file_is_refused(gpu, damage, phrase, args):
     path = region_file(gpu)

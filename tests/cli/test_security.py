@@ -43,11 +43,11 @@ def test_a_group_shares_the_state_on_a_shared_host(gpu, tmp_path):
 
 
 @pytest.mark.fault('`FRACGPU_STATE_GROUP` naming no group',
-                   'refused before the job starts, exit 2')
+                   'refused before the job starts, exit 125')
 def test_an_unknown_group_is_refused_with_what_to_do(gpu, tmp_path):
     env = {"FRACGPU_STATE_DIR": str(tmp_path / "s"), "FRACGPU_STATE_GROUP": "no-such-group-here"}
     result = gpu.fracgpu("run", "--memory", "64MiB", "--", "true", check=False, env=env)
-    assert result.returncode == 2
+    assert result.returncode == 125
     assert "FRACGPU_STATE_GROUP='no-such-group-here' is not a group" in result.stderr
 
 

@@ -167,7 +167,7 @@ def test_a_capped_named_partition_and_init(gpu, clients, kernels):
 ])
 def test_bad_compute_options_are_usage_errors(gpu, args, message):
     result = gpu.fracgpu("run", *args, "--", "true", check=False)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 125, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
 
 

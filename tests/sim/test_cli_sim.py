@@ -119,7 +119,8 @@ def test_run_passes_arguments_and_exit_status_through():
 @pytest.mark.parametrize("command", ["env", "run"])
 def test_bad_option_values_are_usage_errors(command, args, option, problem):
     result = fracgpu("sim", command, *args, *(["--", "true"] if command == "run" else []))
-    assert result.returncode == 2, result.stdout + result.stderr
+    # `sim run` refuses as env(1) does (125), so its command's own 2 stays its own.
+    assert result.returncode == (125 if command == "run" else 2), result.stdout + result.stderr
     assert f"'{option}'" in result.stderr
     assert problem in result.stderr
     assert "Traceback" not in result.stderr
@@ -129,9 +130,18 @@ def test_bad_option_values_are_usage_errors(command, args, option, problem):
 def test_run_without_a_command_is_a_usage_error():
     for args in ([], ["--memory", "1GiB"], ["--memory", "1GiB", "--"]):
         result = fracgpu("sim", "run", *args)
-        assert result.returncode == 2
+        assert result.returncode == 125
         assert "missing the command to run" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--no-such-option"], ["--sms"], ["--devices", "0"]])
+def test_run_refuses_with_125_and_passes_the_commands_own_2_and_125_on(args):
+    result = fracgpu("sim", "run", *args, *(["--", "true"] if args != ["--sms"] else []))
+    assert result.returncode == 125 and "Traceback" not in result.stderr and result.stdout == ""
+    for status in (2, 125):
+        result = fracgpu("sim", "run", "--", "sh", "-c", f"echo ran; exit {status}")
+        assert (result.returncode, result.stdout, result.stderr) == (status, "ran\n", "")
 
 
 def test_run_of_a_command_not_found_is_an_error():

@@ -113,9 +113,41 @@ class CommandFailed(click.ClickException):
 
 class InputError(click.ClickException):
     """Bad input, or a state that must not be used: one line on stderr and exit status 2,
-    the status of every refusal to start (as for usage errors)."""
+    as for usage errors (125 from a command that runs another: ``CommandRunner``)."""
 
     exit_code = 2
+
+
+# What a command that runs another exits with when it refuses or fails before that command
+# starts, as env(1), timeout(1) and docker run do: not a status the command itself could
+# have given (2 is a usage error of the command's own, 126 and 127 are the shells').
+REFUSED = 125
+
+
+class CommandRunner(click.Command):
+    """A command that runs another (``fracgpu run``, ``fracgpu sim run``): every refusal of its own,
+    click's usage errors (an unknown option, a bad value) included, exits ``REFUSED``, so a
+    scheduler can tell it from the command's own status; ``CommandFailed`` keeps 126 and 127."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with refused_before_start():   # the options are parsed here
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with refused_before_start():
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def refused_before_start() -> Iterator[None]:
+    """Every ``click.ClickException`` but ``CommandFailed`` leaves with status ``REFUSED``."""
+    try:
+        yield
+    except CommandFailed:
+        raise
+    except click.ClickException as e:
+        e.exit_code = REFUSED
+        raise
 
 
 @contextlib.contextmanager

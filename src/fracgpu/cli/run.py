@@ -3,7 +3,9 @@
 ``fracgpu run`` stays as the command's parent: it starts the command (which
 the kernel kills if ``fracgpu run`` itself is killed), forwards the signals
 it is sent, samples what the job uses into the ledger, records how it ended,
-and exits as the command did (the same status, or the same signal).
+and exits as the command did (the same status, or the same signal). Its own
+refusals, before the command starts, exit 125 (``common.REFUSED``), a status
+``env``, ``timeout`` and ``docker run`` use the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 import click
 
 from fracgpu import jobs, settings
-from fracgpu.cli.common import CommandFailed, InputError, converted_by, job_spec, quota_options, refusals
+from fracgpu.cli.common import CommandFailed, CommandRunner, InputError, converted_by, job_spec, quota_options, refusals
 
 # Signals passed on to the command. SIGINT and SIGQUIT typed at the terminal
 # reach the command directly (same process group), so those are passed on only
@@ -111,7 +113,7 @@ def exit_like(status: int) -> None:
     sys.exit(128 + sig)   # a signal that does not end a process (it was ignored): the shell's convention
 
 
-@click.command("run", context_settings={"allow_interspersed_args": False})
+@click.command("run", cls=CommandRunner, context_settings={"allow_interspersed_args": False})
 @quota_options("Give the command a private partition with this memory limit: 4GiB, 512MiB, plain bytes, or 25% "
                "of each GPU. Gone when the command and its children exit.",
                "Give the command's private partition this share of the GPU's time: 25% or 0.25. Guaranteed when "
@@ -141,6 +143,8 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
     What the job used (device time, memory) is sampled into the ledger while it
     runs and when it ends (`fracgpu report`). fracgpu run exits as COMMAND did;
     signals sent to it go to COMMAND, and COMMAND is killed if fracgpu run is.
+    When fracgpu run refuses to start COMMAND it exits 125 (127: COMMAND not
+    found, 126: not executable).
 
     \b
       fracgpu run --memory 4GiB --compute 25% -- python train.py

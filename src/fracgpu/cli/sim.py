@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from fracgpu import sim, units
-from fracgpu.cli.common import SizeParam, exec_command
+from fracgpu.cli.common import CommandRunner, SizeParam, exec_command
 
 
 @click.group("sim")
@@ -60,12 +60,16 @@ def sim_env(ctx: click.Context, **options: Any) -> None:
     click.echo(sim.shell_exports(config), nl=False)
 
 
-@sim_group.command("run", context_settings={"allow_interspersed_args": False})
+@sim_group.command("run", cls=CommandRunner, context_settings={"allow_interspersed_args": False})
 @_sim_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARGS]...")
 @click.pass_context
 def sim_run(ctx: click.Context, command: tuple[str, ...], **options: Any) -> None:
-    """Run COMMAND on the simulated GPU, in place of this process."""
+    """Run COMMAND on the simulated GPU, in place of this process.
+
+    Exits as COMMAND does; 125 when it is not started (a bad option), 127 when
+    it is not found, 126 when it cannot be executed.
+    """
     if not command:
         raise click.UsageError("missing the command to run: fracgpu sim run [OPTIONS] -- COMMAND [ARGS]...", ctx)
     _, env = _sim_environment(ctx, options)
