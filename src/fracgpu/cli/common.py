@@ -161,6 +161,7 @@ def tables(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]], wi
     def table_width(group: Sequence[int]) -> int:
         return 1 + needs(0) + sum(needs(i) for i in group)
 
+    best: list[list[int]] = [rest]
     for count in range(1, len(rest) + 1):
         cuts = [[rest[a:b] for a, b in zip((0, *points), (*points, len(rest)))]
                 for points in itertools.combinations(range(1, len(rest)), count - 1)]
