@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fracgpu import kernels_path, settings, sim, snapshot
+from fracgpu import devices, kernels_path, settings, sim, snapshot
 from fracgpu.ledger import Ledger
 from fracgpu.units import format_size
 
@@ -56,10 +56,21 @@ def real_gpu_available() -> bool:
     except FileNotFoundError:
         pass
     try:
-        return subprocess.run([sys.executable, "-c", probe], env=env, timeout=60,
-                              capture_output=True).returncode == 0
+        with devices.probe_progress():
+            return subprocess.run([sys.executable, "-c", probe], env=env, timeout=60,
+                                  capture_output=True).returncode == 0
     except subprocess.TimeoutExpired:
         return False
+
+
+def without_kernels() -> str | None:
+    """Why the demo cannot run on the real GPU although one works: this fracgpu was built without
+    its CUDA kernels (no nvcc at build time); None when they are installed."""
+    try:
+        kernels_path()
+    except FileNotFoundError as e:
+        return str(e)
+    return None
 
 
 def job_main(name: str, kernel_ms: float, module: str, want_mib: int) -> None:

@@ -11,12 +11,13 @@ child in a partition, are dropped from its environment.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from fracgpu import settings, shim
 
@@ -24,6 +25,11 @@ __all__ = ["Device", "DeviceError", "pci_bus_id", "probe", "probe_environment", 
 
 NO_DRIVER_HINT = 'install the NVIDIA driver, or use the simulated GPU: eval "$(fracgpu sim env)"'
 PROBE_TIMEOUT_S = 120   # cuInit on a machine with many GPUs can take tens of seconds
+
+
+# What to show while the driver is asked (it can take a minute on a real GPU): a context manager
+# around each probe. The library shows nothing; the command line puts a spinner here.
+probe_progress: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 class DeviceError(RuntimeError):
@@ -76,8 +82,9 @@ def probe(env: Mapping[str, str] | None = None) -> list[Device]:
 
     Raises DeviceError, with what to do, when there is no driver or no device."""
     try:
-        result = subprocess.run([sys.executable, "-m", "fracgpu.devices"], env=probe_environment(env),
-                                capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+        with probe_progress():
+            result = subprocess.run([sys.executable, "-m", "fracgpu.devices"], env=probe_environment(env),
+                                    capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise DeviceError(f"the CUDA driver did not list the devices within {PROBE_TIMEOUT_S} s") from None
     lines = result.stdout.strip().splitlines()

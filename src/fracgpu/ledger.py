@@ -252,11 +252,21 @@ class Ledger:
 
     def jobs(self, since: float | None = None) -> list[JobRecord]:
         """Jobs that started at or after ``since`` (Unix time), or all, oldest first."""
+        return self._jobs("start >= ?", (since if since is not None else float("-inf"),))
+
+    def jobs_during(self, since: float | None = None, until: float | None = None) -> list[JobRecord]:
+        """Jobs that ran at some time between ``since`` and ``until`` (Unix times; None: no bound),
+        oldest first: started at or before ``until``, and ended at or after ``since`` or still
+        running. A job is whole or absent: its totals are not cut at the bounds."""
+        return self._jobs('start <= ? AND ("end" IS NULL OR "end" >= ?)',
+                          (until if until is not None else float("inf"),
+                           since if since is not None else float("-inf")))
+
+    def _jobs(self, where: str, parameters: tuple) -> list[JobRecord]:
         rows = self.db.execute(
             'SELECT id, job, partition, gpu, command, start, "end", exit_status, memory_limit, compute_share, '
             "gpu_seconds, memory_byte_seconds, peak_memory_bytes, kind, labels, processes, launches FROM jobs "
-            "WHERE start >= ? ORDER BY start, id",
-            (since if since is not None else float("-inf"),)).fetchall()
+            f"WHERE {where} ORDER BY start, id", parameters).fetchall()
         return [JobRecord(*row[:14], json.loads(row[14] or "{}"), *row[15:]) for row in rows]
 
     def samples(self, job_id: int) -> list[tuple[float, int, float]]:

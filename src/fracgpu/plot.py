@@ -54,8 +54,9 @@ def draw(jobs: Sequence[JobRecord], samples: Mapping[int, Sequence[tuple[float, 
     return fig
 
 
-def save(fig, path: str) -> None:
+def save(fig, path: str, file_format: str = "png") -> None:
+    """Write ``fig`` to ``path`` as ``file_format``: "png" (100 dpi), "svg" or "pdf"."""
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, format="png", dpi=100)
+    fig.savefig(path, format=file_format, dpi=100)
     plt.close(fig)

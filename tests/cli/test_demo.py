@@ -47,3 +47,32 @@ def test_demo_real_without_a_gpu_says_what_to_do():
         return  # a machine with a real GPU
     assert result.returncode == 1
     assert "fracgpu demo --gpu sim" in result.stderr
+
+
+def test_demo_on_a_gpu_without_the_kernels_runs_on_the_simulated_gpu_and_says_why(monkeypatch):
+    """A working GPU, but fracgpu built without nvcc (no kernels): the demo still runs, on the
+    simulated GPU, with a note that says why and how to get the kernels."""
+    from click.testing import CliRunner
+
+    import fracgpu
+    from fracgpu import demo
+    from fracgpu.cli import main
+
+    def no_kernels():
+        raise FileNotFoundError("fracgpu's CUDA kernels are not installed (kernels/fracgpu_kernels.fatbin is "
+                                "missing): this package was built without nvcc. `pip install nvidia-cuda-nvcc`, "
+                                "then rebuild fracgpu")
+
+    monkeypatch.setattr(demo, "real_gpu_available", lambda: True)
+    monkeypatch.setattr(demo, "kernels_path", no_kernels)
+    monkeypatch.setattr(fracgpu, "kernels_path", no_kernels)
+    monkeypatch.setenv("COLUMNS", "200")
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "note: not running on the real GPU: fracgpu's CUDA kernels are not installed" in result.stderr
+    assert "pip install nvidia-cuda-nvcc" in result.stderr
+    assert "simulated 8GiB GPU" in result.stdout and "Running on the real GPU" not in result.stdout
+    assert set(rows(result.stdout.partition("fracgpu report")[2])) == {"train", "infer", "batch"}
+
+    result = CliRunner().invoke(main, ["demo", "--gpu", "real"])   # asked for the real GPU: refused, with why
+    assert result.exit_code == 1 and "pip install nvidia-cuda-nvcc" in result.stderr

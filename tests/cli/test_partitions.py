@@ -53,12 +53,13 @@ def test_the_table(gpu):
     table = gpu.fracgpu("partition", "list", env={"COLUMNS": "200"}).stdout
     header = next(line for line in table.splitlines() if "partition" in line)
     assert [c.strip() for c in header.strip("┃ ").split("┃")] == \
-        ["GPU", "partition", "memory limit", "in use", "peak", "compute", "device time", "processes"]
-    rows = {cells[1]: cells[2:] for line in table.splitlines() if line.startswith("│")
+        ["partition", "limit", "in use", "peak", "compute", "GPU time", "procs"]
+    rows = {cells[0]: cells[1:] for line in table.splitlines() if line.startswith("│")
             for cells in [[c.strip() for c in line.split("│")[1:-1]]]}
     assert rows["team"] == ["256MiB", "0B", "0B", "-", "0.00 s", "0"]
     assert rows["open"] == ["unlimited", "0B", "0B", "-", "0.00 s", "0"]
-    assert listed(gpu)[0]["uuid"] in table
+    (u,) = listed(gpu)   # the GPU heads its table: its UUID, name and memory
+    assert table.splitlines()[0] == f"{u['uuid']}  fracgpu simulated GPU, 1GiB"
 
 
 def test_create_on_another_device_and_remove_where_ambiguous(make_gpu):

@@ -99,7 +99,73 @@ def test_plot_is_a_png_with_one_line_per_job_in_each_panel(ledger, tmp_path):
 
 
 def test_plot_refuses_what_it_cannot_write(ledger, tmp_path):
-    result = report(ledger, "--plot", str(tmp_path / "jobs.svg"))
-    assert result.returncode == 2 and "ending in .png" in result.stderr
+    for name in ("jobs.jpg", "jobs"):
+        result = report(ledger, "--plot", str(tmp_path / name))
+        assert result.returncode == 2 and "ending in .png, .svg, .pdf" in result.stderr, result.stderr
+        assert not (tmp_path / name).exists()
     result = report(ledger, "--plot", str(tmp_path / "missing" / "jobs.png"))
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+T = 1795824000.0   # 2026-11-28T00:00+00:00
+HOUR = 3600
+
+
+@pytest.fixture
+def day(tmp_path):
+    """A ledger of one day: 'early' ran 00:00-01:00, 'middle' 02:00-03:00, 'late' from 04:00 on (still running)."""
+    path = tmp_path / "day.sqlite"
+    with Ledger(path) as l:
+        for name, start, end in (("early", T, T + HOUR), ("middle", T + 2 * HOUR, T + 3 * HOUR),
+                                 ("late", T + 4 * HOUR, None)):
+            job = l.start_job(job=name, partition="p", start=start)
+            if end is not None:
+                l.finish(job, exit_status=0, end=end)
+    return path
+
+
+def at(hours: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(T + hours * HOUR))
+
+
+@pytest.mark.parametrize("since, until, jobs", [
+    (None, None, ["early", "middle", "late"]),
+    (1.5, 2.5, ["middle"]),                    # ran inside the window
+    (0.5, None, ["early", "middle", "late"]),  # 'early' ended after since: it ran in the window
+    (None, 1.5, ["early"]),                    # 'middle' started after until
+    (3.5, None, ["late"]),                     # still running: it runs in every window after its start
+    (1.0, 2.0, ["early", "middle"]),           # the bounds are inclusive
+    (1.2, 1.8, []),                            # nothing ran then
+])
+def test_since_and_until_select_the_jobs_that_ran_in_between(day, since, until, jobs):
+    args = [*(["--since", at(since)] if since is not None else []), *(["--until", at(until)] if until is not None
+                                                                      else [])]
+    out = report(day, "--format", "json", *args)
+    assert out.returncode == 0, out.stderr
+    assert [r["job"] for r in json.loads(out.stdout)] == jobs
+
+
+def test_until_takes_the_forms_of_since_and_not_a_time_before_since(day):
+    for args in (["--until", "2026-11-28"], ["--until", "2026-11-28T01:30"], ["--since", "3d", "--until", "1h"]):
+        out = report(day, "--format", "csv", *args)
+        assert out.returncode == 0, (args, out.stderr)
+    out = report(day, "--since", "2026-11-28T02:00", "--until", "2026-11-28T01:00")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--until 2026-11-28T01:00 is before --since 2026-11-28T02:00" in out.stderr
+    out = report(day, "--since", "1d", "--until", "2d")   # two days ago is before one day ago
+    assert out.returncode == 2 and "is before --since" in out.stderr
+    out = report(day, "--until", "tomorrow")
+    assert out.returncode == 2 and "invalid time" in out.stderr and "'--until'" in out.stderr
+
+
+@pytest.mark.parametrize("name, magic", [
+    ("jobs.png", lambda data: data[:8] == b"\x89PNG\r\n\x1a\n"),
+    ("jobs.svg", lambda data: b"<svg" in data[:1000] and data.rstrip().endswith(b"</svg>")),
+    ("jobs.pdf", lambda data: data[:5] == b"%PDF-" and data.rstrip().endswith(b"%%EOF")),
+    ("JOBS.PDF", lambda data: data[:5] == b"%PDF-"),
+])
+def test_plot_format_follows_the_suffix(ledger, tmp_path, name, magic):
+    out = tmp_path / name
+    result = report(ledger, "--plot", str(out))
+    assert result.returncode == 0, result.stderr
+    assert magic(out.read_bytes()), out.read_bytes()[:64]

@@ -53,3 +53,7 @@ COMMANDS = {
 @click.version_option(__version__, "--version", prog_name="fracgpu")
 def main() -> None:
     """Share one NVIDIA GPU between jobs: memory quotas, compute shares, accounting."""
+    from fracgpu import devices
+    from fracgpu.cli.common import probe_status
+
+    devices.probe_progress = probe_status   # a spinner on stderr while a command asks the driver

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import click
@@ -163,13 +164,76 @@ def refusals() -> Iterator[None]:
         raise InputError(str(e)) from None
 
 
-def console() -> Any:
+def console(stderr: bool = False) -> Any:
     """A rich console for tables; when not on a terminal and no COLUMNS is set, wide enough
     that rows of a usual view stay on one line for scripts."""
     from rich.console import Console
 
-    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
-    return Console(width=width)
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(width=width, stderr=stderr)
+
+
+def tables(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]], width: int,
+           styles: Sequence[str | None] | None = None, title: str | None = None) -> list[Any]:
+    """``rows`` under ``columns`` (header, justify) as one rich table, or, when that table would be
+    wider than ``width``, as several narrower ones, each repeating the first column (the row's name),
+    so that at 80 columns a cell is never folded over lines (only a name too long for any width is)."""
+    from rich.cells import cell_len
+    from rich.table import Table
+
+    def needs(i: int) -> int:   # a column's width: its header or its widest cell, and the border and padding
+        return 3 + max(cell_len(line) for text in [columns[i][0], *(row[i] for row in rows)]
+                       for line in text.splitlines() or [""])
+
+    # As few tables as fit, the columns in order; of the ways to cut them into that many, the one whose
+    # widest table is narrowest (so that memory and compute columns part, rather than leave one alone).
+    rest = list(range(1, len(columns)))
+
+    def table_width(group: Sequence[int]) -> int:
+        return 1 + needs(0) + sum(needs(i) for i in group)
+
+    best: list[list[int]] = [rest]
+    for count in range(1, len(rest) + 1):
+        cuts = [[rest[a:b] for a, b in zip((0, *points), (*points, len(rest)))]
+                for points in itertools.combinations(range(1, len(rest)), count - 1)]
+        fitting = [c for c in cuts if all(table_width(g) <= width for g in c)]
+        if fitting or count == len(rest):
+            best = min(fitting or cuts, key=lambda c: max(table_width(g) for g in c))
+            break
+    groups = [[0, *group] for group in best]
+    out = []
+    for group in groups:
+        table = Table(title=title if not out else None)
+        for i in group:
+            header, justify = columns[i]
+            # Only the name folds (a name wider than the screen); numbers and sizes stay whole.
+            table.add_column(header, justify=justify, overflow="fold", no_wrap=i != 0)
+        for n, row in enumerate(rows):
+            table.add_row(*(row[i] for i in group), style=styles[n] if styles else None)
+        out.append(table)
+    return out
+
+
+def share_text(partition: Any) -> str:
+    """A partition's compute share as the tables show it: "25%", "25% cap", or "-"."""
+    if not partition.compute_share:
+        return "-"
+    return units.format_share(partition.compute_share) + (" cap" if partition.compute_cap else "")
+
+
+PROBING = "fracgpu: probing the GPU (this can take a minute on first use)..."
+
+
+@contextlib.contextmanager
+def probe_status() -> Iterator[None]:
+    """While the device probe runs: a spinner on stderr when stderr is a terminal (cleared when it
+    ends), nothing otherwise, and never anything on stdout, which scripts read."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    with console(stderr=True).status(PROBING):
+        yield
 
 
 def exec_command(command: tuple[str, ...], env: dict[str, str | None]) -> None:

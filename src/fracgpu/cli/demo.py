@@ -17,7 +17,8 @@ from fracgpu.units import format_size
 
 @click.command("demo")
 @click.option("--gpu", type=click.Choice(["auto", "sim", "real"]), default="auto", show_default=True,
-              help="Where to run: the real GPU if one works (auto), or always the simulated one.")
+              help="Where to run: the real GPU if one works and fracgpu's kernels are installed (auto; "
+                   "else the simulated one, with a note why), always the simulated one, or the real one.")
 def demo(gpu: str) -> None:
     """Three jobs sharing one GPU: their quotas and shares, the live view, the report."""
     from rich.table import Table
@@ -26,10 +27,17 @@ def demo(gpu: str) -> None:
     use_real = gpu == "real" or (gpu == "auto" and library.real_gpu_available())
     if gpu == "real" and not library.real_gpu_available():
         raise click.ClickException("no working NVIDIA GPU driver was found; run `fracgpu demo --gpu sim`")
+    missing = library.without_kernels() if use_real else None
+    if missing and gpu == "real":
+        raise click.ClickException(missing)
+    if missing:   # a working GPU, but a fracgpu built without nvcc: show the demo rather than fail
+        click.echo(f"note: not running on the real GPU: {missing}", err=True)
+        use_real = False
 
     def while_busy(view, state_dir: str) -> None:
         console.print("\n[bold]fracgpu top[/bold] while they run:")
-        make_console().print(top.render(view, state_dir))
+        screen = make_console()
+        screen.print(top.render(view, state_dir, screen.width))
 
     try:
         with tempfile.TemporaryDirectory(prefix="fracgpu-demo-") as folder:
@@ -52,7 +60,9 @@ def demo(gpu: str) -> None:
                   "CUDA_ERROR_OUT_OF_MEMORY and went on with a smaller batch; while all were busy the GPU's "
                   "time was split by their shares.")
     console.print("\n[bold]fracgpu report[/bold] (from the ledger):")
-    make_console().print(report.table(outcome.recorded))
+    screen = make_console()
+    for part in report.job_tables(outcome.recorded, None, screen.width):
+        screen.print(part)
     console.print("Your own jobs: `fracgpu run --memory 4GiB --compute 25% -- python train.py`, then "
                   "`fracgpu top` and `fracgpu report`.")
     try:

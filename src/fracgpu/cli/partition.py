@@ -8,7 +8,7 @@ import json
 import click
 
 from fracgpu import partitions, state
-from fracgpu.cli.common import option_errors, quota_options, refusals
+from fracgpu.cli.common import console, option_errors, quota_options, refusals, share_text, tables
 from fracgpu.units import format_share, format_size
 
 
@@ -54,23 +54,22 @@ def list_(as_json: bool) -> None:
         click.echo("No partitions. Make one with `fracgpu partition create NAME --memory SIZE`, or run a job "
                    "with `fracgpu run --memory SIZE -- COMMAND`.")
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table()
-    for column in ("GPU", "partition", "memory limit", "in use", "peak", "compute", "device time", "processes"):
-        table.add_column(column, justify="left" if column in ("GPU", "partition") else "right", overflow="fold")
+    screen = console()
     for gpu in gpus:
-        for i, p in enumerate(gpu.partitions):
-            table.add_row(f"{gpu.name}\n{gpu.uuid}" if i == 0 else "",
-                          p.name + (" (private)" if p.ephemeral else ""),
-                          format_size(p.memory_limit) if p.memory_limit else "unlimited",
-                          format_size(p.used), format_size(p.peak),
-                          (format_share(p.compute_share) + (" cap" if p.compute_cap else "")) if p.compute_share
-                          else "-",
-                          f"{p.device_ns / 1e9:.2f} s", str(p.processes),
-                          end_section=i == len(gpu.partitions) - 1)
-    Console().print(table)
+        if not gpu.partitions:
+            continue
+        # The GPU heads its own table, so its UUID is one line, not a column folded over eight.
+        screen.print(f"[bold]{gpu.uuid}[/bold]  {gpu.name}, {format_size(gpu.total_memory)}", highlight=False)
+        rows = [[p.name + (" (private)" if p.ephemeral else ""),
+                 format_size(p.memory_limit) if p.memory_limit else "unlimited", format_size(p.used),
+                 format_size(p.peak), share_text(p), f"{p.device_ns / 1e9:.2f} s", str(p.processes)]
+                for p in gpu.partitions]
+        for table in tables(LIST_COLUMNS, rows, screen.width):
+            screen.print(table)
+
+
+LIST_COLUMNS = [("partition", "left"), ("limit", "right"), ("in use", "right"), ("peak", "right"),
+                ("compute", "right"), ("GPU time", "right"), ("procs", "right")]
 
 
 @partition_group.command("set")

@@ -13,7 +13,7 @@ import time
 
 import click
 
-from fracgpu.cli.common import InputError, checked_by, console
+from fracgpu.cli.common import InputError, checked_by, console, tables
 from fracgpu.ledger import JobRecord, Ledger, LedgerError
 from fracgpu.units import format_size
 
@@ -52,9 +52,22 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else dt.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
 
 
-def _check_plot_path(path: str) -> None:
-    if not path.lower().endswith(".png"):
-        raise InputError(f"--plot {path}: the plot is a PNG; give a file name ending in .png")
+# The file formats --plot writes, by the file name's suffix.
+PLOT_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
+
+
+def plot_format(path: str) -> str:
+    """The format --plot writes to ``path``, from its suffix; InputError for another suffix."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in PLOT_FORMATS:
+        raise InputError(f"--plot {path}: give a file name ending in " + ", ".join(PLOT_FORMATS) +
+                         f" (the format is chosen by the suffix{', not ' + suffix if suffix else ''})")
+    return PLOT_FORMATS[suffix]
+
+
+def _check_plot_path(path: str) -> str:
+    """The format to write the plot to ``path`` in; InputError when it cannot be written there."""
+    file_format = plot_format(path)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -62,6 +75,7 @@ def _check_plot_path(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"--plot {path}: the folder {folder} does not exist")
+    return file_format
 
 
 def row(job: JobRecord, rate: float | None) -> dict:
@@ -74,34 +88,45 @@ def row(job: JobRecord, rate: float | None) -> dict:
 
 @click.command("report")
 @click.option("--since", metavar="TIME", callback=checked_by(parse_since),
-              help="Only jobs started since then: 2026-11-28, 2026-11-28T09:30, or a time ago like 12h, 7d.")
+              help="Only jobs that ran since then (started before, but still running or ended after, count): "
+                   "2026-11-28, 2026-11-28T09:30, or a time ago like 12h, 7d.")
+@click.option("--until", metavar="TIME", callback=checked_by(parse_since),
+              help="Only jobs that started by then; the same forms as --since.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--rate", metavar="PRICE", callback=checked_by(parse_rate),
               help="Price per GPU-hour: adds each job's cost (GPU-seconds / 3600 x PRICE).")
 @click.option("--ledger", "ledger_path", metavar="PATH", type=click.Path(dir_okay=False),
               help="The ledger file. [default: $FRACGPU_LEDGER, else the per-user one]")
-@click.option("--plot", "plot_path", metavar="FILE.png", type=click.Path(dir_okay=False),
-              help="Also draw each job's memory and compute share over time into this PNG "
-                   "(needs matplotlib: pip install 'fracgpu[plot]').")
-def report(since: str | None, fmt: str, rate: str | None, ledger_path: str | None, plot_path: str | None) -> None:
-    """Per-job usage and cost from the ledger: GPU-seconds, memory byte-seconds, peak memory."""
-    if plot_path is not None:
-        _check_plot_path(plot_path)
+@click.option("--plot", "plot_path", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Also draw each job's memory and compute share over time into this file: PNG, SVG or PDF, "
+                   "by its suffix (needs matplotlib: pip install 'fracgpu[plot]').")
+def report(since: str | None, until: str | None, fmt: str, rate: str | None, ledger_path: str | None,
+           plot_path: str | None) -> None:
+    """Per-job usage and cost from the ledger: GPU-seconds, memory byte-seconds, peak memory.
+
+    With --since and --until, the jobs that ran at some time between them, each with its whole totals."""
+    now = time.time()   # one "now" for both bounds, so "--since 2d --until 1d" is exactly a day
+    start, end = (parse_since(text, now) if text else None for text in (since, until))
+    if start is not None and end is not None and end < start:
+        raise InputError(f"--until {until} is before --since {since}: give a time after it")
+    plot_as = _check_plot_path(plot_path) if plot_path is not None else None
     try:
         with Ledger(ledger_path) as ledger:
             ledger.close_orphans()   # jobs whose fracgpu run was killed end at their last sample
-            jobs = ledger.jobs(parse_since(since) if since else None)
+            jobs = ledger.jobs_during(start, end)
             samples = {job.id: ledger.samples(job.id) for job in jobs} if plot_path is not None else {}
     except LedgerError as e:
         raise InputError(str(e)) from None
     if plot_path is not None:
         from fracgpu import plot
 
-        plot.save(plot.draw(jobs, samples), plot_path)
+        plot.save(plot.draw(jobs, samples), plot_path, plot_as)
         click.echo(f"plot of {len(jobs)} job(s) written to {plot_path}", err=True)
     price = parse_rate(rate) if rate is not None else None
     if fmt == "table":
-        console().print(table(jobs, price))
+        screen = console()
+        for part in job_tables(jobs, price, screen.width):
+            screen.print(part)
         return
     rows = [row(job, price) for job in jobs]
     if fmt == "json":
@@ -125,22 +150,24 @@ def exit_text(status: int | None, ended: bool) -> str:
     return str(status)
 
 
-def table(jobs: list[JobRecord], price: float | None = None):
-    """The report as a rich table: one row per job."""
-    from rich.table import Table
+def _local(t: float | None) -> str:
+    """A time as the table shows it: local, to the second, without the offset (JSON and CSV have it)."""
+    return "" if t is None else dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
 
-    out = Table(title=f"fracgpu jobs ({len(jobs)})")
-    columns = ["job", "partition", "start", "end", "exit", "GPU time", "memory GiB-h", "peak memory"]
+
+def job_tables(jobs: list[JobRecord], price: float | None = None, width: int = 80) -> list:
+    """The report as rich tables ``width`` columns wide: one row per job (split by columns, each
+    part led by the job's name, where one table would not fit)."""
+    columns = [("job", "left"), ("partition", "left"), ("start", "left"), ("end", "left"), ("exit", "right"),
+               ("GPU time", "right"), ("memory GiB-h", "right"), ("peak memory", "right")]
     if price is not None:
-        columns.append("cost")
-    for column in columns:
-        out.add_column(column, justify="left" if column in ("job", "partition", "start", "end") else "right")
+        columns.append(("cost", "right"))
+    rows = []
     for job in jobs:
-        r = row(job, price)
-        cells = [job.job, job.partition, r["start"] or "", r["end"] or "running",
+        cells = [job.job, job.partition, _local(job.start), _local(job.end) if job.end is not None else "running",
                  exit_text(job.exit_status, job.end is not None), f"{job.gpu_seconds:.2f} s",
                  f"{job.memory_byte_seconds / (1 << 30) / 3600:.4f}", format_size(job.peak_memory_bytes)]
         if price is not None:
-            cells.append(f"{r['cost']:.4f}")
-        out.add_row(*cells)
-    return out
+            cells.append(f"{row(job, price)['cost']:.4f}")
+        rows.append(cells)
+    return tables(columns, rows, width, title=f"fracgpu jobs ({len(jobs)})")

@@ -14,8 +14,8 @@ from typing import Any
 import click
 
 from fracgpu import snapshot, state
-from fracgpu.cli.common import console, refusals
-from fracgpu.units import format_share, format_size
+from fracgpu.cli.common import console, refusals, share_text, tables
+from fracgpu.units import format_size
 
 NOT_AVAILABLE = "n/a"
 
@@ -34,16 +34,16 @@ def _achieved(share: float | None) -> str:
     return NOT_AVAILABLE if share is None else f"{share * 100:.1f}%"
 
 
-def _configured(p: state.PartitionUsage) -> str:
-    if not p.compute_share:
-        return "-"
-    return format_share(p.compute_share) + (" cap" if p.compute_cap else "")
+PARTITION_COLUMNS = [("partition", "left"), ("memory / limit", "right"), ("%", "right"), ("peak", "right"),
+                     ("share", "right"), ("achieved", "right"), ("GPU time", "right"), ("procs", "right")]
+PROCESS_COLUMNS = [("pid", "right"), ("partition", "left"), ("command", "left"), ("memory", "right"),
+                   ("peak", "right"), ("achieved", "right"), ("GPU time", "right")]
 
 
-def render(view: snapshot.Snapshot, state_dir: str) -> Any:
-    """The view as a rich renderable: per GPU, a table of partitions and one of processes."""
+def render(view: snapshot.Snapshot, state_dir: str, width: int = 80) -> Any:
+    """The view as a rich renderable ``width`` columns wide: per GPU, a table of partitions and one
+    of processes (each split in narrower tables where it would not fit)."""
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(view.time))
@@ -56,31 +56,21 @@ def render(view: snapshot.Snapshot, state_dir: str) -> Any:
         return Group(*parts)
     for gpu in view.gpus:
         used = sum(p.used for p in gpu.partitions)
-        parts.append(Text(f"\n{gpu.name}  {gpu.uuid}  memory {format_size(used)} / {format_size(gpu.total_memory)} "
+        parts.append(Text(f"\n{gpu.uuid}  {gpu.name}\nmemory {format_size(used)} / {format_size(gpu.total_memory)} "
                           f"in partitions", style="bold"))
-        table = Table(title=None, expand=False)
-        for column in ("partition", "memory / limit", "%", "peak", "compute share", "achieved", "device time",
-                       "procs"):
-            table.add_column(column, justify="left" if column == "partition" else "right", overflow="fold")
+        rows, styles = [], []
         for p in gpu.partitions:
             limit = format_size(p.memory_limit) if p.memory_limit else "unlimited"
-            percent = f"{100 * p.used / p.memory_limit:.0f}%" if p.memory_limit else "-"
-            style = "red" if p.memory_limit and p.used >= 0.9 * p.memory_limit else None
-            table.add_row(p.name + (" (private)" if p.ephemeral else ""), f"{format_size(p.used)} / {limit}",
-                          percent, format_size(p.peak), _configured(p), _achieved(view.partition_share(gpu, p)),
-                          _seconds(p.device_ns), str(p.processes), style=style)
-        if not gpu.partitions:
-            table.add_row("(none)", "", "", "", "", "", "", "")
-        parts.append(table)
+            rows.append([p.name + (" (private)" if p.ephemeral else ""), f"{format_size(p.used)} / {limit}",
+                         f"{100 * p.used / p.memory_limit:.0f}%" if p.memory_limit else "-", format_size(p.peak),
+                         share_text(p), _achieved(view.partition_share(gpu, p)), _seconds(p.device_ns),
+                         str(p.processes)])
+            styles.append("red" if p.memory_limit and p.used >= 0.9 * p.memory_limit else None)
+        parts += tables(PARTITION_COLUMNS, rows or [["(none)", "", "", "", "", "", "", ""]], width, styles)
         if gpu.processes:
-            procs = Table(expand=False)
-            for column in ("pid", "partition", "command", "memory", "peak", "achieved", "device time"):
-                procs.add_column(column, justify="left" if column in ("partition", "command") else "right",
-                                 overflow="fold")
-            for q in gpu.processes:
-                procs.add_row(str(q.pid), q.partition, q.command, format_size(q.used), format_size(q.peak),
-                              _achieved(view.process_share(gpu, q)), _seconds(q.device_ns))
-            parts.append(procs)
+            rows = [[str(q.pid), q.partition, q.command, format_size(q.used), format_size(q.peak),
+                     _achieved(view.process_share(gpu, q)), _seconds(q.device_ns)] for q in gpu.processes]
+            parts += tables(PROCESS_COLUMNS, rows, width)
     return Group(*parts)
 
 
@@ -104,7 +94,8 @@ def top(once: bool, interval: float, json_output: bool) -> None:
             if json_output:
                 click.echo(json.dumps(snapshot.as_json(view), indent=2))
             else:
-                console().print(render(view, state_dir))
+                screen = console()
+                screen.print(render(view, state_dir, screen.width))
             return
         _live(interval, state_dir)
     except KeyboardInterrupt:
@@ -120,15 +111,15 @@ def _live(interval: float, state_dir: str) -> None:
         while True:
             time.sleep(interval)
             current = read()
-            screen.print(render(snapshot.take(previous, current), state_dir))
+            screen.print(render(snapshot.take(previous, current), state_dir, screen.width))
             screen.print()
             previous = current
     from rich.live import Live
 
-    with Live(render(view, state_dir), console=screen, auto_refresh=False, transient=False,
+    with Live(render(view, state_dir, screen.width), console=screen, auto_refresh=False, transient=False,
               vertical_overflow="ellipsis") as live:
         while True:
             time.sleep(interval)
             current = read()
-            live.update(render(snapshot.take(previous, current), state_dir), refresh=True)
+            live.update(render(snapshot.take(previous, current), state_dir, screen.width), refresh=True)
             previous = current

@@ -1,0 +1,78 @@
+"""What a person at a terminal sees besides the output: progress while the GPU is probed (on stderr,
+only on a terminal), and shell completion."""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+
+from fracgpu.cli.common import PROBING
+
+
+def run_with_terminal_stderr(gpu, *args) -> tuple[subprocess.CompletedProcess, str]:
+    """``fracgpu ARGS`` with stderr a terminal (a pseudo-terminal) and stdout a pipe; what the terminal got."""
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "fracgpu", *args], stdout=subprocess.PIPE,
+                                stderr=follower, text=True, env={**gpu.env, "TERM": "xterm"})
+        os.close(follower)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:   # EIO: the last writer closed it
+                break
+            if not chunk:
+                break
+            seen += chunk
+        stdout = proc.stdout.read()
+        proc.wait(timeout=60)
+    finally:
+        os.close(leader)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, None), seen.decode(errors="replace")
+
+
+def test_progress_is_shown_on_a_terminal_while_the_gpu_is_probed(gpu):
+    result, terminal = run_with_terminal_stderr(gpu, "partition", "create", "team", "--memory", "64MiB")
+    assert result.returncode == 0, terminal
+    assert PROBING in terminal
+    assert result.stdout == "partition 'team' created on GPU 0: 64MiB, no compute share\n"   # nothing else
+
+
+def test_no_progress_when_stderr_is_not_a_terminal(gpu):
+    result = gpu.fracgpu("partition", "create", "team", "--memory", "64MiB")
+    assert result.stderr == ""
+    result = gpu.fracgpu("run", "--memory", "64MiB", "--", sys.executable, "-c", "print('job')")
+    assert result.stdout == "job\n" and "probing" not in result.stderr
+
+
+def test_commands_that_do_not_probe_show_nothing(gpu):
+    """`partition list` reads the shared state only: no probe, so no progress, even on a terminal."""
+    result, terminal = run_with_terminal_stderr(gpu, "partition", "list", "--json")
+    assert result.returncode == 0 and result.stdout.strip() == "[]"
+    assert "probing" not in terminal
+
+
+def completion(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["fracgpu"], capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], **env})
+
+
+def test_shell_completion_scripts():
+    bash = completion({"_FRACGPU_COMPLETE": "bash_source"})
+    assert bash.returncode == 0, bash.stderr
+    assert "_fracgpu_completion()" in bash.stdout and "complete -o nosort -F _fracgpu_completion fracgpu" in bash.stdout
+    assert "compdef _fracgpu_completion fracgpu" in completion({"_FRACGPU_COMPLETE": "zsh_source"}).stdout
+    assert "complete --no-files --command fracgpu" in completion({"_FRACGPU_COMPLETE": "fish_source"}).stdout
+
+
+def test_completion_knows_the_commands_and_their_options():
+    def complete(words: str, cword: int) -> list[str]:
+        out = completion({"_FRACGPU_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": str(cword)})
+        return [line.split(",", 1)[1] for line in out.stdout.splitlines()]
+
+    assert complete("fracgpu par", 1) == ["partition"]
+    assert complete("fracgpu partition ", 2) == ["create", "list", "rm", "set"]
+    assert "--until" in complete("fracgpu report --", 2)
