@@ -120,3 +120,25 @@ def test_the_installed_wheel_refuses_an_allocation_over_the_quota(installed, tmp
                      env=env, cwd=tmp_path, timeout=120)
         got[mib] = result.stdout.strip().splitlines()[-1]
     assert got == {128: "0", 512: "2"}
+
+
+def build_error(tmp_path, *config, env=None) -> str:
+    """What a wheel build from the checkout that must fail prints."""
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", str(ROOT), "-w", str(tmp_path / "dist"),
+                             f"--config-settings=build-dir={tmp_path / 'build'}", *config],
+                            capture_output=True, text=True, timeout=900, env={**os.environ, **(env or {})})
+    assert result.returncode != 0, result.stdout[-3000:]
+    return " ".join((result.stdout + result.stderr).split())   # CMake wraps its messages
+
+
+def test_a_source_build_without_a_compiler_says_which_one_to_install(tmp_path):
+    out = build_error(tmp_path, env={"CC": "/bin/false", "CXX": "/bin/false"})
+    assert "fracgpu: building from source needs a C and a C++ compiler" in out, out[-3000:]
+    assert "apt install build-essential" in out
+
+
+def test_a_wheel_build_without_a_usable_nvcc_stops_and_names_the_package(tmp_path):
+    out = build_error(tmp_path, "--config-settings=cmake.define.FRACGPU_NVCC=/bin/false")
+    assert "fracgpu: no usable nvcc: /bin/false does not run" in out, out[-3000:]
+    assert 'pip install "nvidia-cuda-nvcc>=13,<14"' in out
+    assert "FRACGPU_REQUIRE_KERNELS=OFF" in out
