@@ -7,6 +7,7 @@
   compute shares, NVML, accounting, ``fracgpu.init()``, faults and load.
 - ``sim/``: the simulated GPU itself: its clients, its faults, ``fracgpu sim``.
 - ``integrations/``: fracgpu inside other frameworks (Ray).
+- ``packaging/``: the wheel, installed where no compiler is, and the build's own refusals.
 - ``gpu/``: the same on a real NVIDIA GPU (marked ``gpu``; skipped without one).
 - ``native/``, ``fuzz/``: the C and C++ tests and the fuzzer, built by CMake.
 - ``clients/``: the C driver client the tests compile.
