@@ -132,12 +132,16 @@ def build_error(tmp_path, *config, env=None) -> str:
     return " ".join((result.stdout + result.stderr).split())   # CMake wraps its messages
 
 
+@pytest.mark.fault("A source build on a machine without a C/C++ compiler",
+                   "the build stops with a message naming the compilers to install")
 def test_a_source_build_without_a_compiler_says_which_one_to_install(tmp_path):
     out = build_error(tmp_path, env={"CC": "/bin/false", "CXX": "/bin/false"})
     assert "fracgpu: building from source needs a C and a C++ compiler" in out, out[-3000:]
     assert "apt install build-essential" in out
 
 
+@pytest.mark.fault("A wheel build whose nvcc does not run",
+                   "the build stops naming the nvcc wheel to install (or FRACGPU_REQUIRE_KERNELS=OFF)")
 def test_a_wheel_build_without_a_usable_nvcc_stops_and_names_the_package(tmp_path):
     out = build_error(tmp_path, "--config-settings=cmake.define.FRACGPU_NVCC=/bin/false")
     assert "fracgpu: no usable nvcc: /bin/false does not run" in out, out[-3000:]
