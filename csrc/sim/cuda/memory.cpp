@@ -12,8 +12,14 @@
 #include "sim.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <fcntl.h>
+#include <set>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace sim {
 
@@ -31,14 +37,22 @@ struct Pool {
 };
 std::vector<Pool *> &g_pools = *new std::vector<Pool *>;
 
-struct Physical {                          // cuMemCreate
+// cuMemCreate's physical memory, or memory imported from another process's
+// handle. It lives while the handle has references (cuMemCreate and each
+// cuMemRetainAllocationHandle take one, each cuMemRelease drops one) or any
+// mapping of it remains, as in the real driver.
+struct Physical {
     int dev = 0;
     uint64_t size = 0;
     void *host = nullptr;
+    int fd = -1;               // backing memfd when exportable or imported (shared between processes)
+    int refs = 1;
     int mappings = 0;
-    bool released = false;
+    bool imported = false;     // charged to the device by the process that created it, not here
     CUmemAllocationProp prop{};
 };
+// The live handles: a handle value not in here is unknown (never created or gone).
+std::set<Physical *> &g_physicals = *new std::set<Physical *>;
 std::map<uint64_t, uint64_t> &g_reservations = *new std::map<uint64_t, uint64_t>;   // cuMemAddressReserve: base -> size
 
 uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
@@ -114,11 +128,26 @@ bool valid_pool(CUmemoryPool h) {
 }
 
 void free_physical_if_unused(Physical *p) {
-    if (p->released && p->mappings == 0) {
-        mem_uncharge(g_devices[p->dev].phys, p->size);
-        unmap_host(p->host, p->size);
-        delete p;
-    }
+    if (p->refs > 0 || p->mappings > 0) return;
+    if (!p->imported) mem_uncharge(g_devices[p->dev].phys, p->size);
+    unmap_host(p->host, p->size);
+    if (p->fd >= 0) close(p->fd);
+    g_physicals.erase(p);
+    delete p;
+}
+
+Physical *live_physical(CUmemGenericAllocationHandle h) {
+    auto it = g_physicals.find(reinterpret_cast<Physical *>(h));
+    return it == g_physicals.end() ? nullptr : *it;
+}
+
+// Exportable physical memory lives in a memfd, so another process can map the
+// same pages; its name carries the device, which an importer reads back.
+constexpr char kMemfdPrefix[] = "fracgpu-sim-vmm-dev";
+
+void *map_shared_fd(int fd, uint64_t size) {
+    void *p = mmap(nullptr, round_up(size, 4096), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? nullptr : p;
 }
 
 }  // namespace
@@ -666,13 +695,24 @@ SIM_API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, 
     if (!handle || !prop || size == 0 || size % kVmmGranularity) return CUDA_ERROR_INVALID_VALUE;
     if (prop->type != CU_MEM_ALLOCATION_TYPE_PINNED || prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE)
         return CUDA_ERROR_INVALID_VALUE;
+    if (prop->requestedHandleTypes & ~CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) return CUDA_ERROR_NOT_SUPPORTED;
     CUresult rc = check_device(prop->location.id);
     if (rc != CUDA_SUCCESS) return rc;
     std::lock_guard<std::mutex> lk(g_mu);
     int dev = prop->location.id;
     if (!mem_charge(g_devices[dev].phys, size)) return CUDA_ERROR_OUT_OF_MEMORY;
-    void *host = map_host(size);
+    int fd = -1;
+    void *host = nullptr;
+    if (prop->requestedHandleTypes & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) {
+        char name[64];
+        snprintf(name, sizeof name, "%s%d", kMemfdPrefix, g_devices[dev].phys);
+        fd = memfd_create(name, MFD_CLOEXEC);
+        if (fd >= 0 && ftruncate(fd, (off_t)size) == 0) host = map_shared_fd(fd, size);
+    } else {
+        host = map_host(size);
+    }
     if (!host) {
+        if (fd >= 0) close(fd);
         mem_uncharge(g_devices[dev].phys, size);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
@@ -680,16 +720,18 @@ SIM_API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, 
     p->dev = dev;
     p->size = size;
     p->host = host;
+    p->fd = fd;
     p->prop = *prop;
+    g_physicals.insert(p);
     *handle = reinterpret_cast<CUmemGenericAllocationHandle>(p);
     return CUDA_SUCCESS;
 }
 
 SIM_API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
     std::lock_guard<std::mutex> lk(g_mu);
-    Physical *p = reinterpret_cast<Physical *>(handle);
-    if (!p || p->released) return CUDA_ERROR_INVALID_VALUE;
-    p->released = true;
+    Physical *p = live_physical(handle);
+    if (!p || p->refs == 0) return CUDA_ERROR_INVALID_VALUE;
+    p->refs--;
     free_physical_if_unused(p);   // otherwise when its last mapping goes
     return CUDA_SUCCESS;
 }
@@ -697,8 +739,8 @@ SIM_API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
 SIM_API CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAllocationHandle handle,
                           unsigned long long flags) {
     std::lock_guard<std::mutex> lk(g_mu);
-    Physical *p = reinterpret_cast<Physical *>(handle);
-    if (!p || p->released || offset + size > p->size || size == 0) return CUDA_ERROR_INVALID_VALUE;
+    Physical *p = live_physical(handle);
+    if (!p || p->refs == 0 || offset + size > p->size || size == 0) return CUDA_ERROR_INVALID_VALUE;
     auto r = g_reservations.upper_bound(ptr);
     if (r == g_reservations.begin()) return CUDA_ERROR_INVALID_VALUE;
     --r;
@@ -734,6 +776,63 @@ SIM_API CUresult cuMemUnmap(CUdeviceptr ptr, size_t size) {
     return CUDA_SUCCESS;
 }
 
+SIM_API CUresult cuMemExportToShareableHandle(void *shareable, CUmemGenericAllocationHandle handle,
+                                              CUmemAllocationHandleType type, unsigned long long flags) {
+    if (!shareable || flags) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    Physical *p = live_physical(handle);
+    if (!p || p->refs == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR || p->fd < 0) return CUDA_ERROR_NOT_PERMITTED;
+    int fd = fcntl(p->fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) return CUDA_ERROR_OUT_OF_MEMORY;
+    *static_cast<int *>(shareable) = fd;
+    return CUDA_SUCCESS;
+}
+
+// Another process's exported memory: the same pages, mapped here. The device
+// holds it once, charged to the process that created it.
+SIM_API CUresult cuMemImportFromShareableHandle(CUmemGenericAllocationHandle *handle, void *os_handle,
+                                                CUmemAllocationHandleType type) {
+    if (!handle) return CUDA_ERROR_INVALID_VALUE;
+    if (type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) return CUDA_ERROR_NOT_SUPPORTED;
+    std::lock_guard<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    int fd = (int)reinterpret_cast<intptr_t>(os_handle);
+    char link[64], target[256];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    struct stat st;
+    if (n <= 0 || fstat(fd, &st) != 0 || st.st_size <= 0) return CUDA_ERROR_INVALID_VALUE;
+    target[n] = '\0';
+    // "/memfd:fracgpu-sim-vmm-dev<N> (deleted)": memory of this simulated GPU's device N.
+    const char *name = strstr(target, kMemfdPrefix);
+    if (!name) return CUDA_ERROR_INVALID_VALUE;
+    int phys = atoi(name + sizeof kMemfdPrefix - 1), dev = -1;
+    for (size_t d = 0; d < g_devices.size(); d++)
+        if (g_devices[d].phys == phys) dev = (int)d;
+    if (dev < 0) return CUDA_ERROR_INVALID_DEVICE;
+    int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    void *host = own >= 0 ? map_shared_fd(own, (uint64_t)st.st_size) : nullptr;
+    if (!host) {
+        if (own >= 0) close(own);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    Physical *p = new Physical();
+    p->dev = dev;
+    p->size = (uint64_t)st.st_size;
+    p->host = host;
+    p->fd = own;
+    p->imported = true;
+    p->prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    p->prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    p->prop.location.id = dev;
+    p->prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    g_physicals.insert(p);
+    *handle = reinterpret_cast<CUmemGenericAllocationHandle>(p);
+    return CUDA_SUCCESS;
+}
+
 SIM_API CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *desc, size_t count) {
     std::lock_guard<std::mutex> lk(g_mu);
     if (!desc || count == 0) return CUDA_ERROR_INVALID_VALUE;
@@ -753,6 +852,7 @@ SIM_API CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handl
     std::lock_guard<std::mutex> lk(g_mu);
     Alloc *a = find_alloc(reinterpret_cast<uint64_t>(addr));
     if (!handle || !a || a->kind != MemKind::Physical) return CUDA_ERROR_INVALID_VALUE;
+    reinterpret_cast<Physical *>(a->id)->refs++;   // released with cuMemRelease, like the original
     *handle = static_cast<CUmemGenericAllocationHandle>(a->id);
     return CUDA_SUCCESS;
 }
@@ -760,7 +860,7 @@ SIM_API CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handl
 SIM_API CUresult cuMemGetAllocationPropertiesFromHandle(CUmemAllocationProp *prop,
                                                         CUmemGenericAllocationHandle handle) {
     std::lock_guard<std::mutex> lk(g_mu);
-    Physical *p = reinterpret_cast<Physical *>(handle);
+    Physical *p = live_physical(handle);
     if (!prop || !p) return CUDA_ERROR_INVALID_VALUE;
     *prop = p->prop;
     return CUDA_SUCCESS;
