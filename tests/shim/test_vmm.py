@@ -133,14 +133,18 @@ def test_imported_memory_is_charged_once_to_the_partition_that_created_it(client
         exporter.wait()
 
 
-# The samples' pattern through ctypes: create, reserve, map, release, until refused.
-CTYPES_VMM = CTYPES_PRELUDE + """
+# CTYPES_PRELUDE and the VMM types: `Prop`, and `prop`, pinned memory on device 0.
+CTYPES_VMM_PRELUDE = CTYPES_PRELUDE + """
 class Location(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
 class Prop(ctypes.Structure):
     _fields_ = [("type", ctypes.c_int), ("requestedHandleTypes", ctypes.c_int), ("location", Location),
                 ("win32HandleMetaData", ctypes.c_void_p), ("allocFlags", ctypes.c_ubyte * 8)]
-prop = Prop(type=1, location=Location(type=1, id=0))   # pinned, on device 0
+prop = Prop(type=1, location=Location(type=1, id=0))
+"""
+
+# The samples' pattern through ctypes: create, reserve, map, release, until refused.
+CTYPES_VMM = CTYPES_VMM_PRELUDE + """
 size = ctypes.c_size_t(128 << 20)
 n, mapped = 0, []
 while True:
