@@ -28,6 +28,10 @@
  *                                 "fd F" (its POSIX fd), hold it SECONDS
  *   vmm-import PID FD             import /proc/PID/fd/FD, map it, allocate 64 MiB blocks until
  *                                 refused, then unmap and release the imported handle
+ *   ipc-export MIB SECONDS        cuMemAlloc MIB, set it to 0x1234abcd, print "handle HEX"
+ *                                 (its cuIpcGetMemHandle), hold it SECONDS
+ *   ipc-import HEX                cuIpcOpenMemHandle, read its first word, allocate 64 MiB
+ *                                 blocks until refused, then cuIpcCloseMemHandle
  */
 #include <cuda.h>
 
@@ -69,7 +73,7 @@
     X(cuCtxSynchronize, (void), 2000)                                                         \
     X(cuGetErrorName, (CUresult, const char **), CUDA_VERSION)
 
-// The virtual memory management calls (the vmm-* commands).
+// Virtual memory management and memory shared between processes (the vmm-* and ipc-* commands).
 #define VMM_API_LIST(X)                                                                       \
     X(cuMemAddressReserve, (CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long),  \
       CUDA_VERSION)                                                                           \
@@ -85,7 +89,11 @@
                                      CUmemAllocationHandleType, unsigned long long),          \
       CUDA_VERSION)                                                                           \
     X(cuMemImportFromShareableHandle, (CUmemGenericAllocationHandle *, void *,                \
-                                       CUmemAllocationHandleType), CUDA_VERSION)
+                                       CUmemAllocationHandleType), CUDA_VERSION)              \
+    X(cuMemsetD32, (CUdeviceptr, unsigned int, size_t), CUDA_VERSION)                         \
+    X(cuIpcGetMemHandle, (CUipcMemHandle *, CUdeviceptr), CUDA_VERSION)                       \
+    X(cuIpcOpenMemHandle, (CUdeviceptr *, CUipcMemHandle, unsigned int), CUDA_VERSION)        \
+    X(cuIpcCloseMemHandle, (CUdeviceptr), CUDA_VERSION)
 
 #define DECLARE(name, args, ver) static CUresult (*p_##name) args;
 API_LIST(DECLARE)
@@ -165,7 +173,7 @@ static void free_at_exit(void) {
     if (g_exit_block) p_cuMemFree(g_exit_block);
 }
 
-/* --- virtual memory management (the vmm-* commands) --- */
+/* --- virtual memory management and memory shared between processes (vmm-*, ipc-*) --- */
 static size_t used_now(void) {
     size_t mfree, mtotal;
     CHECK(p_cuMemGetInfo(&mfree, &mtotal));
@@ -273,6 +281,35 @@ static int vmm_command(const char *cmd, int argc, char **argv, CUdevice dev) {
         CHECK(p_cuMemUnmap(va, size));
         CHECK(p_cuMemRelease(h));
         printf("used_after_release %zu\n", used_now());
+    } else if (!strcmp(cmd, "ipc-export") && argc >= 4) {
+        CUdeviceptr d;
+        CUipcMemHandle ipc;
+        CHECK(p_cuMemAlloc(&d, bytes));
+        CHECK(p_cuMemsetD32(d, 0x1234abcd, bytes / 4));
+        CHECK(p_cuIpcGetMemHandle(&ipc, d));
+        printf("handle ");
+        for (size_t i = 0; i < sizeof ipc.reserved; i++) printf("%02x", (unsigned char)ipc.reserved[i]);
+        printf("\nused %zu\n", used_now());
+        fflush(stdout);
+        usleep((useconds_t)(atof(argv[3]) * 1e6));
+    } else if (!strcmp(cmd, "ipc-import") && argc >= 3) {
+        CUipcMemHandle ipc;
+        CUdeviceptr d, p;
+        unsigned first = 0;
+        for (size_t i = 0; i < sizeof ipc.reserved; i++) {
+            unsigned byte = 0;
+            if (sscanf(argv[2] + 2 * i, "%2x", &byte) != 1) byte = 0;
+            ipc.reserved[i] = (char)byte;
+        }
+        CHECK(p_cuIpcOpenMemHandle(&d, ipc, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS));
+        CHECK(p_cuMemcpyDtoH(&first, d, sizeof first));
+        printf("first 0x%x\nused_after_open %zu\n", first, used_now());
+        long n = 0;
+        while (p_cuMemAlloc(&p, 64 << 20) == CUDA_SUCCESS) n++;
+        printf("blocks %ld\n", n);
+        printf("free_opened %s\n", err_name(p_cuMemFree(d)));
+        CHECK(p_cuIpcCloseMemHandle(d));
+        printf("used_after_close %zu\n", used_now());
     } else {
         return -1;
     }
@@ -386,7 +423,7 @@ int main(int argc, char **argv) {
         printf("holding %s\n", argv[2]);
         fflush(stdout);
         usleep((useconds_t)(atof(argv[3]) * 1e6));
-    } else if (!strncmp(cmd, "vmm-", 4)) {
+    } else if (!strncmp(cmd, "vmm-", 4) || !strncmp(cmd, "ipc-", 4)) {
         int rc = vmm_command(cmd, argc, argv, dev);
         if (rc < 0) {
             fprintf(stderr, "unknown command or missing arguments: %s\n", cmd);

@@ -3,7 +3,8 @@ follow the driver's lifetime rules. A handle's physical memory stays charged
 until the handle and every mapping of it are gone, so releasing a mapped
 handle (what CUDA's samples do right after cuMemMap) frees nothing, a retain
 is a reference of its own, and memory imported from another process is
-charged once, to the partition that created it.
+charged once, to the partition that created it (a VMM handle's POSIX file
+descriptor, or a cuIpcGetMemHandle handle).
 
 Each test runs jobs under `fracgpu run` on a simulated GPU of its own.
 """
@@ -128,6 +129,28 @@ def test_imported_memory_is_charged_once_to_the_partition_that_created_it(client
                             "blocks": "8",                           # ... who still gets all 512 MiB
                             "used_after_release": str(512 * MiB)}    # and gives nothing back it never had
         assert partition(gpu4, "maker")["used"] == 768 * MiB         # charged once, to its creator
+    finally:
+        exporter.kill()
+        exporter.wait()
+
+
+@pytest.mark.parametrize("kind", ["lcuda", "dlopen"])
+def test_memory_opened_from_another_process_is_charged_once_to_its_exporter(clients, gpu4, kind):
+    gpu4.fracgpu("partition", "create", "maker", "--memory", "1GiB")
+    gpu4.fracgpu("partition", "create", "user", "--memory", "512MiB")
+    exporter = gpu4.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "maker", "--",
+                          clients.lcuda, "ipc-export", 768, 60)
+    try:
+        facts = {k: v for k, v in (exporter.stdout.readline().split() for _ in range(2))}
+        assert facts["used"] == str(768 * MiB)
+        opened = gpu4.facts(sys.executable, "-m", "fracgpu", "run", "--partition", "user", "--",
+                            getattr(clients, kind), "ipc-import", facts["handle"])
+        assert opened == {"first": "0x1234abcd",                       # the exporter's memory, shared
+                          "used_after_open": "0",
+                          "blocks": "8",
+                          "free_opened": "CUDA_ERROR_INVALID_VALUE",   # only cuIpcCloseMemHandle lets it go
+                          "used_after_close": str(512 * MiB)}
+        assert partition(gpu4, "maker")["used"] == 768 * MiB
     finally:
         exporter.kill()
         exporter.wait()

@@ -107,6 +107,7 @@ void release(Alloc *a) {
     if (a->charged) mem_uncharge(g_devices[a->dev].phys, a->charged);
     if (a->pool) reinterpret_cast<Pool *>(a->pool)->used -= a->charged;
     if (a->owned_host && a->host) unmap_host(a->host, a->size);
+    if (a->fd >= 0) close(a->fd);
     delete a;
 }
 
@@ -144,6 +145,34 @@ Physical *live_physical(CUmemGenericAllocationHandle h) {
 // Exportable physical memory lives in a memfd, so another process can map the
 // same pages; its name carries the device, which an importer reads back.
 constexpr char kMemfdPrefix[] = "fracgpu-sim-vmm-dev";
+
+// A memfd of `size` bytes for device `dev`'s memory; -1 when none could be made.
+int device_memfd(int dev, uint64_t size) {
+    char name[64];
+    snprintf(name, sizeof name, "%s%d", kMemfdPrefix, g_devices[dev].phys);
+    int fd = memfd_create(name, MFD_CLOEXEC);
+    if (fd >= 0 && ftruncate(fd, (off_t)round_up(size, 4096)) != 0) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+// The device ordinal of a memfd made by device_memfd (here or in another
+// process on this simulated GPU), read back from its name; -1 when it is none.
+int memfd_device(int fd) {
+    char link[64], target[256];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    if (n <= 0) return -1;
+    target[n] = '\0';
+    const char *name = strstr(target, kMemfdPrefix);   // "/memfd:fracgpu-sim-vmm-dev<N> (deleted)"
+    if (!name) return -1;
+    int phys = atoi(name + sizeof kMemfdPrefix - 1);
+    for (size_t d = 0; d < g_devices.size(); d++)
+        if (g_devices[d].phys == phys) return (int)d;
+    return -1;
+}
 
 void *map_shared_fd(int fd, uint64_t size) {
     void *p = mmap(nullptr, round_up(size, 4096), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
@@ -189,7 +218,7 @@ CUresult free_common(CUdeviceptr dptr, MemKind expect) {
     if (it == g_allocs.end()) return CUDA_ERROR_INVALID_VALUE;
     Alloc *a = it->second;
     if (expect == MemKind::Host ? a->kind != MemKind::Host
-                                : (a->kind != MemKind::Device && a->kind != MemKind::Managed))
+                                : (a->kind != MemKind::Device && a->kind != MemKind::Managed) || a->ipc_opened)
         return CUDA_ERROR_INVALID_VALUE;
     // Freeing memory that queued work may still use waits for that work, as
     // cuMemFree synchronizes.
@@ -562,7 +591,8 @@ static CUresult free_async(CUdeviceptr dptr, CUstream h, bool pt) {
     CUresult rc = get_context(&c);
     if (rc != CUDA_SUCCESS) return rc;
     auto it = g_allocs.find(dptr);
-    if (it == g_allocs.end() || it->second->kind != MemKind::Device) return CUDA_ERROR_INVALID_VALUE;
+    if (it == g_allocs.end() || it->second->kind != MemKind::Device || it->second->ipc_opened)
+        return CUDA_ERROR_INVALID_VALUE;
     Stream *s;
     rc = resolve_stream(h, pt, &s);
     if (rc != CUDA_SUCCESS) return rc;
@@ -661,6 +691,108 @@ SIM_API CUresult cuMemPoolGetAttribute(CUmemoryPool pool, CUmemPool_attribute at
     return CUDA_SUCCESS;
 }
 
+// --- inter-process memory (cuIpc*) ---------------------------------------------------
+//
+// A handle names the exporting process and the memfd that backs the allocation
+// from then on (its pages move there at the first cuIpcGetMemHandle, at the
+// same host address); the opener maps that memfd through /proc/<pid>/fd. The
+// device holds the memory once, charged to the exporter.
+
+namespace {
+struct IpcHandle {
+    char magic[8];
+    int32_t pid;
+    int32_t fd;
+    uint64_t size;
+};
+constexpr char kIpcMagic[8] = {'F', 'G', 'S', 'I', 'M', 'I', 'P', 'C'};
+static_assert(sizeof(IpcHandle) <= sizeof(CUipcMemHandle), "an IPC handle fits CUipcMemHandle");
+
+// Moves a's pages into a memfd, in place. Caller holds g_mu, with a's work done.
+bool share_pages(Alloc *a) {
+    if (a->fd >= 0) return true;
+    int fd = device_memfd(a->dev, a->size);
+    if (fd < 0) return false;
+    if (pwrite(fd, a->host, a->size, 0) != (ssize_t)a->size ||
+        mmap(a->host, round_up(a->size, 4096), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+        close(fd);
+        return false;
+    }
+    a->fd = fd;
+    return true;
+}
+}  // namespace
+
+SIM_API CUresult cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr dptr) {
+    if (!handle) return CUDA_ERROR_INVALID_VALUE;
+    std::unique_lock<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    auto it = g_allocs.find(dptr);
+    if (it == g_allocs.end() || it->second->kind != MemKind::Device || it->second->pool || it->second->ipc_opened)
+        return CUDA_ERROR_INVALID_VALUE;
+    Alloc *a = it->second;
+    if (a->ctx && valid_context(a->ctx)) engine_sync_context(lk, a->ctx);
+    if (!share_pages(a)) return CUDA_ERROR_OUT_OF_MEMORY;
+    IpcHandle h{};
+    memcpy(h.magic, kIpcMagic, sizeof h.magic);
+    h.pid = (int32_t)getpid();
+    h.fd = a->fd;
+    h.size = a->size;
+    memset(handle, 0, sizeof *handle);
+    memcpy(handle->reserved, &h, sizeof h);
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned int flags) {
+    if (!pdptr || (flags & ~CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)) return CUDA_ERROR_INVALID_VALUE;
+    IpcHandle h;
+    memcpy(&h, handle.reserved, sizeof h);
+    if (memcmp(h.magic, kIpcMagic, sizeof h.magic) || h.size == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (h.pid == (int32_t)getpid()) return CUDA_ERROR_INVALID_CONTEXT;   // never in the exporting process
+    std::lock_guard<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)h.pid, (int)h.fd);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0) return CUDA_ERROR_INVALID_HANDLE;   // the exporter or its allocation is gone
+    void *host = memfd_device(fd) == c->dev ? map_shared_fd(fd, h.size) : nullptr;
+    if (!host) {
+        close(fd);
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    Alloc *a = new Alloc();
+    a->base = take_addresses(h.size, kAllocAlign);
+    a->size = h.size;
+    a->host = host;
+    a->kind = MemKind::Device;
+    a->ctx = c;
+    a->dev = c->dev;
+    a->fd = fd;
+    a->ipc_opened = true;
+    a->id = g_next_id++;
+    g_allocs[a->base] = a;
+    *pdptr = a->base;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuIpcOpenMemHandle(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned int flags) {
+    return cuIpcOpenMemHandle_v2(pdptr, handle, flags);
+}
+
+SIM_API CUresult cuIpcCloseMemHandle(CUdeviceptr dptr) {
+    std::unique_lock<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    auto it = g_allocs.find(dptr);
+    if (it == g_allocs.end() || !it->second->ipc_opened) return CUDA_ERROR_INVALID_VALUE;
+    if (it->second->ctx && valid_context(it->second->ctx)) engine_sync_context(lk, it->second->ctx);
+    release(it->second);
+    return CUDA_SUCCESS;
+}
+
 // --- virtual memory management -------------------------------------------------------
 
 SIM_API CUresult cuMemGetAllocationGranularity(size_t *g, const CUmemAllocationProp *prop,
@@ -704,10 +836,8 @@ SIM_API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, 
     int fd = -1;
     void *host = nullptr;
     if (prop->requestedHandleTypes & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) {
-        char name[64];
-        snprintf(name, sizeof name, "%s%d", kMemfdPrefix, g_devices[dev].phys);
-        fd = memfd_create(name, MFD_CLOEXEC);
-        if (fd >= 0 && ftruncate(fd, (off_t)size) == 0) host = map_shared_fd(fd, size);
+        fd = device_memfd(dev, size);
+        if (fd >= 0) host = map_shared_fd(fd, size);
     } else {
         host = map_host(size);
     }
@@ -799,19 +929,9 @@ SIM_API CUresult cuMemImportFromShareableHandle(CUmemGenericAllocationHandle *ha
     CUresult rc = check_init();
     if (rc != CUDA_SUCCESS) return rc;
     int fd = (int)reinterpret_cast<intptr_t>(os_handle);
-    char link[64], target[256];
-    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-    ssize_t n = readlink(link, target, sizeof target - 1);
     struct stat st;
-    if (n <= 0 || fstat(fd, &st) != 0 || st.st_size <= 0) return CUDA_ERROR_INVALID_VALUE;
-    target[n] = '\0';
-    // "/memfd:fracgpu-sim-vmm-dev<N> (deleted)": memory of this simulated GPU's device N.
-    const char *name = strstr(target, kMemfdPrefix);
-    if (!name) return CUDA_ERROR_INVALID_VALUE;
-    int phys = atoi(name + sizeof kMemfdPrefix - 1), dev = -1;
-    for (size_t d = 0; d < g_devices.size(); d++)
-        if (g_devices[d].phys == phys) dev = (int)d;
-    if (dev < 0) return CUDA_ERROR_INVALID_DEVICE;
+    int dev = memfd_device(fd);
+    if (dev < 0 || fstat(fd, &st) != 0 || st.st_size <= 0) return CUDA_ERROR_INVALID_VALUE;
     int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
     void *host = own >= 0 ? map_shared_fd(own, (uint64_t)st.st_size) : nullptr;
     if (!host) {
