@@ -113,47 +113,50 @@ def test_a_job_killed_holding_mapped_memory_gives_it_all_back(clients, gpu4):
     assert facts["blocks"] == "4"
 
 
-@pytest.mark.parametrize("kind", ["lcuda", "dlopen"])
-def test_imported_memory_is_charged_once_to_the_partition_that_created_it(clients, gpu4, kind):
-    gpu4.fracgpu("partition", "create", "maker", "--memory", "1GiB")
-    gpu4.fracgpu("partition", "create", "user", "--memory", "512MiB")
-    exporter = gpu4.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "maker", "--",
-                          clients.lcuda, "vmm-export", 768, 60)
+# Memory made in partition "maker" (1 GiB) and used from partition "user" (512 MiB):
+# how the creator shares it (its client command and how many lines it prints), and
+# what the user's client is given to open it.
+SHARING = {
+    "vmm-posix-fd": (["vmm-export", 768, 60], 3, lambda made: ["vmm-import", made["pid"], made["fd"]]),
+    "ipc-handle": (["ipc-export", 768, 60], 2, lambda made: ["ipc-import", made["handle"]]),
+}
+
+
+def shared_from_another_partition(gpu, clients, kind, how):
+    """Runs the creator in "maker" and the user's client of `kind` in "user"; the user's facts."""
+    gpu.fracgpu("partition", "create", "maker", "--memory", "1GiB")
+    gpu.fracgpu("partition", "create", "user", "--memory", "512MiB")
+    export, lines, opener = SHARING[how]
+    maker = gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "maker", "--", clients.lcuda, *export)
     try:
-        facts = {k: v for k, v in (exporter.stdout.readline().split() for _ in range(3))}
-        assert facts["used"] == str(768 * MiB)
-        imported = gpu4.facts(sys.executable, "-m", "fracgpu", "run", "--partition", "user", "--",
-                              getattr(clients, kind), "vmm-import", facts["pid"], facts["fd"])
-        assert imported == {"imported": str(768 * MiB),
-                            "used_after_import": "0",                # not charged to the importer ...
-                            "blocks": "8",                           # ... who still gets all 512 MiB
-                            "used_after_release": str(512 * MiB)}    # and gives nothing back it never had
-        assert partition(gpu4, "maker")["used"] == 768 * MiB         # charged once, to its creator
+        made = dict(maker.stdout.readline().split() for _ in range(lines))
+        assert made["used"] == str(768 * MiB)
+        facts = gpu.facts(sys.executable, "-m", "fracgpu", "run", "--partition", "user", "--",
+                          getattr(clients, kind), *opener(made))
+        assert partition(gpu, "maker")["used"] == 768 * MiB     # charged once, to its creator
+        return facts
     finally:
-        exporter.kill()
-        exporter.wait()
+        maker.kill()
+        maker.wait()
+
+
+@pytest.mark.parametrize("kind", ["lcuda", "dlopen"])
+def test_an_imported_vmm_handle_is_charged_once_to_the_partition_that_created_it(clients, gpu4, kind):
+    assert shared_from_another_partition(gpu4, clients, kind, "vmm-posix-fd") == {
+        "imported": str(768 * MiB),
+        "used_after_import": "0",                # not charged to the importer ...
+        "blocks": "8",                           # ... who still gets all of its 512 MiB
+        "used_after_release": str(512 * MiB)}    # and gives nothing back it never had
 
 
 @pytest.mark.parametrize("kind", ["lcuda", "dlopen"])
 def test_memory_opened_from_another_process_is_charged_once_to_its_exporter(clients, gpu4, kind):
-    gpu4.fracgpu("partition", "create", "maker", "--memory", "1GiB")
-    gpu4.fracgpu("partition", "create", "user", "--memory", "512MiB")
-    exporter = gpu4.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "maker", "--",
-                          clients.lcuda, "ipc-export", 768, 60)
-    try:
-        facts = {k: v for k, v in (exporter.stdout.readline().split() for _ in range(2))}
-        assert facts["used"] == str(768 * MiB)
-        opened = gpu4.facts(sys.executable, "-m", "fracgpu", "run", "--partition", "user", "--",
-                            getattr(clients, kind), "ipc-import", facts["handle"])
-        assert opened == {"first": "0x1234abcd",                       # the exporter's memory, shared
-                          "used_after_open": "0",
-                          "blocks": "8",
-                          "free_opened": "CUDA_ERROR_INVALID_VALUE",   # only cuIpcCloseMemHandle lets it go
-                          "used_after_close": str(512 * MiB)}
-        assert partition(gpu4, "maker")["used"] == 768 * MiB
-    finally:
-        exporter.kill()
-        exporter.wait()
+    assert shared_from_another_partition(gpu4, clients, kind, "ipc-handle") == {
+        "first": "0x1234abcd",                       # the exporter's memory, shared
+        "used_after_open": "0",
+        "blocks": "8",
+        "free_opened": "CUDA_ERROR_INVALID_VALUE",   # only cuIpcCloseMemHandle lets it go
+        "used_after_close": str(512 * MiB)}
 
 
 # CTYPES_PRELUDE and the VMM types: `Prop`, and `prop`, pinned memory on device 0.
