@@ -32,6 +32,11 @@
  *                                 (its cuIpcGetMemHandle), hold it SECONDS
  *   ipc-import HEX                cuIpcOpenMemHandle, read its first word, allocate 64 MiB
  *                                 blocks until refused, then cuIpcCloseMemHandle
+ *   pool-export MIB SECONDS       an exportable pool, MIB from it set to 0x1234abcd; print
+ *                                 "pid P", "fd F" (the pool's POSIX fd), "data HEX" (the
+ *                                 pointer's cuMemPoolExportPointer), hold it SECONDS
+ *   pool-import PID FD HEX        import the pool and the pointer, read its first word,
+ *                                 allocate 64 MiB blocks until refused, then cuMemFree it
  */
 #include <cuda.h>
 
@@ -73,7 +78,7 @@
     X(cuCtxSynchronize, (void), 2000)                                                         \
     X(cuGetErrorName, (CUresult, const char **), CUDA_VERSION)
 
-// Virtual memory management and memory shared between processes (the vmm-* and ipc-* commands).
+// Virtual memory management and memory shared between processes (the vmm-*, ipc-*, pool-* commands).
 #define VMM_API_LIST(X)                                                                       \
     X(cuMemAddressReserve, (CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long),  \
       CUDA_VERSION)                                                                           \
@@ -93,7 +98,16 @@
     X(cuMemsetD32, (CUdeviceptr, unsigned int, size_t), CUDA_VERSION)                         \
     X(cuIpcGetMemHandle, (CUipcMemHandle *, CUdeviceptr), CUDA_VERSION)                       \
     X(cuIpcOpenMemHandle, (CUdeviceptr *, CUipcMemHandle, unsigned int), CUDA_VERSION)        \
-    X(cuIpcCloseMemHandle, (CUdeviceptr), CUDA_VERSION)
+    X(cuIpcCloseMemHandle, (CUdeviceptr), CUDA_VERSION)                                      \
+    X(cuMemPoolCreate, (CUmemoryPool *, const CUmemPoolProps *), CUDA_VERSION)                \
+    X(cuMemAllocFromPoolAsync, (CUdeviceptr *, size_t, CUmemoryPool, CUstream), CUDA_VERSION) \
+    X(cuMemPoolExportToShareableHandle, (void *, CUmemoryPool, CUmemAllocationHandleType,     \
+                                         unsigned long long), CUDA_VERSION)                   \
+    X(cuMemPoolImportFromShareableHandle, (CUmemoryPool *, void *, CUmemAllocationHandleType, \
+                                           unsigned long long), CUDA_VERSION)                 \
+    X(cuMemPoolExportPointer, (CUmemPoolPtrExportData *, CUdeviceptr), CUDA_VERSION)          \
+    X(cuMemPoolImportPointer, (CUdeviceptr *, CUmemoryPool, CUmemPoolPtrExportData *),        \
+      CUDA_VERSION)
 
 #define DECLARE(name, args, ver) static CUresult (*p_##name) args;
 API_LIST(DECLARE)
@@ -173,7 +187,7 @@ static void free_at_exit(void) {
     if (g_exit_block) p_cuMemFree(g_exit_block);
 }
 
-/* --- virtual memory management and memory shared between processes (vmm-*, ipc-*) --- */
+/* --- virtual memory management and memory shared between processes (vmm-*, ipc-*, pool-*) --- */
 static size_t used_now(void) {
     size_t mfree, mtotal;
     CHECK(p_cuMemGetInfo(&mfree, &mtotal));
@@ -202,6 +216,44 @@ static CUdeviceptr vmm_map(CUmemGenericAllocationHandle h, size_t bytes, CUdevic
     CHECK(p_cuMemMap(va, bytes, 0, h, 0));
     CHECK(p_cuMemSetAccess(va, bytes, &access, 1));
     return va;
+}
+
+static void print_hex(const char *key, const void *blob, size_t n) {
+    printf("%s ", key);
+    for (size_t i = 0; i < n; i++) printf("%02x", ((const unsigned char *)blob)[i]);
+    printf("\n");
+}
+
+static void read_hex(const char *text, void *blob, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        unsigned byte = 0;
+        if (strlen(text) < 2 * i + 2 || sscanf(text + 2 * i, "%2x", &byte) != 1) byte = 0;
+        ((unsigned char *)blob)[i] = (unsigned char)byte;
+    }
+}
+
+/* Opens /proc/PID/fd/FD: another process's file descriptor, as a Unix socket would pass it. */
+static int open_their_fd(const char *pid, const char *fd) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%s/fd/%s", pid, fd);
+    int mine = open(path, O_RDWR);
+    if (mine < 0) {
+        printf("error open %s\n", path);
+        exit(1);
+    }
+    return mine;
+}
+
+/* After opening memory made elsewhere: its first word and what is used, then
+ * 64 MiB blocks until refused. */
+static void after_opening(CUdeviceptr d, const char *used_key) {
+    unsigned first = 0;
+    CUdeviceptr p;
+    long n = 0;
+    CHECK(p_cuMemcpyDtoH(&first, d, sizeof first));
+    printf("first 0x%x\n%s %zu\n", first, used_key, used_now());
+    while (p_cuMemAlloc(&p, 64 << 20) == CUDA_SUCCESS) n++;
+    printf("blocks %ld\n", n);
 }
 
 static int vmm_command(const char *cmd, int argc, char **argv, CUdevice dev) {
@@ -260,13 +312,7 @@ static int vmm_command(const char *cmd, int argc, char **argv, CUdevice dev) {
         fflush(stdout);
         usleep((useconds_t)(atof(argv[3]) * 1e6));
     } else if (!strcmp(cmd, "vmm-import") && argc >= 4) {
-        char path[64];
-        snprintf(path, sizeof path, "/proc/%s/fd/%s", argv[2], argv[3]);
-        int fd = open(path, O_RDWR);
-        if (fd < 0) {
-            printf("error open %s\n", path);
-            return 1;
-        }
+        int fd = open_their_fd(argv[2], argv[3]);
         struct stat st;
         if (fstat(fd, &st) != 0) st.st_size = 0;
         size_t size = (size_t)st.st_size;
@@ -287,29 +333,53 @@ static int vmm_command(const char *cmd, int argc, char **argv, CUdevice dev) {
         CHECK(p_cuMemAlloc(&d, bytes));
         CHECK(p_cuMemsetD32(d, 0x1234abcd, bytes / 4));
         CHECK(p_cuIpcGetMemHandle(&ipc, d));
-        printf("handle ");
-        for (size_t i = 0; i < sizeof ipc.reserved; i++) printf("%02x", (unsigned char)ipc.reserved[i]);
-        printf("\nused %zu\n", used_now());
+        print_hex("handle", ipc.reserved, sizeof ipc.reserved);
+        printf("used %zu\n", used_now());
         fflush(stdout);
         usleep((useconds_t)(atof(argv[3]) * 1e6));
     } else if (!strcmp(cmd, "ipc-import") && argc >= 3) {
         CUipcMemHandle ipc;
-        CUdeviceptr d, p;
-        unsigned first = 0;
-        for (size_t i = 0; i < sizeof ipc.reserved; i++) {
-            unsigned byte = 0;
-            if (sscanf(argv[2] + 2 * i, "%2x", &byte) != 1) byte = 0;
-            ipc.reserved[i] = (char)byte;
-        }
+        CUdeviceptr d;
+        read_hex(argv[2], ipc.reserved, sizeof ipc.reserved);
         CHECK(p_cuIpcOpenMemHandle(&d, ipc, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS));
-        CHECK(p_cuMemcpyDtoH(&first, d, sizeof first));
-        printf("first 0x%x\nused_after_open %zu\n", first, used_now());
-        long n = 0;
-        while (p_cuMemAlloc(&p, 64 << 20) == CUDA_SUCCESS) n++;
-        printf("blocks %ld\n", n);
+        after_opening(d, "used_after_open");
         printf("free_opened %s\n", err_name(p_cuMemFree(d)));
         CHECK(p_cuIpcCloseMemHandle(d));
         printf("used_after_close %zu\n", used_now());
+    } else if (!strcmp(cmd, "pool-export") && argc >= 4) {
+        CUmemPoolProps props;
+        CUmemoryPool pool;
+        CUmemPoolPtrExportData data;
+        CUdeviceptr d;
+        int fd = -1;
+        memset(&props, 0, sizeof props);
+        props.allocType = CU_MEM_ALLOCATION_TYPE_PINNED;
+        props.handleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        props.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+        props.location.id = dev;
+        CHECK(p_cuMemPoolCreate(&pool, &props));
+        CHECK(p_cuMemPoolExportToShareableHandle(&fd, pool, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0));
+        CHECK(p_cuMemAllocFromPoolAsync(&d, bytes, pool, NULL));
+        CHECK(p_cuMemsetD32(d, 0x1234abcd, bytes / 4));
+        CHECK(p_cuCtxSynchronize());
+        CHECK(p_cuMemPoolExportPointer(&data, d));
+        printf("pid %d\nfd %d\n", (int)getpid(), fd);
+        print_hex("data", data.reserved, sizeof data.reserved);
+        printf("used %zu\n", used_now());
+        fflush(stdout);
+        usleep((useconds_t)(atof(argv[3]) * 1e6));
+    } else if (!strcmp(cmd, "pool-import") && argc >= 5) {
+        CUmemoryPool pool;
+        CUmemPoolPtrExportData data;
+        CUdeviceptr d;
+        int fd = open_their_fd(argv[2], argv[3]);
+        CHECK(p_cuMemPoolImportFromShareableHandle(&pool, (void *)(intptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0));
+        close(fd);
+        read_hex(argv[4], data.reserved, sizeof data.reserved);
+        CHECK(p_cuMemPoolImportPointer(&d, pool, &data));
+        after_opening(d, "used_after_import");
+        CHECK(p_cuMemFree(d));
+        printf("used_after_free %zu\n", used_now());
     } else {
         return -1;
     }
@@ -423,7 +493,7 @@ int main(int argc, char **argv) {
         printf("holding %s\n", argv[2]);
         fflush(stdout);
         usleep((useconds_t)(atof(argv[3]) * 1e6));
-    } else if (!strncmp(cmd, "vmm-", 4) || !strncmp(cmd, "ipc-", 4)) {
+    } else if (!strncmp(cmd, "vmm-", 4) || !strncmp(cmd, "ipc-", 4) || !strncmp(cmd, "pool-", 5)) {
         int rc = vmm_command(cmd, argc, argv, dev);
         if (rc < 0) {
             fprintf(stderr, "unknown command or missing arguments: %s\n", cmd);

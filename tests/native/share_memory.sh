@@ -2,7 +2,8 @@
 # Memory shared between two processes of one simulated GPU, for ctest:
 #   share_memory.sh MAKER OPENER WAY
 # MAKER (a driver_client) makes 64 MiB and shares it (WAY: vmm, a VMM handle's
-# POSIX fd; ipc, a cuIpcGetMemHandle handle); OPENER opens it and prints its facts.
+# POSIX fd; ipc, a cuIpcGetMemHandle handle; pool, an exported pool and pointer);
+# OPENER opens it and prints its facts.
 set -eu
 out=$(mktemp)
 "$1" "$3-export" 64 30 > "$out" &
@@ -15,8 +16,8 @@ until grep -q '^used' "$out"; do
     sleep 0.05
 done
 fact() { awk -v k="$1" '$1 == k { print $2 }' "$out"; }
-if [ "$3" = vmm ]; then
-    "$2" vmm-import "$(fact pid)" "$(fact fd)"
-else
-    "$2" ipc-import "$(fact handle)"
-fi
+case "$3" in
+    vmm) "$2" vmm-import "$(fact pid)" "$(fact fd)" ;;
+    ipc) "$2" ipc-import "$(fact handle)" ;;
+    pool) "$2" pool-import "$(fact pid)" "$(fact fd)" "$(fact data)" ;;
+esac

@@ -4,7 +4,7 @@ until the handle and every mapping of it are gone, so releasing a mapped
 handle (what CUDA's samples do right after cuMemMap) frees nothing, a retain
 is a reference of its own, and memory imported from another process is
 charged once, to the partition that created it (a VMM handle's POSIX file
-descriptor, or a cuIpcGetMemHandle handle).
+descriptor, a cuIpcGetMemHandle handle, or a pointer from an exported pool).
 
 Each test runs jobs under `fracgpu run` on a simulated GPU of its own.
 """
@@ -119,6 +119,7 @@ def test_a_job_killed_holding_mapped_memory_gives_it_all_back(clients, gpu4):
 SHARING = {
     "vmm-posix-fd": (["vmm-export", 768, 60], 3, lambda made: ["vmm-import", made["pid"], made["fd"]]),
     "ipc-handle": (["ipc-export", 768, 60], 2, lambda made: ["ipc-import", made["handle"]]),
+    "pool-pointer": (["pool-export", 768, 60], 4, lambda made: ["pool-import", made["pid"], made["fd"], made["data"]]),
 }
 
 
@@ -157,6 +158,15 @@ def test_memory_opened_from_another_process_is_charged_once_to_its_exporter(clie
         "blocks": "8",
         "free_opened": "CUDA_ERROR_INVALID_VALUE",   # only cuIpcCloseMemHandle lets it go
         "used_after_close": str(512 * MiB)}
+
+
+@pytest.mark.parametrize("kind", ["lcuda", "dlopen"])
+def test_a_pointer_imported_from_another_process_pool_is_charged_once_to_its_exporter(clients, gpu4, kind):
+    assert shared_from_another_partition(gpu4, clients, kind, "pool-pointer") == {
+        "first": "0x1234abcd",
+        "used_after_import": "0",
+        "blocks": "8",
+        "used_after_free": str(512 * MiB)}           # its free gives back nothing it never had
 
 
 # CTYPES_PRELUDE and the VMM types: `Prop`, and `prop`, pinned memory on device 0.

@@ -37,6 +37,26 @@ struct Pool {
 };
 std::vector<Pool *> &g_pools = *new std::vector<Pool *>;
 
+// Pools shared between processes (cuMemPoolExportToShareableHandle), beside
+// the pool itself: whether it was imported, and the memfd that names it.
+struct PoolSharing {
+    bool imported = false;
+    int fd = -1;          // exported: the memfd naming the pool's device
+};
+std::map<Pool *, PoolSharing> &g_pool_sharing = *new std::map<Pool *, PoolSharing>;
+void pool_sharing_made(Pool *p, bool imported) { g_pool_sharing[p].imported = imported; }
+// A pool made here with a POSIX handle type (so not an imported one). Caller holds g_mu.
+bool pool_exportable(CUmemoryPool pool) {
+    auto it = g_pool_sharing.find(reinterpret_cast<Pool *>(pool));
+    return it != g_pool_sharing.end() && !it->second.imported;
+}
+void pool_sharing_forget(Pool *p) {
+    auto it = g_pool_sharing.find(p);
+    if (it == g_pool_sharing.end()) return;
+    if (it->second.fd >= 0) close(it->second.fd);
+    g_pool_sharing.erase(it);
+}
+
 // cuMemCreate's physical memory, or memory imported from another process's
 // handle. It lives while the handle has references (cuMemCreate and each
 // cuMemRetainAllocationHandle take one, each cuMemRelease drops one) or any
@@ -72,6 +92,21 @@ uint64_t take_addresses(uint64_t size, uint64_t align) {
     return a;
 }
 
+// A new allocation of context c at `base`, in the table (charged nothing).
+// Caller holds g_mu.
+Alloc *add_alloc(uint64_t base, uint64_t size, void *host, MemKind kind, Context *c) {
+    Alloc *a = new Alloc();
+    a->base = base;
+    a->size = size;
+    a->host = host;
+    a->kind = kind;
+    a->ctx = c;
+    a->dev = c->dev;
+    a->id = g_next_id++;
+    g_allocs[base] = a;
+    return a;
+}
+
 // Allocates and charges. Caller holds g_mu.
 CUresult alloc_common(Context *c, uint64_t size, MemKind kind, Pool *pool, Alloc **out) {
     if (size == 0) return CUDA_ERROR_INVALID_VALUE;
@@ -83,21 +118,14 @@ CUresult alloc_common(Context *c, uint64_t size, MemKind kind, Pool *pool, Alloc
         mem_uncharge(phys, charge);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
-    Alloc *a = new Alloc();
-    a->base = kind == MemKind::Managed ? reinterpret_cast<uint64_t>(host) : take_addresses(size, kAllocAlign);
-    a->size = size;
+    uint64_t base = kind == MemKind::Managed ? reinterpret_cast<uint64_t>(host) : take_addresses(size, kAllocAlign);
+    Alloc *a = add_alloc(base, size, host, kind, c);
     a->charged = charge;
-    a->host = host;
-    a->kind = kind;
-    a->ctx = c;
-    a->dev = c->dev;
-    a->id = g_next_id++;
     if (pool) {
         a->pool = reinterpret_cast<CUmemoryPool>(pool);
         pool->used += charge;
         pool->used_high = std::max(pool->used_high, pool->used);
     }
-    g_allocs[a->base] = a;
     *out = a;
     return CUDA_SUCCESS;
 }
@@ -362,15 +390,7 @@ SIM_API CUresult cuMemHostAlloc(void **pp, size_t bytesize, unsigned int flags) 
     if (rc != CUDA_SUCCESS) return rc;
     void *host = map_host(bytesize);
     if (!host) return CUDA_ERROR_OUT_OF_MEMORY;
-    Alloc *a = new Alloc();
-    a->base = reinterpret_cast<uint64_t>(host);
-    a->size = bytesize;
-    a->host = host;
-    a->kind = MemKind::Host;
-    a->ctx = c;
-    a->dev = c->dev;
-    a->id = g_next_id++;
-    g_allocs[a->base] = a;
+    add_alloc(reinterpret_cast<uint64_t>(host), bytesize, host, MemKind::Host, c);
     *pp = host;
     return CUDA_SUCCESS;
 }
@@ -387,16 +407,7 @@ SIM_API CUresult cuMemHostRegister_v2(void *p, size_t bytesize, unsigned int fla
     if (rc != CUDA_SUCCESS) return rc;
     uint64_t base = reinterpret_cast<uint64_t>(p);
     if (find_alloc(base)) return CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
-    Alloc *a = new Alloc();
-    a->base = base;
-    a->size = bytesize;
-    a->host = p;
-    a->kind = MemKind::Host;
-    a->ctx = c;
-    a->dev = c->dev;
-    a->owned_host = false;
-    a->id = g_next_id++;
-    g_allocs[base] = a;
+    add_alloc(base, bytesize, p, MemKind::Host, c)->owned_host = false;
     return CUDA_SUCCESS;
 }
 SIM_API CUresult cuMemHostRegister(void *p, size_t bytesize, unsigned int flags) {
@@ -638,9 +649,11 @@ SIM_API CUresult cuMemPoolCreate(CUmemoryPool *pool, const CUmemPoolProps *props
     CUresult rc = check_device(props->location.id);
     if (rc != CUDA_SUCCESS) return rc;
     std::lock_guard<std::mutex> lk(g_mu);
+    if (props->handleTypes & ~CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) return CUDA_ERROR_NOT_SUPPORTED;
     Pool *p = new Pool();
     p->dev = props->location.id;
     g_pools.push_back(p);
+    if (props->handleTypes) pool_sharing_made(p, false);
     *pool = reinterpret_cast<CUmemoryPool>(p);
     return CUDA_SUCCESS;
 }
@@ -652,6 +665,7 @@ SIM_API CUresult cuMemPoolDestroy(CUmemoryPool pool) {
     for (Device &d : g_devices)
         if (d.current_pool == pool) d.current_pool = d.default_pool;
     g_pools.erase(std::find(g_pools.begin(), g_pools.end(), p));
+    pool_sharing_forget(p);
     for (auto &kv : g_allocs)
         if (kv.second->pool == pool) kv.second->pool = nullptr;
     delete p;
@@ -721,39 +735,10 @@ bool share_pages(Alloc *a) {
     a->fd = fd;
     return true;
 }
-}  // namespace
 
-SIM_API CUresult cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr dptr) {
-    if (!handle) return CUDA_ERROR_INVALID_VALUE;
-    std::unique_lock<std::mutex> lk(g_mu);
-    CUresult rc = check_init();
-    if (rc != CUDA_SUCCESS) return rc;
-    auto it = g_allocs.find(dptr);
-    if (it == g_allocs.end() || it->second->kind != MemKind::Device || it->second->pool || it->second->ipc_opened)
-        return CUDA_ERROR_INVALID_VALUE;
-    Alloc *a = it->second;
-    if (a->ctx && valid_context(a->ctx)) engine_sync_context(lk, a->ctx);
-    if (!share_pages(a)) return CUDA_ERROR_OUT_OF_MEMORY;
-    IpcHandle h{};
-    memcpy(h.magic, kIpcMagic, sizeof h.magic);
-    h.pid = (int32_t)getpid();
-    h.fd = a->fd;
-    h.size = a->size;
-    memset(handle, 0, sizeof *handle);
-    memcpy(handle->reserved, &h, sizeof h);
-    return CUDA_SUCCESS;
-}
-
-SIM_API CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned int flags) {
-    if (!pdptr || (flags & ~CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)) return CUDA_ERROR_INVALID_VALUE;
-    IpcHandle h;
-    memcpy(&h, handle.reserved, sizeof h);
-    if (memcmp(h.magic, kIpcMagic, sizeof h.magic) || h.size == 0) return CUDA_ERROR_INVALID_VALUE;
-    if (h.pid == (int32_t)getpid()) return CUDA_ERROR_INVALID_CONTEXT;   // never in the exporting process
-    std::lock_guard<std::mutex> lk(g_mu);
-    Context *c;
-    CUresult rc = get_context(&c);
-    if (rc != CUDA_SUCCESS) return rc;
+// Maps another process's shared pages (an IpcHandle) into context c as a new
+// allocation, charged nothing here. Caller holds g_mu.
+CUresult open_shared(const IpcHandle &h, Context *c, Alloc **out) {
     char path[64];
     snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)h.pid, (int)h.fd);
     int fd = open(path, O_RDWR | O_CLOEXEC);
@@ -763,17 +748,59 @@ SIM_API CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *pdptr, CUipcMemHandle handle
         close(fd);
         return CUDA_ERROR_INVALID_HANDLE;
     }
-    Alloc *a = new Alloc();
-    a->base = take_addresses(h.size, kAllocAlign);
-    a->size = h.size;
-    a->host = host;
-    a->kind = MemKind::Device;
-    a->ctx = c;
-    a->dev = c->dev;
-    a->fd = fd;
+    *out = add_alloc(take_addresses(h.size, kAllocAlign), h.size, host, MemKind::Device, c);
+    (*out)->fd = fd;
+    return CUDA_SUCCESS;
+}
+
+// What an IpcHandle-shaped blob (CUipcMemHandle, CUmemPoolPtrExportData) says.
+bool read_handle(const void *blob, IpcHandle *h) {
+    memcpy(h, blob, sizeof *h);
+    return !memcmp(h->magic, kIpcMagic, sizeof h->magic) && h->size != 0;
+}
+
+// Shares the pages of the allocation at `ptr` and describes them in `blob`
+// (64 bytes): a cuMemAlloc allocation (from_pool false) or a pointer of an
+// exportable pool (from_pool true).
+CUresult export_allocation(CUdeviceptr ptr, void *blob, bool from_pool) {
+    std::unique_lock<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    auto it = g_allocs.find(ptr);
+    if (it == g_allocs.end() || it->second->kind != MemKind::Device || it->second->ipc_opened)
+        return CUDA_ERROR_INVALID_VALUE;
+    Alloc *a = it->second;
+    if (from_pool ? !pool_exportable(a->pool) : a->pool != nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (a->ctx && valid_context(a->ctx)) engine_sync_context(lk, a->ctx);
+    if (!share_pages(a)) return CUDA_ERROR_OUT_OF_MEMORY;
+    IpcHandle h{};
+    memcpy(h.magic, kIpcMagic, sizeof h.magic);
+    h.pid = (int32_t)getpid();
+    h.fd = a->fd;
+    h.size = a->size;
+    memset(blob, 0, 64);
+    memcpy(blob, &h, sizeof h);
+    return CUDA_SUCCESS;
+}
+}  // namespace
+
+SIM_API CUresult cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr dptr) {
+    return handle ? export_allocation(dptr, handle->reserved, false) : CUDA_ERROR_INVALID_VALUE;
+}
+
+SIM_API CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned int flags) {
+    if (!pdptr || (flags & ~CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)) return CUDA_ERROR_INVALID_VALUE;
+    IpcHandle h;
+    if (!read_handle(handle.reserved, &h)) return CUDA_ERROR_INVALID_VALUE;
+    if (h.pid == (int32_t)getpid()) return CUDA_ERROR_INVALID_CONTEXT;   // never in the exporting process
+    std::lock_guard<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    Alloc *a;
+    rc = open_shared(h, c, &a);
+    if (rc != CUDA_SUCCESS) return rc;
     a->ipc_opened = true;
-    a->id = g_next_id++;
-    g_allocs[a->base] = a;
     *pdptr = a->base;
     return CUDA_SUCCESS;
 }
@@ -790,6 +817,70 @@ SIM_API CUresult cuIpcCloseMemHandle(CUdeviceptr dptr) {
     if (it == g_allocs.end() || !it->second->ipc_opened) return CUDA_ERROR_INVALID_VALUE;
     if (it->second->ctx && valid_context(it->second->ctx)) engine_sync_context(lk, it->second->ctx);
     release(it->second);
+    return CUDA_SUCCESS;
+}
+
+// --- pools shared between processes ------------------------------------------------------
+//
+// A pool made with a POSIX handle type exports a memfd that names its device;
+// the importer's pool is a shell that holds only pointers imported into it.
+// Each exported pointer's pages are shared as with cuIpcGetMemHandle, and the
+// importer's cuMemFree/cuMemFreeAsync of one unmaps it here, charging and
+// giving back nothing: the exporter's pool holds the memory.
+
+SIM_API CUresult cuMemPoolExportToShareableHandle(void *handle_out, CUmemoryPool pool, CUmemAllocationHandleType type,
+                                                  unsigned long long flags) {
+    if (!handle_out || flags) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!valid_pool(pool)) return CUDA_ERROR_INVALID_VALUE;
+    Pool *p = reinterpret_cast<Pool *>(pool);
+    auto it = g_pool_sharing.find(p);
+    if (it == g_pool_sharing.end() || it->second.imported || type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (it->second.fd < 0) it->second.fd = device_memfd(p->dev, 0);
+    int fd = it->second.fd >= 0 ? fcntl(it->second.fd, F_DUPFD_CLOEXEC, 0) : -1;
+    if (fd < 0) return CUDA_ERROR_OUT_OF_MEMORY;
+    *static_cast<int *>(handle_out) = fd;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemPoolImportFromShareableHandle(CUmemoryPool *pool_out, void *handle,
+                                                    CUmemAllocationHandleType type, unsigned long long flags) {
+    if (!pool_out || flags) return CUDA_ERROR_INVALID_VALUE;
+    if (type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) return CUDA_ERROR_NOT_SUPPORTED;
+    std::lock_guard<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    int dev = memfd_device((int)reinterpret_cast<intptr_t>(handle));
+    if (dev < 0) return CUDA_ERROR_INVALID_VALUE;
+    Pool *p = new Pool();
+    p->dev = dev;
+    g_pools.push_back(p);
+    pool_sharing_made(p, true);
+    *pool_out = reinterpret_cast<CUmemoryPool>(p);
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemPoolExportPointer(CUmemPoolPtrExportData *data, CUdeviceptr ptr) {
+    return data ? export_allocation(ptr, data->reserved, true) : CUDA_ERROR_INVALID_VALUE;
+}
+
+SIM_API CUresult cuMemPoolImportPointer(CUdeviceptr *ptr_out, CUmemoryPool pool, CUmemPoolPtrExportData *data) {
+    if (!ptr_out || !data) return CUDA_ERROR_INVALID_VALUE;
+    IpcHandle h;
+    if (!read_handle(data->reserved, &h)) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    auto sharing = g_pool_sharing.find(reinterpret_cast<Pool *>(pool));
+    if (!valid_pool(pool) || sharing == g_pool_sharing.end() || !sharing->second.imported)
+        return CUDA_ERROR_INVALID_VALUE;
+    Alloc *a;
+    rc = open_shared(h, c, &a);
+    if (rc != CUDA_SUCCESS) return rc;
+    a->pool = pool;
+    *ptr_out = a->base;
     return CUDA_SUCCESS;
 }
 
