@@ -1,0 +1,402 @@
+// Memory the driver reserves outside the allocation calls, on the books as
+// the driver holds it:
+//
+// - cuCtxSetLimit: the device heap, the stack (per-thread size x the device's
+//   resident threads, SMs x threads per SM) and the printf FIFO are reserved
+//   when the limit is set. A context's own reservation covers their defaults
+//   (the size each limit had when the shim first saw it set); what a new size
+//   takes beyond that is charged before the driver is called, given back when
+//   the driver refuses or the size shrinks, and when the context goes.
+// - Stream-ordered pools keep freed memory, up to their release threshold,
+//   until a synchronize or cuMemPoolTrimTo gives it back. The books hold each
+//   pool's reserve (CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT), not the sum of its
+//   live allocations: an allocation charges what the pool must reserve beyond
+//   what it keeps cached; frees, trims, cuMemGetInfo and any refusal re-read
+//   the reserve and give back what the pool released.
+#include "quota.h"
+
+#include "process.h"
+
+#include <algorithm>
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <new>
+#include <unordered_map>
+#include <utility>
+
+using namespace shim;
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Limits
+// ---------------------------------------------------------------------------
+struct LimitBooks {
+    int dev = -1;
+    uint64_t base = 0;      // bytes of the size the context had (its reservation covers them)
+    uint64_t charged = 0;   // bytes charged beyond base
+};
+// Held across a whole cuCtxSetLimit, so two threads setting one context's
+// limit settle in turn. Never taken inside the pools' lock, nor the reverse.
+std::mutex *g_limits_mu = new std::mutex;
+std::map<std::pair<CUcontext, int>, LimitBooks> &g_limits = *new std::map<std::pair<CUcontext, int>, LimitBooks>;
+
+// Device bytes one unit of `limit` reserves on `dev`; 0: it reserves none.
+uint64_t limit_unit(CUlimit limit, int dev) {
+    switch (limit) {
+    case CU_LIMIT_MALLOC_HEAP_SIZE:
+    case CU_LIMIT_PRINTF_FIFO_SIZE: return 1;
+    case CU_LIMIT_STACK_SIZE: {
+        int sms = 0, threads = 0;
+        auto attr = REAL(cuDeviceGetAttribute);
+        if (!attr || attr(&sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev) != CUDA_SUCCESS ||
+            attr(&threads, CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR, dev) != CUDA_SUCCESS || sms <= 0 ||
+            threads <= 0)
+            return 0;
+        return (uint64_t)sms * (uint64_t)threads;
+    }
+    default: return 0;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Pools
+// ---------------------------------------------------------------------------
+struct PoolBooks {
+    int dev = -1;
+    uint64_t charged = 0;     // what the books hold for this pool
+    bool destroyed = false;   // cuMemPoolDestroy'ed: only its live allocations are left
+};
+struct Block {                // one live stream-ordered allocation
+    CUmemoryPool pool;
+    uint64_t bytes;
+    CUcontext ctx;
+};
+std::mutex *g_pools_mu = new std::mutex;
+std::unordered_map<CUmemoryPool, PoolBooks> &g_pools = *new std::unordered_map<CUmemoryPool, PoolBooks>;
+std::unordered_map<CUdeviceptr, Block> &g_blocks = *new std::unordered_map<CUdeviceptr, Block>;
+std::atomic<bool> g_pools_charged{false};   // some pool has bytes on the books (a hint: settle checks)
+
+bool pool_attr(CUmemoryPool pool, CUmemPool_attribute attr, uint64_t *out) {
+    auto get = REAL(cuMemPoolGetAttribute);
+    cuuint64_t v = 0;
+    if (!get || get(pool, attr, &v) != CUDA_SUCCESS) return false;
+    *out = v;
+    return true;
+}
+
+// Books of a live pool follow its reserve downwards (callers hold
+// g_pools_mu); returns what to give back. Growth is charged by the
+// allocation that caused it, never here (that would charge under the lock).
+uint64_t settle_locked(CUmemoryPool pool, PoolBooks &b) {
+    uint64_t reserved;
+    if (b.destroyed || !pool_attr(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, &reserved) || reserved >= b.charged)
+        return 0;
+    uint64_t back = b.charged - reserved;
+    b.charged = reserved;
+    return back;
+}
+
+void give_back(const uint64_t (&back)[kMaxDevices]) {
+    for (int d = 0; d < kMaxDevices; d++) quota_uncharge(d, back[d]);
+}
+
+void settle_pool(CUmemoryPool pool) {
+    uint64_t back = 0;
+    int dev = -1;
+    {
+        std::lock_guard<std::mutex> lk(*g_pools_mu);
+        auto it = g_pools.find(pool);
+        if (it == g_pools.end()) return;
+        dev = it->second.dev;
+        back = settle_locked(pool, it->second);
+    }
+    quota_uncharge(dev, back);
+}
+
+// A block of a destroyed pool left (freed, or its context dropped): its
+// bytes leave the pool's books, and the pool when nothing is left. Callers
+// hold g_pools_mu; returns what to give back.
+uint64_t orphan_block_gone(const Block &blk) {
+    auto it = g_pools.find(blk.pool);
+    if (it == g_pools.end() || !it->second.destroyed) return 0;
+    uint64_t back = std::min(blk.bytes, it->second.charged);
+    it->second.charged -= back;
+    if (it->second.charged == 0) g_pools.erase(it);
+    return back;
+}
+
+// The shape of every stream-ordered allocation: charge what the pool must
+// reserve beyond what it keeps cached, call, then settle its books on the
+// reserve the driver reports.
+template <typename Call>
+CUresult pool_alloc(CUdeviceptr *dptr, size_t bytes, CUmemoryPool pool, CUstream stream, Call call) {
+    int dev;
+    CUcontext ctx;
+    if (!dptr || !quota_current(&dev, &ctx)) return call();
+    if (!pool) {
+        auto get_pool = REAL(cuDeviceGetMemPool);
+        if (!get_pool || get_pool(&pool, dev) != CUDA_SUCCESS) return call();
+    }
+    uint64_t reserved = 0, used = 0;
+    if (!pool_attr(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, &reserved) ||
+        !pool_attr(pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT, &used))
+        reserved = used = 0;   // charge the whole request
+    uint64_t cached = reserved > used ? reserved - used : 0;
+    uint64_t need = bytes > cached ? bytes - cached : 0;
+    CUresult rc = quota_charge(dev, need);
+    if (rc != CUDA_SUCCESS) return rc;
+    rc = call();
+    if (rc != CUDA_SUCCESS) {
+        quota_uncharge(dev, need);
+        return rc;
+    }
+    uint64_t more = 0, back = 0;
+    {
+        std::lock_guard<std::mutex> lk(*g_pools_mu);
+        PoolBooks &b = g_pools[pool];
+        b.dev = dev;
+        b.charged += need;
+        g_pools_charged.store(true, std::memory_order_relaxed);
+        if (pool_attr(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, &reserved)) {
+            if (reserved > b.charged) more = reserved - b.charged;   // the pool reserved in larger steps
+            else back = settle_locked(pool, b);
+        }
+        g_blocks[*dptr] = Block{pool, bytes, ctx};
+    }
+    quota_uncharge(dev, back);
+    if (more == 0) return CUDA_SUCCESS;
+    if (quota_charge(dev, more) == CUDA_SUCCESS) {
+        std::lock_guard<std::mutex> lk(*g_pools_mu);
+        g_pools[pool].charged += more;
+        return CUDA_SUCCESS;
+    }
+    // The reserve the driver took does not fit: the allocation is refused.
+    // (What the pool keeps past this free until the next synchronize is
+    // beyond the books: at most one step of its growth.)
+    auto free_async = REAL(cuMemFreeAsync);
+    if (free_async) free_async(*dptr, stream);
+    {
+        std::lock_guard<std::mutex> lk(*g_pools_mu);
+        g_blocks.erase(*dptr);
+    }
+    *dptr = 0;
+    return CUDA_ERROR_OUT_OF_MEMORY;
+}
+
+// After a successful cuMemFreeAsync: the pool keeps the memory until it
+// releases it; the books follow its reserve.
+void pool_freed(CUdeviceptr dptr) {
+    Block blk{nullptr, 0, nullptr};
+    uint64_t back = 0;
+    int dev = -1;
+    {
+        std::lock_guard<std::mutex> lk(*g_pools_mu);
+        auto it = g_blocks.find(dptr);
+        if (it == g_blocks.end()) return;
+        blk = it->second;
+        g_blocks.erase(it);
+        auto p = g_pools.find(blk.pool);
+        if (p == g_pools.end()) return;
+        dev = p->second.dev;
+        back = p->second.destroyed ? orphan_block_gone(blk) : settle_locked(blk.pool, p->second);
+    }
+    quota_uncharge(dev, back);
+}
+
+void settle_after_sync() {
+    if (g_pools_charged.load(std::memory_order_relaxed)) reserve_settle();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// What quota.cpp calls
+// ---------------------------------------------------------------------------
+namespace shim {
+
+void reserve_release_context(CUcontext ctx) {
+    uint64_t back[kMaxDevices] = {};
+    {
+        std::lock_guard<std::mutex> lk(*g_limits_mu);
+        for (auto it = g_limits.begin(); it != g_limits.end();) {
+            if (it->first.first == ctx) {
+                if (it->second.dev >= 0 && it->second.dev < kMaxDevices) back[it->second.dev] += it->second.charged;
+                it = g_limits.erase(it);
+            } else {
+                ++it;
+            }
+        }
+    }
+    {
+        // The context's stream-ordered allocations went with it: the pools
+        // they were in may have released their memory.
+        std::lock_guard<std::mutex> lk(*g_pools_mu);
+        for (auto it = g_blocks.begin(); it != g_blocks.end();) {
+            if (it->second.ctx == ctx) {
+                auto p = g_pools.find(it->second.pool);
+                if (p != g_pools.end() && p->second.dev >= 0 && p->second.dev < kMaxDevices)
+                    back[p->second.dev] += orphan_block_gone(it->second);
+                it = g_blocks.erase(it);
+            } else {
+                ++it;
+            }
+        }
+        for (auto &kv : g_pools)
+            if (kv.second.dev >= 0 && kv.second.dev < kMaxDevices)
+                back[kv.second.dev] += settle_locked(kv.first, kv.second);
+    }
+    give_back(back);
+}
+
+void reserve_settle() {
+    uint64_t back[kMaxDevices] = {};
+    {
+        std::lock_guard<std::mutex> lk(*g_pools_mu);
+        bool charged = false;
+        for (auto &kv : g_pools) {
+            if (kv.second.dev >= 0 && kv.second.dev < kMaxDevices)
+                back[kv.second.dev] += settle_locked(kv.first, kv.second);
+            charged |= kv.second.charged > 0;
+        }
+        g_pools_charged.store(charged, std::memory_order_relaxed);
+    }
+    give_back(back);
+}
+
+void reserve_forget_after_fork() {
+    g_limits_mu = new (g_limits_mu) std::mutex();
+    g_pools_mu = new (g_pools_mu) std::mutex();
+    g_limits.clear();
+    g_pools.clear();
+    g_blocks.clear();
+}
+
+}  // namespace shim
+
+// ---------------------------------------------------------------------------
+// cuCtxSetLimit
+// ---------------------------------------------------------------------------
+SHIM_API CUresult cuCtxSetLimit(CUlimit limit, size_t value) {
+    REAL_OR_RETURN(real, cuCtxSetLimit);
+    int dev;
+    CUcontext ctx;
+    if (!quota_current(&dev, &ctx) || !ctx) return real(limit, value);
+    uint64_t unit = limit_unit(limit, dev);
+    if (!unit) return real(limit, value);
+    std::lock_guard<std::mutex> lk(*g_limits_mu);
+    auto key = std::make_pair(ctx, (int)limit);
+    auto it = g_limits.find(key);
+    LimitBooks books;
+    if (it != g_limits.end()) {
+        books = it->second;
+    } else {
+        size_t current = 0;
+        auto get = REAL(cuCtxGetLimit);
+        if (!get || get(&current, limit) != CUDA_SUCCESS) return real(limit, value);
+        books.dev = dev;
+        books.base = (uint64_t)current * unit;
+    }
+    uint64_t bytes = (uint64_t)value > UINT64_MAX / unit ? UINT64_MAX : (uint64_t)value * unit;
+    uint64_t after = bytes > books.base ? bytes - books.base : 0;
+    if (after > books.charged) {
+        CUresult rc = quota_charge(dev, after - books.charged);
+        if (rc != CUDA_SUCCESS) return rc;
+    }
+    CUresult rc = real(limit, value);
+    if (rc != CUDA_SUCCESS) {
+        if (after > books.charged) quota_uncharge(dev, after - books.charged);
+        return rc;
+    }
+    if (after < books.charged) quota_uncharge(dev, books.charged - after);
+    books.charged = after;
+    g_limits[key] = books;
+    return CUDA_SUCCESS;
+}
+
+// ---------------------------------------------------------------------------
+// Stream-ordered allocation and pools
+// ---------------------------------------------------------------------------
+SHIM_API CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream s) {
+    REAL_OR_RETURN(real, cuMemAllocAsync);
+    return pool_alloc(dptr, bytesize, nullptr, s, [&] { return real(dptr, bytesize, s); });
+}
+SHIM_API CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream s) {
+    REAL_OR_RETURN(real, cuMemAllocAsync_ptsz);
+    return pool_alloc(dptr, bytesize, nullptr, s, [&] { return real(dptr, bytesize, s); });
+}
+SHIM_API CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool, CUstream s) {
+    REAL_OR_RETURN(real, cuMemAllocFromPoolAsync);
+    if (!pool) return real(dptr, bytesize, pool, s);
+    return pool_alloc(dptr, bytesize, pool, s, [&] { return real(dptr, bytesize, pool, s); });
+}
+SHIM_API CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
+                                               CUstream s) {
+    REAL_OR_RETURN(real, cuMemAllocFromPoolAsync_ptsz);
+    if (!pool) return real(dptr, bytesize, pool, s);
+    return pool_alloc(dptr, bytesize, pool, s, [&] { return real(dptr, bytesize, pool, s); });
+}
+
+SHIM_API CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream s) {
+    REAL_OR_RETURN(real, cuMemFreeAsync);
+    CUresult rc = real(dptr, s);
+    if (rc == CUDA_SUCCESS && dptr) pool_freed(dptr);
+    return rc;
+}
+SHIM_API CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream s) {
+    REAL_OR_RETURN(real, cuMemFreeAsync_ptsz);
+    CUresult rc = real(dptr, s);
+    if (rc == CUDA_SUCCESS && dptr) pool_freed(dptr);
+    return rc;
+}
+
+SHIM_API CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t keep) {
+    REAL_OR_RETURN(real, cuMemPoolTrimTo);
+    CUresult rc = real(pool, keep);
+    if (rc == CUDA_SUCCESS) settle_pool(pool);
+    return rc;
+}
+
+SHIM_API CUresult cuMemPoolDestroy(CUmemoryPool pool) {
+    REAL_OR_RETURN(real, cuMemPoolDestroy);
+    uint64_t used = 0;
+    bool known_used = pool_attr(pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT, &used);
+    CUresult rc = real(pool);
+    if (rc != CUDA_SUCCESS) return rc;
+    // What it kept cached goes now; its live allocations stay until freed.
+    uint64_t back = 0;
+    int dev = -1;
+    {
+        std::lock_guard<std::mutex> lk(*g_pools_mu);
+        auto it = g_pools.find(pool);
+        if (it == g_pools.end()) return rc;
+        dev = it->second.dev;
+        uint64_t keep = known_used ? std::min(used, it->second.charged) : it->second.charged;
+        back = it->second.charged - keep;
+        it->second.charged = keep;
+        it->second.destroyed = true;
+        if (keep == 0) g_pools.erase(it);
+    }
+    quota_uncharge(dev, back);
+    return rc;
+}
+
+// ---------------------------------------------------------------------------
+// Synchronize: where pools give back what is beyond their release threshold.
+// The books follow at once; a process with no pool memory on the books pays
+// one relaxed load.
+// ---------------------------------------------------------------------------
+#define SYNC_HOOK(fn, params, args)            \
+    SHIM_API CUresult fn params {              \
+        REAL_OR_RETURN(real, fn);              \
+        CUresult rc = real args;               \
+        settle_after_sync();                   \
+        return rc;                             \
+    }
+SYNC_HOOK(cuCtxSynchronize, (void), ())
+SYNC_HOOK(cuCtxSynchronize_v2, (CUcontext ctx), (ctx))
+SYNC_HOOK(cuStreamSynchronize, (CUstream s), (s))
+SYNC_HOOK(cuStreamSynchronize_ptsz, (CUstream s), (s))
+SYNC_HOOK(cuEventSynchronize, (CUevent e), (e))
+#undef SYNC_HOOK
