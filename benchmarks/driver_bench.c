@@ -6,6 +6,8 @@
  *   passthrough  cuCtxGetDevice (a forwarded call the shim does not hook)
  *   meminfo      cuMemGetInfo_v2 (hooked: the virtual view of the quota)
  *   launch       cuLaunchKernel of fracgpu_spin(0) (needs MODULE in $BENCH_MODULE)
+ *   set-limit    cuCtxSetLimit of the device heap, 16 MiB and 8 MiB in turn (each call
+ *                reserves or gives back 8 MiB)
  * START (CLOCK_MONOTONIC ms) lets several processes begin together.
  * Prints "ns_per_op N". */
 #include <cuda.h>
@@ -33,7 +35,7 @@ static double now_ns(void) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s alloc-free|passthrough|meminfo|launch ITERATIONS [START_MS]\n", argv[0]);
+        fprintf(stderr, "usage: %s alloc-free|passthrough|meminfo|launch|set-limit ITERATIONS [START_MS]\n", argv[0]);
         return 2;
     }
     const char *op = argv[1];
@@ -65,6 +67,8 @@ int main(int argc, char **argv) {
         } else if (!strcmp(op, "meminfo")) {
             size_t f, t;
             CHECK(cuMemGetInfo_v2(&f, &t));
+        } else if (!strcmp(op, "set-limit")) {
+            CHECK(cuCtxSetLimit(CU_LIMIT_MALLOC_HEAP_SIZE, (size_t)(i % 2 ? 8 : 16) << 20));
         } else if (!strcmp(op, "launch")) {
             unsigned long long ns = 0;
             void *args[] = {&ns};

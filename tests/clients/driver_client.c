@@ -23,6 +23,7 @@
  *                                 the default pool with that release threshold: cuMemAllocAsync
  *                                 MIB, free it, synchronize (keep it HOLD seconds), then trim to 0,
  *                                 showing the pool's reserve and cuMemGetInfo at each step
+ *   module-load PATH              cuModuleLoad PATH, then cuModuleUnload, with cuMemGetInfo after each
  */
 #include <cuda.h>
 
@@ -71,7 +72,8 @@
     X(cuMemPoolTrimTo, (CUmemoryPool, size_t), CUDA_VERSION)                                  \
     X(cuMemAllocAsync, (CUdeviceptr *, size_t, CUstream), CUDA_VERSION)                       \
     X(cuMemFreeAsync, (CUdeviceptr, CUstream), CUDA_VERSION)                                  \
-    X(cuStreamSynchronize, (CUstream), CUDA_VERSION)
+    X(cuStreamSynchronize, (CUstream), CUDA_VERSION)                                          \
+    X(cuModuleUnload, (CUmodule), CUDA_VERSION)
 
 #define DECLARE(name, args, ver) static CUresult (*p_##name) args;
 API_LIST(DECLARE)
@@ -151,7 +153,7 @@ static void free_at_exit(void) {
     if (g_exit_block) p_cuMemFree(g_exit_block);
 }
 
-/* --- the reservation commands: set-limit, pool-keep ------------------------------ */
+/* --- the reservation commands: set-limit, pool-keep, module-load ------------------ */
 
 static void print_meminfo(const char *when) {
     size_t mfree, mtotal;
@@ -211,6 +213,17 @@ static int reserve_command(const char *cmd, int argc, char **argv, CUdevice dev)
         if (argc >= 5) usleep((useconds_t)(atof(argv[4]) * 1e6));
         CHECK(p_cuMemPoolTrimTo(pool, 0));
         print_pool(pool, "trimmed_");
+        return 1;
+    }
+    if (!strcmp(cmd, "module-load") && argc >= 3) {
+        CUmodule m;
+        CUresult rc = p_cuModuleLoad(&m, argv[2]);
+        printf("result %s\n", rc == CUDA_SUCCESS ? "CUDA_SUCCESS" : err_name(rc));
+        print_meminfo("loaded_");
+        if (rc == CUDA_SUCCESS) {
+            CHECK(p_cuModuleUnload(m));
+            print_meminfo("unloaded_");
+        }
         return 1;
     }
     return 0;

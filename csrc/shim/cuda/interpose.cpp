@@ -33,7 +33,9 @@
     X(cuGraphLaunch) X(cuGraphLaunch_ptsz)                                                \
     X(cuCtxSetLimit) X(cuMemPoolTrimTo) X(cuMemPoolDestroy)                               \
     X(cuCtxSynchronize) X(cuCtxSynchronize_v2) X(cuStreamSynchronize)                     \
-    X(cuStreamSynchronize_ptsz) X(cuEventSynchronize)
+    X(cuStreamSynchronize_ptsz) X(cuEventSynchronize)                                    \
+    X(cuModuleLoad) X(cuModuleLoadData) X(cuModuleLoadDataEx) X(cuModuleLoadFatBinary)    \
+    X(cuModuleUnload) X(cuLibraryLoadData) X(cuLibraryLoadFromFile) X(cuLibraryUnload)
 
 namespace {
 

@@ -13,17 +13,31 @@
 //   live allocations: an allocation charges what the pool must reserve beyond
 //   what it keeps cached; frees, trims, cuMemGetInfo and any refusal re-read
 //   the reserve and give back what the pool released.
+// - Modules and libraries: their device globals take memory when they load.
+//   The shim reads the names of the globals a PTX image defines and asks the
+//   driver their sizes (cuModuleGetGlobal): exact, whatever other threads and
+//   processes do meanwhile. The charge follows the load (the sizes are the
+//   driver's); past the quota the module is unloaded again and the load fails
+//   with CUDA_ERROR_OUT_OF_MEMORY. Given back at unload or the context's end.
+//   Binary images (cubin, fatbin) are not read yet: their globals are left to
+//   the reconciliation with the device's per-process figure.
 #include "quota.h"
 
 #include "process.h"
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <new>
+#include <sstream>
+#include <string>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 using namespace shim;
 
@@ -205,6 +219,121 @@ void pool_freed(CUdeviceptr dptr) {
     quota_uncharge(dev, back);
 }
 
+// ---------------------------------------------------------------------------
+// Modules and libraries
+// ---------------------------------------------------------------------------
+struct ModuleBooks {
+    int dev;
+    uint64_t bytes;
+    CUcontext ctx;   // its globals go with this context
+};
+std::mutex *g_modules_mu = new std::mutex;
+std::unordered_map<void *, ModuleBooks> &g_modules = *new std::unordered_map<void *, ModuleBooks>;
+
+// The names of the variables a PTX text defines in the global state space:
+// lines `[.visible|.weak] .global [.align N] .TYPE NAME[...] [= ...];`
+// (`.extern` ones are declarations, defined elsewhere). Empty for a binary image.
+std::vector<std::string> ptx_global_names(const std::string &ptx) {
+    std::vector<std::string> names;
+    if (ptx.find(".version") == std::string::npos || ptx.find(".target") == std::string::npos) return names;
+    std::istringstream lines(ptx);
+    std::string line;
+    while (std::getline(lines, line)) {
+        std::istringstream words(line);
+        std::string w;
+        while (words >> w && (w == ".visible" || w == ".weak")) {
+        }
+        if (w != ".global") continue;
+        while (words >> w && w[0] == '.') {
+            if (w == ".align") words >> w;   // its number
+        }
+        std::string name = w.substr(0, w.find_first_of("[;="));
+        if (!name.empty() && name[0] != '.') names.push_back(name);
+    }
+    return names;
+}
+
+// The image as text (a PTX file or a NUL-terminated PTX string); empty when binary.
+std::string image_text(const void *image, const char *path) {
+    if (path) {
+        std::ifstream f(path, std::ios::binary);
+        return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    }
+    const unsigned char *p = static_cast<const unsigned char *>(image);
+    static const unsigned char kBinary[][4] = {{0x7f, 'E', 'L', 'F'}, {0x50, 0xed, 0x55, 0xba}, {0xb1, 0x43, 0x62, 0x46}};
+    if (!p) return std::string();
+    for (const auto &magic : kBinary)   // an ELF cubin, a fatbin, a fatbin wrapper (compared up to a NUL)
+        if (p[0] == magic[0] && p[1] == magic[1] && p[2] == magic[2] && p[3] == magic[3]) return std::string();
+    return std::string(static_cast<const char *>(image));
+}
+
+// Bytes of the globals of `module` named in the image, as the driver reports them.
+uint64_t globals_bytes(CUmodule module, const std::vector<std::string> &names) {
+    auto get = REAL(cuModuleGetGlobal_v2);
+    uint64_t total = 0;
+    for (const std::string &n : names) {
+        CUdeviceptr p;
+        size_t bytes = 0;
+        if (get && get(&p, &bytes, module, n.c_str()) == CUDA_SUCCESS) total += bytes;
+    }
+    return total;
+}
+
+// After a successful load of `handle` (a module, or a library with its
+// module `module`): charge its globals, or unload it with `unload` and refuse.
+template <typename Unload>
+CUresult module_loaded(void *handle, CUmodule module, const void *image, const char *path, Unload unload) {
+    int dev;
+    CUcontext ctx;
+    if (!quota_current(&dev, &ctx)) return CUDA_SUCCESS;
+    std::vector<std::string> names = ptx_global_names(image_text(image, path));
+    if (names.empty() || !module) return CUDA_SUCCESS;
+    uint64_t bytes = globals_bytes(module, names);
+    if (bytes == 0) return CUDA_SUCCESS;
+    if (quota_charge(dev, bytes) != CUDA_SUCCESS) {
+        unload();
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    std::lock_guard<std::mutex> lk(*g_modules_mu);
+    g_modules[handle] = ModuleBooks{dev, bytes, ctx};
+    return CUDA_SUCCESS;
+}
+
+void module_unloaded(void *handle) {
+    ModuleBooks b{-1, 0, nullptr};
+    {
+        std::lock_guard<std::mutex> lk(*g_modules_mu);
+        auto it = g_modules.find(handle);
+        if (it == g_modules.end()) return;
+        b = it->second;
+        g_modules.erase(it);
+    }
+    quota_uncharge(b.dev, b.bytes);
+}
+
+template <typename Load>
+CUresult load_module(CUmodule *m, const void *image, const char *path, Load load) {
+    CUresult rc = load();
+    if (rc != CUDA_SUCCESS || !m) return rc;
+    auto unload = REAL(cuModuleUnload);
+    return module_loaded(*m, *m, image, path, [&] {
+        if (unload) unload(*m);
+    });
+}
+
+template <typename Load>
+CUresult load_library(CUlibrary *lib, const void *image, const char *path, Load load) {
+    CUresult rc = load();
+    if (rc != CUDA_SUCCESS || !lib) return rc;
+    CUmodule module = nullptr;
+    auto get_module = REAL(cuLibraryGetModule);
+    if (!get_module || get_module(&module, *lib) != CUDA_SUCCESS) module = nullptr;   // no context: nothing loaded yet
+    auto unload = REAL(cuLibraryUnload);
+    return module_loaded(*lib, module, image, path, [&] {
+        if (unload) unload(*lib);
+    });
+}
+
 void settle_after_sync() {
     if (g_pools_charged.load(std::memory_order_relaxed)) reserve_settle();
 }
@@ -224,6 +353,17 @@ void reserve_release_context(CUcontext ctx) {
             if (it->first.first == ctx) {
                 if (it->second.dev >= 0 && it->second.dev < kMaxDevices) back[it->second.dev] += it->second.charged;
                 it = g_limits.erase(it);
+            } else {
+                ++it;
+            }
+        }
+    }
+    {
+        std::lock_guard<std::mutex> lk(*g_modules_mu);
+        for (auto it = g_modules.begin(); it != g_modules.end();) {
+            if (it->second.ctx == ctx) {
+                if (it->second.dev >= 0 && it->second.dev < kMaxDevices) back[it->second.dev] += it->second.bytes;
+                it = g_modules.erase(it);
             } else {
                 ++it;
             }
@@ -268,6 +408,8 @@ void reserve_settle() {
 void reserve_forget_after_fork() {
     g_limits_mu = new (g_limits_mu) std::mutex();
     g_pools_mu = new (g_pools_mu) std::mutex();
+    g_modules_mu = new (g_modules_mu) std::mutex();
+    g_modules.clear();
     g_limits.clear();
     g_pools.clear();
     g_blocks.clear();
@@ -400,3 +542,46 @@ SYNC_HOOK(cuStreamSynchronize, (CUstream s), (s))
 SYNC_HOOK(cuStreamSynchronize_ptsz, (CUstream s), (s))
 SYNC_HOOK(cuEventSynchronize, (CUevent e), (e))
 #undef SYNC_HOOK
+
+// ---------------------------------------------------------------------------
+// Modules and libraries
+// ---------------------------------------------------------------------------
+SHIM_API CUresult cuModuleLoad(CUmodule *m, const char *fname) {
+    REAL_OR_RETURN(real, cuModuleLoad);
+    return load_module(m, nullptr, fname, [&] { return real(m, fname); });
+}
+SHIM_API CUresult cuModuleLoadData(CUmodule *m, const void *image) {
+    REAL_OR_RETURN(real, cuModuleLoadData);
+    return load_module(m, image, nullptr, [&] { return real(m, image); });
+}
+SHIM_API CUresult cuModuleLoadDataEx(CUmodule *m, const void *image, unsigned int n, CUjit_option *o, void **v) {
+    REAL_OR_RETURN(real, cuModuleLoadDataEx);
+    return load_module(m, image, nullptr, [&] { return real(m, image, n, o, v); });
+}
+SHIM_API CUresult cuModuleLoadFatBinary(CUmodule *m, const void *fatbin) {
+    REAL_OR_RETURN(real, cuModuleLoadFatBinary);
+    return load_module(m, fatbin, nullptr, [&] { return real(m, fatbin); });
+}
+SHIM_API CUresult cuModuleUnload(CUmodule m) {
+    REAL_OR_RETURN(real, cuModuleUnload);
+    CUresult rc = real(m);
+    if (rc == CUDA_SUCCESS) module_unloaded(m);
+    return rc;
+}
+
+SHIM_API CUresult cuLibraryLoadData(CUlibrary *lib, const void *code, CUjit_option *jo, void **jv, unsigned int nj,
+                                    CUlibraryOption *lo, void **lv, unsigned int nl) {
+    REAL_OR_RETURN(real, cuLibraryLoadData);
+    return load_library(lib, code, nullptr, [&] { return real(lib, code, jo, jv, nj, lo, lv, nl); });
+}
+SHIM_API CUresult cuLibraryLoadFromFile(CUlibrary *lib, const char *file, CUjit_option *jo, void **jv,
+                                        unsigned int nj, CUlibraryOption *lo, void **lv, unsigned int nl) {
+    REAL_OR_RETURN(real, cuLibraryLoadFromFile);
+    return load_library(lib, nullptr, file, [&] { return real(lib, file, jo, jv, nj, lo, lv, nl); });
+}
+SHIM_API CUresult cuLibraryUnload(CUlibrary lib) {
+    REAL_OR_RETURN(real, cuLibraryUnload);
+    CUresult rc = real(lib);
+    if (rc == CUDA_SUCCESS) module_unloaded(lib);
+    return rc;
+}

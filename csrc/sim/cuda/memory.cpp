@@ -172,6 +172,13 @@ void free_context_memory(Context *c) {
         if (p->dev == c->dev) pool_shrink(p, 0);
 }
 
+CUresult alloc_block(Context *c, uint64_t size, Alloc **out) { return alloc_common(c, size, MemKind::Device, nullptr, out); }
+
+void free_block(uint64_t base) {
+    auto it = g_allocs.find(base);
+    if (it != g_allocs.end() && it->second->kind == MemKind::Device) release(it->second);
+}
+
 void pools_release_over_threshold() {
     for (Pool *p : g_pools) pool_shrink(p, p->release_threshold);
 }

@@ -120,6 +120,11 @@ void *translate(uint64_t addr, uint64_t len, Alloc **out = nullptr);
 Alloc *find_alloc(uint64_t addr);          // allocation containing addr
 Alloc *as_array(CUarray h);                // the array h, or null when h is not a live array
 void free_context_memory(Context *ctx);     // everything a destroyed context owned
+// Device memory of `size` bytes in context c, charged to its device, owned
+// by it (a module's globals); free_block(base) gives it back unless its
+// context's end did already (device addresses are never reused).
+CUresult alloc_block(Context *c, uint64_t size, Alloc **out);
+void free_block(uint64_t base);
 // Pools give back what they keep beyond their release threshold, as the
 // driver does at a stream, event or context synchronize.
 void pools_release_over_threshold();
