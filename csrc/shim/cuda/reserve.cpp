@@ -11,8 +11,8 @@
 //   until a synchronize or cuMemPoolTrimTo gives it back. The books hold each
 //   pool's reserve (CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT), not the sum of its
 //   live allocations: an allocation charges what the pool must reserve beyond
-//   what it keeps cached; frees, trims, cuMemGetInfo and any refusal re-read
-//   the reserve and give back what the pool released.
+//   what it keeps cached; frees, trims, synchronizes, cuMemGetInfo and any
+//   refusal re-read the reserve and give back what the pool released.
 // - Modules and libraries: their device globals take memory when they load.
 //   The shim reads the names of the globals a PTX image defines and asks the
 //   driver their sizes (cuModuleGetGlobal): exact, whatever other threads and
@@ -253,17 +253,24 @@ std::vector<std::string> ptx_global_names(const std::string &ptx) {
     return names;
 }
 
+// An ELF cubin, a fatbin, a fatbin wrapper: binary images, not read.
+bool binary_image(const unsigned char *p) {
+    static const unsigned char kMagic[][4] = {{0x7f, 'E', 'L', 'F'}, {0x50, 0xed, 0x55, 0xba}, {0xb1, 0x43, 0x62, 0x46}};
+    for (const auto &m : kMagic)   // compared byte by byte, so a shorter NUL-terminated text stops at its end
+        if (p[0] == m[0] && p[1] == m[1] && p[2] == m[2] && p[3] == m[3]) return true;
+    return false;
+}
+
 // The image as text (a PTX file or a NUL-terminated PTX string); empty when binary.
 std::string image_text(const void *image, const char *path) {
     if (path) {
         std::ifstream f(path, std::ios::binary);
+        unsigned char head[4] = {};
+        if (!f.read(reinterpret_cast<char *>(head), sizeof head) || binary_image(head)) return std::string();
+        f.seekg(0);
         return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
     }
-    const unsigned char *p = static_cast<const unsigned char *>(image);
-    static const unsigned char kBinary[][4] = {{0x7f, 'E', 'L', 'F'}, {0x50, 0xed, 0x55, 0xba}, {0xb1, 0x43, 0x62, 0x46}};
-    if (!p) return std::string();
-    for (const auto &magic : kBinary)   // an ELF cubin, a fatbin, a fatbin wrapper (compared up to a NUL)
-        if (p[0] == magic[0] && p[1] == magic[1] && p[2] == magic[2] && p[3] == magic[3]) return std::string();
+    if (!image || binary_image(static_cast<const unsigned char *>(image))) return std::string();
     return std::string(static_cast<const char *>(image));
 }
 
