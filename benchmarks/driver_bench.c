@@ -8,6 +8,8 @@
  *   launch       cuLaunchKernel of fracgpu_spin(0) (needs MODULE in $BENCH_MODULE)
  *   vmm          cuMemCreate + cuMemMap + cuMemUnmap + cuMemRelease of 2 MiB (the VMM
  *                books: a handle's references and mappings), into a range reserved once
+ *   set-limit    cuCtxSetLimit of the device heap, 16 MiB and 8 MiB in turn (each call
+ *                reserves or gives back 8 MiB)
  * START (CLOCK_MONOTONIC ms) lets several processes begin together.
  * Prints "ns_per_op N". */
 #include <cuda.h>
@@ -35,7 +37,7 @@ static double now_ns(void) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s alloc-free|passthrough|meminfo|launch|vmm ITERATIONS [START_MS]\n", argv[0]);
+        fprintf(stderr, "usage: %s alloc-free|passthrough|meminfo|launch|vmm|set-limit ITERATIONS [START_MS]\n", argv[0]);
         return 2;
     }
     const char *op = argv[1];
@@ -75,6 +77,8 @@ int main(int argc, char **argv) {
         } else if (!strcmp(op, "meminfo")) {
             size_t f, t;
             CHECK(cuMemGetInfo_v2(&f, &t));
+        } else if (!strcmp(op, "set-limit")) {
+            CHECK(cuCtxSetLimit(CU_LIMIT_MALLOC_HEAP_SIZE, (size_t)(i % 2 ? 8 : 16) << 20));
         } else if (!strcmp(op, "launch")) {
             unsigned long long ns = 0;
             void *args[] = {&ns};

@@ -37,6 +37,14 @@
  *                                 pointer's cuMemPoolExportPointer), hold it SECONDS
  *   pool-import PID FD HEX        import the pool and the pointer, read its first word,
  *                                 allocate 64 MiB blocks until refused, then cuMemFree it
+ *   set-limit heap|stack|fifo BYTES [MIB [HOLD]]
+ *                                 cuCtxSetLimit, then what cuMemGetInfo shows; with MIB (> 0), allocate
+ *                                 MIB-sized blocks until refused; then keep everything HOLD seconds
+ *   pool-keep MIB THRESHOLD_MIB [HOLD]
+ *                                 the default pool with that release threshold: cuMemAllocAsync
+ *                                 MIB, free it, synchronize (keep it HOLD seconds), then trim to 0,
+ *                                 showing the pool's reserve and cuMemGetInfo at each step
+ *   module-load PATH              cuModuleLoad PATH, then cuModuleUnload, with cuMemGetInfo after each
  */
 #include <cuda.h>
 
@@ -109,9 +117,23 @@
     X(cuMemPoolImportPointer, (CUdeviceptr *, CUmemoryPool, CUmemPoolPtrExportData *),        \
       CUDA_VERSION)
 
+// What the reservation commands (set-limit, pool-keep) use.
+#define RESERVE_API_LIST(X)                                                                   \
+    X(cuCtxSetLimit, (CUlimit, size_t), CUDA_VERSION)                                         \
+    X(cuCtxGetLimit, (size_t *, CUlimit), CUDA_VERSION)                                       \
+    X(cuDeviceGetMemPool, (CUmemoryPool *, CUdevice), CUDA_VERSION)                           \
+    X(cuMemPoolSetAttribute, (CUmemoryPool, CUmemPool_attribute, void *), CUDA_VERSION)       \
+    X(cuMemPoolGetAttribute, (CUmemoryPool, CUmemPool_attribute, void *), CUDA_VERSION)       \
+    X(cuMemPoolTrimTo, (CUmemoryPool, size_t), CUDA_VERSION)                                  \
+    X(cuMemAllocAsync, (CUdeviceptr *, size_t, CUstream), CUDA_VERSION)                       \
+    X(cuMemFreeAsync, (CUdeviceptr, CUstream), CUDA_VERSION)                                  \
+    X(cuStreamSynchronize, (CUstream), CUDA_VERSION)                                          \
+    X(cuModuleUnload, (CUmodule), CUDA_VERSION)
+
 #define DECLARE(name, args, ver) static CUresult (*p_##name) args;
 API_LIST(DECLARE)
 VMM_API_LIST(DECLARE)
+RESERVE_API_LIST(DECLARE)
 
 static const char *err_name(CUresult rc) {
     const char *s = NULL;
@@ -154,10 +176,12 @@ static void load_api(void) {
     }
     API_LIST(RESOLVE)
     VMM_API_LIST(RESOLVE)
+    RESERVE_API_LIST(RESOLVE)
 #else
 #define BIND(name, args, ver) p_##name = name;
     API_LIST(BIND)
     VMM_API_LIST(BIND)
+    RESERVE_API_LIST(BIND)
 #endif
 }
 
@@ -386,6 +410,82 @@ static int vmm_command(const char *cmd, int argc, char **argv, CUdevice dev) {
     return 0;
 }
 
+/* --- the reservation commands: set-limit, pool-keep, module-load ------------------ */
+
+static void print_meminfo(const char *when) {
+    size_t mfree, mtotal;
+    CHECK(p_cuMemGetInfo(&mfree, &mtotal));
+    printf("%sfree %zu\n", when, mfree);
+}
+
+static void print_pool(CUmemoryPool pool, const char *when) {
+    cuuint64_t reserved = 0;
+    CHECK(p_cuMemPoolGetAttribute(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, &reserved));
+    printf("%sreserved %llu\n", when, (unsigned long long)reserved);
+    print_meminfo(when);
+}
+
+/* 1: cmd was one of these commands (and ran); 0: it was not. */
+static int reserve_command(const char *cmd, int argc, char **argv, CUdevice dev) {
+    if (!strcmp(cmd, "set-limit") && argc >= 4) {
+        CUlimit limit;
+        if (!strcmp(argv[2], "heap")) limit = CU_LIMIT_MALLOC_HEAP_SIZE;
+        else if (!strcmp(argv[2], "stack")) limit = CU_LIMIT_STACK_SIZE;
+        else if (!strcmp(argv[2], "fifo")) limit = CU_LIMIT_PRINTF_FIFO_SIZE;
+        else {
+            fprintf(stderr, "set-limit: unknown limit %s (heap, stack or fifo)\n", argv[2]);
+            exit(2);
+        }
+        size_t value = (size_t)strtoull(argv[3], NULL, 0), now = 0;
+        CUresult rc = p_cuCtxSetLimit(limit, value);
+        CHECK(p_cuCtxGetLimit(&now, limit));
+        printf("result %s\nlimit %zu\n", rc == CUDA_SUCCESS ? "CUDA_SUCCESS" : err_name(rc), now);
+        print_meminfo("meminfo_");
+        if (argc >= 5 && atoll(argv[4]) > 0) {
+            size_t block = (size_t)atoll(argv[4]) << 20;
+            long n = 0;
+            CUdeviceptr p;
+            while (p_cuMemAlloc(&p, block) == CUDA_SUCCESS) n++;
+            printf("blocks %ld\n", n);
+        }
+        fflush(stdout);
+        if (argc >= 6) usleep((useconds_t)(atof(argv[5]) * 1e6));
+        return 1;
+    }
+    if (!strcmp(cmd, "pool-keep") && argc >= 4) {
+        size_t bytes = (size_t)atoll(argv[2]) << 20;
+        cuuint64_t threshold = (cuuint64_t)atoll(argv[3]) << 20;
+        CUmemoryPool pool;
+        CUdeviceptr p;
+        CHECK(p_cuDeviceGetMemPool(&pool, dev));
+        CHECK(p_cuMemPoolSetAttribute(pool, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &threshold));
+        CUresult rc = p_cuMemAllocAsync(&p, bytes, NULL);
+        printf("alloc %s\n", rc == CUDA_SUCCESS ? "CUDA_SUCCESS" : err_name(rc));
+        if (rc != CUDA_SUCCESS) return 1;
+        print_pool(pool, "allocated_");
+        CHECK(p_cuMemFreeAsync(p, NULL));
+        CHECK(p_cuStreamSynchronize(NULL));
+        print_pool(pool, "synced_");
+        fflush(stdout);
+        if (argc >= 5) usleep((useconds_t)(atof(argv[4]) * 1e6));
+        CHECK(p_cuMemPoolTrimTo(pool, 0));
+        print_pool(pool, "trimmed_");
+        return 1;
+    }
+    if (!strcmp(cmd, "module-load") && argc >= 3) {
+        CUmodule m;
+        CUresult rc = p_cuModuleLoad(&m, argv[2]);
+        printf("result %s\n", rc == CUDA_SUCCESS ? "CUDA_SUCCESS" : err_name(rc));
+        print_meminfo("loaded_");
+        if (rc == CUDA_SUCCESS) {
+            CHECK(p_cuModuleUnload(m));
+            print_meminfo("unloaded_");
+        }
+        return 1;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: %s info | alloc-until-oom MIB [MAX [HOLD]] | fill COUNT VALUE MODULE | spin MS MODULE | spins N MS MODULE [START] | busy SECONDS MS MODULE [START] | hold MIB SECONDS | free-at-exit MIB | vmm-... (see the source)\n", argv[0]);
@@ -493,6 +593,7 @@ int main(int argc, char **argv) {
         printf("holding %s\n", argv[2]);
         fflush(stdout);
         usleep((useconds_t)(atof(argv[3]) * 1e6));
+    } else if (reserve_command(cmd, argc, argv, dev)) {
     } else if (!strncmp(cmd, "vmm-", 4) || !strncmp(cmd, "ipc-", 4) || !strncmp(cmd, "pool-", 5)) {
         int rc = vmm_command(cmd, argc, argv, dev);
         if (rc < 0) {

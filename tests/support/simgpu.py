@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import time
 import sys
@@ -235,3 +237,34 @@ def make_gpu(tmp_path):
         return SimGPU(tmp_path / f"sim{count}", **config)
 
     return make
+
+
+def partition_books(gpu: SimGPU, name: str) -> dict:
+    """Partition `name` as `fracgpu partition list --json` shows it on `gpu`."""
+    usage = json.loads(gpu.fracgpu("partition", "list", "--json", timeout=10).stdout)
+    (part,) = [p for u in usage for p in u["partitions"] if p["name"] == name]
+    return part
+
+
+def kill_and_read_books(gpu: SimGPU, holder: subprocess.Popen, name: str, within: float = 1.0) -> dict:
+    """SIGKILL `holder` (a member of partition `name`), then read the partition's
+    books until they are back to 0, for at most `within` seconds; the last read."""
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    killed = time.monotonic()
+    while True:
+        part = partition_books(gpu, name)
+        if part["used"] == 0 or time.monotonic() - killed > within:
+            return part
+        time.sleep(0.02)
+
+
+# The two ways a Python job takes a quota, for tests that try both.
+HOW_JOBS_RUN = ("fracgpu run", "fracgpu.init")
+
+
+def python_job(gpu: SimGPU, how: str, code: str, memory: str) -> str:
+    """Run `code` as a job with a `memory` quota, `how` one of HOW_JOBS_RUN; its stdout."""
+    if how == "fracgpu run":
+        return gpu.fracgpu("run", "--memory", memory, "--", sys.executable, "-c", code).stdout
+    return gpu.python(f"import fracgpu\nfracgpu.init(memory={memory!r})\n" + code).stdout

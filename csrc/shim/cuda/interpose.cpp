@@ -31,7 +31,12 @@
     X(cuMemGetInfo) X(cuMemGetInfo_v2) X(cuDeviceTotalMem) X(cuDeviceTotalMem_v2)          \
     X(cuLaunchKernel) X(cuLaunchKernel_ptsz) X(cuLaunchKernelEx) X(cuLaunchKernelEx_ptsz)  \
     X(cuLaunchCooperativeKernel) X(cuLaunchCooperativeKernel_ptsz)                        \
-    X(cuGraphLaunch) X(cuGraphLaunch_ptsz)
+    X(cuGraphLaunch) X(cuGraphLaunch_ptsz)                                                \
+    X(cuCtxSetLimit) X(cuMemPoolTrimTo) X(cuMemPoolDestroy)                               \
+    X(cuCtxSynchronize) X(cuCtxSynchronize_v2) X(cuStreamSynchronize)                     \
+    X(cuStreamSynchronize_ptsz) X(cuEventSynchronize)                                    \
+    X(cuModuleLoad) X(cuModuleLoadData) X(cuModuleLoadDataEx) X(cuModuleLoadFatBinary)    \
+    X(cuModuleUnload) X(cuLibraryLoadData) X(cuLibraryLoadFromFile) X(cuLibraryUnload)
 
 namespace {
 

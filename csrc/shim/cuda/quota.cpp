@@ -8,6 +8,7 @@
 // array; VMM handles with their references and mappings, as the driver keeps them), so a release uncharges exactly that, and a destroyed context
 // uncharges everything it owned.
 #include "process.h"
+#include "quota.h"
 
 #include <chrono>
 #include <cstdio>
@@ -63,6 +64,7 @@ CUresult charge(Binding *b, uint64_t bytes) {
     uint64_t deadline = mono_ns() + (uint64_t)(settings().oom_wait_s * 1e9);
     for (;;) {
         b->region.reap();
+        reserve_settle();
         if (b->region.charge(b->slot, bytes)) return CUDA_SUCCESS;
         if (mono_ns() >= deadline) break;
         std::this_thread::sleep_for(std::chrono::milliseconds(5));
@@ -115,6 +117,7 @@ void release(Kind k, uint64_t key) {
 // Everything a context owned, when the driver dropped it; its own
 // reservation too unless keep_reservation.
 void release_context(CUcontext ctx, bool keep_reservation) {
+    reserve_release_context(ctx);
     for (int k = 0; k < kKinds; k++) {
         if (k == kContext && keep_reservation) continue;
         uint64_t freed[kMaxDevices] = {};
@@ -275,6 +278,16 @@ void quota_forget_after_fork() {
     new (&g_vmm.mu) std::mutex();
     g_vmm.handles.clear();
     g_vmm.mappings.clear();
+    reserve_forget_after_fork();
+}
+
+CUresult quota_charge(int dev, uint64_t bytes) { return charge(binding(dev), bytes); }
+void quota_uncharge(int dev, uint64_t bytes) { uncharge(dev, bytes); }
+bool quota_current(int *dev, CUcontext *ctx) {
+    Where w = current();
+    *dev = w.dev;
+    *ctx = w.ctx;
+    return binding(w.dev) != nullptr;
 }
 
 namespace {
@@ -357,42 +370,6 @@ SHIM_API CUresult cuMemFree_v2(CUdeviceptr dptr) {
 SHIM_API CUresult cuMemFree(CUdeviceptr_v1 dptr) {
     REAL_OR_RETURN(real, cuMemFree);
     CUresult rc = real(dptr);
-    if (rc == CUDA_SUCCESS && dptr) release(kPointer, dptr);
-    return rc;
-}
-
-// ---------------------------------------------------------------------------
-// Stream-ordered allocation: charged when asked for, given back when the free
-// is enqueued (what the job holds, not what the pool keeps cached).
-// ---------------------------------------------------------------------------
-#define ASYNC_ALLOC(name, ...)                                                                       \
-    REAL_OR_RETURN(real, name);                                                                      \
-    if (!dptr) return real(dptr, __VA_ARGS__);                                                       \
-    return alloc_counted(bytesize, current(), [&] { return real(dptr, __VA_ARGS__); }, kPointer, dptr)
-
-SHIM_API CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream s) {
-    ASYNC_ALLOC(cuMemAllocAsync, bytesize, s);
-}
-SHIM_API CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream s) {
-    ASYNC_ALLOC(cuMemAllocAsync_ptsz, bytesize, s);
-}
-SHIM_API CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool, CUstream s) {
-    ASYNC_ALLOC(cuMemAllocFromPoolAsync, bytesize, pool, s);
-}
-SHIM_API CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
-                                               CUstream s) {
-    ASYNC_ALLOC(cuMemAllocFromPoolAsync_ptsz, bytesize, pool, s);
-}
-
-SHIM_API CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream s) {
-    REAL_OR_RETURN(real, cuMemFreeAsync);
-    CUresult rc = real(dptr, s);
-    if (rc == CUDA_SUCCESS && dptr) release(kPointer, dptr);
-    return rc;
-}
-SHIM_API CUresult cuMemFreeAsync_ptsz(CUdeviceptr dptr, CUstream s) {
-    REAL_OR_RETURN(real, cuMemFreeAsync_ptsz);
-    CUresult rc = real(dptr, s);
     if (rc == CUDA_SUCCESS && dptr) release(kPointer, dptr);
     return rc;
 }
@@ -596,6 +573,7 @@ namespace {
 bool virtual_meminfo(int dev, uint64_t real_free, uint64_t *free_out, uint64_t *total_out) {
     Binding *b = binding(dev);
     if (!b || !b->ok) return false;
+    reserve_settle();   // what pools released at a synchronize
     uint64_t now = mono_ns();
     uint64_t last = b->last_reap_ns.load(std::memory_order_relaxed);
     if (now - last > kReapIntervalNs && b->last_reap_ns.compare_exchange_strong(last, now)) b->region.reap();

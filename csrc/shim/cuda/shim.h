@@ -7,6 +7,8 @@
 //     process.h)                           each device; exit and fork
 //   memory quota (quota.cpp)               the memory hooks: check-and-charge, allocation
 //                                          tracking, the quota shown as device memory
+//   reservations (reserve.cpp,             cuCtxSetLimit's heap, stack and FIFO, and the
+//     quota.h)                             reserve stream-ordered pools keep, on the books
 //   launch gate (gate.cpp)                 the launch hooks: compute shares, device time
 //   interposition (interpose.cpp)          the HOOKS(X) list of every hooked entry point
 //                                          and the cuGetProcAddress swap; the only place

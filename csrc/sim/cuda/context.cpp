@@ -2,6 +2,13 @@
 // stack of current contexts. A context reserves FRACGPU_SIM_CONTEXT_MEMORY of
 // device memory for itself, as a real context does, and releases it and every
 // allocation it still owns when it is destroyed (or its primary context reset).
+//
+// Limits: the context's own reservation covers the default device heap
+// (8 MiB), stack (1 KiB per thread) and printf FIFO (1 MiB), as a real
+// context's does. cuCtxSetLimit reserves, at once, what a new size takes
+// beyond its default: the heap and FIFO size itself, the stack its per-thread
+// size x the device's resident threads (SMs x 2048); shrinking gives it back
+// (down to the default), and so does the context's end.
 #include "sim.h"
 
 #include <algorithm>
@@ -34,6 +41,27 @@ CUresult get_context(Context **out) {
     return CUDA_SUCCESS;
 }
 
+namespace {
+// The defaults of the limits that reserve device memory.
+size_t limit_default(CUlimit limit) {
+    switch (limit) {
+    case CU_LIMIT_STACK_SIZE: return 1024;
+    case CU_LIMIT_PRINTF_FIFO_SIZE: return 1 << 20;
+    case CU_LIMIT_MALLOC_HEAP_SIZE: return 8 << 20;
+    default: return 0;
+    }
+}
+// Bytes of device memory one unit of `limit` reserves (0: it reserves none).
+uint64_t limit_reservation_unit(CUlimit limit) {
+    switch (limit) {
+    case CU_LIMIT_STACK_SIZE: return (uint64_t)g_cfg.sms * 2048;   // every resident thread
+    case CU_LIMIT_PRINTF_FIFO_SIZE:
+    case CU_LIMIT_MALLOC_HEAP_SIZE: return 1;
+    default: return 0;
+    }
+}
+}  // namespace
+
 Context *context_create(int dev, unsigned flags, bool primary, CUresult *err) {
     uint64_t reserve = g_cfg.context_memory;
     if (reserve && !mem_charge(g_devices[dev].phys, reserve)) {
@@ -49,9 +77,8 @@ Context *context_create(int dev, unsigned flags, bool primary, CUresult *err) {
     c->null_stream = new Stream();
     c->null_stream->ctx = c;
     c->null_stream->is_null = true;
-    c->limits[CU_LIMIT_STACK_SIZE] = 1024;
-    c->limits[CU_LIMIT_PRINTF_FIFO_SIZE] = 1 << 20;
-    c->limits[CU_LIMIT_MALLOC_HEAP_SIZE] = 8 << 20;
+    for (CUlimit l : {CU_LIMIT_STACK_SIZE, CU_LIMIT_PRINTF_FIFO_SIZE, CU_LIMIT_MALLOC_HEAP_SIZE})
+        c->limits[l] = limit_default(l);
     c->limits[CU_LIMIT_DEV_RUNTIME_PENDING_LAUNCH_COUNT] = 2048;
     c->limits[CU_LIMIT_MAX_L2_FETCH_GRANULARITY] = 32;
     g_contexts.insert(c);
@@ -66,6 +93,8 @@ void context_destroy(Context *c) {
     engine_drop_context(c);
     free_context_memory(c);
     if (c->reserved) mem_uncharge(g_devices[c->dev].phys, c->reserved);
+    for (auto &kv : c->limit_reserved) mem_uncharge(g_devices[c->dev].phys, kv.second);
+    c->limit_reserved.clear();
     for (Stream *s : c->streams) {
         stream_forget(s);
         engine_release_stream(s);
@@ -202,6 +231,7 @@ SIM_API CUresult cuCtxSynchronize_v2(CUcontext ctx) {
     CUresult rc = ctx_or_current(ctx, &c);
     if (rc != CUDA_SUCCESS) return rc;
     engine_sync_context(lk, c);
+    pools_release_over_threshold();
     return c->sticky;
 }
 SIM_API CUresult cuCtxSynchronize(void) { return cuCtxSynchronize_v2(nullptr); }
@@ -246,6 +276,19 @@ SIM_API CUresult cuCtxSetLimit(CUlimit limit, size_t value) {
     CUresult rc = get_context(&c);
     if (rc != CUDA_SUCCESS) return rc;
     if (!c->limits.count(limit)) return CUDA_ERROR_UNSUPPORTED_LIMIT;
+    uint64_t per_unit = limit_reservation_unit(limit);
+    if (per_unit) {
+        // Reserve (or give back) the difference now, as the driver does.
+        uint64_t before = c->limit_reserved[limit];
+        uint64_t base = limit_default(limit) * per_unit;
+        if (value > UINT64_MAX / per_unit) return CUDA_ERROR_OUT_OF_MEMORY;
+        uint64_t bytes = (uint64_t)value * per_unit;
+        uint64_t after = bytes > base ? bytes - base : 0;
+        int phys = g_devices[c->dev].phys;
+        if (after > before && !mem_charge(phys, after - before)) return CUDA_ERROR_OUT_OF_MEMORY;
+        if (after < before) mem_uncharge(phys, before - after);
+        c->limit_reserved[limit] = after;
+    }
     c->limits[limit] = value;
     return CUDA_SUCCESS;
 }

@@ -8,13 +8,25 @@
 //                                                writes count 32-bit values
 // A fill outside any allocation is reported as a real GPU reports a fault:
 // later, as a sticky CUDA_ERROR_ILLEGAL_ADDRESS on the context.
+//
+// Device globals: a PTX image (text, as cuModuleLoadData and .ptx files take
+// it) is read for the `.global` variables it defines; they are reserved on
+// the device when the module loads (a library: in the current context, if
+// any), found by cuModuleGetGlobal, and given back when it unloads or its
+// context ends. Binary images (cubin, fatbin) define none here: the
+// project's own kernels have no globals.
 #include "sim.h"
 
 #include <algorithm>
+#include <cctype>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <fcntl.h>
+#include <fstream>
+#include <iterator>
 #include <set>
+#include <sstream>
 #include <unistd.h>
 #include <vector>
 
@@ -31,10 +43,16 @@ struct Function {
     const char *name = "";
     int max_dynamic_smem = 0;
 };
+struct Global {
+    std::string name;
+    uint64_t size = 0;
+    uint64_t base = 0;                 // its device memory (0 until reserved)
+};
 struct Module {
     Context *ctx = nullptr;            // null for a library (context-independent)
     bool is_library = false;
     Function spin, fill;
+    std::vector<Global> globals;
 };
 std::set<Module *> &g_modules = *new std::set<Module *>;
 std::set<Function *> &g_functions = *new std::set<Function *>;
@@ -52,6 +70,8 @@ Module *new_module(Context *c, bool library) {
 }
 
 void drop_module(Module *m) {
+    for (const Global &g : m->globals)
+        if (g.base) free_block(g.base);
     g_functions.erase(&m->spin);
     g_functions.erase(&m->fill);
     g_modules.erase(m);
@@ -65,6 +85,62 @@ Function *lookup(Module *m, const char *name) {
     return nullptr;
 }
 
+// Bytes of a PTX scalar type (.b8 ... .f64), 0 for anything else.
+uint64_t ptx_type_bytes(const std::string &t) {
+    if (t.size() < 3 || t[0] != '.' || !strchr("busf", t[1])) return 0;
+    int bits = atoi(t.c_str() + 2);
+    return bits == 8 || bits == 16 || bits == 32 || bits == 64 ? bits / 8 : 0;
+}
+
+// The `.global` variables a PTX text defines (`.extern` ones are declarations).
+// false: a definition the simulation cannot size (the load is refused).
+bool ptx_globals(const std::string &ptx, std::vector<Global> *out) {
+    std::istringstream lines(ptx);
+    std::string line;
+    while (std::getline(lines, line)) {
+        std::istringstream words(line.substr(0, line.find("//")));
+        std::string w, type;
+        bool global = false, external = false;
+        while (words >> w) {
+            if (w == ".extern") external = true;
+            else if (w == ".global") global = true;
+            else if (w == ".align") words >> w;
+            else if (w == ".visible" || w == ".weak") continue;
+            else break;
+        }
+        if (!global || external) continue;
+        uint64_t size = ptx_type_bytes(w);
+        if (!size || !(words >> w)) return false;
+        std::string name = w.substr(0, w.find_first_of("[;= "));
+        for (size_t at = w.find('['); at != std::string::npos; at = w.find('[', at + 1)) {
+            char *end;
+            unsigned long long n = strtoull(w.c_str() + at + 1, &end, 10);
+            if (*end != ']' || n == 0 || size > (1ull << 40) / n) return false;
+            size *= n;
+        }
+        if (name.empty()) return false;
+        out->push_back(Global{name, size, 0});
+    }
+    return true;
+}
+
+// The image as text when it is PTX (a cubin or fatbin is binary: empty).
+std::string ptx_text(const void *image, const char *path) {
+    std::string text;
+    if (path) {
+        std::ifstream f(path, std::ios::binary);
+        text.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    } else {
+        const unsigned char *p = static_cast<const unsigned char *>(image);
+        bool binary = (p[0] == 0x7f && p[1] == 'E') ||                                // ELF cubin
+                      (p[0] == 0x50 && p[1] == 0xed && p[2] == 0x55 && p[3] == 0xba) ||   // fatbin
+                      (p[0] == 0xb1 && p[1] == 0x43 && p[2] == 0x62 && p[3] == 0x46);     // fatbin wrapper
+        if (!binary) text = static_cast<const char *>(image);                          // PTX: NUL-terminated
+    }
+    return text.find(".version") != std::string::npos && text.find(".target") != std::string::npos ? text
+                                                                                                     : std::string();
+}
+
 CUresult load_module(Module **out, bool library, const void *image, const char *path) {
     if (!out) return CUDA_ERROR_INVALID_VALUE;
     if (path) {
@@ -74,6 +150,8 @@ CUresult load_module(Module **out, bool library, const void *image, const char *
     } else if (!image) {
         return CUDA_ERROR_INVALID_VALUE;
     }
+    std::vector<Global> globals;
+    if (!ptx_globals(ptx_text(image, path), &globals)) return CUDA_ERROR_INVALID_PTX;
     std::lock_guard<std::mutex> lk(g_mu);
     Context *c = nullptr;
     if (library) {
@@ -83,7 +161,20 @@ CUresult load_module(Module **out, bool library, const void *image, const char *
         CUresult rc = get_context(&c);
         if (rc != CUDA_SUCCESS) return rc;
     }
+    // The globals take device memory now, in the module's context.
+    Context *owner = library ? current_context() : c;
+    for (Global &g : globals) {
+        Alloc *a;
+        CUresult rc = owner ? alloc_block(owner, g.size, &a) : CUDA_SUCCESS;
+        if (rc != CUDA_SUCCESS) {
+            for (const Global &done : globals)
+                if (done.base) free_block(done.base);
+            return rc;
+        }
+        if (owner) g.base = a->base;
+    }
     *out = new_module(c, library);
+    (*out)->globals = std::move(globals);
     return CUDA_SUCCESS;
 }
 
@@ -207,8 +298,16 @@ SIM_API CUresult cuModuleGetFunctionCount(unsigned int *count, CUmodule hmod) {
 }
 
 SIM_API CUresult cuModuleGetGlobal_v2(CUdeviceptr *dptr, size_t *bytes, CUmodule hmod, const char *name) {
+    if (!name) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::mutex> lk(g_mu);
-    if (!g_modules.count(reinterpret_cast<Module *>(hmod))) return CUDA_ERROR_INVALID_HANDLE;
+    Module *m = reinterpret_cast<Module *>(hmod);
+    if (!g_modules.count(m)) return CUDA_ERROR_INVALID_HANDLE;
+    for (const Global &g : m->globals) {
+        if (g.name != name || !g.base) continue;
+        if (dptr) *dptr = g.base;
+        if (bytes) *bytes = g.size;
+        return CUDA_SUCCESS;
+    }
     return CUDA_ERROR_NOT_FOUND;
 }
 

@@ -29,10 +29,15 @@ std::map<uint64_t, Alloc *> &g_allocs = *new std::map<uint64_t, Alloc *>;      /
 uint64_t g_next_addr = 1ull << 44;         // fake device address space
 unsigned long long g_next_id = 1;
 
+// A stream-ordered pool. Its reserve is device memory it holds: what its live
+// allocations use plus what frees left cached. A free keeps its memory in the
+// reserve; a synchronize gives back what is beyond the release threshold, and
+// cuMemPoolTrimTo what is beyond the bytes to keep, as the driver does.
 struct Pool {
     int dev = 0;
     uint64_t release_threshold = 0;
     uint64_t used = 0, used_high = 0;
+    uint64_t reserved = 0, reserved_high = 0;
     bool is_default = false;
 };
 std::vector<Pool *> &g_pools = *new std::vector<Pool *>;
@@ -107,33 +112,52 @@ Alloc *add_alloc(uint64_t base, uint64_t size, void *host, MemKind kind, Context
     return a;
 }
 
-// Allocates and charges. Caller holds g_mu.
+// Takes `bytes` for a live allocation of `pool`: from what it keeps cached,
+// the rest reserved on the device. False: the device is out of memory.
+bool pool_take(Pool *pool, uint64_t bytes) {
+    uint64_t cached = pool->reserved - pool->used;
+    if (bytes > cached) {
+        if (!mem_charge(g_devices[pool->dev].phys, bytes - cached)) return false;
+        pool->reserved += bytes - cached;
+        pool->reserved_high = std::max(pool->reserved_high, pool->reserved);
+    }
+    pool->used += bytes;
+    pool->used_high = std::max(pool->used_high, pool->used);
+    return true;
+}
+
+// Gives back what `pool` reserves beyond max(its live allocations, keep).
+void pool_shrink(Pool *pool, uint64_t keep) {
+    uint64_t floor = std::max(pool->used, keep);
+    if (pool->reserved <= floor) return;
+    mem_uncharge(g_devices[pool->dev].phys, pool->reserved - floor);
+    pool->reserved = floor;
+}
+
+// Allocates and charges (to the device, or from `pool`'s reserve). Caller holds g_mu.
 CUresult alloc_common(Context *c, uint64_t size, MemKind kind, Pool *pool, Alloc **out) {
     if (size == 0) return CUDA_ERROR_INVALID_VALUE;
     uint64_t charge = round_up(size, kAllocAlign);
     int phys = g_devices[c->dev].phys;
-    if (!mem_charge(phys, charge)) return CUDA_ERROR_OUT_OF_MEMORY;
+    if (pool ? !pool_take(pool, charge) : !mem_charge(phys, charge)) return CUDA_ERROR_OUT_OF_MEMORY;
     void *host = map_host(size);
     if (!host) {
-        mem_uncharge(phys, charge);
+        if (pool) pool->used -= charge;   // stays in its reserve, cached
+        else mem_uncharge(phys, charge);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     uint64_t base = kind == MemKind::Managed ? reinterpret_cast<uint64_t>(host) : take_addresses(size, kAllocAlign);
     Alloc *a = add_alloc(base, size, host, kind, c);
     a->charged = charge;
-    if (pool) {
-        a->pool = reinterpret_cast<CUmemoryPool>(pool);
-        pool->used += charge;
-        pool->used_high = std::max(pool->used_high, pool->used);
-    }
+    if (pool) a->pool = reinterpret_cast<CUmemoryPool>(pool);
     *out = a;
     return CUDA_SUCCESS;
 }
 
 void release(Alloc *a) {
     g_allocs.erase(a->base);
-    if (a->charged) mem_uncharge(g_devices[a->dev].phys, a->charged);
-    if (a->pool) reinterpret_cast<Pool *>(a->pool)->used -= a->charged;
+    if (a->pool) reinterpret_cast<Pool *>(a->pool)->used -= a->charged;   // kept in its reserve
+    else if (a->charged) mem_uncharge(g_devices[a->dev].phys, a->charged);
     if (a->owned_host && a->host) unmap_host(a->host, a->size);
     if (a->fd >= 0) close(a->fd);
     delete a;
@@ -229,6 +253,20 @@ void free_context_memory(Context *c) {
     for (auto &kv : g_allocs)
         if (kv.second->ctx == c && kv.second->kind != MemKind::Physical) mine.push_back(kv.second);
     for (Alloc *a : mine) release(a);
+    // What the context's stream-ordered allocations left in the pools of its device goes with it.
+    for (Pool *p : g_pools)
+        if (p->dev == c->dev) pool_shrink(p, 0);
+}
+
+CUresult alloc_block(Context *c, uint64_t size, Alloc **out) { return alloc_common(c, size, MemKind::Device, nullptr, out); }
+
+void free_block(uint64_t base) {
+    auto it = g_allocs.find(base);
+    if (it != g_allocs.end() && it->second->kind == MemKind::Device) release(it->second);
+}
+
+void pools_release_over_threshold() {
+    for (Pool *p : g_pools) pool_shrink(p, p->release_threshold);
 }
 
 }  // namespace sim
@@ -573,8 +611,7 @@ static CUresult alloc_async(CUdeviceptr *dptr, size_t size, CUmemoryPool hpool, 
     } else {
         pool = default_pool(s->ctx->dev);
     }
-    // Memory is taken at once (the pool keeps nothing cached), so what the
-    // device shows in use is what the stream order will have live.
+    // Memory is taken at once, from the pool's reserve or the device.
     Alloc *a;
     rc = alloc_common(s->ctx, size, MemKind::Device, pool, &a);
     if (rc == CUDA_SUCCESS) *dptr = a->base;
@@ -666,6 +703,8 @@ SIM_API CUresult cuMemPoolDestroy(CUmemoryPool pool) {
         if (d.current_pool == pool) d.current_pool = d.default_pool;
     g_pools.erase(std::find(g_pools.begin(), g_pools.end(), p));
     pool_sharing_forget(p);
+    // What it keeps cached goes now; its live allocations stay charged until freed.
+    pool_shrink(p, 0);
     for (auto &kv : g_allocs)
         if (kv.second->pool == pool) kv.second->pool = nullptr;
     delete p;
@@ -674,7 +713,9 @@ SIM_API CUresult cuMemPoolDestroy(CUmemoryPool pool) {
 
 SIM_API CUresult cuMemPoolTrimTo(CUmemoryPool pool, size_t minBytesToKeep) {
     std::lock_guard<std::mutex> lk(g_mu);
-    return valid_pool(pool) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    if (!valid_pool(pool)) return CUDA_ERROR_INVALID_VALUE;
+    pool_shrink(reinterpret_cast<Pool *>(pool), minBytesToKeep);
+    return CUDA_SUCCESS;
 }
 
 SIM_API CUresult cuMemPoolSetAttribute(CUmemoryPool pool, CUmemPool_attribute attr, void *value) {
@@ -683,8 +724,8 @@ SIM_API CUresult cuMemPoolSetAttribute(CUmemoryPool pool, CUmemPool_attribute at
     Pool *p = reinterpret_cast<Pool *>(pool);
     switch (attr) {
     case CU_MEMPOOL_ATTR_RELEASE_THRESHOLD: p->release_threshold = *static_cast<cuuint64_t *>(value); break;
-    case CU_MEMPOOL_ATTR_USED_MEM_HIGH:
-    case CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH: p->used_high = p->used; break;
+    case CU_MEMPOOL_ATTR_USED_MEM_HIGH: p->used_high = p->used; break;
+    case CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH: p->reserved_high = p->reserved; break;
     default: break;
     }
     return CUDA_SUCCESS;
@@ -696,9 +737,9 @@ SIM_API CUresult cuMemPoolGetAttribute(CUmemoryPool pool, CUmemPool_attribute at
     Pool *p = reinterpret_cast<Pool *>(pool);
     switch (attr) {
     case CU_MEMPOOL_ATTR_RELEASE_THRESHOLD: *static_cast<cuuint64_t *>(value) = p->release_threshold; break;
-    case CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT:
+    case CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT: *static_cast<cuuint64_t *>(value) = p->reserved; break;
     case CU_MEMPOOL_ATTR_USED_MEM_CURRENT: *static_cast<cuuint64_t *>(value) = p->used; break;
-    case CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH:
+    case CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH: *static_cast<cuuint64_t *>(value) = p->reserved_high; break;
     case CU_MEMPOOL_ATTR_USED_MEM_HIGH: *static_cast<cuuint64_t *>(value) = p->used_high; break;
     default: *static_cast<int *>(value) = 1; break;   // the reuse policies: all on
     }

@@ -122,6 +122,14 @@ void *translate(uint64_t addr, uint64_t len, Alloc **out = nullptr);
 Alloc *find_alloc(uint64_t addr);          // allocation containing addr
 Alloc *as_array(CUarray h);                // the array h, or null when h is not a live array
 void free_context_memory(Context *ctx);     // everything a destroyed context owned
+// Device memory of `size` bytes in context c, charged to its device, owned
+// by it (a module's globals); free_block(base) gives it back unless its
+// context's end did already (device addresses are never reused).
+CUresult alloc_block(Context *c, uint64_t size, Alloc **out);
+void free_block(uint64_t base);
+// Pools give back what they keep beyond their release threshold, as the
+// driver does at a stream, event or context synchronize.
+void pools_release_over_threshold();
 
 // ---------------------------------------------------------------------------
 // Contexts, streams, events
@@ -137,6 +145,9 @@ struct Context {
     std::vector<Stream *> streams;        // created streams (not the null one)
     CUresult sticky = CUDA_SUCCESS;       // an error from device work (illegal address)
     std::map<CUlimit, size_t> limits;
+    // What cuCtxSetLimit reserved beyond the defaults (the heap, stack and
+    // printf FIFO the context's own reservation already covers), by limit.
+    std::map<CUlimit, uint64_t> limit_reserved;
 };
 
 struct Record {                            // one cuEventRecord (or an internal marker)

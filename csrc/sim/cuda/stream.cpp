@@ -90,6 +90,7 @@ CUresult stream_sync(CUstream h, bool pt) {
     } else {
         engine_wait(lk, r);
     }
+    pools_release_over_threshold();
     return c->sticky;
 }
 
@@ -275,6 +276,7 @@ SIM_API CUresult cuEventSynchronize(CUevent h) {
     std::shared_ptr<Record> r = e->rec;
     Context *c = e->ctx;
     engine_wait(lk, r);
+    pools_release_over_threshold();
     return valid_context(c) ? c->sticky : CUDA_SUCCESS;
 }
 
