@@ -6,6 +6,8 @@
  *   passthrough  cuCtxGetDevice (a forwarded call the shim does not hook)
  *   meminfo      cuMemGetInfo_v2 (hooked: the virtual view of the quota)
  *   launch       cuLaunchKernel of fracgpu_spin(0) (needs MODULE in $BENCH_MODULE)
+ *   vmm          cuMemCreate + cuMemMap + cuMemUnmap + cuMemRelease of 2 MiB (the VMM
+ *                books: a handle's references and mappings), into a range reserved once
  * START (CLOCK_MONOTONIC ms) lets several processes begin together.
  * Prints "ns_per_op N". */
 #include <cuda.h>
@@ -33,7 +35,7 @@ static double now_ns(void) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s alloc-free|passthrough|meminfo|launch ITERATIONS [START_MS]\n", argv[0]);
+        fprintf(stderr, "usage: %s alloc-free|passthrough|meminfo|launch|vmm ITERATIONS [START_MS]\n", argv[0]);
         return 2;
     }
     const char *op = argv[1];
@@ -51,6 +53,14 @@ int main(int argc, char **argv) {
         CHECK(cuModuleLoad(&m, module ? module : "/dev/null"));
         CHECK(cuModuleGetFunction(&spin, m, "fracgpu_spin"));
     }
+    CUmemAllocationProp prop;
+    memset(&prop, 0, sizeof prop);
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = dev;
+    const size_t vmm_size = 2 << 20;
+    CUdeviceptr va = 0;
+    if (!strcmp(op, "vmm")) CHECK(cuMemAddressReserve(&va, vmm_size, 0, 0, 0));
     if (argc >= 4)
         while (now_ns() / 1e6 < atof(argv[3])) usleep(100);
     double t0 = now_ns();
@@ -69,6 +79,12 @@ int main(int argc, char **argv) {
             unsigned long long ns = 0;
             void *args[] = {&ns};
             CHECK(cuLaunchKernel(spin, 1, 1, 1, 1, 1, 1, 0, NULL, args, NULL));
+        } else if (!strcmp(op, "vmm")) {
+            CUmemGenericAllocationHandle h;
+            CHECK(cuMemCreate(&h, vmm_size, &prop, 0));
+            CHECK(cuMemMap(va, vmm_size, 0, h, 0));
+            CHECK(cuMemUnmap(va, vmm_size));
+            CHECK(cuMemRelease(h));
         } else {
             fprintf(stderr, "unknown op %s\n", op);
             return 2;

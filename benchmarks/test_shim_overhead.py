@@ -13,7 +13,7 @@ from tests.support.simgpu import parse_facts
 
 # Calls per process; divided among the processes when 8 run at once (on 2 cores
 # they take turns anyway), so every case takes about the same time.
-ITERATIONS = {"alloc-free": 20_000, "passthrough": 200_000, "meminfo": 20_000}
+ITERATIONS = {"alloc-free": 20_000, "passthrough": 200_000, "meminfo": 20_000, "vmm": 20_000}
 
 
 def run_bench(gpu, bench, op, processes, env):

@@ -16,6 +16,27 @@
  *   busy SECONDS MS MODULE [START]  MS spins for SECONDS, printing "t <ms> <kernels done>"
  *   hold MIB SECONDS              allocate MIB and keep it for SECONDS
  *   free-at-exit MIB              allocate MIB, free it in an exit handler registered before cuInit
+ *
+ * Virtual memory management (cuMemCreate/cuMemMap), each printing "used N"
+ * (total - free, as cuMemGetInfo shows it) at the steps that matter:
+ *   vmm-map-release MIB [MAX [HOLD]]  create, map and release MIB handles (the samples' pattern)
+ *                                 until refused or MAX, then keep the mappings HOLD seconds
+ *   vmm-retain MIB                create + map, retain + release by address; then unmap, release
+ *   vmm-unmap-after-release MIB   create + map + release, then unmap
+ *   vmm-bad MIB                   release unknown/released handles, unmap what was never mapped
+ *   vmm-export MIB SECONDS        create an exportable MIB handle, map it, print "pid P" and
+ *                                 "fd F" (its POSIX fd), hold it SECONDS
+ *   vmm-import PID FD             import /proc/PID/fd/FD, map it, allocate 64 MiB blocks until
+ *                                 refused, then unmap and release the imported handle
+ *   ipc-export MIB SECONDS        cuMemAlloc MIB, set it to 0x1234abcd, print "handle HEX"
+ *                                 (its cuIpcGetMemHandle), hold it SECONDS
+ *   ipc-import HEX                cuIpcOpenMemHandle, read its first word, allocate 64 MiB
+ *                                 blocks until refused, then cuIpcCloseMemHandle
+ *   pool-export MIB SECONDS       an exportable pool, MIB from it set to 0x1234abcd; print
+ *                                 "pid P", "fd F" (the pool's POSIX fd), "data HEX" (the
+ *                                 pointer's cuMemPoolExportPointer), hold it SECONDS
+ *   pool-import PID FD HEX        import the pool and the pointer, read its first word,
+ *                                 allocate 64 MiB blocks until refused, then cuMemFree it
  */
 #include <cuda.h>
 
@@ -23,6 +44,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #ifdef USE_DLOPEN
 #include <dlfcn.h>
@@ -54,8 +78,40 @@
     X(cuCtxSynchronize, (void), 2000)                                                         \
     X(cuGetErrorName, (CUresult, const char **), CUDA_VERSION)
 
+// Virtual memory management and memory shared between processes (the vmm-*, ipc-*, pool-* commands).
+#define VMM_API_LIST(X)                                                                       \
+    X(cuMemAddressReserve, (CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long),  \
+      CUDA_VERSION)                                                                           \
+    X(cuMemCreate, (CUmemGenericAllocationHandle *, size_t, const CUmemAllocationProp *,      \
+                    unsigned long long), CUDA_VERSION)                                        \
+    X(cuMemMap, (CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle,                   \
+                 unsigned long long), CUDA_VERSION)                                           \
+    X(cuMemSetAccess, (CUdeviceptr, size_t, const CUmemAccessDesc *, size_t), CUDA_VERSION)   \
+    X(cuMemUnmap, (CUdeviceptr, size_t), CUDA_VERSION)                                        \
+    X(cuMemRelease, (CUmemGenericAllocationHandle), CUDA_VERSION)                             \
+    X(cuMemRetainAllocationHandle, (CUmemGenericAllocationHandle *, void *), CUDA_VERSION)    \
+    X(cuMemExportToShareableHandle, (void *, CUmemGenericAllocationHandle,                    \
+                                     CUmemAllocationHandleType, unsigned long long),          \
+      CUDA_VERSION)                                                                           \
+    X(cuMemImportFromShareableHandle, (CUmemGenericAllocationHandle *, void *,                \
+                                       CUmemAllocationHandleType), CUDA_VERSION)              \
+    X(cuMemsetD32, (CUdeviceptr, unsigned int, size_t), CUDA_VERSION)                         \
+    X(cuIpcGetMemHandle, (CUipcMemHandle *, CUdeviceptr), CUDA_VERSION)                       \
+    X(cuIpcOpenMemHandle, (CUdeviceptr *, CUipcMemHandle, unsigned int), CUDA_VERSION)        \
+    X(cuIpcCloseMemHandle, (CUdeviceptr), CUDA_VERSION)                                      \
+    X(cuMemPoolCreate, (CUmemoryPool *, const CUmemPoolProps *), CUDA_VERSION)                \
+    X(cuMemAllocFromPoolAsync, (CUdeviceptr *, size_t, CUmemoryPool, CUstream), CUDA_VERSION) \
+    X(cuMemPoolExportToShareableHandle, (void *, CUmemoryPool, CUmemAllocationHandleType,     \
+                                         unsigned long long), CUDA_VERSION)                   \
+    X(cuMemPoolImportFromShareableHandle, (CUmemoryPool *, void *, CUmemAllocationHandleType, \
+                                           unsigned long long), CUDA_VERSION)                 \
+    X(cuMemPoolExportPointer, (CUmemPoolPtrExportData *, CUdeviceptr), CUDA_VERSION)          \
+    X(cuMemPoolImportPointer, (CUdeviceptr *, CUmemoryPool, CUmemPoolPtrExportData *),        \
+      CUDA_VERSION)
+
 #define DECLARE(name, args, ver) static CUresult (*p_##name) args;
 API_LIST(DECLARE)
+VMM_API_LIST(DECLARE)
 
 static const char *err_name(CUresult rc) {
     const char *s = NULL;
@@ -97,9 +153,11 @@ static void load_api(void) {
         }                                                                                   \
     }
     API_LIST(RESOLVE)
+    VMM_API_LIST(RESOLVE)
 #else
 #define BIND(name, args, ver) p_##name = name;
     API_LIST(BIND)
+    VMM_API_LIST(BIND)
 #endif
 }
 
@@ -129,9 +187,208 @@ static void free_at_exit(void) {
     if (g_exit_block) p_cuMemFree(g_exit_block);
 }
 
+/* --- virtual memory management and memory shared between processes (vmm-*, ipc-*, pool-*) --- */
+static size_t used_now(void) {
+    size_t mfree, mtotal;
+    CHECK(p_cuMemGetInfo(&mfree, &mtotal));
+    return mtotal - mfree;
+}
+
+static CUmemAllocationProp vmm_prop(CUdevice dev, int exportable) {
+    CUmemAllocationProp prop;
+    memset(&prop, 0, sizeof prop);
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = dev;
+    if (exportable) prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    return prop;
+}
+
+/* Reserves an address range for `bytes` and maps `h` there, readable and writable. */
+static CUdeviceptr vmm_map(CUmemGenericAllocationHandle h, size_t bytes, CUdevice dev) {
+    CUdeviceptr va;
+    CUmemAccessDesc access;
+    memset(&access, 0, sizeof access);
+    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    access.location.id = dev;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    CHECK(p_cuMemAddressReserve(&va, bytes, 0, 0, 0));
+    CHECK(p_cuMemMap(va, bytes, 0, h, 0));
+    CHECK(p_cuMemSetAccess(va, bytes, &access, 1));
+    return va;
+}
+
+static void print_hex(const char *key, const void *blob, size_t n) {
+    printf("%s ", key);
+    for (size_t i = 0; i < n; i++) printf("%02x", ((const unsigned char *)blob)[i]);
+    printf("\n");
+}
+
+static void read_hex(const char *text, void *blob, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        unsigned byte = 0;
+        if (strlen(text) < 2 * i + 2 || sscanf(text + 2 * i, "%2x", &byte) != 1) byte = 0;
+        ((unsigned char *)blob)[i] = (unsigned char)byte;
+    }
+}
+
+/* Opens /proc/PID/fd/FD: another process's file descriptor, as a Unix socket would pass it. */
+static int open_their_fd(const char *pid, const char *fd) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%s/fd/%s", pid, fd);
+    int mine = open(path, O_RDWR);
+    if (mine < 0) {
+        printf("error open %s\n", path);
+        exit(1);
+    }
+    return mine;
+}
+
+/* After opening memory made elsewhere: its first word and what is used, then
+ * 64 MiB blocks until refused. */
+static void after_opening(CUdeviceptr d, const char *used_key) {
+    unsigned first = 0;
+    CUdeviceptr p;
+    long n = 0;
+    CHECK(p_cuMemcpyDtoH(&first, d, sizeof first));
+    printf("first 0x%x\n%s %zu\n", first, used_key, used_now());
+    while (p_cuMemAlloc(&p, 64 << 20) == CUDA_SUCCESS) n++;
+    printf("blocks %ld\n", n);
+}
+
+static int vmm_command(const char *cmd, int argc, char **argv, CUdevice dev) {
+    size_t bytes = argc >= 3 ? (size_t)atoll(argv[2]) << 20 : 0;
+    CUmemAllocationProp prop = vmm_prop(dev, !strcmp(cmd, "vmm-export"));
+    CUmemGenericAllocationHandle h, h2;
+    if (!strcmp(cmd, "vmm-map-release") && argc >= 3) {
+        long max = argc >= 4 && atol(argv[3]) > 0 ? atol(argv[3]) : 1000000;
+        double hold = argc >= 5 ? atof(argv[4]) : 0;
+        long n = 0;
+        CUresult rc = CUDA_SUCCESS;
+        for (; n < max; n++) {
+            rc = p_cuMemCreate(&h, bytes, &prop, 0);
+            if (rc != CUDA_SUCCESS) break;
+            vmm_map(h, bytes, dev);
+            CHECK(p_cuMemRelease(h));   /* the mapping keeps the memory */
+        }
+        printf("blocks %ld\nresult %s\nused %zu\n", n, n == max ? "CUDA_SUCCESS" : err_name(rc), used_now());
+        fflush(stdout);
+        if (hold > 0) usleep((useconds_t)(hold * 1e6));
+    } else if (!strcmp(cmd, "vmm-retain") && argc >= 3) {
+        CHECK(p_cuMemCreate(&h, bytes, &prop, 0));
+        CUdeviceptr va = vmm_map(h, bytes, dev);
+        CHECK(p_cuMemRetainAllocationHandle(&h2, (void *)va));   /* a library's own reference */
+        CHECK(p_cuMemRelease(h2));
+        printf("used_after_retain_release %zu\n", used_now());
+        CHECK(p_cuMemUnmap(va, bytes));
+        printf("used_after_unmap %zu\n", used_now());
+        CHECK(p_cuMemRelease(h));
+        printf("used_after_release %zu\n", used_now());
+    } else if (!strcmp(cmd, "vmm-unmap-after-release") && argc >= 3) {
+        CHECK(p_cuMemCreate(&h, bytes, &prop, 0));
+        CUdeviceptr va = vmm_map(h, bytes, dev);
+        CHECK(p_cuMemRelease(h));
+        printf("used_after_release %zu\n", used_now());
+        CHECK(p_cuMemUnmap(va, bytes));
+        printf("used_after_unmap %zu\n", used_now());
+    } else if (!strcmp(cmd, "vmm-bad") && argc >= 3) {
+        CHECK(p_cuMemCreate(&h, bytes, &prop, 0));
+        CUdeviceptr va = vmm_map(h, bytes, dev);
+        printf("used %zu\n", used_now());
+        printf("release_unknown %s\n", err_name(p_cuMemRelease((CUmemGenericAllocationHandle)0x5eed)));
+        CHECK(p_cuMemRelease(h));
+        printf("release_again %s\n", err_name(p_cuMemRelease(h)));
+        printf("unmap_never_mapped %s\n", err_name(p_cuMemUnmap(va + bytes, bytes)));
+        printf("used_after_bad %zu\n", used_now());
+        CHECK(p_cuMemUnmap(va, bytes));
+        printf("unmap_again %s\n", err_name(p_cuMemUnmap(va, bytes)));
+        printf("used_after_unmap %zu\n", used_now());
+    } else if (!strcmp(cmd, "vmm-export") && argc >= 4) {
+        int fd = -1;
+        CHECK(p_cuMemCreate(&h, bytes, &prop, 0));
+        vmm_map(h, bytes, dev);
+        CHECK(p_cuMemExportToShareableHandle(&fd, h, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0));
+        printf("pid %d\nfd %d\nused %zu\n", (int)getpid(), fd, used_now());
+        fflush(stdout);
+        usleep((useconds_t)(atof(argv[3]) * 1e6));
+    } else if (!strcmp(cmd, "vmm-import") && argc >= 4) {
+        int fd = open_their_fd(argv[2], argv[3]);
+        struct stat st;
+        if (fstat(fd, &st) != 0) st.st_size = 0;
+        size_t size = (size_t)st.st_size;
+        CHECK(p_cuMemImportFromShareableHandle(&h, (void *)(intptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR));
+        close(fd);
+        CUdeviceptr va = vmm_map(h, size, dev);
+        printf("imported %zu\nused_after_import %zu\n", size, used_now());
+        long n = 0;
+        CUdeviceptr p;
+        while (p_cuMemAlloc(&p, 64 << 20) == CUDA_SUCCESS) n++;
+        printf("blocks %ld\n", n);
+        CHECK(p_cuMemUnmap(va, size));
+        CHECK(p_cuMemRelease(h));
+        printf("used_after_release %zu\n", used_now());
+    } else if (!strcmp(cmd, "ipc-export") && argc >= 4) {
+        CUdeviceptr d;
+        CUipcMemHandle ipc;
+        CHECK(p_cuMemAlloc(&d, bytes));
+        CHECK(p_cuMemsetD32(d, 0x1234abcd, bytes / 4));
+        CHECK(p_cuIpcGetMemHandle(&ipc, d));
+        print_hex("handle", ipc.reserved, sizeof ipc.reserved);
+        printf("used %zu\n", used_now());
+        fflush(stdout);
+        usleep((useconds_t)(atof(argv[3]) * 1e6));
+    } else if (!strcmp(cmd, "ipc-import") && argc >= 3) {
+        CUipcMemHandle ipc;
+        CUdeviceptr d;
+        read_hex(argv[2], ipc.reserved, sizeof ipc.reserved);
+        CHECK(p_cuIpcOpenMemHandle(&d, ipc, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS));
+        after_opening(d, "used_after_open");
+        printf("free_opened %s\n", err_name(p_cuMemFree(d)));
+        CHECK(p_cuIpcCloseMemHandle(d));
+        printf("used_after_close %zu\n", used_now());
+    } else if (!strcmp(cmd, "pool-export") && argc >= 4) {
+        CUmemPoolProps props;
+        CUmemoryPool pool;
+        CUmemPoolPtrExportData data;
+        CUdeviceptr d;
+        int fd = -1;
+        memset(&props, 0, sizeof props);
+        props.allocType = CU_MEM_ALLOCATION_TYPE_PINNED;
+        props.handleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        props.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+        props.location.id = dev;
+        CHECK(p_cuMemPoolCreate(&pool, &props));
+        CHECK(p_cuMemPoolExportToShareableHandle(&fd, pool, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0));
+        CHECK(p_cuMemAllocFromPoolAsync(&d, bytes, pool, NULL));
+        CHECK(p_cuMemsetD32(d, 0x1234abcd, bytes / 4));
+        CHECK(p_cuCtxSynchronize());
+        CHECK(p_cuMemPoolExportPointer(&data, d));
+        printf("pid %d\nfd %d\n", (int)getpid(), fd);
+        print_hex("data", data.reserved, sizeof data.reserved);
+        printf("used %zu\n", used_now());
+        fflush(stdout);
+        usleep((useconds_t)(atof(argv[3]) * 1e6));
+    } else if (!strcmp(cmd, "pool-import") && argc >= 5) {
+        CUmemoryPool pool;
+        CUmemPoolPtrExportData data;
+        CUdeviceptr d;
+        int fd = open_their_fd(argv[2], argv[3]);
+        CHECK(p_cuMemPoolImportFromShareableHandle(&pool, (void *)(intptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0));
+        close(fd);
+        read_hex(argv[4], data.reserved, sizeof data.reserved);
+        CHECK(p_cuMemPoolImportPointer(&d, pool, &data));
+        after_opening(d, "used_after_import");
+        CHECK(p_cuMemFree(d));
+        printf("used_after_free %zu\n", used_now());
+    } else {
+        return -1;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s info | alloc-until-oom MIB [MAX [HOLD]] | fill COUNT VALUE MODULE | spin MS MODULE | spins N MS MODULE [START] | busy SECONDS MS MODULE [START] | hold MIB SECONDS | free-at-exit MIB\n", argv[0]);
+        fprintf(stderr, "usage: %s info | alloc-until-oom MIB [MAX [HOLD]] | fill COUNT VALUE MODULE | spin MS MODULE | spins N MS MODULE [START] | busy SECONDS MS MODULE [START] | hold MIB SECONDS | free-at-exit MIB | vmm-... (see the source)\n", argv[0]);
         return 2;
     }
     load_api();
@@ -236,6 +493,13 @@ int main(int argc, char **argv) {
         printf("holding %s\n", argv[2]);
         fflush(stdout);
         usleep((useconds_t)(atof(argv[3]) * 1e6));
+    } else if (!strncmp(cmd, "vmm-", 4) || !strncmp(cmd, "ipc-", 4) || !strncmp(cmd, "pool-", 5)) {
+        int rc = vmm_command(cmd, argc, argv, dev);
+        if (rc < 0) {
+            fprintf(stderr, "unknown command or missing arguments: %s\n", cmd);
+            return 2;
+        }
+        return rc;
     } else {
         fprintf(stderr, "unknown command or missing arguments: %s\n", cmd);
         return 2;

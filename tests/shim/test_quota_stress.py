@@ -3,6 +3,7 @@ random (every allocation path a Python job reaches through ctypes: plain,
 pitched, managed, stream-ordered) for a few seconds. No partition is ever
 above its limit (its peak, kept atomically by the shim, says so), every
 process ends normally, and when they are gone every partition is back to 0.
+The same holds for processes that map, unmap and release through VMM.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 
 import pytest
 
+from tests.shim.test_vmm import CTYPES_VMM_PRELUDE
 from tests.support.simgpu import CTYPES_PRELUDE, MiB
 
 pytestmark = pytest.mark.slow
@@ -70,3 +72,86 @@ def test_sixteen_processes_in_four_partitions_never_pass_their_limits(gpu):
         assert 0 < parts[name]["peak"] <= mib * MiB, parts[name]     # never above the limit
         assert parts[name]["oom_refusals"] > 0                        # and the limits were really pressed
     assert ops > 1000 and refused > 0
+
+
+# VMM churn: handles created and mapped, released while mapped (the samples'
+# pattern) or held, retained and released by address, unmapped, at random.
+VMM_CHURN = CTYPES_VMM_PRELUDE + """
+import random, sys, time
+u64, sz = ctypes.c_uint64, ctypes.c_size_t
+rng = random.Random(int(sys.argv[1]))
+live, ops, refused = [], 0, 0      # [handle, address, size, mapped, held]
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    if live and rng.random() < 0.45:
+        e = live[rng.randrange(len(live))]
+        h, va, size, mapped, held = e
+        if mapped and (not held or rng.random() < 0.4):
+            if rng.random() < 0.3:        # a library's reference: retain, then release it
+                h2 = u64()
+                assert cuda.cuMemRetainAllocationHandle(ctypes.byref(h2), ctypes.c_void_p(va)) == 0
+                assert cuda.cuMemRelease(h2) == 0
+            else:
+                assert cuda.cuMemUnmap(u64(va), sz(size)) == 0
+                assert cuda.cuMemAddressFree(u64(va), sz(size)) == 0
+                e[3] = False
+        else:
+            assert cuda.cuMemRelease(u64(h)) == 0
+            e[4] = False
+        if not e[3] and not e[4]:
+            live.remove(e)
+    else:
+        size = rng.choice([2, 4, 8, 16]) << 20
+        h, va = u64(), u64()
+        rc = cuda.cuMemCreate(ctypes.byref(h), sz(size), ctypes.byref(prop), ctypes.c_ulonglong(0))
+        if rc == 0:
+            assert cuda.cuMemAddressReserve(ctypes.byref(va), sz(size), sz(0), u64(0), ctypes.c_ulonglong(0)) == 0
+            assert cuda.cuMemMap(va, sz(size), sz(0), h, ctypes.c_ulonglong(0)) == 0
+            held = rng.random() < 0.5
+            if not held:
+                assert cuda.cuMemRelease(h) == 0
+            live.append([h.value, va.value, size, True, held])
+        else:
+            assert rc == 2, rc        # only ever CUDA_ERROR_OUT_OF_MEMORY
+            refused += 1
+    ops += 1
+print(ops, refused)
+"""
+
+# The device's own figure, sampled outside any partition: the most it ever held.
+DEVICE_USE = CTYPES_PRELUDE + """
+import sys, time
+free, total, most = ctypes.c_size_t(), ctypes.c_size_t(), 0
+deadline = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < deadline:
+    assert cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)) == 0
+    most = max(most, total.value - free.value)
+    time.sleep(0.001)
+print(most)
+"""
+
+
+def test_processes_mapping_unmapping_and_releasing_through_vmm_never_pass_their_limits(gpu):
+    limits = {"a": 48, "b": 80}   # MiB
+    for name, mib in limits.items():
+        gpu.fracgpu("partition", "create", name, "--memory", f"{mib}MiB")
+    device = gpu.popen(sys.executable, "-c", DEVICE_USE, "6")
+    procs = [gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", name, "--",
+                       sys.executable, "-c", VMM_CHURN, str(seed), "2")
+             for seed, name in enumerate(n for n in limits for _ in range(3))]
+    ops = refused = 0
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        done, no = map(int, out.split())
+        ops, refused = ops + done, refused + no
+    usage = json.loads(gpu.fracgpu("partition", "list", "--json").stdout)
+    parts = {p["name"]: p for u in usage for p in u["partitions"]}
+    for name, mib in limits.items():
+        assert parts[name]["used"] == 0, parts[name]
+        assert 0 < parts[name]["peak"] <= mib * MiB, parts[name]
+        assert parts[name]["oom_refusals"] > 0
+    assert ops > 500 and refused > 0
+    out, err = device.communicate(timeout=60)
+    assert device.returncode == 0, err
+    assert 0 < int(out) <= sum(limits.values()) * MiB   # what the device really held, mapped memory included

@@ -20,6 +20,7 @@
     X(cuMemAllocAsync) X(cuMemAllocAsync_ptsz) X(cuMemAllocFromPoolAsync)                 \
     X(cuMemAllocFromPoolAsync_ptsz) X(cuMemFreeAsync) X(cuMemFreeAsync_ptsz)              \
     X(cuMemCreate) X(cuMemRelease)                                                        \
+    X(cuMemMap) X(cuMemUnmap) X(cuMemRetainAllocationHandle)                              \
     X(cuArrayCreate_v2) X(cuArray3DCreate_v2) X(cuArrayDestroy)                           \
     X(cuMipmappedArrayCreate) X(cuMipmappedArrayDestroy)                                  \
     X(cuCtxCreate) X(cuCtxCreate_v2) X(cuCtxCreate_v3) X(cuCtxCreate_v4)                  \

@@ -12,8 +12,14 @@
 #include "sim.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <fcntl.h>
+#include <set>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace sim {
 
@@ -31,14 +37,42 @@ struct Pool {
 };
 std::vector<Pool *> &g_pools = *new std::vector<Pool *>;
 
-struct Physical {                          // cuMemCreate
+// Pools shared between processes (cuMemPoolExportToShareableHandle), beside
+// the pool itself: whether it was imported, and the memfd that names it.
+struct PoolSharing {
+    bool imported = false;
+    int fd = -1;          // exported: the memfd naming the pool's device
+};
+std::map<Pool *, PoolSharing> &g_pool_sharing = *new std::map<Pool *, PoolSharing>;
+void pool_sharing_made(Pool *p, bool imported) { g_pool_sharing[p].imported = imported; }
+// A pool made here with a POSIX handle type (so not an imported one). Caller holds g_mu.
+bool pool_exportable(CUmemoryPool pool) {
+    auto it = g_pool_sharing.find(reinterpret_cast<Pool *>(pool));
+    return it != g_pool_sharing.end() && !it->second.imported;
+}
+void pool_sharing_forget(Pool *p) {
+    auto it = g_pool_sharing.find(p);
+    if (it == g_pool_sharing.end()) return;
+    if (it->second.fd >= 0) close(it->second.fd);
+    g_pool_sharing.erase(it);
+}
+
+// cuMemCreate's physical memory, or memory imported from another process's
+// handle. It lives while the handle has references (cuMemCreate and each
+// cuMemRetainAllocationHandle take one, each cuMemRelease drops one) or any
+// mapping of it remains, as in the real driver.
+struct Physical {
     int dev = 0;
     uint64_t size = 0;
     void *host = nullptr;
+    int fd = -1;               // backing memfd when exportable or imported (shared between processes)
+    int refs = 1;
     int mappings = 0;
-    bool released = false;
+    bool imported = false;     // charged to the device by the process that created it, not here
     CUmemAllocationProp prop{};
 };
+// The live handles: a handle value not in here is unknown (never created or gone).
+std::set<Physical *> &g_physicals = *new std::set<Physical *>;
 std::map<uint64_t, uint64_t> &g_reservations = *new std::map<uint64_t, uint64_t>;   // cuMemAddressReserve: base -> size
 
 uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
@@ -58,6 +92,21 @@ uint64_t take_addresses(uint64_t size, uint64_t align) {
     return a;
 }
 
+// A new allocation of context c at `base`, in the table (charged nothing).
+// Caller holds g_mu.
+Alloc *add_alloc(uint64_t base, uint64_t size, void *host, MemKind kind, Context *c) {
+    Alloc *a = new Alloc();
+    a->base = base;
+    a->size = size;
+    a->host = host;
+    a->kind = kind;
+    a->ctx = c;
+    a->dev = c->dev;
+    a->id = g_next_id++;
+    g_allocs[base] = a;
+    return a;
+}
+
 // Allocates and charges. Caller holds g_mu.
 CUresult alloc_common(Context *c, uint64_t size, MemKind kind, Pool *pool, Alloc **out) {
     if (size == 0) return CUDA_ERROR_INVALID_VALUE;
@@ -69,21 +118,14 @@ CUresult alloc_common(Context *c, uint64_t size, MemKind kind, Pool *pool, Alloc
         mem_uncharge(phys, charge);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
-    Alloc *a = new Alloc();
-    a->base = kind == MemKind::Managed ? reinterpret_cast<uint64_t>(host) : take_addresses(size, kAllocAlign);
-    a->size = size;
+    uint64_t base = kind == MemKind::Managed ? reinterpret_cast<uint64_t>(host) : take_addresses(size, kAllocAlign);
+    Alloc *a = add_alloc(base, size, host, kind, c);
     a->charged = charge;
-    a->host = host;
-    a->kind = kind;
-    a->ctx = c;
-    a->dev = c->dev;
-    a->id = g_next_id++;
     if (pool) {
         a->pool = reinterpret_cast<CUmemoryPool>(pool);
         pool->used += charge;
         pool->used_high = std::max(pool->used_high, pool->used);
     }
-    g_allocs[a->base] = a;
     *out = a;
     return CUDA_SUCCESS;
 }
@@ -93,6 +135,7 @@ void release(Alloc *a) {
     if (a->charged) mem_uncharge(g_devices[a->dev].phys, a->charged);
     if (a->pool) reinterpret_cast<Pool *>(a->pool)->used -= a->charged;
     if (a->owned_host && a->host) unmap_host(a->host, a->size);
+    if (a->fd >= 0) close(a->fd);
     delete a;
 }
 
@@ -114,11 +157,54 @@ bool valid_pool(CUmemoryPool h) {
 }
 
 void free_physical_if_unused(Physical *p) {
-    if (p->released && p->mappings == 0) {
-        mem_uncharge(g_devices[p->dev].phys, p->size);
-        unmap_host(p->host, p->size);
-        delete p;
+    if (p->refs > 0 || p->mappings > 0) return;
+    if (!p->imported) mem_uncharge(g_devices[p->dev].phys, p->size);
+    unmap_host(p->host, p->size);
+    if (p->fd >= 0) close(p->fd);
+    g_physicals.erase(p);
+    delete p;
+}
+
+Physical *live_physical(CUmemGenericAllocationHandle h) {
+    auto it = g_physicals.find(reinterpret_cast<Physical *>(h));
+    return it == g_physicals.end() ? nullptr : *it;
+}
+
+// Exportable physical memory lives in a memfd, so another process can map the
+// same pages; its name carries the device, which an importer reads back.
+constexpr char kMemfdPrefix[] = "fracgpu-sim-vmm-dev";
+
+// A memfd of `size` bytes for device `dev`'s memory; -1 when none could be made.
+int device_memfd(int dev, uint64_t size) {
+    char name[64];
+    snprintf(name, sizeof name, "%s%d", kMemfdPrefix, g_devices[dev].phys);
+    int fd = memfd_create(name, MFD_CLOEXEC);
+    if (fd >= 0 && ftruncate(fd, (off_t)round_up(size, 4096)) != 0) {
+        close(fd);
+        fd = -1;
     }
+    return fd;
+}
+
+// The device ordinal of a memfd made by device_memfd (here or in another
+// process on this simulated GPU), read back from its name; -1 when it is none.
+int memfd_device(int fd) {
+    char link[64], target[256];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    if (n <= 0) return -1;
+    target[n] = '\0';
+    const char *name = strstr(target, kMemfdPrefix);   // "/memfd:fracgpu-sim-vmm-dev<N> (deleted)"
+    if (!name) return -1;
+    int phys = atoi(name + sizeof kMemfdPrefix - 1);
+    for (size_t d = 0; d < g_devices.size(); d++)
+        if (g_devices[d].phys == phys) return (int)d;
+    return -1;
+}
+
+void *map_shared_fd(int fd, uint64_t size) {
+    void *p = mmap(nullptr, round_up(size, 4096), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? nullptr : p;
 }
 
 }  // namespace
@@ -160,7 +246,7 @@ CUresult free_common(CUdeviceptr dptr, MemKind expect) {
     if (it == g_allocs.end()) return CUDA_ERROR_INVALID_VALUE;
     Alloc *a = it->second;
     if (expect == MemKind::Host ? a->kind != MemKind::Host
-                                : (a->kind != MemKind::Device && a->kind != MemKind::Managed))
+                                : (a->kind != MemKind::Device && a->kind != MemKind::Managed) || a->ipc_opened)
         return CUDA_ERROR_INVALID_VALUE;
     // Freeing memory that queued work may still use waits for that work, as
     // cuMemFree synchronizes.
@@ -304,15 +390,7 @@ SIM_API CUresult cuMemHostAlloc(void **pp, size_t bytesize, unsigned int flags) 
     if (rc != CUDA_SUCCESS) return rc;
     void *host = map_host(bytesize);
     if (!host) return CUDA_ERROR_OUT_OF_MEMORY;
-    Alloc *a = new Alloc();
-    a->base = reinterpret_cast<uint64_t>(host);
-    a->size = bytesize;
-    a->host = host;
-    a->kind = MemKind::Host;
-    a->ctx = c;
-    a->dev = c->dev;
-    a->id = g_next_id++;
-    g_allocs[a->base] = a;
+    add_alloc(reinterpret_cast<uint64_t>(host), bytesize, host, MemKind::Host, c);
     *pp = host;
     return CUDA_SUCCESS;
 }
@@ -329,16 +407,7 @@ SIM_API CUresult cuMemHostRegister_v2(void *p, size_t bytesize, unsigned int fla
     if (rc != CUDA_SUCCESS) return rc;
     uint64_t base = reinterpret_cast<uint64_t>(p);
     if (find_alloc(base)) return CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED;
-    Alloc *a = new Alloc();
-    a->base = base;
-    a->size = bytesize;
-    a->host = p;
-    a->kind = MemKind::Host;
-    a->ctx = c;
-    a->dev = c->dev;
-    a->owned_host = false;
-    a->id = g_next_id++;
-    g_allocs[base] = a;
+    add_alloc(base, bytesize, p, MemKind::Host, c)->owned_host = false;
     return CUDA_SUCCESS;
 }
 SIM_API CUresult cuMemHostRegister(void *p, size_t bytesize, unsigned int flags) {
@@ -533,7 +602,8 @@ static CUresult free_async(CUdeviceptr dptr, CUstream h, bool pt) {
     CUresult rc = get_context(&c);
     if (rc != CUDA_SUCCESS) return rc;
     auto it = g_allocs.find(dptr);
-    if (it == g_allocs.end() || it->second->kind != MemKind::Device) return CUDA_ERROR_INVALID_VALUE;
+    if (it == g_allocs.end() || it->second->kind != MemKind::Device || it->second->ipc_opened)
+        return CUDA_ERROR_INVALID_VALUE;
     Stream *s;
     rc = resolve_stream(h, pt, &s);
     if (rc != CUDA_SUCCESS) return rc;
@@ -579,9 +649,11 @@ SIM_API CUresult cuMemPoolCreate(CUmemoryPool *pool, const CUmemPoolProps *props
     CUresult rc = check_device(props->location.id);
     if (rc != CUDA_SUCCESS) return rc;
     std::lock_guard<std::mutex> lk(g_mu);
+    if (props->handleTypes & ~CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) return CUDA_ERROR_NOT_SUPPORTED;
     Pool *p = new Pool();
     p->dev = props->location.id;
     g_pools.push_back(p);
+    if (props->handleTypes) pool_sharing_made(p, false);
     *pool = reinterpret_cast<CUmemoryPool>(p);
     return CUDA_SUCCESS;
 }
@@ -593,6 +665,7 @@ SIM_API CUresult cuMemPoolDestroy(CUmemoryPool pool) {
     for (Device &d : g_devices)
         if (d.current_pool == pool) d.current_pool = d.default_pool;
     g_pools.erase(std::find(g_pools.begin(), g_pools.end(), p));
+    pool_sharing_forget(p);
     for (auto &kv : g_allocs)
         if (kv.second->pool == pool) kv.second->pool = nullptr;
     delete p;
@@ -632,6 +705,185 @@ SIM_API CUresult cuMemPoolGetAttribute(CUmemoryPool pool, CUmemPool_attribute at
     return CUDA_SUCCESS;
 }
 
+// --- inter-process memory (cuIpc*) ---------------------------------------------------
+//
+// A handle names the exporting process and the memfd that backs the allocation
+// from then on (its pages move there at the first cuIpcGetMemHandle, at the
+// same host address); the opener maps that memfd through /proc/<pid>/fd. The
+// device holds the memory once, charged to the exporter.
+
+namespace {
+struct IpcHandle {
+    char magic[8];
+    int32_t pid;
+    int32_t fd;
+    uint64_t size;
+};
+constexpr char kIpcMagic[8] = {'F', 'G', 'S', 'I', 'M', 'I', 'P', 'C'};
+static_assert(sizeof(IpcHandle) <= sizeof(CUipcMemHandle), "an IPC handle fits CUipcMemHandle");
+
+// Moves a's pages into a memfd, in place. Caller holds g_mu, with a's work done.
+bool share_pages(Alloc *a) {
+    if (a->fd >= 0) return true;
+    int fd = device_memfd(a->dev, a->size);
+    if (fd < 0) return false;
+    if (pwrite(fd, a->host, a->size, 0) != (ssize_t)a->size ||
+        mmap(a->host, round_up(a->size, 4096), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) {
+        close(fd);
+        return false;
+    }
+    a->fd = fd;
+    return true;
+}
+
+// Maps another process's shared pages (an IpcHandle) into context c as a new
+// allocation, charged nothing here. Caller holds g_mu.
+CUresult open_shared(const IpcHandle &h, Context *c, Alloc **out) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)h.pid, (int)h.fd);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0) return CUDA_ERROR_INVALID_HANDLE;   // the exporter or its allocation is gone
+    void *host = memfd_device(fd) == c->dev ? map_shared_fd(fd, h.size) : nullptr;
+    if (!host) {
+        close(fd);
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    *out = add_alloc(take_addresses(h.size, kAllocAlign), h.size, host, MemKind::Device, c);
+    (*out)->fd = fd;
+    return CUDA_SUCCESS;
+}
+
+// What an IpcHandle-shaped blob (CUipcMemHandle, CUmemPoolPtrExportData) says.
+bool read_handle(const void *blob, IpcHandle *h) {
+    memcpy(h, blob, sizeof *h);
+    return !memcmp(h->magic, kIpcMagic, sizeof h->magic) && h->size != 0;
+}
+
+// Shares the pages of the allocation at `ptr` and describes them in `blob`
+// (64 bytes): a cuMemAlloc allocation (from_pool false) or a pointer of an
+// exportable pool (from_pool true).
+CUresult export_allocation(CUdeviceptr ptr, void *blob, bool from_pool) {
+    std::unique_lock<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    auto it = g_allocs.find(ptr);
+    if (it == g_allocs.end() || it->second->kind != MemKind::Device || it->second->ipc_opened)
+        return CUDA_ERROR_INVALID_VALUE;
+    Alloc *a = it->second;
+    if (from_pool ? !pool_exportable(a->pool) : a->pool != nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (a->ctx && valid_context(a->ctx)) engine_sync_context(lk, a->ctx);
+    if (!share_pages(a)) return CUDA_ERROR_OUT_OF_MEMORY;
+    IpcHandle h{};
+    memcpy(h.magic, kIpcMagic, sizeof h.magic);
+    h.pid = (int32_t)getpid();
+    h.fd = a->fd;
+    h.size = a->size;
+    memset(blob, 0, 64);
+    memcpy(blob, &h, sizeof h);
+    return CUDA_SUCCESS;
+}
+}  // namespace
+
+SIM_API CUresult cuIpcGetMemHandle(CUipcMemHandle *handle, CUdeviceptr dptr) {
+    return handle ? export_allocation(dptr, handle->reserved, false) : CUDA_ERROR_INVALID_VALUE;
+}
+
+SIM_API CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned int flags) {
+    if (!pdptr || (flags & ~CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)) return CUDA_ERROR_INVALID_VALUE;
+    IpcHandle h;
+    if (!read_handle(handle.reserved, &h)) return CUDA_ERROR_INVALID_VALUE;
+    if (h.pid == (int32_t)getpid()) return CUDA_ERROR_INVALID_CONTEXT;   // never in the exporting process
+    std::lock_guard<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    Alloc *a;
+    rc = open_shared(h, c, &a);
+    if (rc != CUDA_SUCCESS) return rc;
+    a->ipc_opened = true;
+    *pdptr = a->base;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuIpcOpenMemHandle(CUdeviceptr *pdptr, CUipcMemHandle handle, unsigned int flags) {
+    return cuIpcOpenMemHandle_v2(pdptr, handle, flags);
+}
+
+SIM_API CUresult cuIpcCloseMemHandle(CUdeviceptr dptr) {
+    std::unique_lock<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    auto it = g_allocs.find(dptr);
+    if (it == g_allocs.end() || !it->second->ipc_opened) return CUDA_ERROR_INVALID_VALUE;
+    if (it->second->ctx && valid_context(it->second->ctx)) engine_sync_context(lk, it->second->ctx);
+    release(it->second);
+    return CUDA_SUCCESS;
+}
+
+// --- pools shared between processes ------------------------------------------------------
+//
+// A pool made with a POSIX handle type exports a memfd that names its device;
+// the importer's pool is a shell that holds only pointers imported into it.
+// Each exported pointer's pages are shared as with cuIpcGetMemHandle, and the
+// importer's cuMemFree/cuMemFreeAsync of one unmaps it here, charging and
+// giving back nothing: the exporter's pool holds the memory.
+
+SIM_API CUresult cuMemPoolExportToShareableHandle(void *handle_out, CUmemoryPool pool, CUmemAllocationHandleType type,
+                                                  unsigned long long flags) {
+    if (!handle_out || flags) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!valid_pool(pool)) return CUDA_ERROR_INVALID_VALUE;
+    Pool *p = reinterpret_cast<Pool *>(pool);
+    auto it = g_pool_sharing.find(p);
+    if (it == g_pool_sharing.end() || it->second.imported || type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
+        return CUDA_ERROR_INVALID_VALUE;
+    if (it->second.fd < 0) it->second.fd = device_memfd(p->dev, 0);
+    int fd = it->second.fd >= 0 ? fcntl(it->second.fd, F_DUPFD_CLOEXEC, 0) : -1;
+    if (fd < 0) return CUDA_ERROR_OUT_OF_MEMORY;
+    *static_cast<int *>(handle_out) = fd;
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemPoolImportFromShareableHandle(CUmemoryPool *pool_out, void *handle,
+                                                    CUmemAllocationHandleType type, unsigned long long flags) {
+    if (!pool_out || flags) return CUDA_ERROR_INVALID_VALUE;
+    if (type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) return CUDA_ERROR_NOT_SUPPORTED;
+    std::lock_guard<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    int dev = memfd_device((int)reinterpret_cast<intptr_t>(handle));
+    if (dev < 0) return CUDA_ERROR_INVALID_VALUE;
+    Pool *p = new Pool();
+    p->dev = dev;
+    g_pools.push_back(p);
+    pool_sharing_made(p, true);
+    *pool_out = reinterpret_cast<CUmemoryPool>(p);
+    return CUDA_SUCCESS;
+}
+
+SIM_API CUresult cuMemPoolExportPointer(CUmemPoolPtrExportData *data, CUdeviceptr ptr) {
+    return data ? export_allocation(ptr, data->reserved, true) : CUDA_ERROR_INVALID_VALUE;
+}
+
+SIM_API CUresult cuMemPoolImportPointer(CUdeviceptr *ptr_out, CUmemoryPool pool, CUmemPoolPtrExportData *data) {
+    if (!ptr_out || !data) return CUDA_ERROR_INVALID_VALUE;
+    IpcHandle h;
+    if (!read_handle(data->reserved, &h)) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    Context *c;
+    CUresult rc = get_context(&c);
+    if (rc != CUDA_SUCCESS) return rc;
+    auto sharing = g_pool_sharing.find(reinterpret_cast<Pool *>(pool));
+    if (!valid_pool(pool) || sharing == g_pool_sharing.end() || !sharing->second.imported)
+        return CUDA_ERROR_INVALID_VALUE;
+    Alloc *a;
+    rc = open_shared(h, c, &a);
+    if (rc != CUDA_SUCCESS) return rc;
+    a->pool = pool;
+    *ptr_out = a->base;
+    return CUDA_SUCCESS;
+}
+
 // --- virtual memory management -------------------------------------------------------
 
 SIM_API CUresult cuMemGetAllocationGranularity(size_t *g, const CUmemAllocationProp *prop,
@@ -666,13 +918,22 @@ SIM_API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, 
     if (!handle || !prop || size == 0 || size % kVmmGranularity) return CUDA_ERROR_INVALID_VALUE;
     if (prop->type != CU_MEM_ALLOCATION_TYPE_PINNED || prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE)
         return CUDA_ERROR_INVALID_VALUE;
+    if (prop->requestedHandleTypes & ~CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) return CUDA_ERROR_NOT_SUPPORTED;
     CUresult rc = check_device(prop->location.id);
     if (rc != CUDA_SUCCESS) return rc;
     std::lock_guard<std::mutex> lk(g_mu);
     int dev = prop->location.id;
     if (!mem_charge(g_devices[dev].phys, size)) return CUDA_ERROR_OUT_OF_MEMORY;
-    void *host = map_host(size);
+    int fd = -1;
+    void *host = nullptr;
+    if (prop->requestedHandleTypes & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) {
+        fd = device_memfd(dev, size);
+        if (fd >= 0) host = map_shared_fd(fd, size);
+    } else {
+        host = map_host(size);
+    }
     if (!host) {
+        if (fd >= 0) close(fd);
         mem_uncharge(g_devices[dev].phys, size);
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
@@ -680,16 +941,18 @@ SIM_API CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, 
     p->dev = dev;
     p->size = size;
     p->host = host;
+    p->fd = fd;
     p->prop = *prop;
+    g_physicals.insert(p);
     *handle = reinterpret_cast<CUmemGenericAllocationHandle>(p);
     return CUDA_SUCCESS;
 }
 
 SIM_API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
     std::lock_guard<std::mutex> lk(g_mu);
-    Physical *p = reinterpret_cast<Physical *>(handle);
-    if (!p || p->released) return CUDA_ERROR_INVALID_VALUE;
-    p->released = true;
+    Physical *p = live_physical(handle);
+    if (!p || p->refs == 0) return CUDA_ERROR_INVALID_VALUE;
+    p->refs--;
     free_physical_if_unused(p);   // otherwise when its last mapping goes
     return CUDA_SUCCESS;
 }
@@ -697,8 +960,8 @@ SIM_API CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
 SIM_API CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAllocationHandle handle,
                           unsigned long long flags) {
     std::lock_guard<std::mutex> lk(g_mu);
-    Physical *p = reinterpret_cast<Physical *>(handle);
-    if (!p || p->released || offset + size > p->size || size == 0) return CUDA_ERROR_INVALID_VALUE;
+    Physical *p = live_physical(handle);
+    if (!p || p->refs == 0 || offset + size > p->size || size == 0) return CUDA_ERROR_INVALID_VALUE;
     auto r = g_reservations.upper_bound(ptr);
     if (r == g_reservations.begin()) return CUDA_ERROR_INVALID_VALUE;
     --r;
@@ -734,6 +997,53 @@ SIM_API CUresult cuMemUnmap(CUdeviceptr ptr, size_t size) {
     return CUDA_SUCCESS;
 }
 
+SIM_API CUresult cuMemExportToShareableHandle(void *shareable, CUmemGenericAllocationHandle handle,
+                                              CUmemAllocationHandleType type, unsigned long long flags) {
+    if (!shareable || flags) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> lk(g_mu);
+    Physical *p = live_physical(handle);
+    if (!p || p->refs == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR || p->fd < 0) return CUDA_ERROR_NOT_PERMITTED;
+    int fd = fcntl(p->fd, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) return CUDA_ERROR_OUT_OF_MEMORY;
+    *static_cast<int *>(shareable) = fd;
+    return CUDA_SUCCESS;
+}
+
+// Another process's exported memory: the same pages, mapped here. The device
+// holds it once, charged to the process that created it.
+SIM_API CUresult cuMemImportFromShareableHandle(CUmemGenericAllocationHandle *handle, void *os_handle,
+                                                CUmemAllocationHandleType type) {
+    if (!handle) return CUDA_ERROR_INVALID_VALUE;
+    if (type != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) return CUDA_ERROR_NOT_SUPPORTED;
+    std::lock_guard<std::mutex> lk(g_mu);
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    int fd = (int)reinterpret_cast<intptr_t>(os_handle);
+    struct stat st;
+    int dev = memfd_device(fd);
+    if (dev < 0 || fstat(fd, &st) != 0 || st.st_size <= 0) return CUDA_ERROR_INVALID_VALUE;
+    int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    void *host = own >= 0 ? map_shared_fd(own, (uint64_t)st.st_size) : nullptr;
+    if (!host) {
+        if (own >= 0) close(own);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    Physical *p = new Physical();
+    p->dev = dev;
+    p->size = (uint64_t)st.st_size;
+    p->host = host;
+    p->fd = own;
+    p->imported = true;
+    p->prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    p->prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    p->prop.location.id = dev;
+    p->prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    g_physicals.insert(p);
+    *handle = reinterpret_cast<CUmemGenericAllocationHandle>(p);
+    return CUDA_SUCCESS;
+}
+
 SIM_API CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *desc, size_t count) {
     std::lock_guard<std::mutex> lk(g_mu);
     if (!desc || count == 0) return CUDA_ERROR_INVALID_VALUE;
@@ -753,6 +1063,7 @@ SIM_API CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handl
     std::lock_guard<std::mutex> lk(g_mu);
     Alloc *a = find_alloc(reinterpret_cast<uint64_t>(addr));
     if (!handle || !a || a->kind != MemKind::Physical) return CUDA_ERROR_INVALID_VALUE;
+    reinterpret_cast<Physical *>(a->id)->refs++;   // released with cuMemRelease, like the original
     *handle = static_cast<CUmemGenericAllocationHandle>(a->id);
     return CUDA_SUCCESS;
 }
@@ -760,7 +1071,7 @@ SIM_API CUresult cuMemRetainAllocationHandle(CUmemGenericAllocationHandle *handl
 SIM_API CUresult cuMemGetAllocationPropertiesFromHandle(CUmemAllocationProp *prop,
                                                         CUmemGenericAllocationHandle handle) {
     std::lock_guard<std::mutex> lk(g_mu);
-    Physical *p = reinterpret_cast<Physical *>(handle);
+    Physical *p = live_physical(handle);
     if (!prop || !p) return CUDA_ERROR_INVALID_VALUE;
     *prop = p->prop;
     return CUDA_SUCCESS;

@@ -112,6 +112,8 @@ struct Alloc {
     CUmemoryPool pool = nullptr;
     unsigned long long id = 0;
     bool owned_host = true;   // false for cuMemHostRegister'ed memory
+    int fd = -1;              // backing memfd once shared with cuIpcGetMemHandle, or opened from one
+    bool ipc_opened = false;  // another process's memory (cuIpcOpenMemHandle): charged there, not here
 };
 
 // Translate an address range to host memory. nullptr when [addr, addr+len)
