@@ -56,6 +56,13 @@ bool read_job_settings(JobSettings *out, std::string *err) {
         }
         s.has_memory = true;
     }
+    if ((v = fracgpu_setting(FRACGPU_SETTING_OVERCOMMIT)) && strcmp(v, "0") != 0) {
+        if (strcmp(v, "1") != 0 || !s.has_memory) {
+            *err = std::string("FRACGPU_OVERCOMMIT='") + v + "' is not valid: set it to 1, with FRACGPU_MEMORY";
+            return false;
+        }
+        s.overcommit = true;
+    }
     if ((v = fracgpu_setting(FRACGPU_SETTING_CONTEXT_MEMORY))) {
         double fraction = 0;
         if (fracgpu_parse_size(v, &s.context_memory, &fraction, msg, sizeof msg) != 0 || fraction != 0) {

@@ -115,6 +115,7 @@ py::list partitions(fracgpu::Region &r) {
     d["compute_share"] = p.compute_share;
     d["ephemeral"] = bool(p.flags & fracgpu::kPartitionEphemeral);
     d["cap"] = bool(p.flags & fracgpu::kPartitionCap);
+    d["best_effort"] = bool(p.flags & fracgpu::kPartitionBestEffort);
     d["created_unix_ns"] = p.created_unix_ns;
     d["processes"] = p.processes;
     d["device_ns"] = p.device_ns;
@@ -175,6 +176,7 @@ PYBIND11_MODULE(_native, m) {
         }, py::arg("name"), "Raise ValueError naming the rule unless name is a valid partition name.");
   m.attr("MAX_PARTITIONS") = fracgpu::kMaxPartitions;
   m.attr("MAX_PROCESSES") = fracgpu::kMaxProcesses;
+  m.attr("DOES_NOT_FIT") = std::string(fracgpu::kDoesNotFit);
   py::class_<fracgpu::Region>(m, "Region", "One GPU's shared state (a mapped file).")
       .def_static("open", &open_region, py::arg("dir"), py::arg("uuid"), py::arg("device_name"),
                   py::arg("total_memory"), py::arg("create") = true,
@@ -187,19 +189,29 @@ PYBIND11_MODULE(_native, m) {
       .def("partitions", &partitions, "Live partitions: list of dicts.")
       .def("processes", &processes, "Registered processes (reap() first to drop dead ones): list of dicts.")
       .def("create_partition", [](fracgpu::Region &r, const std::string &name, uint64_t memory_limit,
-                                  double compute_share, bool cap) {
+                                  double compute_share, bool cap, bool overcommit) {
              std::string err;
              uint32_t flags = cap ? uint32_t(fracgpu::kPartitionCap) : 0u;
-             check(r.create_partition(name, memory_limit, compute_share, flags, &err), err);
-           }, py::arg("name"), py::arg("memory_limit") = 0, py::arg("compute_share") = 0.0, py::arg("cap") = false)
+             check(r.create_partition(name, memory_limit, compute_share, flags, &err, overcommit), err);
+           }, py::arg("name"), py::arg("memory_limit") = 0, py::arg("compute_share") = 0.0, py::arg("cap") = false,
+           py::arg("overcommit") = false,
+           "Make a partition. A limit that does not fit beside the GPU's promises raises StateError naming them, "
+           "unless overcommit (the partition is then best effort).")
+      .def("check_promise", [](fracgpu::Region &r, const std::string &name, uint64_t memory_limit) {
+             std::string err;
+             check(r.check_promise(name, memory_limit, &err), err);
+           }, py::arg("name"), py::arg("memory_limit"),
+           "Raise StateError (naming the promises and what remains) unless a new partition with this limit fits "
+           "now.")
       .def("update_partition", [](fracgpu::Region &r, const std::string &name, std::optional<uint64_t> memory_limit,
-                                  std::optional<double> compute_share, std::optional<bool> cap) {
+                                  std::optional<double> compute_share, std::optional<bool> cap, bool overcommit) {
              std::string err;
              check(r.update_partition(name, memory_limit ? &*memory_limit : nullptr,
-                                      compute_share ? &*compute_share : nullptr, cap ? &*cap : nullptr, &err),
+                                      compute_share ? &*compute_share : nullptr, cap ? &*cap : nullptr, &err,
+                                      overcommit),
                    err);
            }, py::arg("name"), py::arg("memory_limit") = py::none(), py::arg("compute_share") = py::none(),
-           py::arg("cap") = py::none(),
+           py::arg("cap") = py::none(), py::arg("overcommit") = false,
            "Change a live partition (None: keep that setting; memory_limit 0: no limit). Raises StateError.")
       .def("remove_partition", [](fracgpu::Region &r, const std::string &name) {
              std::string err;

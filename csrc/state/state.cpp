@@ -3,6 +3,7 @@
 
 #include "fracgpu/settings.h"
 #include "fracgpu/os.h"
+#include "fracgpu/units.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -92,6 +93,59 @@ bool init_region(SharedRegion *r, size_t size, const std::string &uuid, const st
     return true;
 }
 
+std::string size_str(uint64_t bytes) {
+    char buf[32];
+    fracgpu_format_size(bytes, buf, sizeof buf);
+    return buf;
+}
+
+// What the partitions other than `except` take from the device: the promises
+// (each promised partition's limit, or what it holds when more) and what the
+// partitions without a promise hold, with who, for messages.
+struct Taken {
+    uint64_t promised = 0, unpromised = 0;
+    std::string promised_by, held_by;
+    uint64_t total() const { return promised + unpromised; }
+};
+
+Taken taken_by_others(const SharedRegion &r, int except, bool names = false) {
+    Taken t;
+    for (int i = 0; i < kMaxPartitions; i++) {
+        const SharedPartition &p = r.partitions[i];
+        if (i == except || !__atomic_load_n(&p.in_use, __ATOMIC_ACQUIRE)) continue;
+        uint64_t used = p.used.load(std::memory_order_acquire);
+        std::string name = names ? std::string(p.name, strnlen(p.name, sizeof p.name)) : std::string();
+        if (holds_promise(p)) {
+            uint64_t take = std::max(memory_limit_of(p), used);
+            t.promised += take;
+            if (names) t.promised_by += (t.promised_by.empty() ? "" : ", ") + name + " " + size_str(take);
+        } else if (used) {
+            t.unpromised += used;
+            if (names) t.held_by += (t.held_by.empty() ? "" : ", ") + name + " " + size_str(used);
+        }
+    }
+    return t;
+}
+
+// Whether a promise of `limit` bytes fits beside what the partitions other
+// than `except` take; false with the refusal in *err. Under the lock when it
+// decides (creation, change); a reading otherwise.
+bool promise_fits(const SharedRegion &r, int except, uint64_t limit, const char *hint, std::string *err) {
+    Taken t = taken_by_others(r, except, true);
+    if (t.total() <= r.total_memory && limit <= r.total_memory - t.total()) return true;
+    uint64_t left = t.total() < r.total_memory ? r.total_memory - t.total() : 0;
+    std::string text = size_str(limit) + kDoesNotFit + r.uuid + " (" + size_str(r.total_memory) +
+                       "): already promised " +
+                       (t.promised ? size_str(t.promised) + " (" + t.promised_by + ")" : std::string("nothing"));
+    if (t.unpromised)
+        text += ", and " + size_str(t.unpromised) + " is held without a promise (" + t.held_by + ")";
+    text += "; " + size_str(left) + " remains. Ask for at most " + size_str(left) + ", or " + hint;
+    *err = text;
+    return false;
+}
+
+constexpr char kOvercommitHint[] = "pass --overcommit";
+
 std::string file_for(const std::string &dir, const std::string &uuid) {
     std::string safe;
     for (char c : uuid) safe += (isalnum((unsigned char)c) || c == '-') ? c : '_';
@@ -99,6 +153,15 @@ std::string file_for(const std::string &dir, const std::string &uuid) {
 }
 
 }  // namespace
+
+uint64_t memory_ceiling(const SharedRegion &r, int index) {
+    const SharedPartition &p = r.partitions[index];
+    uint64_t limit = memory_limit_of(p);
+    if (holds_promise(p)) return limit;
+    uint64_t promised = taken_by_others(r, index).promised;
+    uint64_t left = promised < r.total_memory ? r.total_memory - promised : 0;
+    return limit && limit < left ? limit : left;
+}
 
 uint64_t process_start_time(int pid) {
     char path[64], buf[1024];
@@ -393,11 +456,17 @@ int Region::find_partition(const std::string &name) {
 }
 
 static bool create_locked(SharedRegion *r, int existing, const std::string &name, uint64_t limit, double share,
-                          uint32_t flags, std::string *err, int *index) {
+                          uint32_t flags, bool overcommit, const char *hint, std::string *err, int *index) {
     if (existing >= 0) {
         *err = "partition '" + name + "' already exists on " + r->uuid + "; remove it first with "
                "`fracgpu partition rm " + name + "`, or choose another name";
         return false;
+    }
+    flags &= ~(uint32_t)kPartitionBestEffort;
+    if (limit && !promise_fits(*r, -1, limit, hint, err)) {
+        if (!overcommit) return false;
+        flags |= kPartitionBestEffort;   // asked for: a ceiling, not a promise
+        err->clear();
     }
     for (int i = 0; i < kMaxPartitions; i++) {
         SharedPartition &p = r->partitions[i];
@@ -424,7 +493,7 @@ static bool create_locked(SharedRegion *r, int existing, const std::string &name
 }
 
 bool Region::create_partition(const std::string &name, uint64_t memory_limit, double compute_share,
-                              uint32_t flags, std::string *err) {
+                              uint32_t flags, std::string *err, bool overcommit) {
     if (!valid_partition_name(name, err)) return false;
     if (!(compute_share >= 0 && compute_share <= 1)) {
         *err = "compute share " + std::to_string(compute_share) + " is not a fraction in (0, 1]";
@@ -440,7 +509,16 @@ bool Region::create_partition(const std::string &name, uint64_t memory_limit, do
         return false;
     }
     if (!lock(err)) return false;
-    bool ok = create_locked(r_, find_partition(name), name, memory_limit, compute_share, flags, err, nullptr);
+    bool ok = create_locked(r_, find_partition(name), name, memory_limit, compute_share, flags, overcommit,
+                            kOvercommitHint, err, nullptr);
+    unlock();
+    return ok;
+}
+
+bool Region::check_promise(const std::string &name, uint64_t memory_limit, std::string *err) {
+    if (!memory_limit) return true;
+    if (!lock(err)) return false;
+    bool ok = promise_fits(*r_, find_partition(name), memory_limit, kOvercommitHint, err);
     unlock();
     return ok;
 }
@@ -471,7 +549,7 @@ bool Region::remove_partition(const std::string &name, std::string *err) {
 }
 
 bool Region::update_partition(const std::string &name, const uint64_t *memory_limit, const double *compute_share,
-                              const bool *cap, std::string *err) {
+                              const bool *cap, std::string *err, bool overcommit) {
     if (compute_share && !(*compute_share > 0 && *compute_share <= 1)) {
         *err = "compute share " + std::to_string(*compute_share) + " is not a fraction in (0, 1]";
         return false;
@@ -492,10 +570,27 @@ bool Region::update_partition(const std::string &name, const uint64_t *memory_li
         if ((flags & kPartitionCap) && share == 0) {
             *err = "a compute cap needs a compute share: give --compute with --cap";
             ok = false;
-        } else {
+        } else if (memory_limit) {
+            // A new limit is a new promise: it must fit beside the others, or be overcommitted.
+            flags &= ~(uint32_t)kPartitionBestEffort;
+            if (*memory_limit && !promise_fits(*r_, idx, *memory_limit, kOvercommitHint, err)) {
+                ok = overcommit;
+                if (ok) {
+                    flags |= kPartitionBestEffort;
+                    err->clear();
+                }
+            }
+        }
+        if (ok) {
+            // Lock-free charges (Region::charge) read the limit, the flags, then
+            // the limit again: a limit that loses its promise is marked best
+            // effort first, one that gains it gets its new size first, so a
+            // charge never sees a promise with a limit that was not promised.
+            bool best_effort = flags & kPartitionBestEffort;
+            if (best_effort) __atomic_store_n(&p.flags, flags, __ATOMIC_RELEASE);
             if (memory_limit) __atomic_store_n(&p.memory_limit, *memory_limit, __ATOMIC_RELEASE);
             __atomic_store(&p.compute_share, &share, __ATOMIC_RELEASE);
-            __atomic_store_n(&p.flags, flags, __ATOMIC_RELEASE);
+            if (!best_effort) __atomic_store_n(&p.flags, flags, __ATOMIC_RELEASE);
         }
     }
     unlock();
@@ -558,7 +653,7 @@ int Region::sweep_locked() {
 }
 
 int Region::join(const std::string &name, int pid, const char *command, const uint64_t *create_limit,
-                 std::string *err, double create_share, uint32_t create_flags, int holder) {
+                 std::string *err, double create_share, uint32_t create_flags, int holder, bool overcommit) {
     if (!valid_partition_name(name, err)) return -1;
     if (create_limit && *create_limit > r_->total_memory) {
         *err = "memory limit of " + std::to_string(*create_limit) + " bytes is above the device's " +
@@ -570,7 +665,8 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
     sweep_locked();
     int idx = find_partition(name);
     if (idx < 0 && create_limit) {
-        if (!create_locked(r_, -1, name, *create_limit, create_share, kPartitionEphemeral | create_flags, err, &idx))
+        if (!create_locked(r_, -1, name, *create_limit, create_share, kPartitionEphemeral | create_flags, overcommit,
+                           "pass --overcommit to fracgpu run (FRACGPU_OVERCOMMIT=1)", err, &idx))
             idx = -2;
     } else if (idx < 0) {
         *err = "partition '" + name + "' does not exist on GPU " + std::string(r_->uuid) +
@@ -636,12 +732,31 @@ int Region::collect(int holder) {
 bool Region::charge(int slot, uint64_t bytes) {
     SharedProcess &p = r_->processes[slot];
     SharedPartition &part = r_->partitions[p.partition];
-    uint64_t set = memory_limit_of(part);   // may change while jobs run
-    uint64_t limit = set ? set : r_->total_memory;
-    uint64_t cur = part.used.load(std::memory_order_relaxed);
+    uint64_t limit;   // the limit and flags may change while jobs run (see update_partition)
+    uint32_t flags;
     do {
-        if (bytes > limit || cur > limit - bytes) return false;
+        limit = memory_limit_of(part);
+        flags = flags_of(part);
+    } while (limit != memory_limit_of(part));
+    bool promised = limit && !(flags & kPartitionBestEffort);
+    if (!promised && !lock(nullptr)) return false;
+    if (!promised) {
+        limit = memory_limit_of(part);   // under the lock: as the last change left it
+        // Only what nobody was promised, less what the others without a promise hold.
+        Taken t = taken_by_others(*r_, p.partition);
+        uint64_t left = t.total() < r_->total_memory ? r_->total_memory - t.total() : 0;
+        limit = limit && limit < left ? limit : left;
+    }
+    uint64_t cur = part.used.load(std::memory_order_relaxed);
+    bool ok = true;
+    do {
+        if (bytes > limit || cur > limit - bytes) {
+            ok = false;
+            break;
+        }
     } while (!part.used.compare_exchange_weak(cur, cur + bytes, std::memory_order_acq_rel));
+    if (!promised) unlock();
+    if (!ok) return false;
     raise_peak(part.peak, cur + bytes);
     raise_peak(p.peak, p.used.fetch_add(bytes, std::memory_order_acq_rel) + bytes);
     return true;

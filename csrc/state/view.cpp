@@ -29,7 +29,7 @@ ViewStatus read_partition_memory(const std::string &state_dir, const std::string
     if (idx < 0) return ViewStatus::kAbsent;
     const SharedRegion *r = region.raw();
     const SharedPartition &p = r->partitions[idx];
-    *out = memory_view(memory_limit_of(p), r->total_memory, p.used.load(std::memory_order_relaxed), real_free);
+    *out = memory_view(memory_ceiling(*r, idx), r->total_memory, p.used.load(std::memory_order_relaxed), real_free);
     return ViewStatus::kFound;
 }
 

@@ -46,7 +46,8 @@ _library: ctypes.CDLL | None = None
 
 
 def init(memory: str | int | None = None, partition: str | None = None, *, compute: str | float | None = None,
-         cap: bool = False, state_dir: str | os.PathLike | None = None, oom_wait: float | None = None) -> str:
+         cap: bool = False, state_dir: str | os.PathLike | None = None, oom_wait: float | None = None,
+         overcommit: bool = False) -> str:
     """Put this process, and the processes it starts, under a fracgpu memory quota.
 
     Call it first thing, before CUDA starts in this process (before torch,
@@ -60,7 +61,11 @@ def init(memory: str | int | None = None, partition: str | None = None, *, compu
 
     ``compute`` (``0.25`` or ``"25%"``) gives the private partition that share
     of the device's time (with ``memory``, or alone); ``cap=True`` makes the
-    share a ceiling even when the GPU is otherwise idle.
+    share a ceiling even when the GPU is otherwise idle. The ``memory`` limit
+    must fit beside what each GPU has promised already (other partitions'
+    limits): one that does not raises ``state.DoesNotFit`` (a ValueError)
+    naming what is promised, to whom, and what remains, unless
+    ``overcommit=True``, which makes the private partition best effort.
 
     ``state_dir`` is the state folder (default ``$FRACGPU_STATE_DIR`` or the
     per-user one); ``oom_wait`` makes an allocation over the quota wait up to
@@ -73,14 +78,15 @@ def init(memory: str | int | None = None, partition: str | None = None, *, compu
     name, unknown partition, a limit above the device) raises ValueError."""
     global _done, _partition, _library
     try:
-        spec = jobs.JobSpec.parse(memory=memory, compute=compute, cap=cap, partition=partition, oom_wait=oom_wait)
+        spec = jobs.JobSpec.parse(memory=memory, compute=compute, cap=cap, partition=partition, oom_wait=oom_wait,
+                                  overcommit=overcommit)
     except jobs.ConflictingChoice:
         raise TypeError("fracgpu.init() takes memory= and/or compute= (a private partition with that limit and "
                         "share, like memory='4GiB', compute=0.25), or partition= (the name of a partition made "
                         "with `fracgpu partition create`), not both") from None
     except ValueError as e:   # a bad value, or a cap without a share: a plain ValueError, as documented
         raise ValueError(str(e)) from None
-    wanted = _request(spec, memory, partition, state_dir, compute, cap)
+    wanted = _request(spec, memory, partition, state_dir, compute, cap, overcommit)
     with _lock:
         if _done is not None:
             if _done.same_as(wanted):
@@ -106,6 +112,8 @@ def init(memory: str | int | None = None, partition: str | None = None, *, compu
             try:
                 variables = jobs.partition_variables(spec, private_name=f"init-{os.getpid()}",
                                                      state_dir=wanted.state_dir)
+            except state.DoesNotFit:
+                raise   # a bad value: a ValueError, as documented
             except (state.StateError, devices.DeviceError) as e:
                 raise InitError(str(e)) from None
         environment = jobs.job_environment(variables, os.environ, library)
@@ -160,10 +168,10 @@ def _start_recorder(variables: dict, private: bool) -> int:
     return process.pid
 
 
-def _request(spec: jobs.JobSpec, memory, partition, state_dir, compute, cap) -> _Request:
+def _request(spec: jobs.JobSpec, memory, partition, state_dir, compute, cap, overcommit=False) -> _Request:
     shown = []
     if memory is not None:
-        shown.append(f"memory={memory!r}")
+        shown.append(f"memory={memory!r}" + (", overcommit=True" if overcommit else ""))
     if compute is not None:
         shown.append(f"compute={compute!r}" + (", cap=True" if cap else ""))
     if partition is not None:

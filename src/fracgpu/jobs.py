@@ -12,6 +12,8 @@ The shim in the job reads the variables set here (``fracgpu.settings``):
   gone with its last process) with this limit, as written (``4GiB``, ``25%``);
 - ``FRACGPU_COMPUTE`` (``25%`` or ``0.25``) and ``FRACGPU_COMPUTE_CAP=1``: the
   private partition's share of the device's time, and whether it is a ceiling;
+- ``FRACGPU_OVERCOMMIT=1``: the private partition's limit may pass what its GPU
+  has left to promise (the partition is then best effort);
 - ``FRACGPU_STATE_DIR``: the state folder, absolute;
 - ``FRACGPU_OOM_WAIT``: seconds an allocation over the quota waits for memory;
 - ``FRACGPU_REAL_LIBCUDA``: the real driver the shim forwards to;
@@ -60,6 +62,7 @@ class JobSpec:
     compute: float | None = None              # share of the device's time, in (0, 1]
     cap: bool = False                         # the share is also a ceiling
     partition: str | None = None              # an existing partition to join
+    overcommit: bool = False                  # a private limit past what the GPU has left to promise: best effort
     oom_wait: float | None = None             # seconds an allocation over the quota waits; None: as inherited
     # A new job option (a priority, say) is one more field here, parsed in parse() and
     # from_environment() and written by partition_variables(): every caller gets it at once.
@@ -70,12 +73,15 @@ class JobSpec:
 
     @classmethod
     def parse(cls, *, memory: str | int | None = None, compute: str | float | None = None, cap: bool = False,
-              partition: str | None = None, oom_wait: str | float | None = None) -> JobSpec:
+              partition: str | None = None, oom_wait: str | float | None = None,
+              overcommit: bool = False) -> JobSpec:
         """Each option parsed and every rule checked, in the order a user reads them: OptionError
-        (a ValueError naming the option) for a bad value, CapWithoutShare, then ConflictingChoice."""
+        (a ValueError naming the option) for a bad value, CapWithoutShare, then ConflictingChoice.
+        ``overcommit`` without a memory limit is an OptionError (it is a choice about that limit)."""
         parsed = parse_option
         spec = cls(memory=parsed("memory", parse_memory, memory), compute=parsed("compute", parse_share, compute),
                    cap=bool(cap), partition=parsed("partition", state.check_partition_name, partition),
+                   overcommit=bool(overcommit),
                    oom_wait=parsed("oom_wait", parse_seconds, oom_wait),
                    memory_text=None if memory is None else memory if isinstance(memory, str) else str(memory),
                    compute_text=None if compute is None else compute if isinstance(compute, str)
@@ -83,6 +89,9 @@ class JobSpec:
                    oom_wait_text=None if oom_wait is None else oom_wait if isinstance(oom_wait, str)
                    else repr(float(oom_wait)))
         check_cap(spec.compute, spec.cap)
+        if spec.overcommit and spec.memory is None:
+            raise OptionError("overcommit", "overcommit is a choice about a private partition's memory limit: give "
+                              "memory (--memory SIZE) with it")
         if spec.partition is not None and spec.private:
             raise ConflictingChoice(f"a job joining partition '{spec.partition}' gets that partition's memory and "
                                     "compute; give either partition or memory/compute (a private partition), not "
@@ -103,6 +112,7 @@ class JobSpec:
         compute = settings.read(settings.COMPUTE, env)
         private = memory is not None or compute is not None
         return cls(memory=memory, compute=compute, cap=env.get(settings.COMPUTE_CAP) == "1",
+                   overcommit=bool(settings.read(settings.OVERCOMMIT, env)),
                    partition=None if private else name, oom_wait=settings.read(settings.OOM_WAIT, env),
                    memory_text=env.get(settings.MEMORY) or None, compute_text=env.get(settings.COMPUTE) or None,
                    oom_wait_text=env.get(settings.OOM_WAIT) or None)
@@ -120,8 +130,8 @@ class JobSpec:
 
     def same_partition(self, other: JobSpec) -> bool:
         """Whether ``other`` asks for the partition this one gives (a wait not given: any)."""
-        mine = (self.memory, self.partition, self.compute, self.cap)
-        return mine == (other.memory, other.partition, other.compute, other.cap) \
+        mine = (self.memory, self.partition, self.compute, self.cap, self.overcommit)
+        return mine == (other.memory, other.partition, other.compute, other.cap, other.overcommit) \
             and other.oom_wait in (None, self.oom_wait)
 
     def limit_on(self, device: devices.Device) -> int:
@@ -170,7 +180,10 @@ def partition_variables(spec: JobSpec, *, private_name: str, state_dir: str | os
 
     The private partition is called ``private_name`` (made when the job starts
     CUDA). Raises ValueError for a limit above a device the job sees, an
-    unknown partition, or an inherited wait the shim would refuse; StateError
+    unknown partition, or an inherited wait the shim would refuse;
+    state.DoesNotFit (a ValueError) for a private limit that does not fit
+    beside what a GPU the job sees has promised, unless ``spec.overcommit``
+    (the shim checks again, atomically, when it makes the partition); StateError
     for an unsafe state folder or a damaged state file; DeviceError when a
     size must be checked against a GPU and none is found."""
     env = os.environ if env is None else env
@@ -183,9 +196,18 @@ def partition_variables(spec: JobSpec, *, private_name: str, state_dir: str | os
         raise ValueError(f"partition '{spec.partition}' does not exist (state folder {folder}); `fracgpu partition "
                          f"list` shows the partitions, `fracgpu partition create {spec.partition} --memory SIZE` "
                          "makes one")
-    if spec.memory_bytes is not None:   # each device the job sees gets the limit; a percentage always fits
-        for device in devices.probe(env):
-            spec.limit_on(device)
+    if spec.memory is not None:   # each device the job sees gets the limit: it must fit, beside the promises
+        try:   # a percentage always fits its device: only promises already made need it seen
+            seen = devices.probe(env) if spec.memory_bytes is not None or regions else []
+        except devices.DeviceError:
+            if spec.memory_bytes is not None:
+                raise
+            seen = []   # the shim checks the promise when it makes the partition
+        for device in seen:
+            limit = spec.limit_on(device)
+            region = next((r for r in regions if r.uuid == device.uuid), None)
+            if region is not None and not spec.overcommit:
+                region.check_promise(private_name, limit)
     variables: dict[str, str | None] = {
         settings.PARTITION: spec.partition if spec.partition is not None else private_name,
         settings.STATE_DIR: folder,
@@ -193,6 +215,7 @@ def partition_variables(spec: JobSpec, *, private_name: str, state_dir: str | os
         settings.MEMORY: spec.memory_text,
         settings.COMPUTE: spec.compute_text,
         settings.COMPUTE_CAP: "1" if spec.cap else None,
+        settings.OVERCOMMIT: "1" if spec.overcommit else None,
     }
     if spec.oom_wait_text is not None:
         variables[settings.OOM_WAIT] = spec.oom_wait_text

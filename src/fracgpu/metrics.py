@@ -65,6 +65,9 @@ FAMILIES = (
      "The partition's memory limit (the GPU's memory when it has none).", "partition"),
     ("peak", "gauge", "fracgpu_partition_memory_peak_bytes", "The most memory the partition held at once.",
      "partition"),
+    ("best_effort", "gauge", "fracgpu_partition_best_effort",
+     "1 when the partition's memory limit was overcommitted (a ceiling, not a promise), 0 when it is a promise "
+     "or there is none.", "partition"),
     ("share", "gauge", "fracgpu_partition_compute_share_ratio",
      "Configured share of the GPU's time (absent when none is set).", "partition"),
     ("cap", "gauge", "fracgpu_partition_compute_capped", "1 when the compute share is also a ceiling.", "partition"),
@@ -137,7 +140,8 @@ class UsageCollector:
         label_names = {**LABELS, "dcgm": (*DCGM, DRIVER_VERSION_LABEL) if driver else DCGM}
         families = {key: kinds[kind](name, doc, labels=list(label_names[labels]))
                     for key, kind, name, doc, labels in FAMILIES}
-        (gpu_total, gpu_used, gpu_info, used, limit, peak, share, cap, achieved, seconds, launches, refusals_,
+        (gpu_total, gpu_used, gpu_info, used, limit, peak, best_effort, share, cap, achieved, seconds, launches,
+         refusals_,
          processes, q_used, q_peak, q_limit, q_achieved, q_seconds, q_launches, fb_used, fb_free) = families.values()
         per_process, dcgm = self.enabled["per_process"], self.enabled["dcgm"]
         now = time.monotonic()
@@ -171,6 +175,7 @@ class UsageCollector:
                 used.add_metric(labels, p.used)
                 limit.add_metric(labels, p.memory_limit or gpu.total_memory)
                 peak.add_metric(labels, p.peak)
+                best_effort.add_metric(labels, 1 if p.best_effort else 0)
                 if p.compute_share:
                     share.add_metric(labels, p.compute_share)
                     cap.add_metric(labels, 1 if p.compute_cap else 0)

@@ -40,13 +40,17 @@ def device(index: int, env: Mapping[str, str] | None = None) -> devices.Device:
 
 
 def create(name: str, memory: str | int | None = None, *, compute: str | float | None = None, cap: bool = False,
-           device_index: int = 0, state_dir: str | os.PathLike | None = None,
+           overcommit: bool = False, device_index: int = 0, state_dir: str | os.PathLike | None = None,
            env: Mapping[str, str] | None = None) -> state.PartitionUsage:
     """Make partition ``name`` on GPU ``device_index`` with a memory limit (None: the whole device).
 
     ``memory`` is bytes or a size such as ``"8GiB"`` or ``"25%"`` (of that
     device). ``compute`` is its share of the device's time (``0.25`` or
-    ``"25%"``), ``cap`` makes that share a ceiling. Raises ValueError for a bad
+    ``"25%"``), ``cap`` makes that share a ceiling. The limits promised on a
+    GPU add up to at most its memory: a limit that does not fit beside the
+    others raises StateError naming what is promised, to whom, and what
+    remains, unless ``overcommit``, which makes the partition best effort (its
+    limit a ceiling, not a promise). Raises ValueError for a bad
     name, size or share (``jobs.OptionError``, naming which), a cap without a share, or a limit
     above the device; StateError for a name already used on that GPU, an unsafe state folder or
     a damaged state file; DeviceError when there is no GPU."""
@@ -64,7 +68,8 @@ def create(name: str, memory: str | int | None = None, *, compute: str | float |
         jobs.check_fits(limit, gpu)
     state.open_regions(folder)   # no partition is made beside a damaged state file
     region = state.open_region(folder, gpu.uuid, gpu.name, gpu.total_memory)
-    return region.create_partition(name, limit, share, cap)   # StateError when the name is taken on this GPU
+    # StateError when the name is taken on this GPU, or the limit does not fit (unless overcommit)
+    return region.create_partition(name, limit, share, cap, overcommit=overcommit)
 
 
 def remove(name: str, *, device_index: int | None = None, state_dir: str | os.PathLike | None = None,
@@ -94,13 +99,16 @@ def remove(name: str, *, device_index: int | None = None, state_dir: str | os.Pa
 
 
 def update(name: str, *, memory: str | int | None = None, compute: str | float | None = None,
-           cap: bool | None = None, unlimited: bool = False, device_index: int | None = None,
+           cap: bool | None = None, unlimited: bool = False, overcommit: bool = False, device_index: int | None = None,
            state_dir: str | os.PathLike | None = None,
            env: Mapping[str, str] | None = None) -> tuple[str, state.PartitionUsage]:
     """Change partition ``name`` while its jobs run: its memory limit (``unlimited``
     removes it), compute share, or cap; what is not given stays. Running jobs
     see the change at their next allocation or launch; a limit below what the
-    partition holds refuses new allocations until use falls under it.
+    partition holds refuses new allocations until use falls under it. A new
+    limit must fit beside the GPU's other promises (StateError naming them),
+    unless ``overcommit``: the partition is then best effort; a limit that fits
+    (or none) makes it hold a promise again.
 
     Returns (the GPU's UUID, the partition as it is now). Raises ValueError for
     bad values or when no GPU (or several, without ``device_index``) has the
@@ -129,4 +137,4 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
         jobs.check_limit(limit, region.total_memory, region.uuid)
     elif unlimited:
         limit = 0
-    return region.uuid, region.update_partition(name, limit, share, cap)
+    return region.uuid, region.update_partition(name, limit, share, cap, overcommit=overcommit)

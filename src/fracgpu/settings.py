@@ -29,6 +29,7 @@ PARTITION = "FRACGPU_PARTITION"
 MEMORY = "FRACGPU_MEMORY"
 COMPUTE = "FRACGPU_COMPUTE"
 COMPUTE_CAP = "FRACGPU_COMPUTE_CAP"
+OVERCOMMIT = "FRACGPU_OVERCOMMIT"
 OOM_WAIT = "FRACGPU_OOM_WAIT"
 CONTEXT_MEMORY = "FRACGPU_CONTEXT_MEMORY"
 STATE_DIR = "FRACGPU_STATE_DIR"
@@ -112,6 +113,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Make partition NAME for this job with this share of the GPU's time (`25%` or `0.25`).", "partition"),
     Setting(COMPUTE_CAP, _flag, "0", "shim, python", "`1`: the `FRACGPU_COMPUTE` share is also a ceiling.",
             "partition"),
+    Setting(OVERCOMMIT, _flag, "0", "shim, python",
+            "`1`: a `FRACGPU_MEMORY` limit that does not fit beside what the GPU has promised is accepted, and the "
+            "job's partition is best effort.", "partition"),
     Setting(OOM_WAIT, units.parse_seconds, "0", "shim, python",
             "An allocation over the quota waits up to this many seconds for memory to free before it fails.",
             "job"),

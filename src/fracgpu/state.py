@@ -15,11 +15,21 @@ import os
 
 from fracgpu import _native
 
-__all__ = ["GPUUsage", "PartitionUsage", "ProcessUsage", "ProcessSlot", "Region", "StateError", "usage",
+__all__ = ["GPUUsage", "PartitionUsage", "ProcessUsage", "ProcessSlot", "Region", "StateError", "DoesNotFit", "usage",
            "resolve_state_dir", "open_regions", "open_region", "open_region_file", "region_files", "check_state_dir",
            "check_may_change_partitions", "check_partition_name", "process_start_time", "process_alive"]
 
 StateError = _native.StateError
+
+
+class DoesNotFit(StateError, ValueError):
+    """A memory limit that does not fit beside what its GPU has promised: the message names the
+    promises, to whom, and what remains. Pass overcommit to make the partition best effort."""
+
+
+def _promise_refused(e: StateError) -> StateError:
+    """``e`` as DoesNotFit when it refused a promise that does not fit, else as it is."""
+    return DoesNotFit(str(e)) if _native.DOES_NOT_FIT in str(e) else e
 
 
 @dataclasses.dataclass
@@ -35,6 +45,9 @@ class PartitionUsage:
     compute_cap: bool = False            # the share is also a ceiling
     device_ns: int = 0                   # device time its kernels used, measured
     launches: int = 0                    # kernel and graph launches
+    # Its limit did not fit beside the GPU's promises and was overcommitted: a ceiling, not a
+    # promise (it uses only memory nobody was promised, up to its limit).
+    best_effort: bool = False
 
 
 @dataclasses.dataclass
@@ -109,7 +122,8 @@ class Region:
         return [PartitionUsage(name=p["name"], memory_limit=p["memory_limit"] or None, used=p["used"],
                                peak=p["peak"], processes=p["processes"], ephemeral=p["ephemeral"],
                                oom_refusals=p["oom_refusals"], compute_share=p["compute_share"] or None,
-                               compute_cap=p["cap"], device_ns=p["device_ns"], launches=p["launches"])
+                               compute_cap=p["cap"], device_ns=p["device_ns"], launches=p["launches"],
+                               best_effort=p["best_effort"])
                 for p in self._native.partitions()]
 
     def partition(self, name: str) -> PartitionUsage | None:
@@ -119,15 +133,34 @@ class Region:
         return [ProcessSlot(**{field.name: p[field.name] for field in dataclasses.fields(ProcessSlot)})
                 for p in self._native.processes()]
 
-    def create_partition(self, name: str, limit: int, share: float, cap: bool) -> PartitionUsage:
-        """Make partition ``name`` (limit 0: none; share 0: none); StateError when the name is taken."""
-        self._native.create_partition(name, limit, share, cap)
+    def create_partition(self, name: str, limit: int, share: float, cap: bool, *,
+                         overcommit: bool = False) -> PartitionUsage:
+        """Make partition ``name`` (limit 0: none; share 0: none); StateError when the name is taken,
+        DoesNotFit when the limit does not fit beside the GPU's promises (the message names them and
+        what remains) unless ``overcommit``, which makes it best effort."""
+        try:
+            self._native.create_partition(name, limit, share, cap, overcommit)
+        except StateError as e:
+            raise _promise_refused(e) from None
         return self.partition(name)
 
-    def update_partition(self, name: str, limit: int | None, share: float | None, cap: bool | None) -> PartitionUsage:
-        """Change what is given (None: keeps it; limit 0: no limit)."""
-        self._native.update_partition(name, limit, share, cap)
+    def update_partition(self, name: str, limit: int | None, share: float | None, cap: bool | None, *,
+                         overcommit: bool = False) -> PartitionUsage:
+        """Change what is given (None: keeps it; limit 0: no limit). A new limit is checked against the
+        promises as ``create_partition`` does."""
+        try:
+            self._native.update_partition(name, limit, share, cap, overcommit)
+        except StateError as e:
+            raise _promise_refused(e) from None
         return self.partition(name)
+
+    def check_promise(self, name: str, limit: int) -> None:
+        """DoesNotFit (naming the promises and what remains) unless a partition ``name`` with ``limit``
+        would fit beside this GPU's promises now. Creation checks again, atomically."""
+        try:
+            self._native.check_promise(name, limit)
+        except StateError as e:
+            raise _promise_refused(e) from None
 
     def remove_partition(self, name: str) -> None:
         """StateError when processes still use it (the message lists them)."""

@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <string>
 #include <sys/wait.h>
+#include <vector>
 #include <unistd.h>
 
 namespace {
@@ -51,6 +52,89 @@ const fracgpu::PartitionInfo *find(const std::vector<fracgpu::PartitionInfo> &pa
     for (auto &p : parts)
         if (p.name == name) return &p;
     return nullptr;
+}
+
+// Each of `n` children, let go at once, runs `job` (which returns a count,
+// 0..255), reports it, and keeps its slots until all have reported. Returns
+// the counts.
+template <class Job>
+std::vector<int> at_once(int n, Job job) {
+    int go[2], done[2], release[2];
+    if (pipe(go) || pipe(done) || pipe(release)) return {};
+    std::vector<pid_t> kids;
+    for (int i = 0; i < n; i++) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            close(go[1]);
+            close(release[1]);
+            char c;
+            if (read(go[0], &c, 1) < 0) _exit(20);   // EOF: go
+            unsigned char count = (unsigned char)job(i);
+            if (write(done[1], &count, 1) != 1) _exit(21);
+            if (read(release[0], &c, 1) < 0) _exit(22);   // EOF: all reported
+            _exit(0);
+        }
+        kids.push_back(pid);
+    }
+    close(go[0]);
+    close(go[1]);
+    std::vector<int> counts;
+    for (int i = 0; i < n; i++) {
+        unsigned char count;
+        if (read(done[0], &count, 1) == 1) counts.push_back(count);
+    }
+    close(release[1]);
+    for (pid_t pid : kids) wait_for(pid);
+    close(done[0]);
+    close(done[1]);
+    close(release[0]);
+    return counts;
+}
+
+// Of 8 processes making a private partition of 3/4 of the GPU at once,
+// exactly one gets it, the others are refused with the reason; and processes
+// without a promise, charging at once, together never take what was promised.
+bool race_for_promises(const std::string &dir) {
+    int before = failures;
+    const uint64_t total = 1 << 30, quarter = total / 4;
+    std::vector<int> joined = at_once(8, [&](int i) {
+        fracgpu::Region c;
+        std::string e;
+        uint64_t limit = 3 * quarter;
+        if (!c.open(dir, kUuid, "test GPU", total, true, &e)) return 9;
+        if (c.join("race-" + std::to_string(i), getpid(), "job", &limit, &e) >= 0) return 1;
+        return e.find(fracgpu::kDoesNotFit) != std::string::npos &&
+               e.find("already promised 768MiB (race-") != std::string::npos ? 0 : 8;
+    });
+    int winners = 0;
+    for (int j : joined) {
+        EXPECT(j == 0 || j == 1);
+        winners += j == 1;
+    }
+    EXPECT(joined.size() == 8 && winners == 1);
+
+    fracgpu::Region r;
+    std::string err;
+    EXPECT(r.open(dir, kUuid, "test GPU", total, false, &err));
+    EXPECT(r.reap() == 1);   // the winner's slot; its partition goes with it
+    EXPECT(r.create_partition("promised", 3 * quarter, 0, 0, &err));
+    const uint64_t block = 8 << 20;
+    std::vector<int> blocks = at_once(8, [&](int i) {
+        fracgpu::Region c;
+        std::string e;
+        uint64_t none = 0;
+        if (!c.open(dir, kUuid, "test GPU", total, false, &e)) return 255;
+        int slot = c.join("pool-" + std::to_string(i), getpid(), "job", &none, &e);
+        if (slot < 0) return 254;
+        int n = 0;
+        while (n < 200 && c.charge(slot, block)) n++;
+        return n;
+    });
+    int sum = 0;
+    for (int b : blocks) sum += b;
+    EXPECT(blocks.size() == 8 && (uint64_t)sum * block == quarter);   // all of what nobody was promised, no more
+    EXPECT(r.reap() == 8 && r.remove_partition("promised", &err));
+    return failures == before;
 }
 
 }  // namespace
@@ -152,6 +236,9 @@ int main() {
         recovered++;
     }
     EXPECT(recovered == 200 && r.partitions().empty());
+
+    // Promises, raced by processes started at once.
+    EXPECT(race_for_promises(dir));
 
     r.close();
     std::string cmd = std::string("rm -rf ") + dir;

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.support.simgpu import BINDINGS_PRELUDE, MiB, command_pid, wait_gone
+from tests.support.simgpu import BINDINGS_PRELUDE, GiB, MiB, command_pid, wait_gone
 
 # A job: allocate MIB, then 1 MiB more and free it (peak: MIB + 1), launch N spins of MS milliseconds back to back (N < 0: until
 # killed), synchronise, free, exit with STATUS.
@@ -53,7 +53,8 @@ def run_job(gpu, kernels, *options, mib=64, n=10, ms=5.0, status=0, name=None):
     return gpu.popen(*argv, "--", sys.executable, "-c", JOB, kernels, str(mib), str(n), str(ms), str(status))
 
 
-def test_two_jobs_have_their_device_time_and_exact_peak_in_the_report(gpu, kernels):
+def test_two_jobs_have_their_device_time_and_exact_peak_in_the_report(make_gpu, kernels):
+    gpu = make_gpu(memory=2 * GiB)   # room for both promises: 1 GiB and 512 MiB
     a = run_job(gpu, kernels, "--memory", "1GiB", "--compute", "50%", mib=256, n=60, ms=5, name="a")
     b = run_job(gpu, kernels, "--memory", "512MiB", "--compute", "50%", mib=96, n=100, ms=4, status=3, name="b")
     assert a.wait(60) == 0, a.communicate()

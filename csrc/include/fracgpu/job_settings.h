@@ -23,6 +23,7 @@ struct JobSettings {
     double memory_fraction = 0;    // ... or this fraction of each device
     double compute_share = 0;      // FRACGPU_COMPUTE, (0, 1]; 0: none
     bool compute_cap = false;      // FRACGPU_COMPUTE_CAP=1: the share is also a ceiling
+    bool overcommit = false;       // FRACGPU_OVERCOMMIT=1: a limit past what is left is accepted, best effort
     std::string state_dir;
     double oom_wait_s = 0;         // FRACGPU_OOM_WAIT
     uint64_t context_memory = 0;   // FRACGPU_CONTEXT_MEMORY: charged per context

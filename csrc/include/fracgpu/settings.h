@@ -27,6 +27,9 @@
       "Make partition NAME for this job with this share of the GPU's time (`25%` or `0.25`).")                     \
     X(COMPUTE_CAP, "FRACGPU_COMPUTE_CAP", "0", "shim, python",                                                     \
       "`1`: the `FRACGPU_COMPUTE` share is also a ceiling.")                                                       \
+    X(OVERCOMMIT, "FRACGPU_OVERCOMMIT", "0", "shim, python",                                                       \
+      "`1`: a `FRACGPU_MEMORY` limit that does not fit beside what the GPU has promised is accepted, and the "     \
+      "job's partition is best effort.")                                                                           \
     X(OOM_WAIT, "FRACGPU_OOM_WAIT", "0", "shim, python",                                                           \
       "An allocation over the quota waits up to this many seconds for memory to free before it fails.")            \
     X(CONTEXT_MEMORY, "FRACGPU_CONTEXT_MEMORY", "0", "shim, python",                                               \

@@ -22,7 +22,11 @@
 
 namespace fracgpu {
 
-constexpr uint32_t kStateLayoutVersion = 1;
+// The layout version changes whenever a field or a flag changes meaning: two
+// fracgpu builds that read one region differently must never share it (the
+// second is refused with what to do). 2: memory promises (kPartitionBestEffort,
+// and partitions without a promise use only what nobody was promised).
+constexpr uint32_t kStateLayoutVersion = 2;
 constexpr int kMaxPartitions = 64;
 constexpr int kMaxProcesses = 256;
 constexpr size_t kNameBytes = 64;      // partition names, NUL included
@@ -33,6 +37,7 @@ constexpr size_t kCommandBytes = 64;
 enum PartitionFlags : uint32_t {
     kPartitionEphemeral = 1u << 0,   // made for one `fracgpu run`/init(): removed with its last process
     kPartitionCap = 1u << 1,         // the compute share is also a ceiling (issue: compute shares)
+    kPartitionBestEffort = 1u << 2,  // its memory limit did not fit and was overcommitted: a ceiling, not a promise
 };
 
 struct SharedPartition {
@@ -108,6 +113,24 @@ inline double share_of(const SharedPartition &p) {
     return v;
 }
 
+// Memory promises. On each GPU the limits of the partitions that hold a
+// promise (a limit, not best effort) add up to at most the device's memory;
+// the check is made under the region's lock with every creation and change.
+// A partition without a promise (no limit, or best effort) uses only memory
+// nobody was promised: the device less every promised partition's limit (or
+// what it holds, when more) and less what the other partitions without a
+// promise hold; a best-effort partition also stays under its own limit.
+// Every refusal of a promise that does not fit holds this text ("3GiB does
+// not fit on GPU-...: already promised ..."), so callers can tell it apart.
+constexpr char kDoesNotFit[] = " does not fit on ";
+inline bool holds_promise(const SharedPartition &p) {
+    return memory_limit_of(p) != 0 && !(flags_of(p) & kPartitionBestEffort);
+}
+// The most partition `index` may hold, as its jobs are shown it: its limit when
+// it holds a promise, else its limit (or the device) capped at what the other
+// partitions were not promised. Lock-free (a reading).
+uint64_t memory_ceiling(const SharedRegion &r, int index);
+
 // A partition or process as read by usage() and the CLI: plain values.
 struct PartitionInfo {
     std::string name;
@@ -173,20 +196,32 @@ class Region {
     SharedRegion *raw() { return r_; }
 
     // Table changes (each takes the lock).
+    // A limit that does not fit beside the promises is refused (the message
+    // names them and what remains) unless `overcommit`: the partition is then
+    // made best effort.
     bool create_partition(const std::string &name, uint64_t memory_limit, double compute_share, uint32_t flags,
-                          std::string *err);
+                          std::string *err, bool overcommit = false);
     bool remove_partition(const std::string &name, std::string *err);
     // Changes a live partition (null: leave that setting as it is); running jobs
     // see the change at their next allocation or launch.
+    // A new memory limit is checked as create_partition() does; one that fits
+    // (or none) makes the partition hold a promise again.
     bool update_partition(const std::string &name, const uint64_t *memory_limit, const double *compute_share,
-                          const bool *cap, std::string *err);
+                          const bool *cap, std::string *err, bool overcommit = false);
+    // Whether a new partition (other than `name`) with `memory_limit` would
+    // fit beside the promises now; false with the refusal in *err. A reading
+    // for messages before a job starts: creation checks again, atomically.
+    bool check_promise(const std::string &name, uint64_t memory_limit, std::string *err);
     int find_partition(const std::string &name);           // index or -1
     // Joins partition `name` as process `pid`; when it does not exist and
     // `create_limit` is given (ephemeral), creates it with that limit (0: none),
-    // `create_share` and `create_flags`. `holder`: the pid recording this
-    // process's job (0: none). Returns the slot, -1 on error.
+    // `create_share` and `create_flags`, its limit checked against the
+    // promises as create_partition() does (`overcommit`: best effort when it
+    // does not fit). `holder`: the pid recording this process's job (0: none).
+    // Returns the slot, -1 on error.
     int join(const std::string &name, int pid, const char *command, const uint64_t *create_limit,
-             std::string *err, double create_share = 0, uint32_t create_flags = 0, int holder = 0);
+             std::string *err, double create_share = 0, uint32_t create_flags = 0, int holder = 0,
+             bool overcommit = false);
     void leave(int slot);                                  // this process is done with its slot
     // Frees the slots of dead processes (or, while their holder lives, marks
     // them exited); returns how many.
@@ -195,8 +230,10 @@ class Region {
     // reads their final counters first.)
     int collect(int holder);
 
-    // Lock-free hot path. charge(): atomically adds `bytes` to the partition
-    // unless that passes its limit (false: nothing charged), then to the slot.
+    // charge(): atomically adds `bytes` to the partition unless that passes its
+    // limit (false: nothing charged), then to the slot. Lock-free for a
+    // partition that holds a promise; one without takes the lock, to check
+    // what nobody was promised against the others atomically.
     bool charge(int slot, uint64_t bytes);
     void uncharge(int slot, uint64_t bytes);
     void note_refusal(int slot);                           // an allocation was refused over quota

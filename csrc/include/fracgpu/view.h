@@ -1,6 +1,7 @@
-// The device's memory as a job sees it: its partition's limit as the total,
-// what the partition holds as used, and what is left of the limit (never more
-// than the device really has free) as free.
+// The device's memory as a job sees it: the most its partition may hold as the
+// total (its limit when it holds a promise; else what nobody was promised, see
+// fracgpu::memory_ceiling in state.h), what the partition holds as used, and
+// what is left of that (never more than the device really has free) as free.
 //
 // One rule, used by every surface that shows memory to a job: the CUDA shim's
 // cuMemGetInfo_v2/cuDeviceTotalMem_v2 and the NVML shim's
@@ -13,17 +14,18 @@
 namespace fracgpu {
 
 struct MemoryView {
-    uint64_t total = 0;   // the partition's limit (the device's memory when it has none)
+    uint64_t total = 0;   // the most the partition may hold (memory_ceiling), at most the device's memory
     uint64_t used = 0;    // bytes the partition holds, all its processes together
     uint64_t free = 0;    // min(the device's real free memory, total - used)
 };
 
-// limit: the partition's memory_limit (0: none); device_total: the device's
-// memory as the region records it (cuDeviceTotalMem_v2); used: the partition's
-// counter; real_free: what the device itself reports free.
-inline MemoryView memory_view(uint64_t limit, uint64_t device_total, uint64_t used, uint64_t real_free) {
+// ceiling: the most the partition may hold (memory_ceiling(); 0: nothing);
+// device_total: the device's memory as the region records it
+// (cuDeviceTotalMem_v2); used: the partition's counter; real_free: what the
+// device itself reports free.
+inline MemoryView memory_view(uint64_t ceiling, uint64_t device_total, uint64_t used, uint64_t real_free) {
     MemoryView v;
-    v.total = limit ? limit : device_total;
+    v.total = ceiling < device_total ? ceiling : device_total;
     v.used = used;
     uint64_t left = used < v.total ? v.total - used : 0;
     v.free = left < real_free ? left : real_free;

@@ -19,12 +19,12 @@ struct Binding {
     bool ok = false;                 // this device has the job's partition
     fracgpu::Region region;
     int slot = -1;
-    // What the job sees as the device's memory: its partition's limit, read
-    // from the shared state each time (it may change while the job runs).
+    // What the job sees as the device's memory: the most its partition may
+    // hold (its limit, or what nobody was promised: fracgpu::memory_ceiling),
+    // read from the shared state each time (it may change while the job runs).
     uint64_t limit() {
         const fracgpu::SharedRegion *r = region.raw();
-        uint64_t l = fracgpu::memory_limit_of(r->partitions[r->processes[slot].partition]);
-        return l ? l : region.total_memory();
+        return fracgpu::memory_ceiling(*r, r->processes[slot].partition);
     }
     std::string uuid, refusal;
     std::atomic<bool> oom_reported{false};         // the refusal of a binding that is not ok was said

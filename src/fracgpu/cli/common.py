@@ -72,6 +72,14 @@ def quota_options(memory_help: str, compute_help: str) -> Any:
     return decorate
 
 
+def overcommit_option(what: str) -> Any:
+    """``--overcommit``: accept a memory limit that does not fit beside what the GPU has promised;
+    ``what`` says whose limit."""
+    return click.option("--overcommit", is_flag=True,
+                        help=f"Accept {what} even when it does not fit beside the limits the GPU has promised "
+                             "already; it is then best effort: a ceiling, not a promise.")
+
+
 CAP_WITHOUT_SHARE = "--cap needs --compute SHARE (the share to cap at)"
 
 
@@ -220,6 +228,14 @@ def share_text(partition: Any) -> str:
     if not partition.compute_share:
         return "-"
     return units.format_share(partition.compute_share) + (" cap" if partition.compute_cap else "")
+
+
+def limit_text(partition: Any) -> str:
+    """A partition's memory limit as the tables show it: "4GiB", "4GiB best effort" (overcommitted:
+    a ceiling, not a promise), or "unlimited"."""
+    if not partition.memory_limit:
+        return "unlimited"
+    return units.format_size(partition.memory_limit) + (" best effort" if partition.best_effort else "")
 
 
 PROBING = "fracgpu: probing the GPU (this can take a minute on first use)..."

@@ -8,7 +8,8 @@ import json
 import click
 
 from fracgpu import partitions, state
-from fracgpu.cli.common import console, option_errors, quota_options, refusals, share_text, tables
+from fracgpu.cli.common import (console, limit_text, option_errors, overcommit_option, quota_options, refusals,
+                                share_text, tables)
 from fracgpu.units import format_share, format_size
 
 
@@ -23,19 +24,29 @@ def partition_group() -> None:
                "[default: no limit]",
                "Share of the GPU's time: 25% or 0.25, guaranteed when every partition is busy; time others leave "
                "idle is used too, unless --cap. [default: an equal part of what shares leave]")
+@overcommit_option("the --memory limit")
 @click.option("--device", "device_index", type=click.IntRange(min=0), default=0, show_default=True,
               help="The GPU, by CUDA index (as CUDA_VISIBLE_DEVICES numbers them).")
 @click.pass_context
-def create(ctx: click.Context, name: str, memory: str | None, compute: str | None, cap: bool,
+def create(ctx: click.Context, name: str, memory: str | None, compute: str | None, cap: bool, overcommit: bool,
            device_index: int) -> None:
-    """Make partition NAME; jobs join it with `fracgpu run --partition NAME`."""
+    """Make partition NAME; jobs join it with `fracgpu run --partition NAME`.
+
+    The memory limits of a GPU's partitions add up to at most its memory: a
+    limit that does not fit is refused, naming what is promised and what
+    remains, unless --overcommit."""
+    if overcommit and memory is None:
+        raise click.UsageError("--overcommit needs --memory SIZE (the limit to overcommit)", ctx)
     with refusals(), option_errors(ctx):
-        made = partitions.create(name, memory, compute=compute, cap=cap, device_index=device_index)
+        made = partitions.create(name, memory, compute=compute, cap=cap, overcommit=overcommit,
+                                 device_index=device_index)
     click.echo(f"partition '{name}' created on GPU {device_index}: {_limits(made)}")
 
 
 def _limits(p: state.PartitionUsage) -> str:
     memory = format_size(p.memory_limit) if p.memory_limit else "no memory limit"
+    if p.best_effort:
+        memory += " (best effort: overcommitted, not a promise)"
     compute = f"{format_share(p.compute_share)} of compute" + (" (capped)" if p.compute_cap else "") \
         if p.compute_share else "no compute share"
     return f"{memory}, {compute}"
@@ -60,8 +71,7 @@ def list_(as_json: bool) -> None:
             continue
         # The GPU heads its own table, so its UUID is one line, not a column folded over eight.
         screen.print(f"[bold]{gpu.uuid}[/bold]  {gpu.name}, {format_size(gpu.total_memory)}", highlight=False)
-        rows = [[p.name + (" (private)" if p.ephemeral else ""),
-                 format_size(p.memory_limit) if p.memory_limit else "unlimited", format_size(p.used),
+        rows = [[p.name + (" (private)" if p.ephemeral else ""), limit_text(p), format_size(p.used),
                  format_size(p.peak), share_text(p), f"{p.device_ns / 1e9:.2f} s", str(p.processes)]
                 for p in gpu.partitions]
         for table in tables(LIST_COLUMNS, rows, screen.width):
@@ -80,16 +90,22 @@ LIST_COLUMNS = [("partition", "left"), ("limit", "right"), ("in use", "right"), 
 @click.option("--compute", metavar="SHARE",
               help="New share of the GPU's time: 25% or 0.25.")
 @click.option("--cap/--no-cap", default=None, help="Make the share a ceiling, or stop it being one.")
+@overcommit_option("the new --memory limit")
 @click.option("--device", "device_index", type=click.IntRange(min=0),
               help="The GPU, by CUDA index, when several have a partition of this name.")
 @click.pass_context
 def set_(ctx: click.Context, name: str, memory: str | None, unlimited: bool, compute: str | None, cap: bool | None,
-         device_index: int | None) -> None:
-    """Change partition NAME while its jobs run (they see it at their next allocation or launch)."""
+         overcommit: bool, device_index: int | None) -> None:
+    """Change partition NAME while its jobs run (they see it at their next allocation or launch).
+
+    A new memory limit must fit beside the GPU's other promises, unless
+    --overcommit; one that fits makes a best-effort partition a promise again."""
+    if overcommit and memory is None:
+        raise click.UsageError("--overcommit needs --memory SIZE (the limit to overcommit)", ctx)
     with refusals(), option_errors(ctx):
         try:
             uuid, now = partitions.update(name, memory=memory, compute=compute, cap=cap, unlimited=unlimited,
-                                          device_index=device_index)
+                                          overcommit=overcommit, device_index=device_index)
         except partitions.NothingToChange:
             raise click.UsageError("nothing to change: give --memory SIZE, --unlimited, --compute SHARE or "
                                    "--cap/--no-cap", ctx) from None

@@ -21,7 +21,8 @@ import time
 import click
 
 from fracgpu import jobs, settings
-from fracgpu.cli.common import CommandFailed, CommandRunner, InputError, converted_by, job_spec, quota_options, refusals
+from fracgpu.cli.common import (CommandFailed, CommandRunner, InputError, converted_by, job_spec, overcommit_option,
+                                quota_options, refusals)
 
 # Signals passed on to the command. SIGINT and SIGQUIT typed at the terminal
 # reach the command directly (same process group), so those are passed on only
@@ -118,6 +119,7 @@ def exit_like(status: int) -> None:
                "of each GPU. Gone when the command and its children exit.",
                "Give the command's private partition this share of the GPU's time: 25% or 0.25. Guaranteed when "
                "every partition is busy; time others leave idle is used too, unless --cap.")
+@overcommit_option("the --memory limit")
 @click.option("--partition", metavar="NAME",
               help="Run the command in this existing partition (fracgpu partition create), sharing its quota "
                    "with the partition's other processes.")
@@ -132,7 +134,7 @@ def exit_like(status: int) -> None:
               help="A label recorded with the job (repeatable): team=vision, ray_job_id=01000000.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARGS]...")
 @click.pass_context
-def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, partition: str | None,
+def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, overcommit: bool, partition: str | None,
         oom_wait: str | None, job_name: str | None, ledger_path: str | None, labels: dict[str, str],
         command: tuple[str, ...]) -> None:
     """Run COMMAND under a GPU memory quota and/or compute share, and record it in the ledger.
@@ -143,14 +145,17 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
     What the job used (device time, memory) is sampled into the ledger while it
     runs and when it ends (`fracgpu report`). fracgpu run exits as COMMAND did;
     signals sent to it go to COMMAND, and COMMAND is killed if fracgpu run is.
-    When fracgpu run refuses to start COMMAND it exits 125 (127: COMMAND not
-    found, 126: not executable).
+    A --memory limit must fit beside what the GPU has promised already (see
+    `fracgpu partition list`), or be passed with --overcommit. When fracgpu
+    run refuses to start COMMAND it exits 125 (127: COMMAND not found, 126:
+    not executable).
 
     \b
       fracgpu run --memory 4GiB --compute 25% -- python train.py
       fracgpu run --partition team -- python infer.py
     """
-    spec = job_spec(ctx, memory=memory, compute=compute, cap=cap, partition=partition, oom_wait=oom_wait)
+    spec = job_spec(ctx, memory=memory, compute=compute, cap=cap, partition=partition, oom_wait=oom_wait,
+                    overcommit=overcommit)
     if not command:
         raise click.UsageError("missing the command to run: fracgpu run [OPTIONS] -- COMMAND [ARGS]...", ctx)
     from fracgpu.ledger import Ledger, LedgerError

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from fracgpu import snapshot, state
-from fracgpu.cli.common import console, refusals, share_text, tables
+from fracgpu.cli.common import console, limit_text, refusals, share_text, tables
 from fracgpu.units import format_size
 
 NOT_AVAILABLE = "n/a"
@@ -60,8 +60,7 @@ def render(view: snapshot.Snapshot, state_dir: str, width: int = 80) -> Any:
                           f"in partitions", style="bold"))
         rows, styles = [], []
         for p in gpu.partitions:
-            limit = format_size(p.memory_limit) if p.memory_limit else "unlimited"
-            rows.append([p.name + (" (private)" if p.ephemeral else ""), f"{format_size(p.used)} / {limit}",
+            rows.append([p.name + (" (private)" if p.ephemeral else ""), f"{format_size(p.used)} / {limit_text(p)}",
                          f"{100 * p.used / p.memory_limit:.0f}%" if p.memory_limit else "-", format_size(p.peak),
                          share_text(p), _achieved(view.partition_share(gpu, p)), _seconds(p.device_ns),
                          str(p.processes)])

@@ -1,0 +1,105 @@
+"""Nothing is promised twice, as the shim enforces it: a job without a promise gets only what
+nobody was promised, and of two jobs racing for the last promise exactly one gets it (issue 12,
+item 4). Each test has its own simulated GPU of 4 GiB and its own state folder."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.support.simgpu import CTYPES_PRELUDE, GiB, MiB, parse_facts
+
+CUDA_ERROR_NOT_PERMITTED = 800
+
+# What the job sees, then 32 MiB allocations until refused.
+FILL = CTYPES_PRELUDE + """
+free, total, dtotal = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_size_t()
+assert cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)) == 0
+assert cuda.cuDeviceTotalMem_v2(ctypes.byref(dtotal), dev) == 0
+print("meminfo_total", total.value)
+print("total_mem", dtotal.value)
+n, p = 0, ctypes.c_uint64()
+while cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(32 << 20)) == 0:
+    n += 1
+print("blocks", n)
+"""
+
+# cuInit's result; a job that started then waits for the test.
+START = """import ctypes, sys
+rc = ctypes.CDLL("libcuda.so.1").cuInit(0)
+print("init", rc, flush=True)
+if rc == 0:
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def gpu4(make_gpu):
+    return make_gpu(memory=4 * GiB)
+
+
+def test_a_job_without_a_limit_gets_only_what_nobody_was_promised(gpu4):
+    gpu4.fracgpu("partition", "create", "team", "--memory", "3GiB")   # promised, unused
+    facts = parse_facts(gpu4.fracgpu("run", "--compute", "50%", "--", sys.executable, "-c", FILL).stdout)
+    assert int(facts["meminfo_total"]) == int(facts["total_mem"]) == GiB
+    # 1 GiB in 32 MiB blocks, less what a context may be charged.
+    assert 28 <= int(facts["blocks"]) <= 32, facts
+    # A shared partition without a limit is held to the same rule.
+    gpu4.fracgpu("partition", "create", "open")
+    facts = parse_facts(gpu4.fracgpu("run", "--partition", "open", "--", sys.executable, "-c", FILL).stdout)
+    assert int(facts["meminfo_total"]) == GiB and 28 <= int(facts["blocks"]) <= 32, facts
+    # With the promise gone, the whole GPU is nobody's.
+    gpu4.fracgpu("partition", "rm", "team")
+    facts = parse_facts(gpu4.fracgpu("run", "--partition", "open", "--", sys.executable, "-c", FILL).stdout)
+    assert int(facts["meminfo_total"]) == 4 * GiB and int(facts["blocks"]) > 100, facts
+
+
+def test_what_jobs_without_a_promise_hold_together_stays_outside_the_promises(gpu4):
+    gpu4.fracgpu("partition", "create", "team", "--memory", "3GiB")
+    gpu4.fracgpu("partition", "create", "open")
+    hold = CTYPES_PRELUDE + """
+import sys
+p = ctypes.c_uint64()
+print(cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(768 << 20)), flush=True)
+sys.stdin.readline()
+"""
+    holder = gpu4.popen(sys.executable, "-m", "fracgpu", "run", "--compute", "25%", "--", sys.executable, "-c", hold)
+    try:
+        assert holder.stdout.readline() == "0\n"
+        facts = parse_facts(gpu4.fracgpu("run", "--partition", "open", "--", sys.executable, "-c", FILL).stdout)
+        assert int(facts["blocks"]) <= 8, facts   # 256 MiB left of the 1 GiB nobody was promised
+    finally:
+        holder.communicate("\n", timeout=30)
+
+
+@pytest.mark.fault('Two jobs racing for the last memory promise (`fracgpu run --memory 75%` twice)',
+                   'exactly one starts; the other exits 125, or has CUDA refused with the reason')
+def test_two_racing_jobs_for_three_quarters_exactly_one_starts(gpu4):
+    jobs = [gpu4.popen(sys.executable, "-m", "fracgpu", "run", "--memory", "75%", "--", sys.executable, "-c", START)
+            for _ in range(2)]
+    firsts = [job.stdout.readline() for job in jobs]
+    outcomes = [job.communicate("\n", timeout=60) for job in jobs]
+    assert sorted(firsts) == ["", "init 0\n"] or sorted(firsts) == ["init 0\n", f"init {CUDA_ERROR_NOT_PERMITTED}\n"], \
+        (firsts, outcomes)
+    loser = firsts.index("" if "" in firsts else f"init {CUDA_ERROR_NOT_PERMITTED}\n")
+    assert "3GiB does not fit on GPU-" in outcomes[loser][1], outcomes[loser]
+    assert "already promised 3GiB (run-" in outcomes[loser][1]
+    assert jobs[loser].returncode == (125 if firsts[loser] == "" else 0)
+    assert jobs[1 - loser].returncode == 0
+
+
+@pytest.mark.fault('A job\'s own partition (FRACGPU_MEMORY) that does not fit beside the promises',
+                   'CUDA refused in the job with the reason (never unlimited); `FRACGPU_OVERCOMMIT=1` runs it')
+def test_the_shim_refuses_a_private_partition_that_does_not_fit(gpu4, shim):
+    gpu4.fracgpu("partition", "create", "team", "--memory", "3GiB")
+    env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "mine", "FRACGPU_MEMORY": "2GiB"}
+    result = gpu4.run(sys.executable, "-c", START, env=env, input="\n")
+    assert result.stdout == f"init {CUDA_ERROR_NOT_PERMITTED}\n"
+    assert "2GiB does not fit on GPU-" in result.stderr and "already promised 3GiB (team 3GiB); 1GiB remains" \
+        in result.stderr and "FRACGPU_OVERCOMMIT=1" in result.stderr, result.stderr
+    result = gpu4.run(sys.executable, "-c", START, env={**env, "FRACGPU_OVERCOMMIT": "1"}, input="\n")
+    assert result.stdout == "init 0\n"
+    result = gpu4.run(sys.executable, "-c", START, env={**env, "FRACGPU_OVERCOMMIT": "yes"}, input="\n")
+    assert result.stdout == f"init {CUDA_ERROR_NOT_PERMITTED}\n"
+    assert "FRACGPU_OVERCOMMIT='yes' is not valid" in result.stderr
