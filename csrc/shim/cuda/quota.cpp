@@ -22,7 +22,12 @@
 #include "fracgpu/state.h"
 #include "fracgpu/view.h"
 
+#include <cerrno>
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <memory>
+#include <sys/file.h>
+#include <unistd.h>
 
 namespace shim {
 namespace {
@@ -388,20 +393,26 @@ SHIM_API CUresult cuMipmappedArrayDestroy(CUmipmappedArray h) {
 // MIG and MPS memory limits.
 //
 // What a context reserves is FRACGPU_CONTEXT_MEMORY when that is set, else
-// measured: the device's used memory (NVML's nvmlDeviceGetMemoryInfo, which
-// needs no context, unlike cuMemGetInfo) before and after the process's first
-// context on the device, each read until two reads in a row agree. The
-// first context of a process on a device is where the driver reserves the
-// big block, so that figure is kept per device and charged again, before the
-// call, for every later context of the process there. The first one is
-// charged after it exists; when it does not fit, it is destroyed and its
-// creation fails with CUDA_ERROR_OUT_OF_MEMORY.
+// measured, around the process's first context on the device: how much the
+// memory the device uses beyond the books grew. "Beyond the books" is the
+// device's used memory (NVML's nvmlDeviceGetMemoryInfo, which needs no
+// context, unlike cuMemGetInfo) less what every partition of the GPU has
+// charged, so what fracgpu's other jobs allocate or free meanwhile cancels
+// out; each figure is read until two reads in a row agree, so one caught
+// between a charge and its allocation is read again. Measurements are taken
+// one at a time on the GPU (flock on its state file), so two jobs starting
+// together never count each other's context. The first context of a process
+// on a device is where the driver reserves the big block, so that figure is
+// kept per device and charged again, before the call, for every later
+// context of the process there. The first one is charged after it exists;
+// when it does not fit, it is destroyed and its creation fails with
+// CUDA_ERROR_OUT_OF_MEMORY.
 //
-// Limits, said in the README: another process allocating or freeing between
-// the two reads moves the figure by what it did (allocating makes this job
-// pay more, never a neighbour; freeing can make it pay less). Without NVML
-// nothing can be measured: contexts are then charged nothing, said once on
-// stderr, and FRACGPU_CONTEXT_MEMORY is the way to charge them.
+// Limits, said in the README: a process outside fracgpu allocating or freeing
+// during the measurement moves the figure by what it did (allocating makes
+// this job pay more, never a neighbour; freeing can make it pay less).
+// Without NVML nothing can be measured: contexts are then charged nothing,
+// said once on stderr, and FRACGPU_CONTEXT_MEMORY is the way to charge them.
 // ---------------------------------------------------------------------------
 namespace shim {
 namespace {
@@ -439,22 +450,51 @@ const Nvml &nvml() {
     return n;
 }
 
-// The device's used memory, read until two reads in a row agree (at most a
-// few tries); false when NVML cannot say.
-bool device_used(const std::string &uuid, uint64_t *used) {
+// What every partition of the GPU has charged.
+uint64_t books(Binding &b) {
+    const fracgpu::SharedRegion *r = b.region.raw();
+    uint64_t sum = 0;
+    for (const fracgpu::SharedPartition &p : r->partitions)
+        if (p.in_use) sum += p.used.load(std::memory_order_acquire);
+    return sum;
+}
+
+// The device's used memory beyond the books (signed: the books run ahead of
+// the driver between a charge and its allocation), read until two reads in a
+// row agree (at most a few tries); false when NVML cannot say.
+bool beyond_books(Binding &b, int64_t *out) {
     const Nvml &n = nvml();
     void *dev = nullptr;
-    if (!n.by_uuid || n.by_uuid(uuid.c_str(), &dev) != 0) return false;
-    NvmlMemory m{};
-    uint64_t last = UINT64_MAX;
-    for (int i = 0; i < 5; i++) {
+    if (!n.by_uuid || n.by_uuid(b.uuid.c_str(), &dev) != 0) return false;
+    int64_t last = 0;
+    for (int i = 0; i < 8; i++) {
+        NvmlMemory m{};
+        uint64_t charged = books(b);
         if (n.memory(dev, &m) != 0) return false;
-        if (m.used == last) break;
-        last = m.used;
+        int64_t now = (int64_t)m.used - (int64_t)charged;
+        if (i > 0 && now == last) break;
+        last = now;
     }
-    *used = m.used;
+    *out = last;
     return true;
 }
+
+// Holds the GPU's measurement lock (flock on its state file) while it lives.
+class MeasureLock {
+  public:
+    explicit MeasureLock(const std::string &path) : fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
+        while (fd_ >= 0 && flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
+        }
+    }
+    ~MeasureLock() {
+        if (fd_ >= 0) ::close(fd_);   // closing releases the lock
+    }
+    MeasureLock(const MeasureLock &) = delete;
+    MeasureLock &operator=(const MeasureLock &) = delete;
+
+  private:
+    int fd_;
+};
 
 constexpr uint64_t kUnknown = UINT64_MAX;
 std::mutex g_context_mu;                       // one context creation at a time (a measurement needs it)
@@ -479,8 +519,10 @@ CUresult context_created(CUcontext *pctx, CUdevice dev, Call call, Undo undo) {
     std::lock_guard<std::mutex> lk(g_context_mu);
     const Settings &s = settings();
     uint64_t known = s.has_context_memory ? s.context_memory : g_context_bytes[dev];
-    uint64_t before = 0;
-    bool measure = known == kUnknown && b->ok && device_used(b->uuid, &before);
+    std::unique_ptr<MeasureLock> one_at_a_time;
+    if (known == kUnknown && b->ok) one_at_a_time = std::make_unique<MeasureLock>(b->region.path());
+    int64_t before = 0;
+    bool measure = one_at_a_time && beyond_books(*b, &before);
     uint64_t reserve = known == kUnknown ? 0 : known;
     CUresult rc = charge(b, reserve);   // known: charged before the call, as an allocation is
     if (rc != CUDA_SUCCESS) {
@@ -493,9 +535,9 @@ CUresult context_created(CUcontext *pctx, CUdevice dev, Call call, Undo undo) {
         uncharge(dev, reserve);
         return rc;
     }
-    uint64_t after = 0;
-    if (measure && device_used(b->uuid, &after)) {
-        reserve = after > before ? after - before : 0;
+    int64_t after = 0;
+    if (measure && beyond_books(*b, &after)) {
+        reserve = after > before ? (uint64_t)(after - before) : 0;
         g_context_bytes[dev] = reserve;
         if (charge(b, reserve) != CUDA_SUCCESS) {
             undo();
