@@ -114,7 +114,7 @@ def test_a_partition_in_use_is_not_removed(clients, gpu):
         held = 64 * MiB + gpu.context   # its allocation and its context
         assert (team.used, team.peak, team.processes) == (held, held, 1)
         (proc,) = u.processes
-        assert (proc.pid, proc.partition, proc.used) == (command_pid(job), "team", 64 * MiB)
+        assert (proc.pid, proc.partition, proc.used) == (command_pid(job), "team", held)
         assert proc.command.startswith("client_")
     finally:
         job.kill()
