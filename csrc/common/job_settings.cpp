@@ -73,6 +73,7 @@ bool read_job_settings(JobSettings *out, std::string *err) {
             }
             s.context_memory = 0;
         }
+        s.has_context_memory = true;
     }
     if ((v = fracgpu_setting(FRACGPU_SETTING_OOM_WAIT))) {
         char *end = nullptr;

@@ -119,8 +119,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(OOM_WAIT, units.parse_seconds, "0", "shim, python",
             "An allocation over the quota waits up to this many seconds for memory to free before it fails.",
             "job"),
-    Setting(CONTEXT_MEMORY, _size, "0", "shim, python",
-            "What each CUDA context is charged for its own reservation.", "job"),
+    Setting(CONTEXT_MEMORY, _size, "(measured)", "shim, python",
+            "What each CUDA context is charged for its own reservation, instead of what the shim measures (the "
+            "device's used memory before and after the process's first context on it).", "job"),
     Setting(STATE_DIR, _text, "$XDG_RUNTIME_DIR/fracgpu, else /tmp/fracgpu-$UID", "shim, nvml-shim, python",
             "The state folder: one file per GPU, holding its partitions and processes; it must be yours and not "
             "writable by others.", "host"),
@@ -145,8 +146,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(SIM_SMS, _count, "132", "sim, python", "Streaming multiprocessors of each simulated device.", "sim"),
     Setting(SIM_DEVICES, _count, "1", "sim, python", "Number of simulated devices.", "sim"),
     Setting(SIM_NAME, _text, "fracgpu simulated GPU", "sim, python", "The simulated devices' name.", "sim"),
-    Setting(SIM_CONTEXT_MEMORY, _size, "0", "sim, python",
-            "What each simulated context reserves on its device, in bytes.", "sim"),
+    Setting(SIM_CONTEXT_MEMORY, _size, "(1/256 of the memory)", "sim, python",
+            "What each simulated context reserves on its device, in bytes (a real one takes 300-600 MiB of an "
+            "80-141 GiB GPU); `0` reserves nothing.", "sim"),
 )
 
 NAMES: tuple[str, ...] = tuple(s.name for s in SETTINGS)

@@ -27,6 +27,9 @@ MAX_MEMORY = 64 * TiB
 MAX_SMS = 1024
 MAX_DEVICES = 16
 MAX_NAME_BYTES = 200
+# What each simulated context reserves by default: 1/256 of the device, as a real context takes 300-600 MiB of an
+# 80-141 GiB H100/H200 (64MiB of the default 16GiB). The simulated driver's rule (kContextShare) is the same.
+CONTEXT_SHARE = 256
 
 
 class ConfigError(ValueError):
@@ -47,8 +50,15 @@ class SimConfig:
     sms: int = settings.default(settings.SIM_SMS)
     devices: int = settings.default(settings.SIM_DEVICES)
     name: str = settings.default(settings.SIM_NAME)
-    context_memory: int = settings.default(settings.SIM_CONTEXT_MEMORY)  # bytes each context reserves on its device
+    # Bytes each context reserves on its device; None: the simulated driver's default, CONTEXT_SHARE of the memory.
+    context_memory: int | None = None
     state_dir: str | None = None  # where the shared simulated GPU keeps its file
+
+    def reserved_per_context(self) -> int:
+        """What each context reserves on a device: ``context_memory``, or the default share of the memory."""
+        if self.context_memory is None:
+            return self.memory // CONTEXT_SHARE if isinstance(self.memory, int) else 0
+        return self.context_memory
 
     def validate(self) -> None:
         """Raises ConfigError (a ValueError) naming the first bad setting."""
@@ -61,7 +71,7 @@ class SimConfig:
             raise ConfigError("name", f"must be printable text (no control characters), not {self.name!r}")
         if len(self.name.encode()) > MAX_NAME_BYTES:
             raise ConfigError("name", f"must be at most {MAX_NAME_BYTES} bytes long (UTF-8)")
-        _check_int("context_memory", self.context_memory, 0, self.memory - 1,
+        _check_int("context_memory", self.reserved_per_context(), 0, self.memory - 1,
                    f"less than the device's memory ({format_size(self.memory)})", format_size)
         if self.state_dir is not None:
             if not isinstance(self.state_dir, (str, os.PathLike)) or not os.fspath(self.state_dir):
@@ -99,7 +109,7 @@ def environment(config: SimConfig, base_env: Mapping[str, str] | None = None) ->
         settings.SIM_SMS: str(config.sms),
         settings.SIM_DEVICES: str(config.devices),
         settings.SIM_NAME: config.name,
-        settings.SIM_CONTEXT_MEMORY: str(config.context_memory),
+        settings.SIM_CONTEXT_MEMORY: str(config.reserved_per_context()),
     }
     if config.state_dir is not None:
         env[settings.SIM_DIR] = os.fspath(config.state_dir)

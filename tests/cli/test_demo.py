@@ -3,6 +3,9 @@
 import subprocess
 import sys
 
+from fracgpu import sim
+from fracgpu.units import format_size
+
 
 def rows(section: str) -> dict[str, list[str]]:
     return {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
@@ -37,7 +40,10 @@ def test_demo_runs_three_jobs_then_shows_the_live_view_and_the_report_on_the_sim
     assert set(recorded) == {"train", "infer", "batch"}
     for name, cells in recorded.items():
         assert cells[3] == "0" and float(cells[4].rstrip(" s")) > 0.2, (name, cells)
-    assert recorded["batch"][6] == "768MiB" and recorded["train"][6] == "2GiB"
+    # Peaks: what each job allocated, and its context (inside its quota) on the simulated 8 GiB GPU.
+    context = sim.SimConfig(memory=8 << 30).reserved_per_context()
+    assert recorded["batch"][6] == format_size((768 << 20) + context)
+    assert recorded["train"][6] == format_size((2 << 30) + context)
 
 
 def test_demo_real_without_a_gpu_says_what_to_do():

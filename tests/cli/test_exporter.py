@@ -74,22 +74,23 @@ def test_metrics_of_a_holding_job(gpu, clients):
             uuid = one(samples, "fracgpu_gpu_memory_total_bytes", gpu="0").labels["UUID"]
             assert uuid.startswith("GPU-") and one(samples, "fracgpu_gpu_memory_total_bytes").value == GiB
             part = {"gpu": "0", "UUID": uuid, "partition": f"run-{job.pid}"}
-            assert one(samples, "fracgpu_partition_memory_used_bytes", **part).value == 200 * MiB
+            assert one(samples, "fracgpu_partition_memory_used_bytes", **part).value == 200 * MiB + gpu.context
             assert one(samples, "fracgpu_partition_memory_limit_bytes", **part).value == 256 * MiB
-            assert one(samples, "fracgpu_partition_memory_peak_bytes", **part).value == 200 * MiB
+            assert one(samples, "fracgpu_partition_memory_peak_bytes", **part).value == 200 * MiB + gpu.context
             assert one(samples, "fracgpu_partition_processes", **part).value == 1
             assert one(samples, "fracgpu_partition_oom_refusals_total", **part).value == 0
             assert one(samples, "fracgpu_partition_device_seconds_total", **part).value == 0
             assert one(samples, "fracgpu_partition_launches_total", **part).value == 0
             assert "fracgpu_partition_compute_share_ratio" not in samples   # no share set
             proc_labels = {**part, "pid": str(command_pid(job))}
-            assert one(samples, "fracgpu_process_memory_used_bytes", **proc_labels).value == 200 * MiB
+            assert one(samples, "fracgpu_process_memory_used_bytes", **proc_labels).value == 200 * MiB + gpu.context
             assert one(samples, "fracgpu_process_device_seconds_total", **proc_labels).value == 0
             fb = one(samples, "DCGM_FI_DEV_FB_USED", gpu="0", UUID=uuid)
-            assert fb.value == 200 and fb.labels["modelName"] == "fracgpu simulated GPU"
+            fb_used = (200 * MiB + gpu.context) // MiB   # the job's memory and its context, in MiB
+            assert fb.value == fb_used and fb.labels["modelName"] == "fracgpu simulated GPU"
             assert fb.labels["pci_bus_id"] == SIM_BUS_ID and fb.labels["device"] == "nvidia0"
             assert fb.labels["hostname"] == socket.gethostname()
-            assert one(samples, "DCGM_FI_DEV_FB_FREE", gpu="0").value == 1024 - 200
+            assert one(samples, "DCGM_FI_DEV_FB_FREE", gpu="0").value == 1024 - fb_used
             assert one(samples, "fracgpu_state_readable").value == 1
             # A shared partition with a share, read on the next scrape.
             gpu.fracgpu("partition", "create", "svc", "--memory", "128MiB", "--compute", "40%", "--cap")
@@ -118,7 +119,7 @@ def test_defaults_partition_series_on_port_10061_without_process_or_dcgm_series(
         with exporter(gpu, None) as proc:
             samples = scrape(DEFAULT_PORT)
             part = one(samples, "fracgpu_partition_memory_used_bytes", gpu="0", partition=f"run-{job.pid}")
-            assert part.value == 200 * MiB and one(samples, "fracgpu_partition_processes").value == 1
+            assert part.value == 200 * MiB + gpu.context and one(samples, "fracgpu_partition_processes").value == 1
             assert [name for name in samples if name.startswith(("DCGM_", "fracgpu_process_"))] == []
             assert not any("pid" in s.labels for family in samples.values() for s in family)
         assert proc.returncode == 0, proc.stderr.read()
@@ -142,10 +143,11 @@ def test_gpu_is_the_index_and_uuid_the_uuid_on_every_series(make_gpu, clients):
         with exporter(gpu, port, "--per-process", "--dcgm", env={"CUDA_VISIBLE_DEVICES": "1"}):
             samples = scrape(port)
         run = {"gpu": "1", "UUID": uuids["1"], "partition": f"run-{job.pid}"}
-        assert one(samples, "fracgpu_partition_memory_used_bytes", **run).value == 100 * MiB
+        assert one(samples, "fracgpu_partition_memory_used_bytes", **run).value == 100 * MiB + gpu.context
         assert one(samples, "fracgpu_process_memory_used_bytes", **run).labels["pid"] == str(command_pid(job))
         assert one(samples, "fracgpu_partition_memory_limit_bytes", gpu="0", UUID=uuids["0"]).value == 64 * MiB
-        assert one(samples, "DCGM_FI_DEV_FB_USED", gpu="1", UUID=uuids["1"], device="nvidia1").value == 100
+        assert one(samples, "DCGM_FI_DEV_FB_USED", gpu="1", UUID=uuids["1"], device="nvidia1").value == \
+            (100 * MiB + gpu.context) // MiB   # the job's memory and its context
         assert one(samples, "DCGM_FI_DEV_FB_USED", gpu="0", UUID=uuids["0"], device="nvidia0").value == 0
         for d in found:
             info = one(samples, "fracgpu_gpu_info", gpu=str(d.index))

@@ -12,6 +12,7 @@ import pytest
 
 from tests.support.simgpu import MiB
 from fracgpu.ledger import Ledger
+from fracgpu.units import format_size
 
 NARROW = {"COLUMNS": "80"}
 
@@ -47,9 +48,10 @@ def partitions(clients, gpu):
 def test_partition_list(gpu, partitions):
     out = gpu.fracgpu("partition", "list", env=NARROW).stdout
     rows = table_rows(out)
+    held = format_size(200 * MiB + gpu.context)   # its allocation and its context
     assert rows == {"team": ["256MiB", "0B", "0B", "-", "0.00 s", "0"],
                     "training-large": ["256MiB", "0B", "0B", "50% cap", "0.00 s", "0"],
-                    partitions: ["300MiB", "200MiB", "200MiB", "25%", "0.00 s", "1"]}
+                    partitions: ["300MiB", held, held, "25%", "0.00 s", "1"]}
     assert out.count("┏") == 1   # it fits in one table
 
 
@@ -58,12 +60,14 @@ def test_top(gpu, partitions):
     rows = table_rows(out)
     # partition, memory / limit, %, peak, share, achieved, GPU time, procs: in two tables at 80 columns
     assert out.count("┏") > 2
-    assert rows[partitions][:4] == ["200MiB / 300MiB", "67%", "200MiB", "25%"]
+    held = format_size(200 * MiB + gpu.context)   # its allocation and its context
+    percent = f"{round(100 * (200 * MiB + gpu.context) / (300 * MiB))}%"
+    assert rows[partitions][:4] == [f"{held} / 300MiB", percent, held, "25%"]
     assert rows["training-large"][:4] == ["0B / 256MiB", "0%", "0B", "50% cap"]
     assert len(rows["team"]) == 7
     (pid,) = [name for name in rows if name.isdigit()]   # the process table: pid, partition, command, ...
     assert rows[pid][0] == partitions.split()[0] and rows[pid][1].startswith("client_")
-    assert rows[pid][2:4] == ["200MiB", "200MiB"]
+    assert rows[pid][2:4] == [held, held]
 
 
 def test_report(tmp_path):

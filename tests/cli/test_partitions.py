@@ -111,9 +111,10 @@ def test_a_partition_in_use_is_not_removed(clients, gpu):
                 "partition 'team' is in use by process(es) " + str(command_pid(job)), "stop them first")
         (u,) = fracgpu.usage(gpu.state_dir)
         (team,) = u.partitions
-        assert (team.used, team.peak, team.processes) == (64 * MiB, 64 * MiB, 1)
+        held = 64 * MiB + gpu.context   # its allocation and its context
+        assert (team.used, team.peak, team.processes) == (held, held, 1)
         (proc,) = u.processes
-        assert (proc.pid, proc.partition, proc.used) == (command_pid(job), "team", 64 * MiB)
+        assert (proc.pid, proc.partition, proc.used) == (command_pid(job), "team", held)
         assert proc.command.startswith("client_")
     finally:
         job.kill()
@@ -127,9 +128,10 @@ def test_usage_of_a_private_partition_and_its_end(clients, gpu):
         assert job.stdout.readline().strip() == "holding 100"
         (u,) = fracgpu.usage(gpu.state_dir)
         assert isinstance(u, fracgpu.GPUUsage) and u.total_memory == GiB
-        assert u.partitions == [fracgpu.PartitionUsage(name=f"run-{job.pid}", memory_limit=512 * MiB, used=100 * MiB,
-                                                       peak=100 * MiB, processes=1, ephemeral=True, oom_refusals=0)]
-        assert [(p.pid, p.used, p.peak) for p in u.processes] == [(command_pid(job), 100 * MiB, 100 * MiB)]
+        held = 100 * MiB + gpu.context   # its allocation and its context
+        assert u.partitions == [fracgpu.PartitionUsage(name=f"run-{job.pid}", memory_limit=512 * MiB, used=held,
+                                                       peak=held, processes=1, ephemeral=True, oom_refusals=0)]
+        assert [(p.pid, p.used, p.peak) for p in u.processes] == [(command_pid(job), held, held)]
         table = gpu.fracgpu("partition", "list", env={"COLUMNS": "200"}).stdout
         assert f"run-{job.pid} (private)" in table
         command = command_pid(job)
@@ -146,7 +148,8 @@ def test_usage_counts_refusals(clients, gpu):
     gpu.fracgpu("partition", "create", "team", "--memory", "128MiB")
     gpu.fracgpu("run", "--partition", "team", "--", clients.lcuda, "alloc-until-oom", 64)
     (team,) = fracgpu.usage(gpu.state_dir)[0].partitions
-    assert (team.used, team.peak) == (0, 128 * MiB)
+    # The peak: as many 64 MiB blocks as fit beside its context, and the context.
+    assert (team.used, team.peak) == (0, (128 * MiB - gpu.context) // (64 * MiB) * 64 * MiB + gpu.context)
     assert team.oom_refusals == 1   # the client's one refused allocation
 
 

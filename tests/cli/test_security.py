@@ -69,4 +69,4 @@ def test_a_group_member_runs_jobs_but_cannot_change_a_quota(gpu, tmp_path):
     assert gpu.fracgpu("run", "--memory", "32MiB", "--", sys.executable, "-c", HOLD, env=env).stdout.strip() == "2"
     (team,) = [p for p in __import__("json").loads(gpu.fracgpu("partition", "list", "--json", env=env).stdout)[0]
                ["partitions"] if p["name"] == "team"]
-    assert team["memory_limit"] == 256 * MiB and team["peak"] == 64 * MiB
+    assert team["memory_limit"] == 256 * MiB and team["peak"] == 64 * MiB + gpu.context   # and its context

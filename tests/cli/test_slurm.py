@@ -82,7 +82,8 @@ def test_shards_become_the_jobs_quota_and_share(gpu, clients, tmp_path):
     job = subprocess.run([str(clients.lcuda), "alloc-until-oom", "64"], capture_output=True, text=True, timeout=60,
                          env=task_env(env, result.stdout))
     facts = parse_facts(job.stdout)
-    assert facts["bytes"] == str(256 * MiB) and facts["result"] == "CUDA_ERROR_OUT_OF_MEMORY", job.stderr
+    usable = (256 * MiB - gpu.context) // (64 * MiB) * 64 * MiB   # the quarter less its context, in 64 MiB blocks
+    assert facts["bytes"] == str(usable) and facts["result"] == "CUDA_ERROR_OUT_OF_MEMORY", job.stderr
 
 
 GRES_TWO_NODES = """# Two kinds of node in one file: Slurm reads the lines naming each node, and those naming none.
@@ -118,7 +119,8 @@ def test_a_polluted_user_environment_does_not_reach_the_task(gpu, clients, shim,
     job = subprocess.run([str(clients.lcuda), "alloc-until-oom", "64"], capture_output=True, text=True, timeout=60,
                          env=task)
     facts = parse_facts(job.stdout)
-    assert facts["bytes"] == str(256 * MiB) and facts["result"] == "CUDA_ERROR_OUT_OF_MEMORY", job.stderr
+    usable = (256 * MiB - gpu.context) // (64 * MiB) * 64 * MiB   # the quarter less its context, in 64 MiB blocks
+    assert facts["bytes"] == str(usable) and facts["result"] == "CUDA_ERROR_OUT_OF_MEMORY", job.stderr
     assert list(gpu.state_dir.glob("gpu-*.state")) and not os.path.exists("/home/x")
     # On node big01 (2 GPUs, 4 shards), one shard is half a GPU.
     result = prolog(gpu, "--config", node_config(gpu, tmp_path), env={**env, "SLURMD_NODENAME": "big01",

@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.simgpu import GiB, MiB, command_pid
 from fracgpu import snapshot, state
+from fracgpu.units import format_size
 
 
 def refused(result, *phrases):
@@ -44,25 +45,27 @@ def test_once_shows_the_partition_and_its_process(gpu, holding_job):
     rows = table_rows(result.stdout)
     partition = next(r for r in rows if r[0] == f"{name} (private)")
     # partition, memory / limit, %, peak, share, achieved, device time, processes
-    assert partition[1:4] == ["200MiB / 256MiB", "78%", "200MiB"]
+    held = format_size(200 * MiB + gpu.context)   # its allocation and its context
+    assert partition[1:4] == [f"{held} / 256MiB", f"{round(100 * (200 * MiB + gpu.context) / (256 * MiB))}%", held]
     assert partition[4] == "-" and partition[5].endswith("%") and partition[6].endswith(" s") and partition[7] == "1"
     process = next(r for r in rows if r[0] == str(command_pid(holding_job)))
-    assert process[1] == name and process[2].startswith("client_") and process[3] == "200MiB"
+    assert process[1] == name and process[2].startswith("client_") and process[3] == held
     (u,) = state.usage(gpu.state_dir)
-    assert u.uuid in result.stdout and "200MiB / 1GiB" in result.stdout
+    assert u.uuid in result.stdout and f"{held} / 1GiB" in result.stdout
 
 
 def test_once_json(gpu, holding_job):
     out = json.loads(gpu.fracgpu("top", "--once", "--json", "--interval", "0.2").stdout)
     assert 0.15 <= out["interval"] < 5
     (g,) = out["gpus"]
-    assert g["total_memory"] == GiB and g["used"] == 200 * MiB
+    held = 200 * MiB + gpu.context   # its allocation and its context
+    assert g["total_memory"] == GiB and g["used"] == held
     (p,) = g["partitions"]
     assert (p["name"], p["memory_limit"], p["used"], p["peak"], p["processes"]) == \
-        (f"run-{holding_job.pid}", 256 * MiB, 200 * MiB, 200 * MiB, 1)
+        (f"run-{holding_job.pid}", 256 * MiB, held, held, 1)
     assert p["compute_share_achieved"] == 0.0   # measured: the job launches nothing
     (q,) = g["processes"]
-    assert (q["pid"], q["used"], q["compute_share_achieved"]) == (command_pid(holding_job), 200 * MiB, 0.0)
+    assert (q["pid"], q["used"], q["compute_share_achieved"]) == (command_pid(holding_job), held, 0.0)
 
 
 def test_nothing_running(gpu):

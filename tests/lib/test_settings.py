@@ -89,7 +89,10 @@ def test_the_simulated_gpu_defaults_are_the_tables():
 
     config = sim.SimConfig()
     assert (config.memory, config.sms, config.devices, config.name, config.context_memory) == (
-        16 << 30, 132, 1, "fracgpu simulated GPU", 0)
+        16 << 30, 132, 1, "fracgpu simulated GPU", None)
+    # None: the table's rule, 1/256 of the memory, as the simulated driver applies it.
+    assert settings.by_name(settings.SIM_CONTEXT_MEMORY).default == "(1/256 of the memory)"
+    assert config.reserved_per_context() == (16 << 30) // 256 == sim.SimConfig(memory=1 << 30).reserved_per_context() * 16
     assert config.memory == settings.default(settings.SIM_MEMORY)
     with pytest.raises(ValueError):
         settings.default(settings.STATE_DIR)   # a rule, not a value

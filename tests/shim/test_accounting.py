@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.simgpu import BINDINGS_PRELUDE, GiB, MiB, command_pid, wait_gone
 
-# A job: allocate MIB, then 1 MiB more and free it (peak: MIB + 1), launch N spins of MS milliseconds back to back (N < 0: until
+# A job: allocate MIB, then 1 MiB more and free it (peak: MIB + 1 and its context), launch N spins of MS milliseconds back to back (N < 0: until
 # killed), synchronise, free, exit with STATUS.
 JOB = BINDINGS_PRELUDE + r"""
 module, mib, n, ms, status = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
@@ -61,7 +61,8 @@ def test_two_jobs_have_their_device_time_and_exact_peak_in_the_report(make_gpu, 
     assert b.wait(60) == 3, b.communicate()
     jobs = {j["job"]: j for j in report(gpu, "--rate", "3.6")}
     assert set(jobs) == {"a", "b"}
-    for name, ran_s, peak, status in (("a", 0.300, 257 * MiB, 0), ("b", 0.400, 97 * MiB, 3)):
+    for name, ran_s, peak, status in (("a", 0.300, 257 * MiB + gpu.context, 0),
+                                          ("b", 0.400, 97 * MiB + gpu.context, 3)):
         job = jobs[name]
         assert abs(job["gpu_seconds"] - ran_s) <= 0.05 * ran_s, job
         assert job["peak_memory_bytes"] == peak, job
@@ -79,7 +80,7 @@ def test_a_job_alone_on_the_gpu_is_accounted(gpu, kernels):
     assert p.wait(60) == 0, p.communicate()
     (job,) = report(gpu)
     assert abs(job["gpu_seconds"] - 0.4) <= 0.02, job
-    assert job["peak_memory_bytes"] == 101 * MiB
+    assert job["peak_memory_bytes"] == 101 * MiB + gpu.context   # its allocations and its context
     assert job["memory_limit"] == (1 << 30) // 4   # 25% of the simulated GPU's 1 GiB, in bytes
 
 
@@ -99,7 +100,7 @@ def test_a_job_killed_with_sigkill_is_in_the_report_with_its_use(gpu, kernels):
     assert p.wait(30) == -signal.SIGKILL     # fracgpu run ends as its command did
     (job,) = report(gpu)
     assert job["exit_status"] == -signal.SIGKILL
-    assert job["peak_memory_bytes"] == 201 * MiB
+    assert job["peak_memory_bytes"] == 201 * MiB + gpu.context   # its allocations and its context
     elapsed = time.time() - _ts(job["start"])
     assert 0.8 <= job["gpu_seconds"] <= elapsed, job   # busy from the start to the kill
 
@@ -117,7 +118,7 @@ def test_killing_fracgpu_run_kills_the_job_and_the_report_keeps_it(gpu, kernels)
     assert not any(u["processes"] for u in gpu_usage(gpu))
     (job,) = report(gpu)
     assert job["exit_status"] == -signal.SIGKILL and job["end"] is not None
-    assert job["peak_memory_bytes"] == 51 * MiB
+    assert job["peak_memory_bytes"] == 51 * MiB + gpu.context   # its allocations and its context
     assert job["gpu_seconds"] >= 0.5, job
 
 
@@ -160,5 +161,5 @@ def test_a_job_under_fracgpu_init_is_recorded_until_it_ends(gpu, kernels):
     assert job["end"] is not None and job["kind"] == "init"
     assert job["partition"] == f"init-{p.pid}" and job["exit_status"] is None   # not ours to know
     assert abs(job["gpu_seconds"] - 0.3) <= 0.015, job
-    assert job["peak_memory_bytes"] == 129 * MiB and job["memory_limit"] == 512 * MiB
+    assert job["peak_memory_bytes"] == 129 * MiB + gpu.context and job["memory_limit"] == 512 * MiB
     assert not any(u["processes"] for u in gpu_usage(gpu))   # its kept slot was collected

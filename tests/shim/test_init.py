@@ -75,8 +75,8 @@ def test_cuda_then_sees_the_quota_and_usage_shows_the_partition(gpu):
     assert out["env"]["FRACGPU_OOM_WAIT"] == "0.0"
     assert out["total"] == 256 * MiB
     name = f"init-{out['pid']}"
-    assert out["partitions"] == [[name, 256 * MiB, 64 * MiB, True]]
-    assert out["processes"] == [[out["pid"], name, 64 * MiB]]
+    assert out["partitions"] == [[name, 256 * MiB, 64 * MiB + gpu.context, True]]   # and its context
+    assert out["processes"] == [[out["pid"], name, 64 * MiB + gpu.context]]
 
 
 def test_children_inherit_the_partition(clients, gpu):

@@ -135,9 +135,10 @@ def test_simulated_nvml_shows_the_simulated_gpu(gpu, hold):
 
     holder = hold(300)
     busy = job(gpu)["nvml"]
-    assert busy["v1"] == {"total": GiB, "used": 300 * MiB, "free": GiB - 300 * MiB}
-    assert busy["v2"] == {"version": busy["v2"]["version"], "total": GiB, "used": 300 * MiB,
-                          "free": GiB - 300 * MiB, "reserved": 0}
+    held = 300 * MiB + gpu.context   # the holder's memory and its context
+    assert busy["v1"] == {"total": GiB, "used": held, "free": GiB - held}
+    assert busy["v2"] == {"version": busy["v2"]["version"], "total": GiB, "used": held,
+                          "free": GiB - held, "reserved": 0}
 
     holder.kill()
     holder.wait()
@@ -148,8 +149,8 @@ def test_simulated_nvml_matches_the_simulated_driver_in_one_process(gpu, hold):
     hold(100)
     out = job(gpu, alloc_mib=50)
     assert out["nvml"]["uuid"] == out["cuda"]["uuid"]
-    assert out["nvml"]["v1"] == expected_meminfo(out["cuda"]) == {"total": GiB, "used": 150 * MiB,
-                                                                  "free": GiB - 150 * MiB}
+    used = 150 * MiB + 2 * gpu.context   # the holder's context and the job's own
+    assert out["nvml"]["v1"] == expected_meminfo(out["cuda"]) == {"total": GiB, "used": used, "free": GiB - used}
 
 
 def test_simulated_nvml_indexes_every_device_whatever_cuda_sees(make_gpu):
@@ -216,7 +217,7 @@ def test_nvml_shows_the_partition_as_cuda_does(gpu):
     out = job(gpu, alloc_mib=100, env=shim_env(FRACGPU_PARTITION="p", FRACGPU_MEMORY="256MiB"))
     cuda = out["cuda"]
     assert cuda["total"] == cuda["device_total"] == QUOTA
-    assert cuda["total"] - cuda["free"] == 100 * MiB
+    assert cuda["total"] - cuda["free"] == 100 * MiB + gpu.context   # its context is inside the quota
     assert out["nvml"]["v1"] == expected_meminfo(cuda)
     v2 = out["nvml"]["v2"]
     assert {k: v2[k] for k in ("total", "used", "free")} == expected_meminfo(cuda)
@@ -231,26 +232,27 @@ def test_nvml_counts_every_member_of_the_partition(gpu, hold):
     hold(64, env=env)           # another member of partition p
     hold(500)                   # a process outside fracgpu: not the partition's
     out = job(gpu, alloc_mib=32, env=env)
-    assert out["nvml"]["v1"] == expected_meminfo(out["cuda"]) == {"total": QUOTA, "used": 96 * MiB,
-                                                                  "free": QUOTA - 96 * MiB}
+    used = 96 * MiB + 2 * gpu.context   # both members' contexts are the partition's
+    assert out["nvml"]["v1"] == expected_meminfo(out["cuda"]) == {"total": QUOTA, "used": used, "free": QUOTA - used}
 
 
 def test_free_is_never_more_than_the_device_has(gpu, hold):
     hold(900)                   # outside the partition: the device has 124 MiB free
     out = job(gpu, alloc_mib=16, env=shim_env(FRACGPU_PARTITION="p", FRACGPU_MEMORY="256MiB"))
-    assert out["nvml"]["v1"]["free"] == out["cuda"]["free"] == GiB - 916 * MiB
+    assert out["nvml"]["v1"]["free"] == out["cuda"]["free"] == GiB - 916 * MiB - 2 * gpu.context
     assert out["nvml"]["v1"]["total"] == out["cuda"]["total"] == QUOTA
-    assert out["nvml"]["v1"]["used"] == 16 * MiB
+    assert out["nvml"]["v1"]["used"] == 16 * MiB + gpu.context
 
 
 def test_a_killed_member_stops_counting(gpu, hold):
     env = shim_env(FRACGPU_PARTITION="p", FRACGPU_MEMORY="256MiB")
     member = hold(64, env=env)
     keeper = hold(8, env=env)   # keeps the private partition alive after the kill
-    assert job(gpu, env=env)["nvml"]["v1"]["used"] == 72 * MiB
+    assert job(gpu, env=env)["nvml"]["v1"]["used"] == 72 * MiB + 2 * gpu.context   # and both contexts
     member.kill()
     member.wait()
-    assert job(gpu, env=env)["nvml"]["v1"] == {"total": QUOTA, "used": 8 * MiB, "free": QUOTA - 8 * MiB}
+    used = 8 * MiB + gpu.context
+    assert job(gpu, env=env)["nvml"]["v1"] == {"total": QUOTA, "used": used, "free": QUOTA - used}
     assert keeper.poll() is None
 
 
@@ -262,7 +264,8 @@ def test_before_cuda_starts_nvml_shows_the_quota_to_come(gpu):
 def test_without_a_partition_nvml_passes_through(gpu, hold):
     hold(200)
     plain = job(gpu, alloc_mib=10)["nvml"]["v1"]
-    assert plain == {"total": GiB, "used": 210 * MiB, "free": GiB - 210 * MiB}
+    used = 210 * MiB + 2 * gpu.context   # the holder's context and the job's own
+    assert plain == {"total": GiB, "used": used, "free": GiB - used}
     shimmed = job(gpu, alloc_mib=10, env=shim_env())
     assert shimmed["nvml"]["v1"] == plain
     assert shimmed["nvml"]["v1"] == expected_meminfo(shimmed["cuda"])
@@ -272,7 +275,8 @@ def test_a_partition_not_on_this_gpu_passes_through(gpu, hold):
     hold(200)
     # No CUDA in this job (the CUDA shim would refuse an unknown partition): NVML only reports.
     out = job(gpu, env=shim_env(FRACGPU_PARTITION="elsewhere"))
-    assert out["nvml"]["v1"] == {"total": GiB, "used": 200 * MiB, "free": GiB - 200 * MiB}
+    used = 200 * MiB + gpu.context   # the holder's memory and context
+    assert out["nvml"]["v1"] == {"total": GiB, "used": used, "free": GiB - used}
     assert out["stderr"] == ""
 
 

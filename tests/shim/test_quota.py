@@ -87,14 +87,17 @@ def usage_of(gpu):
 def test_c_clients_see_the_quota_and_stop_at_it(clients, gpu, kind):
     client = getattr(clients, kind)
     facts = parse_facts(gpu.fracgpu("run", "--memory", "256MiB", "--", client, "info").stdout)
-    assert facts["total_mem"] == facts["meminfo_total"] == facts["meminfo_free"] == str(QUOTA)
+    assert facts["total_mem"] == facts["meminfo_total"] == str(QUOTA)
+    assert facts["meminfo_free"] == str(QUOTA - gpu.context)   # its context is inside the quota
     result = gpu.fracgpu("run", "--memory", "256MiB", "--", client, "alloc-until-oom", 64)
     facts = parse_facts(result.stdout)
-    assert facts == {"blocks": "4", "bytes": str(QUOTA), "result": "CUDA_ERROR_OUT_OF_MEMORY"}
+    blocks = (QUOTA - gpu.context) // (64 * MiB)
+    assert facts == {"blocks": str(blocks), "bytes": str(blocks * 64 * MiB), "result": "CUDA_ERROR_OUT_OF_MEMORY"}
     # One clear line on stderr, naming the partition, its limit, use and the request.
     oom_lines = [line for line in result.stderr.splitlines() if "out of memory" in line]
     assert len(oom_lines) == 1, result.stderr
-    assert "limit 256MiB, in use 256MiB, requested 64MiB" in oom_lines[0]
+    in_use = (blocks * 64 * MiB + gpu.context) // MiB
+    assert f"limit 256MiB, in use {in_use}MiB, requested 64MiB" in oom_lines[0]
     assert "partition 'run-" in oom_lines[0]
 
 
@@ -102,7 +105,7 @@ def test_c_clients_see_the_quota_and_stop_at_it(clients, gpu, kind):
 def test_python_clients_under_fracgpu_run(gpu, kind):
     facts = parse_facts(gpu.fracgpu("run", "--memory", "256MiB", "--", sys.executable, "-c", PYTHON_JOBS[kind]).stdout)
     assert facts["meminfo_total"] == facts["total_mem"] == str(QUOTA)
-    assert facts["blocks"] == "8"
+    assert facts["blocks"] == str((QUOTA - gpu.context) // (32 * MiB))   # the quota less its context
     assert facts["result"] == CUDA_ERROR_OUT_OF_MEMORY
 
 
@@ -111,7 +114,7 @@ def test_python_clients_with_init_in_process(gpu, kind):
     code = "import fracgpu\nfracgpu.init(memory='256MiB')\n" + PYTHON_JOBS[kind]
     facts = parse_facts(gpu.python(code).stdout)
     assert facts["meminfo_total"] == facts["total_mem"] == str(QUOTA)
-    assert facts["blocks"] == "8"
+    assert facts["blocks"] == str((QUOTA - gpu.context) // (32 * MiB))   # the quota less its context
 
 
 def test_a_percentage_is_of_the_device(clients, gpu):
@@ -119,18 +122,37 @@ def test_a_percentage_is_of_the_device(clients, gpu):
     assert facts["total_mem"] == str(GiB // 4)
 
 
-def test_eight_processes_in_one_partition_never_exceed_it(clients, gpu):
+# Its context made, waits for a line on stdin, then takes 1 MiB blocks until refused and holds them 1.5 s.
+RACE_JOB = CTYPES_PRELUDE + """import sys, time
+print("ready", flush=True)
+sys.stdin.readline()
+p, n = ctypes.c_uint64(), 0
+while (rc := cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(1 << 20))) == 0:
+    n += 1
+print("blocks", n)
+print("result", rc, flush=True)
+time.sleep(1.5)
+"""
+
+
+def test_eight_processes_in_one_partition_never_exceed_it(gpu):
     gpu.fracgpu("partition", "create", "team", "--memory", "256MiB")
     procs = [gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "team", "--",
-                       clients.lcuda, "alloc-until-oom", 1, 0, 1.5) for _ in range(8)]
+                       sys.executable, "-c", RACE_JOB) for _ in range(8)]
+    for p in procs:   # all eight contexts exist, then they race
+        assert p.stdout.readline().strip() == "ready"
+    for p in procs:
+        p.stdin.write("\n")
+        p.stdin.flush()
     blocks = 0
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
         facts = parse_facts(out)
-        assert facts["result"] == "CUDA_ERROR_OUT_OF_MEMORY"
+        assert facts["result"] == CUDA_ERROR_OUT_OF_MEMORY
         blocks += int(facts["blocks"])
-    assert blocks == 256   # together exactly the quota: never a byte above, nothing lost
+    # Together exactly the quota less their eight contexts: never a byte above, nothing lost.
+    assert blocks * MiB == QUOTA - 8 * gpu.context
     (team,) = [p for u in usage_of(gpu) for p in u["partitions"] if p["name"] == "team"]
     assert team["used"] == 0
     assert team["peak"] == QUOTA
@@ -148,7 +170,7 @@ def test_a_free_after_the_process_left_is_not_given_back_twice(clients, gpu, shi
         assert gpu.run(clients.lcuda, "free-at-exit", 32, env=env).stdout.strip() == "allocated 32"
         usage = json.loads(gpu.fracgpu("partition", "list", "--json").stdout)
         (team,) = [p for u in usage for p in u["partitions"] if p["name"] == "team"]
-        assert (team["used"], team["processes"]) == (64 * MiB, 1), team
+        assert (team["used"], team["processes"]) == (64 * MiB + gpu.context, 1), team   # and its context
     finally:
         holder.kill()
         holder.wait(timeout=10)
@@ -162,13 +184,13 @@ def test_a_killed_member_gives_its_memory_back_within_a_second(clients, gpu):
     try:
         assert holder.stdout.readline().strip() == "holding 200"
         facts = parse_facts(gpu.fracgpu("run", "--partition", "team", "--", clients.dlopen, "info").stdout)
-        assert facts["meminfo_free"] == str(56 * MiB)
+        assert facts["meminfo_free"] == str(56 * MiB - 2 * gpu.context)   # the holder's context and its own
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=10)
     killed = time.monotonic()
     facts = parse_facts(gpu.fracgpu("run", "--partition", "team", "--", clients.dlopen, "alloc-until-oom", 64).stdout)
-    assert facts["blocks"] == "4"
+    assert facts["blocks"] == str((QUOTA - gpu.context) // (64 * MiB))   # all of it back, but its own context
     assert time.monotonic() - killed < 5   # the process start dominates; the reclaim itself is immediate
 
 
@@ -179,9 +201,9 @@ def test_private_partitions_are_separate_and_vanish_with_their_job(clients, gpu)
         # Another job has its own quota, and the device really has the first job's memory in use.
         facts = parse_facts(gpu.fracgpu("run", "--memory", "512MiB", "--", clients.lcuda, "info").stdout)
         assert facts["meminfo_total"] == str(512 * MiB)
-        assert facts["meminfo_free"] == str(512 * MiB)
+        assert facts["meminfo_free"] == str(512 * MiB - gpu.context)   # less only its own context
         (u,) = usage_of(gpu)
-        assert [(p["name"], p["used"]) for p in u["partitions"]] == [(f"run-{a.pid}", 200 * MiB)]
+        assert [(p["name"], p["used"]) for p in u["partitions"]] == [(f"run-{a.pid}", 200 * MiB + gpu.context)]
         command = command_pid(a)
         assert u["processes"][0]["pid"] == command
     finally:
@@ -294,7 +316,8 @@ def test_a_damaged_state_file_refuses_cuda(clients, gpu, shim):
 def test_without_a_partition_the_shim_passes_everything_through(clients, gpu, kernels, shim):
     env = {"LD_PRELOAD": shim}
     assert gpu.facts(clients.dlopen, "info", env=env)["total_mem"] == str(GiB)
-    assert gpu.facts(clients.lcuda, "alloc-until-oom", 64, env=env)["blocks"] == "16"
+    # The device less the context's own reservation, which nobody charges here.
+    assert gpu.facts(clients.lcuda, "alloc-until-oom", 64, env=env)["blocks"] == str((GiB - gpu.context) // (64 * MiB))
     assert gpu.facts(clients.dlopen, "fill", 1000, 7, kernels, env=env)["wrong"] == "0"
     assert list(gpu.state_dir.glob("*")) == []
 
@@ -363,7 +386,8 @@ print("parent_blocks", blocks(32 << 20))
 
 def test_forked_children_are_limited_and_leave_the_parent_intact(gpu):
     facts = parse_facts(gpu.python(FORK_JOB).stdout)
-    assert facts["child_blocks"] == "8"
-    assert facts["parent_free"] == str(256 * MiB)
-    assert facts["parent_free_after_child"] == str(156 * MiB)
-    assert facts["parent_blocks"] == "4"              # (256 - 100) MiB left, in 32 MiB blocks
+    # Each process's context is inside the quota: the child had the quota less its own context.
+    assert facts["child_blocks"] == str((256 * MiB - gpu.context) // (32 * MiB))
+    assert facts["parent_free"] == str(256 * MiB - gpu.context)
+    assert facts["parent_free_after_child"] == str(156 * MiB - gpu.context)
+    assert facts["parent_blocks"] == str((156 * MiB - gpu.context) // (32 * MiB))   # what is left, in 32 MiB blocks

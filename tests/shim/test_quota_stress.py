@@ -18,8 +18,13 @@ from tests.support.simgpu import CTYPES_PRELUDE, MiB
 
 pytestmark = pytest.mark.slow
 
+# argv: seed, seconds, and optionally "wait": with its context made, wait for a line on stdin before the churn
+# (a context is inside the quota: one made after the others filled the partition would be refused).
 CHURN = CTYPES_PRELUDE + """
 import random, sys, time
+if sys.argv[3:] == ["wait"]:
+    print("ready", flush=True)
+    sys.stdin.readline()
 rng = random.Random(int(sys.argv[1]))
 held, ops, refused = [], 0, 0
 deadline = time.monotonic() + float(sys.argv[2])
@@ -57,8 +62,13 @@ def test_sixteen_processes_in_four_partitions_never_pass_their_limits(gpu):
     for name, mib in limits.items():
         gpu.fracgpu("partition", "create", name, "--memory", f"{mib}MiB")
     procs = [gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", name, "--",
-                       sys.executable, "-c", CHURN, str(seed), "3")
+                       sys.executable, "-c", CHURN, str(seed), "3", "wait")
              for seed, name in enumerate(n for n in limits for _ in range(4))]
+    for p in procs:   # every context is made, then they churn together
+        assert p.stdout.readline().strip() == "ready", p.stderr.read() if p.poll() is not None else ""
+    for p in procs:
+        p.stdin.write("\n")
+        p.stdin.flush()
     ops = refused = 0
     for p in procs:
         out, err = p.communicate(timeout=120)

@@ -29,7 +29,8 @@ from tests.support.simgpu import CTYPES_PRELUDE, MiB
 pytestmark = pytest.mark.slow
 
 # argv: seed, seconds, kernel module, and "leak" to free one block behind the shim's back.
-# Prints "holding BYTES" when done, waits for a line on stdin, then frees half of
+# Prints "ready" with its context made and waits for a line on stdin (every context is made before
+# any partition fills: a context is inside the quota). Prints "holding BYTES" when done, waits for a line on stdin, then frees half of
 # what it holds (the rest goes with the process) and prints its counts.
 WORKER = CTYPES_PRELUDE + r"""
 import os, random, sys, time
@@ -41,6 +42,8 @@ ok(cuda.cuModuleLoad(ctypes.byref(module), sys.argv[3].encode()))
 ok(cuda.cuModuleGetFunction(ctypes.byref(spin), module, b"fracgpu_spin"))
 stream = ctypes.c_void_p()
 ok(cuda.cuStreamCreate(ctypes.byref(stream), 0))
+print("ready", flush=True)
+sys.stdin.readline()
 rng = random.Random(int(sys.argv[1]))
 held, ops, refused, launches = [], 0, 0, 0
 deadline = time.monotonic() + float(sys.argv[2])
@@ -138,6 +141,17 @@ def run_workers(gpu, kernels, count: int, seconds: float, leak_in: str | None = 
     watcher = threading.Thread(target=monitor, daemon=True)
     watcher.start()
     procs = start_workers(gpu, kernels, count, seconds, leak_in)
+    deadline = time.monotonic() + 90
+    for _, p in procs:   # every context made; then they all start together
+        ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        line = p.stdout.readline() if ready else ""
+        if line.strip() != "ready":
+            for _, q in procs:
+                q.kill()
+            raise AssertionError(f"a worker did not start (pid {p.pid}): {line!r}")
+    for _, p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     holding: dict[str, int] = {}
     deadline = time.monotonic() + seconds + 90
     for name, p in procs:
@@ -148,7 +162,8 @@ def run_workers(gpu, kernels, count: int, seconds: float, leak_in: str | None = 
             raise AssertionError(f"a worker hung (pid {p.pid})")
         line = p.stdout.readline()
         assert line.startswith("holding "), (line, p.poll(), p.stderr.read() if p.poll() is not None else "")
-        holding[name] = holding.get(name, 0) + int(line.split()[1])
+        # What it allocated, and its context: both on its partition's books.
+        holding[name] = holding.get(name, 0) + int(line.split()[1]) + gpu.context
     stop.set()
     watcher.join()
     live = books(gpu)

@@ -58,6 +58,13 @@ def test_env_without_state_dir_leaves_the_simulator_default():
     assert result.returncode == 0, result.stderr
     assert "FRACGPU_SIM_DIR" not in result.stdout
     assert f"export FRACGPU_SIM_MEMORY={16 * GiB}\n" in result.stdout
+    assert f"export FRACGPU_SIM_CONTEXT_MEMORY={64 << 20}\n" in result.stdout   # 1/256 of the device
+
+
+def test_env_context_memory_defaults_to_a_share_of_the_memory():
+    result = fracgpu("sim", "env", "--memory", "4GiB")
+    assert result.returncode == 0, result.stderr
+    assert f"export FRACGPU_SIM_CONTEXT_MEMORY={16 << 20}\n" in result.stdout
 
 
 def run_env(*options, **env_changes):

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from fracgpu import sim
 from tests.support.simgpu import GiB, MiB, parse_facts
 
 CLIENT_KINDS = ["lcuda", "dlopen"]
@@ -30,7 +31,7 @@ def test_c_client_sees_the_configured_device(clients, make_gpu, kind):
         "devices": "1",
         "name": "test board",
         "total_mem": str(3 * GiB),
-        "meminfo_free": str(3 * GiB),
+        "meminfo_free": str(3 * GiB - gpu.context),   # its own context holds the rest
         "meminfo_total": str(3 * GiB),
     }
 
@@ -38,7 +39,8 @@ def test_c_client_sees_the_configured_device(clients, make_gpu, kind):
 @pytest.mark.parametrize("kind", CLIENT_KINDS)
 def test_allocations_stop_at_device_memory_with_out_of_memory(clients, gpu, kind):
     facts = gpu.facts(client(clients, kind), "alloc-until-oom", 64)
-    assert facts == {"blocks": "16", "bytes": str(GiB), "result": "CUDA_ERROR_OUT_OF_MEMORY"}
+    blocks = (GiB - gpu.context) // (64 * MiB)   # all but its context's reservation
+    assert facts == {"blocks": str(blocks), "bytes": str(blocks * 64 * MiB), "result": "CUDA_ERROR_OUT_OF_MEMORY"}
 
 
 @pytest.mark.parametrize("kind", CLIENT_KINDS)
@@ -67,7 +69,8 @@ def test_acceptance_through_fracgpu_sim_env(clients, kernels, tmp_path):
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     facts = parse_facts(out.stdout)
-    assert facts["blocks"] == "16" and facts["result"] == "CUDA_ERROR_OUT_OF_MEMORY"
+    context = GiB // sim.CONTEXT_SHARE   # what `sim env --memory 1GiB` makes each context reserve
+    assert facts["blocks"] == str((GiB - context) // (64 * MiB)) and facts["result"] == "CUDA_ERROR_OUT_OF_MEMORY"
     assert facts["wrong"] == "0" and facts["last"] == "0x12345678"
     assert 9.9 <= float(facts["event_ms"]) <= 11.0   # the host's gap before the launch counts too
 
@@ -93,14 +96,15 @@ def test_memory_is_global_across_processes_and_freed_at_exit(clients, gpu):
     try:
         assert holder.stdout.readline().strip() == "holding 300"
         facts = gpu.facts(clients.dlopen, "info")
-        assert int(facts["meminfo_free"]) == GiB - 300 * MiB
+        assert int(facts["meminfo_free"]) == GiB - 300 * MiB - 2 * gpu.context   # the holder's and its own
         assert int(facts["meminfo_total"]) == GiB
-        assert gpu.facts(clients.dlopen, "alloc-until-oom", 100)["blocks"] == "7"
+        assert gpu.facts(clients.dlopen, "alloc-until-oom", 100)["blocks"] == str(
+            (GiB - 300 * MiB - 2 * gpu.context) // (100 * MiB))
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=10)
     # A killed process's memory returns to the device as soon as another process looks.
-    assert gpu.facts(clients.dlopen, "info")["meminfo_free"] == str(GiB)
+    assert gpu.facts(clients.dlopen, "info")["meminfo_free"] == str(GiB - gpu.context)
 
 
 def test_separate_sim_dirs_are_separate_gpus(clients, make_gpu):
@@ -108,8 +112,8 @@ def test_separate_sim_dirs_are_separate_gpus(clients, make_gpu):
     holder = a.popen(clients.lcuda, "hold", 512, 30)
     try:
         assert holder.stdout.readline().strip() == "holding 512"
-        assert a.facts(clients.lcuda, "info")["meminfo_free"] == str(GiB - 512 * MiB)
-        assert b.facts(clients.lcuda, "info")["meminfo_free"] == str(GiB)
+        assert a.facts(clients.lcuda, "info")["meminfo_free"] == str(GiB - 512 * MiB - 2 * a.context)
+        assert b.facts(clients.lcuda, "info")["meminfo_free"] == str(GiB - b.context)
     finally:
         holder.kill()
         holder.wait(timeout=10)
@@ -159,7 +163,7 @@ ck(cuda.cuMemFree_v2(ptr))
 
 def test_ctypes_client(gpu, kernels):
     facts = parse_facts(gpu.run(sys.executable, "-c", CTYPES_CLIENT, kernels).stdout)
-    assert facts["meminfo"] == f"{GiB} {GiB}"
+    assert facts["meminfo"] == f"{GiB - gpu.context} {GiB}"   # its context holds the rest
     assert facts["memset"] == "True"
     assert 4.9 <= float(facts["spin_ms"]) <= 6.0
 
@@ -220,7 +224,7 @@ def test_cuda_bindings_client(make_gpu, kernels):
     assert facts["name"] == "fracgpu simulated GPU"
     assert facts["cc_major"] == "9"
     assert facts["sms"] == "78"
-    assert facts["meminfo"] == f"{2 * GiB} {2 * GiB}"
+    assert facts["meminfo"] == f"{2 * GiB - gpu.context} {2 * GiB}"   # its context holds the rest
     assert facts["total_mem"] == str(2 * GiB)
     assert facts["filled"] == "True"
     assert 1.9 <= float(facts["spin_ms"]) <= 3.0

@@ -122,6 +122,9 @@ class SimGPU:
     def __init__(self, folder: pathlib.Path, **config):
         self.dir = folder
         self.config = sim.SimConfig(state_dir=str(folder), **config)
+        # What each CUDA context reserves on this GPU (the simulated driver's default unless given): the shim
+        # measures it and charges it to the job, so a job's usable memory is its quota less this, per context.
+        self.context = self.config.reserved_per_context()
         # fracgpu's own shared state (partitions, processes) for this GPU, also private to the test.
         self.state_dir = folder.parent / (folder.name + "-state")
         self.state_dir.mkdir(mode=0o700, exist_ok=True)

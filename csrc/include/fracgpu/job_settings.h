@@ -27,6 +27,7 @@ struct JobSettings {
     std::string state_dir;
     double oom_wait_s = 0;         // FRACGPU_OOM_WAIT
     uint64_t context_memory = 0;   // FRACGPU_CONTEXT_MEMORY: charged per context
+    bool has_context_memory = false;   // it is set (else each context's reservation is measured)
     int holder = 0;                // FRACGPU_JOB_HOLDER: the pid recording this job (fracgpu run)
 
     // FRACGPU_MEMORY's limit on a device of `device_total` bytes (0: none asked).

@@ -32,8 +32,9 @@
       "job's partition is best effort.")                                                                           \
     X(OOM_WAIT, "FRACGPU_OOM_WAIT", "0", "shim, python",                                                           \
       "An allocation over the quota waits up to this many seconds for memory to free before it fails.")            \
-    X(CONTEXT_MEMORY, "FRACGPU_CONTEXT_MEMORY", "0", "shim, python",                                               \
-      "What each CUDA context is charged for its own reservation.")                                                \
+    X(CONTEXT_MEMORY, "FRACGPU_CONTEXT_MEMORY", "(measured)", "shim, python",                                      \
+      "What each CUDA context is charged for its own reservation, instead of what the shim measures (the "         \
+      "device's used memory before and after the process's first context on it).")                                 \
     X(STATE_DIR, "FRACGPU_STATE_DIR", "$XDG_RUNTIME_DIR/fracgpu, else /tmp/fracgpu-$UID", "shim, nvml-shim, python", \
       "The state folder: one file per GPU, holding its partitions and processes; it must be yours and not "       \
       "writable by others.")                                                                                       \
@@ -57,8 +58,9 @@
     X(SIM_SMS, "FRACGPU_SIM_SMS", "132", "sim, python", "Streaming multiprocessors of each simulated device.")      \
     X(SIM_DEVICES, "FRACGPU_SIM_DEVICES", "1", "sim, python", "Number of simulated devices.")                      \
     X(SIM_NAME, "FRACGPU_SIM_NAME", "fracgpu simulated GPU", "sim, python", "The simulated devices' name.")        \
-    X(SIM_CONTEXT_MEMORY, "FRACGPU_SIM_CONTEXT_MEMORY", "0", "sim, python",                                        \
-      "What each simulated context reserves on its device, in bytes.")
+    X(SIM_CONTEXT_MEMORY, "FRACGPU_SIM_CONTEXT_MEMORY", "(1/256 of the memory)", "sim, python",                    \
+      "What each simulated context reserves on its device, in bytes (a real one takes 300-600 MiB of an "          \
+      "80-141 GiB GPU); `0` reserves nothing.")
 
 #ifdef __cplusplus
 extern "C" {

@@ -20,8 +20,16 @@
 #include <type_traits>
 #include <unordered_map>
 
+#include "fracgpu/real_library.h"
 #include "fracgpu/state.h"
 #include "fracgpu/view.h"
+
+#include <cerrno>
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <memory>
+#include <sys/file.h>
+#include <unistd.h>
 
 namespace shim {
 namespace {
@@ -265,6 +273,7 @@ void vmm_unmapped(CUdeviceptr ptr, uint64_t size) {
     }
     for (int d = 0; d < kMaxDevices; d++) uncharge(d, freed[d]);
 }
+void contexts_forget_after_fork();   // a child measures its own first context again
 
 }  // namespace
 
@@ -279,6 +288,7 @@ void quota_forget_after_fork() {
     g_vmm.handles.clear();
     g_vmm.mappings.clear();
     reserve_forget_after_fork();
+    contexts_forget_after_fork();
 }
 
 CUresult quota_charge(int dev, uint64_t bytes) { return charge(binding(dev), bytes); }
@@ -475,39 +485,192 @@ SHIM_API CUresult cuMipmappedArrayDestroy(CUmipmappedArray h) {
 }
 
 // ---------------------------------------------------------------------------
-// Contexts: each one's own reservation (FRACGPU_CONTEXT_MEMORY) is charged
-// while it lives, and what it owned is given back when it goes.
+// Contexts: each one's own reservation is charged while it lives, and what it
+// owned is given back when it goes. The context is inside the quota, as with
+// MIG and MPS memory limits.
+//
+// What a context reserves is FRACGPU_CONTEXT_MEMORY when that is set, else
+// measured, around the process's first context on the device: how much the
+// memory the device uses beyond the books grew. "Beyond the books" is the
+// device's used memory (NVML's nvmlDeviceGetMemoryInfo, which needs no
+// context, unlike cuMemGetInfo) less what every partition of the GPU has
+// charged, so what fracgpu's other jobs allocate or free meanwhile cancels
+// out; each figure is read until two reads in a row agree, so one caught
+// between a charge and its allocation is read again. Measurements are taken
+// one at a time on the GPU (flock on its state file), so two jobs starting
+// together never count each other's context. The first context of a process
+// on a device is where the driver reserves the big block, so that figure is
+// kept per device and charged again, before the call, for every later
+// context of the process there. The first one is charged after it exists;
+// when it does not fit, it is destroyed and its creation fails with
+// CUDA_ERROR_OUT_OF_MEMORY.
+//
+// Limits, said in the README: a process outside fracgpu allocating or freeing
+// during the measurement moves the figure by what it did (allocating makes
+// this job pay more, never a neighbour; freeing can make it pay less).
+// Without NVML nothing can be measured: contexts are then charged nothing,
+// said once on stderr, and FRACGPU_CONTEXT_MEMORY is the way to charge them.
 // ---------------------------------------------------------------------------
+namespace shim {
 namespace {
-template <typename Call>
-CUresult context_created(CUcontext *pctx, CUdevice dev, Call call) {
+
+struct NvmlMemory {
+    unsigned long long total, free, used;   // nvmlMemory_t
+};
+using nvml_init_fn = int (*)();
+using nvml_by_uuid_fn = int (*)(const char *, void **);
+using nvml_memory_fn = int (*)(void *, NvmlMemory *);
+
+struct Nvml {
+    nvml_by_uuid_fn by_uuid = nullptr;
+    nvml_memory_fn memory = nullptr;
+};
+
+// The real (or simulated) NVML, opened once; null members when it cannot be.
+const Nvml &nvml() {
+    static const Nvml n = [] {
+        Nvml r;
+        static constexpr fracgpu::RealLibrary kNvmlLib = {"libnvidia-ml.so.1", FRACGPU_SETTING_REAL_LIBNVML, "NVML",
+                                                          "set FRACGPU_CONTEXT_MEMORY to charge contexts"};
+        std::string err;
+        void *h = fracgpu::open_real_library(kNvmlLib, &err);
+        auto init = h ? reinterpret_cast<nvml_init_fn>(dlsym(h, "nvmlInit_v2")) : nullptr;
+        if (init && init() == 0) {
+            r.by_uuid = reinterpret_cast<nvml_by_uuid_fn>(dlsym(h, "nvmlDeviceGetHandleByUUID"));
+            r.memory = reinterpret_cast<nvml_memory_fn>(dlsym(h, "nvmlDeviceGetMemoryInfo"));
+        }
+        if (!r.by_uuid || !r.memory)
+            log("cannot measure what CUDA contexts reserve (%s); they are charged nothing: set "
+                "FRACGPU_CONTEXT_MEMORY to charge them", err.empty() ? "NVML is not usable" : err.c_str());
+        return r;
+    }();
+    return n;
+}
+
+// What every partition of the GPU has charged.
+uint64_t books(Binding &b) {
+    const fracgpu::SharedRegion *r = b.region.raw();
+    uint64_t sum = 0;
+    for (const fracgpu::SharedPartition &p : r->partitions)
+        if (p.in_use) sum += p.used.load(std::memory_order_acquire);
+    return sum;
+}
+
+// The device's used memory beyond the books (signed: the books run ahead of
+// the driver between a charge and its allocation), read until two reads in a
+// row agree (at most a few tries); false when NVML cannot say.
+bool beyond_books(Binding &b, int64_t *out) {
+    const Nvml &n = nvml();
+    void *dev = nullptr;
+    if (!n.by_uuid || n.by_uuid(b.uuid.c_str(), &dev) != 0) return false;
+    int64_t last = 0;
+    for (int i = 0; i < 8; i++) {
+        NvmlMemory m{};
+        uint64_t charged = books(b);
+        if (n.memory(dev, &m) != 0) return false;
+        int64_t now = (int64_t)m.used - (int64_t)charged;
+        if (i > 0 && now == last) break;
+        last = now;
+    }
+    *out = last;
+    return true;
+}
+
+// Holds the GPU's measurement lock (flock on its state file) while it lives.
+class MeasureLock {
+  public:
+    explicit MeasureLock(const std::string &path) : fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
+        while (fd_ >= 0 && flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
+        }
+    }
+    ~MeasureLock() {
+        if (fd_ >= 0) ::close(fd_);   // closing releases the lock
+    }
+    MeasureLock(const MeasureLock &) = delete;
+    MeasureLock &operator=(const MeasureLock &) = delete;
+
+  private:
+    int fd_;
+};
+
+constexpr uint64_t kUnknown = UINT64_MAX;
+std::mutex g_context_mu;                       // one context creation at a time (a measurement needs it)
+uint64_t g_context_bytes[kMaxDevices];         // what a context of this process reserves on each device
+
+void forget_context_sizes() {
+    for (uint64_t &c : g_context_bytes) c = kUnknown;
+}
+const bool g_context_sizes_unknown = (forget_context_sizes(), true);
+
+void contexts_forget_after_fork() {
+    new (&g_context_mu) std::mutex();
+    forget_context_sizes();
+}
+
+// Creates a context through `call` (which writes *pctx) and charges its
+// reservation; `undo` destroys it again when that does not fit.
+template <typename Call, typename Undo>
+CUresult context_created(CUcontext *pctx, CUdevice dev, Call call, Undo undo) {
     Binding *b = binding(dev);
-    uint64_t reserve = settings().context_memory;
-    if (!pctx || !b) return call();
-    CUresult rc = charge(b, reserve);
-    if (rc != CUDA_SUCCESS) return rc;
+    if (!pctx || !b || dev >= kMaxDevices) return call();
+    std::lock_guard<std::mutex> lk(g_context_mu);
+    const Settings &s = settings();
+    uint64_t known = s.has_context_memory ? s.context_memory : g_context_bytes[dev];
+    std::unique_ptr<MeasureLock> one_at_a_time;
+    if (known == kUnknown && b->ok) one_at_a_time = std::make_unique<MeasureLock>(b->region.path());
+    int64_t before = 0;
+    bool measure = one_at_a_time && beyond_books(*b, &before);
+    uint64_t reserve = known == kUnknown ? 0 : known;
+    CUresult rc = charge(b, reserve);   // known: charged before the call, as an allocation is
+    if (rc != CUDA_SUCCESS) {
+        log("a CUDA context on %s reserves %s (%s), more than its partition has left: the context is not created",
+            b->uuid.c_str(), size_text(reserve).c_str(), s.has_context_memory ? "FRACGPU_CONTEXT_MEMORY" : "measured");
+        return rc;
+    }
     rc = call();
-    if (rc != CUDA_SUCCESS) uncharge(dev, reserve);
-    else if (reserve) remember(kContext, reinterpret_cast<uint64_t>(*pctx), Charge{reserve, dev, *pctx});
-    return rc;
+    if (rc != CUDA_SUCCESS) {
+        uncharge(dev, reserve);
+        return rc;
+    }
+    int64_t after = 0;
+    if (measure && beyond_books(*b, &after)) {
+        reserve = after > before ? (uint64_t)(after - before) : 0;
+        g_context_bytes[dev] = reserve;
+        if (charge(b, reserve) != CUDA_SUCCESS) {
+            undo();
+            log("a CUDA context on %s reserves %s (measured), more than its partition has left: the context is "
+                "destroyed and its creation fails", b->uuid.c_str(), size_text(reserve).c_str());
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
+    }
+    if (reserve) remember(kContext, reinterpret_cast<uint64_t>(*pctx), Charge{reserve, dev, *pctx});
+    return CUDA_SUCCESS;
+}
+}  // namespace
+}  // namespace shim
+
+namespace {
+// A context just created that does not fit in the quota goes again.
+void destroy_created(CUcontext ctx) {
+    if (auto destroy = REAL(cuCtxDestroy_v2)) destroy(ctx);
 }
 }  // namespace
 
 SHIM_API CUresult cuCtxCreate_v4(CUcontext *pctx, CUctxCreateParams *params, unsigned int flags, CUdevice dev) {
     REAL_OR_RETURN(real, cuCtxCreate_v4);
-    return context_created(pctx, dev, [&] { return real(pctx, params, flags, dev); });
+    return context_created(pctx, dev, [&] { return real(pctx, params, flags, dev); }, [&] { destroy_created(*pctx); });
 }
 SHIM_API CUresult cuCtxCreate_v3(CUcontext *pctx, CUexecAffinityParam *p, int n, unsigned int flags, CUdevice dev) {
     REAL_OR_RETURN(real, cuCtxCreate_v3);
-    return context_created(pctx, dev, [&] { return real(pctx, p, n, flags, dev); });
+    return context_created(pctx, dev, [&] { return real(pctx, p, n, flags, dev); }, [&] { destroy_created(*pctx); });
 }
 SHIM_API CUresult cuCtxCreate_v2(CUcontext *pctx, unsigned int flags, CUdevice dev) {
     REAL_OR_RETURN(real, cuCtxCreate_v2);
-    return context_created(pctx, dev, [&] { return real(pctx, flags, dev); });
+    return context_created(pctx, dev, [&] { return real(pctx, flags, dev); }, [&] { destroy_created(*pctx); });
 }
 SHIM_API CUresult cuCtxCreate(CUcontext *pctx, unsigned int flags, CUdevice dev) {
     REAL_OR_RETURN(real, cuCtxCreate);
-    return context_created(pctx, dev, [&] { return real(pctx, flags, dev); });
+    return context_created(pctx, dev, [&] { return real(pctx, flags, dev); }, [&] { destroy_created(*pctx); });
 }
 
 SHIM_API CUresult cuCtxDestroy_v2(CUcontext ctx) {
@@ -528,7 +691,10 @@ SHIM_API CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev) {
     if (!pctx || dev < 0 || dev >= kMaxDevices) return real(pctx, dev);
     std::lock_guard<std::mutex> lk(g_primary_mu);
     Primary &p = g_primary[dev];
-    CUresult rc = p.refs > 0 ? real(pctx, dev) : context_created(pctx, dev, [&] { return real(pctx, dev); });
+    CUresult rc = p.refs > 0 ? real(pctx, dev)
+                             : context_created(pctx, dev, [&] { return real(pctx, dev); }, [&] {
+                                   if (auto release = REAL(cuDevicePrimaryCtxRelease_v2)) release(dev);
+                               });
     if (rc == CUDA_SUCCESS) {
         p.refs++;
         p.ctx = *pctx;

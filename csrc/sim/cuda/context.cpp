@@ -1,6 +1,7 @@
 // Contexts: primary (retained per device) and created ones, and each thread's
 // stack of current contexts. A context reserves FRACGPU_SIM_CONTEXT_MEMORY of
-// device memory for itself, as a real context does, and releases it and every
+// device memory for itself (by default 1/256 of the device, see kContextShare),
+// as a real context does, and releases it and every
 // allocation it still owns when it is destroyed (or its primary context reset).
 //
 // Limits: the context's own reservation covers the default device heap

@@ -257,6 +257,8 @@ CUresult load_config(Config &cfg) {
         if (!parse_u64(FRACGPU_SETTING_SIM_DEVICES, v, 1, kMaxDevices, &x)) return CUDA_ERROR_INVALID_VALUE;
         cfg.devices = (int)x;
     }
+    // Each context reserves memory, as a real one does (kContextShare).
+    cfg.context_memory = cfg.memory / kContextShare;
     if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_CONTEXT_MEMORY))) {
         if (!parse_u64(FRACGPU_SETTING_SIM_CONTEXT_MEMORY, v, 0, cfg.memory - 1, &x))
             return CUDA_ERROR_INVALID_VALUE;

@@ -49,9 +49,13 @@ struct Config {
     int sms = 132;
     int devices = 1;
     std::string name = "fracgpu simulated GPU";
-    uint64_t context_memory = 0;
+    uint64_t context_memory = 0;          // set by load_config: memory / kContextShare unless given
     std::string dir;
 };
+
+// The share of a device each context reserves by default: 1/256, as a real
+// context takes 300-600 MiB of an 80-141 GiB H100/H200 (64 MiB of 16 GiB).
+constexpr uint64_t kContextShare = 256;
 
 // Reads FRACGPU_SIM_*; CUDA_SUCCESS or an error after one line on stderr.
 CUresult load_config(Config &cfg);

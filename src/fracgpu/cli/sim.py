@@ -24,7 +24,7 @@ def _sim_options(command: Any) -> Any:
         click.option("--devices", type=int, help=f"Number of devices. [default: {defaults.devices}]"),
         click.option("--name", help=f"Device name. [default: {defaults.name}]"),
         click.option("--context-memory", type=SizeParam(allow_zero=True),
-                     help="Memory each CUDA context reserves on its device. [default: 0]"),
+                     help="Memory each CUDA context reserves on its device. [default: 1/256 of --memory]"),
         click.option("--dir", "state_dir", type=click.Path(file_okay=False),
                      help="Folder of the file that processes share the simulated GPU through "
                           "(like $FRACGPU_SIM_DIR); each folder is a separate GPU."),
