@@ -18,13 +18,32 @@ from tests.support.simgpu import CTYPES_PRELUDE, MiB
 
 pytestmark = pytest.mark.slow
 
-# argv: seed, seconds, and optionally "wait": with its context made, wait for a line on stdin before the churn
-# (a context is inside the quota: one made after the others filled the partition would be refused).
-CHURN = CTYPES_PRELUDE + """
-import random, sys, time
+# A churn script's argv: seed, seconds, and optionally "wait": with its context made, wait for a line on stdin
+# before the churn (a context is inside the quota: one made after the others filled the partition would be refused).
+WAIT = """
+import sys
 if sys.argv[3:] == ["wait"]:
     print("ready", flush=True)
     sys.stdin.readline()
+"""
+
+
+def says(p, line: str) -> None:
+    """Waits for process `p`'s next line, which must be `line` (its stderr if it ended instead)."""
+    assert p.stdout.readline().strip() == line, p.stderr.read() if p.poll() is not None else ""
+
+
+def churn_together(procs):
+    """Waits until every churn process has made its context, then starts them all."""
+    for p in procs:
+        says(p, "ready")
+    for p in procs:
+        p.stdin.write("\n")
+        p.stdin.flush()
+
+
+CHURN = CTYPES_PRELUDE + WAIT + """
+import random, sys, time
 rng = random.Random(int(sys.argv[1]))
 held, ops, refused = [], 0, 0
 deadline = time.monotonic() + float(sys.argv[2])
@@ -64,11 +83,7 @@ def test_sixteen_processes_in_four_partitions_never_pass_their_limits(gpu):
     procs = [gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", name, "--",
                        sys.executable, "-c", CHURN, str(seed), "3", "wait")
              for seed, name in enumerate(n for n in limits for _ in range(4))]
-    for p in procs:   # every context is made, then they churn together
-        assert p.stdout.readline().strip() == "ready", p.stderr.read() if p.poll() is not None else ""
-    for p in procs:
-        p.stdin.write("\n")
-        p.stdin.flush()
+    churn_together(procs)   # every context is made, then they churn together
     ops = refused = 0
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -86,7 +101,7 @@ def test_sixteen_processes_in_four_partitions_never_pass_their_limits(gpu):
 
 # VMM churn: handles created and mapped, released while mapped (the samples'
 # pattern) or held, retained and released by address, unmapped, at random.
-VMM_CHURN = CTYPES_VMM_PRELUDE + """
+VMM_CHURN = CTYPES_VMM_PRELUDE + WAIT + """
 import random, sys, time
 u64, sz = ctypes.c_uint64, ctypes.c_size_t
 rng = random.Random(int(sys.argv[1]))
@@ -128,11 +143,13 @@ while time.monotonic() < deadline:
 print(ops, refused)
 """
 
-# The device's own figure, sampled outside any partition until SIGTERM: the most it ever held.
+# The device's own figure, sampled outside any partition until SIGTERM: the most it ever held. It says "sampling"
+# once its own context is made, so that no job measures its context while the sampler's is being made.
 DEVICE_USE = CTYPES_PRELUDE + """
 import signal, time
 free, total, most, stop = ctypes.c_size_t(), ctypes.c_size_t(), 0, []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+print("sampling", flush=True)
 while not stop:
     assert cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)) == 0
     most = max(most, total.value - free.value)
@@ -146,9 +163,11 @@ def test_processes_mapping_unmapping_and_releasing_through_vmm_never_pass_their_
     for name, mib in limits.items():
         gpu.fracgpu("partition", "create", name, "--memory", f"{mib}MiB")
     device = gpu.popen(sys.executable, "-c", DEVICE_USE)
+    says(device, "sampling")
     procs = [gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", name, "--",
-                       sys.executable, "-c", VMM_CHURN, str(seed), "2")
+                       sys.executable, "-c", VMM_CHURN, str(seed), "2", "wait")
              for seed, name in enumerate(n for n in limits for _ in range(3))]
+    churn_together(procs)   # every context is made, then they churn together
     ops = refused = 0
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -165,4 +184,6 @@ def test_processes_mapping_unmapping_and_releasing_through_vmm_never_pass_their_
     device.terminate()   # it has sampled the whole churn, however slowly the jobs started
     out, err = device.communicate(timeout=60)
     assert device.returncode == 0, err
-    assert 0 < int(out) <= sum(limits.values()) * MiB   # what the device really held, mapped memory included
+    # What the device really held, mapped memory and the partitions' contexts included, beside the sampler's own
+    # context (outside any partition).
+    assert 0 < int(out) <= sum(limits.values()) * MiB + gpu.context
