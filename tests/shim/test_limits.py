@@ -33,9 +33,10 @@ def test_a_heap_is_charged_and_the_job_gets_only_the_rest(clients, gpu2, kind):
     out = gpu2.fracgpu("run", "--memory", "1GiB", "--", client, "set-limit", "heap", 512 * MiB, 64).stdout
     facts = parse_facts(out)
     assert facts["result"] == "CUDA_SUCCESS" and facts["limit"] == str(512 * MiB)
-    # The default heap was the context's already: 504 MiB more are reserved.
-    assert facts["meminfo_free"] == str(GiB - (512 * MiB - DEFAULT_HEAP))
-    assert facts["blocks"] == "8"   # 520 MiB left: 8 blocks of 64 MiB, not 16
+    # The default heap was the context's already (its measured reservation covers it): 504 MiB more are
+    # reserved, on top of the context.
+    assert facts["meminfo_free"] == str(GiB - gpu2.context - (512 * MiB - DEFAULT_HEAP))
+    assert facts["blocks"] == "8"   # 512 MiB left: 8 blocks of 64 MiB, not 15
 
 
 @pytest.mark.parametrize("kind", ["lcuda", "dlopen"])
@@ -44,15 +45,15 @@ def test_a_heap_larger_than_the_quota_is_refused(clients, gpu2, kind):
     out = gpu2.fracgpu("run", "--memory", "1GiB", "--", client, "set-limit", "heap", 2 * GiB).stdout
     facts = parse_facts(out)
     assert facts["result"] == "CUDA_ERROR_OUT_OF_MEMORY"
-    assert facts["limit"] == str(DEFAULT_HEAP)       # the driver was never asked
-    assert facts["meminfo_free"] == str(GiB)         # nothing charged
+    assert facts["limit"] == str(DEFAULT_HEAP)                   # the driver was never asked
+    assert facts["meminfo_free"] == str(GiB - gpu2.context)      # nothing charged beyond the context
 
 
 def test_the_stack_is_charged_for_every_resident_thread(clients, gpu2):
     out = gpu2.fracgpu("run", "--memory", "1GiB", "--", clients.dlopen, "set-limit", "stack", 2048).stdout
     facts = parse_facts(out)
     assert facts["result"] == "CUDA_SUCCESS"
-    assert facts["meminfo_free"] == str(GiB - 1024 * RESIDENT_THREADS)   # 264 MiB more
+    assert facts["meminfo_free"] == str(GiB - gpu2.context - 1024 * RESIDENT_THREADS)   # 264 MiB more
     # 5 KiB per thread takes 4 x 264 MiB beyond the default: more than the quota.
     facts = parse_facts(gpu2.fracgpu("run", "--memory", "1GiB", "--", clients.dlopen, "set-limit", "stack",
                                      5 * 1024).stdout)
@@ -92,16 +93,20 @@ print("released", free())
 def test_limits_grow_shrink_and_go_with_their_context(gpu2, how):
     out = python_job(gpu2, how, CTYPES_LIMITS, "1GiB")
     facts = {k: v.split() for k, v in parse_facts(out).items()}
-    assert facts["start"] == [str(GiB)]
-    assert facts["heap_512"] == ["0", str(GiB - 504 * MiB)]
-    assert facts["heap_64"] == ["0", str(GiB - 56 * MiB)]                # shrinking gives back
-    assert facts["heap_1"] == ["0", str(GiB)]                            # down to the default, no further
-    assert facts["fifo_33"] == ["0", str(GiB - 32 * MiB)]                # the FIFO beyond its 1 MiB
-    assert facts["heap_768"] == ["0", str(GiB - 32 * MiB - 760 * MiB)]
+    # Two contexts (the primary and its own) until its own is destroyed; each one's measured reservation
+    # covers its default limits, so only the growth beyond them is charged on top.
+    two = GiB - 2 * gpu2.context
+    one = GiB - gpu2.context
+    assert facts["start"] == [str(two)]
+    assert facts["heap_512"] == ["0", str(two - 504 * MiB)]
+    assert facts["heap_64"] == ["0", str(two - 56 * MiB)]                # shrinking gives back
+    assert facts["heap_1"] == ["0", str(two)]                            # down to the default, no further
+    assert facts["fifo_33"] == ["0", str(two - 32 * MiB)]                # the FIFO beyond its 1 MiB
+    assert facts["heap_768"] == ["0", str(two - 32 * MiB - 760 * MiB)]
     assert facts["heap_2048"] == ["2", facts["heap_768"][1]]             # refused, nothing changed
-    assert facts["destroyed"] == [str(GiB)]                              # cuCtxDestroy gives it all back
-    assert facts["primary_heap"] == ["0", str(GiB - 248 * MiB)]
-    assert facts["released"] == [str(GiB)]                               # so does the primary's last release
+    assert facts["destroyed"] == [str(one)]                              # cuCtxDestroy gives it all back
+    assert facts["primary_heap"] == ["0", str(one - 248 * MiB)]
+    assert facts["released"] == [str(one)]                               # so does the primary's last release
 
 
 BINDINGS_LIMITS = BINDINGS_PRELUDE + """
@@ -118,13 +123,13 @@ print("blocks", n)
 
 def test_cuda_bindings_jobs_have_their_heap_charged(gpu2):
     facts = parse_facts(gpu2.fracgpu("run", "--memory", "1GiB", "--", sys.executable, "-c", BINDINGS_LIMITS).stdout)
-    assert facts == {"too_big": "2", "free": str(GiB - 504 * MiB), "blocks": "8"}
+    assert facts == {"too_big": "2", "free": str(GiB - gpu2.context - 504 * MiB), "blocks": "8"}
 
 
 def test_the_simulated_gpu_reserves_what_a_limit_takes(clients, gpu2):
     """Without the shim: the device itself shows the reservation (cuMemGetInfo and NVML's per-process figure)."""
     facts = gpu2.facts(clients.lcuda, "set-limit", "heap", 512 * MiB)
-    assert facts["meminfo_free"] == str(2 * GiB - 504 * MiB)
+    assert facts["meminfo_free"] == str(2 * GiB - gpu2.context - 504 * MiB)
     facts = gpu2.facts(clients.lcuda, "set-limit", "heap", 3 * GiB)
     assert facts["result"] == "CUDA_ERROR_OUT_OF_MEMORY" and facts["limit"] == str(DEFAULT_HEAP)
 
@@ -151,8 +156,9 @@ def test_a_killed_process_gives_its_heap_back_within_a_second(clients, gpu2):
                         clients.lcuda, "set-limit", "heap", 512 * MiB, 0, 60)
     try:
         assert holder.stdout.readline().strip() == "result CUDA_SUCCESS"
-        assert partition_books(gpu2, "team")["used"] == 504 * MiB
-        assert int(gpu2.python(NVML_USED).stdout) == 504 * MiB   # the simulated device holds it too
+        # The heap beyond its default and the context, once each: the books and the device agree.
+        assert partition_books(gpu2, "team")["used"] == gpu2.context + 504 * MiB
+        assert int(gpu2.python(NVML_USED).stdout) == gpu2.context + 504 * MiB   # the simulated device holds it too
     finally:
         team = kill_and_read_books(gpu2, holder, "team")
     assert team["used"] == 0, team

@@ -43,7 +43,8 @@ def test_module_globals_are_charged_while_loaded(clients, make_gpu, globals_ptx,
     gpu = make_gpu(memory=2 * GiB)
     facts = gpu.facts(sys.executable, "-m", "fracgpu", "run", "--memory", "1GiB", "--",
                       getattr(clients, kind), "module-load", globals_ptx)
-    assert facts == {"result": "CUDA_SUCCESS", "loaded_free": str(GiB - TABLE - 4), "unloaded_free": str(GiB)}
+    usable = GiB - gpu.context   # the quota less the job's context
+    assert facts == {"result": "CUDA_SUCCESS", "loaded_free": str(usable - TABLE - 4), "unloaded_free": str(usable)}
 
 
 def test_a_module_whose_globals_pass_the_quota_is_refused(clients, make_gpu, tmp_path):
@@ -52,17 +53,18 @@ def test_a_module_whose_globals_pass_the_quota_is_refused(clients, make_gpu, tmp
     big.write_text(ptx(f".global .align 8 .b8 huge[{2 * GiB}];", ".global .u32 counter;"))
     facts = gpu.facts(sys.executable, "-m", "fracgpu", "run", "--memory", "1GiB", "--", clients.dlopen,
                       "module-load", big)
-    # The whole quota free: nothing on the books, and the device has the 2 GiB back
-    # (free is at most what the device has free: 512 MiB had the module stayed).
-    assert facts == {"result": "CUDA_ERROR_OUT_OF_MEMORY", "loaded_free": str(GiB)}
+    # The whole quota but the context free: nothing else on the books, and the device has the 2 GiB back
+    # (free is at most what the device has free: 512 MiB less the context had the module stayed).
+    assert facts == {"result": "CUDA_ERROR_OUT_OF_MEMORY", "loaded_free": str(GiB - gpu.context)}
 
 
 def test_the_simulated_gpu_reserves_ptx_globals_and_nothing_for_binary_modules(clients, gpu, globals_ptx, kernels):
     facts = gpu.facts(clients.lcuda, "module-load", globals_ptx)
-    assert facts["loaded_free"] == str(GiB - TABLE - 512)   # the simulated driver rounds each to 512 bytes
-    assert facts["unloaded_free"] == str(GiB)
+    usable = GiB - gpu.context   # the device less the client's context
+    assert facts["loaded_free"] == str(usable - TABLE - 512)   # the simulated driver rounds each to 512 bytes
+    assert facts["unloaded_free"] == str(usable)
     facts = gpu.facts(clients.lcuda, "module-load", kernels)   # cuda/fracgpu_kernels.cu: no globals
-    assert facts["loaded_free"] == str(GiB)
+    assert facts["loaded_free"] == str(usable)
 
 
 # ctypes: cuModuleLoadData and cuLibraryLoadData with the PTX in memory;
@@ -97,6 +99,7 @@ def test_modules_and_libraries_from_memory(make_gpu, how):
     gpu = make_gpu(memory=2 * GiB)
     facts = parse_facts(python_job(gpu, how, CTYPES_MODULES, "1GiB"))
     one = TABLE + 4
-    assert facts == {"table": str(TABLE), "module": str(GiB - one), "library": str(GiB - 2 * one),
-                     "library_unloaded": str(GiB - one), "second": str(GiB - 2 * one),
-                     "destroyed": str(GiB - one)}   # the first module stays; the second went with its context
+    usable = GiB - gpu.context   # the quota less the primary context; the second context is charged as much
+    assert facts == {"table": str(TABLE), "module": str(usable - one), "library": str(usable - 2 * one),
+                     "library_unloaded": str(usable - one), "second": str(usable - gpu.context - 2 * one),
+                     "destroyed": str(usable - one)}   # the first module stays; the second went with its context

@@ -23,25 +23,26 @@ def test_memory_a_pool_keeps_at_its_threshold_counts_and_trim_gives_it_back(clie
     client = getattr(clients, kind)
     facts = parse_facts(gpu.fracgpu("run", "--memory", "1GiB", "--", client, "pool-keep", 256, 128).stdout)
     assert facts["alloc"] == "CUDA_SUCCESS"
-    assert (facts["allocated_reserved"], facts["allocated_free"]) == (str(256 * MiB), str(768 * MiB))
+    usable = GiB - gpu.context   # the quota less the job's context
+    assert (facts["allocated_reserved"], facts["allocated_free"]) == (str(256 * MiB), str(usable - 256 * MiB))
     # Freed and synchronized: the pool keeps its threshold, and so do the books.
-    assert (facts["synced_reserved"], facts["synced_free"]) == (str(128 * MiB), str(896 * MiB))
-    assert (facts["trimmed_reserved"], facts["trimmed_free"]) == ("0", str(GiB))
+    assert (facts["synced_reserved"], facts["synced_free"]) == (str(128 * MiB), str(usable - 128 * MiB))
+    assert (facts["trimmed_reserved"], facts["trimmed_free"]) == ("0", str(usable))
 
 
 def test_a_pool_with_no_threshold_gives_everything_back_at_synchronize(clients, make_gpu):
     gpu = make_gpu(memory=2 * GiB)
     facts = parse_facts(gpu.fracgpu("run", "--memory", "1GiB", "--", clients.dlopen, "pool-keep", 256, 0).stdout)
-    assert (facts["synced_reserved"], facts["synced_free"]) == ("0", str(GiB))
+    assert (facts["synced_reserved"], facts["synced_free"]) == ("0", str(GiB - gpu.context))
 
 
 def test_the_simulated_gpu_keeps_pool_memory_until_synchronize_or_trim(clients, make_gpu):
     """Without the shim: the device's own figures."""
     gpu = make_gpu(memory=2 * GiB)
     facts = gpu.facts(clients.lcuda, "pool-keep", 512, 384)
-    assert facts["allocated_free"] == str(2 * GiB - 512 * MiB)
-    assert facts["synced_free"] == str(2 * GiB - 384 * MiB)
-    assert facts["trimmed_free"] == str(2 * GiB)
+    assert facts["allocated_free"] == str(2 * GiB - gpu.context - 512 * MiB)
+    assert facts["synced_free"] == str(2 * GiB - gpu.context - 384 * MiB)
+    assert facts["trimmed_free"] == str(2 * GiB - gpu.context)
 
 
 # ctypes: what a pool keeps stands in the way of other allocations until
@@ -108,7 +109,9 @@ print("freed", ck(cu.cuMemGetInfo())[0])
 
 def test_cuda_bindings_pools_of_their_own(gpu):
     facts = parse_facts(gpu.fracgpu("run", "--memory", "1GiB", "--", sys.executable, "-c", BINDINGS_POOL).stdout)
-    assert facts == {"kept": str(512 * MiB), "refused": "2", "destroyed": str(GiB - 128 * MiB), "freed": str(GiB)}
+    usable = GiB - gpu.context   # the quota less the job's context
+    assert facts == {"kept": str(usable - 512 * MiB), "refused": "2", "destroyed": str(usable - 128 * MiB),
+                     "freed": str(usable)}
 
 
 @pytest.mark.fault("A process SIGKILLed while a stream-ordered pool holds its reserve",
@@ -121,7 +124,7 @@ def test_a_killed_process_gives_its_pool_reserve_back_within_a_second(clients, g
         lines = [holder.stdout.readline() for _ in range(5)]
         facts = parse_facts("".join(lines))
         assert facts["synced_reserved"] == str(512 * MiB), lines
-        assert partition_books(gpu, "team")["used"] == 512 * MiB
+        assert partition_books(gpu, "team")["used"] == gpu.context + 512 * MiB
     finally:
         team = kill_and_read_books(gpu, holder, "team")
     assert team["used"] == 0, team
