@@ -8,22 +8,13 @@ import sys
 
 import pytest
 
+from tests.shim.test_quota import CTYPES_JOB
 from tests.support.simgpu import CTYPES_PRELUDE, GiB, MiB, parse_facts
 
 CUDA_ERROR_NOT_PERMITTED = 800
 
-# What the job sees, then 32 MiB allocations until refused.
-FILL = CTYPES_PRELUDE + """
-free, total, dtotal = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_size_t()
-assert cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)) == 0
-assert cuda.cuDeviceTotalMem_v2(ctypes.byref(dtotal), dev) == 0
-print("meminfo_total", total.value)
-print("total_mem", dtotal.value)
-n, p = 0, ctypes.c_uint64()
-while cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(32 << 20)) == 0:
-    n += 1
-print("blocks", n)
-"""
+# What the job sees, then 32 MiB allocations until refused: the quota tests' ctypes job.
+FILL = CTYPES_JOB
 
 # cuInit's result; a job that started then waits for the test.
 START = """import ctypes, sys
