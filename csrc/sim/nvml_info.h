@@ -25,6 +25,16 @@ int fracgpu_sim_device_info(int index, char *uuid, size_t uuid_len, char *name, 
 typedef int (*fracgpu_sim_device_info_fn)(int, char *, size_t, char *, size_t, unsigned long long *,
                                           unsigned long long *);
 
+/* The processes that hold memory on device `index` of the simulated GPU (by
+ * physical index), from the device's own accounting: each process's pid (in
+ * the caller's pid namespace) and the bytes it holds there now, contexts
+ * included, dead processes reaped; one entry per process. Writes at most `cap`
+ * entries (pids and used may be NULL when cap is 0) and returns how many there
+ * are (which may be more than cap); -1 when the simulated GPU cannot be used
+ * or index is not a device. Never initialises CUDA in the caller. */
+int fracgpu_sim_device_processes(int index, unsigned *pids, unsigned long long *used, unsigned cap);
+typedef int (*fracgpu_sim_device_processes_fn)(int, unsigned *, unsigned long long *, unsigned);
+
 #ifdef __cplusplus
 }
 #endif

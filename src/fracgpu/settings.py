@@ -120,8 +120,8 @@ SETTINGS: tuple[Setting, ...] = (
             "An allocation over the quota waits up to this many seconds for memory to free before it fails.",
             "job"),
     Setting(CONTEXT_MEMORY, _size, "(measured)", "shim, python",
-            "What each CUDA context is charged for its own reservation, instead of what the shim measures (the "
-            "device's used memory before and after the process's first context on it).", "job"),
+            "What each CUDA context is charged for its own reservation, instead of what the shim measures (what "
+            "the device reports the process holds, before and after its first context on it).", "job"),
     Setting(STATE_DIR, _text, "$XDG_RUNTIME_DIR/fracgpu, else /tmp/fracgpu-$UID", "shim, nvml-shim, python",
             "The state folder: one file per GPU, holding its partitions and processes; it must be yours and not "
             "writable by others.", "host"),

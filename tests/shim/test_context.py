@@ -111,6 +111,36 @@ def test_four_quarter_jobs_each_get_their_quarter_less_their_own_context(make_gp
     assert [job.returncode for job in jobs] == [0, 0, 0, 0]
 
 
+# Outside fracgpu: allocates and frees 256 MiB as fast as it can until its stdin closes.
+CHURN = CTYPES_PRELUDE + r"""
+import threading
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+p = ctypes.c_uint64()
+print("churning", flush=True)
+while not stop.is_set():
+    assert cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(256 << 20)) == 0
+    assert cuda.cuMemFree_v2(p) == 0
+"""
+
+
+def test_a_neighbour_allocating_and_freeing_does_not_move_what_a_context_is_charged(make_gpu):
+    """The context is measured by the device's own figure for this process, so a neighbour's memory
+    churning meanwhile (here a process outside fracgpu, allocating and freeing 256 MiB in a loop)
+    neither makes a job pay for it nor lets a job's context go uncharged."""
+    gpu = make_gpu(memory=8 * GiB)
+    churn = gpu.popen(sys.executable, "-c", "import sys\n" + CHURN)
+    try:
+        assert churn.stdout.readline().strip() == "churning"
+        for _ in range(3):
+            facts, _ = run_job(gpu, "--memory", "1GiB")
+            assert facts["free"] == str(GiB - gpu.context)
+            assert facts["alloc_free"] == "0" and facts["alloc_more"] == OUT_OF_MEMORY
+    finally:
+        churn.communicate("", timeout=30)
+    assert churn.returncode == 0
+
+
 def test_every_context_of_a_job_is_charged_and_given_back(make_gpu):
     """A later context of the process is charged what its first one was measured at, before it is made."""
     gpu = make_gpu(memory=4 * GiB)

@@ -153,6 +153,50 @@ def test_simulated_nvml_matches_the_simulated_driver_in_one_process(gpu, hold):
     assert out["nvml"]["v1"] == expected_meminfo(out["cuda"]) == {"total": GiB, "used": used, "free": GiB - used}
 
 
+# Lists the compute processes of device 0 as "pid used" lines (v3, v2 and v1 must agree), after checking
+# that a count too small is answered with the count needed.
+PROCESSES = r"""
+import ctypes
+n = ctypes.CDLL("libnvidia-ml.so.1")
+class V1(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong)]
+class V2(ctypes.Structure):
+    _fields_ = V1._fields_ + [("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
+assert n.nvmlInit_v2() == 0
+h = ctypes.c_void_p()
+assert n.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(h)) == 0
+count = ctypes.c_uint(0)
+rc = n.nvmlDeviceGetComputeRunningProcesses_v3(h, ctypes.byref(count), None)
+assert rc == (7 if count.value else 0), (rc, count.value)   # NVML_ERROR_INSUFFICIENT_SIZE: count is the need
+lists = []
+for name, kind in (("_v3", V2), ("_v2", V2), ("", V1)):
+    c = ctypes.c_uint(count.value + 4)
+    infos = (kind * c.value)()
+    assert getattr(n, "nvmlDeviceGetComputeRunningProcesses" + name)(h, ctypes.byref(c), infos) == 0
+    lists.append(sorted((i.pid, i.usedGpuMemory) for i in infos[:c.value]))
+    if kind is V2:
+        assert all(i.gpuInstanceId == 0xFFFFFFFF == i.computeInstanceId for i in infos[:c.value])
+assert lists[0] == lists[1] == lists[2], lists
+g = ctypes.c_uint(5)
+assert n.nvmlDeviceGetGraphicsRunningProcesses_v3(h, ctypes.byref(g), None) == 0 and g.value == 0
+for pid, used in lists[0]:
+    print(pid, used)
+"""
+
+
+def test_simulated_nvml_lists_each_process_with_what_it_holds(gpu, hold):
+    """nvmlDeviceGetComputeRunningProcesses: each process's usedGpuMemory from the device's own accounting
+    (its context included), the way fracgpu measures a context and reconciles its books."""
+    assert gpu.python(PROCESSES).stdout.split() == []
+    a, b = hold(100), hold(300)
+    listed = dict(map(int, line.split()) for line in gpu.python(PROCESSES).stdout.splitlines())
+    assert listed == {a.pid: 100 * MiB + gpu.context, b.pid: 300 * MiB + gpu.context}
+    a.kill()
+    a.wait()
+    listed = dict(map(int, line.split()) for line in gpu.python(PROCESSES).stdout.splitlines())
+    assert listed == {b.pid: 300 * MiB + gpu.context}   # a dead process is gone from the list
+
+
 def test_simulated_nvml_indexes_every_device_whatever_cuda_sees(make_gpu):
     gpu = make_gpu(memory=GiB, devices=3)
     out = job(gpu, alloc_mib=0, env={"CUDA_VISIBLE_DEVICES": "2"})

@@ -19,6 +19,7 @@
 #include <thread>
 #include <type_traits>
 #include <unordered_map>
+#include <vector>
 
 #include "fracgpu/real_library.h"
 #include "fracgpu/state.h"
@@ -490,8 +491,13 @@ SHIM_API CUresult cuMipmappedArrayDestroy(CUmipmappedArray h) {
 // MIG and MPS memory limits.
 //
 // What a context reserves is FRACGPU_CONTEXT_MEMORY when that is set, else
-// measured, around the process's first context on the device: how much the
-// memory the device uses beyond the books grew. "Beyond the books" is the
+// measured, around the process's first context on the device. The device's
+// own per-process figure comes first: how much what NVML reports this process
+// holds on the device (nvmlDeviceGetComputeRunningProcesses, usedGpuMemory)
+// grew. Neighbours cannot move it, whatever they allocate or free meanwhile.
+// Where the device does not list this process (a container whose pid
+// namespace is not the driver's, an NVML without the call), the figure is how
+// much the memory the device uses beyond the books grew. "Beyond the books" is the
 // device's used memory (NVML's nvmlDeviceGetMemoryInfo, which needs no
 // context, unlike cuMemGetInfo) less what every partition of the GPU has
 // charged, so what fracgpu's other jobs allocate or free meanwhile cancels
@@ -505,8 +511,8 @@ SHIM_API CUresult cuMipmappedArrayDestroy(CUmipmappedArray h) {
 // when it does not fit, it is destroyed and its creation fails with
 // CUDA_ERROR_OUT_OF_MEMORY.
 //
-// Limits, said in the README: a process outside fracgpu allocating or freeing
-// during the measurement moves the figure by what it did (allocating makes
+// Limits of that fallback, said in the README: a process outside fracgpu
+// allocating or freeing during the measurement moves the figure by what it did (allocating makes
 // this job pay more, never a neighbour; freeing can make it pay less).
 // Without NVML nothing can be measured: contexts are then charged nothing,
 // said once on stderr, and FRACGPU_CONTEXT_MEMORY is the way to charge them.
@@ -520,10 +526,17 @@ struct NvmlMemory {
 using nvml_init_fn = int (*)();
 using nvml_by_uuid_fn = int (*)(const char *, void **);
 using nvml_memory_fn = int (*)(void *, NvmlMemory *);
+struct NvmlProcess {
+    unsigned pid;
+    unsigned long long used;
+    unsigned gpu_instance, compute_instance;   // nvmlProcessInfo_t (v2 and v3)
+};
+using nvml_processes_fn = int (*)(void *, unsigned *, NvmlProcess *);
 
 struct Nvml {
     nvml_by_uuid_fn by_uuid = nullptr;
     nvml_memory_fn memory = nullptr;
+    nvml_processes_fn processes = nullptr;   // null: the device's per-process figure is not available
 };
 
 // The real (or simulated) NVML, opened once; null members when it cannot be.
@@ -538,6 +551,9 @@ const Nvml &nvml() {
         if (init && init() == 0) {
             r.by_uuid = reinterpret_cast<nvml_by_uuid_fn>(dlsym(h, "nvmlDeviceGetHandleByUUID"));
             r.memory = reinterpret_cast<nvml_memory_fn>(dlsym(h, "nvmlDeviceGetMemoryInfo"));
+            r.processes = reinterpret_cast<nvml_processes_fn>(dlsym(h, "nvmlDeviceGetComputeRunningProcesses_v3"));
+            if (!r.processes)
+                r.processes = reinterpret_cast<nvml_processes_fn>(dlsym(h, "nvmlDeviceGetComputeRunningProcesses_v2"));
         }
         if (!r.by_uuid || !r.memory)
             log("cannot measure what CUDA contexts reserve (%s); they are charged nothing: set "
@@ -574,6 +590,38 @@ bool beyond_books(Binding &b, int64_t *out) {
     }
     *out = last;
     return true;
+}
+
+bool own_usage_in(const NvmlProcess *procs, unsigned count, uint64_t *out, bool *listed) {
+    const unsigned me = (unsigned)getpid();
+    *out = 0;
+    *listed = false;
+    for (unsigned i = 0; i < count; i++)
+        if (procs[i].pid == me && procs[i].used != ~0ull /* NVML_VALUE_NOT_AVAILABLE */) {
+            *out += procs[i].used;
+            *listed = true;
+        }
+    return true;
+}
+
+// What the device reports this process holds on it (0 when it is not listed:
+// *listed says whether it is); false when NVML cannot say.
+bool own_usage(Binding &b, uint64_t *out, bool *listed) {
+    const Nvml &n = nvml();
+    void *dev = nullptr;
+    if (!n.processes || !n.by_uuid || n.by_uuid(b.uuid.c_str(), &dev) != 0) return false;
+    NvmlProcess procs[64];
+    unsigned count = 64;
+    int rc = n.processes(dev, &count, procs);
+    if (rc == 7 /* NVML_ERROR_INSUFFICIENT_SIZE */) {
+        std::vector<NvmlProcess> more(count + 16);
+        count = (unsigned)more.size();
+        rc = n.processes(dev, &count, more.data());
+        if (rc != 0) return false;
+        return own_usage_in(more.data(), count, out, listed);
+    }
+    if (rc != 0) return false;
+    return own_usage_in(procs, count, out, listed);
 }
 
 // Holds the GPU's measurement lock (flock on its state file) while it lives.
@@ -619,7 +667,10 @@ CUresult context_created(CUcontext *pctx, CUdevice dev, Call call, Undo undo) {
     std::unique_ptr<MeasureLock> one_at_a_time;
     if (known == kUnknown && b->ok) one_at_a_time = std::make_unique<MeasureLock>(b->region.path());
     int64_t before = 0;
+    uint64_t own_before = 0;
+    bool listed = false;   // whether the device lists this process
     bool measure = one_at_a_time && beyond_books(*b, &before);
+    bool measure_own = one_at_a_time && own_usage(*b, &own_before, &listed);
     uint64_t reserve = known == kUnknown ? 0 : known;
     CUresult rc = charge(b, reserve);   // known: charged before the call, as an allocation is
     if (rc != CUDA_SUCCESS) {
@@ -633,8 +684,16 @@ CUresult context_created(CUcontext *pctx, CUdevice dev, Call call, Undo undo) {
         return rc;
     }
     int64_t after = 0;
-    if (measure && beyond_books(*b, &after)) {
+    uint64_t own_after = 0;
+    if (measure_own && own_usage(*b, &own_after, &listed) && listed) {
+        reserve = own_after > own_before ? own_after - own_before : 0;
+        measure = true;
+    } else if (measure && beyond_books(*b, &after)) {
         reserve = after > before ? (uint64_t)(after - before) : 0;
+    } else {
+        measure = false;
+    }
+    if (measure) {
         g_context_bytes[dev] = reserve;
         if (charge(b, reserve) != CUDA_SUCCESS) {
             undo();

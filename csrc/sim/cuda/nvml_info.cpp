@@ -52,3 +52,11 @@ SIM_API int fracgpu_sim_device_info(int index, char *uuid, size_t uuid_len, char
     if (used) *used = mem_used(index);
     return cfg->devices;
 }
+
+SIM_API int fracgpu_sim_device_processes(int index, unsigned *pids, unsigned long long *used, unsigned cap) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    const Config *cfg = attached();
+    if (!cfg || index < 0 || index >= cfg->devices) return -1;
+    if (cap && (!pids || !used)) return -1;
+    return mem_processes(index, pids, used, cap);
+}

@@ -416,6 +416,32 @@ uint64_t mem_used(int phys) {
     return used_locked(phys);
 }
 
+int mem_processes(int phys, unsigned *pids, unsigned long long *used, unsigned cap) {
+    // A process can hold two slots (one attached for NVML before cuInit, one
+    // by cuInit): its entries are summed into one, as the device sees one process.
+    RegionLock lock;
+    reap_locked();
+    int n = 0;
+    for (int i = 0; i < kMaxProcs; i++) {
+        const SharedProc &s = g_region->procs[i];
+        if (s.pid == 0 || s.used[phys] == 0) continue;
+        bool seen = false;
+        for (int j = 0; j < i && !seen; j++)
+            seen = g_region->procs[j].pid == s.pid && g_region->procs[j].used[phys] != 0;
+        if (seen) {
+            for (int k = 0; k < n && (unsigned)k < cap; k++)
+                if (pids[k] == (unsigned)s.pid) used[k] += s.used[phys];
+            continue;
+        }
+        if ((unsigned)n < cap) {
+            pids[n] = (unsigned)s.pid;
+            used[n] = s.used[phys];
+        }
+        n++;
+    }
+    return n;
+}
+
 uint64_t timeline_reserve(int phys, uint64_t not_before, uint64_t dur) {
     SharedDevice &d = g_region->dev[phys];
     uint64_t cur = __atomic_load_n(&d.busy_until, __ATOMIC_ACQUIRE);

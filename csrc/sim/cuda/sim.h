@@ -70,6 +70,9 @@ std::string uuid_text(const CUuuid &u);
 bool mem_charge(int phys, uint64_t bytes);           // false: device out of memory
 void mem_uncharge(int phys, uint64_t bytes);
 uint64_t mem_used(int phys);                          // all processes, dead ones reaped
+// The processes holding memory on the device (one entry per pid, dead ones
+// reaped): writes at most cap of them, returns how many there are.
+int mem_processes(int phys, unsigned *pids, unsigned long long *used, unsigned cap);
 // The device timeline: reserve [start, start+dur) with start >= not_before and
 // after everything already placed on the device. Returns start.
 uint64_t timeline_reserve(int phys, uint64_t not_before, uint64_t dur);

@@ -10,8 +10,11 @@
 //
 // Implemented: initialisation and shutdown (reference counted), error
 // strings, driver and CUDA versions, device count, handles by index and by
-// UUID, UUID, name, index, and memory (total = the simulated memory, used =
-// what all processes hold on the device, free = the rest). Every other NVML
+// UUID, UUID, name, index, memory (total = the simulated memory, used =
+// what all processes hold on the device, free = the rest), and the compute
+// processes on a device with what each holds (usedGpuMemory, from the
+// simulated device's own accounting, contexts included; no graphics
+// processes, MPS or MIG). Every other NVML
 // function is a generated stub answering NVML_ERROR_NOT_SUPPORTED.
 // Like a real NVML, it indexes every device: CUDA_VISIBLE_DEVICES does not
 // apply to it.
@@ -47,6 +50,7 @@ std::mutex g_mu;
 int g_refs = 0;                          // nvmlInit calls not yet shut down
 void *g_cuda = nullptr;                  // the simulated libcuda.so.1 (never closed)
 fracgpu_sim_device_info_fn g_info = nullptr;
+fracgpu_sim_device_processes_fn g_processes = nullptr;
 unsigned g_count = 0;
 nvmlDevice_st g_devices[kMaxDevices];
 
@@ -81,6 +85,7 @@ nvmlReturn_t attach() {
         }
         g_cuda = h;
         g_info = info;
+        g_processes = reinterpret_cast<fracgpu_sim_device_processes_fn>(dlsym(h, "fracgpu_sim_device_processes"));
     }
     int n = g_info(-1, nullptr, 0, nullptr, 0, nullptr, nullptr);
     if (n < 0) return NVML_ERROR_DRIVER_NOT_LOADED;   // the simulator said why on stderr
@@ -250,4 +255,75 @@ SIM_NVML_API nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMe
     memory->used = info.used < info.total ? info.used : info.total;
     memory->free = info.total - memory->used;
     return NVML_SUCCESS;
+}
+
+// ---------------------------------------------------------------------------
+// Processes: every process holding memory on the device is a compute process
+// (a context reserves memory, so a process with one is listed). As NVML does,
+// a count too small for them all answers NVML_ERROR_INSUFFICIENT_SIZE with
+// the count needed; the list may change between two calls.
+// ---------------------------------------------------------------------------
+namespace {
+
+template <typename Info>
+nvmlReturn_t compute_processes(nvmlDevice_t device, unsigned int *infoCount, Info *infos, bool mig_fields) {
+    if (!infoCount) return NVML_ERROR_INVALID_ARGUMENT;
+    unsigned index;
+    nvmlReturn_t rc = device_index(device, &index);
+    if (rc != NVML_SUCCESS) return rc;
+    if (!g_processes) return NVML_ERROR_NOT_SUPPORTED;
+    constexpr unsigned kMax = 256;
+    unsigned pids[kMax];
+    unsigned long long used[kMax];
+    int n = g_processes((int)index, pids, used, kMax);
+    if (n < 0) return NVML_ERROR_GPU_IS_LOST;
+    unsigned count = (unsigned)n < kMax ? (unsigned)n : kMax;
+    if (count > *infoCount || (count && !infos)) {
+        *infoCount = count;
+        return NVML_ERROR_INSUFFICIENT_SIZE;
+    }
+    for (unsigned i = 0; i < count; i++) {
+        Info info{};
+        info.pid = pids[i];
+        info.usedGpuMemory = used[i];
+        if constexpr (sizeof(Info) > sizeof(nvmlProcessInfo_v1_t)) {
+            if (mig_fields) info.gpuInstanceId = info.computeInstanceId = 0xFFFFFFFFu;   // no MIG
+        }
+        infos[i] = info;
+    }
+    *infoCount = count;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t no_processes(nvmlDevice_t device, unsigned int *infoCount) {
+    if (!infoCount) return NVML_ERROR_INVALID_ARGUMENT;
+    unsigned index;
+    nvmlReturn_t rc = device_index(device, &index);
+    if (rc != NVML_SUCCESS) return rc;
+    *infoCount = 0;
+    return NVML_SUCCESS;
+}
+
+}  // namespace
+
+SIM_NVML_API nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount,
+                                                                  nvmlProcessInfo_t *infos) {
+    return compute_processes(device, infoCount, infos, true);
+}
+SIM_NVML_API nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v2(nvmlDevice_t device, unsigned int *infoCount,
+                                                                  nvmlProcessInfo_v2_t *infos) {
+    return compute_processes(device, infoCount, infos, true);
+}
+SIM_NVML_API nvmlReturn_t nvmlDeviceGetComputeRunningProcesses(nvmlDevice_t device, unsigned int *infoCount,
+                                                               nvmlProcessInfo_v1_t *infos) {
+    return compute_processes(device, infoCount, infos, false);
+}
+// The simulated GPU runs no graphics and no MPS server: none of those processes.
+SIM_NVML_API nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount,
+                                                                   nvmlProcessInfo_t *) {
+    return no_processes(device, infoCount);
+}
+SIM_NVML_API nvmlReturn_t nvmlDeviceGetMPSComputeRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount,
+                                                                     nvmlProcessInfo_t *) {
+    return no_processes(device, infoCount);
 }
