@@ -109,6 +109,7 @@ py::list partitions(fracgpu::Region &r) {
     py::dict d;
     d["name"] = p.name;
     d["memory_limit"] = p.memory_limit;
+    d["memory_ceiling"] = p.memory_ceiling;
     d["used"] = p.used;
     d["peak"] = p.peak;
     d["oom_refusals"] = p.oom_refusals;

@@ -781,6 +781,7 @@ std::vector<PartitionInfo> Region::partitions() {
         info.name = std::string(p.name, strnlen(p.name, sizeof p.name));
         info.flags = flags_of(p);
         info.memory_limit = memory_limit_of(p);
+        info.memory_ceiling = memory_ceiling(*r_, i);
         info.used = p.used.load();
         info.peak = p.peak.load();
         info.oom_refusals = p.oom_refusals.load();

@@ -63,6 +63,9 @@ FAMILIES = (
      "partition"),
     ("limit", "gauge", "fracgpu_partition_memory_limit_bytes",
      "The partition's memory limit (the GPU's memory when it has none).", "partition"),
+    ("ceiling", "gauge", "fracgpu_partition_memory_ceiling_bytes",
+     "The most memory the partition may hold now: its limit when that is a promise, else what no other "
+     "partition was promised (up to its limit).", "partition"),
     ("peak", "gauge", "fracgpu_partition_memory_peak_bytes", "The most memory the partition held at once.",
      "partition"),
     ("best_effort", "gauge", "fracgpu_partition_best_effort",
@@ -140,7 +143,7 @@ class UsageCollector:
         label_names = {**LABELS, "dcgm": (*DCGM, DRIVER_VERSION_LABEL) if driver else DCGM}
         families = {key: kinds[kind](name, doc, labels=list(label_names[labels]))
                     for key, kind, name, doc, labels in FAMILIES}
-        (gpu_total, gpu_used, gpu_info, used, limit, peak, best_effort, share, cap, achieved, seconds, launches,
+        (gpu_total, gpu_used, gpu_info, used, limit, ceiling, peak, best_effort, share, cap, achieved, seconds, launches,
          refusals_,
          processes, q_used, q_peak, q_limit, q_achieved, q_seconds, q_launches, fb_used, fb_free) = families.values()
         per_process, dcgm = self.enabled["per_process"], self.enabled["dcgm"]
@@ -174,6 +177,7 @@ class UsageCollector:
                 labels = [*ids, p.name]
                 used.add_metric(labels, p.used)
                 limit.add_metric(labels, p.memory_limit or gpu.total_memory)
+                ceiling.add_metric(labels, p.memory_ceiling)
                 peak.add_metric(labels, p.peak)
                 best_effort.add_metric(labels, 1 if p.best_effort else 0)
                 if p.compute_share:

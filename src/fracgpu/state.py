@@ -48,6 +48,9 @@ class PartitionUsage:
     # Its limit did not fit beside the GPU's promises and was overcommitted: a ceiling, not a
     # promise (it uses only memory nobody was promised, up to its limit).
     best_effort: bool = False
+    # The most it may hold now: its limit when that is a promise, else what nobody else was promised
+    # (up to its limit, when it has one). 0 when read from nowhere that knows.
+    memory_ceiling: int = 0
 
 
 @dataclasses.dataclass
@@ -123,7 +126,7 @@ class Region:
                                peak=p["peak"], processes=p["processes"], ephemeral=p["ephemeral"],
                                oom_refusals=p["oom_refusals"], compute_share=p["compute_share"] or None,
                                compute_cap=p["cap"], device_ns=p["device_ns"], launches=p["launches"],
-                               best_effort=p["best_effort"])
+                               best_effort=p["best_effort"], memory_ceiling=p["memory_ceiling"])
                 for p in self._native.partitions()]
 
     def partition(self, name: str) -> PartitionUsage | None:

@@ -185,11 +185,18 @@ def test_driver_version_is_the_kernel_modules(tmp_path):
 
 
 def test_unlimited_partition_reports_the_device_total(gpu):
+    """An unlimited partition's limit is the device; its ceiling is what nobody else was promised, and
+    a promised partition's ceiling is its limit (overcommitted: what the promises leave, up to it)."""
     gpu.fracgpu("partition", "create", "open")
+    gpu.fracgpu("partition", "create", "promised", "--memory", "384MiB")
+    gpu.fracgpu("partition", "create", "extra", "--memory", "768MiB", "--overcommit")
     port = free_port()
     with exporter(gpu, port, "--dcgm") as proc:
         samples = scrape(port)
         assert one(samples, "fracgpu_partition_memory_limit_bytes", partition="open").value == GiB
+        assert one(samples, "fracgpu_partition_memory_ceiling_bytes", partition="open").value == GiB - 384 * MiB
+        assert one(samples, "fracgpu_partition_memory_ceiling_bytes", partition="promised").value == 384 * MiB
+        assert one(samples, "fracgpu_partition_memory_ceiling_bytes", partition="extra").value == 640 * MiB
         assert one(samples, "DCGM_FI_DEV_FB_USED").value == 0
         proc.send_signal(signal.SIGINT)   # Ctrl-C: a clean exit too
         assert proc.wait(timeout=10) == 0

@@ -33,8 +33,8 @@
     X(OOM_WAIT, "FRACGPU_OOM_WAIT", "0", "shim, python",                                                           \
       "An allocation over the quota waits up to this many seconds for memory to free before it fails.")            \
     X(CONTEXT_MEMORY, "FRACGPU_CONTEXT_MEMORY", "(measured)", "shim, python",                                      \
-      "What each CUDA context is charged for its own reservation, instead of what the shim measures (the "         \
-      "device's used memory before and after the process's first context on it).")                                 \
+      "What each CUDA context is charged for its own reservation, instead of what the shim measures (what "        \
+      "the device reports the process holds, before and after its first context on it).")                          \
     X(STATE_DIR, "FRACGPU_STATE_DIR", "$XDG_RUNTIME_DIR/fracgpu, else /tmp/fracgpu-$UID", "shim, nvml-shim, python", \
       "The state folder: one file per GPU, holding its partitions and processes; it must be yours and not "       \
       "writable by others.")                                                                                       \

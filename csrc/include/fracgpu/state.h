@@ -136,6 +136,7 @@ struct PartitionInfo {
     std::string name;
     uint32_t flags = 0;
     uint64_t memory_limit = 0, used = 0, peak = 0, oom_refusals = 0;
+    uint64_t memory_ceiling = 0;   // the most it may hold now (fracgpu::memory_ceiling)
     double compute_share = 0;
     uint64_t device_ns = 0, launches = 0;
     uint64_t created_unix_ns = 0;
