@@ -1,0 +1,73 @@
+"""``fracgpu check``: grade this node's guarantees on its GPU with probe jobs; the checks are ``fracgpu.check``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import click
+
+from fracgpu.cli.common import InputError, refusals, tables
+from fracgpu.cli.common import console as make_console
+
+
+@click.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+@click.option("--device", "device_index", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="The GPU to check, numbered as CUDA_VISIBLE_DEVICES makes them.")
+@click.option("--gpu", type=click.Choice(["auto", "sim", "real"]), default="auto", show_default=True,
+              help="What to check: auto (the simulated GPU when the environment selects it, else the real GPU, "
+                   "else a simulated GPU of its own, with a note), sim (the simulated GPU; one of its own "
+                   "unless the environment selects one), or real.")
+def check(as_json: bool, device_index: int, gpu: str) -> None:
+    """Grade this node's guarantees on its GPU: run probe jobs under the shim and check what they got.
+
+    Every allocation path held to a quota, the context counted in it, partitions
+    isolated, no overcommitted promise, compute shares and caps kept, device time
+    accounted, and what the shim adds to a launch. The probes run in a private
+    state folder and ledger (the node's partitions and ledger are untouched), and
+    everything they start is stopped and removed at the end, Ctrl-C included.
+    Exits 0 when every check holds, 1 when one does not, 2 when the GPU cannot be
+    checked (no such device, no GPU).
+
+    \b
+      fracgpu check
+      fracgpu check --json --device 1
+    """
+    from fracgpu import check as library
+
+    # A SIGTERM ends the check as Ctrl-C does: the probes are stopped and the private state removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    with refusals():
+        try:
+            report = library.run(device_index, gpu)
+        except library.ProbeFailed as e:
+            raise InputError(f"the GPU cannot be checked: {e}") from None
+    if as_json:
+        click.echo(json.dumps(report.as_json(), indent=2))
+    else:
+        show(report)
+    sys.exit(0 if report.ok else 1)
+
+
+def show(report) -> None:
+    from fracgpu.units import format_size
+
+    console = make_console()
+    d = report.device
+    kind = "simulated" if d.simulated else "GPU"
+    console.print(f"Checking GPU {d.index}: {d.name} ({kind}, {format_size(d.total_memory)}, {d.uuid}); "
+                  f"a context reserves {format_size(d.context_reserve)}")
+    if d.note:
+        console.print(f"note: {d.note}")
+    rows = [(c.name, c.measured, c.expected, "ok" if c.ok else "FAILED") for c in report.checks]
+    columns = [("check", "left"), ("measured", "right"), ("expected", "left"), ("verdict", "left")]
+    for table in tables(columns, rows, console.width, styles=[None if c.ok else "red" for c in report.checks]):
+        console.print(table)
+    for c in report.checks:
+        if not c.ok and c.detail:
+            console.print(f"[red]{c.name}[/red]: {c.detail}", highlight=False)
+    failed = [c.name for c in report.checks if not c.ok]
+    console.print(f"{len(report.checks) - len(failed)}/{len(report.checks)} checks hold"
+                  + (f"; failed: {', '.join(failed)}" if failed else "") + f" ({report.seconds:.1f} s)")
