@@ -12,6 +12,16 @@ from fracgpu.cli.common import InputError, refusals, tables
 from fracgpu.cli.common import console as make_console
 
 
+def known_checks(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from fracgpu import check as library
+
+    names = [c.name for c in library.CHECKS]
+    for name in value:
+        if name not in names:
+            raise click.BadParameter(f"there is no check {name!r}; the checks are: {', '.join(names)}", ctx, param)
+    return value
+
+
 @click.command("check")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("--device", "device_index", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
@@ -20,7 +30,10 @@ from fracgpu.cli.common import console as make_console
               help="What to check: auto (the simulated GPU when the environment selects it, else the real GPU, "
                    "else a simulated GPU of its own, with a note), sim (the simulated GPU; one of its own "
                    "unless the environment selects one), or real.")
-def check(as_json: bool, device_index: int, gpu: str) -> None:
+@click.option("--check", "selected", metavar="NAME", multiple=True, callback=known_checks,
+              help="Run only this check (repeatable; quote names with spaces: --check 'alloc paths'). "
+                   "[default: all]")
+def check(as_json: bool, device_index: int, gpu: str, selected: tuple[str, ...]) -> None:
     """Grade this node's guarantees on its GPU: run probe jobs under the shim and check what they got.
 
     Every allocation path held to a quota, the context counted in it, partitions
@@ -41,7 +54,7 @@ def check(as_json: bool, device_index: int, gpu: str) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with refusals():
         try:
-            report = library.run(device_index, gpu)
+            report = library.run(device_index, gpu, selected=list(selected) or None)
         except library.ProbeFailed as e:
             raise InputError(f"the GPU cannot be checked: {e}") from None
     if as_json:
