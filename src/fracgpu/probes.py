@@ -190,15 +190,46 @@ def give_back_all(gives: list) -> None:
 # ---------------------------------------------------------------------------
 # The probes
 # ---------------------------------------------------------------------------
-def probe_reserve(device: int) -> dict:
-    """On the bare driver: what one more context reserves on the device (a second context's
-    cost, seen as the device's free memory before and after it), and the device's memory."""
+class NvmlMemory(ctypes.Structure):   # nvmlMemory_t
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+def nvml_used(uuid: str) -> Callable[[], int] | None:
+    """A reader of the device's used memory as NVML reports it (no context needed), or None when NVML
+    cannot say. Each figure is read until two reads in a row agree, as the shim reads it."""
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    handle = ctypes.c_void_p()
+    if nvml.nvmlInit_v2() != 0 or nvml.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(handle)) != 0:
+        return None
+
+    def used() -> int:
+        last, memory = None, NvmlMemory()
+        for _ in range(8):
+            check(nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)), "nvmlDeviceGetMemoryInfo")
+            if memory.used == last:
+                break
+            last = memory.used
+        return last
+    return used
+
+
+def probe_reserve(device: int, uuid: str) -> dict:
+    """On the bare driver: what the process's first context reserves on the device, as the shim measures
+    it (the device's used memory before and after, from NVML); without NVML, what a second context
+    reserves (a lower bound: a process's first context takes the most)."""
+    used = nvml_used(uuid)
+    before = used() if used else 0
     job = Job(device)
+    if used:
+        return {"total": job.total, "reserve": max(0, used() - before), "how": "NVML"}
     ctx = ctypes.c_void_p()
     check(job.cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, job.drv.device), "cuCtxCreate_v2")
     after = job.free()
     job.cuda.cuCtxDestroy_v2(ctx)
-    return {"total": job.total, "reserve": max(0, job.free_at_start - after)}
+    return {"total": job.total, "reserve": max(0, job.free_at_start - after), "how": "a second context"}
 
 
 def probe_paths(device: int, block: int, paths: list[str] | None = None) -> dict:
@@ -329,9 +360,10 @@ def probe_spin(device: int, module: str, count: int, ns: int) -> dict:
     return {"kernels": count, "ns": ns}
 
 
-def probe_launch(device: int, module: str, launches: int, rounds: int) -> dict:
-    """The host's time per launch of a zero-length kernel: ``launches`` back to back, the fastest of
-    ``rounds`` (the least disturbed by the rest of the machine)."""
+def probe_launch(device: int, module: str, launches: int, batches: int) -> dict:
+    """The host's time per launch of a zero-length kernel: ``batches`` of ``launches`` back to back, each
+    timed alone (the queue drained between them, outside the timing); the fastest batch, the least
+    disturbed by the rest of the machine."""
     drv = Driver(device=device)
     drv.load_kernels(module)
     launch = drv.lib.cuLaunchKernel
@@ -340,8 +372,8 @@ def probe_launch(device: int, module: str, launches: int, rounds: int) -> dict:
     ns = ctypes.c_ulonglong(0)
     params = (ctypes.c_void_p * 1)(ctypes.cast(ctypes.byref(ns), ctypes.c_void_p))
     function = drv._spin
-    best = None
-    for n in range(rounds + 1):   # the first round warms up, and is not counted
+    times = []
+    for n in range(batches + 1):   # the first batch warms up, and is not counted
         drv.synchronize()
         start = time.perf_counter_ns()
         for _ in range(launches):
@@ -349,9 +381,10 @@ def probe_launch(device: int, module: str, launches: int, rounds: int) -> dict:
                 raise SystemExit("probe: cuLaunchKernel failed")
         took = (time.perf_counter_ns() - start) / launches
         if n:
-            best = took if best is None else min(best, took)
+            times.append(took)
     drv.synchronize()
-    return {"ns_per_launch": best, "launches": launches}
+    times.sort()
+    return {"ns_per_launch": times[0], "median_ns": times[len(times) // 2], "launches": launches * batches}
 
 
 PROBES: dict[str, Callable[..., dict]] = {

@@ -70,10 +70,12 @@ def show(report) -> None:
     console = make_console()
     d = report.device
     kind = "simulated" if d.simulated else "GPU"
-    console.print(f"Checking GPU {d.index}: {d.name} ({kind}, {format_size(d.total_memory)}, {d.uuid}); "
-                  f"a context reserves {format_size(d.context_reserve)}")
+    console.print(f"GPU {d.index}: {d.name} ({kind}, {format_size(d.total_memory)}), {d.uuid}", highlight=False)
+    console.print(f"A context reserves {format_size(d.context_reserve)} (measured with {d.context_measured_by}); "
+                  f"probe jobs get {format_size(report.probe_quota)} each.",
+                  highlight=False)
     if d.note:
-        console.print(f"note: {d.note}")
+        console.print(f"note: {d.note}", highlight=False)
     rows = [(c.name, c.measured, c.expected, "ok" if c.ok else "FAILED") for c in report.checks]
     columns = [("check", "left"), ("measured", "right"), ("expected", "left"), ("verdict", "left")]
     for table in tables(columns, rows, console.width, styles=[None if c.ok else "red" for c in report.checks]):
