@@ -144,11 +144,10 @@ class Node:
         return devices.probe_environment(self.env)
 
     def job_env(self, name: str, *, memory: int | None = None, compute: str | None = None,
-                cap: bool = False, state_dir: str | None = None) -> dict[str, str]:
+                cap: bool = False) -> dict[str, str]:
         """The environment of a probe job in a private partition ``name``, as ``fracgpu run`` makes it."""
         spec = jobs.JobSpec.parse(memory=memory, compute=compute, cap=cap)
-        variables = jobs.partition_variables(spec, private_name=name, state_dir=state_dir or self.state_dir,
-                                             env=self.env)
+        variables = jobs.partition_variables(spec, private_name=name, state_dir=self.state_dir, env=self.env)
         merged = {**self.env, **jobs.job_environment(variables, self.env)}
         return {k: v for k, v in merged.items() if v is not None}
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
+from collections.abc import Iterator
 
 import click
 
@@ -49,10 +51,14 @@ def check(as_json: bool, device_index: int, gpu: str, selected: tuple[str, ...])
       fracgpu check --json --device 1
     """
     from fracgpu import check as library
+    from fracgpu import devices
 
     # A SIGTERM ends the check as Ctrl-C does: the probes are stopped and the private state removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    with refusals():
+    # The checks ask the driver from several threads at once: one status line for the whole check
+    # rather than a spinner per device probe (a terminal shows one live display at a time).
+    devices.probe_progress = contextlib.nullcontext
+    with refusals(), checking():
         try:
             report = library.run(device_index, gpu, selected=list(selected) or None)
         except library.ProbeFailed as e:
@@ -62,6 +68,16 @@ def check(as_json: bool, device_index: int, gpu: str, selected: tuple[str, ...])
     else:
         show(report)
     sys.exit(0 if report.ok else 1)
+
+
+@contextlib.contextmanager
+def checking() -> Iterator[None]:
+    """While the probes run: a status line on stderr when it is a terminal, nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    with make_console(stderr=True).status("fracgpu check: running probe jobs on the GPU..."):
+        yield
 
 
 def show(report) -> None:
@@ -85,4 +101,4 @@ def show(report) -> None:
             console.print(f"[red]{c.name}[/red]: {c.detail}", highlight=False)
     failed = [c.name for c in report.checks if not c.ok]
     console.print(f"{len(report.checks) - len(failed)}/{len(report.checks)} checks hold"
-                  + (f"; failed: {', '.join(failed)}" if failed else "") + f" ({report.seconds:.1f} s)")
+                  + (f"; failed: {', '.join(failed)}" if failed else "") + f" ({report.seconds:.1f} s)", highlight=False)
