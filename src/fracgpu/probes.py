@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -401,5 +400,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main(sys.argv[1:])

@@ -81,12 +81,14 @@ def checking() -> Iterator[None]:
 
 
 def show(report) -> None:
+    from rich.markup import escape
+
     from fracgpu.units import format_size
 
     console = make_console()
     d = report.device
     kind = "simulated" if d.simulated else "GPU"
-    console.print(f"GPU {d.index}: {d.name} ({kind}, {format_size(d.total_memory)}), {d.uuid}", highlight=False)
+    console.print(f"GPU {d.index}: {escape(d.name)} ({kind}, {format_size(d.total_memory)}), {d.uuid}", highlight=False)
     console.print(f"A context reserves {format_size(d.context_reserve)} (measured with {d.context_measured_by}); "
                   f"probe jobs get {format_size(report.probe_quota)} each.",
                   highlight=False)
@@ -98,7 +100,8 @@ def show(report) -> None:
         console.print(table)
     for c in report.checks:
         if not c.ok and c.detail:
-            console.print(f"[red]{c.name}[/red]: {c.detail}", highlight=False)
+            console.print(f"[red]{escape(c.name)}[/red]: {escape(c.detail)}", highlight=False)
     failed = [c.name for c in report.checks if not c.ok]
-    console.print(f"{len(report.checks) - len(failed)}/{len(report.checks)} checks hold"
-                  + (f"; failed: {', '.join(failed)}" if failed else "") + f" ({report.seconds:.1f} s)", highlight=False)
+    summary = f"{len(report.checks) - len(failed)}/{len(report.checks)} checks hold"
+    summary += f"; failed: {', '.join(failed)}" if failed else ""
+    console.print(escape(f"{summary} ({report.seconds:.1f} s)"), highlight=False)
