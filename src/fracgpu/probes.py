@@ -47,7 +47,7 @@ def module_image(global_bytes: int) -> bytes:
     """A PTX module defining one device global of ``global_bytes`` (and a kernel, as real modules have)."""
     return "\n".join([".version 7.0", ".target sm_52", ".address_size 64", "",
                       f".visible .global .align 8 .b8 fracgpu_check_table[{global_bytes}];", "",
-                      ".visible .entry fracgpu_check_nothing()", "{", "\tret;", "}", ""]).encode() + b"\0"
+                      ".visible .entry fracgpu_check_nothing(.param .u64 unused)", "{", "\tret;", "}", ""]).encode() + b"\0"
 
 
 class Job:
