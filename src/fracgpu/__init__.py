@@ -11,7 +11,8 @@ the only code that imports click or rich; nothing else imports it):
   ``partitions``: named partitions; ``devices``: the GPUs a job sees; ``shim``: the installed shims;
 - ``snapshot``: usage with the compute share achieved; ``metrics``: the Prometheus collector;
 - ``ledger`` and ``recorder``: accounting; ``plot``: the report's figure;
-- ``ray`` and ``slurm``: the cluster integrations; ``sim``: the simulated GPU; ``demo``: the demo's jobs.
+- ``ray`` and ``slurm``: the cluster integrations; ``sim``: the simulated GPU; ``demo``: the demo's jobs;
+- ``check``: a node's guarantees graded on its GPU (``fracgpu check``), by the probe jobs in ``probes``.
 """
 
 from __future__ import annotations

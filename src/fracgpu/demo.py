@@ -48,13 +48,7 @@ def real_gpu_available() -> bool:
     probe = ("import ctypes,sys\ntry:\n l=ctypes.CDLL('libcuda.so.1')\nexcept OSError:\n sys.exit(1)\n"
              "n=ctypes.c_int()\nsys.exit(0 if l.cuInit(0)==0 and l.cuDeviceGetCount(ctypes.byref(n))==0 "
              "and n.value>0 else 1)")
-    env = settings.without_job_variables(os.environ)
-    try:   # the simulated driver is not a GPU
-        sim_dir = os.path.realpath(sim.library_dir())
-        env["LD_LIBRARY_PATH"] = ":".join(p for p in env.get("LD_LIBRARY_PATH", "").split(":")
-                                          if p and os.path.realpath(p) != sim_dir)
-    except FileNotFoundError:
-        pass
+    env = sim.without(settings.without_job_variables(os.environ))   # the simulated driver is not a GPU
     try:
         with devices.probe_progress():
             return subprocess.run([sys.executable, "-c", probe], env=env, timeout=60,
@@ -141,8 +135,7 @@ def run(folder: str, use_real: bool, say: Callable[[str], None],
     except FileNotFoundError as e:
         if use_real:
             raise DemoError(str(e)) from None
-        # Built without nvcc: the simulated driver runs its kernels by name from any module file.
-        module = str(sim.library_dir() / "libcuda.so.1")
+        module = sim.kernel_stand_in()   # built without nvcc
     for j in JOBS:
         say(f"  fracgpu run --name {j.name} --memory {j.memory} --compute {j.compute} -- "
             f"python -m fracgpu.demo {j.name} ...")

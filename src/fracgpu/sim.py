@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping
 from fracgpu import settings
 from fracgpu.units import format_size
 
-__all__ = ["SimConfig", "ConfigError", "library_dir", "environment", "shell_exports"]
+__all__ = ["SimConfig", "ConfigError", "library_dir", "environment", "shell_exports", "selected", "without",
+           "kernel_stand_in"]
 
 TiB = 1 << 40
 MAX_MEMORY = 64 * TiB
@@ -98,6 +99,32 @@ def library_dir() -> pathlib.Path:
             "install fracgpu with pip (`pip install .` in a checkout) to build it"
         )
     return pathlib.Path(str(folder))
+
+
+def _is_library_dir(entry: str) -> bool:
+    try:
+        return bool(entry) and os.path.realpath(entry) == os.path.realpath(library_dir())
+    except FileNotFoundError:
+        return False
+
+
+def selected(env: Mapping[str, str]) -> bool:
+    """Whether ``env`` runs jobs on the simulated GPU (its folder is on ``LD_LIBRARY_PATH``)."""
+    return any(_is_library_dir(entry) for entry in env.get("LD_LIBRARY_PATH", "").split(":"))
+
+
+def without(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with the simulated driver's folder taken off ``LD_LIBRARY_PATH``: jobs find the real driver."""
+    out = dict(env)
+    if "LD_LIBRARY_PATH" in out:
+        out["LD_LIBRARY_PATH"] = ":".join(e for e in out["LD_LIBRARY_PATH"].split(":") if e and not _is_library_dir(e))
+    return out
+
+
+def kernel_stand_in() -> str:
+    """A module file for cuModuleLoad when fracgpu was built without its kernels: the simulated driver
+    runs its kernels by name from any module file (a real driver would refuse it)."""
+    return str(library_dir() / "libcuda.so.1")
 
 
 def environment(config: SimConfig, base_env: Mapping[str, str] | None = None) -> dict[str, str]:

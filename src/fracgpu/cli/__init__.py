@@ -38,6 +38,7 @@ class LazyGroup(click.Group):
 
 # One row per top-level command; a new command is a module and a row here.
 COMMANDS = {
+    "check": "fracgpu.cli.check:check",
     "demo": "fracgpu.cli.demo:demo",
     "exporter": "fracgpu.cli.exporter:exporter",
     "partition": "fracgpu.cli.partition:partition_group",
