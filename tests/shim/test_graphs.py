@@ -51,6 +51,17 @@ trim()
 print("trimmed", usable - meminfo_free(), graph_attr("reserved"))
 print("alloc_after_trim", cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(768 << 20)))
 print("launch_big_again", launch(big_exe), graph_attr("reserved"))
+class InstantiateParams(ctypes.Structure):   # CUDA_GRAPH_INSTANTIATE_PARAMS
+    _fields_ = [("flags", ctypes.c_uint64), ("uploadStream", ctypes.c_void_p), ("errNode", ctypes.c_void_p),
+                ("result", ctypes.c_int)]
+upload = InstantiateParams(flags=2)   # CUDA_GRAPH_INSTANTIATE_FLAG_UPLOAD: the memory is taken at instantiation
+exe = ctypes.c_void_p()
+graph, _ = graph_with_memory(128 << 20)
+print("instantiate_upload", cuda.cuGraphInstantiateWithParams(ctypes.byref(exe), graph, ctypes.byref(upload)),
+      graph_attr("reserved"), usable - meminfo_free())
+graph, _ = graph_with_memory(1 << 30)
+print("instantiate_upload_big", cuda.cuGraphInstantiateWithParams(ctypes.byref(exe), graph, ctypes.byref(upload)),
+      graph_attr("reserved"))
 """
 
 
@@ -68,6 +79,8 @@ def test_a_graph_whose_memory_exceeds_the_quota_is_refused_before_it_runs(make_g
         "trimmed": "0 0",
         "alloc_after_trim": "0",
         "launch_big_again": "2 0",
+        "instantiate_upload": f"0 {128 * MiB} {(768 + 128) * MiB}",
+        "instantiate_upload_big": f"2 {128 * MiB}",
     }
 
 
