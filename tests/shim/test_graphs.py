@@ -84,6 +84,26 @@ def test_a_graph_whose_memory_exceeds_the_quota_is_refused_before_it_runs(make_g
     }
 
 
+REUSE_JOB = CTYPES_PRELUDE + GRAPH_CTYPES + """
+usable = meminfo_free()
+graph, _ = graph_with_memory(512 << 20)
+rc, exe = instantiate(graph)
+print("first", launch(exe))
+assert cuda.cuGraphExecDestroy(exe) == 0   # its memory stays in the device's graph pool
+p = ctypes.c_uint64()
+print("alloc", cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(400 << 20)))
+graph, _ = graph_with_memory(256 << 20)
+rc, exe = instantiate(graph)
+print("second", launch(exe), graph_attr("reserved"), usable - meminfo_free())
+"""
+
+
+def test_a_graph_that_fits_in_what_the_graph_pool_holds_takes_nothing_more(gpu):
+    """The quota has about 100 MiB left, but the pool already holds what the second graph needs."""
+    out = gpu.fracgpu("run", "--memory", "1GiB", "--", sys.executable, "-c", REUSE_JOB).stdout
+    assert parse_facts(out) == {"first": "0", "alloc": "0", "second": f"0 {512 * MiB} {(512 + 400) * MiB}"}
+
+
 BINDINGS_GRAPH = BINDINGS_PRELUDE + """
 stream = ck(cu.cuStreamCreate(0))
 held = ck(cu.cuMemAlloc(600 << 20))

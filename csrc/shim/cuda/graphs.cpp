@@ -24,6 +24,13 @@
 //   the reconciliation with the device's per-process figure.
 // - cuDeviceGraphMemTrim and cuGraphExecDestroy settle the books afterwards.
 //
+// Not read yet: allocation nodes inside child graph nodes (their graph is
+// charged only by the settle after a launch), and a graph whose allocation
+// nodes span devices (charged to the first one's). After a trim, every
+// executable graph of the device is taken to hold nothing (one the driver
+// kept mapped because it was running is charged again before its next
+// launch, and given back by the settle after it).
+//
 // The launch path takes no lock and makes no driver call for a graph without
 // memory nodes: one relaxed load while no graph with memory exists in the
 // process, a scan of a small table of atomics otherwise (a lock only past
