@@ -160,3 +160,32 @@ def test_stream_capture_records_kernels_copies_and_allocations(gpu, kernels):
         "end": "901 None",                    # CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, no graph
         "legacy": "900",                      # the legacy stream cannot be captured
     }
+
+
+MEMSET_JOB = CTYPES_PRELUDE + GRAPH_CTYPES + """
+class MemsetParams(ctypes.Structure):   # CUDA_MEMSET_NODE_PARAMS
+    _fields_ = [("dst", ctypes.c_uint64), ("pitch", ctypes.c_size_t), ("value", ctypes.c_uint),
+                ("elementSize", ctypes.c_uint), ("width", ctypes.c_size_t), ("height", ctypes.c_size_t)]
+graph, (ptr,) = graph_with_memory(1 << 20, free=False)
+alloc, count = (ctypes.c_void_p * 1)(), ctypes.c_size_t(1)
+assert cuda.cuGraphGetNodes(graph, alloc, ctypes.byref(count)) == 0
+node = ctypes.c_void_p()
+params = MemsetParams(dst=ptr, value=0xab, elementSize=1, width=1 << 20, height=1)
+assert cuda.cuGraphAddMemsetNode(ctypes.byref(node), graph, alloc, ctypes.c_size_t(1), ctypes.byref(params), ctx) == 0
+kind = ctypes.c_int()
+assert cuda.cuGraphNodeGetType(node, ctypes.byref(kind)) == 0
+rc, exe = instantiate(graph)
+print("launch", kind.value, launch(exe))
+tail = (ctypes.c_ubyte * 4)()
+assert cuda.cuMemcpyDtoH_v2(tail, ctypes.c_uint64(ptr + (1 << 20) - 4), ctypes.c_size_t(4)) == 0
+print("tail", *tail)
+print("free", cuda.cuMemFreeAsync(ctypes.c_uint64(ptr), None), cuda.cuCtxSynchronize())
+trim()
+print("trimmed", graph_attr("reserved"))
+"""
+
+
+def test_a_memset_node_writes_a_graph_allocation_that_outlives_the_launch(gpu):
+    facts = parse_facts(gpu.python(MEMSET_JOB).stdout)
+    assert facts == {"launch": "2 0",         # CU_GRAPH_NODE_TYPE_MEMSET
+                     "tail": "171 171 171 171", "free": "0 0", "trimmed": "0"}
