@@ -189,3 +189,32 @@ def test_a_memset_node_writes_a_graph_allocation_that_outlives_the_launch(gpu):
     facts = parse_facts(gpu.python(MEMSET_JOB).stdout)
     assert facts == {"launch": "2 0",         # CU_GRAPH_NODE_TYPE_MEMSET
                      "tail": "171 171 171 171", "free": "0 0", "trimmed": "0"}
+
+
+RUNNING_JOB = CTYPES_PRELUDE + GRAPH_CTYPES + """
+import sys
+mod, spin = ctypes.c_void_p(), ctypes.c_void_p()
+assert cuda.cuModuleLoad(ctypes.byref(mod), sys.argv[1].encode()) == 0
+assert cuda.cuModuleGetFunction(ctypes.byref(spin), mod, b"fracgpu_spin") == 0
+stream, graph, ptr = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_uint64()
+assert cuda.cuStreamCreate(ctypes.byref(stream), 1) == 0
+assert cuda.cuStreamBeginCapture_v2(stream, 2) == 0   # relaxed
+assert cuda.cuMemAllocAsync(ctypes.byref(ptr), ctypes.c_size_t(4 << 20), stream) == 0
+ns = ctypes.c_ulonglong(300_000_000)
+args = (ctypes.c_void_p * 1)(ctypes.addressof(ns))
+assert cuda.cuLaunchKernel(spin, 1, 1, 1, 1, 1, 1, 0, stream, args, None) == 0
+assert cuda.cuMemFreeAsync(ptr, stream) == 0
+assert cuda.cuStreamEndCapture(stream, ctypes.byref(graph)) == 0
+rc, exe = instantiate(graph)
+assert cuda.cuGraphLaunch(exe, stream) == 0
+trim()
+print("running", graph_attr("reserved"))   # a graph that is running uses its memory
+assert cuda.cuStreamSynchronize(stream) == 0
+trim()
+print("done", graph_attr("reserved"))
+"""
+
+
+def test_trim_keeps_the_memory_of_a_graph_that_is_running(gpu, kernels):
+    facts = parse_facts(gpu.run(sys.executable, "-c", RUNNING_JOB, kernels).stdout)
+    assert facts == {"running": str(4 * MiB), "done": "0"}
