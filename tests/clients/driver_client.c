@@ -45,6 +45,9 @@
  *                                 MIB, free it, synchronize (keep it HOLD seconds), then trim to 0,
  *                                 showing the pool's reserve and cuMemGetInfo at each step
  *   module-load PATH              cuModuleLoad PATH, then cuModuleUnload, with cuMemGetInfo after each
+ *   graph-mem MIB [HOLD]          capture cuMemAllocAsync MIB, a memset of it and its cuMemFreeAsync
+ *                                 into a graph; instantiate, launch (keep it HOLD seconds), destroy,
+ *                                 trim, showing the graph memory reserved and cuMemGetInfo at each step
  */
 #include <cuda.h>
 
@@ -130,10 +133,24 @@
     X(cuStreamSynchronize, (CUstream), CUDA_VERSION)                                          \
     X(cuModuleUnload, (CUmodule), CUDA_VERSION)
 
+// Graphs with memory nodes (graph-mem).
+#define GRAPH_API_LIST(X)                                                                     \
+    X(cuStreamCreate, (CUstream *, unsigned int), CUDA_VERSION)                               \
+    X(cuStreamBeginCapture, (CUstream, CUstreamCaptureMode), CUDA_VERSION)                    \
+    X(cuStreamEndCapture, (CUstream, CUgraph *), CUDA_VERSION)                                \
+    X(cuMemsetD32Async, (CUdeviceptr, unsigned int, size_t, CUstream), CUDA_VERSION)          \
+    X(cuGraphInstantiateWithFlags, (CUgraphExec *, CUgraph, unsigned long long), CUDA_VERSION) \
+    X(cuGraphLaunch, (CUgraphExec, CUstream), CUDA_VERSION)                                   \
+    X(cuGraphExecDestroy, (CUgraphExec), CUDA_VERSION)                                        \
+    X(cuGraphDestroy, (CUgraph), CUDA_VERSION)                                                \
+    X(cuDeviceGraphMemTrim, (CUdevice), CUDA_VERSION)                                         \
+    X(cuDeviceGetGraphMemAttribute, (CUdevice, CUgraphMem_attribute, void *), CUDA_VERSION)
+
 #define DECLARE(name, args, ver) static CUresult (*p_##name) args;
 API_LIST(DECLARE)
 VMM_API_LIST(DECLARE)
 RESERVE_API_LIST(DECLARE)
+GRAPH_API_LIST(DECLARE)
 
 static const char *err_name(CUresult rc) {
     const char *s = NULL;
@@ -177,11 +194,13 @@ static void load_api(void) {
     API_LIST(RESOLVE)
     VMM_API_LIST(RESOLVE)
     RESERVE_API_LIST(RESOLVE)
+    GRAPH_API_LIST(RESOLVE)
 #else
 #define BIND(name, args, ver) p_##name = name;
     API_LIST(BIND)
     VMM_API_LIST(BIND)
     RESERVE_API_LIST(BIND)
+    GRAPH_API_LIST(BIND)
 #endif
 }
 
@@ -426,6 +445,14 @@ static void print_pool(CUmemoryPool pool, const char *when) {
 }
 
 /* 1: cmd was one of these commands (and ran); 0: it was not. */
+/* What the device's graph memory pool holds, and what cuMemGetInfo shows used. */
+static void print_graph_mem(CUdevice dev, const char *prefix) {
+    cuuint64_t reserved = 0;
+    CHECK(p_cuDeviceGetGraphMemAttribute(dev, CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT, &reserved));
+    printf("%sreserved %llu\n", prefix, (unsigned long long)reserved);
+    print_meminfo(prefix);
+}
+
 static int reserve_command(const char *cmd, int argc, char **argv, CUdevice dev) {
     if (!strcmp(cmd, "set-limit") && argc >= 4) {
         CUlimit limit;
@@ -470,6 +497,33 @@ static int reserve_command(const char *cmd, int argc, char **argv, CUdevice dev)
         if (argc >= 5) usleep((useconds_t)(atof(argv[4]) * 1e6));
         CHECK(p_cuMemPoolTrimTo(pool, 0));
         print_pool(pool, "trimmed_");
+        return 1;
+    }
+    if (!strcmp(cmd, "graph-mem") && argc >= 3) {
+        size_t bytes = (size_t)atoll(argv[2]) << 20;
+        CUstream s;
+        CUgraph g;
+        CUgraphExec e;
+        CUdeviceptr p;
+        CHECK(p_cuStreamCreate(&s, CU_STREAM_NON_BLOCKING));
+        CHECK(p_cuStreamBeginCapture(s, CU_STREAM_CAPTURE_MODE_GLOBAL));
+        CHECK(p_cuMemAllocAsync(&p, bytes, s));
+        CHECK(p_cuMemsetD32Async(p, 0x1234abcd, bytes / 4, s));
+        CHECK(p_cuMemFreeAsync(p, s));
+        CHECK(p_cuStreamEndCapture(s, &g));
+        CHECK(p_cuGraphInstantiateWithFlags(&e, g, 0));
+        print_graph_mem(dev, "instantiated_");
+        CUresult rc = p_cuGraphLaunch(e, s);
+        printf("launch %s\n", rc == CUDA_SUCCESS ? "CUDA_SUCCESS" : err_name(rc));
+        CHECK(p_cuStreamSynchronize(s));
+        print_graph_mem(dev, "launched_");
+        fflush(stdout);
+        if (argc >= 4) usleep((useconds_t)(atof(argv[3]) * 1e6));
+        CHECK(p_cuGraphExecDestroy(e));
+        CHECK(p_cuGraphDestroy(g));
+        print_graph_mem(dev, "destroyed_");
+        CHECK(p_cuDeviceGraphMemTrim(dev));
+        print_graph_mem(dev, "trimmed_");
         return 1;
     }
     if (!strcmp(cmd, "module-load") && argc >= 3) {

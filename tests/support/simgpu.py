@@ -72,6 +72,54 @@ ck(cu.cuCtxSetCurrent(ctx))
 """
 
 
+# Graph memory through ctypes, after CTYPES_PRELUDE: `graph_attr(name)` (the device's graph memory pool:
+# "used", "used_high", "reserved", "reserved_high"), `graph_with_memory(*sizes, free=True)` (a graph with an
+# allocation node of each size, each freed by a free node unless free=False; returns the graph and the
+# addresses), `instantiate(graph)` (the CUresult and the executable graph), `launch(exe)` (launch on the
+# legacy stream and synchronize; the CUresult), `trim()`, `meminfo_free()`.
+GRAPH_CTYPES = """
+ATTRS = {"used": 0, "used_high": 1, "reserved": 2, "reserved_high": 3}
+def graph_attr(name):
+    v = ctypes.c_uint64()
+    assert cuda.cuDeviceGetGraphMemAttribute(dev, ATTRS[name], ctypes.byref(v)) == 0
+    return v.value
+class AllocNodeParams(ctypes.Structure):   # CUDA_MEM_ALLOC_NODE_PARAMS
+    _fields_ = [("allocType", ctypes.c_int), ("handleTypes", ctypes.c_int), ("locType", ctypes.c_int),
+                ("locId", ctypes.c_int), ("win32", ctypes.c_void_p), ("maxSize", ctypes.c_size_t),
+                ("rest", ctypes.c_ubyte * 56), ("accessDescs", ctypes.c_void_p),
+                ("accessDescCount", ctypes.c_size_t), ("bytesize", ctypes.c_size_t), ("dptr", ctypes.c_uint64)]
+def graph_with_memory(*sizes, free=True):
+    graph, last, ptrs = ctypes.c_void_p(), None, []
+    assert cuda.cuGraphCreate(ctypes.byref(graph), 0) == 0
+    for size in sizes:
+        params = AllocNodeParams(allocType=1, locType=1, locId=dev.value, bytesize=size)   # pinned, on the device
+        node, deps = ctypes.c_void_p(), (ctypes.c_void_p * 1)(last)
+        assert cuda.cuGraphAddMemAllocNode(ctypes.byref(node), graph, deps, ctypes.c_size_t(1 if last else 0),
+                                           ctypes.byref(params)) == 0
+        last = node
+        ptrs.append(params.dptr)
+        if free:
+            node, deps = ctypes.c_void_p(), (ctypes.c_void_p * 1)(last)
+            assert cuda.cuGraphAddMemFreeNode(ctypes.byref(node), graph, deps, ctypes.c_size_t(1),
+                                              ctypes.c_uint64(params.dptr)) == 0
+            last = node
+    return graph, ptrs
+def instantiate(graph):
+    exe = ctypes.c_void_p()
+    return cuda.cuGraphInstantiateWithFlags(ctypes.byref(exe), graph, ctypes.c_ulonglong(0)), exe
+def launch(exe):
+    rc = cuda.cuGraphLaunch(exe, None)
+    assert cuda.cuCtxSynchronize() == 0
+    return rc
+def trim():
+    assert cuda.cuDeviceGraphMemTrim(dev) == 0
+def meminfo_free():
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    assert cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)) == 0
+    return free.value
+"""
+
+
 def alloc_job(mib: int) -> str:
     """A job script that allocates MIB and prints the CUresult (0: done, 2: out of memory)."""
     return CTYPES_PRELUDE + ("p = ctypes.c_uint64()\n"

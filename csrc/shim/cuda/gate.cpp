@@ -660,11 +660,22 @@ SHIM_API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned gx, unsi
     REAL_OR_RETURN(real, cuLaunchCooperativeKernel_ptsz);
     return gated(s, REAL(cuEventRecord_ptsz), [&] { return real(f, gx, gy, gz, bx, by, bz, shmem, s, params); });
 }
+// A graph launch is gated like a kernel's; one with allocation nodes also
+// has its graph memory charged (graphs.cpp).
+template <typename Call>
+CUresult graph_launch(CUgraphExec g, CUstream s, decltype(&cuEventRecord) record, Call call) {
+    GraphLaunch mem;
+    CUresult rc = graph_before_launch(g, &mem);
+    if (rc != CUDA_SUCCESS) return rc;
+    rc = gated(s, record, call);
+    graph_after_launch(g, mem, rc);
+    return rc;
+}
 SHIM_API CUresult cuGraphLaunch(CUgraphExec g, CUstream s) {
     REAL_OR_RETURN(real, cuGraphLaunch);
-    return gated(s, REAL(cuEventRecord), [&] { return real(g, s); });
+    return graph_launch(g, s, REAL(cuEventRecord), [&] { return real(g, s); });
 }
 SHIM_API CUresult cuGraphLaunch_ptsz(CUgraphExec g, CUstream s) {
     REAL_OR_RETURN(real, cuGraphLaunch_ptsz);
-    return gated(s, REAL(cuEventRecord_ptsz), [&] { return real(g, s); });
+    return graph_launch(g, s, REAL(cuEventRecord_ptsz), [&] { return real(g, s); });
 }

@@ -32,6 +32,9 @@
     X(cuLaunchKernel) X(cuLaunchKernel_ptsz) X(cuLaunchKernelEx) X(cuLaunchKernelEx_ptsz)  \
     X(cuLaunchCooperativeKernel) X(cuLaunchCooperativeKernel_ptsz)                        \
     X(cuGraphLaunch) X(cuGraphLaunch_ptsz)                                                \
+    X(cuGraphInstantiate_v2) X(cuGraphInstantiateWithFlags) X(cuGraphInstantiateWithParams) \
+    X(cuGraphInstantiateWithParams_ptsz) X(cuGraphUpload) X(cuGraphUpload_ptsz)           \
+    X(cuGraphExecDestroy) X(cuDeviceGraphMemTrim)                                         \
     X(cuCtxSetLimit) X(cuMemPoolTrimTo) X(cuMemPoolDestroy)                               \
     X(cuCtxSynchronize) X(cuCtxSynchronize_v2) X(cuStreamSynchronize)                     \
     X(cuStreamSynchronize_ptsz) X(cuEventSynchronize)                                    \

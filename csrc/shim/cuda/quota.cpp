@@ -289,6 +289,7 @@ void quota_forget_after_fork() {
     g_vmm.handles.clear();
     g_vmm.mappings.clear();
     reserve_forget_after_fork();
+    graph_forget_after_fork();
     contexts_forget_after_fork();
 }
 

@@ -144,11 +144,20 @@ uint64_t orphan_block_gone(const Block &blk) {
 // The shape of every stream-ordered allocation: charge what the pool must
 // reserve beyond what it keeps cached, call, then settle its books on the
 // reserve the driver reports.
+// A stream being captured into a graph: its allocations are the graph's
+// allocation nodes, which take memory when the graph runs (graphs.cpp).
+bool capturing(CUstream stream, bool per_thread) {
+    auto is_capturing = per_thread ? REAL(cuStreamIsCapturing_ptsz) : REAL(cuStreamIsCapturing);
+    CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+    return is_capturing && is_capturing(stream, &status) == CUDA_SUCCESS && status != CU_STREAM_CAPTURE_STATUS_NONE;
+}
+
 template <typename Call>
-CUresult pool_alloc(CUdeviceptr *dptr, size_t bytes, CUmemoryPool pool, CUstream stream, Call call) {
+CUresult pool_alloc(CUdeviceptr *dptr, size_t bytes, CUmemoryPool pool, CUstream stream, bool per_thread,
+                    Call call) {
     int dev;
     CUcontext ctx;
-    if (!dptr || !quota_current(&dev, &ctx)) return call();
+    if (!dptr || !quota_current(&dev, &ctx) || capturing(stream, per_thread)) return call();
     if (!pool) {
         auto get_pool = REAL(cuDeviceGetMemPool);
         if (!get_pool || get_pool(&pool, dev) != CUDA_SUCCESS) return call();
@@ -469,22 +478,22 @@ SHIM_API CUresult cuCtxSetLimit(CUlimit limit, size_t value) {
 // ---------------------------------------------------------------------------
 SHIM_API CUresult cuMemAllocAsync(CUdeviceptr *dptr, size_t bytesize, CUstream s) {
     REAL_OR_RETURN(real, cuMemAllocAsync);
-    return pool_alloc(dptr, bytesize, nullptr, s, [&] { return real(dptr, bytesize, s); });
+    return pool_alloc(dptr, bytesize, nullptr, s, false, [&] { return real(dptr, bytesize, s); });
 }
 SHIM_API CUresult cuMemAllocAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUstream s) {
     REAL_OR_RETURN(real, cuMemAllocAsync_ptsz);
-    return pool_alloc(dptr, bytesize, nullptr, s, [&] { return real(dptr, bytesize, s); });
+    return pool_alloc(dptr, bytesize, nullptr, s, true, [&] { return real(dptr, bytesize, s); });
 }
 SHIM_API CUresult cuMemAllocFromPoolAsync(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool, CUstream s) {
     REAL_OR_RETURN(real, cuMemAllocFromPoolAsync);
     if (!pool) return real(dptr, bytesize, pool, s);
-    return pool_alloc(dptr, bytesize, pool, s, [&] { return real(dptr, bytesize, pool, s); });
+    return pool_alloc(dptr, bytesize, pool, s, false, [&] { return real(dptr, bytesize, pool, s); });
 }
 SHIM_API CUresult cuMemAllocFromPoolAsync_ptsz(CUdeviceptr *dptr, size_t bytesize, CUmemoryPool pool,
                                                CUstream s) {
     REAL_OR_RETURN(real, cuMemAllocFromPoolAsync_ptsz);
     if (!pool) return real(dptr, bytesize, pool, s);
-    return pool_alloc(dptr, bytesize, pool, s, [&] { return real(dptr, bytesize, pool, s); });
+    return pool_alloc(dptr, bytesize, pool, s, true, [&] { return real(dptr, bytesize, pool, s); });
 }
 
 SHIM_API CUresult cuMemFreeAsync(CUdeviceptr dptr, CUstream s) {

@@ -9,6 +9,7 @@
 //                                          tracking, the quota shown as device memory
 //   reservations (reserve.cpp,             cuCtxSetLimit's heap, stack and FIFO, and the
 //     quota.h)                             reserve stream-ordered pools keep, on the books
+//   graph memory (graphs.cpp)              the device's graph memory pool, on the books
 //   launch gate (gate.cpp)                 the launch hooks: compute shares, device time
 //   interposition (interpose.cpp)          the HOOKS(X) list of every hooked entry point
 //                                          and the cuGetProcAddress swap; the only place
@@ -67,6 +68,20 @@ int launch_device();
 void gate_forget_after_fork();
 // At exit, before the process leaves its slots: count launches that completed unread.
 void gate_account_finished();
+
+// Graph memory (graphs.cpp), around the real cuGraphLaunch in gate.cpp: an
+// executable graph with allocation nodes that holds no memory yet is charged
+// what the device's graph pool will take (CUDA_ERROR_OUT_OF_MEMORY past the
+// quota: the launch is refused), and the books then follow the pool.
+// Graphs without memory nodes cost no lock and no driver call.
+struct GraphLaunch {
+    int dev = -1;              // -1: not a graph with memory nodes
+    uint64_t precharged = 0;
+};
+CUresult graph_before_launch(CUgraphExec exec, GraphLaunch *out);
+void graph_after_launch(CUgraphExec exec, const GraphLaunch &l, CUresult rc);
+// In a forked child: the parent's graphs are not the child's.
+void graph_forget_after_fork();
 
 // The real driver's entry point `name`, cached by the caller in `slot`.
 void *real_symbol(const char *name, std::atomic<void *> &slot);

@@ -36,6 +36,7 @@ CUresult in_stream_order(CUstream h, bool per_thread, bool wait, Prepare prepare
     if (rc != CUDA_SUCCESS || !action) return rc;
     Stream *st;
     rc = resolve_stream(h, per_thread, &st);
+    if (rc == CUDA_SUCCESS) rc = wait ? capture_refuse(st) : capture_check(st);
     if (rc != CUDA_SUCCESS) return rc;
     engine_run_ordered(lk, st, std::move(action), wait);
     return wait ? c->sticky : CUDA_SUCCESS;

@@ -149,6 +149,10 @@ std::shared_ptr<Record> engine_mark(Stream *s) {
 }
 
 void engine_enqueue(std::unique_lock<std::mutex> &lk, Stream *s, Op op) {
+    if (s->capture) {   // recorded into the capture's graph, run at each launch of it
+        capture_record(s, std::move(op));
+        return;
+    }
     // A full launch queue blocks the launching thread, as a full pushbuffer does.
     while (s->q.size() >= kMaxPendingOps) g_cv_done.wait(lk);
     add_implicit_waits(s);
@@ -159,6 +163,10 @@ void engine_enqueue(std::unique_lock<std::mutex> &lk, Stream *s, Op op) {
 
 void engine_run_ordered(std::unique_lock<std::mutex> &lk, Stream *s, std::function<void()> action,
                         bool wait) {
+    if (s->capture) {   // callers refuse a synchronous call on a capturing stream first
+        capture_record(s, Op{Op::Host, 0, 0, std::move(action), nullptr});
+        return;
+    }
     add_implicit_waits(s);
     if (engine_stream_idle(s)) {
         action();

@@ -205,19 +205,38 @@ CUresult launch(CUfunction hf, unsigned gx, unsigned gy, unsigned gz, unsigned b
     std::unique_lock<std::mutex> lk(g_mu);
     CUresult rc = check_init();
     if (rc != CUDA_SUCCESS) return rc;
-    Function *f = reinterpret_cast<Function *>(hf);
-    if (!g_functions.count(f)) return CUDA_ERROR_INVALID_HANDLE;
     if (!current_context()) return CUDA_ERROR_INVALID_CONTEXT;
-    if (!gx || !gy || !gz || !bx || !by || !bz || (uint64_t)bx * by * bz > 1024 || bz > 64 || gy > 65535 ||
-        gz > 65535)
-        return CUDA_ERROR_INVALID_VALUE;
-    if ((params == nullptr) == (extra == nullptr)) return CUDA_ERROR_INVALID_VALUE;
     Stream *s;
     rc = resolve_stream(hs, pt, &s);
     if (rc != CUDA_SUCCESS) return rc;
     Context *c = s->ctx;
     if (c->sticky) return c->sticky;
+    rc = capture_check(s);
+    if (rc != CUDA_SUCCESS) return rc;
+    const unsigned dims[6] = {gx, gy, gz, bx, by, bz};
+    Op op;
+    rc = kernel_op(hf, dims, params, extra, c, &op);
+    if (rc != CUDA_SUCCESS) return rc;
+    engine_enqueue(lk, s, std::move(op));
+    return CUDA_SUCCESS;
+}
 
+CUresult launch_ex(const CUlaunchConfig *cfg, CUfunction f, void **params, void **extra, bool pt) {
+    if (!cfg) return CUDA_ERROR_INVALID_VALUE;
+    return launch(f, cfg->gridDimX, cfg->gridDimY, cfg->gridDimZ, cfg->blockDimX, cfg->blockDimY, cfg->blockDimZ,
+                  cfg->sharedMemBytes, cfg->hStream, params, extra, pt);
+}
+
+}  // namespace
+
+CUresult kernel_op(CUfunction hf, const unsigned dims[6], void **params, void **extra, Context *c, Op *out) {
+    Function *f = reinterpret_cast<Function *>(hf);
+    if (!g_functions.count(f)) return CUDA_ERROR_INVALID_HANDLE;
+    unsigned gx = dims[0], gy = dims[1], gz = dims[2], bx = dims[3], by = dims[4], bz = dims[5];
+    if (!gx || !gy || !gz || !bx || !by || !bz || (uint64_t)bx * by * bz > 1024 || bz > 64 || gy > 65535 ||
+        gz > 65535)
+        return CUDA_ERROR_INVALID_VALUE;
+    if ((params == nullptr) == (extra == nullptr)) return CUDA_ERROR_INVALID_VALUE;
     Op op{Op::Kernel, 0, 0, nullptr, nullptr};
     if (f->id == KernelId::Spin) {
         unsigned long long ns;
@@ -240,17 +259,10 @@ CUresult launch(CUfunction hf, unsigned gx, unsigned gy, unsigned gz, unsigned b
             std::fill(p, p + count, value);
         };
     }
-    engine_enqueue(lk, s, std::move(op));
+    *out = std::move(op);
     return CUDA_SUCCESS;
 }
 
-CUresult launch_ex(const CUlaunchConfig *cfg, CUfunction f, void **params, void **extra, bool pt) {
-    if (!cfg) return CUDA_ERROR_INVALID_VALUE;
-    return launch(f, cfg->gridDimX, cfg->gridDimY, cfg->gridDimZ, cfg->blockDimX, cfg->blockDimY, cfg->blockDimZ,
-                  cfg->sharedMemBytes, cfg->hStream, params, extra, pt);
-}
-
-}  // namespace
 }  // namespace sim
 
 using namespace sim;
@@ -472,111 +484,4 @@ SIM_API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned int gx, u
                                                 unsigned int bx, unsigned int by, unsigned int bz,
                                                 unsigned int smem, CUstream s, void **params) {
     return launch(f, gx, gy, gz, bx, by, bz, smem, s, params, nullptr, true);
-}
-
-// --- graphs: kernel nodes only, run in the order they were added (which is a
-// valid order: a node's dependencies must exist before it) ----------------------
-
-namespace {
-
-struct GraphNode {
-    CUfunction f;
-    unsigned dims[6];
-    unsigned smem;
-    unsigned long long a0 = 0, a2 = 0;   // spin: ns; fill: dst, count
-    unsigned a1 = 0;                     // fill: value
-};
-struct Graph {
-    std::deque<GraphNode> nodes;         // stable addresses: a node's handle is its address
-};
-struct GraphExec {
-    std::vector<GraphNode> nodes;
-};
-std::set<Graph *> &g_graphs = *new std::set<Graph *>;
-std::set<GraphExec *> &g_execs = *new std::set<GraphExec *>;
-
-CUresult run_node(const GraphNode &n, CUstream s, bool pt) {
-    unsigned long long a0 = n.a0, a2 = n.a2;
-    unsigned a1 = n.a1;
-    void *spin_args[] = {&a0};
-    void *fill_args[] = {&a0, &a1, &a2};
-    Function *f = reinterpret_cast<Function *>(n.f);
-    return launch(n.f, n.dims[0], n.dims[1], n.dims[2], n.dims[3], n.dims[4], n.dims[5], n.smem, s,
-                  f->id == KernelId::Spin ? spin_args : fill_args, nullptr, pt);
-}
-
-CUresult graph_launch(CUgraphExec h, CUstream s, bool pt) {
-    std::vector<GraphNode> nodes;
-    {
-        std::lock_guard<std::mutex> lk(g_mu);
-        GraphExec *e = reinterpret_cast<GraphExec *>(h);
-        if (!g_execs.count(e)) return CUDA_ERROR_INVALID_HANDLE;
-        nodes = e->nodes;
-    }
-    for (const GraphNode &n : nodes) {
-        CUresult rc = run_node(n, s, pt);
-        if (rc != CUDA_SUCCESS) return rc;
-    }
-    return CUDA_SUCCESS;
-}
-
-}  // namespace
-
-SIM_API CUresult cuGraphCreate(CUgraph *ph, unsigned int flags) {
-    if (!ph || flags) return CUDA_ERROR_INVALID_VALUE;
-    std::lock_guard<std::mutex> lk(g_mu);
-    Graph *g = new Graph;
-    g_graphs.insert(g);
-    *ph = reinterpret_cast<CUgraph>(g);
-    return CUDA_SUCCESS;
-}
-
-SIM_API CUresult cuGraphAddKernelNode_v2(CUgraphNode *ph, CUgraph hg, const CUgraphNode *deps, size_t ndeps,
-                                         const CUDA_KERNEL_NODE_PARAMS *p) {
-    if (!ph || !p || (ndeps && !deps)) return CUDA_ERROR_INVALID_VALUE;
-    std::lock_guard<std::mutex> lk(g_mu);
-    Graph *g = reinterpret_cast<Graph *>(hg);
-    Function *f = reinterpret_cast<Function *>(p->func);
-    if (!g_graphs.count(g) || !g_functions.count(f)) return CUDA_ERROR_INVALID_HANDLE;
-    GraphNode n{p->func, {p->gridDimX, p->gridDimY, p->gridDimZ, p->blockDimX, p->blockDimY, p->blockDimZ},
-                p->sharedMemBytes};
-    // Arguments are captured now, as the driver does.
-    bool ok = f->id == KernelId::Spin
-                  ? arg(p->kernelParams, p->extra, 0, 0, &n.a0)
-                  : arg(p->kernelParams, p->extra, 0, 0, &n.a0) && arg(p->kernelParams, p->extra, 8, 1, &n.a1) &&
-                        arg(p->kernelParams, p->extra, 16, 2, &n.a2);
-    if (!ok) return CUDA_ERROR_INVALID_VALUE;
-    g->nodes.push_back(n);
-    *ph = reinterpret_cast<CUgraphNode>(&g->nodes.back());
-    return CUDA_SUCCESS;
-}
-
-SIM_API CUresult cuGraphInstantiateWithFlags(CUgraphExec *ph, CUgraph hg, unsigned long long flags) {
-    if (!ph) return CUDA_ERROR_INVALID_VALUE;
-    std::lock_guard<std::mutex> lk(g_mu);
-    Graph *g = reinterpret_cast<Graph *>(hg);
-    if (!g_graphs.count(g)) return CUDA_ERROR_INVALID_HANDLE;
-    GraphExec *e = new GraphExec{std::vector<GraphNode>(g->nodes.begin(), g->nodes.end())};
-    g_execs.insert(e);
-    *ph = reinterpret_cast<CUgraphExec>(e);
-    return CUDA_SUCCESS;
-}
-
-SIM_API CUresult cuGraphLaunch(CUgraphExec h, CUstream s) { return graph_launch(h, s, false); }
-SIM_API CUresult cuGraphLaunch_ptsz(CUgraphExec h, CUstream s) { return graph_launch(h, s, true); }
-
-SIM_API CUresult cuGraphExecDestroy(CUgraphExec h) {
-    std::lock_guard<std::mutex> lk(g_mu);
-    GraphExec *e = reinterpret_cast<GraphExec *>(h);
-    if (!g_execs.erase(e)) return CUDA_ERROR_INVALID_HANDLE;
-    delete e;
-    return CUDA_SUCCESS;
-}
-
-SIM_API CUresult cuGraphDestroy(CUgraph h) {
-    std::lock_guard<std::mutex> lk(g_mu);
-    Graph *g = reinterpret_cast<Graph *>(h);
-    if (!g_graphs.erase(g)) return CUDA_ERROR_INVALID_HANDLE;
-    delete g;
-    return CUDA_SUCCESS;
 }

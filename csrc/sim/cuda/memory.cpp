@@ -251,7 +251,8 @@ void *translate(uint64_t addr, uint64_t len, Alloc **out) {
 void free_context_memory(Context *c) {
     std::vector<Alloc *> mine;
     for (auto &kv : g_allocs)
-        if (kv.second->ctx == c && kv.second->kind != MemKind::Physical) mine.push_back(kv.second);
+        if (kv.second->ctx == c && kv.second->kind != MemKind::Physical && !kv.second->graph)
+            mine.push_back(kv.second);   // graph memory lives with its graph, charged to the graph pool
     for (Alloc *a : mine) release(a);
     // What the context's stream-ordered allocations left in the pools of its device goes with it.
     for (Pool *p : g_pools)
@@ -259,6 +260,17 @@ void free_context_memory(Context *c) {
 }
 
 CUresult alloc_block(Context *c, uint64_t size, Alloc **out) { return alloc_common(c, size, MemKind::Device, nullptr, out); }
+
+Alloc *graph_alloc_create(Context *c, int dev, uint64_t size) {
+    void *host = map_host(size);
+    if (!host) return nullptr;
+    Alloc *a = add_alloc(take_addresses(size, kVmmGranularity), size, host, MemKind::Device, c);
+    a->dev = dev;
+    a->graph = true;
+    return a;
+}
+
+void graph_alloc_destroy(Alloc *a) { release(a); }
 
 void free_block(uint64_t base) {
     auto it = g_allocs.find(base);
@@ -289,6 +301,7 @@ CUresult free_common(CUdeviceptr dptr, MemKind expect) {
     // Freeing memory that queued work may still use waits for that work, as
     // cuMemFree synchronizes.
     if (a->ctx && valid_context(a->ctx)) engine_sync_context(lk, a->ctx);
+    if (a->graph) return graph_alloc_free(a);   // its memory stays with the graph pool
     release(a);
     return CUDA_SUCCESS;
 }
@@ -604,6 +617,10 @@ static CUresult alloc_async(CUdeviceptr *dptr, size_t size, CUmemoryPool hpool, 
     Stream *s;
     rc = resolve_stream(h, pt, &s);
     if (rc != CUDA_SUCCESS) return rc;
+    if (s->capture) {
+        if (hpool && !valid_pool(hpool)) return CUDA_ERROR_INVALID_VALUE;
+        return capture_alloc(s, size, dptr);   // an allocation node: graph memory, not the pool's
+    }
     Pool *pool;
     if (hpool) {
         if (!valid_pool(hpool)) return CUDA_ERROR_INVALID_VALUE;
@@ -644,7 +661,9 @@ static CUresult free_async(CUdeviceptr dptr, CUstream h, bool pt) {
     Stream *s;
     rc = resolve_stream(h, pt, &s);
     if (rc != CUDA_SUCCESS) return rc;
+    if (s->capture) return capture_free(s, dptr);
     Alloc *a = it->second;
+    if (a->graph) return graph_alloc_free(a);   // its memory stays with the graph pool
     // Released when the stream reaches this point.
     engine_run_ordered(lk, s, [a] { release(a); }, false);
     return CUDA_SUCCESS;

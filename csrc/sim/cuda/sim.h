@@ -85,6 +85,7 @@ uint64_t timeline_reserve(int phys, uint64_t not_before, uint64_t dur);
 // ---------------------------------------------------------------------------
 struct Context;
 struct Stream;
+struct Capture;   // a stream capture in progress (graph.cpp)
 
 struct Device {
     int phys = 0;                     // index on the simulated GPU (after CUDA_VISIBLE_DEVICES)
@@ -121,6 +122,7 @@ struct Alloc {
     bool owned_host = true;   // false for cuMemHostRegister'ed memory
     int fd = -1;              // backing memfd once shared with cuIpcGetMemHandle, or opened from one
     bool ipc_opened = false;  // another process's memory (cuIpcOpenMemHandle): charged there, not here
+    bool graph = false;       // a graph allocation node's memory: charged through the graph pool (graph.cpp)
 };
 
 // Translate an address range to host memory. nullptr when [addr, addr+len)
@@ -137,6 +139,14 @@ void free_block(uint64_t base);
 // Pools give back what they keep beyond their release threshold, as the
 // driver does at a stream, event or context synchronize.
 void pools_release_over_threshold();
+// A graph allocation node's memory (graph.cpp): device memory at an address
+// fixed for the life of the node, in the allocation table, charged nothing
+// here (the device's graph pool holds its charge). Caller holds g_mu.
+Alloc *graph_alloc_create(Context *c, int dev, uint64_t size);
+void graph_alloc_destroy(Alloc *a);
+// cuMemFree/cuMemFreeAsync of a graph allocation (graph.cpp): it is freed
+// outside its graph. CUDA_ERROR_INVALID_VALUE when it cannot be (freed in its own graph).
+CUresult graph_alloc_free(Alloc *a);
 
 // ---------------------------------------------------------------------------
 // Contexts, streams, events
@@ -181,6 +191,7 @@ struct Stream {
     std::deque<Op> q;
     uint64_t last_end = 0;                 // when the last work placed on it ends
     bool inflight = false;                 // a kernel occupies the device until last_end
+    Capture *capture = nullptr;            // being captured into a graph (cuStreamBeginCapture)
 };
 
 struct Event {
@@ -212,9 +223,30 @@ bool engine_stream_idle(Stream *s);
 void engine_sync_context(std::unique_lock<std::mutex> &lk, Context *c);
 void engine_drop_context(Context *c);     // discard queued work of a dying context
 
+// Stream capture (graph.cpp). Callers hold g_mu. While a stream captures,
+// engine_enqueue and engine_run_ordered record its work as graph nodes
+// instead of running it.
+void capture_record(Stream *s, Op op);
+// What work on s may do now: CUDA_SUCCESS when it is not captured or its
+// capture is healthy; CUDA_ERROR_STREAM_CAPTURE_INVALIDATED once it failed.
+CUresult capture_check(Stream *s);
+// A call that cannot be captured (a synchronization, an event) reached s:
+// its capture is invalidated. CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED when s
+// captures, CUDA_SUCCESS otherwise.
+CUresult capture_refuse(Stream *s);
+void capture_abandon(Stream *s);          // s goes away: its capture is dropped
+// cuMemAllocAsync/cuMemFreeAsync on a capturing stream: an allocation node
+// (its fixed address in *dptr) or a free node.
+CUresult capture_alloc(Stream *s, uint64_t size, CUdeviceptr *dptr);
+CUresult capture_free(Stream *s, CUdeviceptr dptr);
+
 // ---------------------------------------------------------------------------
 // Kernels
 // ---------------------------------------------------------------------------
 enum class KernelId { Spin, Fill };
+
+// The device work of one launch of f in context c (arguments read now, as the
+// driver does), for a stream or a graph node. Caller holds g_mu.
+CUresult kernel_op(CUfunction f, const unsigned dims[6], void **params, void **extra, Context *c, Op *out);
 
 }  // namespace sim

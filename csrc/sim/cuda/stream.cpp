@@ -81,6 +81,7 @@ CUresult stream_sync(CUstream h, bool pt) {
     std::unique_lock<std::mutex> lk(g_mu);
     Stream *s;
     CUresult rc = stream_get(h, pt, &s);
+    if (rc == CUDA_SUCCESS) rc = capture_refuse(s);
     if (rc != CUDA_SUCCESS) return rc;
     Context *c = s->ctx;
     std::shared_ptr<Record> r = s->is_null ? nullptr : engine_mark(s);
@@ -110,6 +111,8 @@ CUresult stream_wait_event(CUstream h, CUevent e, unsigned flags, bool pt) {
     if (rc != CUDA_SUCCESS) return rc;
     Event *ev = reinterpret_cast<Event *>(e);
     if (!g_events.count(ev)) return CUDA_ERROR_INVALID_HANDLE;
+    rc = capture_refuse(s);   // cross-stream capture is not simulated
+    if (rc != CUDA_SUCCESS) return rc;
     if (!ev->rec) return CUDA_SUCCESS;   // never recorded: nothing to wait for
     engine_enqueue(lk, s, Op{Op::Wait, 0, 0, nullptr, ev->rec});
     return CUDA_SUCCESS;
@@ -125,6 +128,8 @@ CUresult event_record(CUevent e, CUstream h, bool pt) {
     rc = resolve_stream(h, pt, &s);
     if (rc != CUDA_SUCCESS) return rc;
     if (s->ctx != ev->ctx) return CUDA_ERROR_INVALID_HANDLE;
+    rc = capture_refuse(s);   // event record nodes are not simulated
+    if (rc != CUDA_SUCCESS) return rc;
     auto r = std::make_shared<Record>();
     ev->rec = r;
     engine_enqueue(lk, s, Op{Op::RecordEv, 0, 0, nullptr, r});
@@ -135,6 +140,7 @@ CUresult host_func(CUstream h, std::function<void()> fn, bool pt) {
     std::unique_lock<std::mutex> lk(g_mu);
     Stream *s;
     CUresult rc = stream_get(h, pt, &s);
+    if (rc == CUDA_SUCCESS) rc = capture_check(s);
     if (rc != CUDA_SUCCESS) return rc;
     engine_enqueue(lk, s, Op{Op::Callback, 0, 0, std::move(fn), nullptr});
     return CUDA_SUCCESS;
@@ -158,6 +164,7 @@ SIM_API CUresult cuStreamDestroy_v2(CUstream h) {
         auto &v = s->ctx->streams;
         v.erase(std::remove(v.begin(), v.end(), s), v.end());
     }
+    capture_abandon(s);
     engine_release_stream(s);   // queued work still runs, as with a real driver
     return CUDA_SUCCESS;
 }
@@ -198,15 +205,6 @@ SIM_API CUresult cuStreamGetCtx(CUstream h, CUcontext *pctx) {
 }
 SIM_API CUresult cuStreamGetDevice(CUstream h, CUdevice *dev) {
     return stream_attribute(h, dev, [](const Stream *s) { return s->ctx->dev; });
-}
-
-SIM_API CUresult cuStreamIsCapturing(CUstream h, CUstreamCaptureStatus *status) {
-    if (!status) return CUDA_ERROR_INVALID_VALUE;
-    *status = CU_STREAM_CAPTURE_STATUS_NONE;
-    return check_init();
-}
-SIM_API CUresult cuStreamIsCapturing_ptsz(CUstream h, CUstreamCaptureStatus *status) {
-    return cuStreamIsCapturing(h, status);
 }
 
 SIM_API CUresult cuLaunchHostFunc(CUstream h, CUhostFn fn, void *data) {
