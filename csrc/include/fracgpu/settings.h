@@ -35,6 +35,9 @@
     X(CONTEXT_MEMORY, "FRACGPU_CONTEXT_MEMORY", "(measured)", "shim, python",                                      \
       "What each CUDA context is charged for its own reservation, instead of what the shim measures (the "         \
       "device's used memory before and after the process's first context on it).")                                 \
+    X(RECONCILE_INTERVAL, "FRACGPU_RECONCILE_INTERVAL", "1", "shim, python",                                     \
+      "Every this many seconds a process with a context checks its books against what the device reports it "     \
+      "holds (NVML), and charges its partition what the books missed; `0` turns this off.")                       \
     X(STATE_DIR, "FRACGPU_STATE_DIR", "$XDG_RUNTIME_DIR/fracgpu, else /tmp/fracgpu-$UID", "shim, nvml-shim, python", \
       "The state folder: one file per GPU, holding its partitions and processes; it must be yours and not "       \
       "writable by others.")                                                                                       \
