@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -187,3 +189,63 @@ def test_reconciliation_can_be_turned_off(gpu, shim):
     finally:
         job.kill()
         job.wait(timeout=10)
+
+
+# An NVML that answers as the simulated one does, but lists no process: what a job in a
+# container whose pid namespace is not the driver's sees.
+UNLISTED_NVML = r"""
+#include <dlfcn.h>
+#include <stdlib.h>
+static void *real(const char *name) {
+    static void *h;
+    if (!h) h = dlopen(getenv("UNLISTED_NVML_REAL"), RTLD_NOW | RTLD_LOCAL);
+    return h ? dlsym(h, name) : 0;
+}
+int nvmlInit_v2(void) { int (*f)(void) = real("nvmlInit_v2"); return f ? f() : 999; }
+int nvmlDeviceGetHandleByUUID(const char *u, void **d) {
+    int (*f)(const char *, void **) = real("nvmlDeviceGetHandleByUUID");
+    return f(u, d);
+}
+int nvmlDeviceGetMemoryInfo(void *d, void *m) { int (*f)(void *, void *) = real("nvmlDeviceGetMemoryInfo"); return f(d, m); }
+int nvmlDeviceGetComputeRunningProcesses_v3(void *d, unsigned *count, void *infos) {
+    (void)d; (void)infos;
+    *count = 0;
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def unlisted_nvml(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("nvml")
+    (out / "unlisted.c").write_text(UNLISTED_NVML)
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(out / "libnvidia-ml.so.1"), str(out / "unlisted.c"), "-ldl"],
+                   check=True)
+    return str(out / "libnvidia-ml.so.1")
+
+
+@pytest.mark.fault("A process the device does not list (a container in another pid namespace)",
+                   "said once on stderr; its drift shows as unknown (`?`); nothing is charged for it")
+def test_a_process_the_device_does_not_list_has_an_unknown_drift(gpu, shim, unlisted_nvml):
+    gpu.fracgpu("partition", "create", "team", "--memory", "64MiB")
+    env = {"FRACGPU_REAL_LIBNVML": unlisted_nvml, "UNLISTED_NVML_REAL": str(sim.library_dir() / "libnvidia-ml.so.1")}
+    job, pid = start_job(gpu, "shim alone", shim, env=env)
+    try:
+        assert ask(job, f"bypass {MISSED >> 20}") == "0"
+        team = wait_for(lambda: partition_books(gpu, "team"), lambda p: p["drift_unknown"] == 1, 2.0)
+        assert (team["drift_unknown"], team["drift"], team["drift_charged"], team["used"]) == (1, 0, 0, gpu.context)
+        (g,) = json.loads(gpu.fracgpu("top", "--json", "--interval", "0.1").stdout)["gpus"]
+        (q,) = [q for q in g["processes"] if q["pid"] == pid]
+        assert (q["truth"], q["device_used"], q["drift"]) == ("unknown", None, None)
+        text = gpu.fracgpu("top", "--once", "--interval", "0.1", env={"COLUMNS": "250"}).stdout
+        rows = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+        assert next(r for r in rows if r[0] == "team")[-1] == "?"
+        assert next(r for r in rows if r[0] == str(pid))[-2:] == ["n/a", "?"]
+        time.sleep(1.2)   # another reconciliation: said once only
+    finally:
+        job.kill()
+        job.wait(timeout=10)
+    err = job.stderr.read()
+    assert err.count("does not list this process") == 1, err
+    assert "is the process in another pid namespace than the driver?" in err
