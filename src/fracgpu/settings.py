@@ -139,9 +139,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(REAL_LIBCUDA, _text, "(searched)", "shim",
             "The real driver the shim forwards to (found on `LD_LIBRARY_PATH`, in the loader cache or the usual "
             "driver folders when unset).", "host"),
-    Setting(REAL_LIBNVML, _text, "(searched)", "nvml-shim",
+    Setting(REAL_LIBNVML, _text, "(searched)", "shim, nvml-shim",
             "The real NVML the NVML shim (`libfracgpu-nvml.so`, preloaded beside the driver shim) forwards to; it "
-            "shows the quota in `nvmlDeviceGetMemoryInfo`/`_v2` as the driver shim does.", "host"),
+            "shows the quota in `nvmlDeviceGetMemoryInfo`/`_v2` as the driver shim does. The driver shim asks it "
+            "what each process holds on the device.", "host"),
     Setting(LEDGER, _text, "$XDG_STATE_HOME/fracgpu/ledger.sqlite", "python",
             "The ledger jobs are recorded in (see [Accounting](#accounting)).", "host"),
     Setting(SIM_DIR, _text, "$XDG_RUNTIME_DIR/fracgpu-sim, else /tmp/fracgpu-sim-$UID", "sim, python",
