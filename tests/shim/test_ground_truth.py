@@ -95,13 +95,18 @@ def test_memory_the_books_missed_is_caught_charged_and_given_back(gpu, shim, how
         assert ask(job, "alloc 40") == "2"
         assert ask(job, "alloc 16") == "0"   # what the device leaves does fit
         wanted = gpu.context + 16 * MiB + MISSED
-        team = wait_for(lambda: partition_books(gpu, "team"), lambda p: p["used"] == wanted, 2.0)
+        team = partition_books(gpu, "team")
         assert team["used"] == wanted and team["oom_refusals"] == 1
 
-        # top: the partition's and the process's drift, and the device's figure.
-        (g,) = json.loads(gpu.fracgpu("top", "--json", "--interval", "0.1").stdout)["gpus"]
-        (p,) = [p for p in g["partitions"] if p["name"] == "team"]
-        (q,) = [q for q in g["processes"] if q["pid"] == pid]
+        # top: the partition's and the process's drift, and the device's figure (once reconciled
+        # after the 16 MiB: within an interval).
+        def top_json():
+            (g,) = json.loads(gpu.fracgpu("top", "--json", "--interval", "0.1").stdout)["gpus"]
+            (p,) = [p for p in g["partitions"] if p["name"] == "team"]
+            (q,) = [q for q in g["processes"] if q["pid"] == pid]
+            return p, q
+
+        p, q = wait_for(top_json, lambda pq: pq[1]["device_used"] == wanted, 2.0)
         assert (p["drift"], p["drift_unknown"]) == (MISSED, 0)
         assert (q["truth"], q["device_used"], q["used"], q["drift"], q["drift_charged"]) == \
             ("known", wanted, wanted - MISSED, MISSED, MISSED)
