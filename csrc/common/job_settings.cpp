@@ -13,6 +13,23 @@
 
 namespace fracgpu {
 
+namespace {
+// A setting in seconds, a number >= 0, into *out when it is set.
+bool read_seconds(fracgpu_setting_id id, double *out, std::string *err) {
+    const char *v = fracgpu_setting(id);
+    if (!v) return true;
+    char *end = nullptr;
+    errno = 0;
+    double w = strtod(v, &end);
+    if (errno || end == v || *end || !std::isfinite(w) || w < 0) {
+        *err = std::string(fracgpu_setting_name(id)) + "='" + v + "' is not valid: give seconds, a number >= 0";
+        return false;
+    }
+    *out = w;
+    return true;
+}
+}  // namespace
+
 bool read_job_settings(JobSettings *out, std::string *err) {
     JobSettings &s = *out;
     s = JobSettings();
@@ -75,16 +92,9 @@ bool read_job_settings(JobSettings *out, std::string *err) {
         }
         s.has_context_memory = true;
     }
-    if ((v = fracgpu_setting(FRACGPU_SETTING_OOM_WAIT))) {
-        char *end = nullptr;
-        errno = 0;
-        double w = strtod(v, &end);
-        if (errno || end == v || *end || !std::isfinite(w) || w < 0) {
-            *err = std::string("FRACGPU_OOM_WAIT='") + v + "' is not valid: give seconds, a number >= 0";
-            return false;
-        }
-        s.oom_wait_s = w;
-    }
+    if (!read_seconds(FRACGPU_SETTING_OOM_WAIT, &s.oom_wait_s, err) ||
+        !read_seconds(FRACGPU_SETTING_RECONCILE_INTERVAL, &s.reconcile_interval_s, err))
+        return false;
     // Set by `fracgpu run` (and the recorder of fracgpu.init()): the process
     // that records this job in the ledger, which keeps our slot when we end.
     if ((v = fracgpu_setting(FRACGPU_SETTING_JOB_HOLDER))) {

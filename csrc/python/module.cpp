@@ -121,6 +121,10 @@ py::list partitions(fracgpu::Region &r) {
     d["processes"] = p.processes;
     d["device_ns"] = p.device_ns;
     d["launches"] = p.launches;
+    d["drift"] = p.drift;
+    d["drift_charged"] = p.drift_charged;
+    d["drift_peak"] = p.drift_peak;
+    d["drift_unknown"] = p.drift_unknown;
     out.append(d);
   }
   return out;
@@ -141,6 +145,10 @@ py::list processes(fracgpu::Region &r) {
     d["launches"] = p.launches;
     d["holder"] = p.holder;
     d["exited"] = p.exited;
+    d["truth"] = p.truth == fracgpu::kTruthKnown ? "known" : p.truth == fracgpu::kTruthUnknown ? "unknown" : "pending";
+    d["device_used"] = p.device_used;
+    d["drift"] = p.drift;
+    d["drift_charged"] = p.drift_charged;
     out.append(d);
   }
   return out;

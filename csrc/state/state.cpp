@@ -483,6 +483,8 @@ static bool create_locked(SharedRegion *r, int existing, const std::string &name
                         &p.cap_tokens_ns, &p.cap_refill_ns})
             x->store(0);
         for (auto &x : p.reserved) x.store(0);
+        p.drift_charged.store(0);
+        p.drift_peak.store(0);
         __atomic_store_n(&p.in_use, 1u, __ATOMIC_RELEASE);
         if (index) *index = i;
         return true;
@@ -597,12 +599,16 @@ bool Region::update_partition(const std::string &name, const uint64_t *memory_li
     return ok;
 }
 
-// What a slot holds, memory and launches in flight (it will never see them
-// complete), goes back to its partition.
+// What a slot holds, memory (its books and the drift charged for it) and
+// launches in flight (it will never see them complete), goes back to its
+// partition.
 static void give_back_locked(SharedRegion *r, SharedProcess &p) {
     if (p.partition < 0 || p.partition >= kMaxPartitions) return;
     SharedPartition &part = r->partitions[p.partition];
     saturating_sub(part.used, p.used.exchange(0));
+    uint64_t drift = p.drift_charged.exchange(0);
+    saturating_sub(part.used, drift);
+    saturating_sub(part.drift_charged, drift);
     saturating_sub(part.inflight, p.inflight.exchange(0));
 }
 
@@ -686,6 +692,7 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
             p.launches.store(0);
             p.inflight.store(0);
             for (auto &x : p.reserved) x.store(0);
+            for (auto *x : {&p.truth, &p.device_used, &p.drift, &p.drift_charged, &p.reconciled_unix_ns}) x->store(0);
             uint64_t holder_start = holder > 0 ? process_start_time(holder) : 0;
             p.holder.store(holder_start ? (uint64_t)holder : 0);
             p.holder_start.store(holder_start);
@@ -766,6 +773,32 @@ void Region::note_refusal(int slot) {
     r_->partitions[r_->processes[slot].partition].oom_refusals.fetch_add(1, std::memory_order_relaxed);
 }
 
+uint64_t Region::reconcile(int slot, int pid, bool listed, uint64_t device_used, uint64_t books) {
+    if (slot < 0 || slot >= kMaxProcesses || !lock(nullptr)) return 0;
+    SharedProcess &p = r_->processes[slot];
+    uint64_t charged = 0;
+    if (__atomic_load_n(&p.pid, __ATOMIC_ACQUIRE) == pid && !p.exited.load() && p.partition >= 0 &&
+        p.partition < kMaxPartitions) {
+        SharedPartition &part = r_->partitions[p.partition];
+        int64_t drift = (int64_t)device_used - (int64_t)books;
+        charged = listed && drift > 0 ? (uint64_t)drift : 0;
+        uint64_t before = p.drift_charged.exchange(charged);
+        if (charged > before) {
+            raise_peak(part.peak, part.used.fetch_add(charged - before) + (charged - before));
+            raise_peak(part.drift_peak, part.drift_charged.fetch_add(charged - before) + (charged - before));
+        } else if (before > charged) {
+            saturating_sub(part.used, before - charged);
+            saturating_sub(part.drift_charged, before - charged);
+        }
+        p.device_used.store(listed ? device_used : 0);
+        p.drift.store(listed ? (uint64_t)drift : 0);
+        p.reconciled_unix_ns.store(unix_ns());
+        p.truth.store(listed ? kTruthKnown : kTruthUnknown, std::memory_order_release);
+    }
+    unlock();
+    return charged;
+}
+
 void Region::uncharge(int slot, uint64_t bytes) {
     SharedProcess &p = r_->processes[slot];
     saturating_sub(p.used, bytes);
@@ -789,9 +822,15 @@ std::vector<PartitionInfo> Region::partitions() {
         info.created_unix_ns = p.created_unix_ns;
         info.device_ns = p.device_ns.load();
         info.launches = p.launches.load();
+        info.drift_charged = p.drift_charged.load();
+        info.drift_peak = p.drift_peak.load();
         for (auto &proc : r_->processes)
-            if (__atomic_load_n(&proc.pid, __ATOMIC_ACQUIRE) != 0 && proc.partition == i && !proc.exited.load())
+            if (__atomic_load_n(&proc.pid, __ATOMIC_ACQUIRE) != 0 && proc.partition == i && !proc.exited.load()) {
                 info.processes++;
+                uint64_t truth = proc.truth.load(std::memory_order_acquire);
+                if (truth == kTruthKnown) info.drift += (int64_t)proc.drift.load();
+                if (truth == kTruthUnknown) info.drift_unknown++;
+            }
         out.push_back(std::move(info));
     }
     return out;
@@ -815,6 +854,10 @@ std::vector<ProcessInfo> Region::processes() {
         info.launches = p.launches.load();
         info.holder = (int)p.holder.load();
         info.exited = p.exited.load() != 0;
+        info.truth = p.truth.load(std::memory_order_acquire);
+        info.device_used = p.device_used.load();
+        info.drift = (int64_t)p.drift.load();
+        info.drift_charged = p.drift_charged.load();
         out.push_back(std::move(info));
     }
     return out;

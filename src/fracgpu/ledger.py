@@ -33,7 +33,7 @@ from fracgpu import settings
 
 __all__ = ["Ledger", "LedgerError", "JobRecord", "default_path", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # MIGRATIONS[n] takes a ledger from version n - 1 to n.
 MIGRATIONS: dict[int, list[str]] = {
@@ -72,6 +72,10 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE jobs ADD COLUMN recorder_pid INTEGER",  # who keeps the row up to date
         "ALTER TABLE jobs ADD COLUMN recorder_start INTEGER",  # its start time (ticks)
     ],
+    3: [
+        # The most memory the books missed (the device reported more) charged to the job at once.
+        "ALTER TABLE jobs ADD COLUMN peak_drift_bytes INTEGER NOT NULL DEFAULT 0",
+    ],
 }
 
 
@@ -98,6 +102,7 @@ class JobRecord:
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     processes: int = 0
     launches: int = 0
+    peak_drift_bytes: int = 0   # the most memory its books missed (the device held more), charged at once
 
 
 def default_path() -> pathlib.Path:
@@ -181,12 +186,14 @@ class Ledger:
 
     def sample(self, job_id: int, *, memory_bytes: int, device_seconds: float, t: float | None = None,
                peak_memory_bytes: int | None = None, launches: int | None = None, processes: int | None = None,
-               gpu: str | None = None, memory_limit: int | None = None, compute_share: float | None = None) -> None:
+               gpu: str | None = None, memory_limit: int | None = None, compute_share: float | None = None,
+               peak_drift_bytes: int | None = None) -> None:
         """Record the job's memory now and its device time so far (a cumulative
         counter). Memory byte-seconds grow by the previous sample's memory times
         the time since it (memory is taken to hold until the next sample). The
         peak is ``peak_memory_bytes`` when the caller knows it exactly, else the
-        largest memory sampled. The other values, when given, replace the job's."""
+        largest memory sampled; ``peak_drift_bytes`` (the most memory the books missed, charged at
+        once) raises the job's. The other values, when given, replace the job's."""
         t = time.time() if t is None else t
         peak = max(memory_bytes, peak_memory_bytes or 0)
         with self._advance(job_id, t) as held:
@@ -195,9 +202,10 @@ class Ledger:
                 "peak_memory_bytes = MAX(peak_memory_bytes, ?), gpu_seconds = MAX(gpu_seconds, ?), "
                 "last_sample = ?, last_memory_bytes = ?, launches = MAX(launches, COALESCE(?, 0)), "
                 "processes = MAX(processes, COALESCE(?, 0)), gpu = COALESCE(?, gpu), "
-                "memory_limit = COALESCE(?, memory_limit), compute_share = COALESCE(?, compute_share) WHERE id = ?",
+                "memory_limit = COALESCE(?, memory_limit), compute_share = COALESCE(?, compute_share), "
+                "peak_drift_bytes = MAX(peak_drift_bytes, COALESCE(?, 0)) WHERE id = ?",
                 (held, peak, device_seconds, t, memory_bytes, launches, processes, gpu, memory_limit,
-                 compute_share, job_id))
+                 compute_share, peak_drift_bytes, job_id))
             self.db.execute("INSERT INTO samples (job_id, t, memory_bytes, device_seconds) VALUES (?, ?, ?, ?)",
                             (job_id, t, memory_bytes, device_seconds))
 
@@ -265,7 +273,8 @@ class Ledger:
     def _jobs(self, where: str, parameters: tuple) -> list[JobRecord]:
         rows = self.db.execute(
             'SELECT id, job, partition, gpu, command, start, "end", exit_status, memory_limit, compute_share, '
-            "gpu_seconds, memory_byte_seconds, peak_memory_bytes, kind, labels, processes, launches FROM jobs "
+            "gpu_seconds, memory_byte_seconds, peak_memory_bytes, kind, labels, processes, launches, peak_drift_bytes "
+            "FROM jobs "
             f"WHERE {where} ORDER BY start, id", parameters).fetchall()
         return [JobRecord(*row[:14], json.loads(row[14] or "{}"), *row[15:]) for row in rows]
 

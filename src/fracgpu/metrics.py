@@ -82,6 +82,15 @@ FAMILIES = (
     ("refusals", "counter", "fracgpu_partition_oom_refusals_total",
      "Allocations refused because they would pass the memory limit.", "partition"),
     ("processes", "gauge", "fracgpu_partition_processes", "Processes in the partition now.", "partition"),
+    ("drift", "gauge", "fracgpu_partition_memory_drift_bytes",
+     "What the device reports the partition's processes hold less their books (signed; processes the device "
+     "does not list left out). The positive part of each process's is charged to the partition's used memory.",
+     "partition"),
+    ("drift_peak", "gauge", "fracgpu_partition_memory_drift_peak_bytes",
+     "The most memory the books missed that was charged to the partition at once.", "partition"),
+    ("drift_unknown", "gauge", "fracgpu_partition_memory_drift_unknown_processes",
+     "Processes of the partition the device does not list (another pid namespace): their drift is unknown.",
+     "partition"),
     ("q_used", "gauge", "fracgpu_process_memory_used_bytes", "Memory the process holds now.", "process"),
     ("q_peak", "gauge", "fracgpu_process_memory_peak_bytes", "The most memory the process held at once.", "process"),
     ("q_limit", "gauge", "fracgpu_process_memory_limit_bytes",
@@ -92,6 +101,10 @@ FAMILIES = (
      "process"),
     ("q_launches", "counter", "fracgpu_process_launches_total", "Kernel and graph launches of the process.",
      "process"),
+    ("q_device", "gauge", "fracgpu_process_device_memory_bytes",
+     "Memory the device (NVML) reports the process holds (absent while not known).", "process"),
+    ("q_drift", "gauge", "fracgpu_process_memory_drift_bytes",
+     "What the device reports the process holds less its books (signed; absent while not known).", "process"),
     ("fb_used", "gauge", "DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB), by fracgpu partitions.", "dcgm"),
     ("fb_free", "gauge", "DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB), by fracgpu's books.", "dcgm"),
 )
@@ -144,8 +157,8 @@ class UsageCollector:
         families = {key: kinds[kind](name, doc, labels=list(label_names[labels]))
                     for key, kind, name, doc, labels in FAMILIES}
         (gpu_total, gpu_used, gpu_info, used, limit, ceiling, peak, best_effort, share, cap, achieved, seconds, launches,
-         refusals_,
-         processes, q_used, q_peak, q_limit, q_achieved, q_seconds, q_launches, fb_used, fb_free) = families.values()
+         refusals_, processes, drift, drift_peak, drift_unknown, q_used, q_peak, q_limit, q_achieved, q_seconds,
+         q_launches, q_device, q_drift, fb_used, fb_free) = families.values()
         per_process, dcgm = self.enabled["per_process"], self.enabled["dcgm"]
         now = time.monotonic()
         device_ns: dict[tuple, int] = {}
@@ -187,6 +200,9 @@ class UsageCollector:
                 launches.add_metric(labels, p.launches)
                 refusals_.add_metric(labels, p.oom_refusals)
                 processes.add_metric(labels, p.processes)
+                drift.add_metric(labels, p.drift)
+                drift_peak.add_metric(labels, p.drift_peak)
+                drift_unknown.add_metric(labels, p.drift_unknown)
                 share_since(("p", *labels), p.device_ns, achieved)
             if not per_process:
                 continue
@@ -198,6 +214,9 @@ class UsageCollector:
                 q_limit.add_metric(labels, limits.get(q.partition, gpu.total_memory))
                 q_seconds.add_metric(labels, q.device_ns / 1e9)
                 q_launches.add_metric(labels, q.launches)
+                if q.device_used is not None and q.drift is not None:
+                    q_device.add_metric(labels, q.device_used)
+                    q_drift.add_metric(labels, q.drift)
                 share_since(("q", *labels), q.device_ns, q_achieved)
         if error is None:
             self._before = (now, device_ns)

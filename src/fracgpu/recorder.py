@@ -43,6 +43,7 @@ def sample_interval(elapsed: float) -> float:
 class Reading:
     memory_bytes: int = 0
     peak_memory_bytes: int = 0
+    peak_drift_bytes: int = 0     # the most memory the books missed, charged at once (inside memory_bytes)
     device_ns: int = 0
     launches: int = 0
     gpus: tuple[str, ...] = ()
@@ -70,6 +71,7 @@ class JobRecorder:
         self._regions: dict[str, state.Region] = {}
         self._processes: set[tuple[str, int, int]] = set()   # (gpu, pid, attach time) seen
         self._peak = 0
+        self._peak_drift = 0
         self._warned = False
 
     def start(self, start: float | None = None) -> int:
@@ -105,10 +107,14 @@ class JobRecorder:
             if self.private:
                 out.memory_bytes += part.used
                 out.peak_memory_bytes = max(out.peak_memory_bytes, part.peak)
+                out.peak_drift_bytes = max(out.peak_drift_bytes, part.drift_peak)
                 out.device_ns += part.device_ns
                 out.launches += part.launches
             else:
-                used = sum(p.used for p in mine)
+                # Its processes' books and what the device held beyond them (charged to the partition).
+                missed = sum(p.drift_charged for p in mine)
+                used = sum(p.used for p in mine) + missed
+                out.peak_drift_bytes = max(out.peak_drift_bytes, missed)
                 out.memory_bytes += used
                 out.peak_memory_bytes = max(out.peak_memory_bytes, used, *(p.peak for p in mine))
                 out.device_ns += sum(p.device_ns for p in mine)
@@ -122,6 +128,8 @@ class JobRecorder:
                 shares.append(part.compute_share)
         self._peak = max(self._peak, out.peak_memory_bytes)
         out.peak_memory_bytes = self._peak
+        self._peak_drift = max(self._peak_drift, out.peak_drift_bytes)
+        out.peak_drift_bytes = self._peak_drift
         out.gpus = tuple(gpus)
         out.memory_limit = max(limits) if limits else self.memory_limit
         out.compute_share = max(shares) if shares else self.compute_share
@@ -135,7 +143,7 @@ class JobRecorder:
                                device_seconds=reading.device_ns / 1e9, peak_memory_bytes=reading.peak_memory_bytes,
                                launches=reading.launches, processes=len({p[1:] for p in self._processes}),
                                gpu=",".join(reading.gpus) or None, memory_limit=reading.memory_limit,
-                               compute_share=reading.compute_share)
+                               compute_share=reading.compute_share, peak_drift_bytes=reading.peak_drift_bytes)
             return reading
         except Exception as e:   # ledger, sqlite3, state: the job must not die because its record failed
             self._warn(e)

@@ -31,6 +31,7 @@ COMPUTE = "FRACGPU_COMPUTE"
 COMPUTE_CAP = "FRACGPU_COMPUTE_CAP"
 OVERCOMMIT = "FRACGPU_OVERCOMMIT"
 OOM_WAIT = "FRACGPU_OOM_WAIT"
+RECONCILE_INTERVAL = "FRACGPU_RECONCILE_INTERVAL"
 CONTEXT_MEMORY = "FRACGPU_CONTEXT_MEMORY"
 STATE_DIR = "FRACGPU_STATE_DIR"
 STATE_GROUP = "FRACGPU_STATE_GROUP"
@@ -122,6 +123,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(CONTEXT_MEMORY, _size, "(measured)", "shim, python",
             "What each CUDA context is charged for its own reservation, instead of what the shim measures (what "
             "the device reports the process holds, before and after its first context on it).", "job"),
+    Setting(RECONCILE_INTERVAL, units.parse_seconds, "1", "shim, python",
+            "Every this many seconds a process with a context checks its books against what the device reports "
+            "it holds (NVML), and charges its partition what the books missed; `0` turns this off.", "job"),
     Setting(STATE_DIR, _text, "$XDG_RUNTIME_DIR/fracgpu, else /tmp/fracgpu-$UID", "shim, nvml-shim, python",
             "The state folder: one file per GPU, holding its partitions and processes; it must be yours and not "
             "writable by others.", "host"),
@@ -135,9 +139,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(REAL_LIBCUDA, _text, "(searched)", "shim",
             "The real driver the shim forwards to (found on `LD_LIBRARY_PATH`, in the loader cache or the usual "
             "driver folders when unset).", "host"),
-    Setting(REAL_LIBNVML, _text, "(searched)", "nvml-shim",
+    Setting(REAL_LIBNVML, _text, "(searched)", "shim, nvml-shim",
             "The real NVML the NVML shim (`libfracgpu-nvml.so`, preloaded beside the driver shim) forwards to; it "
-            "shows the quota in `nvmlDeviceGetMemoryInfo`/`_v2` as the driver shim does.", "host"),
+            "shows the quota in `nvmlDeviceGetMemoryInfo`/`_v2` as the driver shim does. The driver shim asks it "
+            "what each process holds on the device.", "host"),
     Setting(LEDGER, _text, "$XDG_STATE_HOME/fracgpu/ledger.sqlite", "python",
             "The ledger jobs are recorded in (see [Accounting](#accounting)).", "host"),
     Setting(SIM_DIR, _text, "$XDG_RUNTIME_DIR/fracgpu-sim, else /tmp/fracgpu-sim-$UID", "sim, python",

@@ -36,7 +36,7 @@ def _promise_refused(e: StateError) -> StateError:
 class PartitionUsage:
     name: str
     memory_limit: int | None   # bytes; None: no limit (the whole device)
-    used: int                  # bytes its processes hold now
+    used: int                  # bytes its processes hold now: their books, and the drift charged
     peak: int                  # the most they held at once
     processes: int             # processes in it now
     ephemeral: bool            # made for one job (`fracgpu run --memory`, init(memory=)), gone with it
@@ -51,6 +51,20 @@ class PartitionUsage:
     # The most it may hold now: its limit when that is a promise, else what nobody else was promised
     # (up to its limit, when it has one). 0 when read from nowhere that knows.
     memory_ceiling: int = 0
+    # Ground truth (the device's own per-process figure, NVML): the sum of its processes' known
+    # drifts (device less books, signed), the positive part charged (memory the books missed,
+    # inside `used`), the most that was charged at once, and how many of its processes the
+    # device does not list (their drift is unknown).
+    drift: int = 0
+    drift_charged: int = 0
+    drift_peak: int = 0
+    drift_unknown: int = 0
+
+
+# What is known of a process's memory on the device: "known" (device_used and drift hold),
+# "unknown" (the device does not list it: another pid namespace), "pending" (no context yet, or
+# not yet reconciled).
+TRUTH_STATES = ("known", "unknown", "pending")
 
 
 @dataclasses.dataclass
@@ -58,10 +72,14 @@ class ProcessUsage:
     pid: int
     partition: str
     command: str
-    used: int
+    used: int                       # bytes on its books
     peak: int
     device_ns: int = 0
     launches: int = 0
+    truth: str = "pending"          # one of TRUTH_STATES
+    device_used: int | None = None  # what the device reports it holds; None unless truth is "known"
+    drift: int | None = None        # device_used - used at the last reconciliation (signed); None: not known
+    drift_charged: int = 0          # its positive drift, charged to its partition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +97,17 @@ class ProcessSlot:
     launches: int
     holder: int              # the pid recording its job (FRACGPU_JOB_HOLDER); 0: none
     exited: bool             # ended, kept until its holder has read it
+    truth: str               # one of TRUTH_STATES
+    device_used: int         # the device's figure (0 unless truth is "known")
+    drift: int               # device_used - used at the last reconciliation (0 unless known)
+    drift_charged: int       # its positive drift, charged to its partition
 
     def usage(self) -> ProcessUsage:
+        known = self.truth == "known"
         return ProcessUsage(pid=self.pid, partition=self.partition, command=self.command, used=self.used,
-                            peak=self.peak, device_ns=self.device_ns, launches=self.launches)
+                            peak=self.peak, device_ns=self.device_ns, launches=self.launches, truth=self.truth,
+                            device_used=self.device_used if known else None, drift=self.drift if known else None,
+                            drift_charged=self.drift_charged)
 
 
 @dataclasses.dataclass
@@ -126,7 +151,9 @@ class Region:
                                peak=p["peak"], processes=p["processes"], ephemeral=p["ephemeral"],
                                oom_refusals=p["oom_refusals"], compute_share=p["compute_share"] or None,
                                compute_cap=p["cap"], device_ns=p["device_ns"], launches=p["launches"],
-                               best_effort=p["best_effort"], memory_ceiling=p["memory_ceiling"])
+                               best_effort=p["best_effort"], drift=p["drift"], drift_charged=p["drift_charged"],
+                               drift_peak=p["drift_peak"], drift_unknown=p["drift_unknown"],
+                               memory_ceiling=p["memory_ceiling"])
                 for p in self._native.partitions()]
 
     def partition(self, name: str) -> PartitionUsage | None:

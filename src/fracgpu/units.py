@@ -102,10 +102,10 @@ def parse_share(value: str | float) -> float:
 def parse_seconds(value: str | float | int) -> float:
     """Seconds from text such as ``"30"`` or ``"2.5"``, or a number: finite and >= 0. Raises ValueError/TypeError."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise TypeError(f"the out-of-memory wait must be a number of seconds, not {type(value).__name__}")
+        raise TypeError(f"seconds must be a number, not {type(value).__name__}")
     seconds = float(value) if not isinstance(value, str) or _SECONDS.fullmatch(value) else -1.0
     if not (math.isfinite(seconds) and seconds >= 0):
-        raise ValueError(f"invalid out-of-memory wait {value!r}: give seconds, a number >= 0 like 30 or 2.5")
+        raise ValueError(f"invalid seconds {value!r}: give seconds, a number >= 0 like 30 or 2.5")
     return seconds
 
 

@@ -58,13 +58,13 @@ def test_partition_list(gpu, partitions):
 def test_top(gpu, partitions):
     out = gpu.fracgpu("top", "--once", "--interval", "0.2", env=NARROW).stdout
     rows = table_rows(out)
-    # partition, memory / limit, %, peak, share, achieved, GPU time, procs: in two tables at 80 columns
+    # partition, memory / limit, %, peak, share, achieved, GPU time, procs, drift: in two tables at 80 columns
     assert out.count("┏") > 2
     held = format_size(200 * MiB + gpu.context)   # its allocation and its context
     percent = f"{round(100 * (200 * MiB + gpu.context) / (300 * MiB))}%"
     assert rows[partitions][:4] == [f"{held} / 300MiB", percent, held, "25%"]
     assert rows["training-large"][:4] == ["0B / 256MiB", "0%", "0B", "50% cap"]
-    assert len(rows["team"]) == 7
+    assert len(rows["team"]) == 8 and rows["team"][-1] == "0"   # no process: nothing on the device beyond the books
     (pid,) = [name for name in rows if name.isdigit()]   # the process table: pid, partition, command, ...
     assert rows[pid][0] == partitions.split()[0] and rows[pid][1].startswith("client_")
     assert rows[pid][2:4] == [held, held]
@@ -83,7 +83,7 @@ def test_report(tmp_path):
     assert set(rows) == {"train", "nightly-eval"}
     start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now - 7200))
     assert rows["train"][:2] == ["run-1234567", start]
-    assert rows["train"][3:] == ["0", "1800.00 s", "0.0977", "200MiB", "1.2500"]
+    assert rows["train"][3:] == ["0", "1800.00 s", "0.0977", "200MiB", "0", "1.2500"]   # ..., peak drift, cost
 
 
 def test_a_name_wider_than_the_screen_is_folded_not_cut(gpu):

@@ -119,3 +119,13 @@ def test_achieved_share_is_device_time_over_the_interval():
     alone = snapshot.take(None, after)
     assert alone.interval is None and alone.partition_shares == {}
     assert snapshot.as_json(view)["gpus"][0]["partitions"][1]["compute_share_achieved"] is None
+
+
+@pytest.mark.parametrize("drift, unknown, text", [
+    (32 * MiB, 0, "+32MiB"), (-2 * MiB, 0, "-2MiB"), (0, 0, "0"), (None, 0, "-"),
+    (None, 1, "?"), (0, 2, "?"), (4 * MiB, 1, "+4MiB ?"),
+])
+def test_drift_is_shown_signed_with_unknown_marked(drift, unknown, text):
+    from fracgpu.cli.common import drift_text
+
+    assert drift_text(drift, unknown) == text

@@ -27,6 +27,15 @@ def test_totals_come_from_the_samples(tmp_path):
     assert (rec.memory_limit, rec.compute_share, rec.command) == (256 * MiB, 0.25, "python train.py")
 
 
+def test_the_peak_drift_is_the_largest_sampled(tmp_path):
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        job = ledger.start_job(job="train", partition="p", start=100.0)
+        for t, drift in ((101.0, 4 * MiB), (102.0, 32 * MiB), (103.0, None), (104.0, 0)):
+            ledger.sample(job, memory_bytes=64 * MiB, device_seconds=0.0, t=t, peak_drift_bytes=drift)
+        (rec,) = ledger.jobs()
+    assert rec.peak_drift_bytes == 32 * MiB
+
+
 def test_what_a_writer_recorded_survives_its_death(tmp_path):
     path = tmp_path / "l.sqlite"
     code = (f"from fracgpu.ledger import Ledger\nimport os, signal\nl = Ledger({str(path)!r})\n"
@@ -87,7 +96,8 @@ def test_a_version_1_ledger_is_migrated_and_keeps_its_jobs(tmp_path):
     db.close()
     with Ledger(path) as ledger:
         (job,) = ledger.jobs()
-        assert (job.job, job.gpu_seconds, job.kind, job.labels, job.processes) == ("old", 0.5, "run", {}, 0)
+        assert (job.job, job.gpu_seconds, job.kind, job.labels, job.processes, job.peak_drift_bytes) == \
+            ("old", 0.5, "run", {}, 0, 0)
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 

@@ -287,6 +287,8 @@ def test_oom_wait_blocks_until_memory_frees(clients, gpu):
     ({"FRACGPU_PARTITION": "p", "FRACGPU_MEMORY": "lots"}, "FRACGPU_MEMORY='lots' is not valid"),
     ({"FRACGPU_PARTITION": "p", "FRACGPU_MEMORY": "2GiB"}, "is above the 1GiB of GPU 0"),
     ({"FRACGPU_PARTITION": "p", "FRACGPU_MEMORY": "1GiB", "FRACGPU_OOM_WAIT": "soon"}, "FRACGPU_OOM_WAIT='soon'"),
+    ({"FRACGPU_PARTITION": "p", "FRACGPU_MEMORY": "1GiB", "FRACGPU_RECONCILE_INTERVAL": "-1"},
+     "FRACGPU_RECONCILE_INTERVAL='-1' is not valid"),
 ])
 @pytest.mark.fault('Invalid `FRACGPU_*` variables in a job',
                    'CUDA is refused in the job with the reason on stderr; it never runs unlimited')

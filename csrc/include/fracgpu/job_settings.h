@@ -26,6 +26,7 @@ struct JobSettings {
     bool overcommit = false;       // FRACGPU_OVERCOMMIT=1: a limit past what is left is accepted, best effort
     std::string state_dir;
     double oom_wait_s = 0;         // FRACGPU_OOM_WAIT
+    double reconcile_interval_s = 1;   // FRACGPU_RECONCILE_INTERVAL (0: the books are not checked against the device)
     uint64_t context_memory = 0;   // FRACGPU_CONTEXT_MEMORY: charged per context
     bool has_context_memory = false;   // it is set (else each context's reservation is measured)
     int holder = 0;                // FRACGPU_JOB_HOLDER: the pid recording this job (fracgpu run)

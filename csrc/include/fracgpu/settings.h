@@ -33,8 +33,11 @@
     X(OOM_WAIT, "FRACGPU_OOM_WAIT", "0", "shim, python",                                                           \
       "An allocation over the quota waits up to this many seconds for memory to free before it fails.")            \
     X(CONTEXT_MEMORY, "FRACGPU_CONTEXT_MEMORY", "(measured)", "shim, python",                                      \
-      "What each CUDA context is charged for its own reservation, instead of what the shim measures (what "        \
-      "the device reports the process holds, before and after its first context on it).")                          \
+      "What each CUDA context is charged for its own reservation, instead of what the shim measures (what the "    \
+      "device reports the process holds, before and after its first context on it).")                               \
+    X(RECONCILE_INTERVAL, "FRACGPU_RECONCILE_INTERVAL", "1", "shim, python",                                     \
+      "Every this many seconds a process with a context checks its books against what the device reports it "     \
+      "holds (NVML), and charges its partition what the books missed; `0` turns this off.")                       \
     X(STATE_DIR, "FRACGPU_STATE_DIR", "$XDG_RUNTIME_DIR/fracgpu, else /tmp/fracgpu-$UID", "shim, nvml-shim, python", \
       "The state folder: one file per GPU, holding its partitions and processes; it must be yours and not "       \
       "writable by others.")                                                                                       \
@@ -47,9 +50,10 @@
     X(REAL_LIBCUDA, "FRACGPU_REAL_LIBCUDA", "(searched)", "shim",                                                  \
       "The real driver the shim forwards to (found on `LD_LIBRARY_PATH`, in the loader cache or the usual "       \
       "driver folders when unset).")                                                                               \
-    X(REAL_LIBNVML, "FRACGPU_REAL_LIBNVML", "(searched)", "nvml-shim",                                             \
+    X(REAL_LIBNVML, "FRACGPU_REAL_LIBNVML", "(searched)", "shim, nvml-shim",                                       \
       "The real NVML the NVML shim (`libfracgpu-nvml.so`, preloaded beside the driver shim) forwards to; it "     \
-      "shows the quota in `nvmlDeviceGetMemoryInfo`/`_v2` as the driver shim does.")                               \
+      "shows the quota in `nvmlDeviceGetMemoryInfo`/`_v2` as the driver shim does. The driver shim asks it what "  \
+      "each process holds on the device.")                                                                          \
     X(LEDGER, "FRACGPU_LEDGER", "$XDG_STATE_HOME/fracgpu/ledger.sqlite", "python",                                 \
       "The ledger jobs are recorded in (see [Accounting](#accounting)).")                                          \
     X(SIM_DIR, "FRACGPU_SIM_DIR", "$XDG_RUNTIME_DIR/fracgpu-sim, else /tmp/fracgpu-sim-$UID", "sim, python",       \

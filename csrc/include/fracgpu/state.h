@@ -26,7 +26,9 @@ namespace fracgpu {
 // fracgpu builds that read one region differently must never share it (the
 // second is refused with what to do). 2: memory promises (kPartitionBestEffort,
 // and partitions without a promise use only what nobody was promised).
-constexpr uint32_t kStateLayoutVersion = 2;
+// 3: ground truth (the device's per-process figure and the drift, appended to
+// partitions and processes).
+constexpr uint32_t kStateLayoutVersion = 3;
 constexpr int kMaxPartitions = 64;
 constexpr int kMaxProcesses = 256;
 constexpr size_t kNameBytes = 64;      // partition names, NUL included
@@ -60,6 +62,11 @@ struct SharedPartition {
     std::atomic<uint64_t> cap_tokens_ns;   // capped partitions: device time it may still use (signed)
     std::atomic<uint64_t> cap_refill_ns;   // when cap_tokens_ns was last refilled
     std::atomic<uint64_t> reserved[8];
+    // Ground truth (csrc/shim/cuda/reconcile.cpp): what the device holds for its
+    // processes beyond their books. `used` includes it, so the partition is held
+    // to the larger of the books and the device.
+    std::atomic<uint64_t> drift_charged;   // sum of its processes' drift_charged
+    std::atomic<uint64_t> drift_peak;      // highest drift_charged seen
 };
 
 struct SharedProcess {
@@ -82,6 +89,20 @@ struct SharedProcess {
     std::atomic<uint64_t> holder_start;
     std::atomic<uint64_t> exited;          // 1: the process is gone; the slot waits for its holder
     std::atomic<uint64_t> reserved[2];
+    // Ground truth (csrc/shim/cuda/reconcile.cpp), written by the process
+    // itself about once a second under the region's lock.
+    std::atomic<uint64_t> truth;           // TruthState
+    std::atomic<uint64_t> device_used;     // what the device reports the process holds on this GPU
+    std::atomic<uint64_t> drift;           // int64_t: device_used - used, at the last reconciliation
+    std::atomic<uint64_t> drift_charged;   // its positive drift, charged to the partition's used (not to its own)
+    std::atomic<uint64_t> reconciled_unix_ns;
+};
+
+// What is known of a process's memory on the device (SharedProcess::truth).
+enum TruthState : uint64_t {
+    kTruthNotYet = 0,      // not reconciled yet (no context, or less than one interval old)
+    kTruthKnown = 1,       // device_used and drift hold
+    kTruthUnknown = 2,     // the device does not list the process (another pid namespace) or cannot say
 };
 
 struct SharedRegion {
@@ -141,6 +162,12 @@ struct PartitionInfo {
     uint64_t device_ns = 0, launches = 0;
     uint64_t created_unix_ns = 0;
     int processes = 0;
+    // Ground truth: the sum of its processes' known drifts (signed), what of it
+    // is charged (inside `used`), the most that was, and how many of its
+    // processes the device cannot be asked about.
+    int64_t drift = 0;
+    uint64_t drift_charged = 0, drift_peak = 0;
+    int drift_unknown = 0;
 };
 struct ProcessInfo {
     int pid = 0;
@@ -149,6 +176,8 @@ struct ProcessInfo {
     uint64_t device_ns = 0, launches = 0;
     int holder = 0;
     bool exited = false;
+    uint64_t truth = kTruthNotYet, device_used = 0, drift_charged = 0;
+    int64_t drift = 0;
 };
 
 // The folder the state lives in: $FRACGPU_STATE_DIR, else
@@ -238,6 +267,13 @@ class Region {
     bool charge(int slot, uint64_t bytes);
     void uncharge(int slot, uint64_t bytes);
     void note_refusal(int slot);                           // an allocation was refused over quota
+    // Ground truth: process `pid` in `slot` is reported by the device to hold
+    // `device_used` bytes (`listed`: the device lists it; else its drift is
+    // unknown) where its books say `books`. Records the figure and the drift,
+    // and charges the positive drift to the partition (giving back what was
+    // charged before), under the lock; nothing when the slot is no longer
+    // this live process's. Returns the drift charged now.
+    uint64_t reconcile(int slot, int pid, bool listed, uint64_t device_used, uint64_t books);
 
     std::vector<PartitionInfo> partitions();
     std::vector<ProcessInfo> processes();

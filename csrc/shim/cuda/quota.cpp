@@ -291,6 +291,7 @@ void quota_forget_after_fork() {
     reserve_forget_after_fork();
     graph_forget_after_fork();
     contexts_forget_after_fork();
+    reconcile_forget_after_fork();
 }
 
 CUresult quota_charge(int dev, uint64_t bytes) { return charge(binding(dev), bytes); }
@@ -564,12 +565,13 @@ const Nvml &nvml() {
     return n;
 }
 
-// What every partition of the GPU has charged.
+// What every partition of the GPU has charged for allocations it saw (the
+// drift charged by reconciliation is the device's figure, not the books').
 uint64_t books(Binding &b) {
     const fracgpu::SharedRegion *r = b.region.raw();
     uint64_t sum = 0;
     for (const fracgpu::SharedPartition &p : r->partitions)
-        if (p.in_use) sum += p.used.load(std::memory_order_acquire);
+        if (p.in_use) sum += p.used.load(std::memory_order_acquire) - p.drift_charged.load(std::memory_order_acquire);
     return sum;
 }
 
@@ -704,9 +706,20 @@ CUresult context_created(CUcontext *pctx, CUdevice dev, Call call, Undo undo) {
         }
     }
     if (reserve) remember(kContext, reinterpret_cast<uint64_t>(*pctx), Charge{reserve, dev, *pctx});
+    reconcile_start();   // the process holds memory on the device now: check the books against it
     return CUDA_SUCCESS;
 }
 }  // namespace
+
+NvmlFigure quota_device_figure(int dev, uint64_t *used) {
+    Binding *b = binding(dev);
+    if (!b || !b->ok) return NvmlFigure::kCannotSay;
+    bool listed = false;
+    if (!own_usage(*b, used, &listed)) return NvmlFigure::kCannotSay;
+    return listed ? NvmlFigure::kListed : NvmlFigure::kNotListed;
+}
+
+std::unique_lock<std::mutex> quota_no_context_creation() { return std::unique_lock<std::mutex>(g_context_mu); }
 }  // namespace shim
 
 namespace {

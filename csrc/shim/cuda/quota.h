@@ -4,6 +4,8 @@
 
 #include "shim.h"
 
+#include <mutex>
+
 namespace shim {
 
 // Check-and-charge `bytes` to the partition of device `dev` (as every
@@ -15,6 +17,23 @@ void quota_uncharge(int dev, uint64_t bytes);
 // The device and context an allocation made now belongs to; false (and
 // nothing asked of the driver) when nothing is enforced in this process.
 bool quota_current(int *dev, CUcontext *ctx);
+
+// What the device (NVML, nvmlDeviceGetComputeRunningProcesses) reports this
+// process holds on device `dev`, in *used: kListed; kNotListed when the
+// device does not list the process (another pid namespace, or it holds
+// nothing there); kCannotSay when NVML cannot be asked or `dev` is not bound.
+enum class NvmlFigure { kListed, kNotListed, kCannotSay };
+NvmlFigure quota_device_figure(int dev, uint64_t *used);
+// While the lock lives no context is being created in this process: the
+// books are not behind the device by a context that exists but is not yet
+// charged (its size is measured after it is made).
+std::unique_lock<std::mutex> quota_no_context_creation();
+
+// reconcile.cpp, called by quota.cpp:
+// The process has a context: start checking the books against the device
+// (once; a no-op after the first call, and with FRACGPU_RECONCILE_INTERVAL=0).
+void reconcile_start();
+void reconcile_forget_after_fork();
 
 // reserve.cpp, called by quota.cpp:
 // The driver dropped `ctx`: give back the limits it reserved, and settle the

@@ -230,6 +230,16 @@ def share_text(partition: Any) -> str:
     return units.format_share(partition.compute_share) + (" cap" if partition.compute_cap else "")
 
 
+def drift_text(drift: int | None, unknown: int = 0) -> str:
+    """A drift (what the device reports less the books) as the tables show it: "+4MiB" (memory the
+    books missed), "-2MiB" (the books ahead), "0", "-" (not measured yet); "?" where the device
+    does not list a process, after the known part when there is one ("+4MiB ?")."""
+    if drift is None or (drift == 0 and unknown):
+        return "?" if unknown else "-"
+    text = "0" if drift == 0 else ("+" if drift > 0 else "-") + units.format_size(abs(drift))
+    return text + " ?" if unknown else text
+
+
 def limit_text(partition: Any) -> str:
     """A partition's memory limit as the tables show it: "4GiB", "4GiB best effort" (overcommitted:
     a ceiling, not a promise), or "unlimited"."""

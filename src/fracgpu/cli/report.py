@@ -13,12 +13,12 @@ import time
 
 import click
 
-from fracgpu.cli.common import InputError, checked_by, console, tables
+from fracgpu.cli.common import InputError, checked_by, console, drift_text, tables
 from fracgpu.ledger import JobRecord, Ledger, LedgerError
 from fracgpu.units import format_size
 
 FIELDS = ["job", "partition", "gpu", "start", "end", "exit_status", "gpu_seconds", "memory_byte_seconds",
-          "peak_memory_bytes", "memory_limit", "compute_share", "processes", "launches", "kind", "command", "labels"]
+          "peak_memory_bytes", "peak_drift_bytes", "memory_limit", "compute_share", "processes", "launches", "kind", "command", "labels"]
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -102,7 +102,9 @@ def row(job: JobRecord, rate: float | None) -> dict:
                    "by its suffix (needs matplotlib: pip install 'fracgpu[plot]').")
 def report(since: str | None, until: str | None, fmt: str, rate: str | None, ledger_path: str | None,
            plot_path: str | None) -> None:
-    """Per-job usage and cost from the ledger: GPU-seconds, memory byte-seconds, peak memory.
+    """Per-job usage and cost from the ledger: GPU-seconds, memory byte-seconds, peak memory, and
+    the peak drift (the most memory the books missed, which the device reported and the job was
+    charged for).
 
     With --since and --until, the jobs that ran at some time between them, each with its whole totals."""
     now = time.time()   # one "now" for both bounds, so "--since 2d --until 1d" is exactly a day
@@ -159,14 +161,15 @@ def job_tables(jobs: list[JobRecord], price: float | None = None, width: int = 8
     """The report as rich tables ``width`` columns wide: one row per job (split by columns, each
     part led by the job's name, where one table would not fit)."""
     columns = [("job", "left"), ("partition", "left"), ("start", "left"), ("end", "left"), ("exit", "right"),
-               ("GPU time", "right"), ("memory GiB-h", "right"), ("peak memory", "right")]
+               ("GPU time", "right"), ("memory GiB-h", "right"), ("peak memory", "right"), ("peak drift", "right")]
     if price is not None:
         columns.append(("cost", "right"))
     rows = []
     for job in jobs:
         cells = [job.job, job.partition, _local(job.start), _local(job.end) if job.end is not None else "running",
                  exit_text(job.exit_status, job.end is not None), f"{job.gpu_seconds:.2f} s",
-                 f"{job.memory_byte_seconds / (1 << 30) / 3600:.4f}", format_size(job.peak_memory_bytes)]
+                 f"{job.memory_byte_seconds / (1 << 30) / 3600:.4f}", format_size(job.peak_memory_bytes),
+                 drift_text(job.peak_drift_bytes) if job.peak_drift_bytes else "0"]
         if price is not None:
             cells.append(f"{row(job, price)['cost']:.4f}")
         rows.append(cells)

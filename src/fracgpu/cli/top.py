@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from fracgpu import snapshot, state
-from fracgpu.cli.common import console, limit_text, refusals, share_text, tables
+from fracgpu.cli.common import console, drift_text, limit_text, refusals, share_text, tables
 from fracgpu.units import format_size
 
 NOT_AVAILABLE = "n/a"
@@ -35,9 +35,11 @@ def _achieved(share: float | None) -> str:
 
 
 PARTITION_COLUMNS = [("partition", "left"), ("memory / limit", "right"), ("%", "right"), ("peak", "right"),
-                     ("share", "right"), ("achieved", "right"), ("GPU time", "right"), ("procs", "right")]
+                     ("share", "right"), ("achieved", "right"), ("GPU time", "right"), ("procs", "right"),
+                     ("drift", "right")]
 PROCESS_COLUMNS = [("pid", "right"), ("partition", "left"), ("command", "left"), ("memory", "right"),
-                   ("peak", "right"), ("achieved", "right"), ("GPU time", "right")]
+                   ("peak", "right"), ("achieved", "right"), ("GPU time", "right"), ("device", "right"),
+                   ("drift", "right")]
 
 
 def render(view: snapshot.Snapshot, state_dir: str, width: int = 80) -> Any:
@@ -63,12 +65,14 @@ def render(view: snapshot.Snapshot, state_dir: str, width: int = 80) -> Any:
             rows.append([p.name + (" (private)" if p.ephemeral else ""), f"{format_size(p.used)} / {limit_text(p)}",
                          f"{100 * p.used / p.memory_limit:.0f}%" if p.memory_limit else "-", format_size(p.peak),
                          share_text(p), _achieved(view.partition_share(gpu, p)), _seconds(p.device_ns),
-                         str(p.processes)])
+                         str(p.processes), drift_text(p.drift, p.drift_unknown)])
             styles.append("red" if p.memory_limit and p.used >= 0.9 * p.memory_limit else None)
-        parts += tables(PARTITION_COLUMNS, rows or [["(none)", "", "", "", "", "", "", ""]], width, styles)
+        parts += tables(PARTITION_COLUMNS, rows or [["(none)"] + [""] * (len(PARTITION_COLUMNS) - 1)], width, styles)
         if gpu.processes:
             rows = [[str(q.pid), q.partition, q.command, format_size(q.used), format_size(q.peak),
-                     _achieved(view.process_share(gpu, q)), _seconds(q.device_ns)] for q in gpu.processes]
+                     _achieved(view.process_share(gpu, q)), _seconds(q.device_ns),
+                     NOT_AVAILABLE if q.device_used is None else format_size(q.device_used),
+                     drift_text(q.drift, int(q.truth == "unknown"))] for q in gpu.processes]
             parts += tables(PROCESS_COLUMNS, rows, width)
     return Group(*parts)
 
@@ -83,7 +87,9 @@ def render(view: snapshot.Snapshot, state_dir: str, width: int = 80) -> Any:
               help="Print one snapshot as JSON (implies --once): bytes, nanoseconds, shares as fractions.")
 def top(once: bool, interval: float, json_output: bool) -> None:
     """Live view of each GPU's partitions and processes: memory against limit, compute share
-    configured and achieved, device time. Ctrl-C quits."""
+    configured and achieved, device time, and the drift between the books and what the device
+    reports each process holds (+: memory the books missed, charged to the partition; ?: the
+    device does not list the process). Ctrl-C quits."""
     state_dir = state.resolve_state_dir()
     try:
         if once or json_output:
