@@ -76,6 +76,7 @@ class ProcessSlot:
     launches: int
     holder: int              # the pid recording its job (FRACGPU_JOB_HOLDER); 0: none
     exited: bool             # ended, kept until its holder has read it
+    join_wait_ns: int = 0    # how long its start waited for the region's lock (another process's table change)
 
     def usage(self) -> ProcessUsage:
         return ProcessUsage(pid=self.pid, partition=self.partition, command=self.command, used=self.used,
@@ -109,10 +110,11 @@ class Region:
     def total_memory(self) -> int:
         return self._native.total_memory
 
-    def reap(self) -> int:
+    def reap(self, *, quick: bool = False) -> int:
         """Drop dead processes, giving their memory back (ended ones a holder still reads are kept);
-        returns how many slots were freed."""
-        return self._native.reap()
+        returns how many slots were freed. ``quick``: a process is dead when its pid is gone, found
+        without reading /proc (a pid reused since is left to the next full reap)."""
+        return self._native.reap(quick)
 
     def collect(self, holder: int) -> int:
         """Free the slots of ``holder``'s ended processes, once it has read them; returns how many."""

@@ -81,7 +81,10 @@ struct SharedProcess {
     std::atomic<uint64_t> holder;
     std::atomic<uint64_t> holder_start;
     std::atomic<uint64_t> exited;          // 1: the process is gone; the slot waits for its holder
-    std::atomic<uint64_t> reserved[2];
+    // How long join() waited for the region's lock (ns): what another process's
+    // table change cost this one's start. A reading for tests and benchmarks.
+    std::atomic<uint64_t> join_wait_ns;
+    std::atomic<uint64_t> reserved[1];
 };
 
 struct SharedRegion {
@@ -148,6 +151,7 @@ struct ProcessInfo {
     uint64_t device_ns = 0, launches = 0;
     int holder = 0;
     bool exited = false;
+    uint64_t join_wait_ns = 0;
 };
 
 // The folder the state lives in: $FRACGPU_STATE_DIR, else
@@ -224,8 +228,9 @@ class Region {
              bool overcommit = false);
     void leave(int slot);                                  // this process is done with its slot
     // Frees the slots of dead processes (or, while their holder lives, marks
-    // them exited); returns how many.
-    int reap();
+    // them exited); returns how many. `quick`: a process is dead when its pid
+    // is gone (no /proc read: a reused pid is found by the next full reap).
+    int reap(bool quick = false);
     // Frees the exited slots held by `holder`; returns how many. (The holder
     // reads their final counters first.)
     int collect(int holder);
@@ -246,7 +251,9 @@ class Region {
     void unlock();
     void release_slot_locked(int slot);
     void free_slot_locked(int slot);
-    int sweep_locked();
+    // Dead processes' slots released: which ones is found before taking the
+    // lock, so the lock is held only to release them. `quick`: by pid alone.
+    int sweep(bool quick);
     SharedRegion *r_ = nullptr;
     size_t size_ = 0;
     std::string path_;

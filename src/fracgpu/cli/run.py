@@ -67,6 +67,7 @@ def supervise(command: tuple[str, ...], env: dict[str, str | None], recorder) ->
         if status == 127:
             raise CommandFailed(f"command not found: {command[0]}", 127) from None
         raise CommandFailed(f"cannot run {command[0]}: {e.strerror}", 126) from None
+    recorder.close_orphans()   # while the command starts, not before it
     # The first sample waits one interval: the ledger has the job already, and reading the
     # shared state now would only take a core from the command while it starts.
     next_sample = started + sample_interval(0)
@@ -170,7 +171,6 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
     env[settings.JOB_HOLDER] = str(os.getpid())
     try:
         ledger = Ledger(ledger_path)
-        ledger.close_orphans()
     except LedgerError as e:
         raise InputError(f"{e}; the job was not started, so that none runs unrecorded") from None
     recorder = JobRecorder(ledger, job=job_name or shlex.join(command)[:200], partition=variables[settings.PARTITION],
