@@ -23,6 +23,7 @@ differences to ``bare`` are what fracgpu adds.
 from __future__ import annotations
 
 import statistics
+import subprocess
 import sys
 
 import pytest
@@ -62,3 +63,37 @@ def test_startup(benchmark, bench_gpu, driver_bench, shim, processes):
     print(f"\nstart-up, {processes} process(es) at once: exec to first allocation, per process (ms)")
     for mode, f in figures.items():
         print(f"  {mode:12s} median {f['median_ms']:9.2f}  max {f['max_ms']:9.2f}  added {f['added_ms']:+9.2f}")
+
+
+@pytest.mark.parametrize("processes", [32, 128])
+def test_lock_waits_at_startup(benchmark, bench_gpu, clients, shim, processes):
+    """What processes starting together waited for each other's locks, as each one's slot keeps it: the
+    region lock at the join (``join_wait_ns``) and the GPU's context-measurement lock (``measure_wait_ns``:
+    contexts are measured one at a time, so that none counts another's)."""
+    from fracgpu import state
+
+    bench_gpu.fracgpu("partition", "create", "bench")
+    env = {**bench_gpu.env, "LD_PRELOAD": shim, "FRACGPU_PARTITION": "bench"}
+
+    def start():
+        procs = [subprocess.Popen([str(clients.lcuda), "hold", "1", "60"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(processes)]
+        try:
+            for p in procs:
+                assert p.stdout.readline().strip() == "holding 1", p.stderr.read()
+            (region,) = state.open_regions(bench_gpu.state_dir)
+            return [(s.join_wait_ns / 1e6, s.measure_wait_ns / 1e6) for s in region.processes()]
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+
+    waits = benchmark.pedantic(start, rounds=1, iterations=1)
+    figures = {}
+    for i, lock in enumerate(("join", "measure")):
+        ms = sorted(w[i] for w in waits)
+        figures[lock] = {"median_ms": statistics.median(ms), "p90_ms": ms[int(0.9 * len(ms))], "max_ms": ms[-1]}
+    benchmark.extra_info.update(processes=processes, **figures)
+    print(f"\nlock waits, {processes} processes starting at once (ms)")
+    for lock, f in figures.items():
+        print(f"  {lock:8s} median {f['median_ms']:9.3f}  p90 {f['p90_ms']:9.3f}  max {f['max_ms']:9.3f}")

@@ -141,6 +141,7 @@ py::list processes(fracgpu::Region &r) {
     d["holder"] = p.holder;
     d["exited"] = p.exited;
     d["join_wait_ns"] = p.join_wait_ns;
+    d["measure_wait_ns"] = p.measure_wait_ns;
     out.append(d);
   }
   return out;

@@ -735,8 +735,8 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
             p.device_ns.store(0);
             p.launches.store(0);
             p.inflight.store(0);
-            for (auto &x : p.reserved) x.store(0);
             p.join_wait_ns.store(waited);
+            p.measure_wait_ns.store(0);
             p.holder.store(holder_start ? (uint64_t)holder : 0);
             p.holder_start.store(holder_start);
             p.exited.store(0);
@@ -860,6 +860,7 @@ std::vector<ProcessInfo> Region::processes() {
         info.holder = (int)p.holder.load();
         info.exited = p.exited.load() != 0;
         info.join_wait_ns = p.join_wait_ns.load();
+        info.measure_wait_ns = p.measure_wait_ns.load();
         out.push_back(std::move(info));
     }
     return out;

@@ -77,6 +77,7 @@ class ProcessSlot:
     holder: int              # the pid recording its job (FRACGPU_JOB_HOLDER); 0: none
     exited: bool             # ended, kept until its holder has read it
     join_wait_ns: int = 0    # how long its start waited for the region's lock (another process's table change)
+    measure_wait_ns: int = 0   # how long its first context waited for the GPU's measurement lock
 
     def usage(self) -> ProcessUsage:
         return ProcessUsage(pid=self.pid, partition=self.partition, command=self.command, used=self.used,

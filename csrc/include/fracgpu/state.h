@@ -84,7 +84,9 @@ struct SharedProcess {
     // How long join() waited for the region's lock (ns): what another process's
     // table change cost this one's start. A reading for tests and benchmarks.
     std::atomic<uint64_t> join_wait_ns;
-    std::atomic<uint64_t> reserved[1];
+    // How long its first context waited for the GPU's measurement lock (ns):
+    // contexts are measured one at a time (the CUDA shim's quota.cpp).
+    std::atomic<uint64_t> measure_wait_ns;
 };
 
 struct SharedRegion {
@@ -151,7 +153,7 @@ struct ProcessInfo {
     uint64_t device_ns = 0, launches = 0;
     int holder = 0;
     bool exited = false;
-    uint64_t join_wait_ns = 0;
+    uint64_t join_wait_ns = 0, measure_wait_ns = 0;
 };
 
 // The folder the state lives in: $FRACGPU_STATE_DIR, else
