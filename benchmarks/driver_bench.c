@@ -10,6 +10,9 @@
  *                books: a handle's references and mappings), into a range reserved once
  *   set-limit    cuCtxSetLimit of the device heap, 16 MiB and 8 MiB in turn (each call
  *                reserves or gives back 8 MiB)
+ *   startup      a process's start: cuInit, its primary context and one 1 MiB cuMemAlloc_v2,
+ *                then prints "first_alloc_ns T" (T: CLOCK_MONOTONIC when that allocation
+ *                returned, comparable with the launcher's clock) and exits; ITERATIONS unused
  * START (CLOCK_MONOTONIC ms) lets several processes begin together.
  * Prints "ns_per_op N". */
 #include <cuda.h>
@@ -37,7 +40,7 @@ static double now_ns(void) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s alloc-free|passthrough|meminfo|launch|vmm|set-limit ITERATIONS [START_MS]\n", argv[0]);
+        fprintf(stderr, "usage: %s alloc-free|passthrough|meminfo|launch|vmm|set-limit|startup ITERATIONS [START_MS]\n", argv[0]);
         return 2;
     }
     const char *op = argv[1];
@@ -48,6 +51,13 @@ int main(int argc, char **argv) {
     CHECK(cuDeviceGet(&dev, 0));
     CHECK(cuDevicePrimaryCtxRetain(&ctx, dev));
     CHECK(cuCtxSetCurrent(ctx));
+    if (!strcmp(op, "startup")) {
+        CUdeviceptr p;
+        CHECK(cuMemAlloc_v2(&p, 1 << 20));
+        printf("first_alloc_ns %.0f\n", now_ns());
+        CHECK(cuMemFree_v2(p));
+        return 0;
+    }
     CUfunction spin = NULL;
     if (!strcmp(op, "launch")) {
         CUmodule m;

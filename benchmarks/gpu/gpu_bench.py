@@ -8,6 +8,9 @@ real driver, then measures, side by side in this one run:
 - launch cost: cuLaunchKernel of the real fracgpu_spin(0) bare, under the shim
   alone (fast path), and through the gate (a 100% capped partition: leases
   and events); alloc/free pairs bare and under a quota;
+- start-up: exec to the first allocation of a process, per process, with 1, 32
+  and 128 processes joining one partition at once: bare, under the shim
+  (LD_PRELOAD), and under ``fracgpu run --partition`` (``--startup`` sets the counts);
 - fairness: 2, 4 and 8 partitions with shares 1:2:...:n, each keeping the GPU
   busy with 1 ms fracgpu_spin kernels back to back for --seconds; the largest
   error of any partition in any 1 s window after the first, in points of
@@ -35,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if not __package__:   # run as a script, not as `python -m benchmarks.gpu.gpu_bench`: the repository's packages
     sys.path.insert(0, str(ROOT))
 
-from tests.support.simgpu import cuda_include_dir, parse_facts  # noqa: E402
+from tests.support.simgpu import cuda_include_dir, parse_facts, start_together  # noqa: E402
 
 import fracgpu  # noqa: E402
 from fracgpu.demo import real_gpu_available  # noqa: E402
@@ -81,6 +84,25 @@ def overhead(bench: Path, base_env: dict, module: str) -> dict:
     return out
 
 
+def startup(bench: Path, base_env: dict, counts: list[int]) -> list[dict]:
+    """Milliseconds from exec to the first allocation, per process (median, largest), for each count
+    of processes started at once in one partition: bare, under the shim, under fracgpu run."""
+    run([sys.executable, "-m", "fracgpu", "partition", "create", "startup"], base_env)
+    job = [bench, "startup", "1"]
+    modes = {"bare": (job, {}),
+             "shim": (job, {"LD_PRELOAD": str(shim_path()), "FRACGPU_PARTITION": "startup"}),
+             "run": ([sys.executable, "-m", "fracgpu", "run", "--partition", "startup", "--", *job], {})}
+    out = []
+    for count in counts:
+        ms = {mode: [] for mode in modes}
+        for _ in range(5 if count == 1 else 1):   # interleaved rounds
+            for mode, (argv, env) in modes.items():
+                ms[mode] += start_together(argv, count, {**base_env, **env})
+        out.append({"processes": count,
+                    **{mode: {"median_ms": statistics.median(v), "max_ms": max(v)} for mode, v in ms.items()}})
+    return out
+
+
 def fairness(client: Path, base_env: dict, module: str, count: int, seconds: float) -> dict:
     weights = list(range(1, count + 1))
     shares = {f"p{i}": w / sum(weights) for i, w in enumerate(weights)}
@@ -114,6 +136,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--sim", action="store_true", help="run on the simulated GPU (to check this script)")
+    parser.add_argument("--startup", default="1,32,128", metavar="COUNTS",
+                        help="process counts of the start-up measurement, comma-separated [default: 1,32,128]")
     args = parser.parse_args()
     if not args.sim and not real_gpu_available():
         raise SystemExit("no NVIDIA GPU found: this benchmark needs a real GPU (the simulated one is measured by "
@@ -136,6 +160,7 @@ def main() -> None:
         results = {"machine": {"gpu": gpu_name[0] if gpu_name else "unknown", "host": platform.node(),
                                "cpus": os.cpu_count(), "python": platform.python_version()},
                    "overhead": overhead(bench, env, module),
+                   "startup": startup(bench, env, [int(n) for n in args.startup.split(",") if n]),
                    "fairness": [fairness(client, env, module, n, args.seconds) for n in (2, 4, 8)]}
     print(json.dumps(results, indent=2))
     if args.json:

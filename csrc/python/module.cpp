@@ -149,6 +149,8 @@ py::list processes(fracgpu::Region &r) {
     d["device_used"] = p.device_used;
     d["drift"] = p.drift;
     d["drift_charged"] = p.drift_charged;
+    d["join_wait_ns"] = p.join_wait_ns;
+    d["measure_wait_ns"] = p.measure_wait_ns;
     out.append(d);
   }
   return out;
@@ -226,8 +228,9 @@ PYBIND11_MODULE(_native, m) {
              std::string err;
              check(r.remove_partition(name, &err), err);
            }, py::arg("name"))
-      .def("reap", &fracgpu::Region::reap,
-           "Free the slots of dead processes (kept, marked exited, while their holder lives); returns how many.")
+      .def("reap", &fracgpu::Region::reap, py::arg("quick") = false,
+           "Free the slots of dead processes (kept, marked exited, while their holder lives); returns how many. "
+           "quick: dead when the pid is gone (no /proc read; a reused pid waits for a full reap).")
       .def("collect", &fracgpu::Region::collect, py::arg("holder"),
            "Free the exited slots held by process `holder`; returns how many.");
   m.def("build_info", &build_info,

@@ -645,16 +645,57 @@ void Region::free_slot_locked(int slot) {
 }
 
 // Dead processes' slots released (exited ones whose holder is gone, freed); count.
-int Region::sweep_locked() {
-    int n = 0;
+//
+// Every process that starts or looks for dead jobs sweeps, and a full check
+// reads /proc: under the lock that made a start with n processes on the GPU
+// hold it for n reads, and n processes starting together wait O(n^2). So the
+// checks are made first, without the lock, and the lock is taken only when
+// one is dead. Death is final (a slot names its process by pid and start
+// time), so a slot found dead is released if it still names the same
+// process (and, when it was kept for a holder, the same holder).
+//
+// `quick` (a process starting): a process counts as dead only when its pid
+// is gone (kill(pid, 0), no /proc read). A pid reused since is left to the
+// full sweeps: of reap(), which every over-quota allocation, the memory
+// queries and the recorders make.
+static bool slot_dead(const SharedProcess &p, bool exited, bool quick) {
+    if (!quick) return exited ? !holder_alive(p) : !alive(p);
+    uint64_t holder = p.holder.load();
+    int pid = exited ? (int)holder : p.pid;
+    if (exited && (holder == 0 || holder > (uint64_t)INT32_MAX)) return true;
+    return pid > 0 && kill(pid, 0) != 0 && errno == ESRCH;
+}
+
+int Region::sweep(bool quick) {
+    struct Dead {
+        int slot;
+        int32_t pid;
+        uint64_t start_time, holder;
+        bool exited;
+    };
+    Dead dead[kMaxProcesses];
+    int found = 0;
     for (int i = 0; i < kMaxProcesses; i++) {
         SharedProcess &p = r_->processes[i];
-        if (p.pid == 0) continue;
-        if (p.exited.load() ? !holder_alive(p) : !alive(p)) {
-            release_slot_locked(i);
-            n++;
-        }
+        int32_t pid = __atomic_load_n(&p.pid, __ATOMIC_ACQUIRE);
+        if (pid == 0) continue;
+        bool exited = p.exited.load() != 0;
+        Dead d{i, pid, __atomic_load_n(&p.start_time, __ATOMIC_RELAXED), p.holder.load(), exited};
+        if (__atomic_load_n(&p.pid, __ATOMIC_ACQUIRE) != pid) continue;   // the slot changed hands meanwhile
+        if (slot_dead(p, exited, quick)) dead[found++] = d;
     }
+    if (found == 0 || !lock(nullptr)) return 0;
+    int n = 0;
+    for (int k = 0; k < found; k++) {
+        const Dead &d = dead[k];
+        SharedProcess &p = r_->processes[d.slot];
+        if (p.pid != d.pid || p.start_time != d.start_time || (p.exited.load() != 0) != d.exited ||
+            p.holder.load() != d.holder)
+            continue;   // released by another, or reused since
+        release_slot_locked(d.slot);
+        n++;
+    }
+    unlock();
     return n;
 }
 
@@ -666,9 +707,18 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
                std::to_string(r_->total_memory) + " bytes (" + r_->uuid + ")";
         return -1;
     }
+    // What needs /proc is read before the lock: the lock is held only for the tables. A
+    // start looks for dead processes by pid alone, unless it makes a partition (a dead job's
+    // promise must not stand in its way) or finds the table full.
+    int taken = 0;
+    for (const auto &p : r_->processes) taken += __atomic_load_n(&p.pid, __ATOMIC_ACQUIRE) != 0;
+    sweep(/*quick=*/!(create_limit && find_partition(name) < 0) && taken < kMaxProcesses);
+    uint64_t start_time = process_start_time(pid);
+    uint64_t holder_start = holder > 0 ? process_start_time(holder) : 0;
+    uint64_t asked = mono_ns();
     if (!lock(err)) return -1;
+    uint64_t waited = mono_ns() - asked;
     int slot = -1;
-    sweep_locked();
     int idx = find_partition(name);
     if (idx < 0 && create_limit) {
         if (!create_locked(r_, -1, name, *create_limit, create_share, kPartitionEphemeral | create_flags, overcommit,
@@ -683,7 +733,7 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
             SharedProcess &p = r_->processes[i];
             if (p.pid != 0) continue;
             p.partition = idx;
-            p.start_time = process_start_time(pid);
+            p.start_time = start_time;
             p.attached_unix_ns = unix_ns();
             copy_name(p.command, sizeof p.command, command ? command : "");
             p.used.store(0);
@@ -691,7 +741,8 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
             p.device_ns.store(0);
             p.launches.store(0);
             p.inflight.store(0);
-            for (auto &x : p.reserved) x.store(0);
+            p.join_wait_ns.store(waited);
+            p.measure_wait_ns.store(0);
             for (auto *x : {&p.truth, &p.device_used, &p.drift, &p.drift_charged, &p.reconciled_unix_ns}) x->store(0);
             uint64_t holder_start = holder > 0 ? process_start_time(holder) : 0;
             p.holder.store(holder_start ? (uint64_t)holder : 0);
@@ -715,12 +766,7 @@ void Region::leave(int slot) {
     unlock();
 }
 
-int Region::reap() {
-    if (!lock(nullptr)) return 0;
-    int n = sweep_locked();
-    unlock();
-    return n;
-}
+int Region::reap(bool quick) { return sweep(quick); }
 
 int Region::collect(int holder) {
     if (holder <= 0 || !lock(nullptr)) return 0;
@@ -858,6 +904,8 @@ std::vector<ProcessInfo> Region::processes() {
         info.device_used = p.device_used.load();
         info.drift = (int64_t)p.drift.load();
         info.drift_charged = p.drift_charged.load();
+        info.join_wait_ns = p.join_wait_ns.load();
+        info.measure_wait_ns = p.measure_wait_ns.load();
         out.push_back(std::move(info));
     }
     return out;

@@ -1,6 +1,8 @@
 """fracgpu: share one NVIDIA GPU between jobs, with memory quotas, compute shares and accounting.
 
-Importing fracgpu is cheap: it loads no CUDA library and starts no process.
+Importing fracgpu is cheap: it loads no CUDA library and starts no process, and what only
+some callers need (the version, ``init``) is loaded when first asked for: ``fracgpu run``
+starts every job, so its start-up is every job's.
 
 The package is a plain library with the command line on top (``fracgpu.cli``,
 the only code that imports click or rich; nothing else imports it):
@@ -17,17 +19,10 @@ the only code that imports click or rich; nothing else imports it):
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.resources
 import pathlib
 
 from fracgpu.state import GPUUsage, PartitionUsage, ProcessUsage, usage
 from fracgpu.units import format_share, format_size, parse_share, parse_size
-
-try:
-    __version__ = importlib.metadata.version("fracgpu")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0+unknown"
 
 __all__ = ["__version__", "init", "InitError", "usage", "GPUUsage", "PartitionUsage", "ProcessUsage",
            "kernels_path", "parse_size", "parse_share", "format_size", "format_share"]
@@ -38,6 +33,8 @@ def kernels_path() -> pathlib.Path:
 
     Raises FileNotFoundError when the package was built without nvcc.
     """
+    import importlib.resources
+
     fatbin = importlib.resources.files(__name__) / "kernels" / "fracgpu_kernels.fatbin"
     if not fatbin.is_file():
         raise FileNotFoundError(
@@ -49,7 +46,19 @@ def kernels_path() -> pathlib.Path:
     return pathlib.Path(str(fatbin))
 
 
+def _version() -> str:
+    import importlib.metadata   # about 15 ms (it imports the email package): only when asked
+
+    try:
+        return importlib.metadata.version("fracgpu")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
 def __getattr__(name: str):
+    if name == "__version__":
+        globals()["__version__"] = version = _version()
+        return version
     # init() needs ctypes and the device probe; they are imported when it is first asked for.
     if name in ("init", "InitError"):
         from fracgpu import _init
@@ -59,4 +68,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), "init", "InitError"})
+    return sorted({*globals(), "__version__", "init", "InitError"})

@@ -99,7 +99,9 @@ class JobRecorder:
         gpus = []
         limits, shares = [], []
         for region in self._open_regions():
-            region.reap()
+            # By pid alone: a full reap reads /proc once per process on the GPU, and every
+            # running job's recorder samples several times a second.
+            region.reap(quick=True)
             mine = [p for p in region.processes() if p.holder == self.holder]
             part = region.partition(self.partition)
             if part is None or not (mine or self.private):
@@ -148,6 +150,14 @@ class JobRecorder:
         except Exception as e:   # ledger, sqlite3, state: the job must not die because its record failed
             self._warn(e)
         return None
+
+    def close_orphans(self) -> None:
+        """Closes the ledger's jobs whose recorder was killed (``Ledger.close_orphans``); a ledger
+        that fails is reported once and the job goes on."""
+        try:
+            self.ledger.close_orphans()
+        except Exception as e:   # as in sample(): the job must not die because a record failed
+            self._warn(e)
 
     def finish(self, exit_status: int | None, end: float | None = None) -> None:
         """The job ended: a last sample (the ended processes' final counters), its end and

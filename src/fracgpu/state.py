@@ -101,6 +101,8 @@ class ProcessSlot:
     device_used: int         # the device's figure (0 unless truth is "known")
     drift: int               # device_used - used at the last reconciliation (0 unless known)
     drift_charged: int       # its positive drift, charged to its partition
+    join_wait_ns: int = 0    # how long its start waited for the region's lock (another process's table change)
+    measure_wait_ns: int = 0   # how long its first context waited for the GPU's measurement lock
 
     def usage(self) -> ProcessUsage:
         known = self.truth == "known"
@@ -137,10 +139,11 @@ class Region:
     def total_memory(self) -> int:
         return self._native.total_memory
 
-    def reap(self) -> int:
+    def reap(self, *, quick: bool = False) -> int:
         """Drop dead processes, giving their memory back (ended ones a holder still reads are kept);
-        returns how many slots were freed."""
-        return self._native.reap()
+        returns how many slots were freed. ``quick``: a process is dead when its pid is gone, found
+        without reading /proc (a pid reused since is left to the next full reap)."""
+        return self._native.reap(quick)
 
     def collect(self, holder: int) -> int:
         """Free the slots of ``holder``'s ended processes, once it has read them; returns how many."""

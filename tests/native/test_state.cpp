@@ -210,6 +210,18 @@ int main() {
     EXPECT(r.remove_partition("team", &err));
     EXPECT(r.processes().empty());
 
+    // A process starting frees the slots of dead ones (found by pid, before it takes the
+    // lock), so what they held goes back; and its slot keeps how long it waited for the lock.
+    EXPECT(r.create_partition("shared", 0, 0, 0, &err));
+    EXPECT(wait_for(job_process(dir, "shared", 0, 4096, false)) == 0);   // dies holding 4096 bytes
+    EXPECT(r.processes().size() == 1 && find(r.partitions(), "shared")->used == 4096);
+    int slot = r.join("shared", me, "starter", nullptr, &err);
+    procs = r.processes();
+    EXPECT(slot >= 0 && procs.size() == 1 && procs[0].pid == me && procs[0].join_wait_ns > 0);
+    EXPECT(find(r.partitions(), "shared")->used == 0);
+    r.leave(slot);
+    EXPECT(r.processes().empty() && r.remove_partition("shared", &err));
+
     // Killed while holding the state lock: a child that does nothing but take it
     // (creating and removing a partition), killed at random moments, 200 times;
     // the lock is robust, so every time the next caller gets it and the table is intact.

@@ -208,6 +208,25 @@ class SimGPU:
         return self.run(sys.executable, "-m", "fracgpu", *args, **kwargs)
 
 
+def start_together(argv, count: int, env: dict, timeout: float = 600) -> list[float]:
+    """Starts ``count`` copies of ``argv`` at once (one after the other, as fast as this process
+    can), each a program that prints ``first_alloc_ns T`` (``driver_bench startup``, directly or
+    under ``fracgpu run``). Returns each one's milliseconds from just before its start to the
+    return of its first allocation (CLOCK_MONOTONIC, the same clock in every process)."""
+    started = []
+    for _ in range(count):
+        t0 = time.monotonic_ns()
+        started.append((t0, subprocess.Popen([str(a) for a in argv], env=env, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)))
+    ms = []
+    for t0, p in started:
+        out, err = p.communicate(timeout=timeout)
+        if p.returncode != 0:
+            raise AssertionError(f"{argv} exited {p.returncode}\nstderr:\n{err}")
+        ms.append((float(parse_facts(out)["first_alloc_ns"]) - t0) / 1e6)
+    return ms
+
+
 def parse_facts(text: str) -> dict[str, str]:
     facts = {}
     for line in text.splitlines():

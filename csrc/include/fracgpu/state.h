@@ -88,7 +88,12 @@ struct SharedProcess {
     std::atomic<uint64_t> holder;
     std::atomic<uint64_t> holder_start;
     std::atomic<uint64_t> exited;          // 1: the process is gone; the slot waits for its holder
-    std::atomic<uint64_t> reserved[2];
+    // How long join() waited for the region's lock (ns): what another process's
+    // table change cost this one's start. A reading for tests and benchmarks.
+    std::atomic<uint64_t> join_wait_ns;
+    // How long its first context waited for the GPU's measurement lock (ns):
+    // contexts are measured one at a time (the CUDA shim's quota.cpp).
+    std::atomic<uint64_t> measure_wait_ns;
     // Ground truth (csrc/shim/cuda/reconcile.cpp), written by the process
     // itself about once a second under the region's lock.
     std::atomic<uint64_t> truth;           // TruthState
@@ -178,6 +183,7 @@ struct ProcessInfo {
     bool exited = false;
     uint64_t truth = kTruthNotYet, device_used = 0, drift_charged = 0;
     int64_t drift = 0;
+    uint64_t join_wait_ns = 0, measure_wait_ns = 0;
 };
 
 // The folder the state lives in: $FRACGPU_STATE_DIR, else
@@ -254,8 +260,9 @@ class Region {
              bool overcommit = false);
     void leave(int slot);                                  // this process is done with its slot
     // Frees the slots of dead processes (or, while their holder lives, marks
-    // them exited); returns how many.
-    int reap();
+    // them exited); returns how many. `quick`: a process is dead when its pid
+    // is gone (no /proc read: a reused pid is found by the next full reap).
+    int reap(bool quick = false);
     // Frees the exited slots held by `holder`; returns how many. (The holder
     // reads their final counters first.)
     int collect(int holder);
@@ -283,7 +290,9 @@ class Region {
     void unlock();
     void release_slot_locked(int slot);
     void free_slot_locked(int slot);
-    int sweep_locked();
+    // Dead processes' slots released: which ones is found before taking the
+    // lock, so the lock is held only to release them. `quick`: by pid alone.
+    int sweep(bool quick);
     SharedRegion *r_ = nullptr;
     size_t size_ = 0;
     std::string path_;

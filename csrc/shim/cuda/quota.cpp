@@ -668,7 +668,12 @@ CUresult context_created(CUcontext *pctx, CUdevice dev, Call call, Undo undo) {
     const Settings &s = settings();
     uint64_t known = s.has_context_memory ? s.context_memory : g_context_bytes[dev];
     std::unique_ptr<MeasureLock> one_at_a_time;
-    if (known == kUnknown && b->ok) one_at_a_time = std::make_unique<MeasureLock>(b->region.path());
+    if (known == kUnknown && b->ok) {
+        nvml();   // loaded (once) before the lock: every other job's first context waits while it is held
+        uint64_t asked = mono_ns();
+        one_at_a_time = std::make_unique<MeasureLock>(b->region.path());
+        b->region.raw()->processes[b->slot].measure_wait_ns.store(mono_ns() - asked, std::memory_order_relaxed);
+    }
     int64_t before = 0;
     uint64_t own_before = 0;
     bool listed = false;   // whether the device lists this process

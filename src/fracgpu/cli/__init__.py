@@ -15,8 +15,6 @@ from typing import Any
 
 import click
 
-from fracgpu import __version__
-
 
 class LazyGroup(click.Group):
     """A group whose commands are imported when used, so ``fracgpu --help`` and
@@ -51,7 +49,7 @@ COMMANDS = {
 
 
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "--version", prog_name="fracgpu")
+@click.version_option(None, "--version", package_name="fracgpu", prog_name="fracgpu")   # looked up when asked
 def main() -> None:
     """Share one NVIDIA GPU between jobs: memory quotas, compute shares, accounting."""
     from fracgpu import devices

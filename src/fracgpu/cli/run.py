@@ -34,10 +34,9 @@ SI_KERNEL = 0x80
 PR_SET_PDEATHSIG = 1
 
 
-def _child_setup(parent: int) -> None:
+def _child_setup(parent: int, libc) -> None:
     """In the command's process, before exec: no signal blocked, and SIGKILL when fracgpu run dies."""
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:   # fracgpu run died before the line above
         os._exit(137)
@@ -50,6 +49,7 @@ def supervise(command: tuple[str, ...], env: dict[str, str | None], recorder) ->
     sys.stderr.flush()
     environment = {name: value for name, value in {**os.environ, **env}.items() if value is not None}
     parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)   # opened before the fork: the child only calls prctl
     from fracgpu.recorder import sample_interval
 
     # The job is in the ledger before its command runs: whatever kills this process
@@ -58,7 +58,7 @@ def supervise(command: tuple[str, ...], env: dict[str, str | None], recorder) ->
     recorder.start(start=started)
     signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
     try:
-        child = subprocess.Popen(list(command), env=environment, preexec_fn=lambda: _child_setup(parent),
+        child = subprocess.Popen(list(command), env=environment, preexec_fn=lambda: _child_setup(parent, libc),
                                  close_fds=False)
     except OSError as e:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WATCHED)
@@ -67,7 +67,10 @@ def supervise(command: tuple[str, ...], env: dict[str, str | None], recorder) ->
         if status == 127:
             raise CommandFailed(f"command not found: {command[0]}", 127) from None
         raise CommandFailed(f"cannot run {command[0]}: {e.strerror}", 126) from None
-    next_sample = 0.0
+    recorder.close_orphans()   # while the command starts, not before it
+    # The first sample waits one interval: the ledger has the job already, and reading the
+    # shared state now would only take a core from the command while it starts.
+    next_sample = started + sample_interval(0)
     while True:
         status = child.poll()
         if status is not None:
@@ -168,7 +171,6 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
     env[settings.JOB_HOLDER] = str(os.getpid())
     try:
         ledger = Ledger(ledger_path)
-        ledger.close_orphans()
     except LedgerError as e:
         raise InputError(f"{e}; the job was not started, so that none runs unrecorded") from None
     recorder = JobRecorder(ledger, job=job_name or shlex.join(command)[:200], partition=variables[settings.PARTITION],
