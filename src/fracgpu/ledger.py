@@ -33,7 +33,7 @@ from fracgpu import settings
 
 __all__ = ["Ledger", "LedgerError", "JobRecord", "default_path", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # MIGRATIONS[n] takes a ledger from version n - 1 to n.
 MIGRATIONS: dict[int, list[str]] = {
@@ -72,6 +72,9 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE jobs ADD COLUMN recorder_pid INTEGER",  # who keeps the row up to date
         "ALTER TABLE jobs ADD COLUMN recorder_start INTEGER",  # its start time (ticks)
     ],
+    3: [
+        "ALTER TABLE jobs ADD COLUMN priority TEXT NOT NULL DEFAULT 'normal'",  # 'high' | 'normal' | 'low'
+    ],
 }
 
 
@@ -98,6 +101,7 @@ class JobRecord:
     labels: dict[str, str] = dataclasses.field(default_factory=dict)
     processes: int = 0
     launches: int = 0
+    priority: str = "normal"   # the partition's class at the launch gate
 
 
 def default_path() -> pathlib.Path:
@@ -171,17 +175,18 @@ class Ledger:
     def start_job(self, *, job: str, partition: str, gpu: str = "", command: str = "", memory_limit: int | None = None,
                   compute_share: float | None = None, start: float | None = None, kind: str = "run",
                   labels: dict[str, str] | None = None, recorder_pid: int | None = None,
-                  recorder_start: int | None = None) -> int:
+                  recorder_start: int | None = None, priority: str = "normal") -> int:
         cur = self.db.execute(
             "INSERT INTO jobs (job, partition, gpu, command, start, memory_limit, compute_share, kind, labels, "
-            "recorder_pid, recorder_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "recorder_pid, recorder_start, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job, partition, gpu, command, time.time() if start is None else start, memory_limit, compute_share,
-             kind, json.dumps(labels or {}, sort_keys=True), recorder_pid, recorder_start))
+             kind, json.dumps(labels or {}, sort_keys=True), recorder_pid, recorder_start, priority))
         return int(cur.lastrowid)
 
     def sample(self, job_id: int, *, memory_bytes: int, device_seconds: float, t: float | None = None,
                peak_memory_bytes: int | None = None, launches: int | None = None, processes: int | None = None,
-               gpu: str | None = None, memory_limit: int | None = None, compute_share: float | None = None) -> None:
+               gpu: str | None = None, memory_limit: int | None = None, compute_share: float | None = None,
+               priority: str | None = None) -> None:
         """Record the job's memory now and its device time so far (a cumulative
         counter). Memory byte-seconds grow by the previous sample's memory times
         the time since it (memory is taken to hold until the next sample). The
@@ -195,9 +200,10 @@ class Ledger:
                 "peak_memory_bytes = MAX(peak_memory_bytes, ?), gpu_seconds = MAX(gpu_seconds, ?), "
                 "last_sample = ?, last_memory_bytes = ?, launches = MAX(launches, COALESCE(?, 0)), "
                 "processes = MAX(processes, COALESCE(?, 0)), gpu = COALESCE(?, gpu), "
-                "memory_limit = COALESCE(?, memory_limit), compute_share = COALESCE(?, compute_share) WHERE id = ?",
+                "memory_limit = COALESCE(?, memory_limit), compute_share = COALESCE(?, compute_share), "
+                "priority = COALESCE(?, priority) WHERE id = ?",
                 (held, peak, device_seconds, t, memory_bytes, launches, processes, gpu, memory_limit,
-                 compute_share, job_id))
+                 compute_share, priority, job_id))
             self.db.execute("INSERT INTO samples (job_id, t, memory_bytes, device_seconds) VALUES (?, ?, ?, ?)",
                             (job_id, t, memory_bytes, device_seconds))
 
@@ -265,7 +271,7 @@ class Ledger:
     def _jobs(self, where: str, parameters: tuple) -> list[JobRecord]:
         rows = self.db.execute(
             'SELECT id, job, partition, gpu, command, start, "end", exit_status, memory_limit, compute_share, '
-            "gpu_seconds, memory_byte_seconds, peak_memory_bytes, kind, labels, processes, launches FROM jobs "
+            "gpu_seconds, memory_byte_seconds, peak_memory_bytes, kind, labels, processes, launches, priority FROM jobs "
             f"WHERE {where} ORDER BY start, id", parameters).fetchall()
         return [JobRecord(*row[:14], json.loads(row[14] or "{}"), *row[15:]) for row in rows]
 

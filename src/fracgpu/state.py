@@ -48,6 +48,7 @@ class PartitionUsage:
     # Its limit did not fit beside the GPU's promises and was overcommitted: a ceiling, not a
     # promise (it uses only memory nobody was promised, up to its limit).
     best_effort: bool = False
+    priority: str = "normal"             # the launch gate's class: high, normal or low
 
 
 @dataclasses.dataclass
@@ -123,7 +124,7 @@ class Region:
                                peak=p["peak"], processes=p["processes"], ephemeral=p["ephemeral"],
                                oom_refusals=p["oom_refusals"], compute_share=p["compute_share"] or None,
                                compute_cap=p["cap"], device_ns=p["device_ns"], launches=p["launches"],
-                               best_effort=p["best_effort"])
+                               best_effort=p["best_effort"], priority=p["priority"])
                 for p in self._native.partitions()]
 
     def partition(self, name: str) -> PartitionUsage | None:
@@ -134,22 +135,23 @@ class Region:
                 for p in self._native.processes()]
 
     def create_partition(self, name: str, limit: int, share: float, cap: bool, *,
-                         overcommit: bool = False) -> PartitionUsage:
-        """Make partition ``name`` (limit 0: none; share 0: none); StateError when the name is taken,
-        DoesNotFit when the limit does not fit beside the GPU's promises (the message names them and
-        what remains) unless ``overcommit``, which makes it best effort."""
+                         overcommit: bool = False, priority: str = "normal") -> PartitionUsage:
+        """Make partition ``name`` (limit 0: none; share 0: none) in class ``priority``; StateError when
+        the name is taken, DoesNotFit when the limit does not fit beside the GPU's promises (the message
+        names them and what remains) unless ``overcommit``, which makes it best effort."""
         try:
-            self._native.create_partition(name, limit, share, cap, overcommit)
+            self._native.create_partition(name, limit, share, cap, overcommit, _native.parse_priority(priority))
         except StateError as e:
             raise _promise_refused(e) from None
         return self.partition(name)
 
     def update_partition(self, name: str, limit: int | None, share: float | None, cap: bool | None, *,
-                         overcommit: bool = False) -> PartitionUsage:
+                         overcommit: bool = False, priority: str | None = None) -> PartitionUsage:
         """Change what is given (None: keeps it; limit 0: no limit). A new limit is checked against the
         promises as ``create_partition`` does."""
         try:
-            self._native.update_partition(name, limit, share, cap, overcommit)
+            self._native.update_partition(name, limit, share, cap, overcommit,
+                                          None if priority is None else _native.parse_priority(priority))
         except StateError as e:
             raise _promise_refused(e) from None
         return self.partition(name)

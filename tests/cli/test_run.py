@@ -136,7 +136,7 @@ def test_a_command_that_cannot_start(gpu, tmp_path):
 
 
 @pytest.mark.parametrize("args, phrases", [
-    ([], ["--memory SIZE and/or --compute SHARE", "--partition NAME"]),
+    ([], ["--memory SIZE, --compute SHARE [--cap] and/or --priority CLASS", "--partition NAME"]),
     (["--memory", "1GiB", "--partition", "team"], ["--partition NAME (an existing one), not both"]),
     (["--memory", "12XB"], ["'--memory'", "unknown unit 'XB'"]),
     (["--memory", "0"], ["'--memory'", "zero"]),
@@ -148,8 +148,13 @@ def test_a_command_that_cannot_start(gpu, tmp_path):
     (["--memory", "1GiB", "--oom-wait", "soon"], ["'--oom-wait'", "give seconds"]),
     (["--memory", "1GiB", "--oom-wait", "-1"], ["'--oom-wait'", "give seconds"]),
     (["--memory", "1GiB", "--oom-wait", "inf"], ["'--oom-wait'", "give seconds"]),
+    (["--priority", "urgent"], ["'--priority'", "invalid priority 'urgent'", "write high, normal or low"]),
+    (["--priority", "HIGH"], ["'--priority'", "write high, normal or low"]),
+    (["--priority", "high", "--partition", "team"], ["runs at that partition's priority",
+                                                     "fracgpu partition set team --priority high"]),
 ])
-@pytest.mark.fault('Malformed sizes and shares, a limit above the GPU, an unknown partition, conflicting options',
+@pytest.mark.fault('Malformed sizes, shares and priorities, a limit above the GPU, an unknown partition, conflicting '
+                   'options',
                    'one message, exit 125, nothing started')
 def test_bad_input_is_refused_before_the_job_starts(gpu, args, phrases):
     refused(gpu.fracgpu("run", *args, "--", "echo", "started", check=False), *phrases)

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from fracgpu import snapshot, state
-from fracgpu.cli.common import console, limit_text, refusals, share_text, tables
+from fracgpu.cli.common import console, limit_text, partition_label, refusals, share_text, tables
 from fracgpu.units import format_size
 
 NOT_AVAILABLE = "n/a"
@@ -60,12 +60,12 @@ def render(view: snapshot.Snapshot, state_dir: str, width: int = 80) -> Any:
                           f"in partitions", style="bold"))
         rows, styles = [], []
         for p in gpu.partitions:
-            rows.append([p.name + (" (private)" if p.ephemeral else ""), f"{format_size(p.used)} / {limit_text(p)}",
+            rows.append([partition_label(p), f"{format_size(p.used)} / {limit_text(p)}",
                          f"{100 * p.used / p.memory_limit:.0f}%" if p.memory_limit else "-", format_size(p.peak),
                          share_text(p), _achieved(view.partition_share(gpu, p)), _seconds(p.device_ns),
                          str(p.processes)])
             styles.append("red" if p.memory_limit and p.used >= 0.9 * p.memory_limit else None)
-        parts += tables(PARTITION_COLUMNS, rows or [["(none)", "", "", "", "", "", "", ""]], width, styles)
+        parts += tables(PARTITION_COLUMNS, rows or [["(none)"] + [""] * (len(PARTITION_COLUMNS) - 1)], width, styles)
         if gpu.processes:
             rows = [[str(q.pid), q.partition, q.command, format_size(q.used), format_size(q.peak),
                      _achieved(view.process_share(gpu, q)), _seconds(q.device_ns)] for q in gpu.processes]
