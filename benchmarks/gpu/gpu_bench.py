@@ -11,7 +11,12 @@ real driver, then measures, side by side in this one run:
 - fairness: 2, 4 and 8 partitions with shares 1:2:...:n, each keeping the GPU
   busy with 1 ms fracgpu_spin kernels back to back for --seconds; the largest
   error of any partition in any 1 s window after the first, in points of
-  device time, and the GPU's utilisation.
+  device time, and the GPU's utilisation;
+- latency beside training: a request loop (one 1 ms fracgpu_spin and a
+  synchronize every 20 ms) alone, beside a trainer of 2 ms spins back to back
+  without fracgpu, with both at `--compute 50%`, and at `--priority high`
+  beside a `--priority low` trainer: p50/p99 of the requests, the high class's
+  bound (p99 alone + 2 ms + 0.5 ms), and the device time the trainer kept.
 
 Nothing here changes the GPU's settings. Needs a real NVIDIA GPU and the
 package installed (`pip install .`).
@@ -39,6 +44,7 @@ from tests.support.simgpu import cuda_include_dir, parse_facts  # noqa: E402
 
 import fracgpu  # noqa: E402
 from fracgpu.demo import real_gpu_available  # noqa: E402
+from fracgpu.priority import kernels_completed_between, latency_bound, percentile  # noqa: E402
 from fracgpu.shim import shim_path  # noqa: E402
 
 
@@ -109,6 +115,40 @@ def fairness(client: Path, base_env: dict, module: str, count: int, seconds: flo
     return {"partitions": count, "max_error_points": 100 * worst, "min_utilisation": utilisation}
 
 
+def latency(client: Path, base_env: dict, module: str, requests: int = 250, period_ms: float = 20,
+            request_ms: float = 1, train_ms: float = 2) -> dict:
+    def under(options):   # a job under `fracgpu run OPTIONS`, or bare (None)
+        return [sys.executable, "-m", "fracgpu", "run", *options, "--"] if options is not None else []
+
+    setups = {"alone": (["--priority", "normal"], None), "no_fracgpu": (None, []),
+              "equal_shares": (["--compute", "50%"], ["--compute", "50%"]),
+              "priority": (["--priority", "high"], ["--priority", "low"])}
+    out: dict = {}
+    for name, (serve, training) in setups.items():
+        t0 = time.monotonic() * 1000 + 2000
+        first = t0 + 1000
+        trainer = None
+        if training is not None:
+            seconds = (first - t0 + requests * period_ms + 1000) / 1000
+            trainer = subprocess.Popen([*under(training), str(client), "busy", str(seconds), str(train_ms), module,
+                                        f"{t0:.3f}"], env=base_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+        text = run([*under(serve), client, "requests", requests, period_ms, request_ms, module, f"{first:.3f}"],
+                   base_env)
+        latencies = [float(line.split()[1]) for line in text.splitlines() if line.startswith("r ")]
+        out[name] = {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
+        if trainer is not None:
+            lines, err = trainer.communicate(timeout=600)
+            if trainer.returncode != 0:
+                raise SystemExit(f"the trainer failed:\n{err}")
+            points = [(t0 + float(t), int(n)) for _, t, n in (line.split() for line in lines.splitlines())]
+            window = requests * period_ms
+            share = kernels_completed_between(points, first, first + window) * train_ms / window
+            out[name]["trainer_kept"] = share / (1 - request_ms / period_ms)
+    out["bound_ms"] = latency_bound(out["alone"]["p99_ms"], train_ms)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5)
@@ -136,7 +176,8 @@ def main() -> None:
         results = {"machine": {"gpu": gpu_name[0] if gpu_name else "unknown", "host": platform.node(),
                                "cpus": os.cpu_count(), "python": platform.python_version()},
                    "overhead": overhead(bench, env, module),
-                   "fairness": [fairness(client, env, module, n, args.seconds) for n in (2, 4, 8)]}
+                   "fairness": [fairness(client, env, module, n, args.seconds) for n in (2, 4, 8)],
+                   "latency": latency(client, env, module)}
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

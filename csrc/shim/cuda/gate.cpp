@@ -67,6 +67,9 @@ namespace {
 constexpr uint64_t kLeaseNs = 8'000'000;       // one turn on the device
 constexpr uint64_t kActiveNs = 30'000'000;     // launched this recently: the partition is busy
 constexpr uint64_t kIdleGapNs = 2'000'000;     // a lease holder with nothing in flight this long is idle
+// ... a high one sooner: when it comes back it takes the device from a lower
+// class at once, waiting for one kernel at most, not for a turn
+constexpr uint64_t kHighIdleGapNs = 100'000;
 constexpr uint64_t kRecheckNs = 1'000'000;     // the fast path re-reads who else is busy this often
 constexpr uint64_t kCapBucketNs = 4'000'000;   // how much unused capped time may be saved up
 constexpr uint64_t kPriorityWindowNs = 100'000'000;   // a high partition with a share is held to it over this
@@ -499,16 +502,23 @@ void catch_up(fracgpu::SharedRegion *r, int me, uint64_t now) {
     }
 }
 
+bool others_busy(fracgpu::SharedRegion *r, int me, uint64_t now) {
+    for (int i = 0; i < fracgpu::kMaxPartitions; i++)
+        if (i != me && __atomic_load_n(&r->partitions[i].in_use, __ATOMIC_ACQUIRE) && busy(r->partitions[i], now))
+            return true;
+    return false;
+}
+
 // Out of allowance: a capped partition over its cap, or a high one past its
-// share while others wait. Not a candidate for the device meanwhile (others
-// neither yield to it nor wait for it), and the device goes to them; sleeps
-// about as long as the bucket takes to refill (<= 2 ms). False: go on.
+// share while others are busy. Not a candidate for the device meanwhile
+// (others neither yield to it nor wait for it), and the device goes to them;
+// sleeps about as long as the bucket takes to refill (<= 2 ms). False: go on.
 bool stand_aside(fracgpu::SharedRegion *r, int me, uint64_t now, bool capped) {
     fracgpu::SharedPartition &mine = r->partitions[me];
     refill_cap(mine, now, capped ? kCapBucketNs : (uint64_t)(fracgpu::share_of(mine) * kPriorityWindowNs));
     uint64_t left = mine.cap_tokens_ns.load();
     int64_t tokens = (int64_t)left;
-    if (tokens < 0 && !capped && !others_waiting(r, me, kLow)) {
+    if (tokens < 0 && !capped && !others_busy(r, me, now)) {
         // Alone, a high partition runs on; it owes nothing for that when others come.
         mine.cap_tokens_ns.compare_exchange_strong(left, 0);
         tokens = 0;
@@ -562,7 +572,8 @@ void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch) {
         if (owner >= 0) {
             const fracgpu::SharedPartition &holder = r->partitions[owner];
             uint64_t last = holder.last_launch_ns.load(std::memory_order_relaxed);
-            bool idle = holder.inflight.load() == 0 && holder.waiting_ns.load() == 0 && now - last > kIdleGapNs;
+            uint64_t gap = fracgpu::priority_of(holder) == kHigh ? kHighIdleGapNs : kIdleGapNs;
+            bool idle = holder.inflight.load() == 0 && holder.waiting_ns.load() == 0 && now - last > gap;
             // A holder far past its turn is taken from even with work in flight
             // (a counter can only be wrong there if its process vanished).
             bool expired = now > r->lease_until_ns.load() + 25 * kLeaseNs;
