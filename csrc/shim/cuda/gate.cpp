@@ -112,6 +112,7 @@ struct DeviceView {
     std::atomic<double> weight{1.0};
     std::atomic<unsigned> launches{0};
     std::atomic<bool> yield_queue{false};   // a high partition other than ours is busy: queue one launch deep
+    std::atomic<bool> outranked{false};     // a partition of a higher class than ours is busy
 };
 DeviceView *g_view = new DeviceView[kMaxDevices];
 
@@ -132,11 +133,13 @@ bool held_to_share(const fracgpu::SharedPartition &p) {
 // How partition `me` must launch now (a Mode), and its weight: its share, or
 // for partitions without one, an equal part of what the shares leave (low
 // partitions: of what low partitions' shares leave). *yield_queue: a high
-// partition is busy and `me` is not high.
-int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool *yield_queue) {
+// partition is busy and `me` is not high; *outranked: a partition of a higher
+// class than `me` is busy.
+int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool *yield_queue, bool *outranked) {
     const fracgpu::SharedPartition &mine = r->partitions[me];
-    bool mine_low = fracgpu::priority_of(mine) == kLow;
-    bool others_busy = false, others_exist = false, high_busy = false;
+    int mine_class = fracgpu::priority_of(mine);
+    bool mine_low = mine_class == kLow;
+    bool others_busy = false, others_exist = false, high_busy = false, higher_busy = false;
     double shared = 0;
     int unshared = 0;
     for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
@@ -152,8 +155,10 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool 
         bool b = busy(q, now);
         others_busy = others_busy || b;
         high_busy = high_busy || (b && klass == kHigh);
+        higher_busy = higher_busy || (b && klass > mine_class);
     }
-    *yield_queue = high_busy && fracgpu::priority_of(mine) != kHigh;
+    *yield_queue = high_busy && mine_class != kHigh;
+    *outranked = higher_busy;
     double rest = shared < 0.95 ? 1.0 - shared : 0.05;
     double share = fracgpu::share_of(mine);
     *weight = share > 0 ? share : rest / (unshared ? unshared : 1);
@@ -545,7 +550,10 @@ void start_turn(fracgpu::SharedRegion *r, int me) {
 }
 
 // prev_launch: when this partition launched before this launch (0: never).
-void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch) {
+// outranked: a partition of a higher class was busy at the last look (only
+// then does a turn look for one waiting, so that without high or low
+// partitions a launch inside its turn reads no other partition).
+void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch, bool outranked) {
     fracgpu::SharedPartition &mine = r->partitions[me];
     bool capped = fracgpu::flags_of(mine) & fracgpu::kPartitionCap;
     bool allowance = capped || held_to_share(mine);
@@ -560,7 +568,7 @@ void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch) {
         int owner = r->owner.load(std::memory_order_acquire);
         if (owner == me) {
             uint64_t until = r->lease_until_ns.load(std::memory_order_relaxed);
-            if (now < until && !others_waiting(r, me, klass + 1)) break;
+            if (now < until && !(outranked && others_waiting(r, me, klass + 1))) break;
             if (!others_waiting(r, me, klass)) {
                 r->lease_until_ns.store(now + kLeaseNs, std::memory_order_relaxed);
                 break;
@@ -617,10 +625,11 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
     if (now >= view.next_check.load(std::memory_order_relaxed)) {
         view.next_check.store(now + kRecheckNs, std::memory_order_relaxed);
         double w = 1.0;
-        bool yield_queue = false;
-        int mode = decide(r, me, now, &w, &yield_queue);
+        bool yield_queue = false, outranked = false;
+        int mode = decide(r, me, now, &w, &yield_queue, &outranked);
         view.weight.store(w, std::memory_order_relaxed);
         view.yield_queue.store(yield_queue, std::memory_order_relaxed);
+        view.outranked.store(outranked, std::memory_order_relaxed);
         int before = view.mode.exchange(mode, std::memory_order_relaxed);
         if (mode == kGate && before != kGate) drain_unmeasured(before);
     }
@@ -663,7 +672,7 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
     }
     fracgpu::SharedProcess &proc = r->processes[slot];
     for (;;) {
-        wait_turn(r, me, prev_launch);
+        wait_turn(r, me, prev_launch, view.outranked.load(std::memory_order_relaxed));
         // In flight before the lease is looked at again, as a high partition
         // that takes the device looks at work in flight after taking it: of a
         // launch here and a taking there, one always sees the other.
@@ -722,6 +731,8 @@ void gate_forget_after_fork() {
     for (int d = 0; d < kMaxDevices; d++) {
         g_view[d].next_check.store(0);
         g_view[d].mode.store(kAlone);
+        g_view[d].yield_queue.store(false);
+        g_view[d].outranked.store(false);
     }
 }
 
