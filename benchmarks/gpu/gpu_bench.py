@@ -1,6 +1,6 @@
-"""Fairness and overhead of fracgpu on a real GPU, in one command:
+"""Fairness, overhead and priority latency of fracgpu on a real GPU, in one command:
 
-    python benchmarks/gpu/gpu_bench.py [--seconds 5] [--json out.json]
+    python benchmarks/gpu/gpu_bench.py [--seconds 5] [--json out.json] [--only latency]
 
 It builds the C clients against the CUDA headers (as the tests do) and the
 real driver, then measures, side by side in this one run:
@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--sim", action="store_true", help="run on the simulated GPU (to check this script)")
+    parser.add_argument("--only", choices=["overhead", "fairness", "latency"], action="append",
+                        help="measure only this (repeatable) [default: all]")
     args = parser.parse_args()
     if not args.sim and not real_gpu_available():
         raise SystemExit("no NVIDIA GPU found: this benchmark needs a real GPU (the simulated one is measured by "
@@ -173,11 +175,12 @@ def main() -> None:
             env.update(sim.environment(sim.SimConfig(state_dir=str(Path(folder) / "sim"))))
             lib_dir, gpu_name = str(sim.library_dir()), ["fracgpu simulated GPU"]
         client, bench = build(Path(folder), lib_dir)
+        parts = {"overhead": lambda: overhead(bench, env, module),
+                 "fairness": lambda: [fairness(client, env, module, n, args.seconds) for n in (2, 4, 8)],
+                 "latency": lambda: latency(client, env, module)}
         results = {"machine": {"gpu": gpu_name[0] if gpu_name else "unknown", "host": platform.node(),
                                "cpus": os.cpu_count(), "python": platform.python_version()},
-                   "overhead": overhead(bench, env, module),
-                   "fairness": [fairness(client, env, module, n, args.seconds) for n in (2, 4, 8)],
-                   "latency": latency(client, env, module)}
+                   **{name: measure() for name, measure in parts.items() if not args.only or name in args.only}}
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

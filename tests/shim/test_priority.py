@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from fracgpu.priority import SLACK_MS, kernels_completed_between, latency_bound, percentile
+from fracgpu.priority import SLACK_MS, kernels_completed_between, latency_bound, percentile, priority_probe
 from tests.shim.test_compute import completions, share_in, start_jobs, windows
 
 pytestmark = pytest.mark.slow
@@ -133,3 +133,14 @@ def test_shares_within_each_class_stay_fair(gpu, clients, kernels, shim):
     for w in range(len(got["h30"])):
         assert abs(got["h30"][w] + got["h20"][w] - 0.50) <= 0.04, got
         assert sum(got[n][w] for n in classes["low"]) >= 0.10, got
+
+
+def test_the_probe_measures_the_promise_on_the_gpu_at_hand(gpu):
+    """``priority_probe`` (what `fracgpu check` runs): the request loop alone, then at high priority
+    beside a low trainer, each under `fracgpu run`, in a ledger of its own."""
+    result = priority_probe(requests=60, env=gpu.env)
+    assert result.bound_ms == pytest.approx(result.p99_alone_ms + TRAIN_MS + SLACK_MS)
+    assert REQUEST_MS <= result.p50_alone_ms, result
+    assert REQUEST_MS <= result.p50_ms <= result.p50_alone_ms + TRAIN_MS + SLACK_MS, result
+    assert 0.5 <= result.trainer_kept <= 1.05, result
+    assert not gpu.ledger.exists()   # the probe's jobs are not billed to anyone
