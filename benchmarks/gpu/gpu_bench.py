@@ -120,7 +120,8 @@ def latency(client: Path, base_env: dict, module: str, requests: int = 250, peri
     def under(options):   # a job under `fracgpu run OPTIONS`, or bare (None)
         return [sys.executable, "-m", "fracgpu", "run", *options, "--"] if options is not None else []
 
-    setups = {"alone": (["--priority", "normal"], None), "no_fracgpu": (None, []),
+    # (the request loop's options, the trainer's): None runs it bare, False: no trainer
+    setups = {"alone": (["--priority", "normal"], False), "no_fracgpu": (None, None),
               "equal_shares": (["--compute", "50%"], ["--compute", "50%"]),
               "priority": (["--priority", "high"], ["--priority", "low"])}
     out: dict = {}
@@ -128,7 +129,7 @@ def latency(client: Path, base_env: dict, module: str, requests: int = 250, peri
         t0 = time.monotonic() * 1000 + 2000
         first = t0 + 1000
         trainer = None
-        if training is not None:
+        if training is not False:
             seconds = (first - t0 + requests * period_ms + 1000) / 1000
             trainer = subprocess.Popen([*under(training), str(client), "busy", str(seconds), str(train_ms), module,
                                         f"{t0:.3f}"], env=base_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
