@@ -7,6 +7,7 @@ mostly `env`, printing what it received."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -295,3 +296,10 @@ def test_preload_with_shim(shim, tmp_path):
     link = tmp_path / "shim-link.so"
     os.symlink(shim, link)
     assert shim_lib.preload_with_shim(f"{link}:/a.so", shim) == f"{shim}:/a.so"   # the same file, by another name
+
+
+def test_the_priority_is_recorded_in_the_ledger(gpu, clients, kernels):
+    gpu.fracgpu("run", "--priority", "high", "--name", "serve", "--", clients.lcuda, "spin", 1, kernels)
+    gpu.fracgpu("run", "--memory", "64MiB", "--name", "train", "--", clients.lcuda, "spin", 1, kernels)
+    jobs = {job["job"]: job for job in json.loads(gpu.fracgpu("report", "--format", "json").stdout)}
+    assert jobs["serve"]["priority"] == "high" and jobs["train"]["priority"] == "normal"
