@@ -9,7 +9,7 @@ the requests leave that the trainer kept."""
 from __future__ import annotations
 
 from fracgpu.priority import latency_bound, percentile
-from tests.shim.test_priority import PERIOD_MS, REQUEST_MS, TRAIN_MS, job_env, serve_beside
+from tests.shim.test_priority import PERIOD_MS, REQUEST_MS, TRAIN_MS, job_env, serve_beside, shares_in_classes
 
 
 def test_request_latency_beside_training(benchmark, bench_gpu, clients, kernels, shim):
@@ -41,3 +41,15 @@ def test_request_latency_beside_training(benchmark, bench_gpu, clients, kernels,
         print(f"{name:>12}: p50 {p50:.2f} ms, p90 {p90:.2f} ms, p99 {p99:.2f} ms, {100 * within:.0f}% within the "
               f"bound{kept}")
     benchmark.extra_info["bound_ms"] = bound
+
+
+def test_fairness_within_classes(benchmark, make_gpu, clients, kernels, shim):
+    """8 partitions in 3 classes (tests/shim/test_priority.py's CLASSES): the largest error, in points of
+    the device, of any partition's part of its class's device time in any 1 s window after the second."""
+    gpu = make_gpu(memory=1 << 30)
+    got, error = benchmark.pedantic(shares_in_classes, args=(gpu, clients, kernels, shim), rounds=1, iterations=1)
+    benchmark.extra_info["max_error_points"] = 100 * error
+    per_class = {c: sum(sum(got[n]) / len(got[n]) for n in got if n[0] == c[0]) for c in ("high", "normal", "low")}
+    benchmark.extra_info.update({f"{c}_share": v for c, v in per_class.items()})
+    print(f"\nclasses x8: max error within a class {100 * error:.2f} points; device time by class: "
+          + ", ".join(f"{c} {100 * v:.1f}%" for c, v in per_class.items()))
