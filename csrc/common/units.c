@@ -250,8 +250,8 @@ int fracgpu_parse_priority(const char *text, int *priority, char *err, size_t er
 }
 
 const char *fracgpu_priority_name(int priority) {
-  return priority >= FRACGPU_PRIORITY_LOW && priority <= FRACGPU_PRIORITY_HIGH ? kPriorityNames[priority]
-                                                                               : kPriorityNames[FRACGPU_PRIORITY_NORMAL];
+  bool known = priority >= FRACGPU_PRIORITY_LOW && priority <= FRACGPU_PRIORITY_HIGH;
+  return kPriorityNames[known ? priority : FRACGPU_PRIORITY_NORMAL];
 }
 
 size_t fracgpu_format_size(uint64_t bytes, char *buf, size_t len) {

@@ -271,7 +271,8 @@ class Ledger:
     def _jobs(self, where: str, parameters: tuple) -> list[JobRecord]:
         rows = self.db.execute(
             'SELECT id, job, partition, gpu, command, start, "end", exit_status, memory_limit, compute_share, '
-            "gpu_seconds, memory_byte_seconds, peak_memory_bytes, kind, labels, processes, launches, priority FROM jobs "
+            "gpu_seconds, memory_byte_seconds, peak_memory_bytes, kind, labels, processes, launches, priority "
+            "FROM jobs "
             f"WHERE {where} ORDER BY start, id", parameters).fetchall()
         return [JobRecord(*row[:14], json.loads(row[14] or "{}"), *row[15:]) for row in rows]
 

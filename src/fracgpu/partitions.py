@@ -40,7 +40,8 @@ def device(index: int, env: Mapping[str, str] | None = None) -> devices.Device:
 
 
 def create(name: str, memory: str | int | None = None, *, compute: str | float | None = None, cap: bool = False,
-           overcommit: bool = False, priority: str = "normal", device_index: int = 0, state_dir: str | os.PathLike | None = None,
+           overcommit: bool = False, priority: str = "normal", device_index: int = 0,
+           state_dir: str | os.PathLike | None = None,
            env: Mapping[str, str] | None = None) -> state.PartitionUsage:
     """Make partition ``name`` on GPU ``device_index`` with a memory limit (None: the whole device).
 

@@ -37,9 +37,10 @@ fracgpu.conf::
 A job then asks for ``--gres=shard:2`` and gets 2/8 = 25% of the GPU's memory
 and time. Where a QOS says how urgent a job is, the TaskProlog script passes
 its class on (``--priority high`` for an inference QOS, say: the script reads
-``$SLURM_JOB_QOS``); a job's own environment never chooses it. A task without shards on this node (a whole-GPU job, or a CPU job)
-gets nothing from the prolog. A misconfiguration fails the task with the
-reason, rather than let it run unlimited.
+``$SLURM_JOB_QOS``); a job's own environment never chooses it. A task without
+shards on this node (a whole-GPU job, or a CPU job) gets nothing from the
+prolog. A misconfiguration fails the task with the reason, rather than let it
+run unlimited.
 """
 
 from __future__ import annotations

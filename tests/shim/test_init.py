@@ -154,7 +154,8 @@ def test_refused_when_the_driver_was_opened_by_its_path(gpu):
     ("fracgpu.init(partition='nosuch')", "ValueError", "partition 'nosuch' does not exist"),
     ("fracgpu.init(memory='1GiB', oom_wait=-1)", "ValueError", "give seconds"),
     ("fracgpu.init(memory='1GiB', oom_wait='soon')", "ValueError", "give seconds"),
-    ("fracgpu.init(priority='urgent')", "ValueError", "invalid priority 'urgent': it is not a priority class; write high, normal or low"),
+    ("fracgpu.init(priority='urgent')", "ValueError",
+     "invalid priority 'urgent': it is not a priority class; write high, normal or low"),
     ("fracgpu.init(memory='1GiB', priority=2)", "TypeError", "write high, normal or low"),
     ("fracgpu.init(partition='team', priority='high')", "TypeError", "fracgpu partition set team --priority high"),
 ])

@@ -27,22 +27,26 @@
 // A capped partition also draws on a token bucket filled at its share of wall
 // time: it waits when the bucket is empty, even on an idle GPU.
 //
-// Priority classes (high, normal, low) sit above the shares; the whole of it
-// is three checks, and none of them runs while no high partition exists:
+// Priority classes (high, normal, low) sit above the shares. The whole of it
+// is three checks, made where the gate already looks at the other partitions
+// (while waiting for a turn, and in the per-millisecond decide()), so a launch
+// inside its turn reads nothing more while no other class is busy:
 //   - at lease acquisition: only the highest class that waits may take the
 //     device, a high partition takes it at once from a lower-class holder (the
 //     holder's launch and the taking are ordered as an ungated launch and a
 //     lease are, by in-flight count then owner), and a holder's turn ends only
 //     for a waiting partition of its class or above (so low gets what the
-//     others leave, and virtual times are compared within a class only);
+//     others leave, and virtual times are compared within a class only); a
+//     high holder whose work has drained gives the device back at once
+//     (kHighIdleGapNs), since it takes it back within a kernel;
 //   - the queue depth: while a high partition is busy, a normal or low process
 //     keeps at most one launch on the device, so a high kernel waits at most
 //     for the kernels already running (kernels are never split: splitting
 //     would change the order of reductions, hence results);
 //   - a high partition with a share draws on a bucket filled at that share
 //     (kPriorityWindowNs of it may be saved up): empty, it stands aside while
-//     others wait, so it cannot starve them; with no one waiting it runs on.
-//     Without a share it is bounded only by its own demand.
+//     others are busy, so it cannot starve them; alone it runs on, owing
+//     nothing. Without a share it is bounded only by its own demand.
 // Weights: shares of high and normal partitions are fractions of the device;
 // low partitions' shares divide among themselves what the others leave, and
 // are not counted against the others'.
