@@ -1,6 +1,6 @@
-"""Fairness and overhead of fracgpu on a real GPU, in one command:
+"""Fairness, overhead and priority latency of fracgpu on a real GPU, in one command:
 
-    python benchmarks/gpu/gpu_bench.py [--seconds 5] [--json out.json]
+    python benchmarks/gpu/gpu_bench.py [--seconds 5] [--json out.json] [--only latency]
 
 It builds the C clients against the CUDA headers (as the tests do) and the
 real driver, then measures, side by side in this one run:
@@ -14,7 +14,12 @@ real driver, then measures, side by side in this one run:
 - fairness: 2, 4 and 8 partitions with shares 1:2:...:n, each keeping the GPU
   busy with 1 ms fracgpu_spin kernels back to back for --seconds; the largest
   error of any partition in any 1 s window after the first, in points of
-  device time, and the GPU's utilisation.
+  device time, and the GPU's utilisation;
+- latency beside training: a request loop (one 1 ms fracgpu_spin and a
+  synchronize every 20 ms) alone, beside a trainer of 2 ms spins back to back
+  without fracgpu, with both at `--compute 50%`, and at `--priority high`
+  beside a `--priority low` trainer: p50/p99 of the requests, the high class's
+  bound (p99 alone + 2 ms + 0.5 ms), and the device time the trainer kept.
 
 Nothing here changes the GPU's settings. Needs a real NVIDIA GPU and the
 package installed (`pip install .`).
@@ -42,6 +47,7 @@ from tests.support.simgpu import cuda_include_dir, parse_facts, start_together  
 
 import fracgpu  # noqa: E402
 from fracgpu.demo import real_gpu_available  # noqa: E402
+from fracgpu.priority import kernels_completed_between, latency_bound, percentile  # noqa: E402
 from fracgpu.shim import shim_path  # noqa: E402
 
 
@@ -131,6 +137,41 @@ def fairness(client: Path, base_env: dict, module: str, count: int, seconds: flo
     return {"partitions": count, "max_error_points": 100 * worst, "min_utilisation": utilisation}
 
 
+def latency(client: Path, base_env: dict, module: str, requests: int = 250, period_ms: float = 20,
+            request_ms: float = 1, train_ms: float = 2) -> dict:
+    def under(options):   # a job under `fracgpu run OPTIONS`, or bare (None)
+        return [sys.executable, "-m", "fracgpu", "run", *options, "--"] if options is not None else []
+
+    # (the request loop's options, the trainer's): None runs it bare, False: no trainer
+    setups = {"alone": (["--priority", "normal"], False), "no_fracgpu": (None, None),
+              "equal_shares": (["--compute", "50%"], ["--compute", "50%"]),
+              "priority": (["--priority", "high"], ["--priority", "low"])}
+    out: dict = {}
+    for name, (serve, training) in setups.items():
+        t0 = time.monotonic() * 1000 + 2000
+        first = t0 + 1000
+        trainer = None
+        if training is not False:
+            seconds = (first - t0 + requests * period_ms + 1000) / 1000
+            trainer = subprocess.Popen([*under(training), str(client), "busy", str(seconds), str(train_ms), module,
+                                        f"{t0:.3f}"], env=base_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+        text = run([*under(serve), client, "requests", requests, period_ms, request_ms, module, f"{first:.3f}"],
+                   base_env)
+        latencies = [float(line.split()[1]) for line in text.splitlines() if line.startswith("r ")]
+        out[name] = {"p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99)}
+        if trainer is not None:
+            lines, err = trainer.communicate(timeout=600)
+            if trainer.returncode != 0:
+                raise SystemExit(f"the trainer failed:\n{err}")
+            points = [(t0 + float(t), int(n)) for _, t, n in (line.split() for line in lines.splitlines())]
+            window = requests * period_ms
+            share = kernels_completed_between(points, first, first + window) * train_ms / window
+            out[name]["trainer_kept"] = share / (1 - request_ms / period_ms)
+    out["bound_ms"] = latency_bound(out["alone"]["p99_ms"], train_ms)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5)
@@ -138,6 +179,8 @@ def main() -> None:
     parser.add_argument("--sim", action="store_true", help="run on the simulated GPU (to check this script)")
     parser.add_argument("--startup", default="1,32,128", metavar="COUNTS",
                         help="process counts of the start-up measurement, comma-separated [default: 1,32,128]")
+    parser.add_argument("--only", choices=["overhead", "startup", "fairness", "latency"], action="append",
+                        help="measure only this (repeatable) [default: all]")
     args = parser.parse_args()
     if not args.sim and not real_gpu_available():
         raise SystemExit("no NVIDIA GPU found: this benchmark needs a real GPU (the simulated one is measured by "
@@ -157,11 +200,13 @@ def main() -> None:
             env.update(sim.environment(sim.SimConfig(state_dir=str(Path(folder) / "sim"))))
             lib_dir, gpu_name = str(sim.library_dir()), ["fracgpu simulated GPU"]
         client, bench = build(Path(folder), lib_dir)
+        parts = {"overhead": lambda: overhead(bench, env, module),
+                 "startup": lambda: startup(bench, env, [int(n) for n in args.startup.split(",") if n]),
+                 "fairness": lambda: [fairness(client, env, module, n, args.seconds) for n in (2, 4, 8)],
+                 "latency": lambda: latency(client, env, module)}
         results = {"machine": {"gpu": gpu_name[0] if gpu_name else "unknown", "host": platform.node(),
                                "cpus": os.cpu_count(), "python": platform.python_version()},
-                   "overhead": overhead(bench, env, module),
-                   "startup": startup(bench, env, [int(n) for n in args.startup.split(",") if n]),
-                   "fairness": [fairness(client, env, module, n, args.seconds) for n in (2, 4, 8)]}
+                   **{name: measure() for name, measure in parts.items() if not args.only or name in args.only}}
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -61,6 +61,17 @@ bool read_job_settings(JobSettings *out, std::string *err) {
         }
         s.compute_cap = true;
     }
+    if ((v = fracgpu_setting(FRACGPU_SETTING_PRIORITY))) {
+        if (!s.enforce) {
+            *err = "FRACGPU_PRIORITY is set without FRACGPU_PARTITION; run jobs with `fracgpu run --priority CLASS`";
+            return false;
+        }
+        if (fracgpu_parse_priority(v, &s.priority, msg, sizeof msg) != 0) {
+            *err = std::string("FRACGPU_PRIORITY is not valid: ") + msg;
+            return false;
+        }
+        s.ephemeral = true;
+    }
     if ((v = fracgpu_setting(FRACGPU_SETTING_MEMORY))) {
         if (!s.enforce) {
             *err = "FRACGPU_MEMORY is set without FRACGPU_PARTITION; run jobs with `fracgpu run --memory SIZE`";

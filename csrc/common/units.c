@@ -236,6 +236,24 @@ static size_t put_decimal(char *buf, size_t len, uint64_t whole, unsigned hundre
   return put(buf, len, snprintf(buf, len, "%llu.%02u%s", (unsigned long long)whole, hundredths, suffix));
 }
 
+static const char *const kPriorityNames[] = {"low", "normal", "high"};
+
+int fracgpu_parse_priority(const char *text, int *priority, char *err, size_t errlen) {
+  if (!text || !*text) return fail(err, errlen, "priority", text, FRACGPU_PRIORITY_FORMS, "it is empty");
+  for (int p = FRACGPU_PRIORITY_LOW; p <= FRACGPU_PRIORITY_HIGH; p++) {
+    if (strcmp(text, kPriorityNames[p]) == 0) {
+      if (priority) *priority = p;
+      return 0;
+    }
+  }
+  return fail(err, errlen, "priority", text, FRACGPU_PRIORITY_FORMS, "it is not a priority class");
+}
+
+const char *fracgpu_priority_name(int priority) {
+  bool known = priority >= FRACGPU_PRIORITY_LOW && priority <= FRACGPU_PRIORITY_HIGH;
+  return kPriorityNames[known ? priority : FRACGPU_PRIORITY_NORMAL];
+}
+
 size_t fracgpu_format_size(uint64_t bytes, char *buf, size_t len) {
   /* Only units the parser accepts, so what is printed can be read back. */
   static const char *const names[] = {"B", "KiB", "MiB", "GiB", "TiB"};

@@ -58,6 +58,15 @@ double parse_share(const std::string &text) {
   return share;
 }
 
+// "high", "normal", "low" to FRACGPU_PRIORITY_HIGH/NORMAL/LOW.
+int parse_priority(const std::string &text) {
+  reject_nul(text, "priority");
+  int priority = FRACGPU_PRIORITY_NORMAL;
+  char err[kErrLen] = "";
+  if (fracgpu_parse_priority(text.c_str(), &priority, err, sizeof err) != 0) throw py::value_error(err);
+  return priority;
+}
+
 std::string format_size(uint64_t bytes) {
   char buf[64];
   size_t n = fracgpu_format_size(bytes, buf, sizeof buf);
@@ -117,6 +126,7 @@ py::list partitions(fracgpu::Region &r) {
     d["ephemeral"] = bool(p.flags & fracgpu::kPartitionEphemeral);
     d["cap"] = bool(p.flags & fracgpu::kPartitionCap);
     d["best_effort"] = bool(p.flags & fracgpu::kPartitionBestEffort);
+    d["priority"] = std::string(fracgpu_priority_name(fracgpu::priority_of_flags(p.flags)));
     d["created_unix_ns"] = p.created_unix_ns;
     d["processes"] = p.processes;
     d["device_ns"] = p.device_ns;
@@ -167,6 +177,8 @@ PYBIND11_MODULE(_native, m) {
         "(n, 0.0) for a size, (0, f) for a percentage of the device. Raises ValueError.");
   m.def("parse_share", &parse_share, py::arg("text"),
         "Parse '25%' or '0.25' to a fraction in (0, 1]. Raises ValueError.");
+  m.def("parse_priority", &parse_priority, py::arg("text"),
+        "Parse 'high', 'normal' or 'low' to 2, 1 or 0. Raises ValueError naming the accepted values.");
   m.def("format_size", &format_size, py::arg("bytes"),
         "Write bytes as people do: 268435456 -> '256MiB', 1610612736 -> '1.5GiB'.");
   m.def("format_share", &format_share, py::arg("share"), "Write a share as a percentage: 0.25 -> '25%'.");
@@ -200,12 +212,12 @@ PYBIND11_MODULE(_native, m) {
       .def("partitions", &partitions, "Live partitions: list of dicts.")
       .def("processes", &processes, "Registered processes (reap() first to drop dead ones): list of dicts.")
       .def("create_partition", [](fracgpu::Region &r, const std::string &name, uint64_t memory_limit,
-                                  double compute_share, bool cap, bool overcommit) {
+                                  double compute_share, bool cap, bool overcommit, int priority) {
              std::string err;
-             uint32_t flags = cap ? uint32_t(fracgpu::kPartitionCap) : 0u;
+             uint32_t flags = (cap ? uint32_t(fracgpu::kPartitionCap) : 0u) | fracgpu::priority_flags(priority);
              check(r.create_partition(name, memory_limit, compute_share, flags, &err, overcommit), err);
            }, py::arg("name"), py::arg("memory_limit") = 0, py::arg("compute_share") = 0.0, py::arg("cap") = false,
-           py::arg("overcommit") = false,
+           py::arg("overcommit") = false, py::arg("priority") = int(FRACGPU_PRIORITY_NORMAL),
            "Make a partition. A limit that does not fit beside the GPU's promises raises StateError naming them, "
            "unless overcommit (the partition is then best effort).")
       .def("check_promise", [](fracgpu::Region &r, const std::string &name, uint64_t memory_limit) {
@@ -215,14 +227,15 @@ PYBIND11_MODULE(_native, m) {
            "Raise StateError (naming the promises and what remains) unless a new partition with this limit fits "
            "now.")
       .def("update_partition", [](fracgpu::Region &r, const std::string &name, std::optional<uint64_t> memory_limit,
-                                  std::optional<double> compute_share, std::optional<bool> cap, bool overcommit) {
+                                  std::optional<double> compute_share, std::optional<bool> cap, bool overcommit,
+                                  std::optional<int> priority) {
              std::string err;
              check(r.update_partition(name, memory_limit ? &*memory_limit : nullptr,
                                       compute_share ? &*compute_share : nullptr, cap ? &*cap : nullptr, &err,
-                                      overcommit),
+                                      overcommit, priority ? &*priority : nullptr),
                    err);
            }, py::arg("name"), py::arg("memory_limit") = py::none(), py::arg("compute_share") = py::none(),
-           py::arg("cap") = py::none(), py::arg("overcommit") = false,
+           py::arg("cap") = py::none(), py::arg("overcommit") = false, py::arg("priority") = py::none(),
            "Change a live partition (None: keep that setting; memory_limit 0: no limit). Raises StateError.")
       .def("remove_partition", [](fracgpu::Region &r, const std::string &name) {
              std::string err;

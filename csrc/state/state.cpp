@@ -551,7 +551,7 @@ bool Region::remove_partition(const std::string &name, std::string *err) {
 }
 
 bool Region::update_partition(const std::string &name, const uint64_t *memory_limit, const double *compute_share,
-                              const bool *cap, std::string *err, bool overcommit) {
+                              const bool *cap, std::string *err, bool overcommit, const int *priority) {
     if (compute_share && !(*compute_share > 0 && *compute_share <= 1)) {
         *err = "compute share " + std::to_string(*compute_share) + " is not a fraction in (0, 1]";
         return false;
@@ -569,6 +569,7 @@ bool Region::update_partition(const std::string &name, const uint64_t *memory_li
         double share = compute_share ? *compute_share : share_of(p);
         uint32_t flags = p.flags;
         if (cap) flags = *cap ? (flags | kPartitionCap) : (flags & ~(uint32_t)kPartitionCap);
+        if (priority) flags = (flags & ~kPartitionPriorityMask) | priority_flags(*priority);
         if ((flags & kPartitionCap) && share == 0) {
             *err = "a compute cap needs a compute share: give --compute with --cap";
             ok = false;

@@ -47,7 +47,7 @@ _library: ctypes.CDLL | None = None
 
 def init(memory: str | int | None = None, partition: str | None = None, *, compute: str | float | None = None,
          cap: bool = False, state_dir: str | os.PathLike | None = None, oom_wait: float | None = None,
-         overcommit: bool = False) -> str:
+         overcommit: bool = False, priority: str | None = None) -> str:
     """Put this process, and the processes it starts, under a fracgpu memory quota.
 
     Call it first thing, before CUDA starts in this process (before torch,
@@ -66,6 +66,9 @@ def init(memory: str | int | None = None, partition: str | None = None, *, compu
     limits): one that does not raises ``state.DoesNotFit`` (a ValueError)
     naming what is promised, to whom, and what remains, unless
     ``overcommit=True``, which makes the private partition best effort.
+    ``priority`` (``"high"``, ``"normal"``, ``"low"``) is the private
+    partition's class at the launch gate (with ``memory``/``compute``, or alone):
+    a high job's kernels wait at most for the kernels already running.
 
     ``state_dir`` is the state folder (default ``$FRACGPU_STATE_DIR`` or the
     per-user one); ``oom_wait`` makes an allocation over the quota wait up to
@@ -79,14 +82,16 @@ def init(memory: str | int | None = None, partition: str | None = None, *, compu
     global _done, _partition, _library
     try:
         spec = jobs.JobSpec.parse(memory=memory, compute=compute, cap=cap, partition=partition, oom_wait=oom_wait,
-                                  overcommit=overcommit)
-    except jobs.ConflictingChoice:
-        raise TypeError("fracgpu.init() takes memory= and/or compute= (a private partition with that limit and "
-                        "share, like memory='4GiB', compute=0.25), or partition= (the name of a partition made "
-                        "with `fracgpu partition create`), not both") from None
+                                  overcommit=overcommit, priority=priority)
+    except jobs.ConflictingChoice as e:
+        if priority is not None and partition is not None:
+            raise TypeError(str(e)) from None
+        raise TypeError("fracgpu.init() takes memory=, compute= and/or priority= (a private partition with that "
+                        "limit, share and class, like memory='4GiB', compute=0.25), or partition= (the name of a "
+                        "partition made with `fracgpu partition create`), not both") from None
     except ValueError as e:   # a bad value, or a cap without a share: a plain ValueError, as documented
         raise ValueError(str(e)) from None
-    wanted = _request(spec, memory, partition, state_dir, compute, cap, overcommit)
+    wanted = _request(spec, memory, partition, state_dir, compute, cap, overcommit, priority)
     with _lock:
         if _done is not None:
             if _done.same_as(wanted):
@@ -168,12 +173,15 @@ def _start_recorder(variables: dict, private: bool) -> int:
     return process.pid
 
 
-def _request(spec: jobs.JobSpec, memory, partition, state_dir, compute, cap, overcommit=False) -> _Request:
+def _request(spec: jobs.JobSpec, memory, partition, state_dir, compute, cap, overcommit=False,
+             priority=None) -> _Request:
     shown = []
     if memory is not None:
         shown.append(f"memory={memory!r}" + (", overcommit=True" if overcommit else ""))
     if compute is not None:
         shown.append(f"compute={compute!r}" + (", cap=True" if cap else ""))
+    if priority is not None:
+        shown.append(f"priority={priority!r}")
     if partition is not None:
         shown.append(f"partition={partition!r}")
     return _Request(spec, state.resolve_state_dir(state_dir), ", ".join(shown))

@@ -35,11 +35,19 @@ class Job:
     compute: str       # its share of the GPU's time
     kernel_ms: float   # length of each spin kernel
     want_mib: int      # the batch it asks for first
+    priority: str = "normal"   # its class; a high one serves requests (a kernel and a synchronize each)
+
+    def options(self) -> list[str]:
+        """Its ``fracgpu run`` options."""
+        return ["--memory", self.memory, "--compute", self.compute] + \
+            (["--priority", self.priority] if self.priority != "normal" else [])
 
 
-JOBS = [Job("train", "3GiB", "50%", 2.0, 2048), Job("infer", "1GiB", "25%", 1.0, 512),
+# 'infer' serves requests at high priority beside training: each waits for one training kernel at most.
+JOBS = [Job("train", "3GiB", "50%", 2.0, 2048), Job("infer", "1GiB", "25%", 1.0, 512, "high"),
         Job("batch", "1GiB", "25%", 1.0, 1536)]   # asks for more than its quota: refused, then halves its batch
 BUSY_SECONDS = 2.0
+REQUEST_PERIOD_MS = 20.0
 
 
 def real_gpu_available() -> bool:
@@ -67,11 +75,13 @@ def without_kernels() -> str | None:
     return None
 
 
-def job_main(name: str, kernel_ms: float, module: str, want_mib: int) -> None:
-    """One demo job (``python -m fracgpu.demo NAME KERNEL_MS MODULE WANT_MIB``), run under
+def job_main(name: str, kernel_ms: float, module: str, want_mib: int, serving: bool = False) -> None:
+    """One demo job (``python -m fracgpu.demo NAME KERNEL_MS MODULE WANT_MIB [serve]``), run under
     ``fracgpu run``: it asks for WANT_MIB at once and, refused (CUDA_ERROR_OUT_OF_MEMORY),
     halves its batch until it fits, as a training script does; checks a kernel's writes;
-    then keeps the GPU busy. Prints one JSON line."""
+    then keeps the GPU busy, or (``serving``) serves a request (a kernel and a synchronize)
+    every REQUEST_PERIOD_MS. Prints one JSON line."""
+    from fracgpu import priority
     from fracgpu._driver import Driver
 
     drv = Driver()
@@ -92,17 +102,19 @@ def job_main(name: str, kernel_ms: float, module: str, want_mib: int) -> None:
     verified = all(v == 0x600DF00D for v in drv.read_u32(ptr, count)[::4096])
     print("ready", flush=True)   # all jobs start their kernels together
     sys.stdin.readline()
-    start, kernels = time.monotonic(), 0
-    while time.monotonic() - start < BUSY_SECONDS:
-        for _ in range(10):
-            drv.spin(kernel_ms / 1000)
-        drv.synchronize()
-        kernels += 10
+    start, served = time.monotonic(), {}
+    if serving:
+        _, latencies = priority.serve(drv, int(BUSY_SECONDS * 1000 / REQUEST_PERIOD_MS), REQUEST_PERIOD_MS,
+                                      kernel_ms)
+        kernels = len(latencies)
+        served = {"p50_ms": priority.percentile(latencies, 50), "p99_ms": priority.percentile(latencies, 99)}
+    else:
+        kernels = priority.train(drv, BUSY_SECONDS, kernel_ms)[-1][1]
     wall = time.monotonic() - start
     drv.free(ptr)
     print(json.dumps({"name": name, "device": drv.name(), "total": total, "free_at_start": free,
                       "allocated": size, "refusals": refusals, "verified": verified,
-                      "device_s": kernels * kernel_ms / 1000, "wall_s": wall}))
+                      "device_s": kernels * kernel_ms / 1000, "wall_s": wall, **served}))
 
 
 class DemoError(RuntimeError):
@@ -137,11 +149,10 @@ def run(folder: str, use_real: bool, say: Callable[[str], None],
             raise DemoError(str(e)) from None
         module = sim.kernel_stand_in()   # built without nvcc
     for j in JOBS:
-        say(f"  fracgpu run --name {j.name} --memory {j.memory} --compute {j.compute} -- "
-            f"python -m fracgpu.demo {j.name} ...")
-    procs = [subprocess.Popen([sys.executable, "-m", "fracgpu", "run", "--name", j.name, "--memory", j.memory,
-                               "--compute", j.compute, "--", sys.executable, "-m", "fracgpu.demo", j.name,
-                               str(j.kernel_ms), module, str(j.want_mib)],
+        say(f"  fracgpu run --name {j.name} {' '.join(j.options())} -- python -m fracgpu.demo {j.name} ...")
+    procs = [subprocess.Popen([sys.executable, "-m", "fracgpu", "run", "--name", j.name, *j.options(), "--",
+                               sys.executable, "-m", "fracgpu.demo", j.name, str(j.kernel_ms), module,
+                               str(j.want_mib), *(["serve"] if j.priority == "high" else [])],
                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
              for j in JOBS]
@@ -179,4 +190,4 @@ def check(outcome: Outcome) -> None:
 
 
 if __name__ == "__main__":
-    job_main(sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    job_main(sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5:] == ["serve"])

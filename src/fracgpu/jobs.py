@@ -12,6 +12,8 @@ The shim in the job reads the variables set here (``fracgpu.settings``):
   gone with its last process) with this limit, as written (``4GiB``, ``25%``);
 - ``FRACGPU_COMPUTE`` (``25%`` or ``0.25``) and ``FRACGPU_COMPUTE_CAP=1``: the
   private partition's share of the device's time, and whether it is a ceiling;
+- ``FRACGPU_PRIORITY`` (``high``, ``normal``, ``low``): the private partition's
+  priority class at the launch gate;
 - ``FRACGPU_OVERCOMMIT=1``: the private partition's limit may pass what its GPU
   has left to promise (the partition is then best effort);
 - ``FRACGPU_STATE_DIR``: the state folder, absolute;
@@ -31,13 +33,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from fracgpu import devices, settings, shim, state
-from fracgpu.units import bytes_of, format_size, parse_memory, parse_seconds, parse_share
+from fracgpu.units import bytes_of, format_size, parse_memory, parse_priority, parse_seconds, parse_share
 
 __all__ = ["JobSpec", "OptionError", "CapWithoutShare", "ConflictingChoice", "partition_variables",
            "job_environment", "parse_option", "check_cap", "check_fits", "check_limit"]
 
 class OptionError(ValueError):
-    """A job option with a bad value: ``field`` names it (``memory``, ``compute``, ``partition``, ``oom_wait``)."""
+    """A job option with a bad value: ``field`` names it (``memory``, ``compute``, ``partition``, ``priority``,
+    ``oom_wait``)."""
 
     def __init__(self, field: str, message: str):
         super().__init__(message)
@@ -64,8 +67,9 @@ class JobSpec:
     partition: str | None = None              # an existing partition to join
     overcommit: bool = False                  # a private limit past what the GPU has left to promise: best effort
     oom_wait: float | None = None             # seconds an allocation over the quota waits; None: as inherited
-    # A new job option (a priority, say) is one more field here, parsed in parse() and
-    # from_environment() and written by partition_variables(): every caller gets it at once.
+    priority: str | None = None               # high, normal or low (a private partition's); None: normal
+    # A new job option is one more field here, parsed in parse() and from_environment() and
+    # written by partition_variables(): every caller gets it at once.
     # The values as written, which the job's variables carry (``FRACGPU_MEMORY=4GiB``, ``25%``).
     memory_text: str | None = None
     compute_text: str | None = None
@@ -74,14 +78,14 @@ class JobSpec:
     @classmethod
     def parse(cls, *, memory: str | int | None = None, compute: str | float | None = None, cap: bool = False,
               partition: str | None = None, oom_wait: str | float | None = None,
-              overcommit: bool = False) -> JobSpec:
+              overcommit: bool = False, priority: str | None = None) -> JobSpec:
         """Each option parsed and every rule checked, in the order a user reads them: OptionError
         (a ValueError naming the option) for a bad value, CapWithoutShare, then ConflictingChoice.
         ``overcommit`` without a memory limit is an OptionError (it is a choice about that limit)."""
         parsed = parse_option
         spec = cls(memory=parsed("memory", parse_memory, memory), compute=parsed("compute", parse_share, compute),
                    cap=bool(cap), partition=parsed("partition", state.check_partition_name, partition),
-                   overcommit=bool(overcommit),
+                   overcommit=bool(overcommit), priority=parsed("priority", parse_priority, priority),
                    oom_wait=parsed("oom_wait", parse_seconds, oom_wait),
                    memory_text=None if memory is None else memory if isinstance(memory, str) else str(memory),
                    compute_text=None if compute is None else compute if isinstance(compute, str)
@@ -92,13 +96,17 @@ class JobSpec:
         if spec.overcommit and spec.memory is None:
             raise OptionError("overcommit", "overcommit is a choice about a private partition's memory limit: give "
                               "memory (--memory SIZE) with it")
+        if spec.partition is not None and spec.priority is not None:
+            raise ConflictingChoice(f"a job joining partition '{spec.partition}' runs at that partition's priority; "
+                                    f"change it with `fracgpu partition set {spec.partition} --priority "
+                                    f"{spec.priority}`, or give the job a private partition (no partition)")
         if spec.partition is not None and spec.private:
             raise ConflictingChoice(f"a job joining partition '{spec.partition}' gets that partition's memory and "
                                     "compute; give either partition or memory/compute (a private partition), not "
                                     "both")
         if spec.partition is None and not spec.private:
-            raise ConflictingChoice("give memory and/or compute (a private partition with that limit and share), or "
-                                    "partition (the name of an existing partition)")
+            raise ConflictingChoice("give memory, compute and/or priority (a private partition with that limit, share "
+                                    "and class), or partition (the name of an existing partition)")
         return spec
 
     @classmethod
@@ -110,8 +118,9 @@ class JobSpec:
             return None
         memory = settings.read(settings.MEMORY, env)
         compute = settings.read(settings.COMPUTE, env)
-        private = memory is not None or compute is not None
-        return cls(memory=memory, compute=compute, cap=env.get(settings.COMPUTE_CAP) == "1",
+        priority = settings.read(settings.PRIORITY, env)
+        private = memory is not None or compute is not None or priority is not None
+        return cls(memory=memory, compute=compute, cap=env.get(settings.COMPUTE_CAP) == "1", priority=priority,
                    overcommit=bool(settings.read(settings.OVERCOMMIT, env)),
                    partition=None if private else name, oom_wait=settings.read(settings.OOM_WAIT, env),
                    memory_text=env.get(settings.MEMORY) or None, compute_text=env.get(settings.COMPUTE) or None,
@@ -119,8 +128,8 @@ class JobSpec:
 
     @property
     def private(self) -> bool:
-        """Whether the job gets a partition of its own (memory and/or compute given)."""
-        return self.memory is not None or self.compute is not None
+        """Whether the job gets a partition of its own (memory, compute and/or priority given)."""
+        return self.memory is not None or self.compute is not None or self.priority is not None
 
     @property
     def memory_bytes(self) -> int | None:
@@ -130,8 +139,9 @@ class JobSpec:
 
     def same_partition(self, other: JobSpec) -> bool:
         """Whether ``other`` asks for the partition this one gives (a wait not given: any)."""
-        mine = (self.memory, self.partition, self.compute, self.cap, self.overcommit)
-        return mine == (other.memory, other.partition, other.compute, other.cap, other.overcommit) \
+        mine = (self.memory, self.partition, self.compute, self.cap, self.overcommit, self.priority or "normal")
+        return mine == (other.memory, other.partition, other.compute, other.cap, other.overcommit,
+                        other.priority or "normal") \
             and other.oom_wait in (None, self.oom_wait)
 
     def limit_on(self, device: devices.Device) -> int:
@@ -215,6 +225,7 @@ def partition_variables(spec: JobSpec, *, private_name: str, state_dir: str | os
         settings.MEMORY: spec.memory_text,
         settings.COMPUTE: spec.compute_text,
         settings.COMPUTE_CAP: "1" if spec.cap else None,
+        settings.PRIORITY: spec.priority,
         settings.OVERCOMMIT: "1" if spec.overcommit else None,
     }
     if spec.oom_wait_text is not None:

@@ -75,6 +75,7 @@ MIGRATIONS: dict[int, list[str]] = {
     3: [
         # The most memory the books missed (the device reported more) charged to the job at once.
         "ALTER TABLE jobs ADD COLUMN peak_drift_bytes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN priority TEXT NOT NULL DEFAULT 'normal'",  # 'high' | 'normal' | 'low'
     ],
 }
 
@@ -103,6 +104,7 @@ class JobRecord:
     processes: int = 0
     launches: int = 0
     peak_drift_bytes: int = 0   # the most memory its books missed (the device held more), charged at once
+    priority: str = "normal"   # the partition's class at the launch gate
 
 
 def default_path() -> pathlib.Path:
@@ -176,18 +178,18 @@ class Ledger:
     def start_job(self, *, job: str, partition: str, gpu: str = "", command: str = "", memory_limit: int | None = None,
                   compute_share: float | None = None, start: float | None = None, kind: str = "run",
                   labels: dict[str, str] | None = None, recorder_pid: int | None = None,
-                  recorder_start: int | None = None) -> int:
+                  recorder_start: int | None = None, priority: str = "normal") -> int:
         cur = self.db.execute(
             "INSERT INTO jobs (job, partition, gpu, command, start, memory_limit, compute_share, kind, labels, "
-            "recorder_pid, recorder_start) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "recorder_pid, recorder_start, priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job, partition, gpu, command, time.time() if start is None else start, memory_limit, compute_share,
-             kind, json.dumps(labels or {}, sort_keys=True), recorder_pid, recorder_start))
+             kind, json.dumps(labels or {}, sort_keys=True), recorder_pid, recorder_start, priority))
         return int(cur.lastrowid)
 
     def sample(self, job_id: int, *, memory_bytes: int, device_seconds: float, t: float | None = None,
                peak_memory_bytes: int | None = None, launches: int | None = None, processes: int | None = None,
                gpu: str | None = None, memory_limit: int | None = None, compute_share: float | None = None,
-               peak_drift_bytes: int | None = None) -> None:
+               peak_drift_bytes: int | None = None, priority: str | None = None) -> None:
         """Record the job's memory now and its device time so far (a cumulative
         counter). Memory byte-seconds grow by the previous sample's memory times
         the time since it (memory is taken to hold until the next sample). The
@@ -203,9 +205,9 @@ class Ledger:
                 "last_sample = ?, last_memory_bytes = ?, launches = MAX(launches, COALESCE(?, 0)), "
                 "processes = MAX(processes, COALESCE(?, 0)), gpu = COALESCE(?, gpu), "
                 "memory_limit = COALESCE(?, memory_limit), compute_share = COALESCE(?, compute_share), "
-                "peak_drift_bytes = MAX(peak_drift_bytes, COALESCE(?, 0)) WHERE id = ?",
+                "peak_drift_bytes = MAX(peak_drift_bytes, COALESCE(?, 0)), priority = COALESCE(?, priority) WHERE id = ?",
                 (held, peak, device_seconds, t, memory_bytes, launches, processes, gpu, memory_limit,
-                 compute_share, peak_drift_bytes, job_id))
+                 compute_share, peak_drift_bytes, priority, job_id))
             self.db.execute("INSERT INTO samples (job_id, t, memory_bytes, device_seconds) VALUES (?, ?, ?, ?)",
                             (job_id, t, memory_bytes, device_seconds))
 
@@ -273,7 +275,7 @@ class Ledger:
     def _jobs(self, where: str, parameters: tuple) -> list[JobRecord]:
         rows = self.db.execute(
             'SELECT id, job, partition, gpu, command, start, "end", exit_status, memory_limit, compute_share, '
-            "gpu_seconds, memory_byte_seconds, peak_memory_bytes, kind, labels, processes, launches, peak_drift_bytes "
+            "gpu_seconds, memory_byte_seconds, peak_memory_bytes, kind, labels, processes, launches, peak_drift_bytes, priority "
             "FROM jobs "
             f"WHERE {where} ORDER BY start, id", parameters).fetchall()
         return [JobRecord(*row[:14], json.loads(row[14] or "{}"), *row[15:]) for row in rows]

@@ -39,6 +39,7 @@ from typing import Any
 
 from fracgpu import devices, state
 from fracgpu.snapshot import achieved_share
+from fracgpu.units import PRIORITIES
 
 __all__ = ["UsageCollector", "probe_gpus", "driver_version"]
 
@@ -74,6 +75,8 @@ FAMILIES = (
     ("share", "gauge", "fracgpu_partition_compute_share_ratio",
      "Configured share of the GPU's time (absent when none is set).", "partition"),
     ("cap", "gauge", "fracgpu_partition_compute_capped", "1 when the compute share is also a ceiling.", "partition"),
+    ("priority", "gauge", "fracgpu_partition_priority",
+     "The partition's class at the launch gate: 2 high, 1 normal, 0 low.", "partition"),
     ("achieved", "gauge", "fracgpu_partition_compute_share_achieved_ratio",
      "Share of the GPU's time the partition used since the previous scrape (absent on the first).", "partition"),
     ("seconds", "counter", "fracgpu_partition_device_seconds_total",
@@ -156,7 +159,7 @@ class UsageCollector:
         label_names = {**LABELS, "dcgm": (*DCGM, DRIVER_VERSION_LABEL) if driver else DCGM}
         families = {key: kinds[kind](name, doc, labels=list(label_names[labels]))
                     for key, kind, name, doc, labels in FAMILIES}
-        (gpu_total, gpu_used, gpu_info, used, limit, ceiling, peak, best_effort, share, cap, achieved, seconds, launches,
+        (gpu_total, gpu_used, gpu_info, used, limit, ceiling, peak, best_effort, share, cap, priority, achieved, seconds, launches,
          refusals_, processes, drift, drift_peak, drift_unknown, q_used, q_peak, q_limit, q_achieved, q_seconds,
          q_launches, q_device, q_drift, fb_used, fb_free) = families.values()
         per_process, dcgm = self.enabled["per_process"], self.enabled["dcgm"]
@@ -196,6 +199,7 @@ class UsageCollector:
                 if p.compute_share:
                     share.add_metric(labels, p.compute_share)
                     cap.add_metric(labels, 1 if p.compute_cap else 0)
+                priority.add_metric(labels, len(PRIORITIES) - 1 - PRIORITIES.index(p.priority))
                 seconds.add_metric(labels, p.device_ns / 1e9)
                 launches.add_metric(labels, p.launches)
                 refusals_.add_metric(labels, p.oom_refusals)

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 
 from fracgpu import devices, jobs, state
-from fracgpu.units import bytes_of, parse_memory, parse_share
+from fracgpu.units import bytes_of, parse_memory, parse_priority, parse_share
 
 __all__ = ["create", "remove", "update", "device", "NothingToChange", "LimitAndUnlimited"]
 
@@ -40,13 +40,15 @@ def device(index: int, env: Mapping[str, str] | None = None) -> devices.Device:
 
 
 def create(name: str, memory: str | int | None = None, *, compute: str | float | None = None, cap: bool = False,
-           overcommit: bool = False, device_index: int = 0, state_dir: str | os.PathLike | None = None,
+           overcommit: bool = False, priority: str = "normal", device_index: int = 0,
+           state_dir: str | os.PathLike | None = None,
            env: Mapping[str, str] | None = None) -> state.PartitionUsage:
     """Make partition ``name`` on GPU ``device_index`` with a memory limit (None: the whole device).
 
     ``memory`` is bytes or a size such as ``"8GiB"`` or ``"25%"`` (of that
     device). ``compute`` is its share of the device's time (``0.25`` or
-    ``"25%"``), ``cap`` makes that share a ceiling. The limits promised on a
+    ``"25%"``), ``cap`` makes that share a ceiling; ``priority`` (``high``,
+    ``normal``, ``low``) is its class at the launch gate. The limits promised on a
     GPU add up to at most its memory: a limit that does not fit beside the
     others raises StateError naming what is promised, to whom, and what
     remains, unless ``overcommit``, which makes the partition best effort (its
@@ -58,6 +60,7 @@ def create(name: str, memory: str | int | None = None, *, compute: str | float |
     size = jobs.parse_option("memory", parse_memory, memory)   # the grammar, before asking the driver
     share = jobs.parse_option("compute", parse_share, compute) or 0.0
     jobs.check_cap(compute, cap)
+    klass = jobs.parse_option("priority", parse_priority, priority)
     folder = state.resolve_state_dir(state_dir)
     state.check_state_dir(folder, create=True)
     state.check_may_change_partitions(folder)
@@ -69,7 +72,7 @@ def create(name: str, memory: str | int | None = None, *, compute: str | float |
     state.open_regions(folder)   # no partition is made beside a damaged state file
     region = state.open_region(folder, gpu.uuid, gpu.name, gpu.total_memory)
     # StateError when the name is taken on this GPU, or the limit does not fit (unless overcommit)
-    return region.create_partition(name, limit, share, cap, overcommit=overcommit)
+    return region.create_partition(name, limit, share, cap, overcommit=overcommit, priority=klass)
 
 
 def remove(name: str, *, device_index: int | None = None, state_dir: str | os.PathLike | None = None,
@@ -99,11 +102,12 @@ def remove(name: str, *, device_index: int | None = None, state_dir: str | os.Pa
 
 
 def update(name: str, *, memory: str | int | None = None, compute: str | float | None = None,
-           cap: bool | None = None, unlimited: bool = False, overcommit: bool = False, device_index: int | None = None,
+           cap: bool | None = None, unlimited: bool = False, overcommit: bool = False, priority: str | None = None,
+           device_index: int | None = None,
            state_dir: str | os.PathLike | None = None,
            env: Mapping[str, str] | None = None) -> tuple[str, state.PartitionUsage]:
     """Change partition ``name`` while its jobs run: its memory limit (``unlimited``
-    removes it), compute share, or cap; what is not given stays. Running jobs
+    removes it), compute share, cap, or priority class; what is not given stays. Running jobs
     see the change at their next allocation or launch; a limit below what the
     partition holds refuses new allocations until use falls under it. A new
     limit must fit beside the GPU's other promises (StateError naming them),
@@ -114,12 +118,14 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
     bad values or when no GPU (or several, without ``device_index``) has the
     partition, StateError for an unsafe or damaged state."""
     jobs.parse_option("name", state.check_partition_name, name)
-    if memory is None and compute is None and cap is None and not unlimited:
-        raise NothingToChange("nothing to change: give a memory limit, a compute share or a cap setting")
+    if memory is None and compute is None and cap is None and priority is None and not unlimited:
+        raise NothingToChange("nothing to change: give a memory limit, a compute share, a cap setting or a "
+                              "priority")
     if memory is not None and unlimited:
         raise LimitAndUnlimited("give a memory limit or remove it, not both")
     size = jobs.parse_option("memory", parse_memory, memory)
     share = jobs.parse_option("compute", parse_share, compute)
+    klass = jobs.parse_option("priority", parse_priority, priority)
     regions = state.open_regions(state_dir)
     state.check_may_change_partitions(state.resolve_state_dir(state_dir))
     if device_index is not None:
@@ -137,4 +143,4 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
         jobs.check_limit(limit, region.total_memory, region.uuid)
     elif unlimited:
         limit = 0
-    return region.uuid, region.update_partition(name, limit, share, cap, overcommit=overcommit)
+    return region.uuid, region.update_partition(name, limit, share, cap, overcommit=overcommit, priority=klass)

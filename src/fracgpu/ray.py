@@ -42,7 +42,7 @@ import shlex
 import sys
 from typing import Any
 
-from fracgpu.units import parse_share, percent_text
+from fracgpu.units import parse_priority, parse_share, percent_text
 
 __all__ = ["options", "remote", "runtime_env", "worker_command", "FracGPUPlugin"]
 
@@ -59,15 +59,18 @@ def _fraction(num_gpus: float) -> float:
 
 
 def worker_command(num_gpus: float, *, name: str = "ray", cap: bool = False, labels: dict[str, str] | None = None,
-                   python: str | None = None) -> str:
+                   python: str | None = None, priority: str | None = None) -> str:
     """The command Ray starts the worker with (its ``py_executable``): ``fracgpu run`` with the
-    fraction as memory quota and compute share, then the Python that runs the worker (``python``,
-    a shell command as Ray's runtime environment has it; default this interpreter)."""
+    fraction as memory quota and compute share (and ``priority``, when given, as its class), then
+    the Python that runs the worker (``python``, a shell command as Ray's runtime environment has
+    it; default this interpreter). ValueError for a bad fraction or priority."""
     fraction = _fraction(num_gpus)
     share = percent_text(fraction)
     argv = [sys.executable, "-m", "fracgpu", "run", "--memory", share, "--compute", share]
     if cap:
         argv.append("--cap")
+    if priority is not None:
+        argv += ["--priority", parse_priority(priority)]
     argv += ["--name", name]
     for key, value in sorted((labels or {}).items()):
         argv += ["--label", f"{key}={value}"]
@@ -87,7 +90,7 @@ def _ray_job_id() -> str | None:
 
 
 def runtime_env(num_gpus: float, *, name: str = "ray", cap: bool = False,
-                base: dict[str, Any] | None = None) -> dict[str, Any]:
+                base: dict[str, Any] | None = None, priority: str | None = None) -> dict[str, Any]:
     """A Ray runtime environment (``base`` plus what fracgpu needs) that runs the worker under
     a quota and share of ``num_gpus`` of its GPU."""
     if base and "py_executable" in base:
@@ -98,32 +101,38 @@ def runtime_env(num_gpus: float, *, name: str = "ray", cap: bool = False,
     if job:
         labels["ray_job_id"] = job
     env = dict(base or {})
-    env["py_executable"] = worker_command(num_gpus, name=name, cap=cap, labels=labels)
+    env["py_executable"] = worker_command(num_gpus, name=name, cap=cap, labels=labels, priority=priority)
     return env
 
 
 def options(num_gpus: float, *, name: str = "ray", cap: bool = False, actor: bool = False,
-            runtime_env_base: dict[str, Any] | None = None) -> dict[str, Any]:
+            runtime_env_base: dict[str, Any] | None = None, priority: str | None = None) -> dict[str, Any]:
     """Keyword arguments for ``.options(...)`` of a remote function or actor class (and for
     ``ray.remote(...)``): the fraction as Ray's ``num_gpus``, and the runtime environment that
     enforces and records it. Only options Ray takes in ``.options()`` for tasks and actors
     alike, so ``max_calls`` is not among them (see the module's note on what the ledger then
-    shows); ``actor`` is accepted for callers that say which they mean, and changes nothing."""
+    shows); ``actor`` is accepted for callers that say which they mean, and changes nothing.
+    ``priority`` (``"high"``, ``"normal"``, ``"low"``): the worker's class at the launch gate."""
     del actor   # the same keywords suit both: Ray's .options() refuses max_calls for tasks
     return {"num_gpus": _fraction(num_gpus),
-            "runtime_env": runtime_env(num_gpus, name=name, cap=cap, base=runtime_env_base)}
+            "runtime_env": runtime_env(num_gpus, name=name, cap=cap, base=runtime_env_base, priority=priority)}
 
 
-def remote(*, num_gpus: float, cap: bool = False, **ray_options: Any):
+def remote(*, num_gpus: float, cap: bool = False, priority: str | None = None, **ray_options: Any):
     """``@fracgpu.ray.remote(num_gpus=0.25)``: ``ray.remote`` with the fraction enforced and
     the task or actor (by its name) recorded in the ledger. A task gets ``max_calls=1`` (its
-    worker serves it alone, so each task is a job of its own) unless ``max_calls`` is given."""
+    worker serves it alone, so each task is a job of its own) unless ``max_calls`` is given.
+    ``priority="high"`` serves it before normal and low work (a bad class: ValueError, here)."""
     import ray
+
+    if priority is not None:
+        parse_priority(priority)
 
     def wrap(target):
         name = getattr(target, "__qualname__", getattr(target, "__name__", "ray"))
         rest = dict(ray_options)   # the decorator may wrap several targets: each gets all of them
-        kwargs = options(num_gpus, name=name, cap=cap, runtime_env_base=rest.pop("runtime_env", None))
+        kwargs = options(num_gpus, name=name, cap=cap, runtime_env_base=rest.pop("runtime_env", None),
+                         priority=priority)
         if not inspect.isclass(target):
             kwargs["max_calls"] = rest.pop("max_calls", 1)
         return ray.remote(**kwargs, **rest)(target)
@@ -151,8 +160,11 @@ class FracGPUPlugin(_PluginBase):
         if isinstance(spec, (int, float)) and not isinstance(spec, bool):
             spec = {"num_gpus": spec}
         if not isinstance(spec, dict) or "num_gpus" not in spec:
-            raise ValueError('runtime_env["fracgpu"] must be {"num_gpus": FRACTION} (optionally "name", "cap")')
+            raise ValueError('runtime_env["fracgpu"] must be {"num_gpus": FRACTION} (optionally "name", "cap", '
+                             '"priority")')
         _fraction(spec["num_gpus"])
+        if spec.get("priority") is not None:
+            parse_priority(spec["priority"])
         return spec
 
     def get_uris(self, runtime_env) -> list[str]:
@@ -164,5 +176,5 @@ class FracGPUPlugin(_PluginBase):
     def modify_context(self, uris, runtime_env, context, logger=None) -> None:
         spec = self.validate(dict(runtime_env))
         context.py_executable = worker_command(spec["num_gpus"], name=str(spec.get("name", "ray")),
-                                               cap=bool(spec.get("cap", False)),
+                                               cap=bool(spec.get("cap", False)), priority=spec.get("priority"),
                                                python=context.py_executable)

@@ -29,6 +29,7 @@ import time
 
 from fracgpu import state
 from fracgpu.ledger import Ledger, LedgerError
+from fracgpu.units import PRIORITIES
 
 __all__ = ["JobRecorder", "sample_interval"]
 
@@ -49,6 +50,7 @@ class Reading:
     gpus: tuple[str, ...] = ()
     memory_limit: int | None = None
     compute_share: float | None = None
+    priority: str | None = None   # its partition's class (the highest over its GPUs); None: not seen yet
 
 
 class JobRecorder:
@@ -60,12 +62,13 @@ class JobRecorder:
 
     def __init__(self, ledger: Ledger, *, job: str, partition: str, private: bool, state_dir: str,
                  command: str = "", kind: str = "run", labels: dict[str, str] | None = None,
-                 memory_limit: int | None = None, compute_share: float | None = None, holder: int | None = None):
+                 memory_limit: int | None = None, compute_share: float | None = None, holder: int | None = None,
+                 priority: str = "normal"):
         self.ledger = ledger
         self.job, self.partition, self.private = job, partition, private
         self.state_dir = state_dir
         self.command, self.kind, self.labels = command, kind, labels or {}
-        self.memory_limit, self.compute_share = memory_limit, compute_share
+        self.memory_limit, self.compute_share, self.priority = memory_limit, compute_share, priority
         self.holder = os.getpid() if holder is None else holder
         self.job_id: int | None = None
         self._regions: dict[str, state.Region] = {}
@@ -78,6 +81,7 @@ class JobRecorder:
         self.job_id = self.ledger.start_job(
             job=self.job, partition=self.partition, gpu="", command=self.command, kind=self.kind,
             labels=self.labels, memory_limit=self.memory_limit, compute_share=self.compute_share, start=start,
+            priority=self.priority,
             recorder_pid=os.getpid(), recorder_start=state.process_start_time(os.getpid()))
         return self.job_id
 
@@ -97,7 +101,7 @@ class JobRecorder:
         kept (exited) for this recorder, and the memory of dead ones is given back."""
         out = Reading()
         gpus = []
-        limits, shares = [], []
+        limits, shares, priorities = [], [], []
         for region in self._open_regions():
             # By pid alone: a full reap reads /proc once per process on the GPU, and every
             # running job's recorder samples several times a second.
@@ -128,6 +132,7 @@ class JobRecorder:
                 limits.append(part.memory_limit)
             if part.compute_share:
                 shares.append(part.compute_share)
+            priorities.append(part.priority)
         self._peak = max(self._peak, out.peak_memory_bytes)
         out.peak_memory_bytes = self._peak
         self._peak_drift = max(self._peak_drift, out.peak_drift_bytes)
@@ -135,6 +140,7 @@ class JobRecorder:
         out.gpus = tuple(gpus)
         out.memory_limit = max(limits) if limits else self.memory_limit
         out.compute_share = max(shares) if shares else self.compute_share
+        out.priority = min(priorities, key=PRIORITIES.index) if priorities else None
         return out
 
     def sample(self, t: float | None = None) -> Reading | None:
@@ -145,7 +151,8 @@ class JobRecorder:
                                device_seconds=reading.device_ns / 1e9, peak_memory_bytes=reading.peak_memory_bytes,
                                launches=reading.launches, processes=len({p[1:] for p in self._processes}),
                                gpu=",".join(reading.gpus) or None, memory_limit=reading.memory_limit,
-                               compute_share=reading.compute_share, peak_drift_bytes=reading.peak_drift_bytes)
+                               compute_share=reading.compute_share, peak_drift_bytes=reading.peak_drift_bytes,
+                               priority=reading.priority)
             return reading
         except Exception as e:   # ledger, sqlite3, state: the job must not die because its record failed
             self._warn(e)

@@ -29,6 +29,7 @@ PARTITION = "FRACGPU_PARTITION"
 MEMORY = "FRACGPU_MEMORY"
 COMPUTE = "FRACGPU_COMPUTE"
 COMPUTE_CAP = "FRACGPU_COMPUTE_CAP"
+PRIORITY = "FRACGPU_PRIORITY"
 OVERCOMMIT = "FRACGPU_OVERCOMMIT"
 OOM_WAIT = "FRACGPU_OOM_WAIT"
 RECONCILE_INTERVAL = "FRACGPU_RECONCILE_INTERVAL"
@@ -114,6 +115,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Make partition NAME for this job with this share of the GPU's time (`25%` or `0.25`).", "partition"),
     Setting(COMPUTE_CAP, _flag, "0", "shim, python", "`1`: the `FRACGPU_COMPUTE` share is also a ceiling.",
             "partition"),
+    Setting(PRIORITY, units.parse_priority, "normal", "shim, python",
+            "Make partition NAME for this job in this priority class: `high` (served first; its share, if any, holds "
+            "it back only while others are busy), `normal`, or `low` (only what the others leave).", "partition"),
     Setting(OVERCOMMIT, _flag, "0", "shim, python",
             "`1`: a `FRACGPU_MEMORY` limit that does not fit beside what the GPU has promised is accepted, and the "
             "job's partition is best effort.", "partition"),

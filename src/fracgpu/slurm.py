@@ -35,9 +35,12 @@ fracgpu.conf::
     FRACGPU_STATE_GROUP=gpu
 
 A job then asks for ``--gres=shard:2`` and gets 2/8 = 25% of the GPU's memory
-and time. A task without shards on this node (a whole-GPU job, or a CPU job)
-gets nothing from the prolog. A misconfiguration fails the task with the
-reason, rather than let it run unlimited.
+and time. Where a QOS says how urgent a job is, the TaskProlog script passes
+its class on (``--priority high`` for an inference QOS, say: the script reads
+``$SLURM_JOB_QOS``); a job's own environment never chooses it. A task without
+shards on this node (a whole-GPU job, or a CPU job) gets nothing from the
+prolog. A misconfiguration fails the task with the reason, rather than let it
+run unlimited.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import socket
 from collections.abc import Iterator, Mapping
 
 from fracgpu import jobs, settings, state
-from fracgpu.units import percent_text
+from fracgpu.units import parse_priority, percent_text
 
 __all__ = ["CONFIG", "SLURM_CONF_DIR", "NodeConfig", "gres_conf_path", "read_config", "node_name",
            "expand_hostlist", "shards_per_gpu_from_gres", "prolog_lines", "exports"]
@@ -241,13 +244,16 @@ def _process_settings(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def exports(env: Mapping[str, str], shards_per_gpu: int | None, node: NodeConfig | None = None,
-            gres_conf: str | None = None, cap: bool = False) -> dict[str, str | None]:
+            gres_conf: str | None = None, cap: bool = False, priority: str | None = None) -> dict[str, str | None]:
     """What the task of a job in ``env`` (what Slurm gives the TaskProlog) is given: each variable's
     value, None for a ``FRACGPU_*`` variable to unset; empty when the job has no shards on this node.
 
     Every fracgpu setting is the node's (``node``) or the prolog's, none the user's.
     ``shards_per_gpu`` None: counted from ``gres_conf`` (default: ``gres_conf_path(env)``) for
-    this node. ValueError says what is wrong; StateError for an unusable state folder."""
+    this node. ``priority``: the partition's class (``high``, ``normal``, ``low``). ValueError says
+    what is wrong (a bad priority names the accepted values); StateError for an unusable state folder."""
+    if priority is not None:   # a bad class fails every task, sharded or not: the prolog is misconfigured
+        jobs.parse_option("priority", parse_priority, priority)
     text = env.get("SLURM_SHARDS_ON_NODE", "").strip()
     if not text or text == "0":
         return {}
@@ -262,7 +268,7 @@ def exports(env: Mapping[str, str], shards_per_gpu: int | None, node: NodeConfig
     if shards_per_gpu <= 0:
         raise ValueError(f"--shards-per-gpu must be at least 1, not {shards_per_gpu}")
     share = percent_text(min(1.0, shards / shards_per_gpu))
-    spec = jobs.JobSpec.parse(memory=share, compute=share, cap=cap)
+    spec = jobs.JobSpec.parse(memory=share, compute=share, cap=cap, priority=priority)
     node_settings = dict((node or NodeConfig()).values)
     # The task's environment as fracgpu may read it: the user's, less every fracgpu setting,
     # plus the node's.

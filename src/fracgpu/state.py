@@ -48,6 +48,7 @@ class PartitionUsage:
     # Its limit did not fit beside the GPU's promises and was overcommitted: a ceiling, not a
     # promise (it uses only memory nobody was promised, up to its limit).
     best_effort: bool = False
+    priority: str = "normal"             # the launch gate's class: high, normal or low
     # The most it may hold now: its limit when that is a promise, else what nobody else was promised
     # (up to its limit, when it has one). 0 when read from nowhere that knows.
     memory_ceiling: int = 0
@@ -156,7 +157,7 @@ class Region:
                                compute_cap=p["cap"], device_ns=p["device_ns"], launches=p["launches"],
                                best_effort=p["best_effort"], drift=p["drift"], drift_charged=p["drift_charged"],
                                drift_peak=p["drift_peak"], drift_unknown=p["drift_unknown"],
-                               memory_ceiling=p["memory_ceiling"])
+                               memory_ceiling=p["memory_ceiling"], priority=p["priority"])
                 for p in self._native.partitions()]
 
     def partition(self, name: str) -> PartitionUsage | None:
@@ -167,22 +168,23 @@ class Region:
                 for p in self._native.processes()]
 
     def create_partition(self, name: str, limit: int, share: float, cap: bool, *,
-                         overcommit: bool = False) -> PartitionUsage:
-        """Make partition ``name`` (limit 0: none; share 0: none); StateError when the name is taken,
-        DoesNotFit when the limit does not fit beside the GPU's promises (the message names them and
-        what remains) unless ``overcommit``, which makes it best effort."""
+                         overcommit: bool = False, priority: str = "normal") -> PartitionUsage:
+        """Make partition ``name`` (limit 0: none; share 0: none) in class ``priority``; StateError when
+        the name is taken, DoesNotFit when the limit does not fit beside the GPU's promises (the message
+        names them and what remains) unless ``overcommit``, which makes it best effort."""
         try:
-            self._native.create_partition(name, limit, share, cap, overcommit)
+            self._native.create_partition(name, limit, share, cap, overcommit, _native.parse_priority(priority))
         except StateError as e:
             raise _promise_refused(e) from None
         return self.partition(name)
 
     def update_partition(self, name: str, limit: int | None, share: float | None, cap: bool | None, *,
-                         overcommit: bool = False) -> PartitionUsage:
+                         overcommit: bool = False, priority: str | None = None) -> PartitionUsage:
         """Change what is given (None: keeps it; limit 0: no limit). A new limit is checked against the
         promises as ``create_partition`` does."""
         try:
-            self._native.update_partition(name, limit, share, cap, overcommit)
+            self._native.update_partition(name, limit, share, cap, overcommit,
+                                          None if priority is None else _native.parse_priority(priority))
         except StateError as e:
             raise _promise_refused(e) from None
         return self.partition(name)

@@ -11,8 +11,8 @@ import re
 
 from fracgpu import _native
 
-__all__ = ["parse_size", "parse_memory", "parse_share", "parse_seconds", "bytes_of", "format_size", "format_share",
-           "percent_text"]
+__all__ = ["parse_size", "parse_memory", "parse_share", "parse_priority", "parse_seconds", "bytes_of", "format_size",
+           "format_share", "percent_text", "PRIORITIES"]
 
 SIZE_FORMS = (
     "write a byte count like 1048576, a size like 512MiB, 4GiB or 4GB "
@@ -97,6 +97,17 @@ def parse_share(value: str | float) -> float:
         hint = f"write {value:g}% or {value / 100:g}" if value <= 100 else SHARE_FORMS
         raise ValueError(f"invalid share {value!r}: a share without % is a fraction of at most 1; {hint}")
     return float(value)
+
+
+PRIORITIES = ("high", "normal", "low")   # the priority classes, as written, in the order they are served
+
+
+def parse_priority(value: str) -> str:
+    """``"high"``, ``"normal"`` or ``"low"`` (as given); ValueError naming the accepted values."""
+    if not isinstance(value, str):
+        raise TypeError(f"a priority must be a str, not {type(value).__name__}: write high, normal or low")
+    _native.parse_priority(value)
+    return value
 
 
 def parse_seconds(value: str | float | int) -> float:

@@ -82,6 +82,7 @@ def test_metrics_of_a_holding_job(gpu, clients):
             assert one(samples, "fracgpu_partition_device_seconds_total", **part).value == 0
             assert one(samples, "fracgpu_partition_launches_total", **part).value == 0
             assert "fracgpu_partition_compute_share_ratio" not in samples   # no share set
+            assert one(samples, "fracgpu_partition_priority", **part).value == 1   # normal
             proc_labels = {**part, "pid": str(command_pid(job))}
             assert one(samples, "fracgpu_process_memory_used_bytes", **proc_labels).value == 200 * MiB + gpu.context
             assert one(samples, "fracgpu_process_device_seconds_total", **proc_labels).value == 0
@@ -93,10 +94,12 @@ def test_metrics_of_a_holding_job(gpu, clients):
             assert one(samples, "DCGM_FI_DEV_FB_FREE", gpu="0").value == 1024 - fb_used
             assert one(samples, "fracgpu_state_readable").value == 1
             # A shared partition with a share, read on the next scrape.
-            gpu.fracgpu("partition", "create", "svc", "--memory", "128MiB", "--compute", "40%", "--cap")
+            gpu.fracgpu("partition", "create", "svc", "--memory", "128MiB", "--compute", "40%", "--cap",
+                        "--priority", "high")
             samples = scrape(port)
             svc = {"gpu": "0", "UUID": uuid, "partition": "svc"}
             assert one(samples, "fracgpu_partition_compute_share_ratio", **svc).value == pytest.approx(0.4)
+            assert one(samples, "fracgpu_partition_priority", **svc).value == 2
             assert one(samples, "fracgpu_partition_memory_limit_bytes", **svc).value == 128 * MiB
             assert one(samples, "fracgpu_partition_memory_used_bytes", **svc).value == 0
         assert proc.returncode == 0, proc.stderr.read()   # SIGTERM: a clean exit

@@ -33,7 +33,7 @@ def table_rows(text: str) -> dict[str, list[str]]:
 @pytest.fixture
 def partitions(clients, gpu):
     """Two shared partitions, and a job holding 200 MiB in a private one."""
-    gpu.fracgpu("partition", "create", "team", "--memory", "256MiB")
+    gpu.fracgpu("partition", "create", "team", "--memory", "256MiB", "--priority", "high")
     gpu.fracgpu("partition", "create", "training-large", "--memory", "25%", "--compute", "50%", "--cap")
     job = gpu.popen(sys.executable, "-m", "fracgpu", "run", "--memory", "300MiB", "--compute", "25%", "--",
                     clients.lcuda, "hold", 200, 30)
@@ -49,7 +49,7 @@ def test_partition_list(gpu, partitions):
     out = gpu.fracgpu("partition", "list", env=NARROW).stdout
     rows = table_rows(out)
     held = format_size(200 * MiB + gpu.context)   # its allocation and its context
-    assert rows == {"team": ["256MiB", "0B", "0B", "-", "0.00 s", "0"],
+    assert rows == {"team (high)": ["256MiB", "0B", "0B", "-", "0.00 s", "0"],
                     "training-large": ["256MiB", "0B", "0B", "50% cap", "0.00 s", "0"],
                     partitions: ["300MiB", held, held, "25%", "0.00 s", "1"]}
     assert out.count("┏") == 1   # it fits in one table
@@ -64,7 +64,8 @@ def test_top(gpu, partitions):
     percent = f"{round(100 * (200 * MiB + gpu.context) / (300 * MiB))}%"
     assert rows[partitions][:4] == [f"{held} / 300MiB", percent, held, "25%"]
     assert rows["training-large"][:4] == ["0B / 256MiB", "0%", "0B", "50% cap"]
-    assert len(rows["team"]) == 8 and rows["team"][-1] == "0"   # no process: nothing on the device beyond the books
+    # the priority beside the name, when it is not normal; no process: nothing on the device beyond the books
+    assert len(rows["team (high)"]) == 8 and rows["team (high)"][-1] == "0"
     (pid,) = [name for name in rows if name.isdigit()]   # the process table: pid, partition, command, ...
     assert rows[pid][0] == partitions.split()[0] and rows[pid][1].startswith("client_")
     assert rows[pid][2:4] == [held, held]

@@ -90,6 +90,9 @@ def test_create_on_another_device_and_remove_where_ambiguous(make_gpu):
     (["rm", "nosuch"], ["no partition 'nosuch'", "fracgpu partition list"]),
     (["rm", "bad name"], ["invalid partition name"]),
     (["rm", "team", "--device", "3"], ["no CUDA device 3"]),
+    (["create", "team", "--priority", "urgent"], ["'--priority'", "invalid priority 'urgent'",
+                                                  "write high, normal or low"]),
+    (["set", "team", "--priority", "High"], ["'--priority'", "write high, normal or low"]),
 ])
 def test_bad_input(gpu, args, phrases):
     refused(gpu.fracgpu("partition", *args, check=False), *phrases)
@@ -215,3 +218,34 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     for command in ("create", "list", "rm"):
         assert command in result.stdout
+
+
+def test_a_partition_has_a_priority_that_can_change_while_its_jobs_run(clients, gpu):
+    out = gpu.fracgpu("partition", "create", "serve", "--memory", "128MiB", "--priority", "high").stdout
+    assert out == "partition 'serve' created on GPU 0: 128MiB, no compute share, high priority\n"
+    gpu.fracgpu("partition", "create", "train")
+    assert {p["name"]: p["priority"] for p in listed(gpu)[0]["partitions"]} == {"serve": "high", "train": "normal"}
+    job = gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "train", "--",
+                    clients.lcuda, "hold", 16, 30)
+    try:
+        assert job.stdout.readline().startswith("holding")
+        out = gpu.fracgpu("partition", "set", "train", "--priority", "low").stdout
+        assert out == f"partition 'train' on {listed(gpu)[0]['uuid']}: no memory limit, no compute share, low " \
+                      "priority\n"
+        table = gpu.fracgpu("partition", "list", env={"COLUMNS": "200"}).stdout
+        assert "serve (high)" in table and "train (low)" in table
+    finally:
+        job.kill()
+        job.wait(timeout=10)
+    assert {p["name"]: p["priority"] for p in listed(gpu)[0]["partitions"]}["train"] == "low"
+    result = gpu.fracgpu("run", "--partition", "train", "--priority", "high", "--", "echo", "started", check=False)
+    assert result.returncode == 125 and "started" not in result.stdout
+    assert "fracgpu partition set train --priority high" in result.stderr
+
+
+def test_a_bad_fracgpu_priority_refuses_cuda_and_names_the_classes(clients, gpu, shim):
+    result = gpu.run(clients.lcuda, "info", check=False,
+                     env={"LD_PRELOAD": shim, "FRACGPU_PARTITION": "p", "FRACGPU_PRIORITY": "urgent"})
+    assert result.returncode != 0
+    assert "FRACGPU_PRIORITY is not valid: invalid priority 'urgent'" in result.stderr
+    assert "write high, normal or low" in result.stderr

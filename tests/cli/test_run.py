@@ -7,6 +7,7 @@ mostly `env`, printing what it received."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -136,7 +137,7 @@ def test_a_command_that_cannot_start(gpu, tmp_path):
 
 
 @pytest.mark.parametrize("args, phrases", [
-    ([], ["--memory SIZE and/or --compute SHARE", "--partition NAME"]),
+    ([], ["--memory SIZE, --compute SHARE [--cap] and/or --priority CLASS", "--partition NAME"]),
     (["--memory", "1GiB", "--partition", "team"], ["--partition NAME (an existing one), not both"]),
     (["--memory", "12XB"], ["'--memory'", "unknown unit 'XB'"]),
     (["--memory", "0"], ["'--memory'", "zero"]),
@@ -148,8 +149,13 @@ def test_a_command_that_cannot_start(gpu, tmp_path):
     (["--memory", "1GiB", "--oom-wait", "soon"], ["'--oom-wait'", "give seconds"]),
     (["--memory", "1GiB", "--oom-wait", "-1"], ["'--oom-wait'", "give seconds"]),
     (["--memory", "1GiB", "--oom-wait", "inf"], ["'--oom-wait'", "give seconds"]),
+    (["--priority", "urgent"], ["'--priority'", "invalid priority 'urgent'", "write high, normal or low"]),
+    (["--priority", "HIGH"], ["'--priority'", "write high, normal or low"]),
+    (["--priority", "high", "--partition", "team"], ["runs at that partition's priority",
+                                                     "fracgpu partition set team --priority high"]),
 ])
-@pytest.mark.fault('Malformed sizes and shares, a limit above the GPU, an unknown partition, conflicting options',
+@pytest.mark.fault('Malformed sizes, shares and priorities, a limit above the GPU, an unknown partition, conflicting '
+                   'options',
                    'one message, exit 125, nothing started')
 def test_bad_input_is_refused_before_the_job_starts(gpu, args, phrases):
     refused(gpu.fracgpu("run", *args, "--", "echo", "started", check=False), *phrases)
@@ -196,6 +202,8 @@ def region_file(gpu):
     (lambda data: b"\0" * 4096, "not a fracgpu state file"),
     (lambda data: data[:100], "truncated"),
     (lambda data: b"FRACGPUS" + (99).to_bytes(4, "little") + data[12:], "layout version 99"),
+    # a fracgpu from before priority classes would run a low job as normal: not shared with it
+    (lambda data: b"FRACGPUS" + (2).to_bytes(4, "little") + data[12:], "layout version 2 but this fracgpu uses 3"),
     (lambda data: b"PNG\0" + data[4:], "not a fracgpu state file"),
 ])
 @pytest.mark.fault('A state file truncated, foreign, or of another layout',
@@ -288,3 +296,10 @@ def test_preload_with_shim(shim, tmp_path):
     link = tmp_path / "shim-link.so"
     os.symlink(shim, link)
     assert shim_lib.preload_with_shim(f"{link}:/a.so", shim) == f"{shim}:/a.so"   # the same file, by another name
+
+
+def test_the_priority_is_recorded_in_the_ledger(gpu, clients, kernels):
+    gpu.fracgpu("run", "--priority", "high", "--name", "serve", "--", clients.lcuda, "spin", 1, kernels)
+    gpu.fracgpu("run", "--memory", "64MiB", "--name", "train", "--", clients.lcuda, "spin", 1, kernels)
+    jobs = {job["job"]: job for job in json.loads(gpu.fracgpu("report", "--format", "json").stdout)}
+    assert jobs["serve"]["priority"] == "high" and jobs["train"]["priority"] == "normal"

@@ -86,6 +86,16 @@ def test_shards_become_the_jobs_quota_and_share(gpu, clients, tmp_path):
     assert facts["bytes"] == str(usable) and facts["result"] == "CUDA_ERROR_OUT_OF_MEMORY", job.stderr
 
 
+def test_a_qos_prolog_gives_the_job_its_priority(gpu, tmp_path):
+    env = user_env(gpu, SLURM_SHARDS_ON_NODE="2", FRACGPU_PRIORITY="low")   # the user's own: never taken
+    result = prolog(gpu, "--shards-per-gpu", "8", "--priority", "high", "--config", node_config(gpu, tmp_path),
+                    env=env)
+    assert result.returncode == 0, result.stderr
+    assert exported(result.stdout)["FRACGPU_PRIORITY"] == "high"
+    unset = lines(prolog(gpu, "--shards-per-gpu", "8", "--config", node_config(gpu, tmp_path), env=env).stdout)[1]
+    assert "FRACGPU_PRIORITY" in unset   # without the option: normal, whatever the user had
+
+
 GRES_TWO_NODES = """# Two kinds of node in one file: Slurm reads the lines naming each node, and those naming none.
 NodeName=node[1-2,7] Name=gpu File=/dev/nvidia0
 NodeName=node[1-2,7] Name=shard Count=8
@@ -184,6 +194,10 @@ def test_a_task_without_shards_gets_nothing(gpu):
     (["--shards-per-gpu", "8"], {"SLURM_SHARDS_ON_NODE": "2"}, "FRACGPU_OOM_WAIT=soon\n", "FRACGPU_OOM_WAIT"),
     (["--shards-per-gpu", "8"], {"SLURM_SHARDS_ON_NODE": "2"}, "state_dir /var/lib/fracgpu\n",
      "write NAME=value"),
+    (["--shards-per-gpu", "8", "--priority", "urgent"], {"SLURM_SHARDS_ON_NODE": "2"}, None,
+     "invalid priority 'urgent': it is not a priority class; write high, normal or low"),
+    (["--shards-per-gpu", "8"], {"SLURM_SHARDS_ON_NODE": "2"}, "FRACGPU_PRIORITY=high\n",
+     "FRACGPU_PRIORITY is not a node setting"),
 ])
 def test_a_misconfiguration_fails_the_task_with_the_reason(gpu, tmp_path, args, env, config, phrase):
     if config is not None:

@@ -542,7 +542,7 @@ static int reserve_command(const char *cmd, int argc, char **argv, CUdevice dev)
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s info | alloc-until-oom MIB [MAX [HOLD]] | fill COUNT VALUE MODULE | spin MS MODULE | spins N MS MODULE [START] | busy SECONDS MS MODULE [START] | hold MIB SECONDS | free-at-exit MIB | vmm-... (see the source)\n", argv[0]);
+        fprintf(stderr, "usage: %s info | alloc-until-oom MIB [MAX [HOLD]] | fill COUNT VALUE MODULE | spin MS MODULE | spins N MS MODULE [START] | busy SECONDS MS MODULE [START] | requests COUNT PERIOD_MS MS MODULE [START] | hold MIB SECONDS | free-at-exit MIB | vmm-... (see the source)\n", argv[0]);
         return 2;
     }
     load_api();
@@ -637,6 +637,26 @@ int main(int argc, char **argv) {
             CHECK(p_cuCtxSynchronize());
             done += 10;
             printf("t %.3f %ld\n", now_ms() - t0, done);
+        }
+    } else if (!strcmp(cmd, "requests") && argc >= 6) {
+        /* A latency-critical service: COUNT requests, one every PERIOD ms, each
+         * one MS spin followed by a synchronize; print "r <latency ms>" per
+         * request, from its launch to the synchronize's return. */
+        int count = atoi(argv[2]);
+        double period = atof(argv[3]), ms = atof(argv[4]);
+        CUfunction f = kernel(argv[5], "fracgpu_spin");
+        spin(f, 0.001);   /* warm-up: the context and module are ready before the first request */
+        CHECK(p_cuCtxSynchronize());
+        if (argc >= 7)
+            while (now_ms() < atof(argv[6])) usleep(100);
+        double t0 = now_ms() + period;   /* the first request one period after the warm-up, as a service's */
+        for (int i = 0; i < count; i++) {
+            double due = t0 + i * period;
+            while (now_ms() < due) usleep(50);
+            double start = now_ms();
+            spin(f, ms);
+            CHECK(p_cuCtxSynchronize());
+            printf("r %.4f\n", now_ms() - start);
         }
     } else if (!strcmp(cmd, "free-at-exit") && argc >= 3) {
         CHECK(p_cuMemAlloc(&g_exit_block, (size_t)atoll(argv[2]) << 20));

@@ -157,6 +157,17 @@ def test_options_and_the_worker_command():
             fracgpu.ray.options(bad)
     with pytest.raises(ValueError, match="py_executable"):
         fracgpu.ray.options(0.25, runtime_env_base={"py_executable": "python"})
+    serve = fracgpu.ray.options(0.25, name="serve", priority="high")["runtime_env"]["py_executable"]
+    assert "--compute 25% --priority high --name serve" in serve
+    assert "--priority" not in command
+    assert "--priority low" in fracgpu.ray.remote(num_gpus=0.5, priority="low")(train)._default_options[
+        "runtime_env"]["py_executable"]
+    for call in (lambda: fracgpu.ray.options(0.25, priority="urgent"),
+                 lambda: fracgpu.ray.remote(num_gpus=0.25, priority="urgent")):
+        with pytest.raises(ValueError, match="write high, normal or low"):
+            call()
+    with pytest.raises(ValueError, match="write high, normal or low"):
+        fracgpu.ray.FracGPUPlugin.validate({"fracgpu": {"num_gpus": 0.25, "priority": "HIGH"}})
 
 
 PLUGIN_DRIVER = r"""

@@ -96,8 +96,8 @@ def test_a_version_1_ledger_is_migrated_and_keeps_its_jobs(tmp_path):
     db.close()
     with Ledger(path) as ledger:
         (job,) = ledger.jobs()
-        assert (job.job, job.gpu_seconds, job.kind, job.labels, job.processes, job.peak_drift_bytes) == \
-            ("old", 0.5, "run", {}, 0, 0)
+        assert (job.job, job.gpu_seconds, job.kind, job.labels, job.processes, job.peak_drift_bytes, job.priority) == \
+            ("old", 0.5, "run", {}, 0, 0, "normal")
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 

@@ -47,12 +47,12 @@ def test_every_variable_the_package_names_is_in_the_table():
         named.update(re.findall(r"\bFRACGPU_[A-Z_]*[A-Z]\b(?!_\*)", path.read_text()))
     assert named - {settings.PREFIX.rstrip("_")} <= set(settings.NAMES)
     assert all(name.startswith(settings.PREFIX) for name in settings.NAMES)
-    assert len(set(settings.NAMES)) == len(settings.NAMES) == 20
+    assert len(set(settings.NAMES)) == len(settings.NAMES) == 21
 
 
 def test_the_strip_lists_come_from_the_table():
     assert settings.PARTITION_VARIABLES == ("FRACGPU_PARTITION", "FRACGPU_MEMORY", "FRACGPU_COMPUTE",
-                                            "FRACGPU_COMPUTE_CAP", "FRACGPU_OVERCOMMIT")
+                                            "FRACGPU_COMPUTE_CAP", "FRACGPU_PRIORITY", "FRACGPU_OVERCOMMIT")
     assert set(settings.JOB_VARIABLES) == set(settings.PARTITION_VARIABLES) | {"FRACGPU_JOB_HOLDER"}
     env = {name: "1" for name in settings.NAMES} | {"LD_PRELOAD": "x.so", "HOME": "/h"}
     assert settings.without_job_variables(env) == {"HOME": "/h"}

@@ -67,6 +67,18 @@ int main(void) {
     EXPECT(fracgpu_parse_share("0", &share, NULL, 0) == -1);
     EXPECT(fracgpu_parse_share("101%", &share, NULL, 0) == -1);
 
+    int priority = -1;
+    char err[160];
+    EXPECT(fracgpu_parse_priority("high", &priority, NULL, 0) == 0 && priority == FRACGPU_PRIORITY_HIGH);
+    EXPECT(fracgpu_parse_priority("low", &priority, NULL, 0) == 0 && priority == FRACGPU_PRIORITY_LOW);
+    EXPECT(fracgpu_parse_priority("normal", &priority, NULL, 0) == 0 && priority == FRACGPU_PRIORITY_NORMAL);
+    EXPECT(fracgpu_parse_priority("urgent", &priority, err, sizeof err) == -1 &&
+           !strcmp(err, "invalid priority 'urgent': it is not a priority class; write high, normal or low"));
+    EXPECT(fracgpu_parse_priority("High", NULL, NULL, 0) == -1 && fracgpu_parse_priority("", NULL, NULL, 0) == -1);
+    EXPECT(fracgpu_parse_priority(NULL, NULL, NULL, 0) == -1);
+    EXPECT(!strcmp(fracgpu_priority_name(FRACGPU_PRIORITY_HIGH), "high"));
+    EXPECT(!strcmp(fracgpu_priority_name(7), "normal"));
+
     char buf[32];
     EXPECT(fracgpu_format_size(256ull << 20, buf, sizeof buf) == 6 && !strcmp(buf, "256MiB"));
     EXPECT(fracgpu_format_size(3ull << 29, buf, sizeof buf) && !strcmp(buf, "1.5GiB"));

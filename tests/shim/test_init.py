@@ -144,7 +144,7 @@ def test_refused_when_the_driver_was_opened_by_its_path(gpu):
 
 
 @pytest.mark.parametrize("call, error, phrase", [
-    ("fracgpu.init()", "TypeError", "takes memory= and/or compute= "),
+    ("fracgpu.init()", "TypeError", "takes memory=, compute= and/or priority= "),
     ("fracgpu.init(memory='1GiB', partition='team')", "TypeError", "not both"),
     ("fracgpu.init(memory='lots')", "ValueError", "invalid size 'lots'"),
     ("fracgpu.init(memory=0)", "ValueError", "at least 1 byte"),
@@ -154,6 +154,10 @@ def test_refused_when_the_driver_was_opened_by_its_path(gpu):
     ("fracgpu.init(partition='nosuch')", "ValueError", "partition 'nosuch' does not exist"),
     ("fracgpu.init(memory='1GiB', oom_wait=-1)", "ValueError", "give seconds"),
     ("fracgpu.init(memory='1GiB', oom_wait='soon')", "ValueError", "give seconds"),
+    ("fracgpu.init(priority='urgent')", "ValueError",
+     "invalid priority 'urgent': it is not a priority class; write high, normal or low"),
+    ("fracgpu.init(memory='1GiB', priority=2)", "TypeError", "write high, normal or low"),
+    ("fracgpu.init(partition='team', priority='high')", "TypeError", "fracgpu partition set team --priority high"),
 ])
 def test_bad_arguments(gpu, call, error, phrase):
     out = job(gpu, f"""

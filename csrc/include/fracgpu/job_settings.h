@@ -15,7 +15,7 @@ namespace fracgpu {
 struct JobSettings {
     bool enforce = false;          // FRACGPU_PARTITION is set
     std::string partition;
-    // FRACGPU_MEMORY / FRACGPU_COMPUTE: the partition is private to this job
+    // FRACGPU_MEMORY / FRACGPU_COMPUTE / FRACGPU_PRIORITY: the partition is private to this job
     // and made on demand with these settings.
     bool ephemeral = false;
     bool has_memory = false;
@@ -23,6 +23,7 @@ struct JobSettings {
     double memory_fraction = 0;    // ... or this fraction of each device
     double compute_share = 0;      // FRACGPU_COMPUTE, (0, 1]; 0: none
     bool compute_cap = false;      // FRACGPU_COMPUTE_CAP=1: the share is also a ceiling
+    int priority = 1;              // FRACGPU_PRIORITY: FRACGPU_PRIORITY_LOW/NORMAL/HIGH (fracgpu/units.h)
     bool overcommit = false;       // FRACGPU_OVERCOMMIT=1: a limit past what is left is accepted, best effort
     std::string state_dir;
     double oom_wait_s = 0;         // FRACGPU_OOM_WAIT

@@ -27,6 +27,9 @@
       "Make partition NAME for this job with this share of the GPU's time (`25%` or `0.25`).")                     \
     X(COMPUTE_CAP, "FRACGPU_COMPUTE_CAP", "0", "shim, python",                                                     \
       "`1`: the `FRACGPU_COMPUTE` share is also a ceiling.")                                                       \
+    X(PRIORITY, "FRACGPU_PRIORITY", "normal", "shim, python",                                                    \
+      "Make partition NAME for this job in this priority class: `high` (served first; its share, if any, holds " \
+      "it back only while others are busy), `normal`, or `low` (only what the others leave).")                   \
     X(OVERCOMMIT, "FRACGPU_OVERCOMMIT", "0", "shim, python",                                                       \
       "`1`: a `FRACGPU_MEMORY` limit that does not fit beside what the GPU has promised is accepted, and the "     \
       "job's partition is best effort.")                                                                           \

@@ -26,7 +26,8 @@ namespace fracgpu {
 // fracgpu builds that read one region differently must never share it (the
 // second is refused with what to do). 2: memory promises (kPartitionBestEffort,
 // and partitions without a promise use only what nobody was promised).
-// 3: ground truth (the device's per-process figure and the drift, appended to
+// 3: priority classes (kPartitionHigh, kPartitionLow; a build without them
+// would launch a low job as if it were normal) and ground truth (the device's per-process figure and the drift, appended to
 // partitions and processes).
 constexpr uint32_t kStateLayoutVersion = 3;
 constexpr int kMaxPartitions = 64;
@@ -40,7 +41,12 @@ enum PartitionFlags : uint32_t {
     kPartitionEphemeral = 1u << 0,   // made for one `fracgpu run`/init(): removed with its last process
     kPartitionCap = 1u << 1,         // the compute share is also a ceiling (issue: compute shares)
     kPartitionBestEffort = 1u << 2,  // its memory limit did not fit and was overcommitted: a ceiling, not a promise
+    // Priority class (neither bit: normal). The launch gate serves high before
+    // normal before low; see csrc/shim/cuda/gate.cpp.
+    kPartitionHigh = 1u << 3,
+    kPartitionLow = 1u << 4,
 };
+constexpr uint32_t kPartitionPriorityMask = kPartitionHigh | kPartitionLow;
 
 struct SharedPartition {
     uint32_t in_use;                       // written last on create, first on remove
@@ -133,6 +139,14 @@ struct SharedRegion {
 // jobs run: always read (and written) atomically.
 inline uint64_t memory_limit_of(const SharedPartition &p) { return __atomic_load_n(&p.memory_limit, __ATOMIC_ACQUIRE); }
 inline uint32_t flags_of(const SharedPartition &p) { return __atomic_load_n(&p.flags, __ATOMIC_ACQUIRE); }
+// FRACGPU_PRIORITY_LOW/NORMAL/HIGH (fracgpu/units.h) of flags, and back.
+inline int priority_of_flags(uint32_t flags) {
+    return (flags & kPartitionHigh) ? 2 : (flags & kPartitionLow) ? 0 : 1;
+}
+inline uint32_t priority_flags(int priority) {
+    return priority == 2 ? uint32_t(kPartitionHigh) : priority == 0 ? uint32_t(kPartitionLow) : 0u;
+}
+inline int priority_of(const SharedPartition &p) { return priority_of_flags(flags_of(p)); }
 inline double share_of(const SharedPartition &p) {
     double v;
     __atomic_load(&p.compute_share, &v, __ATOMIC_ACQUIRE);
@@ -242,8 +256,9 @@ class Region {
     // see the change at their next allocation or launch.
     // A new memory limit is checked as create_partition() does; one that fits
     // (or none) makes the partition hold a promise again.
+    // `priority`: FRACGPU_PRIORITY_LOW/NORMAL/HIGH (fracgpu/units.h).
     bool update_partition(const std::string &name, const uint64_t *memory_limit, const double *compute_share,
-                          const bool *cap, std::string *err, bool overcommit = false);
+                          const bool *cap, std::string *err, bool overcommit = false, const int *priority = nullptr);
     // Whether a new partition (other than `name`) with `memory_limit` would
     // fit beside the promises now; false with the refusal in *err. A reading
     // for messages before a job starts: creation checks again, atomically.

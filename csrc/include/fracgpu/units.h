@@ -20,6 +20,10 @@ extern "C" {
   "(K/KiB, M/MiB, G/GiB, T/TiB are powers of 1024; KB, MB, GB, TB powers of " \
   "1000; B is bytes), or a percentage of the device like 25%"
 #define FRACGPU_SHARE_FORMS "write a percentage like 25% or a fraction like 0.25"
+#define FRACGPU_PRIORITY_FORMS "write high, normal or low"
+
+/* Priority classes of the launch gate, in the order they are served. */
+enum { FRACGPU_PRIORITY_LOW = 0, FRACGPU_PRIORITY_NORMAL = 1, FRACGPU_PRIORITY_HIGH = 2 };
 
 /* Parses a memory size. Success (0): either *bytes > 0 and *fraction == 0, or,
  * for "N%", *bytes == 0 and *fraction in (0, 1]. Sizes round down to a whole
@@ -33,6 +37,12 @@ int fracgpu_parse_size(const char *text, uint64_t *bytes, double *fraction,
 
 /* Parses a compute share: "25%" or "0.25", with 0 < *share <= 1. */
 int fracgpu_parse_share(const char *text, double *share, char *err, size_t errlen);
+
+/* Parses a priority class: "high", "normal" or "low" (exactly, lower case). */
+int fracgpu_parse_priority(const char *text, int *priority, char *err, size_t errlen);
+
+/* "high", "normal" or "low"; "normal" for anything else. */
+const char *fracgpu_priority_name(int priority);
 
 /* Writes bytes in the largest binary unit (B, KiB, MiB, GiB, TiB) giving a
  * value >= 1, with at most two decimals: "256MiB", "1.5GiB", "1000B".

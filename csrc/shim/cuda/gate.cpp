@@ -26,6 +26,30 @@
 //
 // A capped partition also draws on a token bucket filled at its share of wall
 // time: it waits when the bucket is empty, even on an idle GPU.
+//
+// Priority classes (high, normal, low) sit above the shares. The whole of it
+// is three checks, made where the gate already looks at the other partitions
+// (while waiting for a turn, and in the per-millisecond decide()), so a launch
+// inside its turn reads nothing more while no other class is busy:
+//   - at lease acquisition: only the highest class that waits may take the
+//     device, a high partition takes it at once from a lower-class holder (the
+//     holder's launch and the taking are ordered as an ungated launch and a
+//     lease are, by in-flight count then owner), and a holder's turn ends only
+//     for a waiting partition of its class or above (so low gets what the
+//     others leave, and virtual times are compared within a class only); a
+//     high holder whose work has drained gives the device back at once
+//     (kHighIdleGapNs), since it takes it back within a kernel;
+//   - the queue depth: while a high partition is busy, a normal or low process
+//     keeps at most one launch on the device, so a high kernel waits at most
+//     for the kernels already running (kernels are never split: splitting
+//     would change the order of reductions, hence results);
+//   - a high partition with a share draws on a bucket filled at that share
+//     (kPriorityWindowNs of it may be saved up): empty, it stands aside while
+//     others are busy, so it cannot starve them; alone it runs on, owing
+//     nothing. Without a share it is bounded only by its own demand.
+// Weights: shares of high and normal partitions are fractions of the device;
+// low partitions' shares divide among themselves what the others leave, and
+// are not counted against the others'.
 #include "shim.h"
 
 #include <chrono>
@@ -39,6 +63,7 @@
 #include <vector>
 
 #include "fracgpu/state.h"
+#include "fracgpu/units.h"
 
 namespace shim {
 namespace {
@@ -46,8 +71,12 @@ namespace {
 constexpr uint64_t kLeaseNs = 8'000'000;       // one turn on the device
 constexpr uint64_t kActiveNs = 30'000'000;     // launched this recently: the partition is busy
 constexpr uint64_t kIdleGapNs = 2'000'000;     // a lease holder with nothing in flight this long is idle
+// ... a high one sooner: when it comes back it takes the device from a lower
+// class at once, waiting for one kernel at most, not for a turn
+constexpr uint64_t kHighIdleGapNs = 100'000;
 constexpr uint64_t kRecheckNs = 1'000'000;     // the fast path re-reads who else is busy this often
 constexpr uint64_t kCapBucketNs = 4'000'000;   // how much unused capped time may be saved up
+constexpr uint64_t kPriorityWindowNs = 100'000'000;   // a high partition with a share is held to it over this
 // How much work a process may have queued on the device, in device time: a
 // launch waits while its queued launches, at the average measured length of
 // its recent ones, come to kQueueNs or more (so long kernels queue two deep
@@ -86,6 +115,8 @@ struct DeviceView {
     std::atomic<int> mode{kAlone};
     std::atomic<double> weight{1.0};
     std::atomic<unsigned> launches{0};
+    std::atomic<bool> yield_queue{false};   // a high partition other than ours is busy: queue one launch deep
+    std::atomic<bool> outranked{false};     // a partition of a higher class than ours is busy
 };
 DeviceView *g_view = new DeviceView[kMaxDevices];
 
@@ -95,22 +126,43 @@ bool busy(const fracgpu::SharedPartition &q, uint64_t now) {
            (last && now - last < kActiveNs);
 }
 
+constexpr int kLow = FRACGPU_PRIORITY_LOW, kHigh = FRACGPU_PRIORITY_HIGH;
+
+// Whether a high partition's share holds it back (see the header comment).
+bool held_to_share(const fracgpu::SharedPartition &p) {
+    uint32_t flags = fracgpu::flags_of(p);
+    return (flags & fracgpu::kPartitionHigh) && !(flags & fracgpu::kPartitionCap) && fracgpu::share_of(p) > 0;
+}
+
 // How partition `me` must launch now (a Mode), and its weight: its share, or
-// for partitions without one, an equal part of what the shares leave.
-int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight) {
+// for partitions without one, an equal part of what the shares leave (low
+// partitions: of what low partitions' shares leave). *yield_queue: a high
+// partition is busy and `me` is not high; *outranked: a partition of a higher
+// class than `me` is busy.
+int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool *yield_queue, bool *outranked) {
     const fracgpu::SharedPartition &mine = r->partitions[me];
-    bool others_busy = false, others_exist = false;
+    int mine_class = fracgpu::priority_of(mine);
+    bool mine_low = mine_class == kLow;
+    bool others_busy = false, others_exist = false, high_busy = false, higher_busy = false;
     double shared = 0;
     int unshared = 0;
     for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
         const fracgpu::SharedPartition &q = r->partitions[i];
         if (!__atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE)) continue;
-        if (fracgpu::share_of(q) > 0) shared += fracgpu::share_of(q);
-        else unshared++;
+        int klass = fracgpu::priority_of(q);
+        if ((klass == kLow) == mine_low) {   // low's shares are not counted against the others'
+            if (fracgpu::share_of(q) > 0) shared += fracgpu::share_of(q);
+            else unshared++;
+        }
         if (i == me) continue;
         others_exist = true;
-        others_busy = others_busy || busy(q, now);
+        bool b = busy(q, now);
+        others_busy = others_busy || b;
+        high_busy = high_busy || (b && klass == kHigh);
+        higher_busy = higher_busy || (b && klass > mine_class);
     }
+    *yield_queue = high_busy && mine_class != kHigh;
+    *outranked = higher_busy;
     double rest = shared < 0.95 ? 1.0 - shared : 0.05;
     double share = fracgpu::share_of(mine);
     *weight = share > 0 ? share : rest / (unshared ? unshared : 1);
@@ -156,7 +208,8 @@ void account(const Pending &p, uint64_t ns) {
     part.device_ns.fetch_add(total, std::memory_order_relaxed);
     part.vtime_ns.fetch_add((uint64_t)((double)total / p.weight), std::memory_order_relaxed);
     proc.device_ns.fetch_add(total, std::memory_order_relaxed);
-    if (fracgpu::flags_of(part) & fracgpu::kPartitionCap) part.cap_tokens_ns.fetch_sub(total, std::memory_order_relaxed);
+    if ((fracgpu::flags_of(part) & fracgpu::kPartitionCap) || held_to_share(part))
+        part.cap_tokens_ns.fetch_sub(total, std::memory_order_relaxed);
     saturating_dec(proc.inflight);
     saturating_dec(part.inflight);
 }
@@ -381,7 +434,8 @@ bool ungated(fracgpu::SharedRegion *r, int slot, int me, double weight, Record r
 // ---------------------------------------------------------------------------
 // Waiting for a turn
 // ---------------------------------------------------------------------------
-void refill_cap(fracgpu::SharedPartition &part, uint64_t now) {
+// `bucket`: the most device time the partition may save up.
+void refill_cap(fracgpu::SharedPartition &part, uint64_t now, uint64_t bucket) {
     uint64_t last = part.cap_refill_ns.load(std::memory_order_relaxed);
     if (last == 0) {
         if (part.cap_refill_ns.compare_exchange_strong(last, now)) part.cap_tokens_ns.store(0);
@@ -392,20 +446,22 @@ void refill_cap(fracgpu::SharedPartition &part, uint64_t now) {
     uint64_t cur = part.cap_tokens_ns.load(std::memory_order_relaxed);
     for (;;) {
         int64_t next = (int64_t)cur + add;
-        if (next > (int64_t)kCapBucketNs) next = (int64_t)kCapBucketNs;
+        if (next > (int64_t)bucket) next = (int64_t)bucket;
         if (part.cap_tokens_ns.compare_exchange_weak(cur, (uint64_t)next)) break;
     }
 }
 
-// Lowest virtual time among the waiting partitions (ties: lowest index).
+// Of the waiting partitions of the highest class that waits, the one with the
+// lowest virtual time (ties: lowest index).
 int most_deserving(fracgpu::SharedRegion *r) {
-    int best = -1;
+    int best = -1, best_class = -1;
     uint64_t best_v = 0;
     for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
         const fracgpu::SharedPartition &q = r->partitions[i];
         if (!__atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE) || q.waiting_ns.load() == 0) continue;
+        int klass = fracgpu::priority_of(q);
         uint64_t v = q.vtime_ns.load(std::memory_order_relaxed);
-        if (best < 0 || v < best_v) best = i, best_v = v;
+        if (klass > best_class || (klass == best_class && v < best_v)) best = i, best_class = klass, best_v = v;
     }
     return best;
 }
@@ -426,21 +482,26 @@ bool others_inflight(fracgpu::SharedRegion *r, int me, uint64_t now) {
     return false;
 }
 
-bool others_waiting(fracgpu::SharedRegion *r, int me) {
+// Whether a partition other than `me`, of class `klass` or above, waits for the device.
+bool others_waiting(fracgpu::SharedRegion *r, int me, int klass) {
     for (int i = 0; i < fracgpu::kMaxPartitions; i++)
         if (i != me && __atomic_load_n(&r->partitions[i].in_use, __ATOMIC_ACQUIRE) &&
-            r->partitions[i].waiting_ns.load(std::memory_order_relaxed) != 0)
+            r->partitions[i].waiting_ns.load(std::memory_order_relaxed) != 0 &&
+            fracgpu::priority_of(r->partitions[i]) >= klass)
             return true;
     return false;
 }
 
 // A partition back from idle starts at the lowest virtual time of the busy
-// ones: it neither saved up turns while idle nor owes any.
+// ones of its class: it neither saved up turns while idle nor owes any.
 void catch_up(fracgpu::SharedRegion *r, int me, uint64_t now) {
     uint64_t floor = UINT64_MAX;
+    int klass = fracgpu::priority_of(r->partitions[me]);
     for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
         const fracgpu::SharedPartition &q = r->partitions[i];
-        if (i == me || !__atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE) || !busy(q, now)) continue;
+        if (i == me || !__atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE) || !busy(q, now) ||
+            fracgpu::priority_of(q) != klass)
+            continue;
         uint64_t v = q.vtime_ns.load(std::memory_order_relaxed);
         if (v < floor) floor = v;
     }
@@ -450,62 +511,97 @@ void catch_up(fracgpu::SharedRegion *r, int me, uint64_t now) {
     }
 }
 
+bool others_busy(fracgpu::SharedRegion *r, int me, uint64_t now) {
+    for (int i = 0; i < fracgpu::kMaxPartitions; i++)
+        if (i != me && __atomic_load_n(&r->partitions[i].in_use, __ATOMIC_ACQUIRE) && busy(r->partitions[i], now))
+            return true;
+    return false;
+}
+
+// Out of allowance: a capped partition over its cap, or a high one past its
+// share while others are busy. Not a candidate for the device meanwhile
+// (others neither yield to it nor wait for it), and the device goes to them;
+// sleeps about as long as the bucket takes to refill (<= 2 ms). False: go on.
+bool stand_aside(fracgpu::SharedRegion *r, int me, uint64_t now, bool capped) {
+    fracgpu::SharedPartition &mine = r->partitions[me];
+    refill_cap(mine, now, capped ? kCapBucketNs : (uint64_t)(fracgpu::share_of(mine) * kPriorityWindowNs));
+    uint64_t left = mine.cap_tokens_ns.load();
+    int64_t tokens = (int64_t)left;
+    if (tokens < 0 && !capped && !others_busy(r, me, now)) {
+        // Alone, a high partition runs on; it owes nothing for that when others come.
+        mine.cap_tokens_ns.compare_exchange_strong(left, 0);
+        tokens = 0;
+    }
+    if (tokens >= 0) {
+        uint64_t none = 0;
+        mine.waiting_ns.compare_exchange_strong(none, now, std::memory_order_relaxed);   // a candidate again
+        return false;
+    }
+    mine.waiting_ns.store(0, std::memory_order_relaxed);
+    int held = me;
+    if (mine.inflight.load(std::memory_order_acquire) == 0) r->owner.compare_exchange_strong(held, -1);
+    double wait_ns = (double)-tokens / fracgpu::share_of(mine);
+    std::this_thread::sleep_for(std::chrono::nanoseconds((uint64_t)(wait_ns < 2e6 ? wait_ns : 2e6)));
+    return true;
+}
+
+// The device is ours (owner just set to `me`): work of others still on it
+// (launched outside the gate before they saw the lease taken, or a lower
+// class's queue) drains first, then the turn starts.
+void start_turn(fracgpu::SharedRegion *r, int me) {
+    while (others_inflight(r, me, mono_ns())) nap();
+    r->lease_until_ns.store(mono_ns() + kLeaseNs, std::memory_order_relaxed);
+}
+
 // prev_launch: when this partition launched before this launch (0: never).
-void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch) {
+// outranked: a partition of a higher class was busy at the last look (only
+// then does a turn look for one waiting, so that without high or low
+// partitions a launch inside its turn reads no other partition).
+void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch, bool outranked) {
     fracgpu::SharedPartition &mine = r->partitions[me];
     bool capped = fracgpu::flags_of(mine) & fracgpu::kPartitionCap;
+    bool allowance = capped || held_to_share(mine);
+    int klass = fracgpu::priority_of(mine);
     uint64_t now = mono_ns();
     uint64_t zero = 0;
     if (mine.waiting_ns.compare_exchange_strong(zero, now) && r->owner.load() != me &&
         (!prev_launch || now - prev_launch >= kActiveNs) && mine.inflight.load() == 0)
         catch_up(r, me, now);
     for (;; nap(), now = mono_ns()) {
-        if (capped) {
-            refill_cap(mine, now);
-            int64_t tokens = (int64_t)mine.cap_tokens_ns.load();
-            if (tokens < 0) {
-                // Over the cap: not a candidate for the device meanwhile (others
-                // neither yield to it nor wait for it), and the device goes to
-                // them; sleep about as long as the bucket takes to refill (<= 2 ms).
-                mine.waiting_ns.store(0, std::memory_order_relaxed);
-                int held = me;
-                if (mine.inflight.load(std::memory_order_acquire) == 0) r->owner.compare_exchange_strong(held, -1);
-                double wait_ns = (double)-tokens / fracgpu::share_of(mine);
-                std::this_thread::sleep_for(std::chrono::nanoseconds((uint64_t)(wait_ns < 2e6 ? wait_ns : 2e6)));
-                continue;
-            }
-            uint64_t none = 0;
-            mine.waiting_ns.compare_exchange_strong(none, now, std::memory_order_relaxed);   // a candidate again
-        }
+        if (allowance && stand_aside(r, me, now, capped)) continue;
         int owner = r->owner.load(std::memory_order_acquire);
         if (owner == me) {
             uint64_t until = r->lease_until_ns.load(std::memory_order_relaxed);
-            if (now < until) break;
-            if (!others_waiting(r, me)) {
+            if (now < until && !(outranked && others_waiting(r, me, klass + 1))) break;
+            if (!others_waiting(r, me, klass)) {
                 r->lease_until_ns.store(now + kLeaseNs, std::memory_order_relaxed);
                 break;
             }
-            // The turn is over: hand the device over once our work has drained.
+            // The turn is over (or a higher class waits): hand the device over once our work has drained.
             if (mine.inflight.load(std::memory_order_acquire) == 0) r->owner.compare_exchange_strong(owner, -1);
             continue;
         }
         if (owner >= 0) {
             const fracgpu::SharedPartition &holder = r->partitions[owner];
             uint64_t last = holder.last_launch_ns.load(std::memory_order_relaxed);
-            bool idle = holder.inflight.load() == 0 && holder.waiting_ns.load() == 0 && now - last > kIdleGapNs;
+            uint64_t gap = fracgpu::priority_of(holder) == kHigh ? kHighIdleGapNs : kIdleGapNs;
+            bool idle = holder.inflight.load() == 0 && holder.waiting_ns.load() == 0 && now - last > gap;
             // A holder far past its turn is taken from even with work in flight
             // (a counter can only be wrong there if its process vanished).
             bool expired = now > r->lease_until_ns.load() + 25 * kLeaseNs;
-            if (!__atomic_load_n(&holder.in_use, __ATOMIC_ACQUIRE) || idle || expired)
+            if (!__atomic_load_n(&holder.in_use, __ATOMIC_ACQUIRE) || idle || expired) {
                 r->owner.compare_exchange_strong(owner, -1);   // free the device of an idle or gone holder
+            } else if (klass == kHigh && fracgpu::priority_of(holder) < kHigh && most_deserving(r) == me &&
+                       r->owner.compare_exchange_strong(owner, me, std::memory_order_seq_cst)) {
+                start_turn(r, me);   // taken from a lower class: its queued work (one launch deep) drains
+                break;
+            }
             continue;
         }
         if (most_deserving(r) != me || others_inflight(r, me, now)) continue;
         int free_ = -1;
         if (r->owner.compare_exchange_strong(free_, me, std::memory_order_seq_cst)) {
-            // Launched outside the gate just before they saw the lease: let it drain.
-            while (others_inflight(r, me, mono_ns())) nap();
-            r->lease_until_ns.store(mono_ns() + kLeaseNs, std::memory_order_relaxed);
+            start_turn(r, me);
             break;
         }
     }
@@ -533,8 +629,11 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
     if (now >= view.next_check.load(std::memory_order_relaxed)) {
         view.next_check.store(now + kRecheckNs, std::memory_order_relaxed);
         double w = 1.0;
-        int mode = decide(r, me, now, &w);
+        bool yield_queue = false, outranked = false;
+        int mode = decide(r, me, now, &w, &yield_queue, &outranked);
         view.weight.store(w, std::memory_order_relaxed);
+        view.yield_queue.store(yield_queue, std::memory_order_relaxed);
+        view.outranked.store(outranked, std::memory_order_relaxed);
         int before = view.mode.exchange(mode, std::memory_order_relaxed);
         if (mode == kGate && before != kGate) drain_unmeasured(before);
     }
@@ -560,25 +659,43 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
         // promptly and the next holder finds the device free.
         std::unique_lock<std::mutex> lk(g_mu);
         start_reader_locked();
+        // While a high partition is busy, one launch deep: a high kernel then
+        // waits for at most the one running.
         for (;;) {
             size_t queued = g_pending->size();
+            if (view.yield_queue.load(std::memory_order_relaxed)) {
+                if (queued == 0) break;
+                g_cv.wait_for(lk, std::chrono::microseconds(200));
+                continue;
+            }
             uint64_t avg = g_avg_launch_ns_plus1.load(std::memory_order_relaxed);
             uint64_t each = avg ? avg - 1 : kQueueNs;   // unknown yet: as long as the whole allowance
             if (queued < 2 || (queued < kMaxQueued && queued * each < kQueueNs)) break;
             g_cv.wait_for(lk, std::chrono::microseconds(200));
         }
     }
-    wait_turn(r, me, prev_launch);
+    fracgpu::SharedProcess &proc = r->processes[slot];
+    for (;;) {
+        wait_turn(r, me, prev_launch, view.outranked.load(std::memory_order_relaxed));
+        // In flight before the lease is looked at again, as a high partition
+        // that takes the device looks at work in flight after taking it: of a
+        // launch here and a taking there, one always sees the other.
+        mine.inflight.fetch_add(1, std::memory_order_seq_cst);
+        proc.inflight.fetch_add(1, std::memory_order_seq_cst);
+        if (r->owner.load(std::memory_order_seq_cst) == me) break;
+        saturating_dec(proc.inflight);   // taken by a higher class meanwhile: wait again
+        saturating_dec(mine.inflight);
+    }
     CUevent start, end;
     take_pair(ctx, &start, &end);
     CUresult rc;
     bool measured = launch_between(start, end, stream, record, launch, &rc);
     mine.last_launch_ns.store(mono_ns(), std::memory_order_relaxed);
     mine.launches.fetch_add(1, std::memory_order_relaxed);
-    r->processes[slot].launches.fetch_add(1, std::memory_order_relaxed);
-    if (measured) {   // in flight until the reader sees it complete
-        mine.inflight.fetch_add(1, std::memory_order_acq_rel);
-        r->processes[slot].inflight.fetch_add(1, std::memory_order_acq_rel);
+    proc.launches.fetch_add(1, std::memory_order_relaxed);
+    if (!measured) {   // else in flight until the reader sees it complete
+        saturating_dec(proc.inflight);
+        saturating_dec(mine.inflight);
     }
     settle(measured, Pending{start, end, ctx, r, slot, me, view.weight.load(), 1});
     return rc;
@@ -618,6 +735,8 @@ void gate_forget_after_fork() {
     for (int d = 0; d < kMaxDevices; d++) {
         g_view[d].next_check.store(0);
         g_view[d].mode.store(kAlone);
+        g_view[d].yield_queue.store(false);
+        g_view[d].outranked.store(false);
     }
 }
 

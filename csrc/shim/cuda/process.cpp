@@ -82,8 +82,9 @@ bool attach(int d, Binding &b) {
             size_text(total).c_str());
         return false;
     }
+    uint32_t flags = (s.compute_cap ? fracgpu::kPartitionCap : 0u) | fracgpu::priority_flags(s.priority);
     b.slot = b.region.join(s.partition, getpid(), command_name().c_str(), s.ephemeral ? &limit : nullptr, &err,
-                           s.compute_share, s.compute_cap ? fracgpu::kPartitionCap : 0u, s.holder, s.overcommit);
+                           s.compute_share, flags, s.holder, s.overcommit);
     if (b.slot < 0) {
         if (b.region.find_partition(s.partition) >= 0 || s.ephemeral) {
             log("%s; CUDA is refused in this process", err.c_str());

@@ -72,6 +72,17 @@ def quota_options(memory_help: str, compute_help: str) -> Any:
     return decorate
 
 
+def priority_option(help_text: str) -> Any:
+    """``--priority high|normal|low``; the library parses it (a bad value is a usage error naming the
+    accepted ones)."""
+    return click.option("--priority", metavar="[high|normal|low]", help=help_text)
+
+
+PRIORITY_HELP = ("Priority class at the launch gate: high (served first, its queued neighbours kept one kernel "
+                 "deep; a --compute share holds it back only while others are busy), normal, or low (only what "
+                 "the others leave). [default: normal]")
+
+
 def overcommit_option(what: str) -> Any:
     """``--overcommit``: accept a memory limit that does not fit beside what the GPU has promised;
     ``what`` says whose limit."""
@@ -99,7 +110,7 @@ def option_errors(ctx: click.Context) -> Iterator[None]:
 
 
 def job_spec(ctx: click.Context, **options: Any) -> Any:
-    """The job's options (``memory``, ``compute``, ``cap``, ``partition``, ``oom_wait``) parsed once
+    """The job's options (``memory``, ``compute``, ``cap``, ``priority``, ``partition``, ``oom_wait``) parsed once
     into a ``jobs.JobSpec``; a bad value is a usage error on its option."""
     from fracgpu import jobs
 
@@ -107,8 +118,13 @@ def job_spec(ctx: click.Context, **options: Any) -> Any:
         with option_errors(ctx):
             return jobs.JobSpec.parse(**options)
     except jobs.ConflictingChoice:
-        raise click.UsageError("give --memory SIZE and/or --compute SHARE [--cap] (a private partition), or "
-                               "--partition NAME (an existing one), not both", ctx) from None
+        if options.get("priority") is not None and options.get("partition") is not None:
+            raise click.UsageError(f"a job in partition '{options['partition']}' runs at that partition's "
+                                   "priority: change it with `fracgpu partition set "
+                                   f"{options['partition']} --priority {options['priority']}`, or drop "
+                                   "--partition (a private partition)", ctx) from None
+        raise click.UsageError("give --memory SIZE, --compute SHARE [--cap] and/or --priority CLASS (a private "
+                               "partition), or --partition NAME (an existing one), not both", ctx) from None
 
 
 class CommandFailed(click.ClickException):
@@ -238,6 +254,14 @@ def drift_text(drift: int | None, unknown: int = 0) -> str:
         return "?" if unknown else "-"
     text = "0" if drift == 0 else ("+" if drift > 0 else "-") + units.format_size(abs(drift))
     return text + " ?" if unknown else text
+
+
+def partition_label(partition: Any) -> str:
+    """A partition's name as the tables show it, with what sets it apart: "team", "run-42 (private)",
+    "serve (high)", "run-43 (private, low)" (normal priority goes without saying)."""
+    tags = (["private"] if partition.ephemeral else []) + \
+        ([partition.priority] if partition.priority != "normal" else [])
+    return partition.name + (f" ({', '.join(tags)})" if tags else "")
 
 
 def limit_text(partition: Any) -> str:

@@ -46,19 +46,23 @@ def demo(gpu: str) -> None:
         raise click.ClickException(str(e)) from None
     results = outcome.results
     table = Table(title=f"Three jobs sharing one GPU ({results[0]['device']})")
-    for column in ("job", "fracgpu run", "GPU memory seen", "asked", "got", "share of the GPU", "fill verified"):
+    for column in ("job", "fracgpu run", "GPU memory seen", "asked", "got", "share of the GPU", "fill verified",
+                   "request p50 / p99"):
         table.add_column(column, justify="left" if column in ("job", "fracgpu run") else "right")
     for job, r in zip(library.JOBS, results):
         asked = format_size(job.want_mib * library.MiB) + (f" (refused, {r['refusals']}x halved)" if r["refusals"]
                                                            else "")
-        table.add_row(r["name"], f"--memory {job.memory} --compute {job.compute}", format_size(r["total"]), asked,
+        latency = f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms" if "p99_ms" in r else "-"
+        table.add_row(r["name"], " ".join(job.options()), format_size(r["total"]), asked,
                       format_size(r["allocated"]), f"{100 * r['device_s'] / r['wall_s']:.0f}%",
-                      "yes" if r["verified"] else "NO")
+                      "yes" if r["verified"] else "NO", latency)
     console.print()
     console.print(table)
     console.print("Each job saw its quota as the GPU's memory; 'batch' asked for more, got "
-                  "CUDA_ERROR_OUT_OF_MEMORY and went on with a smaller batch; while all were busy the GPU's "
-                  "time was split by their shares.")
+                  "CUDA_ERROR_OUT_OF_MEMORY and went on with a smaller batch; 'infer' served a request every "
+                  f"{library.REQUEST_PERIOD_MS:.0f} ms at high priority, each waiting at most for the training "
+                  "kernel already running; the GPU's time it left was split between 'train' and 'batch' by "
+                  "their shares.")
     console.print("\n[bold]fracgpu report[/bold] (from the ledger):")
     screen = make_console()
     for part in report.job_tables(outcome.recorded, None, screen.width):

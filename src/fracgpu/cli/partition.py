@@ -8,8 +8,8 @@ import json
 import click
 
 from fracgpu import partitions, state
-from fracgpu.cli.common import (console, limit_text, option_errors, overcommit_option, quota_options, refusals,
-                                share_text, tables)
+from fracgpu.cli.common import (PRIORITY_HELP, console, limit_text, option_errors, overcommit_option,
+                                partition_label, priority_option, quota_options, refusals, share_text, tables)
 from fracgpu.units import format_share, format_size
 
 
@@ -25,11 +25,12 @@ def partition_group() -> None:
                "Share of the GPU's time: 25% or 0.25, guaranteed when every partition is busy; time others leave "
                "idle is used too, unless --cap. [default: an equal part of what shares leave]")
 @overcommit_option("the --memory limit")
+@priority_option(PRIORITY_HELP)
 @click.option("--device", "device_index", type=click.IntRange(min=0), default=0, show_default=True,
               help="The GPU, by CUDA index (as CUDA_VISIBLE_DEVICES numbers them).")
 @click.pass_context
 def create(ctx: click.Context, name: str, memory: str | None, compute: str | None, cap: bool, overcommit: bool,
-           device_index: int) -> None:
+           priority: str | None, device_index: int) -> None:
     """Make partition NAME; jobs join it with `fracgpu run --partition NAME`.
 
     The memory limits of a GPU's partitions add up to at most its memory: a
@@ -39,7 +40,7 @@ def create(ctx: click.Context, name: str, memory: str | None, compute: str | Non
         raise click.UsageError("--overcommit needs --memory SIZE (the limit to overcommit)", ctx)
     with refusals(), option_errors(ctx):
         made = partitions.create(name, memory, compute=compute, cap=cap, overcommit=overcommit,
-                                 device_index=device_index)
+                                 priority=priority or "normal", device_index=device_index)
     click.echo(f"partition '{name}' created on GPU {device_index}: {_limits(made)}")
 
 
@@ -49,7 +50,7 @@ def _limits(p: state.PartitionUsage) -> str:
         memory += " (best effort: overcommitted, not a promise)"
     compute = f"{format_share(p.compute_share)} of compute" + (" (capped)" if p.compute_cap else "") \
         if p.compute_share else "no compute share"
-    return f"{memory}, {compute}"
+    return f"{memory}, {compute}" + ("" if p.priority == "normal" else f", {p.priority} priority")
 
 
 @partition_group.command("list")
@@ -71,7 +72,7 @@ def list_(as_json: bool) -> None:
             continue
         # The GPU heads its own table, so its UUID is one line, not a column folded over eight.
         screen.print(f"[bold]{gpu.uuid}[/bold]  {gpu.name}, {format_size(gpu.total_memory)}", highlight=False)
-        rows = [[p.name + (" (private)" if p.ephemeral else ""), limit_text(p), format_size(p.used),
+        rows = [[partition_label(p), limit_text(p), format_size(p.used),
                  format_size(p.peak), share_text(p), f"{p.device_ns / 1e9:.2f} s", str(p.processes)]
                 for p in gpu.partitions]
         for table in tables(LIST_COLUMNS, rows, screen.width):
@@ -90,12 +91,13 @@ LIST_COLUMNS = [("partition", "left"), ("limit", "right"), ("in use", "right"), 
 @click.option("--compute", metavar="SHARE",
               help="New share of the GPU's time: 25% or 0.25.")
 @click.option("--cap/--no-cap", default=None, help="Make the share a ceiling, or stop it being one.")
+@priority_option("New priority class: high, normal or low; running jobs take it at their next launch.")
 @overcommit_option("the new --memory limit")
 @click.option("--device", "device_index", type=click.IntRange(min=0),
               help="The GPU, by CUDA index, when several have a partition of this name.")
 @click.pass_context
 def set_(ctx: click.Context, name: str, memory: str | None, unlimited: bool, compute: str | None, cap: bool | None,
-         overcommit: bool, device_index: int | None) -> None:
+         priority: str | None, overcommit: bool, device_index: int | None) -> None:
     """Change partition NAME while its jobs run (they see it at their next allocation or launch).
 
     A new memory limit must fit beside the GPU's other promises, unless
@@ -105,10 +107,10 @@ def set_(ctx: click.Context, name: str, memory: str | None, unlimited: bool, com
     with refusals(), option_errors(ctx):
         try:
             uuid, now = partitions.update(name, memory=memory, compute=compute, cap=cap, unlimited=unlimited,
-                                          overcommit=overcommit, device_index=device_index)
+                                          overcommit=overcommit, priority=priority, device_index=device_index)
         except partitions.NothingToChange:
-            raise click.UsageError("nothing to change: give --memory SIZE, --unlimited, --compute SHARE or "
-                                   "--cap/--no-cap", ctx) from None
+            raise click.UsageError("nothing to change: give --memory SIZE, --unlimited, --compute SHARE, "
+                                   "--cap/--no-cap or --priority CLASS", ctx) from None
         except partitions.LimitAndUnlimited:
             raise click.UsageError("give --memory SIZE or --unlimited, not both", ctx) from None
     click.echo(f"partition '{name}' on {uuid}: {_limits(now)}")

@@ -18,7 +18,8 @@ from fracgpu.ledger import JobRecord, Ledger, LedgerError
 from fracgpu.units import format_size
 
 FIELDS = ["job", "partition", "gpu", "start", "end", "exit_status", "gpu_seconds", "memory_byte_seconds",
-          "peak_memory_bytes", "peak_drift_bytes", "memory_limit", "compute_share", "processes", "launches", "kind", "command", "labels"]
+          "peak_memory_bytes", "peak_drift_bytes", "memory_limit", "compute_share", "priority", "processes", "launches",
+          "kind", "command", "labels"]
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -166,7 +167,8 @@ def job_tables(jobs: list[JobRecord], price: float | None = None, width: int = 8
         columns.append(("cost", "right"))
     rows = []
     for job in jobs:
-        cells = [job.job, job.partition, _local(job.start), _local(job.end) if job.end is not None else "running",
+        partition = job.partition + ("" if job.priority == "normal" else f" ({job.priority})")
+        cells = [job.job, partition, _local(job.start), _local(job.end) if job.end is not None else "running",
                  exit_text(job.exit_status, job.end is not None), f"{job.gpu_seconds:.2f} s",
                  f"{job.memory_byte_seconds / (1 << 30) / 3600:.4f}", format_size(job.peak_memory_bytes),
                  drift_text(job.peak_drift_bytes) if job.peak_drift_bytes else "0"]

@@ -21,8 +21,8 @@ import time
 import click
 
 from fracgpu import jobs, settings
-from fracgpu.cli.common import (CommandFailed, CommandRunner, InputError, converted_by, job_spec, overcommit_option,
-                                quota_options, refusals)
+from fracgpu.cli.common import (PRIORITY_HELP, CommandFailed, CommandRunner, InputError, converted_by, job_spec,
+                                overcommit_option, priority_option, quota_options, refusals)
 
 # Signals passed on to the command. SIGINT and SIGQUIT typed at the terminal
 # reach the command directly (same process group), so those are passed on only
@@ -123,6 +123,7 @@ def exit_like(status: int) -> None:
                "Give the command's private partition this share of the GPU's time: 25% or 0.25. Guaranteed when "
                "every partition is busy; time others leave idle is used too, unless --cap.")
 @overcommit_option("the --memory limit")
+@priority_option(PRIORITY_HELP + " Gives the command a private partition.")
 @click.option("--partition", metavar="NAME",
               help="Run the command in this existing partition (fracgpu partition create), sharing its quota "
                    "with the partition's other processes.")
@@ -137,7 +138,8 @@ def exit_like(status: int) -> None:
               help="A label recorded with the job (repeatable): team=vision, ray_job_id=01000000.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND [ARGS]...")
 @click.pass_context
-def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, overcommit: bool, partition: str | None,
+def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, overcommit: bool, priority: str | None,
+        partition: str | None,
         oom_wait: str | None, job_name: str | None, ledger_path: str | None, labels: dict[str, str],
         command: tuple[str, ...]) -> None:
     """Run COMMAND under a GPU memory quota and/or compute share, and record it in the ledger.
@@ -156,9 +158,10 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
     \b
       fracgpu run --memory 4GiB --compute 25% -- python train.py
       fracgpu run --partition team -- python infer.py
+      fracgpu run --priority high -- python serve.py
     """
     spec = job_spec(ctx, memory=memory, compute=compute, cap=cap, partition=partition, oom_wait=oom_wait,
-                    overcommit=overcommit)
+                    overcommit=overcommit, priority=priority)
     if not command:
         raise click.UsageError("missing the command to run: fracgpu run [OPTIONS] -- COMMAND [ARGS]...", ctx)
     from fracgpu.ledger import Ledger, LedgerError
@@ -177,7 +180,8 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
                            private=spec.private, state_dir=variables[settings.STATE_DIR],
                            command=shlex.join(command),
                            # a percentage becomes bytes when the job's GPU is seen
-                           memory_limit=spec.memory_bytes, labels=labels, compute_share=spec.compute)
+                           memory_limit=spec.memory_bytes, labels=labels, compute_share=spec.compute,
+                           priority=spec.priority or "normal")
     status = supervise(command, env, recorder)
     ledger.close()
     exit_like(status)

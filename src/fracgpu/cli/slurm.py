@@ -33,8 +33,11 @@ def fail(message: str) -> NoReturn:
 @click.option("--state-dir", metavar="PATH", help="The node's state folder (in place of the config's).")
 @click.option("--state-group", metavar="GROUP", help="The group sharing it (in place of the config's).")
 @click.option("--cap", is_flag=True, help="Make the share a ceiling too, even on an idle GPU.")
+@click.option("--priority", metavar="[high|normal|low]",
+              help="The job's class at the launch gate, for QOS-based set-ups (a TaskProlog script per QOS, or "
+                   "one that reads $SLURM_JOB_QOS). [default: normal]")
 def slurm_prolog(shards_per_gpu: int | None, gres_conf: str | None, config_path: str | None,
-                 state_dir: str | None, state_group: str | None, cap: bool) -> None:
+                 state_dir: str | None, state_group: str | None, cap: bool, priority: str | None) -> None:
     """Slurm TaskProlog: print the lines that hold a sharded job to its fraction of the GPU.
 
     Every FRACGPU_* variable it does not export is unset in the task, and the
@@ -44,7 +47,7 @@ def slurm_prolog(shards_per_gpu: int | None, gres_conf: str | None, config_path:
     try:
         node = read_config(config_path).with_options(**{settings.STATE_DIR: state_dir,
                                                         settings.STATE_GROUP: state_group})
-        lines = prolog_lines(exports(dict(os.environ), shards_per_gpu, node, gres_conf, cap))
+        lines = prolog_lines(exports(dict(os.environ), shards_per_gpu, node, gres_conf, cap, priority))
     except (ValueError, OSError, state.StateError) as e:
         fail(str(e))
     for line in lines:

@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from fracgpu import snapshot, state
-from fracgpu.cli.common import console, drift_text, limit_text, refusals, share_text, tables
+from fracgpu.cli.common import console, drift_text, limit_text, partition_label, refusals, share_text, tables
 from fracgpu.units import format_size
 
 NOT_AVAILABLE = "n/a"
@@ -62,7 +62,7 @@ def render(view: snapshot.Snapshot, state_dir: str, width: int = 80) -> Any:
                           f"in partitions", style="bold"))
         rows, styles = [], []
         for p in gpu.partitions:
-            rows.append([p.name + (" (private)" if p.ephemeral else ""), f"{format_size(p.used)} / {limit_text(p)}",
+            rows.append([partition_label(p), f"{format_size(p.used)} / {limit_text(p)}",
                          f"{100 * p.used / p.memory_limit:.0f}%" if p.memory_limit else "-", format_size(p.peak),
                          share_text(p), _achieved(view.partition_share(gpu, p)), _seconds(p.device_ns),
                          str(p.processes), drift_text(p.drift, p.drift_unknown)])
