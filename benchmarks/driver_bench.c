@@ -11,9 +11,13 @@
  *   set-limit    cuCtxSetLimit of the device heap, 16 MiB and 8 MiB in turn (each call
  *                reserves or gives back 8 MiB)
  * START (CLOCK_MONOTONIC ms) lets several processes begin together.
- * Prints "ns_per_op N". */
+ * Prints "ns_per_op N"; on the simulated driver also "calls_KIND N" for each kind of
+ * driver call it counts (fracgpu_sim_call_counts), made by the whole process while
+ * the ITERATIONS ran: the shim's own calls (its events, queries, its reader thread) too. */
+#define _GNU_SOURCE
 #include <cuda.h>
 
+#include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +38,17 @@ static double now_ns(void) {
             return 1;                                                   \
         }                                                               \
     } while (0)
+
+typedef int (*call_counts_fn)(unsigned long long *, const char **, int);
+enum { MAX_KINDS = 32 };
+
+/* The simulated driver's call counts now (0 kinds on a real driver). */
+static int call_counts(unsigned long long *counts, const char **names) {
+    call_counts_fn f = (call_counts_fn)dlsym(RTLD_DEFAULT, "fracgpu_sim_call_counts");
+    if (!f) return 0;
+    int n = f(counts, names, MAX_KINDS);
+    return n < MAX_KINDS ? n : MAX_KINDS;
+}
 
 int main(int argc, char **argv) {
     if (argc < 3) {
@@ -65,6 +80,9 @@ int main(int argc, char **argv) {
     if (!strcmp(op, "vmm")) CHECK(cuMemAddressReserve(&va, vmm_size, 0, 0, 0));
     if (argc >= 4)
         while (now_ns() / 1e6 < atof(argv[3])) usleep(100);
+    unsigned long long before[MAX_KINDS], after[MAX_KINDS];
+    const char *kinds[MAX_KINDS];
+    int nkinds = call_counts(before, kinds);
     double t0 = now_ns();
     for (long i = 0; i < n; i++) {
         if (!strcmp(op, "alloc-free")) {
@@ -95,7 +113,9 @@ int main(int argc, char **argv) {
         }
     }
     double t1 = now_ns();
+    call_counts(after, NULL);
     if (!strcmp(op, "launch")) CHECK(cuCtxSynchronize());
     printf("ns_per_op %.1f\n", (t1 - t0) / n);
+    for (int k = 0; k < nkinds; k++) printf("calls_%s %llu\n", kinds[k], after[k] - before[k]);
     return 0;
 }
