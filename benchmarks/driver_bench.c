@@ -10,6 +10,8 @@
  *                books: a handle's references and mappings), into a range reserved once
  *   set-limit    cuCtxSetLimit of the device heap, 16 MiB and 8 MiB in turn (each call
  *                reserves or gives back 8 MiB)
+ *   event        cuEventRecord + cuEventQuery of an event that keeps timing
+ *   event-untimed the same with a CU_EVENT_DISABLE_TIMING event
  * START (CLOCK_MONOTONIC ms) lets several processes begin together.
  * Prints "ns_per_op N"; on the simulated driver also "calls_KIND N" for each kind of
  * driver call it counts (fracgpu_sim_call_counts), made by the whole process while
@@ -18,6 +20,7 @@
 #include <cuda.h>
 
 #include <dlfcn.h>
+#include <link.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,9 +45,25 @@ static double now_ns(void) {
 typedef int (*call_counts_fn)(unsigned long long *, const char **, int);
 enum { MAX_KINDS = 32 };
 
+/* dl_iterate_phdr: the first loaded object that exports the counts. The shim,
+ * when preloaded, is what "libcuda.so.1" names here and holds the simulated
+ * driver as a local library, out of the global scope, so search every object. */
+static int find_counts(struct dl_phdr_info *info, size_t size, void *out) {
+    (void)size;
+    if (!info->dlpi_name || !*info->dlpi_name) return 0;
+    void *h = dlopen(info->dlpi_name, RTLD_LAZY | RTLD_NOLOAD);
+    if (!h) return 0;
+    void *f = dlsym(h, "fracgpu_sim_call_counts");
+    dlclose(h);
+    if (!f) return 0;
+    *(void **)out = f;
+    return 1;
+}
+
 /* The simulated driver's call counts now (0 kinds on a real driver). */
 static int call_counts(unsigned long long *counts, const char **names) {
-    call_counts_fn f = (call_counts_fn)dlsym(RTLD_DEFAULT, "fracgpu_sim_call_counts");
+    static call_counts_fn f;
+    if (!f) dl_iterate_phdr(find_counts, &f);
     if (!f) return 0;
     int n = f(counts, names, MAX_KINDS);
     return n < MAX_KINDS ? n : MAX_KINDS;
@@ -52,7 +71,7 @@ static int call_counts(unsigned long long *counts, const char **names) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s alloc-free|passthrough|meminfo|launch|vmm|set-limit ITERATIONS [START_MS]\n", argv[0]);
+        fprintf(stderr, "usage: %s alloc-free|passthrough|meminfo|launch|vmm|set-limit|event|event-untimed ITERATIONS [START_MS]\n", argv[0]);
         return 2;
     }
     const char *op = argv[1];
@@ -78,6 +97,9 @@ int main(int argc, char **argv) {
     const size_t vmm_size = 2 << 20;
     CUdeviceptr va = 0;
     if (!strcmp(op, "vmm")) CHECK(cuMemAddressReserve(&va, vmm_size, 0, 0, 0));
+    CUevent event = NULL;
+    if (!strcmp(op, "event")) CHECK(cuEventCreate(&event, CU_EVENT_DEFAULT));
+    if (!strcmp(op, "event-untimed")) CHECK(cuEventCreate(&event, CU_EVENT_DISABLE_TIMING));
     if (argc >= 4)
         while (now_ns() / 1e6 < atof(argv[3])) usleep(100);
     unsigned long long before[MAX_KINDS], after[MAX_KINDS];
@@ -101,6 +123,10 @@ int main(int argc, char **argv) {
             unsigned long long ns = 0;
             void *args[] = {&ns};
             CHECK(cuLaunchKernel(spin, 1, 1, 1, 1, 1, 1, 0, NULL, args, NULL));
+        } else if (event) {
+            CHECK(cuEventRecord(event, NULL));
+            CUresult q = cuEventQuery(event);
+            if (q != CUDA_SUCCESS && q != CUDA_ERROR_NOT_READY) CHECK(q);
         } else if (!strcmp(op, "vmm")) {
             CUmemGenericAllocationHandle h;
             CHECK(cuMemCreate(&h, vmm_size, &prop, 0));
