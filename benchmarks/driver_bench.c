@@ -13,10 +13,17 @@
  *   startup      a process's start: cuInit, its primary context and one 1 MiB cuMemAlloc_v2,
  *                then prints "first_alloc_ns T" (T: CLOCK_MONOTONIC when that allocation
  *                returned, comparable with the launcher's clock) and exits; ITERATIONS unused
+ *   event        cuEventRecord + cuEventQuery of an event that keeps timing
+ *   event-untimed the same with a CU_EVENT_DISABLE_TIMING event
  * START (CLOCK_MONOTONIC ms) lets several processes begin together.
- * Prints "ns_per_op N". */
+ * Prints "ns_per_op N"; on the simulated driver also "calls_KIND N" for each kind of
+ * driver call it counts (fracgpu_sim_call_counts), made by the whole process while
+ * the ITERATIONS ran: the shim's own calls (its events, queries, its reader thread) too. */
+#define _GNU_SOURCE
 #include <cuda.h>
 
+#include <dlfcn.h>
+#include <link.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,9 +45,36 @@ static double now_ns(void) {
         }                                                               \
     } while (0)
 
+typedef int (*call_counts_fn)(unsigned long long *, const char **, int);
+enum { MAX_KINDS = 32 };
+
+/* dl_iterate_phdr: the first loaded object that exports the counts. The shim,
+ * when preloaded, is what "libcuda.so.1" names here and holds the simulated
+ * driver as a local library, out of the global scope, so search every object. */
+static int find_counts(struct dl_phdr_info *info, size_t size, void *out) {
+    (void)size;
+    if (!info->dlpi_name || !*info->dlpi_name) return 0;
+    void *h = dlopen(info->dlpi_name, RTLD_LAZY | RTLD_NOLOAD);
+    if (!h) return 0;
+    void *f = dlsym(h, "fracgpu_sim_call_counts");
+    dlclose(h);
+    if (!f) return 0;
+    *(void **)out = f;
+    return 1;
+}
+
+/* The simulated driver's call counts now (0 kinds on a real driver). */
+static int call_counts(unsigned long long *counts, const char **names) {
+    static call_counts_fn f;
+    if (!f) dl_iterate_phdr(find_counts, &f);
+    if (!f) return 0;
+    int n = f(counts, names, MAX_KINDS);
+    return n < MAX_KINDS ? n : MAX_KINDS;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s alloc-free|passthrough|meminfo|launch|vmm|set-limit|startup ITERATIONS [START_MS]\n", argv[0]);
+        fprintf(stderr, "usage: %s alloc-free|passthrough|meminfo|launch|vmm|set-limit|startup|event|event-untimed ITERATIONS [START_MS]\n", argv[0]);
         return 2;
     }
     const char *op = argv[1];
@@ -73,8 +107,14 @@ int main(int argc, char **argv) {
     const size_t vmm_size = 2 << 20;
     CUdeviceptr va = 0;
     if (!strcmp(op, "vmm")) CHECK(cuMemAddressReserve(&va, vmm_size, 0, 0, 0));
+    CUevent event = NULL;
+    if (!strcmp(op, "event")) CHECK(cuEventCreate(&event, CU_EVENT_DEFAULT));
+    if (!strcmp(op, "event-untimed")) CHECK(cuEventCreate(&event, CU_EVENT_DISABLE_TIMING));
     if (argc >= 4)
         while (now_ns() / 1e6 < atof(argv[3])) usleep(100);
+    unsigned long long before[MAX_KINDS], after[MAX_KINDS];
+    const char *kinds[MAX_KINDS];
+    int nkinds = call_counts(before, kinds);
     double t0 = now_ns();
     for (long i = 0; i < n; i++) {
         if (!strcmp(op, "alloc-free")) {
@@ -93,6 +133,10 @@ int main(int argc, char **argv) {
             unsigned long long ns = 0;
             void *args[] = {&ns};
             CHECK(cuLaunchKernel(spin, 1, 1, 1, 1, 1, 1, 0, NULL, args, NULL));
+        } else if (event) {
+            CHECK(cuEventRecord(event, NULL));
+            CUresult q = cuEventQuery(event);
+            if (q != CUDA_SUCCESS && q != CUDA_ERROR_NOT_READY) CHECK(q);
         } else if (!strcmp(op, "vmm")) {
             CUmemGenericAllocationHandle h;
             CHECK(cuMemCreate(&h, vmm_size, &prop, 0));
@@ -105,7 +149,9 @@ int main(int argc, char **argv) {
         }
     }
     double t1 = now_ns();
+    call_counts(after, NULL);
     if (!strcmp(op, "launch")) CHECK(cuCtxSynchronize());
     printf("ns_per_op %.1f\n", (t1 - t0) / n);
+    for (int k = 0; k < nkinds; k++) printf("calls_%s %llu\n", kinds[k], after[k] - before[k]);
     return 0;
 }

@@ -13,11 +13,29 @@ from tests.shim.test_compute import completions, shares_of_device_time, windows
 from tests.support.simgpu import parse_facts
 
 LAUNCHES = 20_000
+EVENT_LOOPS = 20_000
 
 
-def launch_ns(gpu, bench, kernels, env):
-    out = gpu.run(bench, "launch", LAUNCHES, env={"BENCH_MODULE": kernels, **env}).stdout
-    return float(parse_facts(out)["ns_per_op"])
+# What a launch costs in driver calls, as the simulated driver counts them (the
+# shim's own calls included): events recorded, queries, synchronisations.
+CALLS = {
+    "records": ("event_record",),
+    "queries": ("event_query", "stream_query"),
+    "syncs": ("event_synchronize", "stream_synchronize", "ctx_synchronize"),
+}
+
+
+def launch_run(gpu, bench, kernels, env) -> dict[str, float]:
+    """One run of LAUNCHES launches: "ns" per launch and each of CALLS per launch."""
+    facts = parse_facts(gpu.run(bench, "launch", LAUNCHES, env={"BENCH_MODULE": kernels, **env}).stdout)
+    launches = int(facts["calls_launch"]) + int(facts["calls_graph_launch"])
+    assert launches == LAUNCHES, facts   # the driver counted what the client launched
+    per_launch = {what: sum(int(facts[f"calls_{k}"]) for k in kinds) / launches for what, kinds in CALLS.items()}
+    return {"ns": float(facts["ns_per_op"]), **per_launch}
+
+
+def launch_ns(gpu, bench, kernels, env) -> float:
+    return launch_run(gpu, bench, kernels, env)["ns"]
 
 
 def test_launch_overhead(benchmark, bench_gpu, driver_bench, shim, clients, kernels):
@@ -37,18 +55,37 @@ def test_launch_overhead(benchmark, bench_gpu, driver_bench, shim, clients, kern
                                        env={"LD_PRELOAD": shim, "FRACGPU_PARTITION": "idle", "FRACGPU_COMPUTE": "50%"})
                 assert idle.stdout.readline().startswith("holding")
             try:
-                results[mode].append(launch_ns(bench_gpu, driver_bench, kernels, env))
+                results[mode].append(launch_run(bench_gpu, driver_bench, kernels, env))
             finally:
                 if mode == "watch":
                     idle.kill()
                     idle.wait()
     benchmark.pedantic(launch_ns, args=(bench_gpu, driver_bench, kernels, modes["alone"]), rounds=1, iterations=1)
-    bare = statistics.median(results["bare"])
-    for mode, values in results.items():
-        m = statistics.median(values)
+    bare = statistics.median(r["ns"] for r in results["bare"])
+    for mode, runs in results.items():
+        m = statistics.median(r["ns"] for r in runs)
+        calls = {what: statistics.median(r[what] for r in runs) for what in CALLS}
         benchmark.extra_info[f"{mode}_ns"] = m
         benchmark.extra_info[f"{mode}_ratio"] = m / bare
-        print(f"\nlaunch {mode}: {m:.0f} ns per launch, ratio {m / bare:.2f}")
+        benchmark.extra_info.update({f"{mode}_{what}_per_launch": v for what, v in calls.items()})
+        print(f"\nlaunch {mode}: {m:.0f} ns per launch, ratio {m / bare:.2f}; per launch: "
+              + ", ".join(f"{v:.3f} {what}" for what, v in calls.items()))
+
+
+def test_event_cost(benchmark, bench_gpu, driver_bench):
+    """cuEventRecord + cuEventQuery on the simulated driver: an event that keeps timing against a
+    CU_EVENT_DISABLE_TIMING one (a real driver: 5.19 against 0.47 us, ICLDisco/parsec PR #576)."""
+    def event_ns(op):
+        return float(parse_facts(bench_gpu.run(driver_bench, op, EVENT_LOOPS).stdout)["ns_per_op"])
+
+    results = {"event": [], "event-untimed": []}
+    for _ in range(3):   # interleaved, so drift of the machine hits both alike
+        for op in results:
+            results[op].append(event_ns(op))
+    benchmark.pedantic(event_ns, args=("event",), rounds=1, iterations=1)
+    timed, untimed = (statistics.median(results[op]) for op in results)
+    benchmark.extra_info.update(timed_ns=timed, untimed_ns=untimed, ratio=timed / untimed)
+    print(f"\nevent record+query: timing {timed:.0f} ns, disable-timing {untimed:.0f} ns, ratio {timed / untimed:.1f}")
 
 
 @pytest.mark.parametrize("count", [2, 4, 8])

@@ -46,6 +46,7 @@ SIM_SMS = "FRACGPU_SIM_SMS"
 SIM_DEVICES = "FRACGPU_SIM_DEVICES"
 SIM_NAME = "FRACGPU_SIM_NAME"
 SIM_CONTEXT_MEMORY = "FRACGPU_SIM_CONTEXT_MEMORY"
+SIM_CALL_COUNTS = "FRACGPU_SIM_CALL_COUNTS"
 
 # What a setting is for, which says who must not inherit it: "partition" (which partition a
 # process is in, and what a private one is made with), "job" (set for one job), "host" (where
@@ -158,6 +159,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(SIM_CONTEXT_MEMORY, _size, "(1/256 of the memory)", "sim, python",
             "What each simulated context reserves on its device, in bytes (a real one takes 300-600 MiB of an "
             "80-141 GiB GPU); `0` reserves nothing.", "sim"),
+    Setting(SIM_CALL_COUNTS, _flag, "0", "sim",
+            "`1`: each process using the simulated driver prints, at exit, the driver calls it made by kind "
+            "(launches, event records and queries, synchronisations) on stderr.", "sim"),
 )
 
 NAMES: tuple[str, ...] = tuple(s.name for s in SETTINGS)

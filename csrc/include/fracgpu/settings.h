@@ -67,7 +67,10 @@
     X(SIM_NAME, "FRACGPU_SIM_NAME", "fracgpu simulated GPU", "sim, python", "The simulated devices' name.")        \
     X(SIM_CONTEXT_MEMORY, "FRACGPU_SIM_CONTEXT_MEMORY", "(1/256 of the memory)", "sim, python",                    \
       "What each simulated context reserves on its device, in bytes (a real one takes 300-600 MiB of an "          \
-      "80-141 GiB GPU); `0` reserves nothing.")
+      "80-141 GiB GPU); `0` reserves nothing.")                                                                   \
+    X(SIM_CALL_COUNTS, "FRACGPU_SIM_CALL_COUNTS", "0", "sim",                                                      \
+      "`1`: each process using the simulated driver prints, at exit, the driver calls it made by kind "           \
+      "(launches, event records and queries, synchronisations) on stderr.")
 
 #ifdef __cplusplus
 extern "C" {

@@ -227,6 +227,7 @@ SIM_API CUresult cuCtxGetDevice_v2(CUdevice *device, CUcontext ctx) {
 SIM_API CUresult cuCtxGetDevice(CUdevice *device) { return cuCtxGetDevice_v2(device, nullptr); }
 
 SIM_API CUresult cuCtxSynchronize_v2(CUcontext ctx) {
+    count_call(Call::CtxSynchronize);
     std::unique_lock<std::mutex> lk(g_mu);
     Context *c;
     CUresult rc = ctx_or_current(ctx, &c);

@@ -274,6 +274,7 @@ void destroy_exec(std::unique_lock<std::mutex> &lk, GraphExec *e) {
 }
 
 CUresult graph_launch(CUgraphExec h, CUstream hs, bool pt) {
+    count_call(Call::GraphLaunch);
     std::unique_lock<std::mutex> lk(g_mu);
     CUresult rc = check_init();
     if (rc != CUDA_SUCCESS) return rc;

@@ -202,6 +202,7 @@ bool arg(void **params, void **extra, size_t offset, int index, T *out) {
 
 CUresult launch(CUfunction hf, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                 unsigned smem, CUstream hs, void **params, void **extra, bool pt) {
+    count_call(Call::Launch);
     std::unique_lock<std::mutex> lk(g_mu);
     CUresult rc = check_init();
     if (rc != CUDA_SUCCESS) return rc;
@@ -222,7 +223,10 @@ CUresult launch(CUfunction hf, unsigned gx, unsigned gy, unsigned gz, unsigned b
 }
 
 CUresult launch_ex(const CUlaunchConfig *cfg, CUfunction f, void **params, void **extra, bool pt) {
-    if (!cfg) return CUDA_ERROR_INVALID_VALUE;
+    if (!cfg) {
+        count_call(Call::Launch);   // launch() counts the others
+        return CUDA_ERROR_INVALID_VALUE;
+    }
     return launch(f, cfg->gridDimX, cfg->gridDimY, cfg->gridDimZ, cfg->blockDimX, cfg->blockDimY, cfg->blockDimZ,
                   cfg->sharedMemBytes, cfg->hStream, params, extra, pt);
 }

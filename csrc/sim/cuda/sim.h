@@ -18,6 +18,7 @@
 
 #include <cuda.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -239,6 +240,44 @@ void capture_abandon(Stream *s);          // s goes away: its capture is dropped
 // (its fixed address in *dptr) or a free node.
 CUresult capture_alloc(Stream *s, uint64_t size, CUdeviceptr *dptr);
 CUresult capture_free(Stream *s, CUdeviceptr dptr);
+
+// ---------------------------------------------------------------------------
+// Driver calls: counted, and charged the host time a real driver takes
+// (calls.cpp; read through fracgpu_sim_call_counts, call_counts.h)
+// ---------------------------------------------------------------------------
+enum class Call {
+    Launch, GraphLaunch, EventRecord, EventQuery, EventSynchronize, EventElapsedTime,
+    StreamSynchronize, StreamQuery, StreamWaitEvent, CtxSynchronize, Count
+};
+extern std::atomic<unsigned long long> g_calls[(int)Call::Count];
+// One more call of kind k: a relaxed increment, no lock, safe on the launch path.
+inline void count_call(Call k) { g_calls[(int)k].fetch_add(1, std::memory_order_relaxed); }
+
+// Host time a real driver spends in cuEventRecord and cuEventQuery (README,
+// "The simulated GPU"): far more for an event that keeps timing, which must
+// take a timestamp, than for a CU_EVENT_DISABLE_TIMING one.
+constexpr uint64_t kEventRecordNs = 2600, kEventQueryNs = 2600;                  // with timing
+constexpr uint64_t kEventRecordUntimedNs = 240, kEventQueryUntimedNs = 230;      // CU_EVENT_DISABLE_TIMING
+
+// A call that takes at least `ns` of host time from when the object was made:
+// the destructor spins out what the call's own work left of it. Declare it
+// before the call's lock, so the spin runs with g_mu released (the cost is the
+// calling thread's, as in a real driver, and serialises nothing).
+class HostCost {
+public:
+    HostCost() : start_(now_ns()) {}
+    HostCost(const HostCost &) = delete;
+    HostCost &operator=(const HostCost &) = delete;
+    ~HostCost() {
+        while (now_ns() - start_ < ns_) {
+        }
+    }
+    void charge(uint64_t ns) { ns_ = ns; }
+
+private:
+    uint64_t start_;
+    uint64_t ns_ = 0;
+};
 
 // ---------------------------------------------------------------------------
 // Kernels

@@ -78,6 +78,7 @@ CUresult stream_create(CUstream *ph, unsigned flags, int priority) {
 }
 
 CUresult stream_sync(CUstream h, bool pt) {
+    count_call(Call::StreamSynchronize);
     std::unique_lock<std::mutex> lk(g_mu);
     Stream *s;
     CUresult rc = stream_get(h, pt, &s);
@@ -96,6 +97,7 @@ CUresult stream_sync(CUstream h, bool pt) {
 }
 
 CUresult stream_query(CUstream h, bool pt) {
+    count_call(Call::StreamQuery);
     std::lock_guard<std::mutex> lk(g_mu);
     Stream *s;
     CUresult rc = stream_get(h, pt, &s);
@@ -105,6 +107,7 @@ CUresult stream_query(CUstream h, bool pt) {
 }
 
 CUresult stream_wait_event(CUstream h, CUevent e, unsigned flags, bool pt) {
+    count_call(Call::StreamWaitEvent);
     std::unique_lock<std::mutex> lk(g_mu);
     Stream *s;
     CUresult rc = stream_get(h, pt, &s);
@@ -119,11 +122,14 @@ CUresult stream_wait_event(CUstream h, CUevent e, unsigned flags, bool pt) {
 }
 
 CUresult event_record(CUevent e, CUstream h, bool pt) {
+    count_call(Call::EventRecord);
+    HostCost cost;   // spun out after the lock is released
     std::unique_lock<std::mutex> lk(g_mu);
     CUresult rc = check_init();
     if (rc != CUDA_SUCCESS) return rc;
     Event *ev = reinterpret_cast<Event *>(e);
     if (!g_events.count(ev)) return CUDA_ERROR_INVALID_HANDLE;
+    cost.charge(ev->flags & CU_EVENT_DISABLE_TIMING ? kEventRecordUntimedNs : kEventRecordNs);
     Stream *s;
     rc = resolve_stream(h, pt, &s);
     if (rc != CUDA_SUCCESS) return rc;
@@ -259,14 +265,18 @@ SIM_API CUresult cuEventRecordWithFlags_ptsz(CUevent e, CUstream s, unsigned int
 }
 
 SIM_API CUresult cuEventQuery(CUevent h) {
+    count_call(Call::EventQuery);
+    HostCost cost;   // spun out after the lock is released
     std::lock_guard<std::mutex> lk(g_mu);
     Event *e = reinterpret_cast<Event *>(h);
     if (!g_events.count(e)) return CUDA_ERROR_INVALID_HANDLE;
+    cost.charge(e->flags & CU_EVENT_DISABLE_TIMING ? kEventQueryUntimedNs : kEventQueryNs);
     if (!e->rec) return CUDA_SUCCESS;
     return e->rec->done && e->rec->ts <= now_ns() ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
 }
 
 SIM_API CUresult cuEventSynchronize(CUevent h) {
+    count_call(Call::EventSynchronize);
     std::unique_lock<std::mutex> lk(g_mu);
     Event *e = reinterpret_cast<Event *>(h);
     if (!g_events.count(e)) return CUDA_ERROR_INVALID_HANDLE;
@@ -279,6 +289,7 @@ SIM_API CUresult cuEventSynchronize(CUevent h) {
 }
 
 SIM_API CUresult cuEventElapsedTime_v2(float *ms, CUevent start, CUevent end) {
+    count_call(Call::EventElapsedTime);
     if (!ms) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::mutex> lk(g_mu);
     Event *a = reinterpret_cast<Event *>(start), *b = reinterpret_cast<Event *>(end);
