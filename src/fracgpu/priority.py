@@ -120,6 +120,8 @@ class ProbeResult:
     bound_ms: float            # latency_bound(p99_alone_ms, the trainer's kernel)
     trainer_share: float       # device time the trainer got while the requests ran
     left_by_requests: float    # device time the requests left: 1 - their kernel / their period
+    p95_alone_ms: float = 0.0
+    p95_ms: float = 0.0
 
     @property
     def within_bound(self) -> bool:
@@ -170,7 +172,8 @@ def priority_probe(*, requests: int = 150, period_ms: float = 20.0, request_ms: 
     return ProbeResult(p99_alone_ms=percentile(alone["latencies"], 99), p99_ms=percentile(beside["latencies"], 99),
                        p50_alone_ms=percentile(alone["latencies"], 50), p50_ms=percentile(beside["latencies"], 50),
                        bound_ms=latency_bound(percentile(alone["latencies"], 99), train_ms),
-                       trainer_share=done * train_ms / window_ms, left_by_requests=1 - request_ms / period_ms)
+                       trainer_share=done * train_ms / window_ms, left_by_requests=1 - request_ms / period_ms,
+                       p95_alone_ms=percentile(alone["latencies"], 95), p95_ms=percentile(beside["latencies"], 95))
 
 
 def _main(argv: list[str]) -> None:

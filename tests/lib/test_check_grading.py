@@ -85,18 +85,18 @@ def test_a_report_holds_when_every_check_does_and_is_json():
 def test_a_check_is_one_function_and_a_failing_probe_fails_only_its_check(monkeypatch):
     monkeypatch.setattr(check, "CHECKS", list(CHECKS))
 
-    @check.check("priority", alone=True)
-    def priority(node):
-        raise check.ProbeFailed("probe 'priority' failed (exit 1): no such class")
+    @check.check("preemption", alone=True)
+    def preemption(node):
+        raise check.ProbeFailed("probe 'preemption' failed (exit 1): no such class")
 
-    (added,) = [c for c in check.CHECKS if c.name == "priority"]
-    assert added.alone and added.run is priority
+    (added,) = [c for c in check.CHECKS if c.name == "preemption"]
+    assert added.alone and added.run is preemption
     result = check.graded(added, node=None)
-    assert result == Result("priority", False, "-", "-", "probe 'priority' failed (exit 1): no such class")
+    assert result == Result("preemption", False, "-", "-", "probe 'preemption' failed (exit 1): no such class")
 
 
 def test_the_checks_have_unique_names_and_the_timed_ones_run_alone():
     names = [c.name for c in CHECKS]
     assert len(names) == len(set(names))
     assert {c.name for c in CHECKS if c.alone} == {"compute shares", "compute cap", "ledger device time",
-                                                   "launch overhead"}
+                                                   "launch overhead", "priority"}
