@@ -745,7 +745,6 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
             p.join_wait_ns.store(waited);
             p.measure_wait_ns.store(0);
             for (auto *x : {&p.truth, &p.device_used, &p.drift, &p.drift_charged, &p.reconciled_unix_ns}) x->store(0);
-            uint64_t holder_start = holder > 0 ? process_start_time(holder) : 0;
             p.holder.store(holder_start ? (uint64_t)holder : 0);
             p.holder_start.store(holder_start);
             p.exited.store(0);
