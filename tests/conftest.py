@@ -21,7 +21,15 @@ from tests.support.simgpu import (  # noqa: F401  (fixtures and helpers the test
 )
 
 
+import signal  # noqa: E402
+
 import pytest  # noqa: E402
+
+# Tests press Ctrl-C (SIGINT) on the commands they start. A shell that starts pytest in the
+# background (`python -m pytest &`, CI wrappers) makes it ignore SIGINT, and the commands would
+# inherit that and never see it: give them the default back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

@@ -133,7 +133,8 @@ def test_usage_of_a_private_partition_and_its_end(clients, gpu):
         assert isinstance(u, fracgpu.GPUUsage) and u.total_memory == GiB
         held = 100 * MiB + gpu.context   # its allocation and its context
         assert u.partitions == [fracgpu.PartitionUsage(name=f"run-{job.pid}", memory_limit=512 * MiB, used=held,
-                                                       peak=held, processes=1, ephemeral=True, oom_refusals=0)]
+                                                       peak=held, processes=1, ephemeral=True, oom_refusals=0,
+                                                       memory_ceiling=512 * MiB)]
         assert [(p.pid, p.used, p.peak) for p in u.processes] == [(command_pid(job), held, held)]
         table = gpu.fracgpu("partition", "list", env={"COLUMNS": "200"}).stdout
         assert f"run-{job.pid} (private)" in table
