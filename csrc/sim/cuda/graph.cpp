@@ -273,15 +273,21 @@ void destroy_exec(std::unique_lock<std::mutex> &lk, GraphExec *e) {
     delete e;
 }
 
+// The graph exec `h` and the stream `hs` a launch or an upload names (callers hold g_mu).
+CUresult exec_on_stream(CUgraphExec h, CUstream hs, bool pt, GraphExec **e, Stream **s) {
+    CUresult rc = check_init();
+    if (rc != CUDA_SUCCESS) return rc;
+    *e = as_exec(h);
+    if (!*e) return CUDA_ERROR_INVALID_HANDLE;
+    return resolve_stream(hs, pt, s);
+}
+
 CUresult graph_launch(CUgraphExec h, CUstream hs, bool pt) {
     count_call(Call::GraphLaunch);
     std::unique_lock<std::mutex> lk(g_mu);
-    CUresult rc = check_init();
-    if (rc != CUDA_SUCCESS) return rc;
-    GraphExec *e = as_exec(h);
-    if (!e) return CUDA_ERROR_INVALID_HANDLE;
+    GraphExec *e;
     Stream *s;
-    rc = resolve_stream(hs, pt, &s);
+    CUresult rc = exec_on_stream(h, hs, pt, &e, &s);
     if (rc != CUDA_SUCCESS) return rc;
     if (s->ctx->sticky) return s->ctx->sticky;
     rc = capture_check(s);
@@ -318,14 +324,10 @@ CUresult graph_launch(CUgraphExec h, CUstream hs, bool pt) {
 
 CUresult graph_upload(CUgraphExec h, CUstream hs, bool pt) {
     std::lock_guard<std::mutex> lk(g_mu);
-    CUresult rc = check_init();
-    if (rc != CUDA_SUCCESS) return rc;
-    GraphExec *e = as_exec(h);
-    if (!e) return CUDA_ERROR_INVALID_HANDLE;
+    GraphExec *e;
     Stream *s;
-    rc = resolve_stream(hs, pt, &s);
-    if (rc != CUDA_SUCCESS) return rc;
-    return map_exec(e);
+    CUresult rc = exec_on_stream(h, hs, pt, &e, &s);
+    return rc != CUDA_SUCCESS ? rc : map_exec(e);
 }
 
 CUresult begin_capture(CUstream h, CUstreamCaptureMode mode, bool pt) {
