@@ -203,8 +203,8 @@ def tables(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]], wi
     """``rows`` under ``columns`` (header, justify) as one rich table, or, when that table would be
     wider than ``width``, as several narrower ones, each repeating the first column (the row's name),
     so that at 80 columns a cell is never folded over lines (only a name is: one too long for any
-    width, or one so long, such as a job's command line, that beside it the other columns would
-    need more tables than beside a third of the width, where it is then wrapped)."""
+    width, or one wider than half of it, such as a job's command line, which is wrapped in a third
+    of the width when that leaves the other columns fewer tables)."""
     from rich.cells import cell_len
     from rich.table import Table
 
@@ -231,7 +231,7 @@ def tables(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]], wi
 
     lead, best = needs(0), split(needs(0))
     narrow = max(20, width // 3)
-    if lead > narrow and len(split(narrow)) < len(best):
+    if lead > width // 2 and len(split(narrow)) < len(best):
         lead, best = narrow, split(narrow)
     out = []
     for group in ([0, *group] for group in best):
