@@ -93,3 +93,26 @@ def test_a_name_wider_than_the_screen_is_folded_not_cut(gpu):
     out = gpu.fracgpu("partition", "list", env={"COLUMNS": "40"}).stdout
     assert all(len(line) <= 40 for line in out.splitlines())
     assert name in "".join(line.strip("│ ") for line in out.splitlines() if line.startswith("│ x"))
+
+
+def test_a_long_command_line_as_a_jobs_name_wraps_rather_than_split_every_column_apart(tmp_path):
+    """A job's name is its command line by default, often wider than half the screen: it wraps in a
+    column of a third of the width, so that the figures still share a few tables, each figure whole."""
+    command = "python train.py --config configs/pretrain-large.yaml --lr 3e-4 --batch-size 256"
+    path, now = tmp_path / "ledger.sqlite", time.time()
+    with Ledger(path) as ledger:
+        for name in (command, "nightly-eval"):
+            job = ledger.start_job(job=name, partition="team", memory_limit=256 * MiB, start=now - 7200)
+            ledger.sample(job, memory_bytes=200 * MiB, device_seconds=1800.0, t=now - 3600)
+            ledger.finish(job, exit_status=0, end=now - 1800)
+    out = subprocess.run([sys.executable, "-m", "fracgpu", "report", "--ledger", str(path), "--rate", "2.5"],
+                         capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin", **NARROW}).stdout
+    assert all(len(line) <= 80 for line in out.splitlines()), out
+    assert out.count("┏") <= 3, out   # not one table per figure
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
+    # Each table: the long name's first line with every figure, its continuation lines with none, then the other job.
+    starts = [row for row in cells if row[0] and command.startswith(row[0])]
+    assert len(starts) == out.count("┏") and all(all(row) for row in starts), out
+    assert "".join(row[0].replace(" ", "") for row in cells[:len(cells) // len(starts) - 1]) == command.replace(" ", "")
+    figures = [value for row in cells if row[0] == "nightly-eval" for value in row[1:]]
+    assert figures[-6:] == ["0", "1800.00 s", "0.0977", "200MiB", "0", "1.2500"], out

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from fracgpu.cli.common import PROBING
+from tests.support import ROOT
 
 
 def run_with_terminal_stderr(gpu, *args) -> tuple[subprocess.CompletedProcess, str]:
@@ -58,6 +59,12 @@ def test_commands_that_do_not_probe_show_nothing(gpu):
 def completion(env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(["fracgpu"], capture_output=True, text=True, timeout=60,
                           env={"PATH": os.environ["PATH"], **env})
+
+
+def test_shell_completion_is_documented_with_the_commands_that_make_it():
+    section = (ROOT / "README.md").read_text().split("## Shell completion", 1)[1].split("\n## ", 1)[0]
+    for shell in ("bash", "zsh", "fish"):
+        assert f"_FRACGPU_COMPLETE={shell}_source fracgpu > " in section, shell
 
 
 def test_shell_completion_scripts():

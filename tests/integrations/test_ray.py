@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 
@@ -91,8 +92,18 @@ def shares_while_all_busy(results: list[dict]) -> list[float]:
 def run_on_ray(gpu, kernels, *fractions):
     result = gpu.run(sys.executable, "-c", DRIVER, kernels, *map(str, fractions), timeout=240)
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    jobs = json.loads(gpu.fracgpu("report", "--format", "json").stdout)
-    return out["results"], out["job"], jobs
+    return out["results"], out["job"], ended_jobs(gpu, len(fractions))
+
+
+def ended_jobs(gpu, count: int, within: float = 30.0) -> list[dict]:
+    """The ledger's jobs once ``count`` of them have ended: a worker's ``fracgpu run`` records its
+    end after its task has returned, which may be a moment after the driver has its results."""
+    deadline = time.monotonic() + within
+    while True:
+        jobs = json.loads(gpu.fracgpu("report", "--format", "json").stdout)
+        if sum(job["end"] is not None for job in jobs) >= count or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.2)
 
 
 def usable(gpu, quota: int, block: int = 32 * MiB) -> int:
@@ -120,9 +131,14 @@ def test_four_quarter_tasks_get_a_quarter_each(gpu, kernels):
 def test_a_half_task_next_to_two_quarters_gets_half(gpu, kernels):
     results, _, jobs = run_on_ray(gpu, kernels, 0.5, 0.25, 0.25)
     assert [r["total"] for r in results] == [512 * MiB, 256 * MiB, 256 * MiB]
-    half, *quarters = shares_while_all_busy(results)
-    assert 0.44 <= half <= 0.56, (half, quarters)
-    assert all(0.20 <= q <= 0.30 for q in quarters), (half, quarters)
+    shares = shares_while_all_busy(results)
+    # The split of the device time the three used: how busy the device was kept depends on the host
+    # (three task loops on a loaded 2-core machine leave it idle now and then), the split on fracgpu.
+    used = sum(shares)
+    half, *quarters = (s / used for s in shares)
+    assert 0.44 <= half <= 0.56, (half, quarters, used)
+    assert all(0.20 <= q <= 0.30 for q in quarters), (half, quarters, used)
+    assert used >= 0.4, shares   # contended enough for the split to mean something (0.55 seen at load 4-6 on 2 cores)
     assert sorted(j["compute_share"] for j in jobs) == [0.25, 0.25, 0.5]
 
 
@@ -188,7 +204,7 @@ print(json.dumps(ray.get(probe.remote())))
 def test_the_runtime_env_plugin_does_the_same_where_the_cluster_registers_it(gpu):
     out = gpu.run(sys.executable, "-c", PLUGIN_DRIVER, timeout=240).stdout
     assert json.loads(out.strip().splitlines()[-1]) == 256 * MiB
-    (job,) = json.loads(gpu.fracgpu("report", "--format", "json").stdout)
+    (job,) = ended_jobs(gpu, 1)
     assert job["job"] == "plugged" and job["memory_limit"] == 256 * MiB and job["exit_status"] == 0
 
 
@@ -214,7 +230,7 @@ time.sleep(2)   # its worker goes, and fracgpu run with it
 def test_an_actor_is_one_job_for_its_life(gpu):
     out = gpu.run(sys.executable, "-c", ACTOR_DRIVER, timeout=240).stdout
     assert json.loads(out.strip().splitlines()[-1]) == [512 * MiB, 512 * MiB]
-    (job,) = json.loads(gpu.fracgpu("report", "--format", "json").stdout)
+    (job,) = ended_jobs(gpu, 1)
     assert job["job"] == "Server" and job["labels"]["ray_name"] == "Server"
     assert job["memory_limit"] == 512 * MiB and job["end"] is not None
 

@@ -10,6 +10,9 @@
 //   reservations (reserve.cpp,             cuCtxSetLimit's heap, stack and FIFO, and the
 //     quota.h)                             reserve stream-ordered pools keep, on the books
 //   graph memory (graphs.cpp)              the device's graph memory pool, on the books
+//   ground truth (reconcile.cpp,           a thread per process that checks the books against
+//     quota.h)                             what NVML says the process holds, and charges
+//                                          the partition what the books missed
 //   launch gate (gate.cpp)                 the launch hooks: compute shares, device time
 //   interposition (interpose.cpp)          the HOOKS(X) list of every hooked entry point
 //                                          and the cuGetProcAddress swap; the only place

@@ -202,7 +202,9 @@ def tables(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]], wi
            styles: Sequence[str | None] | None = None, title: str | None = None) -> list[Any]:
     """``rows`` under ``columns`` (header, justify) as one rich table, or, when that table would be
     wider than ``width``, as several narrower ones, each repeating the first column (the row's name),
-    so that at 80 columns a cell is never folded over lines (only a name too long for any width is)."""
+    so that at 80 columns a cell is never folded over lines (only a name is: one too long for any
+    width, or one wider than half of it, such as a job's command line, which is wrapped in a third
+    of the width when that leaves the other columns fewer tables)."""
     from rich.cells import cell_len
     from rich.table import Table
 
@@ -210,29 +212,35 @@ def tables(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]], wi
         return 3 + max(cell_len(line) for text in [columns[i][0], *(row[i] for row in rows)]
                        for line in text.splitlines() or [""])
 
-    # As few tables as fit, the columns in order; of the ways to cut them into that many, the one whose
-    # widest table is narrowest (so that memory and compute columns part, rather than leave one alone).
     rest = list(range(1, len(columns)))
 
-    def table_width(group: Sequence[int]) -> int:
-        return 1 + needs(0) + sum(needs(i) for i in group)
+    def split(lead: int) -> list[list[int]]:
+        """As few tables as fit beside a first column ``lead`` wide, the columns in order; of the ways to
+        cut them into that many, the one whose widest table is narrowest (so that memory and compute
+        columns part, rather than leave one alone)."""
+        def table_width(group: Sequence[int]) -> int:
+            return 1 + lead + sum(needs(i) for i in group)
 
-    best: list[list[int]] = [rest]
-    for count in range(1, len(rest) + 1):
-        cuts = [[rest[a:b] for a, b in zip((0, *points), (*points, len(rest)))]
-                for points in itertools.combinations(range(1, len(rest)), count - 1)]
-        fitting = [c for c in cuts if all(table_width(g) <= width for g in c)]
-        if fitting or count == len(rest):
-            best = min(fitting or cuts, key=lambda c: max(table_width(g) for g in c))
-            break
-    groups = [[0, *group] for group in best]
+        for count in range(1, len(rest) + 1):
+            cuts = [[rest[a:b] for a, b in zip((0, *points), (*points, len(rest)))]
+                    for points in itertools.combinations(range(1, len(rest)), count - 1)]
+            fitting = [c for c in cuts if all(table_width(g) <= width for g in c)]
+            if fitting or count == len(rest):
+                return min(fitting or cuts, key=lambda c: max(table_width(g) for g in c))
+        return [rest]
+
+    lead, best = needs(0), split(needs(0))
+    narrow = max(20, width // 3)
+    if lead > width // 2 and len(split(narrow)) < len(best):
+        lead, best = narrow, split(narrow)
     out = []
-    for group in groups:
+    for group in ([0, *group] for group in best):
         table = Table(title=title if not out else None)
         for i in group:
             header, justify = columns[i]
-            # Only the name folds (a name wider than the screen); numbers and sizes stay whole.
-            table.add_column(header, justify=justify, overflow="fold", no_wrap=i != 0)
+            # Only the name folds (a name wider than its column); numbers and sizes stay whole.
+            table.add_column(header, justify=justify, overflow="fold", no_wrap=i != 0,
+                             max_width=lead - 3 if i == 0 and lead < needs(0) else None)
         for n, row in enumerate(rows):
             table.add_row(*(row[i] for i in group), style=styles[n] if styles else None)
         out.append(table)
