@@ -1,6 +1,6 @@
 """The GPUs this machine has, as a job would see them: index, UUID, name, memory.
 
-The CUDA driver is asked in a child process (``python -m fracgpu.devices``),
+The CUDA driver is asked in a child process (``python -m fracgpu.devices``, ``probe_command``),
 never in the caller: a process that loads the driver can no longer put the
 fracgpu shim in front of it (``fracgpu.init()``), and the command line stays
 free of driver state. The child sees the devices a job would see
@@ -77,13 +77,25 @@ def probe_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def probe_command() -> list[str]:
+    """The probe's command line: ``python -m fracgpu.devices``. From a regular install (the
+    native module beside the package) the interpreter starts without its site hooks (``-S``:
+    site-packages' ``.pth`` files, which the probe does not need and which can cost it tens of
+    milliseconds), and finds fracgpu where this process found it; any other install, as a module."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    if not any(name.startswith("_native") and name.endswith(".so") for name in os.listdir(package)):
+        return [sys.executable, "-m", "fracgpu.devices"]
+    code = f"import sys; sys.path.insert(0, {os.path.dirname(package)!r}); from fracgpu import devices; devices.main()"
+    return [sys.executable, "-S", "-c", code]
+
+
 def probe(env: Mapping[str, str] | None = None) -> list[Device]:
     """The CUDA devices a job started with ``env`` (default: this process's) would see.
 
     Raises DeviceError, with what to do, when there is no driver or no device."""
     try:
         with probe_progress():
-            result = subprocess.run([sys.executable, "-m", "fracgpu.devices"], env=probe_environment(env),
+            result = subprocess.run(probe_command(), env=probe_environment(env),
                                     capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise DeviceError(f"the CUDA driver did not list the devices within {PROBE_TIMEOUT_S} s") from None
@@ -144,5 +156,10 @@ def _list_devices() -> dict:
     return {"devices": devices}
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The probe process: the devices (or the error) as one line of JSON."""
     print(json.dumps(_list_devices()))
+
+
+if __name__ == "__main__":
+    main()
