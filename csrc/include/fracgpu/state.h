@@ -98,7 +98,8 @@ struct SharedProcess {
     // table change cost this one's start. A reading for tests and benchmarks.
     std::atomic<uint64_t> join_wait_ns;
     // How long its first context waited for the GPU's measurement lock (ns):
-    // contexts are measured one at a time (the CUDA shim's quota.cpp).
+    // held shared where the device lists the process, exclusively by the
+    // fallback measurement (the CUDA shim's quota.cpp); both waits add up.
     std::atomic<uint64_t> measure_wait_ns;
     // Ground truth (csrc/shim/cuda/reconcile.cpp), written by the process
     // itself about once a second under the region's lock.

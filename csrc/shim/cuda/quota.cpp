@@ -630,15 +630,16 @@ bool own_usage(Binding &b, uint64_t *out, bool *listed) {
     NvmlProcess procs[64];
     unsigned count = 64;
     int rc = n.processes(dev, &count, procs);
-    if (rc == 7 /* NVML_ERROR_INSUFFICIENT_SIZE */) {
-        std::vector<NvmlProcess> more(count + 16);
+    std::vector<NvmlProcess> more;
+    // NVML_ERROR_INSUFFICIENT_SIZE: asked again with room, a few times, since the list grows
+    // between two calls while many processes start together.
+    for (int tries = 0; rc == 7 && tries < 8; tries++) {
+        more.resize(count + count / 2 + 16);
         count = (unsigned)more.size();
         rc = n.processes(dev, &count, more.data());
-        if (rc != 0) return false;
-        return own_usage_in(more.data(), count, out, listed);
     }
     if (rc != 0) return false;
-    return own_usage_in(procs, count, out, listed);
+    return own_usage_in(more.empty() ? procs : more.data(), count, out, listed);
 }
 
 // Holds the GPU's measurement lock (flock on its state file), shared
