@@ -63,7 +63,7 @@ def __getattr__(name: str):
         from fracgpu import _init
 
         return getattr(_init, name)
-    # The state's typed objects: not loaded by the device probe (python -m fracgpu.devices).
+    # The state's typed objects, loaded when first asked for.
     if name in _STATE_NAMES:
         from fracgpu import state
 

