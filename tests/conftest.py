@@ -18,6 +18,7 @@ from tests.support.simgpu import (  # noqa: F401  (fixtures and helpers the test
     make_gpu,
     parse_facts,
     shim,
+    unlisted_nvml,
 )
 
 

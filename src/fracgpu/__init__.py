@@ -1,8 +1,8 @@
 """fracgpu: share one NVIDIA GPU between jobs, with memory quotas, compute shares and accounting.
 
 Importing fracgpu is cheap: it loads no CUDA library and starts no process, and what only
-some callers need (the version, ``init``) is loaded when first asked for: ``fracgpu run``
-starts every job, so its start-up is every job's.
+some callers need (the version, ``init``, ``usage`` and its types) is loaded when first asked
+for: ``fracgpu run`` starts every job, so its start-up is every job's.
 
 The package is a plain library with the command line on top (``fracgpu.cli``,
 the only code that imports click or rich; nothing else imports it):
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import pathlib
 
-from fracgpu.state import GPUUsage, PartitionUsage, ProcessUsage, usage
 from fracgpu.units import format_share, format_size, parse_share, parse_size
 
 __all__ = ["__version__", "init", "InitError", "usage", "GPUUsage", "PartitionUsage", "ProcessUsage",
@@ -64,8 +63,16 @@ def __getattr__(name: str):
         from fracgpu import _init
 
         return getattr(_init, name)
+    # The state's typed objects, loaded when first asked for.
+    if name in _STATE_NAMES:
+        from fracgpu import state
+
+        return getattr(state, name)
     raise AttributeError(f"module 'fracgpu' has no attribute {name!r}")
 
 
+_STATE_NAMES = ("usage", "GPUUsage", "PartitionUsage", "ProcessUsage")
+
+
 def __dir__() -> list[str]:
-    return sorted({*globals(), "__version__", "init", "InitError"})
+    return sorted({*globals(), "__version__", "init", "InitError", *_STATE_NAMES})

@@ -201,7 +201,13 @@ def partition_variables(spec: JobSpec, *, private_name: str, state_dir: str | os
         settings.read(settings.OOM_WAIT, env)
     folder = state.resolve_state_dir(state_dir)
     state.check_state_dir(folder, create=True)
-    regions = state.open_regions(folder)   # every region must be readable, and dead jobs are reaped
+    # Every region must be readable, and dead jobs are reaped: fully (a /proc read per process on
+    # the GPU) where a limit is checked against the promises, else by pid alone, since every job
+    # starting on a busy GPU makes that check at once.
+    regions = state.open_regions(folder, reap=spec.memory is not None)
+    if spec.memory is None:
+        for region in regions:
+            region.reap(quick=True)
     if spec.partition is not None and not any(r.partition(spec.partition) for r in regions):
         raise ValueError(f"partition '{spec.partition}' does not exist (state folder {folder}); `fracgpu partition "
                          f"list` shows the partitions, `fracgpu partition create {spec.partition} --memory SIZE` "

@@ -19,7 +19,6 @@ starts ``python -m fracgpu.recorder`` to watch the calling process.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import select
@@ -188,6 +187,8 @@ class JobRecorder:
 def watch(argv: list[str] | None = None) -> int:
     """``python -m fracgpu.recorder``: record the job of a process that fracgpu did not start
     (``fracgpu.init()``) until it ends. Its exit status is not known to us: recorded as null."""
+    import argparse   # only this entry point parses arguments: `fracgpu run` does not load it
+
     parser = argparse.ArgumentParser(prog="python -m fracgpu.recorder")
     parser.add_argument("--pid", type=int, required=True)
     parser.add_argument("--start-time", type=int, required=True)

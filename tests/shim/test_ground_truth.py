@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -194,40 +192,6 @@ def test_reconciliation_can_be_turned_off(gpu, shim):
     finally:
         job.kill()
         job.wait(timeout=10)
-
-
-# An NVML that answers as the simulated one does, but lists no process: what a job in a
-# container whose pid namespace is not the driver's sees.
-UNLISTED_NVML = r"""
-#include <dlfcn.h>
-#include <stdlib.h>
-static void *real(const char *name) {
-    static void *h;
-    if (!h) h = dlopen(getenv("UNLISTED_NVML_REAL"), RTLD_NOW | RTLD_LOCAL);
-    return h ? dlsym(h, name) : 0;
-}
-int nvmlInit_v2(void) { int (*f)(void) = real("nvmlInit_v2"); return f ? f() : 999; }
-int nvmlDeviceGetHandleByUUID(const char *u, void **d) {
-    int (*f)(const char *, void **) = real("nvmlDeviceGetHandleByUUID");
-    return f(u, d);
-}
-int nvmlDeviceGetMemoryInfo(void *d, void *m) { int (*f)(void *, void *) = real("nvmlDeviceGetMemoryInfo"); return f(d, m); }
-int nvmlDeviceGetComputeRunningProcesses_v3(void *d, unsigned *count, void *infos) {
-    (void)d; (void)infos;
-    *count = 0;
-    return 0;
-}
-"""
-
-
-@pytest.fixture(scope="module")
-def unlisted_nvml(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("nvml")
-    (out / "unlisted.c").write_text(UNLISTED_NVML)
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    subprocess.run([cc, "-shared", "-fPIC", "-o", str(out / "libnvidia-ml.so.1"), str(out / "unlisted.c"), "-ldl"],
-                   check=True)
-    return str(out / "libnvidia-ml.so.1")
 
 
 @pytest.mark.fault("A process the device does not list (a container in another pid namespace)",

@@ -98,7 +98,8 @@ struct SharedProcess {
     // table change cost this one's start. A reading for tests and benchmarks.
     std::atomic<uint64_t> join_wait_ns;
     // How long its first context waited for the GPU's measurement lock (ns):
-    // contexts are measured one at a time (the CUDA shim's quota.cpp).
+    // held shared where the device lists the process, exclusively by the
+    // fallback measurement (the CUDA shim's quota.cpp); both waits add up.
     std::atomic<uint64_t> measure_wait_ns;
     // Ground truth (csrc/shim/cuda/reconcile.cpp), written by the process
     // itself about once a second under the region's lock.
@@ -130,7 +131,15 @@ struct SharedRegion {
     std::atomic<int32_t> owner;            // partition index, -1: free
     uint32_t pad0;
     std::atomic<uint64_t> lease_until_ns;
-    std::atomic<uint64_t> reserved[9];
+    std::atomic<uint64_t> reserved[5];
+    // Pid namespaces (inodes of /proc/<pid>/ns/pid; 0: free) whose processes
+    // the device's NVML was found not to list: their first contexts are
+    // measured under the exclusive measurement lock straight away (the CUDA
+    // shim's quota.cpp). A hint only, taken from the reserved words (zero in
+    // a region made before it, and a build that ignores it stays correct):
+    // a wrong entry costs a wait or a second context creation, never a
+    // wrong charge.
+    std::atomic<uint64_t> unlisted_pid_ns[4];
     SharedPartition partitions[kMaxPartitions];
     SharedProcess processes[kMaxProcesses];
 };

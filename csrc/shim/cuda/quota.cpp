@@ -30,6 +30,7 @@
 #include <fcntl.h>
 #include <memory>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace shim {
@@ -504,9 +505,22 @@ SHIM_API CUresult cuMipmappedArrayDestroy(CUmipmappedArray h) {
 // context, unlike cuMemGetInfo) less what every partition of the GPU has
 // charged, so what fracgpu's other jobs allocate or free meanwhile cancels
 // out; each figure is read until two reads in a row agree, so one caught
-// between a charge and its allocation is read again. Measurements are taken
-// one at a time on the GPU (flock on its state file), so two jobs starting
-// together never count each other's context. The first context of a process
+// between a charge and its allocation is read again.
+//
+// The GPU's measurement lock (flock on its state file) keeps the fallback
+// exact: a fallback measurement holds it exclusively, so no other job's
+// context is being made meanwhile. A context measured by the device's own
+// figure holds it shared, from before its creation until it is charged:
+// jobs starting together wait for nobody but a fallback measurement in
+// progress, and that waits until every context made meanwhile is in the
+// books (so it cancels out). Whether the device lists this process can only
+// be seen once it holds memory there: the context is made under the shared
+// lock, and when the device then does not list the process it is destroyed
+// and made again under the exclusive one. That namespace is remembered in the
+// GPU's state (unlisted_pid_ns), so its later jobs go to the exclusive lock
+// at once; a job of it that the device does list after all clears it.
+//
+// The first context of a process
 // on a device is where the driver reserves the big block, so that figure is
 // kept per device and charged again, before the call, for every later
 // context of the process there. The first one is charged after it exists;
@@ -616,22 +630,24 @@ bool own_usage(Binding &b, uint64_t *out, bool *listed) {
     NvmlProcess procs[64];
     unsigned count = 64;
     int rc = n.processes(dev, &count, procs);
-    if (rc == 7 /* NVML_ERROR_INSUFFICIENT_SIZE */) {
-        std::vector<NvmlProcess> more(count + 16);
+    std::vector<NvmlProcess> more;
+    // NVML_ERROR_INSUFFICIENT_SIZE: asked again with room, a few times, since the list grows
+    // between two calls while many processes start together.
+    for (int tries = 0; rc == 7 && tries < 8; tries++) {
+        more.resize(count + count / 2 + 16);
         count = (unsigned)more.size();
         rc = n.processes(dev, &count, more.data());
-        if (rc != 0) return false;
-        return own_usage_in(more.data(), count, out, listed);
     }
     if (rc != 0) return false;
-    return own_usage_in(procs, count, out, listed);
+    return own_usage_in(more.empty() ? procs : more.data(), count, out, listed);
 }
 
-// Holds the GPU's measurement lock (flock on its state file) while it lives.
+// Holds the GPU's measurement lock (flock on its state file), shared
+// (LOCK_SH) or exclusive (LOCK_EX), while it lives.
 class MeasureLock {
   public:
-    explicit MeasureLock(const std::string &path) : fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
-        while (fd_ >= 0 && flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
+    MeasureLock(const std::string &path, int mode) : fd_(::open(path.c_str(), O_RDONLY | O_CLOEXEC)) {
+        while (fd_ >= 0 && flock(fd_, mode) != 0 && errno == EINTR) {
         }
     }
     ~MeasureLock() {
@@ -658,6 +674,78 @@ void contexts_forget_after_fork() {
     forget_context_sizes();
 }
 
+// This process's pid namespace: the inode of /proc/self/ns/pid (0: unknown).
+uint64_t pid_namespace() {
+    struct stat st {};
+    return stat("/proc/self/ns/pid", &st) == 0 ? (uint64_t)st.st_ino : 0;
+}
+
+bool known_unlisted(const fracgpu::SharedRegion &r, uint64_t ns) {
+    for (const auto &e : r.unlisted_pid_ns)
+        if (ns && e.load(std::memory_order_relaxed) == ns) return true;
+    return false;
+}
+
+// Remembers (or forgets) that the device does not list the processes of pid namespace `ns`.
+void remember_unlisted(fracgpu::SharedRegion &r, uint64_t ns, bool unlisted) {
+    if (!ns || known_unlisted(r, ns) == unlisted) return;
+    for (auto &e : r.unlisted_pid_ns) {
+        uint64_t expected = unlisted ? 0 : ns;
+        if (e.compare_exchange_strong(expected, unlisted ? ns : 0)) return;
+    }
+    if (unlisted) r.unlisted_pid_ns[ns % std::size(r.unlisted_pid_ns)].store(ns);   // full: one makes way
+}
+
+// How a context was made and measured: `reserve` is its figure when `measured`.
+struct Made {
+    CUresult rc = CUDA_SUCCESS;
+    bool measured = false;
+    uint64_t reserve = 0;
+    bool listed = false;     // the device lists the process (and measured it)
+    bool unlisted = false;   // shared: not measured; the context is destroyed again
+    bool said = false;       // ... and the device answered, without this process (not an NVML failure)
+};
+
+// Makes a context through `call` under the measurement lock held in `mode`
+// and measures it: by the device's own figure for the process, or (exclusive
+// lock only) by what the device uses beyond the books. Under the shared lock a
+// context the device's figure cannot measure is destroyed again (unlisted).
+template <typename Call, typename Undo>
+Made made_measured(Binding *b, int mode, Call call, Undo undo) {
+    Made m;
+    uint64_t asked = mono_ns();
+    MeasureLock lock(b->region.path(), mode);
+    b->region.raw()->processes[b->slot].measure_wait_ns.fetch_add(mono_ns() - asked, std::memory_order_relaxed);
+    const bool exclusive = mode == LOCK_EX;
+    int64_t before = 0;
+    uint64_t own_before = 0;
+    bool listed = false;   // whether the device lists this process
+    bool measure = exclusive && beyond_books(*b, &before);
+    bool measure_own = own_usage(*b, &own_before, &listed);
+    m.rc = call();
+    if (m.rc != CUDA_SUCCESS) return m;
+    int64_t after = 0;
+    uint64_t own_after = 0;
+    m.said = measure_own && own_usage(*b, &own_after, &listed);
+    if (m.said && listed) {
+        m.reserve = own_after > own_before ? own_after - own_before : 0;
+        m.measured = m.listed = true;
+    } else if (!exclusive) {
+        undo();
+        m.unlisted = true;
+    } else if (measure && beyond_books(*b, &after)) {
+        m.reserve = after > before ? (uint64_t)(after - before) : 0;
+        m.measured = true;
+    }
+    if (m.measured && charge(b, m.reserve) != CUDA_SUCCESS) {   // charged under the lock: in the books
+        undo();
+        m.rc = CUDA_ERROR_OUT_OF_MEMORY;
+        log("a CUDA context on %s reserves %s (measured), more than its partition has left: the context is "
+            "destroyed and its creation fails", b->uuid.c_str(), size_text(m.reserve).c_str());
+    }
+    return m;
+}
+
 // Creates a context through `call` (which writes *pctx) and charges its
 // reservation; `undo` destroys it again when that does not fit.
 template <typename Call, typename Undo>
@@ -667,47 +755,36 @@ CUresult context_created(CUcontext *pctx, CUdevice dev, Call call, Undo undo) {
     std::lock_guard<std::mutex> lk(g_context_mu);
     const Settings &s = settings();
     uint64_t known = s.has_context_memory ? s.context_memory : g_context_bytes[dev];
-    std::unique_ptr<MeasureLock> one_at_a_time;
-    if (known == kUnknown && b->ok) {
-        nvml();   // loaded (once) before the lock: every other job's first context waits while it is held
-        uint64_t asked = mono_ns();
-        one_at_a_time = std::make_unique<MeasureLock>(b->region.path());
-        b->region.raw()->processes[b->slot].measure_wait_ns.store(mono_ns() - asked, std::memory_order_relaxed);
-    }
-    int64_t before = 0;
-    uint64_t own_before = 0;
-    bool listed = false;   // whether the device lists this process
-    bool measure = one_at_a_time && beyond_books(*b, &before);
-    bool measure_own = one_at_a_time && own_usage(*b, &own_before, &listed);
     uint64_t reserve = known == kUnknown ? 0 : known;
-    CUresult rc = charge(b, reserve);   // known: charged before the call, as an allocation is
-    if (rc != CUDA_SUCCESS) {
-        log("a CUDA context on %s reserves %s (%s), more than its partition has left: the context is not created",
-            b->uuid.c_str(), size_text(reserve).c_str(), s.has_context_memory ? "FRACGPU_CONTEXT_MEMORY" : "measured");
-        return rc;
-    }
-    rc = call();
-    if (rc != CUDA_SUCCESS) {
-        uncharge(dev, reserve);
-        return rc;
-    }
-    int64_t after = 0;
-    uint64_t own_after = 0;
-    if (measure_own && own_usage(*b, &own_after, &listed) && listed) {
-        reserve = own_after > own_before ? own_after - own_before : 0;
-        measure = true;
-    } else if (measure && beyond_books(*b, &after)) {
-        reserve = after > before ? (uint64_t)(after - before) : 0;
+    if (known == kUnknown && b->ok) {
+        nvml();   // loaded (once) before the lock: a fallback measurement makes every other first context wait
+        fracgpu::SharedRegion &r = *b->region.raw();
+        uint64_t ns = pid_namespace();
+        Made m;
+        m.unlisted = !nvml().processes || known_unlisted(r, ns);
+        if (!m.unlisted) {
+            m = made_measured(b, LOCK_SH, call, undo);
+            if (m.unlisted && m.said) remember_unlisted(r, ns, true);
+        }
+        if (m.unlisted) {
+            m = made_measured(b, LOCK_EX, call, undo);
+            if (m.listed) remember_unlisted(r, ns, false);   // it is listed after all
+        }
+        if (m.rc != CUDA_SUCCESS) return m.rc;
+        if (m.measured) g_context_bytes[dev] = m.reserve;
+        reserve = m.measured ? m.reserve : 0;
     } else {
-        measure = false;
-    }
-    if (measure) {
-        g_context_bytes[dev] = reserve;
-        if (charge(b, reserve) != CUDA_SUCCESS) {
-            undo();
-            log("a CUDA context on %s reserves %s (measured), more than its partition has left: the context is "
-                "destroyed and its creation fails", b->uuid.c_str(), size_text(reserve).c_str());
-            return CUDA_ERROR_OUT_OF_MEMORY;
+        CUresult rc = charge(b, reserve);   // known: charged before the call, as an allocation is
+        if (rc != CUDA_SUCCESS) {
+            log("a CUDA context on %s reserves %s (%s), more than its partition has left: the context is not "
+                "created", b->uuid.c_str(), size_text(reserve).c_str(),
+                s.has_context_memory ? "FRACGPU_CONTEXT_MEMORY" : "measured");
+            return rc;
+        }
+        rc = call();
+        if (rc != CUDA_SUCCESS) {
+            uncharge(dev, reserve);
+            return rc;
         }
     }
     if (reserve) remember(kContext, reinterpret_cast<uint64_t>(*pctx), Charge{reserve, dev, *pctx});

@@ -67,10 +67,11 @@ def supervise(command: tuple[str, ...], env: dict[str, str | None], recorder) ->
         if status == 127:
             raise CommandFailed(f"command not found: {command[0]}", 127) from None
         raise CommandFailed(f"cannot run {command[0]}: {e.strerror}", 126) from None
-    recorder.close_orphans()   # while the command starts, not before it
-    # The first sample waits one interval: the ledger has the job already, and reading the
-    # shared state now would only take a core from the command while it starts.
+    # The first sample waits one interval, and the ledger's orphaned jobs are closed with it (or
+    # at the end): the ledger has the job already, and that work now would only take a core from
+    # the command while it starts.
     next_sample = started + sample_interval(0)
+    orphans_closed = False
     while True:
         status = child.poll()
         if status is not None:
@@ -78,6 +79,9 @@ def supervise(command: tuple[str, ...], env: dict[str, str | None], recorder) ->
         now = time.time()
         if now >= next_sample:
             recorder.sample(t=now)
+            if not orphans_closed:
+                recorder.close_orphans()
+                orphans_closed = True
             next_sample = now + sample_interval(now - started)
         info = signal.sigtimedwait(WATCHED, max(0.0, next_sample - time.time()))
         if info is None or info.si_signo == signal.SIGCHLD:
@@ -88,6 +92,8 @@ def supervise(command: tuple[str, ...], env: dict[str, str | None], recorder) ->
             child.send_signal(info.si_signo)
         except ProcessLookupError:
             pass
+    if not orphans_closed:
+        recorder.close_orphans()
     recorder.finish(status)
     return status
 

@@ -1,0 +1,82 @@
+"""The device probe: the CUDA devices this process's environment shows, asked of libcuda.so.1.
+
+Run as its own interpreter (``devices.probe_command``: ``python -S .../fracgpu/_probe.py``), it
+prints them, or what is wrong, as one line of JSON, which ``fracgpu.devices`` reads. It imports
+nothing of fracgpu and nothing beyond ctypes and json, so the probe starts in a bare interpreter;
+``fracgpu.devices`` re-exports what it defines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if __name__ == "__main__" and sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]   # run as a script: fracgpu's own modules never stand in for the standard library's
+
+NO_DRIVER_HINT = 'install the NVIDIA driver, or use the simulated GPU: eval "$(fracgpu sim env)"'
+
+
+def uuid_text(raw: bytes) -> str:
+    """The 16 bytes of cuDeviceGetUuid_v2 as NVIDIA writes them: ``GPU-8-4-4-4-12`` lowercase hex.
+
+    The shim writes the same text (the name of each GPU's shared state)."""
+    if len(raw) != 16:
+        raise ValueError(f"a GPU UUID has 16 bytes, not {len(raw)}")
+    h = raw.hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def pci_bus_id(text: str) -> str:
+    """CUDA's ``0000:3b:00.0`` as NVML writes it (``00000000:3B:00.0``: an 8-digit domain, upper case)."""
+    domain, sep, rest = text.strip().partition(":")
+    return f"{domain.zfill(8)}:{rest}".upper() if sep else text.strip().upper()
+
+
+def list_devices() -> dict:
+    """In the probe process: ask libcuda.so.1 (whichever the environment selects)."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        return {"error": f"no CUDA driver found ({e}); {NO_DRIVER_HINT}"}
+
+    def error_name(code: int) -> str:
+        name = ctypes.c_char_p()
+        if cuda.cuGetErrorName(code, ctypes.byref(name)) == 0 and name.value:
+            return f"{name.value.decode()} ({code})"
+        return f"error {code}"
+
+    rc = cuda.cuInit(0)
+    if rc != 0:
+        return {"error": f"the CUDA driver cannot start: cuInit failed with {error_name(rc)}; {NO_DRIVER_HINT}"}
+    count = ctypes.c_int()
+    rc = cuda.cuDeviceGetCount(ctypes.byref(count))
+    if rc != 0:
+        return {"error": f"cuDeviceGetCount failed with {error_name(rc)}"}
+    if count.value == 0:
+        return {"error": f"the CUDA driver sees no GPU (check CUDA_VISIBLE_DEVICES); {NO_DRIVER_HINT}"}
+    get_uuid = getattr(cuda, "cuDeviceGetUuid_v2", None) or cuda.cuDeviceGetUuid
+    devices = []
+    for index in range(count.value):
+        dev, uuid, total = ctypes.c_int(), (ctypes.c_ubyte * 16)(), ctypes.c_size_t()
+        name = ctypes.create_string_buffer(256)
+        calls = (("cuDeviceGet", cuda.cuDeviceGet, (ctypes.byref(dev), index)),
+                 ("cuDeviceGetUuid_v2", get_uuid, (uuid, dev)),
+                 ("cuDeviceGetName", cuda.cuDeviceGetName, (name, len(name), dev)),
+                 ("cuDeviceTotalMem_v2", cuda.cuDeviceTotalMem_v2, (ctypes.byref(total), dev)))
+        for call, function, args in calls:   # in order: each needs `dev` from the first
+            rc = function(*args)
+            if rc != 0:
+                return {"error": f"{call} failed for CUDA device {index} with {error_name(rc)}"}
+        bus = ctypes.create_string_buffer(32)   # optional: a driver without it still lists the device
+        bus_id = pci_bus_id(bus.value.decode()) if cuda.cuDeviceGetPCIBusId(bus, len(bus), dev) == 0 else ""
+        devices.append({"index": index, "uuid": uuid_text(bytes(uuid)), "name": name.value.decode(errors="replace"),
+                        "total_memory": total.value, "pci_bus_id": bus_id})
+    return {"devices": devices}
+
+
+if __name__ == "__main__":
+    print(json.dumps(list_devices()))
