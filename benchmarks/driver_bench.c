@@ -16,7 +16,8 @@
  *   event        cuEventRecord + cuEventQuery of an event that keeps timing
  *   event-untimed the same with a CU_EVENT_DISABLE_TIMING event
  * START (CLOCK_MONOTONIC ms) lets several processes begin together.
- * Prints "ns_per_op N"; on the simulated driver also "calls_KIND N" for each kind of
+ * Prints "ns_per_op N", and "begin_ns T0" and "end_ns T1" (CLOCK_MONOTONIC around the
+ * ITERATIONS, comparable between processes); on the simulated driver also "calls_KIND N" for each kind of
  * driver call it counts (fracgpu_sim_call_counts), made by the whole process while
  * the ITERATIONS ran: the shim's own calls (its events, queries, its reader thread) too. */
 #define _GNU_SOURCE
@@ -151,7 +152,7 @@ int main(int argc, char **argv) {
     double t1 = now_ns();
     call_counts(after, NULL);
     if (!strcmp(op, "launch")) CHECK(cuCtxSynchronize());
-    printf("ns_per_op %.1f\n", (t1 - t0) / n);
+    printf("ns_per_op %.1f\nbegin_ns %.0f\nend_ns %.0f\n", (t1 - t0) / n, t0, t1);
     for (int k = 0; k < nkinds; k++) printf("calls_%s %llu\n", kinds[k], after[k] - before[k]);
     return 0;
 }

@@ -72,6 +72,44 @@ def test_launch_overhead(benchmark, bench_gpu, driver_bench, shim, clients, kern
               + ", ".join(f"{v:.3f} {what}" for what, v in calls.items()))
 
 
+PAIR_LAUNCHES = 100_000
+
+
+def pair_throughput(gpu, bench, kernels, envs) -> float:
+    """Launches per second of two processes launching `fracgpu_spin(0)` back to back, started
+    together: both processes' launches over the time from the first one's start to the last
+    one's end."""
+    start_ms = (time.monotonic() + 0.3) * 1000   # CLOCK_MONOTONIC, as driver_bench reads it
+    procs = [gpu.popen(bench, "launch", PAIR_LAUNCHES, f"{start_ms:.3f}", env={"BENCH_MODULE": kernels, **env})
+             for env in envs]
+    facts = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        facts.append(parse_facts(out))
+    begin = min(float(f["begin_ns"]) for f in facts)
+    end = max(float(f["end_ns"]) for f in facts)
+    return len(procs) * PAIR_LAUNCHES / (end - begin) * 1e9
+
+
+def test_busy_pair(benchmark, bench_gpu, driver_bench, shim, kernels):
+    """Two busy partitions of 50% each launching short kernels back to back, against the same two
+    processes without fracgpu: their combined launch throughput, and its ratio (goal: >= 0.5)."""
+    def env(name):
+        return {"LD_PRELOAD": shim, "FRACGPU_PARTITION": name, "FRACGPU_COMPUTE": "50%"}
+
+    modes = {"bare": [{}, {}], "fracgpu": [env("a"), env("b")]}
+    results = {m: [] for m in modes}
+    for _ in range(3):   # interleaved rounds
+        for mode, envs in modes.items():
+            results[mode].append(pair_throughput(bench_gpu, driver_bench, kernels, envs))
+    benchmark.pedantic(pair_throughput, args=(bench_gpu, driver_bench, kernels, modes["fracgpu"]), rounds=1,
+                       iterations=1)
+    bare, shared = (statistics.median(results[m]) for m in modes)
+    benchmark.extra_info.update(bare_launches_per_s=bare, fracgpu_launches_per_s=shared, ratio=shared / bare)
+    print(f"\nbusy pair: bare {bare:.0f} launches/s, fracgpu {shared:.0f} launches/s, ratio {shared / bare:.2f}")
+
+
 def test_event_cost(benchmark, bench_gpu, driver_bench):
     """cuEventRecord + cuEventQuery on the simulated driver: an event that keeps timing against a
     CU_EVENT_DISABLE_TIMING one (a real driver: 5.19 against 0.47 us, ICLDisco/parsec PR #576)."""
