@@ -52,22 +52,29 @@ enum { MAX_KINDS = 32 };
 /* dl_iterate_phdr: the first loaded object that exports the counts. The shim,
  * when preloaded, is what "libcuda.so.1" names here and holds the simulated
  * driver as a local library, out of the global scope, so search every object. */
+static const char *counts_symbol = "fracgpu_sim_call_counts";
 static int find_counts(struct dl_phdr_info *info, size_t size, void *out) {
     (void)size;
     if (!info->dlpi_name || !*info->dlpi_name) return 0;
     void *h = dlopen(info->dlpi_name, RTLD_LAZY | RTLD_NOLOAD);
     if (!h) return 0;
-    void *f = dlsym(h, "fracgpu_sim_call_counts");
+    void *f = dlsym(h, counts_symbol);
     dlclose(h);
     if (!f) return 0;
     *(void **)out = f;
     return 1;
 }
 
-/* The simulated driver's call counts now (0 kinds on a real driver). */
+/* The simulated driver's call counts now; on a real driver, those of the calls
+ * made through the shim when it is preloaded (the launches, and the events,
+ * queries and synchronisations it adds); else 0 kinds. */
 static int call_counts(unsigned long long *counts, const char **names) {
     static call_counts_fn f;
     if (!f) dl_iterate_phdr(find_counts, &f);
+    if (!f) {
+        counts_symbol = "fracgpu_shim_call_counts";
+        dl_iterate_phdr(find_counts, &f);
+    }
     if (!f) return 0;
     int n = f(counts, names, MAX_KINDS);
     return n < MAX_KINDS ? n : MAX_KINDS;

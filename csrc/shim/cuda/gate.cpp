@@ -104,8 +104,9 @@ constexpr uint64_t kQueueNs = 2'000'000;
 constexpr size_t kMaxQueued = 64;
 constexpr int kMaxDevices = 64;
 constexpr uint64_t kBracketNs = 50'000;        // launches this long on average are measured one by one
-constexpr uint64_t kSampleNs = 500'000;        // shorter ones: a sample about this often
-constexpr uint64_t kMaxSampleEvery = 1024;     // ... and at least one in this many
+constexpr uint64_t kSampleNs = 2'000'000;      // shorter ones: a sample about this often
+constexpr uint64_t kMaxSampleEvery = 4096;     // ... and at least one in this many
+constexpr uint64_t kFirstEvery = 16;           // ... and while the first is not read yet
 
 // A short sleep while waiting. The thread's timer slack is set to 1 us first
 // (the default 50 us would stretch every wait, and every handoff of the
@@ -144,19 +145,20 @@ void wake_waiters(fracgpu::SharedRegion *r) {
 //             launch in this partition's turns
 enum Mode { kAlone, kWatch, kGate };
 
-// Whether the device is saturated, as this process last measured it: the
-// device time of every partition per wall time, over windows of
-// kRateWindowNs. Partitions whose kernels leave the device idle most of the
-// time (short kernels, gaps between them) do not take turns: each launches as
-// it would alone, its queue kept short. Turns start when the device is busy
-// kSaturatedRate of the time, and stop below kUnsaturatedRate.
-constexpr uint64_t kRateWindowNs = 20'000'000;
-constexpr double kSaturatedRate = 0.85, kUnsaturatedRate = 0.5;
+// Whether the device is saturated, as this process last saw it: work waits on
+// it. Each partition publishes how long its measured launches took, recently,
+// from their launch to their completion as its reader saw it (queue_lag_ns):
+// on a saturated device that is the queue ahead of them, milliseconds; on one
+// that is not, it is the kernel itself and the reader's wake-up. Partitions
+// whose work does not queue (short kernels, gaps between them) do not take
+// turns: each launches as it would alone, its queue kept short. Turns start
+// when a busy partition's lag reaches kSaturatedLagNs, and stop when every
+// busy one's is under kUnsaturatedLagNs. (Device time per wall time would say
+// it as well, were it not that a short kernel sampled on an idle stream
+// measures the host's time between its events too.)
+constexpr uint64_t kSaturatedLagNs = 1'500'000, kUnsaturatedLagNs = 750'000;
 struct Saturation {
-    std::atomic<bool> busy{false};          // a thread is measuring
-    uint64_t at_ns = 0;
-    uint64_t device_ns[fracgpu::kMaxPartitions] = {};
-    std::atomic<bool> saturated{true};      // until measured: as if it were
+    std::atomic<bool> saturated{false};
 };
 
 struct DeviceView {
@@ -170,8 +172,8 @@ struct DeviceView {
     std::atomic<int64_t> countdown{0};
     std::atomic<int64_t> drawn{0};
     // Where this process is bound on the device (kept for the count at exit).
-    fracgpu::SharedRegion *region = nullptr;
-    int slot = -1, partition = -1;
+    std::atomic<fracgpu::SharedRegion *> region{nullptr};
+    std::atomic<int> slot{-1}, partition{-1};
     Saturation saturation;
 };
 DeviceView *g_view = new DeviceView[kMaxDevices];
@@ -182,6 +184,16 @@ void measure_next(DeviceView &view) {
     int64_t left = view.countdown.exchange(1, std::memory_order_relaxed);
     if (left > 1) view.drawn.fetch_sub(left - 1, std::memory_order_relaxed);
 }
+
+// The driver calls the shim adds to the launches, by kind, for benchmarks on
+// a real GPU (fracgpu_shim_call_counts below). Counted where they are made,
+// never on a launch that makes none.
+enum Call { kEventRecord, kEventQuery, kEventSynchronize, kEventElapsedTime, kCtxSynchronize, kCallKinds };
+const char *const kCallNames[kCallKinds] = {
+    "event_record", "event_query", "event_synchronize", "event_elapsed_time", "ctx_synchronize",
+};
+std::atomic<unsigned long long> g_calls[kCallKinds] = {};
+void counted(Call kind) { g_calls[kind].fetch_add(1, std::memory_order_relaxed); }
 
 bool busy(const fracgpu::SharedPartition &q, uint64_t now) {
     uint64_t last = q.last_launch_ns.load(std::memory_order_relaxed);
@@ -198,24 +210,12 @@ bool held_to_share(const fracgpu::SharedPartition &p) {
 }
 
 // Measures the device's saturation once a window has passed (see Saturation).
-bool saturated(fracgpu::SharedRegion *r, Saturation &sat, uint64_t now) {
-    bool idle = false;
-    if (now - sat.at_ns < kRateWindowNs || !sat.busy.compare_exchange_strong(idle, true))
-        return sat.saturated.load(std::memory_order_relaxed);
-    uint64_t used = 0;
-    for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
-        const fracgpu::SharedPartition &q = r->partitions[i];
-        uint64_t d = __atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE) ? q.device_ns.load(std::memory_order_relaxed) : 0;
-        used += d >= sat.device_ns[i] ? d - sat.device_ns[i] : d;   // a partition made anew: all of its
-        sat.device_ns[i] = d;
-    }
-    if (sat.at_ns) {
-        double rate = (double)used / (double)(now - sat.at_ns);
-        sat.saturated.store(rate >= (sat.saturated.load() ? kUnsaturatedRate : kSaturatedRate));
-    }
-    sat.at_ns = now;
-    sat.busy.store(false);
-    return sat.saturated.load(std::memory_order_relaxed);
+// `lag`: the longest queue lag of the busy partitions, `me` included.
+bool saturated(Saturation &sat, uint64_t lag) {
+    bool was = sat.saturated.load(std::memory_order_relaxed);
+    bool now = lag >= (was ? kUnsaturatedLagNs : kSaturatedLagNs);
+    if (now != was) sat.saturated.store(now, std::memory_order_relaxed);
+    return now;
 }
 
 // How partition `me` must launch now (a Mode), and its weight: its share, or
@@ -232,6 +232,7 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool 
     int mine_class = fracgpu::priority_of(mine);
     bool mine_low = mine_class == kLow;
     bool others_busy = false, others_exist = false, high_busy = false, higher_busy = false, mixed = false;
+    uint64_t lag = mine.queue_lag_ns.load(std::memory_order_relaxed);
     double shared = 0;
     int unshared = 0;
     for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
@@ -249,6 +250,7 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool 
         high_busy = high_busy || (b && klass == kHigh);
         higher_busy = higher_busy || (b && klass > mine_class);
         mixed = mixed || (b && klass != mine_class);
+        if (b) lag = std::max(lag, q.queue_lag_ns.load(std::memory_order_relaxed));
     }
     *yield_queue = high_busy && mine_class != kHigh;
     *outranked = higher_busy;
@@ -256,7 +258,7 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool 
     double share = fracgpu::share_of(mine);
     *weight = share > 0 ? share : rest / (unshared ? unshared : 1);
     if (fracgpu::flags_of(mine) & fracgpu::kPartitionCap) return kGate;
-    if (others_busy && (mixed || !sat || saturated(r, *sat, now))) return kGate;
+    if (others_busy && (mixed || !sat || saturated(*sat, lag))) return kGate;
     return others_exist ? kWatch : kAlone;
 }
 
@@ -269,6 +271,7 @@ struct Pending {
     fracgpu::SharedRegion *region;
     int slot, partition;
     uint32_t represents;   // launches this measurement stands for: it and the unmeasured before it
+    uint64_t launched_ns;  // when it was launched (host)
 };
 
 // Never destroyed: the detached reader thread waits on them while the process exits.
@@ -291,6 +294,7 @@ void saturating_dec(std::atomic<uint64_t> &counter) {
 std::atomic<uint64_t> g_avg_launch_ns_plus1{0};
 std::atomic<uint64_t> g_host_gap_ns{0};
 std::atomic<uint64_t> g_waited_ns{0};
+std::atomic<bool> g_measuring{false};   // a launch was measured (read or not)
 
 void ewma(std::atomic<uint64_t> &avg_plus1, uint64_t ns) {
     uint64_t avg = avg_plus1.load(std::memory_order_relaxed);
@@ -312,7 +316,12 @@ void charge(fracgpu::SharedRegion *r, int partition, int slot, uint64_t ns, uint
 void account(const Pending &p, uint64_t ns) {
     ewma(g_avg_launch_ns_plus1, ns);
     charge(p.region, p.partition, p.slot, ns * p.represents, 0);
-    p.region->partitions[p.partition].last_done_ns.store(mono_ns(), std::memory_order_relaxed);
+    fracgpu::SharedPartition &part = p.region->partitions[p.partition];
+    uint64_t now = mono_ns();
+    part.last_done_ns.store(now, std::memory_order_relaxed);
+    uint64_t lag = now > p.launched_ns ? now - p.launched_ns : 0;
+    uint64_t avg = part.queue_lag_ns.load(std::memory_order_relaxed);
+    part.queue_lag_ns.store(avg ? (avg * 3 + lag) / 4 : lag, std::memory_order_relaxed);
     saturating_dec(p.region->processes[p.slot].inflight);
     saturating_dec(p.region->partitions[p.partition].inflight);
 }
@@ -328,15 +337,21 @@ void reader_main() {
         // for), then take every other one that is done too.
         CUevent oldest = g_pending->front().end;
         lk.unlock();
-        sync(oldest);
+        counted(kEventSynchronize);
+        CUresult synced = sync(oldest);
         lk.lock();
         for (auto it = g_pending->begin(); it != g_pending->end();) {
-            CUresult rc = query(it->end);
+            CUresult rc = synced;   // the one waited for needs no query
+            if (it->end != oldest) {
+                counted(kEventQuery);
+                rc = query(it->end);
+            }
             if (rc == CUDA_ERROR_NOT_READY) {
                 ++it;
                 continue;
             }
             float ms = 0;
+            if (rc == CUDA_SUCCESS) counted(kEventElapsedTime);
             if (rc == CUDA_SUCCESS && elapsed(&ms, it->start, it->end) != CUDA_SUCCESS) ms = 0;
             account(*it, ms > 0 ? (uint64_t)((double)ms * 1e6) : 0);
             auto &pool = (*g_pool)[it->ctx];
@@ -374,6 +389,7 @@ CUevent take_event(CUcontext ctx) {
 // Entering the gate: the work this process queued outside it must finish
 // first, or it would run in another partition's turn.
 void drain_unmeasured() {
+    counted(kCtxSynchronize);
     if (auto sync = REAL(cuCtxSynchronize)) sync();
 }
 
@@ -390,7 +406,10 @@ constexpr int kTickEvery = 16;
 // device or host time, whichever the launches take more of.
 uint64_t sample_every() {
     uint64_t avg = g_avg_launch_ns_plus1.load(std::memory_order_relaxed);
-    if (avg == 0 || avg - 1 >= kBracketNs) return 1;
+    // Nothing measured yet: the first launch is, then one in kFirstEvery until
+    // it is read (not every launch while the reader wakes up).
+    if (avg == 0) return g_measuring.load(std::memory_order_relaxed) ? kFirstEvery : 1;
+    if (avg - 1 >= kBracketNs) return 1;
     uint64_t each = avg - 1;
     uint64_t gap = g_host_gap_ns.load(std::memory_order_relaxed);
     if (gap > each) each = gap;
@@ -454,15 +473,18 @@ bool measured_launch(fracgpu::SharedRegion *r, int slot, int me, bool own, Recor
         start = take_event(ctx);
         end = take_event(ctx);
     }
+    if (start && end) counted(kEventRecord);
     bool measured = start && end && record(start, stream) == CUDA_SUCCESS;
     CUresult rc = launch();
+    if (measured && rc == CUDA_SUCCESS) counted(kEventRecord);
     measured = measured && rc == CUDA_SUCCESS && record(end, stream) == CUDA_SUCCESS;
     *result = rc;
     if (rc != CUDA_SUCCESS) represents--;   // the others before it ran
     charge(r, me, slot, 0, represents);
     std::lock_guard<std::mutex> lk(g_mu);
     if (measured) {
-        g_pending->push_back(Pending{start, end, ctx, r, slot, me, represents});
+        g_pending->push_back(Pending{start, end, ctx, r, slot, me, represents, mono_ns()});
+        g_measuring.store(true, std::memory_order_relaxed);
         g_cv.notify_all();
         return true;
     }
@@ -794,7 +816,9 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
     }
     if (now && now >= view.next_check.load(std::memory_order_relaxed)) {
         view.next_check.store(now + kRecheckNs, std::memory_order_relaxed);
-        view.region = r, view.slot = slot, view.partition = me;
+        view.slot.store(slot, std::memory_order_relaxed);
+        view.partition.store(me, std::memory_order_relaxed);
+        view.region.store(r, std::memory_order_release);
         double w = 1.0;
         bool yield_queue = false, outranked = false;
         int mode = decide(r, me, now, &w, &yield_queue, &outranked, &view.saturation);
@@ -843,6 +867,7 @@ void gate_account_finished() {
     if (!query || !elapsed || !g_mu.try_lock()) return;
     for (auto it = g_pending->begin(); it != g_pending->end();) {
         float ms = 0;
+        counted(kEventQuery);
         if (query(it->end) == CUDA_SUCCESS && elapsed(&ms, it->start, it->end) == CUDA_SUCCESS) {
             account(*it, ms > 0 ? (uint64_t)((double)ms * 1e6) : 0);
             it = g_pending->erase(it);   // its events go with the process
@@ -854,9 +879,10 @@ void gate_account_finished() {
     for (int d = 0; d < kMaxDevices; d++) {
         DeviceView &view = g_view[d];
         int64_t unmeasured = view.drawn.load() - std::max<int64_t>(view.countdown.load(), 0);
-        if (!view.region || unmeasured <= 0) continue;
+        fracgpu::SharedRegion *r = view.region.load(std::memory_order_acquire);
+        if (!r || unmeasured <= 0) continue;
         view.drawn.store(0), view.countdown.store(0);
-        charge(view.region, view.partition, view.slot, avg ? (avg - 1) * (uint64_t)unmeasured : 0,
+        charge(r, view.partition.load(), view.slot.load(), avg ? (avg - 1) * (uint64_t)unmeasured : 0,
                (uint64_t)unmeasured);
     }
     g_mu.unlock();
@@ -869,6 +895,7 @@ void gate_forget_after_fork() {
     new (&g_cv) std::condition_variable();
     g_pending->clear();
     g_pool->clear();
+    g_measuring.store(false);
     g_reader_started = false;
     for (int d = 0; d < kMaxDevices; d++) {
         g_view[d].next_check.store(0);
@@ -878,11 +905,9 @@ void gate_forget_after_fork() {
         g_view[d].outranked.store(false);
         g_view[d].countdown.store(0);
         g_view[d].drawn.store(0);
-        g_view[d].region = nullptr;
+        g_view[d].region.store(nullptr);
         t_tick = 0;
-        g_view[d].saturation.at_ns = 0;
-        g_view[d].saturation.busy.store(false);
-        g_view[d].saturation.saturated.store(true);
+        g_view[d].saturation.saturated.store(false);
     }
 }
 
@@ -943,4 +968,15 @@ SHIM_API CUresult cuGraphLaunch(CUgraphExec g, CUstream s) {
 SHIM_API CUresult cuGraphLaunch_ptsz(CUgraphExec g, CUstream s) {
     REAL_OR_RETURN(real, cuGraphLaunch_ptsz);
     return graph_launch(g, s, REAL(cuEventRecord_ptsz), [&] { return real(g, s); });
+}
+
+// The driver calls the shim made in this process, by kind (what the simulated
+// driver's fracgpu_sim_call_counts says of all calls, for a real driver):
+// writes at most `cap` counts and names and returns how many kinds there are.
+SHIM_API int fracgpu_shim_call_counts(unsigned long long *counts, const char **names, int cap) {
+    for (int i = 0; i < cap && i < kCallKinds; i++) {
+        if (counts) counts[i] = g_calls[i].load(std::memory_order_relaxed);
+        if (names) names[i] = kCallNames[i];
+    }
+    return kCallKinds;
 }
