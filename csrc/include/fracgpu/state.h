@@ -71,7 +71,7 @@ struct SharedPartition {
     std::atomic<uint64_t> cap_tokens_ns;   // capped partitions: device time it may still use (signed)
     std::atomic<uint64_t> cap_refill_ns;   // when cap_tokens_ns was last refilled
     std::atomic<uint64_t> last_done_ns;    // CLOCK_MONOTONIC when a measured launch of it was last seen complete
-    std::atomic<uint64_t> queue_lag_ns;    // recent host time from a measured launch to its completion seen
+    std::atomic<uint64_t> queue_lag_ns;    // recent wait of its measured launches on the device, plus one (0: none yet)
     std::atomic<uint64_t> reserved[6];
     // Ground truth (csrc/shim/cuda/reconcile.cpp): what the device holds for its
     // processes beyond their books. `used` includes it, so the partition is held

@@ -106,7 +106,7 @@ constexpr int kMaxDevices = 64;
 constexpr uint64_t kBracketNs = 50'000;        // launches this long on average are measured one by one
 constexpr uint64_t kSampleNs = 2'000'000;      // shorter ones: a sample about this often
 constexpr uint64_t kMaxSampleEvery = 4096;     // ... and at least one in this many
-constexpr uint64_t kFirstEvery = 16;           // ... and while the first is not read yet
+constexpr uint64_t kFirstMeasured = 64;        // before any is read: each of the first this many
 
 // A short sleep while waiting. The thread's timer slack is set to 1 us first
 // (the default 50 us would stretch every wait, and every handoff of the
@@ -146,16 +146,17 @@ void wake_waiters(fracgpu::SharedRegion *r) {
 enum Mode { kAlone, kWatch, kGate };
 
 // Whether the device is saturated, as this process last saw it: work waits on
-// it. Each partition publishes how long its measured launches took, recently,
-// from their launch to their completion as its reader saw it (queue_lag_ns):
-// on a saturated device that is the queue ahead of them, milliseconds; on one
-// that is not, it is the kernel itself and the reader's wake-up. Partitions
-// whose work does not queue (short kernels, gaps between them) do not take
-// turns: each launches as it would alone, its queue kept short. Turns start
-// when a busy partition's lag reaches kSaturatedLagNs, and stop when every
-// busy one's is under kUnsaturatedLagNs. (Device time per wall time would say
-// it as well, were it not that a short kernel sampled on an idle stream
-// measures the host's time between its events too.)
+// it. Each partition publishes how long its measured launches waited,
+// recently: the host time from their launch to their completion as its reader
+// saw it, less their own measured length (queue_lag_ns, plus one; 0: nothing
+// measured yet, which counts as saturated). On a saturated device that is the
+// queue ahead of them, milliseconds; on one that is not, the reader's wake-up.
+// Partitions whose work does not queue (short kernels, gaps between them) do
+// not take turns: each launches as it would alone, its queue kept short.
+// Turns start when a busy partition's wait reaches kSaturatedLagNs, and stop
+// when every busy one's is under kUnsaturatedLagNs. (Device time per wall
+// time would say it as well, were it not that a short kernel sampled on an
+// idle stream measures the host's time between its events too.)
 constexpr uint64_t kSaturatedLagNs = 1'500'000, kUnsaturatedLagNs = 750'000;
 struct Saturation {
     std::atomic<bool> saturated{false};
@@ -232,7 +233,12 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool 
     int mine_class = fracgpu::priority_of(mine);
     bool mine_low = mine_class == kLow;
     bool others_busy = false, others_exist = false, high_busy = false, higher_busy = false, mixed = false;
-    uint64_t lag = mine.queue_lag_ns.load(std::memory_order_relaxed);
+    // Nothing measured yet (0) counts as the longest wait.
+    auto lag_of = [](const fracgpu::SharedPartition &q) {
+        uint64_t v = q.queue_lag_ns.load(std::memory_order_relaxed);
+        return v ? v - 1 : UINT64_MAX;
+    };
+    uint64_t lag = lag_of(mine);
     double shared = 0;
     int unshared = 0;
     for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
@@ -250,7 +256,7 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool 
         high_busy = high_busy || (b && klass == kHigh);
         higher_busy = higher_busy || (b && klass > mine_class);
         mixed = mixed || (b && klass != mine_class);
-        if (b) lag = std::max(lag, q.queue_lag_ns.load(std::memory_order_relaxed));
+        if (b) lag = std::max(lag, lag_of(q));
     }
     *yield_queue = high_busy && mine_class != kHigh;
     *outranked = higher_busy;
@@ -294,7 +300,7 @@ void saturating_dec(std::atomic<uint64_t> &counter) {
 std::atomic<uint64_t> g_avg_launch_ns_plus1{0};
 std::atomic<uint64_t> g_host_gap_ns{0};
 std::atomic<uint64_t> g_waited_ns{0};
-std::atomic<bool> g_measuring{false};   // a launch was measured (read or not)
+std::atomic<uint64_t> g_measured{0};   // launches measured (read or not)
 
 void ewma(std::atomic<uint64_t> &avg_plus1, uint64_t ns) {
     uint64_t avg = avg_plus1.load(std::memory_order_relaxed);
@@ -319,9 +325,9 @@ void account(const Pending &p, uint64_t ns) {
     fracgpu::SharedPartition &part = p.region->partitions[p.partition];
     uint64_t now = mono_ns();
     part.last_done_ns.store(now, std::memory_order_relaxed);
-    uint64_t lag = now > p.launched_ns ? now - p.launched_ns : 0;
+    uint64_t lag = now > p.launched_ns + ns ? now - p.launched_ns - ns : 0;   // waited, not ran
     uint64_t avg = part.queue_lag_ns.load(std::memory_order_relaxed);
-    part.queue_lag_ns.store(avg ? (avg * 3 + lag) / 4 : lag, std::memory_order_relaxed);
+    part.queue_lag_ns.store((avg ? ((avg - 1) * 3 + lag) / 4 : lag) + 1, std::memory_order_relaxed);
     saturating_dec(p.region->processes[p.slot].inflight);
     saturating_dec(p.region->partitions[p.partition].inflight);
 }
@@ -406,9 +412,10 @@ constexpr int kTickEvery = 16;
 // device or host time, whichever the launches take more of.
 uint64_t sample_every() {
     uint64_t avg = g_avg_launch_ns_plus1.load(std::memory_order_relaxed);
-    // Nothing measured yet: the first launch is, then one in kFirstEvery until
-    // it is read (not every launch while the reader wakes up).
-    if (avg == 0) return g_measuring.load(std::memory_order_relaxed) ? kFirstEvery : 1;
+    // Nothing read yet: each launch is measured, up to kFirstMeasured (long
+    // kernels are each measured from the first; tiny ones do not all take
+    // events while the reader wakes up), then one in kFirstMeasured.
+    if (avg == 0) return g_measured.load(std::memory_order_relaxed) < kFirstMeasured ? 1 : kFirstMeasured;
     if (avg - 1 >= kBracketNs) return 1;
     uint64_t each = avg - 1;
     uint64_t gap = g_host_gap_ns.load(std::memory_order_relaxed);
@@ -484,7 +491,7 @@ bool measured_launch(fracgpu::SharedRegion *r, int slot, int me, bool own, Recor
     std::lock_guard<std::mutex> lk(g_mu);
     if (measured) {
         g_pending->push_back(Pending{start, end, ctx, r, slot, me, represents, mono_ns()});
-        g_measuring.store(true, std::memory_order_relaxed);
+        g_measured.fetch_add(1, std::memory_order_relaxed);
         g_cv.notify_all();
         return true;
     }
@@ -895,7 +902,7 @@ void gate_forget_after_fork() {
     new (&g_cv) std::condition_variable();
     g_pending->clear();
     g_pool->clear();
-    g_measuring.store(false);
+    g_measured.store(0);
     g_reader_started = false;
     for (int d = 0; d < kMaxDevices; d++) {
         g_view[d].next_check.store(0);
