@@ -145,21 +145,24 @@ void wake_waiters(fracgpu::SharedRegion *r) {
 //             launch in this partition's turns
 enum Mode { kAlone, kWatch, kGate };
 
-// Whether the device is saturated, as this process last saw it: work waits on
-// it. Each partition publishes how long its measured launches waited,
-// recently: the host time from their launch to their completion as its reader
-// saw it, less their own measured length (queue_lag_ns, plus one; 0: nothing
-// measured yet, which counts as saturated). On a saturated device that is the
-// queue ahead of them, milliseconds; on one that is not, the reader's wake-up.
-// Partitions whose work does not queue (short kernels, gaps between them) do
-// not take turns: each launches as it would alone, its queue kept short.
-// Turns start when a busy partition's wait reaches kSaturatedLagNs, and stop
-// when every busy one's is under kUnsaturatedLagNs. (Device time per wall
-// time would say it as well, were it not that a short kernel sampled on an
-// idle stream measures the host's time between its events too.)
-constexpr uint64_t kSaturatedLagNs = 1'500'000, kUnsaturatedLagNs = 750'000;
+// Whether the device is saturated, as this process last measured it: the
+// device time of every partition per wall time, over windows of
+// kRateWindowNs. Partitions whose kernels leave the device idle most of the
+// time (short kernels, gaps between them) do not take turns: each launches as
+// it would alone, its queue kept short. Turns start as soon as a window finds
+// the device busy kSaturatedRate of the time, and stop only after
+// kCalmWindows in a row below kUnsaturatedRate (a moment's stall of the jobs
+// must not end the turns that hold the shares); until a window has been
+// measured, the device counts as saturated.
+constexpr uint64_t kRateWindowNs = 20'000'000;
+constexpr double kSaturatedRate = 0.85, kUnsaturatedRate = 0.5;
+constexpr int kCalmWindows = 5;   // ... under kUnsaturatedRate this many windows in a row
 struct Saturation {
-    std::atomic<bool> saturated{false};
+    std::atomic<bool> busy{false};          // a thread is measuring
+    uint64_t at_ns = 0;
+    uint64_t device_ns[fracgpu::kMaxPartitions] = {};
+    int calm = 0;                           // windows in a row under kUnsaturatedRate
+    std::atomic<bool> saturated{true};
 };
 
 struct DeviceView {
@@ -189,9 +192,10 @@ void measure_next(DeviceView &view) {
 // The driver calls the shim adds to the launches, by kind, for benchmarks on
 // a real GPU (fracgpu_shim_call_counts below). Counted where they are made,
 // never on a launch that makes none.
-enum Call { kEventRecord, kEventQuery, kEventSynchronize, kEventElapsedTime, kCtxSynchronize, kCallKinds };
+enum Call { kEventRecord, kEventQuery, kEventSynchronize, kEventElapsedTime, kStreamQuery, kCtxSynchronize,
+            kCallKinds };
 const char *const kCallNames[kCallKinds] = {
-    "event_record", "event_query", "event_synchronize", "event_elapsed_time", "ctx_synchronize",
+    "event_record", "event_query", "event_synchronize", "event_elapsed_time", "stream_query", "ctx_synchronize",
 };
 std::atomic<unsigned long long> g_calls[kCallKinds] = {};
 void counted(Call kind) { g_calls[kind].fetch_add(1, std::memory_order_relaxed); }
@@ -211,12 +215,27 @@ bool held_to_share(const fracgpu::SharedPartition &p) {
 }
 
 // Measures the device's saturation once a window has passed (see Saturation).
-// `lag`: the longest queue lag of the busy partitions, `me` included.
-bool saturated(Saturation &sat, uint64_t lag) {
-    bool was = sat.saturated.load(std::memory_order_relaxed);
-    bool now = lag >= (was ? kUnsaturatedLagNs : kSaturatedLagNs);
-    if (now != was) sat.saturated.store(now, std::memory_order_relaxed);
-    return now;
+// Measures the device's saturation once a window has passed (see Saturation).
+bool saturated(fracgpu::SharedRegion *r, Saturation &sat, uint64_t now) {
+    bool idle = false;
+    if (now - sat.at_ns < kRateWindowNs || !sat.busy.compare_exchange_strong(idle, true))
+        return sat.saturated.load(std::memory_order_relaxed);
+    uint64_t used = 0;
+    for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
+        const fracgpu::SharedPartition &q = r->partitions[i];
+        uint64_t d = __atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE) ? q.device_ns.load(std::memory_order_relaxed) : 0;
+        used += d >= sat.device_ns[i] ? d - sat.device_ns[i] : d;   // a partition made anew: all of its
+        sat.device_ns[i] = d;
+    }
+    if (sat.at_ns) {
+        double rate = (double)used / (double)(now - sat.at_ns);
+        sat.calm = rate < kUnsaturatedRate ? sat.calm + 1 : 0;
+        if (rate >= kSaturatedRate) sat.saturated.store(true);
+        else if (sat.calm >= kCalmWindows) sat.saturated.store(false);
+    }
+    sat.at_ns = now;
+    sat.busy.store(false);
+    return sat.saturated.load(std::memory_order_relaxed);
 }
 
 // How partition `me` must launch now (a Mode), and its weight: its share, or
@@ -233,12 +252,6 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool 
     int mine_class = fracgpu::priority_of(mine);
     bool mine_low = mine_class == kLow;
     bool others_busy = false, others_exist = false, high_busy = false, higher_busy = false, mixed = false;
-    // Nothing measured yet (0) counts as the longest wait.
-    auto lag_of = [](const fracgpu::SharedPartition &q) {
-        uint64_t v = q.queue_lag_ns.load(std::memory_order_relaxed);
-        return v ? v - 1 : UINT64_MAX;
-    };
-    uint64_t lag = lag_of(mine);
     double shared = 0;
     int unshared = 0;
     for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
@@ -256,7 +269,6 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool 
         high_busy = high_busy || (b && klass == kHigh);
         higher_busy = higher_busy || (b && klass > mine_class);
         mixed = mixed || (b && klass != mine_class);
-        if (b) lag = std::max(lag, lag_of(q));
     }
     *yield_queue = high_busy && mine_class != kHigh;
     *outranked = higher_busy;
@@ -264,7 +276,7 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool 
     double share = fracgpu::share_of(mine);
     *weight = share > 0 ? share : rest / (unshared ? unshared : 1);
     if (fracgpu::flags_of(mine) & fracgpu::kPartitionCap) return kGate;
-    if (others_busy && (mixed || !sat || saturated(*sat, lag))) return kGate;
+    if (others_busy && (mixed || !sat || saturated(r, *sat, now))) return kGate;
     return others_exist ? kWatch : kAlone;
 }
 
@@ -277,7 +289,7 @@ struct Pending {
     fracgpu::SharedRegion *region;
     int slot, partition;
     uint32_t represents;   // launches this measurement stands for: it and the unmeasured before it
-    uint64_t launched_ns;  // when it was launched (host)
+    uint64_t host_ns;      // launched onto an idle stream: the host's time from its start event to the launch
 };
 
 // Never destroyed: the detached reader thread waits on them while the process exits.
@@ -320,14 +332,13 @@ void charge(fracgpu::SharedRegion *r, int partition, int slot, uint64_t ns, uint
 }
 
 void account(const Pending &p, uint64_t ns) {
+    // On an idle stream the start event is stamped when it is recorded, not
+    // when the kernel starts: the host's time up to the launch is not the
+    // kernel's.
+    ns = ns > p.host_ns ? ns - p.host_ns : 0;
     ewma(g_avg_launch_ns_plus1, ns);
     charge(p.region, p.partition, p.slot, ns * p.represents, 0);
-    fracgpu::SharedPartition &part = p.region->partitions[p.partition];
-    uint64_t now = mono_ns();
-    part.last_done_ns.store(now, std::memory_order_relaxed);
-    uint64_t lag = now > p.launched_ns + ns ? now - p.launched_ns - ns : 0;   // waited, not ran
-    uint64_t avg = part.queue_lag_ns.load(std::memory_order_relaxed);
-    part.queue_lag_ns.store((avg ? ((avg - 1) * 3 + lag) / 4 : lag) + 1, std::memory_order_relaxed);
+    p.region->partitions[p.partition].last_done_ns.store(mono_ns(), std::memory_order_relaxed);
     saturating_dec(p.region->processes[p.slot].inflight);
     saturating_dec(p.region->partitions[p.partition].inflight);
 }
@@ -455,9 +466,11 @@ void bound_queue(bool one_deep) {
 // between them, then the pair to the reader (in flight until it completes) or
 // back to the pool. Returns false, having launched nothing, when another
 // partition holds the device (`own`: unless it is ours).
+using StreamQuery = decltype(&cuStreamQuery);
+
 template <typename Record, typename Launch>
-bool measured_launch(fracgpu::SharedRegion *r, int slot, int me, bool own, Record record, CUstream stream,
-                     Launch launch, uint32_t represents, CUresult *result) {
+bool measured_launch(fracgpu::SharedRegion *r, int slot, int me, bool own, Record record, StreamQuery query,
+                     CUstream stream, Launch launch, uint32_t represents, CUresult *result) {
     fracgpu::SharedPartition &mine = r->partitions[me];
     fracgpu::SharedProcess &proc = r->processes[slot];
     // In flight before the lease is looked at, as a partition taking the lease
@@ -480,9 +493,21 @@ bool measured_launch(fracgpu::SharedRegion *r, int slot, int me, bool own, Recor
         start = take_event(ctx);
         end = take_event(ctx);
     }
+    // Idle stream: the time from the start event to the launch is the host's.
+    bool idle = false;
+    if (start && end && query) {
+        counted(kStreamQuery);
+        idle = query(stream) == CUDA_SUCCESS;
+    }
+    uint64_t h0 = idle ? mono_ns() : 0;
     if (start && end) counted(kEventRecord);
     bool measured = start && end && record(start, stream) == CUDA_SUCCESS;
     CUresult rc = launch();
+    // Launched now (it may have waited for room in the queue): others judge
+    // this partition idle from its last launch, and must not before its work.
+    uint64_t launched = mono_ns();
+    mine.last_launch_ns.store(launched, std::memory_order_relaxed);
+    uint64_t host_ns = idle ? launched - h0 : 0;
     if (measured && rc == CUDA_SUCCESS) counted(kEventRecord);
     measured = measured && rc == CUDA_SUCCESS && record(end, stream) == CUDA_SUCCESS;
     *result = rc;
@@ -490,7 +515,7 @@ bool measured_launch(fracgpu::SharedRegion *r, int slot, int me, bool own, Recor
     charge(r, me, slot, 0, represents);
     std::lock_guard<std::mutex> lk(g_mu);
     if (measured) {
-        g_pending->push_back(Pending{start, end, ctx, r, slot, me, represents, mono_ns()});
+        g_pending->push_back(Pending{start, end, ctx, r, slot, me, represents, host_ns});
         g_measured.fetch_add(1, std::memory_order_relaxed);
         g_cv.notify_all();
         return true;
@@ -510,7 +535,7 @@ bool measured_launch(fracgpu::SharedRegion *r, int slot, int me, bool own, Recor
 // having launched nothing, when another partition holds the device.
 template <typename Record, typename Launch>
 bool sampled_launch(DeviceView &view, fracgpu::SharedRegion *r, int slot, int me, bool own, bool bounded,
-                    Record record, CUstream stream, Launch launch, CUresult *result) {
+                    Record record, StreamQuery query, CUstream stream, Launch launch, CUresult *result) {
     if (view.countdown.fetch_sub(1, std::memory_order_relaxed) > 1) {
         int owner = r->owner.load(std::memory_order_acquire);
         if (own ? owner != me : owner >= 0 && owner != me) {
@@ -536,7 +561,7 @@ bool sampled_launch(DeviceView &view, fracgpu::SharedRegion *r, int slot, int me
     view.drawn.store(next, std::memory_order_relaxed);
     view.countdown.store(next, std::memory_order_relaxed);
     if (bounded) bound_queue(view.yield_queue.load(std::memory_order_relaxed));
-    if (measured_launch(r, slot, me, own, record, stream, launch, (uint32_t)(represents > 0 ? represents : 1),
+    if (measured_launch(r, slot, me, own, record, query, stream, launch, (uint32_t)(represents > 0 ? represents : 1),
                         result))
         return true;
     // Not launched: this launch waits for the device, and is measured then.
@@ -742,7 +767,11 @@ void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch, bool outr
         }
         if (owner >= 0) {
             const fracgpu::SharedPartition &holder = r->partitions[owner];
-            uint64_t last = holder.last_launch_ns.load(std::memory_order_relaxed);
+            // Idle: nothing in flight, and nothing launched since its work was
+            // last seen done (a holder whose queue just drained, synchronising
+            // before its next launch, is not idle).
+            uint64_t last = std::max(holder.last_launch_ns.load(std::memory_order_relaxed),
+                                     holder.last_done_ns.load(std::memory_order_relaxed));
             bool high_holder = fracgpu::priority_of(holder) == kHigh;
             uint64_t gap = high_holder ? kHighIdleGapNs : kIdleGapNs;
             bool idle = holder.inflight.load() == 0 && holder.waiting_ns.load() == 0 && now > last &&
@@ -754,9 +783,7 @@ void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch, bool outr
             if (!__atomic_load_n(&holder.in_use, __ATOMIC_ACQUIRE) || idle || expired) {
                 // Free the device of an idle or gone holder; an idle one is
                 // charged until its work was last seen done, not for its idling.
-                uint64_t done = holder.last_done_ns.load(std::memory_order_relaxed);
-                uint64_t end = idle ? std::min(now, std::max(last, done)) : now;
-                release(r, owner, end);
+                release(r, owner, idle ? std::min(now, last) : now);
                 continue;
             }
             if (klass == kHigh && !high_holder) {
@@ -798,7 +825,7 @@ void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch, bool outr
 // cuEventRecord or cuEventRecord_ptsz, to bracket the measured launches on
 // their stream.
 template <typename Record, typename Launch>
-CUresult gated(CUstream stream, Record record, Launch launch) {
+CUresult gated(CUstream stream, Record record, StreamQuery query, Launch launch) {
     int dev = launch_device();
     fracgpu::Region *region;
     int slot;
@@ -841,7 +868,7 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
     CUresult rc;
     mode = view.mode.load(std::memory_order_relaxed);
     if (mode != kGate) {   // the device is ours while nobody else is busy
-        if (sampled_launch(view, r, slot, me, false, mode == kWatch, record, stream, launch, &rc)) return rc;
+        if (sampled_launch(view, r, slot, me, false, mode == kWatch, record, query, stream, launch, &rc)) return rc;
         // Another partition took the device: take turns from this launch on.
         now = mono_ns();
         view.next_check.store(now + kRecheckNs, std::memory_order_relaxed);
@@ -856,7 +883,7 @@ CUresult gated(CUstream stream, Record record, Launch launch) {
             view.published.store(after, std::memory_order_relaxed);
         }
         if (view.yield_queue.load(std::memory_order_relaxed)) measure_next(view);
-        if (sampled_launch(view, r, slot, me, true, true, record, stream, launch, &rc)) return rc;
+        if (sampled_launch(view, r, slot, me, true, true, record, query, stream, launch, &rc)) return rc;
         now = mono_ns();   // taken by a higher class meanwhile: wait again
     }
 }
@@ -914,7 +941,10 @@ void gate_forget_after_fork() {
         g_view[d].drawn.store(0);
         g_view[d].region.store(nullptr);
         t_tick = 0;
-        g_view[d].saturation.saturated.store(false);
+        g_view[d].saturation.at_ns = 0;
+        g_view[d].saturation.calm = 0;
+        g_view[d].saturation.busy.store(false);
+        g_view[d].saturation.saturated.store(true);
     }
 }
 
@@ -928,53 +958,56 @@ using namespace shim;
 SHIM_API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                  unsigned bz, unsigned shmem, CUstream s, void **params, void **extra) {
     REAL_OR_RETURN(real, cuLaunchKernel);
-    return gated(s, REAL(cuEventRecord), [&] { return real(f, gx, gy, gz, bx, by, bz, shmem, s, params, extra); });
+    return gated(s, REAL(cuEventRecord), REAL(cuStreamQuery),
+                 [&] { return real(f, gx, gy, gz, bx, by, bz, shmem, s, params, extra); });
 }
 SHIM_API CUresult cuLaunchKernel_ptsz(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                       unsigned bz, unsigned shmem, CUstream s, void **params, void **extra) {
     REAL_OR_RETURN(real, cuLaunchKernel_ptsz);
-    return gated(s, REAL(cuEventRecord_ptsz),
+    return gated(s, REAL(cuEventRecord_ptsz), REAL(cuStreamQuery_ptsz),
                  [&] { return real(f, gx, gy, gz, bx, by, bz, shmem, s, params, extra); });
 }
 SHIM_API CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {
     REAL_OR_RETURN(real, cuLaunchKernelEx);
-    return gated(config ? config->hStream : nullptr, REAL(cuEventRecord),
+    return gated(config ? config->hStream : nullptr, REAL(cuEventRecord), REAL(cuStreamQuery),
                  [&] { return real(config, f, params, extra); });
 }
 SHIM_API CUresult cuLaunchKernelEx_ptsz(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {
     REAL_OR_RETURN(real, cuLaunchKernelEx_ptsz);
-    return gated(config ? config->hStream : nullptr, REAL(cuEventRecord_ptsz),
+    return gated(config ? config->hStream : nullptr, REAL(cuEventRecord_ptsz), REAL(cuStreamQuery_ptsz),
                  [&] { return real(config, f, params, extra); });
 }
 SHIM_API CUresult cuLaunchCooperativeKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                                             unsigned by, unsigned bz, unsigned shmem, CUstream s, void **params) {
     REAL_OR_RETURN(real, cuLaunchCooperativeKernel);
-    return gated(s, REAL(cuEventRecord), [&] { return real(f, gx, gy, gz, bx, by, bz, shmem, s, params); });
+    return gated(s, REAL(cuEventRecord), REAL(cuStreamQuery),
+                 [&] { return real(f, gx, gy, gz, bx, by, bz, shmem, s, params); });
 }
 SHIM_API CUresult cuLaunchCooperativeKernel_ptsz(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                                                  unsigned by, unsigned bz, unsigned shmem, CUstream s,
                                                  void **params) {
     REAL_OR_RETURN(real, cuLaunchCooperativeKernel_ptsz);
-    return gated(s, REAL(cuEventRecord_ptsz), [&] { return real(f, gx, gy, gz, bx, by, bz, shmem, s, params); });
+    return gated(s, REAL(cuEventRecord_ptsz), REAL(cuStreamQuery_ptsz),
+                 [&] { return real(f, gx, gy, gz, bx, by, bz, shmem, s, params); });
 }
 // A graph launch is gated like a kernel's; one with allocation nodes also
 // has its graph memory charged (graphs.cpp).
 template <typename Call>
-CUresult graph_launch(CUgraphExec g, CUstream s, decltype(&cuEventRecord) record, Call call) {
+CUresult graph_launch(CUgraphExec g, CUstream s, decltype(&cuEventRecord) record, StreamQuery query, Call call) {
     GraphLaunch mem;
     CUresult rc = graph_before_launch(g, &mem);
     if (rc != CUDA_SUCCESS) return rc;
-    rc = gated(s, record, call);
+    rc = gated(s, record, query, call);
     graph_after_launch(g, mem, rc);
     return rc;
 }
 SHIM_API CUresult cuGraphLaunch(CUgraphExec g, CUstream s) {
     REAL_OR_RETURN(real, cuGraphLaunch);
-    return graph_launch(g, s, REAL(cuEventRecord), [&] { return real(g, s); });
+    return graph_launch(g, s, REAL(cuEventRecord), REAL(cuStreamQuery), [&] { return real(g, s); });
 }
 SHIM_API CUresult cuGraphLaunch_ptsz(CUgraphExec g, CUstream s) {
     REAL_OR_RETURN(real, cuGraphLaunch_ptsz);
-    return graph_launch(g, s, REAL(cuEventRecord_ptsz), [&] { return real(g, s); });
+    return graph_launch(g, s, REAL(cuEventRecord_ptsz), REAL(cuStreamQuery_ptsz), [&] { return real(g, s); });
 }
 
 // The driver calls the shim made in this process, by kind (what the simulated
