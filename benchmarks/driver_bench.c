@@ -16,7 +16,8 @@
  *   event        cuEventRecord + cuEventQuery of an event that keeps timing
  *   event-untimed the same with a CU_EVENT_DISABLE_TIMING event
  * START (CLOCK_MONOTONIC ms) lets several processes begin together.
- * Prints "ns_per_op N"; on the simulated driver also "calls_KIND N" for each kind of
+ * Prints "ns_per_op N", and "begin_ns T0" and "end_ns T1" (CLOCK_MONOTONIC around the
+ * ITERATIONS, comparable between processes); on the simulated driver also "calls_KIND N" for each kind of
  * driver call it counts (fracgpu_sim_call_counts), made by the whole process while
  * the ITERATIONS ran: the shim's own calls (its events, queries, its reader thread) too. */
 #define _GNU_SOURCE
@@ -51,22 +52,29 @@ enum { MAX_KINDS = 32 };
 /* dl_iterate_phdr: the first loaded object that exports the counts. The shim,
  * when preloaded, is what "libcuda.so.1" names here and holds the simulated
  * driver as a local library, out of the global scope, so search every object. */
+static const char *counts_symbol = "fracgpu_sim_call_counts";
 static int find_counts(struct dl_phdr_info *info, size_t size, void *out) {
     (void)size;
     if (!info->dlpi_name || !*info->dlpi_name) return 0;
     void *h = dlopen(info->dlpi_name, RTLD_LAZY | RTLD_NOLOAD);
     if (!h) return 0;
-    void *f = dlsym(h, "fracgpu_sim_call_counts");
+    void *f = dlsym(h, counts_symbol);
     dlclose(h);
     if (!f) return 0;
     *(void **)out = f;
     return 1;
 }
 
-/* The simulated driver's call counts now (0 kinds on a real driver). */
+/* The simulated driver's call counts now; on a real driver, those of the calls
+ * made through the shim when it is preloaded (the launches, and the events,
+ * queries and synchronisations it adds); else 0 kinds. */
 static int call_counts(unsigned long long *counts, const char **names) {
     static call_counts_fn f;
     if (!f) dl_iterate_phdr(find_counts, &f);
+    if (!f) {
+        counts_symbol = "fracgpu_shim_call_counts";
+        dl_iterate_phdr(find_counts, &f);
+    }
     if (!f) return 0;
     int n = f(counts, names, MAX_KINDS);
     return n < MAX_KINDS ? n : MAX_KINDS;
@@ -151,7 +159,7 @@ int main(int argc, char **argv) {
     double t1 = now_ns();
     call_counts(after, NULL);
     if (!strcmp(op, "launch")) CHECK(cuCtxSynchronize());
-    printf("ns_per_op %.1f\n", (t1 - t0) / n);
+    printf("ns_per_op %.1f\nbegin_ns %.0f\nend_ns %.0f\n", (t1 - t0) / n, t0, t1);
     for (int k = 0; k < nkinds; k++) printf("calls_%s %llu\n", kinds[k], after[k] - before[k]);
     return 0;
 }

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+import fracgpu
+
 from tests.shim.test_compute import completions, shares_of_device_time, windows
 from tests.support.simgpu import parse_facts
 
@@ -39,10 +41,12 @@ def launch_ns(gpu, bench, kernels, env) -> float:
 
 
 def test_launch_overhead(benchmark, bench_gpu, driver_bench, shim, clients, kernels):
-    """bare | alone (fast path) | watch (another partition exists, idle) | gate (capped at 100%: leases + events)."""
+    """bare | alone with a share | alone with a memory quota | watch (another partition exists, idle) |
+    gate (capped at 100%: turns)."""
     modes = {
         "bare": {},
         "alone": {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "p", "FRACGPU_COMPUTE": "50%"},
+        "memory": {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "m", "FRACGPU_MEMORY": "1GiB"},
         "watch": {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "p", "FRACGPU_COMPUTE": "50%"},
         "gate": {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "p", "FRACGPU_COMPUTE": "100%", "FRACGPU_COMPUTE_CAP": "1"},
     }
@@ -72,6 +76,44 @@ def test_launch_overhead(benchmark, bench_gpu, driver_bench, shim, clients, kern
               + ", ".join(f"{v:.3f} {what}" for what, v in calls.items()))
 
 
+PAIR_LAUNCHES = 100_000
+
+
+def pair_throughput(gpu, bench, kernels, envs) -> float:
+    """Launches per second of two processes launching `fracgpu_spin(0)` back to back, started
+    together: both processes' launches over the time from the first one's start to the last
+    one's end."""
+    start_ms = (time.monotonic() + 0.3) * 1000   # CLOCK_MONOTONIC, as driver_bench reads it
+    procs = [gpu.popen(bench, "launch", PAIR_LAUNCHES, f"{start_ms:.3f}", env={"BENCH_MODULE": kernels, **env})
+             for env in envs]
+    facts = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        facts.append(parse_facts(out))
+    begin = min(float(f["begin_ns"]) for f in facts)
+    end = max(float(f["end_ns"]) for f in facts)
+    return len(procs) * PAIR_LAUNCHES / (end - begin) * 1e9
+
+
+def test_busy_pair(benchmark, bench_gpu, driver_bench, shim, kernels):
+    """Two busy partitions of 50% each launching short kernels back to back, against the same two
+    processes without fracgpu: their combined launch throughput, and its ratio (goal: >= 0.5)."""
+    def env(name):
+        return {"LD_PRELOAD": shim, "FRACGPU_PARTITION": name, "FRACGPU_COMPUTE": "50%"}
+
+    modes = {"bare": [{}, {}], "fracgpu": [env("a"), env("b")]}
+    results = {m: [] for m in modes}
+    for _ in range(3):   # interleaved rounds
+        for mode, envs in modes.items():
+            results[mode].append(pair_throughput(bench_gpu, driver_bench, kernels, envs))
+    benchmark.pedantic(pair_throughput, args=(bench_gpu, driver_bench, kernels, modes["fracgpu"]), rounds=1,
+                       iterations=1)
+    bare, shared = (statistics.median(results[m]) for m in modes)
+    benchmark.extra_info.update(bare_launches_per_s=bare, fracgpu_launches_per_s=shared, ratio=shared / bare)
+    print(f"\nbusy pair: bare {bare:.0f} launches/s, fracgpu {shared:.0f} launches/s, ratio {shared / bare:.2f}")
+
+
 def test_event_cost(benchmark, bench_gpu, driver_bench):
     """cuEventRecord + cuEventQuery on the simulated driver: an event that keeps timing against a
     CU_EVENT_DISABLE_TIMING one (a real driver: 5.19 against 0.47 us, ICLDisco/parsec PR #576)."""
@@ -90,22 +132,41 @@ def test_event_cost(benchmark, bench_gpu, driver_bench):
 
 @pytest.mark.parametrize("count", [2, 4, 8])
 def test_fairness(benchmark, make_gpu, clients, kernels, shim, count):
-    """Largest error, in points of device time, of any partition in any 1 s window after the first."""
+    """Largest error, in points of device time, of any partition in any 1 s window after the first;
+    and the largest error of a partition's device time in the books against the kernels it ran."""
     gpu = make_gpu(memory=1 << 30)
     weights = list(range(1, count + 1))
     shares = {f"p{i}": w / sum(weights) for i, w in enumerate(weights)}
     seconds = 4
 
-    def run():
-        start = (time.monotonic() + 0.5) * 1000
-        jobs = {name: gpu.popen(clients.lcuda, "busy", seconds, 1, kernels, f"{start:.3f}",
-                                env={"LD_PRELOAD": shim, "FRACGPU_PARTITION": name, "FRACGPU_COMPUTE": f"{s:.4f}"})
-                for name, s in shares.items()}
-        return {name: windows(completions(job), seconds) for name, job in jobs.items()}
+    def env(name, share):
+        return {"LD_PRELOAD": shim, "FRACGPU_PARTITION": name, "FRACGPU_COMPUTE": f"{share:.4f}"}
 
-    got = benchmark.pedantic(run, rounds=1, iterations=1)
+    # A member that stays keeps each partition (and its books) after its busy job ends.
+    keepers = [gpu.popen(clients.lcuda, "hold", 1, 60, env=env(name, s)) for name, s in shares.items()]
+    try:
+        for keeper in keepers:
+            assert keeper.stdout.readline().startswith("holding")
+
+        def run():
+            start = (time.monotonic() + 0.5) * 1000
+            jobs = {name: gpu.popen(clients.lcuda, "busy", seconds, 1, kernels, f"{start:.3f}", env=env(name, s))
+                    for name, s in shares.items()}
+            return {name: completions(job) for name, job in jobs.items()}
+
+        points = benchmark.pedantic(run, rounds=1, iterations=1)
+        device_ns = {p.name: p.device_ns for u in fracgpu.usage(str(gpu.state_dir)) for p in u.partitions}
+    finally:
+        for keeper in keepers:
+            keeper.kill()
+            keeper.wait(timeout=10)
+    got = {name: windows(p, seconds) for name, p in points.items()}
     per_window = shares_of_device_time(got)
     error = max(abs(w[name] - shares[name]) for w, _ in per_window for name in shares)
     utilisation = min(u for _, u in per_window)
-    benchmark.extra_info.update(partitions=count, max_error_points=100 * error, min_utilisation=utilisation)
-    print(f"\nfairness x{count}: max error {100 * error:.2f} points, utilisation >= {100 * utilisation:.1f}%")
+    ran = {name: p[-1][1] * 1_000_000 for name, p in points.items()}   # kernels completed x 1 ms
+    books = max(abs(device_ns[name] - ran[name]) / ran[name] for name in shares)
+    benchmark.extra_info.update(partitions=count, max_error_points=100 * error, min_utilisation=utilisation,
+                                max_books_error_percent=100 * books)
+    print(f"\nfairness x{count}: max error {100 * error:.2f} points, utilisation >= {100 * utilisation:.1f}%, "
+          f"device time in the books within {100 * books:.1f}% of the kernels run")

@@ -6,8 +6,13 @@ It builds the C clients against the CUDA headers (as the tests do) and the
 real driver, then measures, side by side in this one run:
 
 - launch cost: cuLaunchKernel of the real fracgpu_spin(0) bare, under the shim
-  alone (fast path), and through the gate (a 100% capped partition: leases
-  and events); alloc/free pairs bare and under a quota;
+  alone with a compute share and with a memory quota (no turns: sampled), and
+  through the gate (a 100% capped partition: turns); with the driver calls the
+  shim adds per launch (events recorded, queries, synchronisations); alloc/free
+  pairs bare and under a quota;
+- busy pair: two processes launching fracgpu_spin(0) back to back, started
+  together, bare and as two partitions of 50%: their combined launches per
+  second, and the ratio;
 - start-up: exec to the first allocation of a process, per process, with 1, 32
   and 128 processes joining one partition at once: bare, under the shim
   (LD_PRELOAD), and under ``fracgpu run --partition`` (``--startup`` sets the counts);
@@ -77,17 +82,51 @@ def overhead(bench: Path, base_env: dict, module: str) -> dict:
         "quota": {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "b3", "FRACGPU_MEMORY": "50%"},
     }
     out: dict = {}
-    for op, count, which in (("launch", 50_000, ("bare", "shim_alone", "shim_gate")),
+    for op, count, which in (("launch", 200_000, ("bare", "shim_alone", "quota", "shim_gate")),
                              ("alloc-free", 20_000, ("bare", "quota")),
                              ("passthrough", 500_000, ("bare", "quota"))):
         samples = {m: [] for m in which}
+        calls = {m: [] for m in which}
         for _ in range(3):   # interleaved rounds
             for m in which:
-                text = run([bench, op, count], {**base_env, **modes[m], "BENCH_MODULE": module})
-                samples[m].append(float(parse_facts(text)["ns_per_op"]))
+                facts = parse_facts(run([bench, op, count], {**base_env, **modes[m], "BENCH_MODULE": module}))
+                samples[m].append(float(facts["ns_per_op"]))
+                # The calls the shim added (its own counts on a real driver), per operation.
+                calls[m].append({k[len("calls_"):]: int(v) / count for k, v in facts.items() if k.startswith("calls_")})
         bare = statistics.median(samples["bare"])
-        out[op] = {m: {"ns": statistics.median(v), "ratio": statistics.median(v) / bare} for m, v in samples.items()}
+        out[op] = {m: {"ns": statistics.median(v), "ratio": statistics.median(v) / bare,
+                       **({"calls_per_launch": calls[m][-1]} if op == "launch" else {})}
+                   for m, v in samples.items()}
     return out
+
+
+def pair(bench: Path, base_env: dict, module: str, launches: int = 200_000) -> dict:
+    """Two processes launching fracgpu_spin(0) back to back, started together: both processes'
+    launches per second (first start to last end), bare and as two partitions of 50%."""
+    shim = str(shim_path())
+    modes = {"bare": [{}, {}],
+             "fracgpu": [{"LD_PRELOAD": shim, "FRACGPU_PARTITION": p, "FRACGPU_COMPUTE": "50%"} for p in "xy"]}
+
+    def throughput(envs):
+        start_ms = (time.monotonic() + 0.5) * 1000
+        procs = [subprocess.Popen([str(bench), "launch", str(launches), f"{start_ms:.3f}"],
+                                  env={**base_env, **env, "BENCH_MODULE": module}, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for env in envs]
+        facts = []
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            if p.returncode != 0:
+                raise SystemExit(f"driver_bench launch failed ({p.returncode}):\n{err}")
+            facts.append(parse_facts(out))
+        span = max(float(f["end_ns"]) for f in facts) - min(float(f["begin_ns"]) for f in facts)
+        return len(envs) * launches / span * 1e9
+
+    got = {m: [] for m in modes}
+    for _ in range(3):   # interleaved rounds
+        for m, envs in modes.items():
+            got[m].append(throughput(envs))
+    bare, shared = (statistics.median(got[m]) for m in modes)
+    return {"bare_launches_per_s": bare, "fracgpu_launches_per_s": shared, "ratio": shared / bare}
 
 
 def startup(bench: Path, base_env: dict, counts: list[int]) -> list[dict]:
@@ -179,7 +218,7 @@ def main() -> None:
     parser.add_argument("--sim", action="store_true", help="run on the simulated GPU (to check this script)")
     parser.add_argument("--startup", default="1,32,128", metavar="COUNTS",
                         help="process counts of the start-up measurement, comma-separated [default: 1,32,128]")
-    parser.add_argument("--only", choices=["overhead", "startup", "fairness", "latency"], action="append",
+    parser.add_argument("--only", choices=["overhead", "pair", "startup", "fairness", "latency"], action="append",
                         help="measure only this (repeatable) [default: all]")
     args = parser.parse_args()
     if not args.sim and not real_gpu_available():
@@ -201,6 +240,7 @@ def main() -> None:
             lib_dir, gpu_name = str(sim.library_dir()), ["fracgpu simulated GPU"]
         client, bench = build(Path(folder), lib_dir)
         parts = {"overhead": lambda: overhead(bench, env, module),
+                 "pair": lambda: pair(bench, env, module),
                  "startup": lambda: startup(bench, env, [int(n) for n in args.startup.split(",") if n]),
                  "fairness": lambda: [fairness(client, env, module, n, args.seconds) for n in (2, 4, 8)],
                  "latency": lambda: latency(client, env, module)}

@@ -28,8 +28,11 @@ namespace fracgpu {
 // and partitions without a promise use only what nobody was promised).
 // 3: priority classes (kPartitionHigh, kPartitionLow; a build without them
 // would launch a low job as if it were normal) and ground truth (the device's per-process figure and the drift, appended to
-// partitions and processes).
-constexpr uint32_t kStateLayoutVersion = 3;
+// partitions and processes). 4: the launch gate charges a partition's virtual
+// time for the turns it held (lease_start_ns), `inflight` counts measured
+// launches only (most launches are not measured), and an idle holder is
+// charged until its work was last seen done (last_done_ns).
+constexpr uint32_t kStateLayoutVersion = 4;
 constexpr int kMaxPartitions = 64;
 constexpr int kMaxProcesses = 256;
 constexpr size_t kNameBytes = 64;      // partition names, NUL included
@@ -60,14 +63,15 @@ struct SharedPartition {
     std::atomic<uint64_t> oom_refusals;    // allocations refused over quota
     // Compute (the launch gate, csrc/shim/cuda/gate.cpp)
     std::atomic<uint64_t> device_ns;       // device time its kernels used, measured with events
-    std::atomic<uint64_t> vtime_ns;        // device_ns / weight: the fair-share clock
+    std::atomic<uint64_t> vtime_ns;        // turns held on the device / weight: the fair-share clock
     std::atomic<uint64_t> last_launch_ns;  // CLOCK_MONOTONIC of its latest launch (0: never)
-    std::atomic<uint64_t> inflight;        // gated launches not yet completed, all its processes
+    std::atomic<uint64_t> inflight;        // measured launches not yet completed, all its processes
     std::atomic<uint64_t> waiting_ns;      // CLOCK_MONOTONIC since when a process waits at the gate (0: none)
     std::atomic<uint64_t> launches;        // kernel and graph launches
     std::atomic<uint64_t> cap_tokens_ns;   // capped partitions: device time it may still use (signed)
     std::atomic<uint64_t> cap_refill_ns;   // when cap_tokens_ns was last refilled
-    std::atomic<uint64_t> reserved[8];
+    std::atomic<uint64_t> last_done_ns;    // CLOCK_MONOTONIC when a measured launch of it was last seen complete
+    std::atomic<uint64_t> reserved[7];
     // Ground truth (csrc/shim/cuda/reconcile.cpp): what the device holds for its
     // processes beyond their books. `used` includes it, so the partition is held
     // to the larger of the books and the device.
@@ -128,10 +132,12 @@ struct SharedRegion {
     uint64_t created_unix_ns;
     pthread_mutex_t lock;
     // The device lease of the launch gate: which partition may launch, until when.
+    // Waiters sleep on `owner` (a futex: it changes when the device is freed).
     std::atomic<int32_t> owner;            // partition index, -1: free
     uint32_t pad0;
     std::atomic<uint64_t> lease_until_ns;
-    std::atomic<uint64_t> reserved[5];
+    std::atomic<uint64_t> lease_start_ns;  // since when the owner's turn is charged (its virtual time)
+    std::atomic<uint64_t> reserved[4];
     // Pid namespaces (inodes of /proc/<pid>/ns/pid; 0: free) whose processes
     // the device's NVML was found not to list: their first contexts are
     // measured under the exclusive measurement lock straight away (the CUDA

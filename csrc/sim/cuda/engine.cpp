@@ -27,6 +27,7 @@ std::condition_variable &g_cv_work = *new std::condition_variable;  // the worke
 std::condition_variable &g_cv_done = *new std::condition_variable;  // callers: a record completed
 std::vector<Stream *> &g_active = *new std::vector<Stream *>;      // streams with work pending
 bool g_worker_started = false;
+int g_space_waiters = 0;   // threads blocked on a full launch queue
 
 void activate(Stream *s) {
     if (std::find(g_active.begin(), g_active.end(), s) == g_active.end()) g_active.push_back(s);
@@ -63,7 +64,7 @@ void worker_main() {
     for (;;) {
         uint64_t now = now_ns();
         uint64_t wake = UINT64_MAX;
-        bool changed = false;
+        bool changed = false, waited_for = false;
         for (size_t i = 0; i < g_active.size();) {
             Stream *s = g_active[i];
             for (;;) {
@@ -105,6 +106,7 @@ void worker_main() {
                 case Op::RecordEv:
                     cur.rec->ts = std::max(s->last_end, cur.enqueued);
                     cur.rec->done = true;
+                    waited_for = waited_for || cur.rec->waiters > 0;
                     break;
                 case Op::Wait:
                     s->last_end = std::max(s->last_end, cur.rec->ts);
@@ -120,7 +122,10 @@ void worker_main() {
             i++;
         }
         if (changed) {
-            g_cv_done.notify_all();
+            // Only threads blocked on what just happened are woken, as a real
+            // driver wakes a blocking-sync waiter for its own event, not for
+            // every kernel that ends.
+            if (waited_for || g_space_waiters > 0) g_cv_done.notify_all();
             continue;   // a completed record may unblock a wait on another stream
         }
         if (wake == UINT64_MAX) {
@@ -154,7 +159,11 @@ void engine_enqueue(std::unique_lock<std::mutex> &lk, Stream *s, Op op) {
         return;
     }
     // A full launch queue blocks the launching thread, as a full pushbuffer does.
-    while (s->q.size() >= kMaxPendingOps) g_cv_done.wait(lk);
+    if (s->q.size() >= kMaxPendingOps) {
+        g_space_waiters++;
+        while (s->q.size() >= kMaxPendingOps) g_cv_done.wait(lk);
+        g_space_waiters--;
+    }
     add_implicit_waits(s);
     op.enqueued = now_ns();
     s->q.push_back(std::move(op));
@@ -184,7 +193,11 @@ void engine_release_stream(Stream *s) {
 }
 
 void engine_wait(std::unique_lock<std::mutex> &lk, const std::shared_ptr<Record> &r) {
-    while (!r->done) g_cv_done.wait(lk);
+    if (!r->done) {
+        r->waiters++;
+        while (!r->done) g_cv_done.wait(lk);
+        r->waiters--;
+    }
     uint64_t now = now_ns();
     if (r->ts > now) {
         lk.unlock();

@@ -171,6 +171,7 @@ struct Context {
 struct Record {                            // one cuEventRecord (or an internal marker)
     bool done = false;
     uint64_t ts = 0;                       // completion time on the device timeline
+    int waiters = 0;                       // threads blocked until it is done (they alone are woken)
 };
 
 struct Op {
