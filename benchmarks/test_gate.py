@@ -76,7 +76,7 @@ def test_launch_overhead(benchmark, bench_gpu, driver_bench, shim, clients, kern
               + ", ".join(f"{v:.3f} {what}" for what, v in calls.items()))
 
 
-PAIR_LAUNCHES = 100_000
+PAIR_LAUNCHES = 1_000_000   # long enough for the steady state (turns stop after 100 ms of an unsaturated device)
 
 
 def pair_throughput(gpu, bench, kernels, envs) -> float:

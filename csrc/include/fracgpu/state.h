@@ -30,8 +30,9 @@ namespace fracgpu {
 // would launch a low job as if it were normal) and ground truth (the device's per-process figure and the drift, appended to
 // partitions and processes). 4: the launch gate charges a partition's virtual
 // time for the turns it held (lease_start_ns), `inflight` counts measured
-// launches only (most launches are not measured), and an idle holder is
-// charged until its work was last seen done (last_done_ns).
+// launches only (most launches are not measured), an idle holder is charged
+// until its work was last seen done (last_done_ns), and busy_ns says whether
+// the device is saturated.
 constexpr uint32_t kStateLayoutVersion = 4;
 constexpr int kMaxPartitions = 64;
 constexpr int kMaxProcesses = 256;
@@ -71,7 +72,8 @@ struct SharedPartition {
     std::atomic<uint64_t> cap_tokens_ns;   // capped partitions: device time it may still use (signed)
     std::atomic<uint64_t> cap_refill_ns;   // when cap_tokens_ns was last refilled
     std::atomic<uint64_t> last_done_ns;    // CLOCK_MONOTONIC when a measured launch of it was last seen complete
-    std::atomic<uint64_t> reserved[7];
+    std::atomic<uint64_t> busy_ns;         // device time beyond the host's pace (the gate's saturation measure)
+    std::atomic<uint64_t> reserved[6];
     // Ground truth (csrc/shim/cuda/reconcile.cpp): what the device holds for its
     // processes beyond their books. `used` includes it, so the partition is held
     // to the larger of the books and the device.

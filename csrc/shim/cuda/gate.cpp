@@ -147,7 +147,9 @@ enum Mode { kAlone, kWatch, kGate };
 
 // Whether the device is saturated, as this process last measured it: the
 // device time of every partition per wall time, over windows of
-// kRateWindowNs. Partitions whose kernels leave the device idle most of the
+// kRateWindowNs (counted as busy_ns: each sample less the host's own time
+// between its events, which is all a kernel of a few microseconds measures
+// whether or not the device is busy). Partitions whose kernels leave the device idle most of the
 // time (short kernels, gaps between them) do not take turns: each launches as
 // it would alone, its queue kept short. Turns start as soon as a window finds
 // the device busy kSaturatedRate of the time, and stop only after
@@ -223,7 +225,7 @@ bool saturated(fracgpu::SharedRegion *r, Saturation &sat, uint64_t now) {
     uint64_t used = 0;
     for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
         const fracgpu::SharedPartition &q = r->partitions[i];
-        uint64_t d = __atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE) ? q.device_ns.load(std::memory_order_relaxed) : 0;
+        uint64_t d = __atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE) ? q.busy_ns.load(std::memory_order_relaxed) : 0;
         used += d >= sat.device_ns[i] ? d - sat.device_ns[i] : d;   // a partition made anew: all of its
         sat.device_ns[i] = d;
     }
@@ -290,6 +292,7 @@ struct Pending {
     int slot, partition;
     uint32_t represents;   // launches this measurement stands for: it and the unmeasured before it
     uint64_t host_ns;      // launched onto an idle stream: the host's time from its start event to the launch
+    uint64_t bracket_ns;   // the host's time from recording its start event to recording its end event
 };
 
 // Never destroyed: the detached reader thread waits on them while the process exits.
@@ -335,10 +338,16 @@ void account(const Pending &p, uint64_t ns) {
     // On an idle stream the start event is stamped when it is recorded, not
     // when the kernel starts: the host's time up to the launch is not the
     // kernel's.
+    // What the device surely spent beyond the host's own pace: the measured
+    // time less all the host's time between the two events (a tiny kernel
+    // measures about that much, however busy its stream), for saturation.
+    uint64_t sure = ns > p.bracket_ns ? ns - p.bracket_ns : 0;
     ns = ns > p.host_ns ? ns - p.host_ns : 0;
     ewma(g_avg_launch_ns_plus1, ns);
     charge(p.region, p.partition, p.slot, ns * p.represents, 0);
-    p.region->partitions[p.partition].last_done_ns.store(mono_ns(), std::memory_order_relaxed);
+    fracgpu::SharedPartition &part = p.region->partitions[p.partition];
+    part.busy_ns.fetch_add(sure * p.represents, std::memory_order_relaxed);
+    part.last_done_ns.store(mono_ns(), std::memory_order_relaxed);
     saturating_dec(p.region->processes[p.slot].inflight);
     saturating_dec(p.region->partitions[p.partition].inflight);
 }
@@ -499,7 +508,7 @@ bool measured_launch(fracgpu::SharedRegion *r, int slot, int me, bool own, Recor
         counted(kStreamQuery);
         idle = query(stream) == CUDA_SUCCESS;
     }
-    uint64_t h0 = idle ? mono_ns() : 0;
+    uint64_t h0 = mono_ns();
     if (start && end) counted(kEventRecord);
     bool measured = start && end && record(start, stream) == CUDA_SUCCESS;
     CUresult rc = launch();
@@ -510,12 +519,13 @@ bool measured_launch(fracgpu::SharedRegion *r, int slot, int me, bool own, Recor
     uint64_t host_ns = idle ? launched - h0 : 0;
     if (measured && rc == CUDA_SUCCESS) counted(kEventRecord);
     measured = measured && rc == CUDA_SUCCESS && record(end, stream) == CUDA_SUCCESS;
+    uint64_t bracket_ns = mono_ns() - h0;
     *result = rc;
     if (rc != CUDA_SUCCESS) represents--;   // the others before it ran
     charge(r, me, slot, 0, represents);
     std::lock_guard<std::mutex> lk(g_mu);
     if (measured) {
-        g_pending->push_back(Pending{start, end, ctx, r, slot, me, represents, host_ns});
+        g_pending->push_back(Pending{start, end, ctx, r, slot, me, represents, host_ns, bracket_ns});
         g_measured.fetch_add(1, std::memory_order_relaxed);
         g_cv.notify_all();
         return true;
