@@ -5,9 +5,11 @@
 // counter and the real launch: no event, no lock, no write to the shared state
 // (the partition's `last_launch_ns` is published at most every kPublishNs).
 //
-// Turns. When one partition alone uses a GPU (and has no cap) nothing waits.
-// When several partitions are busy, the device is leased to one partition at a
-// time for a slice of kLeaseNs; the next lease goes to the waiting partition
+// Turns. When one partition alone uses a GPU (and has no cap) nothing waits,
+// nor when several are busy but the device is not saturated (see Saturation:
+// their kernels leave it idle most of the time). When several partitions are
+// busy on a saturated device, it is leased to one partition at a time for a
+// slice of kLeaseNs; the next lease goes to the waiting partition
 // whose virtual time (the turns it held / weight) is lowest, so over time each
 // holds the device in proportion to its weight. A lease ends early when its
 // holder goes idle, so the scheduler is work-conserving; a partition that
