@@ -294,3 +294,34 @@ def test_partitions_that_leave_the_device_idle_do_not_wait_for_each_others_turns
     together = {name: p90(job) for name, job in jobs.items()}
     for name, other in (("slow", "quick"), ("quick", "slow")):
         assert together[name] <= alone[name] + services[other][1] + SLACK_MS, (alone, together)
+
+
+# Launches COUNT zero-length spins under the shim, then prints the driver calls it says it added.
+SHIM_CALLS_JOB = SPIN_JOB + """
+import ctypes
+ns = np.array([0], np.uint64)
+args = np.array([ns.ctypes.data], np.uint64)
+stream = ck(cu.cuStreamCreate(0))
+for _ in range(int(sys.argv[2])):
+    ck(cu.cuLaunchKernel(spin, 1, 1, 1, 1, 1, 1, 0, stream, args.ctypes.data, 0))
+ck(cu.cuStreamSynchronize(stream))
+time.sleep(0.05)                                       # the gate's reader has taken the last sample
+counts_fn = ctypes.CDLL(None).fracgpu_shim_call_counts   # the preloaded shim's export
+counts, names = (ctypes.c_ulonglong * 16)(), (ctypes.c_char_p * 16)()
+n = counts_fn(counts, names, 16)
+print(json.dumps({names[i].decode(): counts[i] for i in range(n)}))
+"""
+
+
+def test_the_shim_counts_the_driver_calls_it_adds_to_launches(gpu, kernels, shim):
+    """What a real driver cannot say: the events, queries and synchronisations the shim adds (for
+    the GPU benchmark's calls per launch). Alone, 5 000 tiny launches take a few samples, not an
+    event each."""
+    env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "counted", "FRACGPU_COMPUTE": "50%"}
+    calls = json.loads(gpu.run(sys.executable, "-c", SHIM_CALLS_JOB, kernels, 5000, env=env).stdout)
+    assert set(calls) == {"event_record", "event_query", "event_synchronize", "event_elapsed_time",
+                          "stream_query", "ctx_synchronize"}, calls
+    samples = calls["event_record"] // 2
+    assert calls["event_record"] == 2 * samples and samples >= 1, calls   # a start and an end event each
+    assert calls["stream_query"] == samples, calls                          # is its stream idle: once each
+    assert calls["event_record"] <= 0.1 * 5000, calls                      # far from one per launch
