@@ -207,7 +207,7 @@ void counted(Call kind) { g_calls[kind].fetch_add(1, std::memory_order_relaxed);
 bool busy(const fracgpu::SharedPartition &q, uint64_t now) {
     uint64_t last = q.last_launch_ns.load(std::memory_order_relaxed);
     return q.inflight.load(std::memory_order_relaxed) > 0 || q.waiting_ns.load(std::memory_order_relaxed) != 0 ||
-           (last && now > last && now - last < kActiveNs) || (last && now <= last);
+           (last && (now <= last || now - last < kActiveNs));
 }
 
 constexpr int kLow = FRACGPU_PRIORITY_LOW, kHigh = FRACGPU_PRIORITY_HIGH;
@@ -313,9 +313,9 @@ void saturating_dec(std::atomic<uint64_t> &counter) {
 
 // Recent measured length of this process's launches, plus one (0: none
 // measured yet); the host time between its launches, waits for turns left
-// out (0: not known yet); and all the time it waited for turns.
+// out, plus one (0: not known yet); and all the time it waited for turns.
 std::atomic<uint64_t> g_avg_launch_ns_plus1{0};
-std::atomic<uint64_t> g_host_gap_ns{0};
+std::atomic<uint64_t> g_host_gap_ns_plus1{0};
 std::atomic<uint64_t> g_waited_ns{0};
 std::atomic<uint64_t> g_measured{0};   // launches measured (read or not)
 
@@ -440,8 +440,8 @@ uint64_t sample_every() {
     if (avg == 0) return g_measured.load(std::memory_order_relaxed) < kFirstMeasured ? 1 : kFirstMeasured;
     if (avg - 1 >= kBracketNs) return 1;
     uint64_t each = avg - 1;
-    uint64_t gap = g_host_gap_ns.load(std::memory_order_relaxed);
-    if (gap > each) each = gap;
+    uint64_t gap = g_host_gap_ns_plus1.load(std::memory_order_relaxed);
+    if (gap && gap - 1 > each) each = gap - 1;
     uint64_t n = kSampleNs / (each > 0 ? each : 1);
     return n < 1 ? 1 : n > kMaxSampleEvery ? kMaxSampleEvery : n;
 }
@@ -565,9 +565,7 @@ bool sampled_launch(DeviceView &view, fracgpu::SharedRegion *r, int slot, int me
     uint64_t waited = g_waited_ns.load(std::memory_order_relaxed);
     waited -= waited_then.exchange(waited, std::memory_order_relaxed);
     if (last && represents > 0 && now > last + waited) {
-        uint64_t gap = (now - last - waited) / (uint64_t)represents;
-        uint64_t avg = g_host_gap_ns.load(std::memory_order_relaxed);
-        g_host_gap_ns.store(avg ? (avg * 7 + gap) / 8 : gap, std::memory_order_relaxed);
+        ewma(g_host_gap_ns_plus1, (now - last - waited) / (uint64_t)represents);
     }
     int64_t next = draw(sample_every());
     view.drawn.store(next, std::memory_order_relaxed);
@@ -812,8 +810,7 @@ void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch, bool outr
             // Sleep until the holder hands over, its turn ends, or it may have
             // gone idle (looked at again every kIdleGapNs / 4).
             uint64_t left = until > now ? until - now : 0;
-            uint64_t look = (high_holder ? kHighIdleGapNs : kIdleGapNs) / 4;
-            sleep_on_owner(r, owner, left > 20'000 && left < look ? left : left >= look ? look : 20'000);
+            sleep_on_owner(r, owner, std::clamp<uint64_t>(left, 20'000, gap / 4));
             continue;
         }
         if (most_deserving(r) != me || others_inflight(r, me, now)) {
