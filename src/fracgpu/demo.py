@@ -168,7 +168,7 @@ def run(folder: str, use_real: bool, say: Callable[[str], None],
     time.sleep(0.5)
     first = snapshot.read(state_dir)
     time.sleep(1.0)
-    while_busy(snapshot.take(first, snapshot.read(state_dir)), state_dir)
+    while_busy(snapshot.take(first, snapshot.read(state_dir), snapshot.running_jobs(ledger_path)), state_dir)
     results = []
     for job, p in zip(JOBS, procs):
         out, err = p.communicate(timeout=300)

@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping
 from fracgpu import settings, shim
 from fracgpu._probe import list_devices, pci_bus_id, uuid_text
 
-__all__ = ["Device", "DeviceError", "pci_bus_id", "probe", "probe_environment", "uuid_text"]
+__all__ = ["Device", "DeviceError", "Numbering", "numbering", "pci_bus_id", "probe", "probe_environment",
+           "uuid_text", "visibility_mask"]
 
 PROBE_TIMEOUT_S = 120   # cuInit on a machine with many GPUs can take tens of seconds
 
@@ -93,6 +94,70 @@ def probe(env: Mapping[str, str] | None = None) -> list[Device]:
     if "error" in answer:
         raise DeviceError(answer["error"])
     return [Device(**d) for d in answer["devices"]]
+
+
+VISIBILITY = "CUDA_VISIBLE_DEVICES"
+
+
+def visibility_mask(env: Mapping[str, str] | None = None) -> str | None:
+    """``CUDA_VISIBLE_DEVICES`` in ``env`` (default ``os.environ``) when it is set: CUDA then numbers
+    only the devices it names, from 0, in its order. None when every device is visible."""
+    value = (os.environ if env is None else env).get(VISIBILITY)
+    return value if value is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Numbering:
+    """The GPUs of this machine, numbered as a job started with some environment sees them.
+
+    ``visible`` are the devices CUDA shows that job, at their CUDA index; ``present`` every
+    device of the machine (probed without the mask); ``mask`` the ``CUDA_VISIBLE_DEVICES`` in
+    effect, or None."""
+
+    visible: tuple[Device, ...]
+    present: tuple[Device, ...]
+    mask: str | None = None
+
+    def index(self, uuid: str) -> int | None:
+        """The CUDA index a job would pass for GPU ``uuid``; None when the mask hides it or it is gone."""
+        return next((d.index for d in self.visible if d.uuid == uuid), None)
+
+    def device(self, uuid: str) -> Device | None:
+        """GPU ``uuid`` as the job sees it; None when hidden or gone."""
+        return next((d for d in self.visible if d.uuid == uuid), None)
+
+    def exists(self, uuid: str) -> bool:
+        """Whether GPU ``uuid`` is on this machine now, visible or not (state of a GPU that is gone,
+        such as a simulated one that was removed, is stale)."""
+        return any(d.uuid == uuid for d in self.present)
+
+    def describe(self, uuid: str) -> str:
+        """``GPU 1`` for a visible GPU; else why it has no index."""
+        index = self.index(uuid)
+        if index is not None:
+            return f"GPU {index}"
+        if self.exists(uuid):
+            return f"GPU hidden by {VISIBILITY}={self.mask}"
+        return "GPU gone (stale state)"
+
+    def note(self) -> str | None:
+        """What to say when a mask renumbers the GPUs; None without one."""
+        if self.mask is None:
+            return None
+        return (f"{VISIBILITY}={self.mask} is in effect: GPUs are numbered as the jobs started here see them "
+                f"({len(self.visible)} of this machine's {len(self.present)})")
+
+
+def numbering(env: Mapping[str, str] | None = None) -> Numbering:
+    """How a job started with ``env`` (default: this process's) numbers the GPUs; DeviceError when
+    there is no driver or no device."""
+    env = dict(os.environ if env is None else env)
+    mask = visibility_mask(env)
+    visible = tuple(probe(env)) if mask is None or mask.strip() else ()
+    if mask is None:
+        return Numbering(visible, visible, None)
+    unmasked = {k: v for k, v in env.items() if k != VISIBILITY}
+    return Numbering(visible, tuple(probe(unmasked)), mask)
 
 
 if __name__ == "__main__":

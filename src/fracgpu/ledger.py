@@ -272,6 +272,15 @@ class Ledger:
                           (until if until is not None else float("inf"),
                            since if since is not None else float("-inf")))
 
+    def running(self) -> dict[int, JobRecord]:
+        """The jobs not ended yet, by the pid of the recorder that keeps each row (the holder of the
+        job's processes in the shared state, ``FRACGPU_JOB_HOLDER``): how the live view names them."""
+        ids = dict(self.db.execute('SELECT id, recorder_pid FROM jobs WHERE "end" IS NULL AND '
+                                   "recorder_pid IS NOT NULL").fetchall())
+        if not ids:
+            return {}
+        return {ids[record.id]: record for record in self._jobs(f"id IN ({','.join('?' * len(ids))})", tuple(ids))}
+
     def _jobs(self, where: str, parameters: tuple) -> list[JobRecord]:
         rows = self.db.execute(
             'SELECT id, job, partition, gpu, command, start, "end", exit_status, memory_limit, compute_share, '

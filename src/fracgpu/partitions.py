@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from fracgpu import devices, jobs, state
 from fracgpu.units import bytes_of, parse_memory, parse_priority, parse_share
 
-__all__ = ["create", "remove", "update", "device", "NothingToChange", "LimitAndUnlimited"]
+__all__ = ["create", "remove", "update", "device", "numbering_or_none", "NothingToChange", "LimitAndUnlimited"]
 
 
 class NothingToChange(ValueError):
@@ -34,9 +34,28 @@ def device(index: int, env: Mapping[str, str] | None = None) -> devices.Device:
     found = devices.probe(env)
     if not 0 <= index < len(found):
         have = f"devices 0 to {len(found) - 1}" if len(found) > 1 else "device 0 only"
-        raise ValueError(f"there is no CUDA device {index}: jobs here see {have} "
-                         "(numbered as CUDA_VISIBLE_DEVICES selects them)")
+        mask = devices.visibility_mask(env)
+        selects = f"CUDA_VISIBLE_DEVICES={mask} selects them" if mask is not None else "CUDA numbers them"
+        raise ValueError(f"there is no CUDA device {index}: jobs here see {have} (numbered as {selects}; "
+                         "`fracgpu gpus` lists them)")
     return found[index]
+
+
+def numbering_or_none(env: Mapping[str, str] | None = None) -> devices.Numbering | None:
+    """How jobs started with ``env`` number the GPUs (``devices.numbering``); None where no driver answers."""
+    try:
+        return devices.numbering(env)
+    except devices.DeviceError:
+        return None
+
+
+def _several(name: str, holders: list[state.Region], env: Mapping[str, str] | None) -> ValueError:
+    """The refusal of a name several GPUs have, naming each GPU by the index --device takes."""
+    numbering = numbering_or_none(env)
+    gpus = ", ".join(f"{numbering.describe(r.uuid) if numbering else 'GPU'} ({r.device_name}, {r.uuid})"
+                     for r in holders)
+    return ValueError(f"partition '{name}' exists on several GPUs: {gpus}; say which with --device N "
+                      "(`fracgpu gpus` lists the indices)")
 
 
 def create(name: str, memory: str | int | None = None, *, compute: str | float | None = None, cap: bool = False,
@@ -95,8 +114,7 @@ def remove(name: str, *, device_index: int | None = None, state_dir: str | os.Pa
     if not holders:
         raise ValueError(f"there is no partition '{name}'{where}; `fracgpu partition list` shows the partitions")
     if len(holders) > 1:
-        gpus = ", ".join(f"{r.uuid} ({r.device_name})" for r in holders)
-        raise ValueError(f"partition '{name}' exists on several GPUs ({gpus}); say which with --device N")
+        raise _several(name, holders, env)
     holders[0].remove_partition(name)
     return holders[0].uuid
 
@@ -135,7 +153,7 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
     if not holders:
         raise ValueError(f"there is no partition '{name}'; `fracgpu partition list` shows the partitions")
     if len(holders) > 1:
-        raise ValueError(f"partition '{name}' exists on several GPUs; say which with --device N")
+        raise _several(name, holders, env)
     region = holders[0]
     limit = None
     if size is not None:

@@ -51,6 +51,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 from fracgpu import jobs, settings, state
 from fracgpu.units import parse_priority, percent_text
@@ -93,6 +94,19 @@ def _check_node_setting(name: str, value: str, where: str) -> None:
     settings.by_name(name).parse(value)   # ValueError naming the variable
 
 
+@contextlib.contextmanager
+def _opened(path: str, what: str, fix: str) -> Iterator[Any]:
+    """``path`` open for reading; a file that cannot be read is a ValueError naming it, what it was
+    read for, why it cannot be, and ``fix``."""
+    try:
+        f = open(path)
+    except OSError as e:
+        reason = "it does not exist" if isinstance(e, FileNotFoundError) else e.strerror or str(e)
+        raise ValueError(f"cannot read {path} ({what}): {reason}; {fix}") from None
+    with f:
+        yield f
+
+
 def read_config(path: str | os.PathLike | None = None) -> NodeConfig:
     """The node's settings from ``path`` (default ``CONFIG``; a missing default file is an empty
     config): ``NAME=value`` lines (NAME a ``FRACGPU_*`` setting), ``#`` comments. ValueError
@@ -104,7 +118,8 @@ def read_config(path: str | os.PathLike | None = None) -> NodeConfig:
             return NodeConfig()
     path = os.fspath(path)
     values: dict[str, str] = {}
-    with open(path) as f:
+    with _opened(path, "the node's fracgpu settings", f"make it readable by the user Slurm runs the TaskProlog as, or "
+                 f"give --config PATH naming another (without --config, {CONFIG} is read only when it exists)") as f:
         for number, raw in enumerate(f, 1):
             line = raw.split("#", 1)[0].strip()
             if not line:
@@ -205,7 +220,8 @@ def shards_per_gpu_from_gres(path: str, node: str) -> int:
     ``Name=gpu`` devices, from the lines whose ``NodeName`` names it and the lines with none.
     Parameter names are case-insensitive, as Slurm reads them."""
     shards, gpus = 0, 0
-    with open(path) as f:
+    with _opened(path, "gres.conf, to count this node's shards per GPU",
+                 "give --shards-per-gpu N in the TaskProlog, or --gres-conf PATH naming the node's gres.conf") as f:
         for number, raw in enumerate(f, 1):
             line = raw.split("#", 1)[0]
             where = f"{path}:{number}"
@@ -263,11 +279,17 @@ def exports(env: Mapping[str, str], shards_per_gpu: int | None, node: NodeConfig
     job = env.get("SLURM_JOB_ID", "").strip()
     if not job.isdigit():
         raise ValueError(f"SLURM_JOB_ID={job!r}: run this as Slurm's TaskProlog, which sets it")
+    given = shards_per_gpu is not None
     if shards_per_gpu is None:
         shards_per_gpu = shards_per_gpu_from_gres(gres_conf or gres_conf_path(env), node_name(env))
     if shards_per_gpu <= 0:
         raise ValueError(f"--shards-per-gpu must be at least 1, not {shards_per_gpu}")
-    share = percent_text(min(1.0, shards / shards_per_gpu))
+    if shards > shards_per_gpu:
+        raise ValueError(f"the job has {shards} shards on this node, more than the {shards_per_gpu} of one GPU "
+                         f"({'--shards-per-gpu' if given else 'gres.conf'}): fracgpu holds a sharded job to a "
+                         f"fraction of one GPU; ask for at most {shards_per_gpu} shards (--gres=shard:N), or whole "
+                         "GPUs (--gres=gpu:N), or correct the shard count per GPU")
+    share = percent_text(shards / shards_per_gpu)
     spec = jobs.JobSpec.parse(memory=share, compute=share, cap=cap, priority=priority)
     node_settings = dict((node or NodeConfig()).values)
     # The task's environment as fracgpu may read it: the user's, less every fracgpu setting,

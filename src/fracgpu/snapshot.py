@@ -4,6 +4,8 @@ A snapshot is one read of the shared state (``fracgpu.usage()``) with the
 compute share each partition and process achieved since the read before it:
 the device time it used between the two reads divided by the time between
 them. ``achieved_share`` is that arithmetic, the one place it is written.
+It also knows the jobs the ledger has running (``running_jobs``), so a view
+can name a process's job (``fracgpu run --name``) and show its labels.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import os
 import time
 from typing import Any
 
-from fracgpu import state
+from fracgpu import ledger, state
 
-__all__ = ["Snapshot", "achieved_share", "read", "take", "as_json"]
+__all__ = ["Snapshot", "achieved_share", "read", "running_jobs", "take", "as_json"]
 
 Read = tuple[float, list[state.GPUUsage]]   # (time.monotonic() of the read, what it read)
 
@@ -40,6 +42,16 @@ class Snapshot:
     # (gpu uuid, partition name) and (gpu uuid, pid) -> achieved share; absent: not measurable
     partition_shares: dict[tuple[str, str], float]
     process_shares: dict[tuple[str, int], float]
+    # The ledger's running jobs, by the pid of their recorder (a process's holder).
+    jobs: dict[int, ledger.JobRecord] = dataclasses.field(default_factory=dict)
+
+    def job_of(self, p: state.ProcessUsage) -> ledger.JobRecord | None:
+        """The job process ``p`` belongs to, as the ledger records it; None when it is not recorded."""
+        return self.jobs.get(p.holder) if p.holder else None
+
+    def jobs_in(self, p: state.PartitionUsage) -> list[ledger.JobRecord]:
+        """The running jobs recorded in partition ``p`` (a private partition has one), by start."""
+        return sorted((j for j in self.jobs.values() if j.partition == p.name), key=lambda j: (j.start, j.id))
 
     def partition_share(self, gpu: state.GPUUsage, p: state.PartitionUsage) -> float | None:
         return self.partition_shares.get((gpu.uuid, p.name))
@@ -56,8 +68,22 @@ def read(state_dir: str | os.PathLike | None = None) -> Read:
     return time.monotonic(), gpus
 
 
-def take(before: Read | None, after: Read) -> Snapshot:
-    """The view of ``after``, with each share achieved since ``before`` (None: no earlier read).
+def running_jobs(ledger_path: str | os.PathLike | None = None) -> dict[int, ledger.JobRecord]:
+    """The jobs the ledger (``ledger_path``, default the usual one) has running, by their recorder's
+    pid; empty when there is no ledger yet or it cannot be read (a view goes on without names)."""
+    path = ledger_path if ledger_path is not None else ledger.default_path()
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with ledger.Ledger(path) as books:
+            return books.running()
+    except ledger.LedgerError:
+        return {}
+
+
+def take(before: Read | None, after: Read, jobs: dict[int, ledger.JobRecord] | None = None) -> Snapshot:
+    """The view of ``after``, with each share achieved since ``before`` (None: no earlier read), and
+    the ledger's running ``jobs`` (``running_jobs()``) that name its processes.
 
     A partition or process missing from ``before`` (new), or whose device time went
     down (removed and made again under the same name), has no achieved share."""
@@ -76,7 +102,7 @@ def take(before: Read | None, after: Read) -> Snapshot:
                 share = achieved_share(old.get(key), ns, interval * 1e9)
                 if share is not None:
                     shares[key] = share
-    return Snapshot(time.time(), interval, gpus, partition_shares, process_shares)
+    return Snapshot(time.time(), interval, gpus, partition_shares, process_shares, dict(jobs or {}))
 
 
 def as_json(view: Snapshot) -> dict[str, Any]:
@@ -89,5 +115,7 @@ def as_json(view: Snapshot) -> dict[str, Any]:
             entry["compute_share_achieved"] = view.partition_share(gpu, p)
         for entry, q in zip(g["processes"], gpu.processes):
             entry["compute_share_achieved"] = view.process_share(gpu, q)
+            job = view.job_of(q)
+            entry["job"] = None if job is None else {"name": job.job, "labels": job.labels}
         gpus.append(g)
     return {"time": view.time, "interval": view.interval, "gpus": gpus}

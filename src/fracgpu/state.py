@@ -17,7 +17,7 @@ from fracgpu import _native
 
 __all__ = ["GPUUsage", "PartitionUsage", "ProcessUsage", "ProcessSlot", "Region", "StateError", "DoesNotFit", "usage",
            "resolve_state_dir", "open_regions", "open_region", "open_region_file", "region_files", "check_state_dir",
-           "check_may_change_partitions", "check_partition_name", "process_start_time", "process_alive"]
+           "check_may_change_partitions", "check_partition_name", "partition_names", "process_start_time", "process_alive"]
 
 StateError = _native.StateError
 
@@ -81,6 +81,7 @@ class ProcessUsage:
     device_used: int | None = None  # what the device reports it holds; None unless truth is "known"
     drift: int | None = None        # device_used - used at the last reconciliation (signed); None: not known
     drift_charged: int = 0          # its positive drift, charged to its partition
+    holder: int = 0                 # the pid recording its job (its ledger row's recorder); 0: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +111,7 @@ class ProcessSlot:
         return ProcessUsage(pid=self.pid, partition=self.partition, command=self.command, used=self.used,
                             peak=self.peak, device_ns=self.device_ns, launches=self.launches, truth=self.truth,
                             device_used=self.device_used if known else None, drift=self.drift if known else None,
-                            drift_charged=self.drift_charged)
+                            drift_charged=self.drift_charged, holder=self.holder)
 
 
 @dataclasses.dataclass
@@ -120,6 +121,11 @@ class GPUUsage:
     total_memory: int
     partitions: list[PartitionUsage]
     processes: list[ProcessUsage]
+
+    @property
+    def promised(self) -> int:
+        """Bytes its partitions are promised: their limits, the best-effort (overcommitted) ones aside."""
+        return sum(p.memory_limit or 0 for p in self.partitions if not p.best_effort)
 
 
 class Region:
@@ -282,6 +288,13 @@ def check_may_change_partitions(folder: str | os.PathLike) -> None:
         raise PermissionError(f"only the owner of the state folder {folder} (uid {owner}) may create, change or "
                               "remove partitions; run jobs in them with `fracgpu run --partition NAME`, or give a "
                               "job a private partition with `fracgpu run --memory SIZE`")
+
+
+def partition_names(state_dir: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """(name, GPU name) of every partition in the state folder, read without reaping (for shell
+    completion, which must be quick and change nothing). StateError as ``open_regions``."""
+    return [(p.name, region.device_name) for region in open_regions(state_dir, reap=False)
+            for p in region.partitions()]
 
 
 def usage(state_dir: str | os.PathLike | None = None) -> list[GPUUsage]:

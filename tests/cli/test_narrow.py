@@ -1,6 +1,7 @@
 """At 80 columns (a terminal's usual width; rich takes it from COLUMNS) the tables of `partition list`,
 `top` and `report` stay readable: no line is wider, and no cell is folded over lines: a table too
-wide is split into narrower ones, each led by the row's name."""
+wide is split into narrower ones, each led by the row's name (`partition list`, `report`), or keeps
+its essential columns (`top`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 
 import pytest
 
+from tests.support import screen
 from tests.support.simgpu import MiB
 from fracgpu.ledger import Ledger
 from fracgpu.units import format_size
@@ -56,19 +58,21 @@ def test_partition_list(gpu, partitions):
 
 
 def test_top(gpu, partitions):
+    """`top` keeps one line per partition and process at 80 columns: the least essential columns are left
+    out, never a row split or a figure cut."""
     out = gpu.fracgpu("top", "--once", "--interval", "0.2", env=NARROW).stdout
-    rows = table_rows(out)
-    # partition, memory / limit, %, peak, share, achieved, GPU time, procs, drift: in two tables at 80 columns
-    assert out.count("┏") > 2
+    assert all(len(line) <= 80 for line in out.splitlines()), out
+    (parts,), (procs,) = screen.tables(out, "partition"), screen.tables(out, "pid")
+    rows = {r["partition"]: r for r in parts}
     held = format_size(200 * MiB + gpu.context)   # its allocation and its context
-    percent = f"{round(100 * (200 * MiB + gpu.context) / (300 * MiB))}%"
-    assert rows[partitions][:4] == [f"{held} / 300MiB", percent, held, "25%"]
-    assert rows["training-large"][:4] == ["0B / 256MiB", "0%", "0B", "50% cap"]
-    # the priority beside the name, when it is not normal; no process: nothing on the device beyond the books
-    assert len(rows["team (high)"]) == 8 and rows["team (high)"][-1] == "0"
-    (pid,) = [name for name in rows if name.isdigit()]   # the process table: pid, partition, command, ...
-    assert rows[pid][0] == partitions.split()[0] and rows[pid][1].startswith("client_")
-    assert rows[pid][2:4] == [held, held]
+    mine = rows[partitions]
+    assert (mine["memory / limit"], mine["share"]) == (f"{held} / 300MiB", "25%")
+    assert (rows["training-large"]["memory / limit"], rows["training-large"]["share"]) == ("0B / 256MiB", "50% cap")
+    assert set(rows) == {partitions, "training-large", "team (high)"}   # the priority beside the name
+    assert {"partition", "job", "memory / limit", "share", "achieved"} <= set(mine)
+    (proc,) = procs
+    assert proc["partition"] == partitions.split()[0] and proc["memory"] == held
+    assert {"pid", "job", "partition", "memory", "achieved"} <= set(proc)
 
 
 def test_report(tmp_path):

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from tests.support import screen
 from tests.support.simgpu import GiB, MiB, command_pid, wait_gone
 import fracgpu
 from fracgpu import devices, partitions
@@ -58,8 +59,9 @@ def test_the_table(gpu):
             for cells in [[c.strip() for c in line.split("│")[1:-1]]]}
     assert rows["team"] == ["256MiB", "0B", "0B", "-", "0.00 s", "0"]
     assert rows["open"] == ["unlimited", "0B", "0B", "-", "0.00 s", "0"]
-    (u,) = listed(gpu)   # the GPU heads its table: its UUID, name and memory
-    assert table.splitlines()[0] == f"{u['uuid']}  fracgpu simulated GPU, 1GiB"
+    (u,) = listed(gpu)   # the GPU heads its table: the index --device takes, its name, memory and UUID
+    assert table.splitlines()[0] == f"GPU 0  fracgpu simulated GPU, 1GiB  {u['uuid']}"
+    assert u["index"] == 0
 
 
 def test_create_on_another_device_and_remove_where_ambiguous(make_gpu):
@@ -69,11 +71,45 @@ def test_create_on_another_device_and_remove_where_ambiguous(make_gpu):
     uuids = {d.uuid: d.index for d in devices.probe(gpu.env)}
     limits = {uuids[u["uuid"]]: [p["memory_limit"] for p in u["partitions"]] for u in listed(gpu)}
     assert limits == {0: [128 * MiB], 1: [GiB // 2]}
-    refused(gpu.fracgpu("partition", "rm", "half", check=False), "exists on several GPUs", "--device N")
+    by_index = {i: u for u, i in uuids.items()}
+    # the refusal names each GPU by the index --device takes
+    refused(gpu.fracgpu("partition", "rm", "half", check=False), "exists on several GPUs", "--device N",
+            f"GPU 0 (fracgpu simulated GPU, {by_index[0]})", f"GPU 1 (fracgpu simulated GPU, {by_index[1]})")
     gpu.fracgpu("partition", "rm", "half", "--device", "1")
     refused(gpu.fracgpu("partition", "rm", "half", "--device", "1", check=False), "no partition 'half' on GPU 1")
     gpu.fracgpu("partition", "rm", "half")   # now only device 0 has it
     assert all(u["partitions"] == [] for u in listed(gpu))
+
+
+def test_gpu_indices_follow_cuda_visible_devices(make_gpu):
+    """Under CUDA_VISIBLE_DEVICES=1 the machine's second GPU is the jobs' GPU 0: `gpus`, `partition create`,
+    `partition list` and `top` all number it so, and say that a mask is in effect."""
+    gpu = make_gpu(memory=GiB, devices=2)
+    every = {d.index: d for d in devices.probe(gpu.env)}
+    second = every[1]
+    masked = {"CUDA_VISIBLE_DEVICES": "1", "COLUMNS": "120"}
+    listing = json.loads(gpu.fracgpu("gpus", "--json", env=masked).stdout)
+    assert listing["cuda_visible_devices"] == "1"
+    assert [(g["index"], g["uuid"], g["total_memory"]) for g in listing["gpus"]] == [(0, second.uuid, GiB)]
+    made = gpu.fracgpu("partition", "create", "team", "--memory", "256MiB", env=masked)
+    assert made.stdout == "partition 'team' created on GPU 0: 256MiB, no compute share\n"
+    assert "CUDA_VISIBLE_DEVICES=1" in made.stderr
+    (u,) = [u for u in listed(gpu) if u["partitions"]]
+    assert u["uuid"] == second.uuid   # made on the GPU the mask selects
+    table = gpu.fracgpu("gpus", env=masked).stdout
+    assert "CUDA_VISIBLE_DEVICES=1 is in effect" in table
+    (row,) = screen.tables(table, "index")[0]
+    assert (row["index"], row["UUID"], row["memory"], row["promised"]) == ("0", second.uuid, "1GiB", "256MiB")
+    for command in (["partition", "list"], ["top", "--once", "--interval", "0.1"]):
+        out = gpu.fracgpu(*command, env=masked).stdout
+        assert "CUDA_VISIBLE_DEVICES=1 is in effect" in out and "GPU 0  fracgpu simulated GPU" in out, out
+    # without the mask the same GPU is GPU 1; under a mask that hides it, it has no index
+    assert "GPU 1  fracgpu simulated GPU" in gpu.fracgpu("partition", "list").stdout
+    hidden = gpu.fracgpu("top", "--once", "--interval", "0.1", env={"CUDA_VISIBLE_DEVICES": "0"}).stdout
+    assert "GPU hidden by CUDA_VISIBLE_DEVICES=0" in hidden
+    unlisted = gpu.fracgpu("partition", "create", "x", "--device", "1", env=masked, check=False)
+    assert unlisted.returncode == 2 and "jobs here see device 0 only" in unlisted.stderr
+    assert "CUDA_VISIBLE_DEVICES=1 selects them" in unlisted.stderr and "fracgpu gpus" in unlisted.stderr
 
 
 @pytest.mark.parametrize("args, phrases", [

@@ -5,10 +5,12 @@ Each test has its own simulated GPU and state folder (the `gpu` fixture)."""
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 
 import pytest
 
+from tests.support.screen import tables
 from tests.support.simgpu import GiB, MiB, command_pid
 from fracgpu import snapshot, state
 from fracgpu.units import format_size
@@ -34,24 +36,25 @@ def holding_job(clients, gpu):
         job.wait(timeout=10)
 
 
-def table_rows(text: str) -> list[list[str]]:
-    return [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
-
-
 def test_once_shows_the_partition_and_its_process(gpu, holding_job):
     result = gpu.fracgpu("top", "--once", "--interval", "0.2", env={"COLUMNS": "200"})
     assert "\x1b[" not in result.stdout   # not a terminal: no ANSI sequences
     name = f"run-{holding_job.pid}"
-    rows = table_rows(result.stdout)
-    partition = next(r for r in rows if r[0] == f"{name} (private)")
-    # partition, memory / limit, %, peak, share, achieved, device time, processes
+    (partitions,), (processes,) = tables(result.stdout, "partition"), tables(result.stdout, "pid")
+    (partition,) = partitions
     held = format_size(200 * MiB + gpu.context)   # its allocation and its context
-    assert partition[1:4] == [f"{held} / 256MiB", f"{round(100 * (200 * MiB + gpu.context) / (256 * MiB))}%", held]
-    assert partition[4] == "-" and partition[5].endswith("%") and partition[6].endswith(" s") and partition[7] == "1"
-    process = next(r for r in rows if r[0] == str(command_pid(holding_job)))
-    assert process[1] == name and process[2].startswith("client_") and process[3] == held
+    percent = f"{round(100 * (200 * MiB + gpu.context) / (256 * MiB))}%"
+    assert partition["partition"] == f"{name} (private)"
+    assert (partition["memory / limit"], partition["%"], partition["peak"]) == (f"{held} / 256MiB", percent, held)
+    assert partition["share"] == "-" and partition["achieved"].endswith("%") and partition["procs"] == "1"
+    assert partition["GPU time"].endswith(" s")
+    (process,) = processes
+    assert process["pid"] == str(command_pid(holding_job)) and process["partition"] == name
+    assert process["command"].startswith("client_") and process["memory"] == held
+    # the job's name in the ledger: its command line, as `fracgpu run` records it without --name
+    assert process["job"] == partition["job"] == shlex.join(str(a) for a in holding_job.args[7:])
     (u,) = state.usage(gpu.state_dir)
-    assert u.uuid in result.stdout and f"{held} / 1GiB" in result.stdout
+    assert f"GPU 0  {u.name}  {u.uuid}" in result.stdout and f"{held} / 1GiB" in result.stdout
 
 
 def test_once_json(gpu, holding_job):

@@ -39,6 +39,7 @@ COMMANDS = {
     "check": "fracgpu.cli.check:check",
     "demo": "fracgpu.cli.demo:demo",
     "exporter": "fracgpu.cli.exporter:exporter",
+    "gpus": "fracgpu.cli.gpus:gpus",
     "partition": "fracgpu.cli.partition:partition_group",
     "report": "fracgpu.cli.report:report",
     "run": "fracgpu.cli.run:run",

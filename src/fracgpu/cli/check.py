@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import click
 
-from fracgpu.cli.common import InputError, refusals, tables
+from fracgpu.cli.common import InputError, device_option, refusals, tables
 from fracgpu.cli.common import console as make_console
 
 
@@ -26,8 +26,7 @@ def known_checks(ctx: click.Context, param: click.Parameter, value: tuple[str, .
 
 @click.command("check")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
-@click.option("--device", "device_index", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
-              help="The GPU to check, numbered as CUDA_VISIBLE_DEVICES makes them.")
+@device_option("The GPU to check, numbered as CUDA_VISIBLE_DEVICES makes them.", default=0, show_default=True)
 @click.option("--gpu", type=click.Choice(["auto", "sim", "real"]), default="auto", show_default=True,
               help="What to check: auto (the simulated GPU when the environment selects it, else the real GPU, "
                    "else a simulated GPU of its own, with a note), sim (the simulated GPU; one of its own "

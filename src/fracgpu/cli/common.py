@@ -72,10 +72,48 @@ def quota_options(memory_help: str, compute_help: str) -> Any:
     return decorate
 
 
+def complete_priorities(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of a priority class."""
+    return [klass for klass in units.PRIORITIES if klass.startswith(incomplete)]
+
+
+def complete_partitions(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of a partition name: those of the state folder, each with its GPU; none when
+    the state cannot be read (completion never prints an error into the shell)."""
+    from click.shell_completion import CompletionItem
+
+    from fracgpu import state
+
+    try:
+        found = state.partition_names()
+    except (state.StateError, OSError):
+        return []
+    return [CompletionItem(name, help=gpu) for name, gpu in found if name.startswith(incomplete)]
+
+
+def complete_devices(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of a GPU index, as CUDA numbers them here, each with its GPU's name."""
+    from click.shell_completion import CompletionItem
+
+    from fracgpu import devices
+
+    try:
+        found = devices.probe()
+    except devices.DeviceError:
+        return []
+    return [CompletionItem(str(d.index), help=d.name) for d in found if str(d.index).startswith(incomplete)]
+
+
+def device_option(help_text: str, **kwargs: Any) -> Any:
+    """``--device N``: a GPU by the CUDA index a job started here would use (completed from the driver)."""
+    return click.option("--device", "device_index", type=click.IntRange(min=0), metavar="N", help=help_text,
+                        shell_complete=complete_devices, **kwargs)
+
+
 def priority_option(help_text: str) -> Any:
     """``--priority high|normal|low``; the library parses it (a bad value is a usage error naming the
     accepted ones)."""
-    return click.option("--priority", metavar="[high|normal|low]", help=help_text)
+    return click.option("--priority", metavar="[high|normal|low]", help=help_text, shell_complete=complete_priorities)
 
 
 PRIORITY_HELP = ("Priority class at the launch gate: high (served first, its queued neighbours kept one kernel "
@@ -245,6 +283,53 @@ def tables(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]], wi
             table.add_row(*(row[i] for i in group), style=styles[n] if styles else None)
         out.append(table)
     return out
+
+
+NAME_WIDTH = 20   # what a name (a job's, a command line) keeps at least when a table must be narrowed
+
+
+def fit(columns: Sequence[tuple[str, str, int]], rows: Sequence[Sequence[str]], width: int) -> Any:
+    """``rows`` as one borderless table at most ``width`` wide, one line per row. ``columns`` are
+    (header, justify, rank). Names (left-justified columns after the first, such as a job's name or a
+    command line) count as at most ``NAME_WIDTH`` wide; then the least essential columns (highest rank,
+    the rightmost first) are left out until the table fits, and what room is left goes back to the
+    names, which are cut with an ellipsis only past it. Figures are never cut; only when the rank-0
+    columns alone are too wide does the terminal cut the line."""
+    from rich.cells import cell_len
+    from rich.table import Table
+
+    def needs(i: int) -> int:
+        return max(cell_len(text) for text in [columns[i][0], *(row[i] for row in rows)])
+
+    def shrinkable(i: int) -> bool:
+        return i > 0 and columns[i][1] == "left"
+
+    def least(i: int) -> int:
+        return min(needs(i), max(cell_len(columns[i][0]), NAME_WIDTH)) if shrinkable(i) else needs(i)
+
+    def total(kept: list[int]) -> int:
+        return sum(least(i) for i in kept) + 2 * (len(kept) - 1)
+
+    kept = list(range(len(columns)))
+    while total(kept) > width:
+        droppable = [i for i in kept if columns[i][2] > 0]
+        if not droppable:
+            break
+        kept.remove(max(droppable, key=lambda i: (columns[i][2], i)))
+    room, widths = max(0, width - total(kept)), {}
+    for i in kept:
+        widths[i] = least(i)
+        if shrinkable(i):
+            grow = min(room, needs(i) - widths[i])
+            widths[i], room = widths[i] + grow, room - grow
+    # No borders: a header line and one line per row, so a terminal of 24 lines holds a busy GPU.
+    table = Table(box=None, pad_edge=False, padding=(0, 1), header_style="bold")
+    for i in kept:
+        header, justify, _ = columns[i]
+        table.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis", width=widths[i])
+    for row in rows:
+        table.add_row(*(row[i] for i in kept))
+    return table
 
 
 def share_text(partition: Any) -> str:

@@ -5,14 +5,35 @@ The jobs and what they check are ``fracgpu.demo``; this command shows them.
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import click
 
 from fracgpu import demo as library
+from fracgpu import sim
 from fracgpu.cli import report, top
 from fracgpu.cli.common import console as make_console
+from fracgpu.cli.common import fit
 from fracgpu.units import format_size
+
+
+# (header, justify, rank): at a narrow width the highest rank goes first (``common.fit``).
+RESULT_COLUMNS = [("job", "left", 0), ("fracgpu run", "left", 3), ("GPU memory seen", "right", 0), ("asked", "right", 0),
+                  ("got", "right", 0), ("GPU share", "right", 0), ("verified", "right", 2),
+                  ("request p50 / p99", "right", 1)]
+OWN_JOB = "fracgpu run --memory 4GiB --compute 25% -- python train.py"
+
+
+def next_steps(on_real_gpu: bool) -> str:
+    """The hint after the demo, true on this machine: where jobs would find no GPU, select the simulated one
+    first (a shell that has done so already is told as it is)."""
+    if on_real_gpu or sim.selected(os.environ):
+        return f"Your own jobs: `{OWN_JOB}`, then `fracgpu top` and `fracgpu report`."
+    return ("Your own jobs: jobs started here find no GPU, so select the simulated one in your shell first:\n"
+            '  eval "$(fracgpu sim env)"\n'
+            f"  {OWN_JOB}\n"
+            "then `fracgpu top` and `fracgpu report` (the README's First steps has example jobs in examples/).")
 
 
 @click.command("demo")
@@ -21,11 +42,10 @@ from fracgpu.units import format_size
                    "else the simulated one, with a note why), always the simulated one, or the real one.")
 def demo(gpu: str) -> None:
     """Three jobs sharing one GPU: their quotas and shares, the live view, the report."""
-    from rich.table import Table
-
     console = make_console()   # wide enough for the tables when not on a terminal
-    use_real = gpu == "real" or (gpu == "auto" and library.real_gpu_available())
-    if gpu == "real" and not library.real_gpu_available():
+    real_here = library.real_gpu_available()
+    use_real = gpu == "real" or (gpu == "auto" and real_here)
+    if gpu == "real" and not real_here:
         raise click.ClickException("no working NVIDIA GPU driver was found; run `fracgpu demo --gpu sim`")
     missing = library.without_kernels() if use_real else None
     if missing and gpu == "real":
@@ -45,19 +65,15 @@ def demo(gpu: str) -> None:
     except library.DemoError as e:
         raise click.ClickException(str(e)) from None
     results = outcome.results
-    table = Table(title=f"Three jobs sharing one GPU ({results[0]['device']})")
-    for column in ("job", "fracgpu run", "GPU memory seen", "asked", "got", "share of the GPU", "fill verified",
-                   "request p50 / p99"):
-        table.add_column(column, justify="left" if column in ("job", "fracgpu run") else "right")
+    rows = []
     for job, r in zip(library.JOBS, results):
         asked = format_size(job.want_mib * library.MiB) + (f" (refused, {r['refusals']}x halved)" if r["refusals"]
                                                            else "")
         latency = f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} ms" if "p99_ms" in r else "-"
-        table.add_row(r["name"], " ".join(job.options()), format_size(r["total"]), asked,
-                      format_size(r["allocated"]), f"{100 * r['device_s'] / r['wall_s']:.0f}%",
-                      "yes" if r["verified"] else "NO", latency)
-    console.print()
-    console.print(table)
+        rows.append([r["name"], " ".join(job.options()), format_size(r["total"]), asked, format_size(r["allocated"]),
+                     f"{100 * r['device_s'] / r['wall_s']:.0f}%", "yes" if r["verified"] else "NO", latency])
+    console.print(f"\n[bold]Three jobs sharing one GPU ({results[0]['device']})[/bold]", highlight=False)
+    console.print(fit(RESULT_COLUMNS, rows, console.width))
     console.print("Each job saw its quota as the GPU's memory; 'batch' asked for more, got "
                   "CUDA_ERROR_OUT_OF_MEMORY and went on with a smaller batch; 'infer' served a request every "
                   f"{library.REQUEST_PERIOD_MS:.0f} ms at high priority, each waiting at most for the training "
@@ -67,8 +83,7 @@ def demo(gpu: str) -> None:
     screen = make_console()
     for part in report.job_tables(outcome.recorded, None, screen.width):
         screen.print(part)
-    console.print("Your own jobs: `fracgpu run --memory 4GiB --compute 25% -- python train.py`, then "
-                  "`fracgpu top` and `fracgpu report`.")
+    console.print(next_steps(real_here), highlight=False)
     try:
         library.check(outcome)
     except library.DemoError as e:

@@ -7,9 +7,10 @@ import json
 
 import click
 
-from fracgpu import partitions, state
-from fracgpu.cli.common import (PRIORITY_HELP, console, limit_text, option_errors, overcommit_option,
-                                partition_label, priority_option, quota_options, refusals, share_text, tables)
+from fracgpu import devices, partitions, state
+from fracgpu.cli.common import (PRIORITY_HELP, complete_partitions, console, device_option, limit_text, option_errors,
+                                overcommit_option, partition_label, priority_option, quota_options, refusals,
+                                share_text, tables)
 from fracgpu.units import format_share, format_size
 
 
@@ -26,8 +27,8 @@ def partition_group() -> None:
                "idle is used too, unless --cap. [default: an equal part of what shares leave]")
 @overcommit_option("the --memory limit")
 @priority_option(PRIORITY_HELP)
-@click.option("--device", "device_index", type=click.IntRange(min=0), default=0, show_default=True,
-              help="The GPU, by CUDA index (as CUDA_VISIBLE_DEVICES numbers them).")
+@device_option("The GPU, by CUDA index (as CUDA_VISIBLE_DEVICES numbers them; `fracgpu gpus` lists them).",
+               default=0, show_default=True)
 @click.pass_context
 def create(ctx: click.Context, name: str, memory: str | None, compute: str | None, cap: bool, overcommit: bool,
            priority: str | None, device_index: int) -> None:
@@ -42,6 +43,10 @@ def create(ctx: click.Context, name: str, memory: str | None, compute: str | Non
         made = partitions.create(name, memory, compute=compute, cap=cap, overcommit=overcommit,
                                  priority=priority or "normal", device_index=device_index)
     click.echo(f"partition '{name}' created on GPU {device_index}: {_limits(made)}")
+    mask = devices.visibility_mask()
+    if mask is not None:
+        click.echo(f"note: GPU {device_index} as CUDA_VISIBLE_DEVICES={mask} numbers them (`fracgpu gpus` lists "
+                   "them)", err=True)
 
 
 def _limits(p: state.PartitionUsage) -> str:
@@ -60,18 +65,25 @@ def list_(as_json: bool) -> None:
     with refusals():
         gpus = state.usage()
     if as_json:
-        click.echo(json.dumps([dataclasses.asdict(gpu) for gpu in gpus], indent=2))
+        numbering = partitions.numbering_or_none() if gpus else None
+        click.echo(json.dumps([{"index": numbering.index(gpu.uuid) if numbering else None, **dataclasses.asdict(gpu)}
+                               for gpu in gpus], indent=2))
         return
     if not any(gpu.partitions for gpu in gpus):
         click.echo("No partitions. Make one with `fracgpu partition create NAME --memory SIZE`, or run a job "
                    "with `fracgpu run --memory SIZE -- COMMAND`.")
         return
     screen = console()
+    numbering = partitions.numbering_or_none()
+    if numbering is not None and numbering.note():
+        screen.print(numbering.note(), highlight=False)
     for gpu in gpus:
         if not gpu.partitions:
             continue
-        # The GPU heads its own table, so its UUID is one line, not a column folded over eight.
-        screen.print(f"[bold]{gpu.uuid}[/bold]  {gpu.name}, {format_size(gpu.total_memory)}", highlight=False)
+        # The GPU heads its own table, so its UUID is one line, not a column folded over eight; its index is
+        # the one --device takes.
+        where = f"{numbering.describe(gpu.uuid)}  " if numbering is not None else ""
+        screen.print(f"[bold]{where}{gpu.name}[/bold], {format_size(gpu.total_memory)}  {gpu.uuid}", highlight=False)
         rows = [[partition_label(p), limit_text(p), format_size(p.used),
                  format_size(p.peak), share_text(p), f"{p.device_ns / 1e9:.2f} s", str(p.processes)]
                 for p in gpu.partitions]
@@ -84,7 +96,7 @@ LIST_COLUMNS = [("partition", "left"), ("limit", "right"), ("in use", "right"), 
 
 
 @partition_group.command("set")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_partitions)
 @click.option("--memory", metavar="SIZE",
               help="New memory limit: 8GiB, 512MiB, plain bytes, or 25% of the GPU.")
 @click.option("--unlimited", is_flag=True, help="Remove the memory limit.")
@@ -93,8 +105,7 @@ LIST_COLUMNS = [("partition", "left"), ("limit", "right"), ("in use", "right"), 
 @click.option("--cap/--no-cap", default=None, help="Make the share a ceiling, or stop it being one.")
 @priority_option("New priority class: high, normal or low; running jobs take it at their next launch.")
 @overcommit_option("the new --memory limit")
-@click.option("--device", "device_index", type=click.IntRange(min=0),
-              help="The GPU, by CUDA index, when several have a partition of this name.")
+@device_option("The GPU, by CUDA index, when several have a partition of this name (`fracgpu gpus` lists them).")
 @click.pass_context
 def set_(ctx: click.Context, name: str, memory: str | None, unlimited: bool, compute: str | None, cap: bool | None,
          priority: str | None, overcommit: bool, device_index: int | None) -> None:
@@ -120,9 +131,8 @@ def set_(ctx: click.Context, name: str, memory: str | None, unlimited: bool, com
 
 
 @partition_group.command("rm")
-@click.argument("name")
-@click.option("--device", "device_index", type=click.IntRange(min=0),
-              help="The GPU, by CUDA index, when several have a partition of this name.")
+@click.argument("name", shell_complete=complete_partitions)
+@device_option("The GPU, by CUDA index, when several have a partition of this name (`fracgpu gpus` lists them).")
 @click.pass_context
 def remove(ctx: click.Context, name: str, device_index: int | None) -> None:
     """Remove partition NAME (refused while processes use it)."""

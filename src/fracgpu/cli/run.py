@@ -21,7 +21,8 @@ import time
 import click
 
 from fracgpu import jobs, settings
-from fracgpu.cli.common import (PRIORITY_HELP, CommandFailed, CommandRunner, InputError, converted_by, job_spec,
+from fracgpu.cli.common import (PRIORITY_HELP, CommandFailed, CommandRunner, InputError, complete_partitions,
+                                converted_by, job_spec,
                                 overcommit_option, priority_option, quota_options, refusals)
 
 # Signals passed on to the command. SIGINT and SIGQUIT typed at the terminal
@@ -130,7 +131,7 @@ def exit_like(status: int) -> None:
                "every partition is busy; time others leave idle is used too, unless --cap.")
 @overcommit_option("the --memory limit")
 @priority_option(PRIORITY_HELP + " Gives the command a private partition.")
-@click.option("--partition", metavar="NAME",
+@click.option("--partition", metavar="NAME", shell_complete=complete_partitions,
               help="Run the command in this existing partition (fracgpu partition create), sharing its quota "
                    "with the partition's other processes.")
 @click.option("--oom-wait", metavar="SECONDS",
