@@ -12,18 +12,22 @@ def cells(line: str) -> list[str]:
     return GAP.split(line.strip())
 
 
-def tables(text: str, *first_headers: str) -> list[list[dict[str, str]]]:
-    """Each table whose header line starts with one of ``first_headers`` (e.g. "partition", "pid"), as
-    its rows (header -> cell); a table ends at the first line with another number of cells."""
-    found: list[list[dict[str, str]]] = []
+# The first header of each table these commands print; a line that starts with one begins a table.
+FIRST_HEADERS = ("partition", "pid", "index", "job")
+
+
+def tables(text: str, first_header: str) -> list[list[dict[str, str]]]:
+    """Each table whose header line starts with ``first_header`` (one of FIRST_HEADERS), as its rows
+    (header -> cell); a table ends at another table's header or a line with another number of cells."""
+    found: list[tuple[str, list[dict[str, str]]]] = []
     header: list[str] | None = None
     for line in text.splitlines():
         parts = cells(line)
-        if parts and parts[0] in first_headers and len(parts) > 1:
+        if parts and parts[0] in FIRST_HEADERS and len(parts) > 1:
             header = parts
-            found.append([])
+            found.append((parts[0], []))
         elif header is not None and len(parts) == len(header):
-            found[-1].append(dict(zip(header, parts)))
+            found[-1][1].append(dict(zip(header, parts)))
         else:
             header = None
-    return found
+    return [rows for first, rows in found if first == first_header]
