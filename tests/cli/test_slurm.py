@@ -173,6 +173,16 @@ def test_the_shard_count_comes_from_gres_conf(gpu, tmp_path):
     assert env["FRACGPU_MEMORY"] == "12.5%" and env["FRACGPU_COMPUTE_CAP"] == "1"
 
 
+def test_more_shards_than_one_gpu_has_are_refused_not_capped(gpu, tmp_path):
+    """12 shards where a GPU has 8 (gres.conf) fails the task naming both counts, never a silent 100%."""
+    conf = tmp_path / "gres.conf"
+    conf.write_text("Name=gpu File=/dev/nvidia0\nName=shard Count=8\n")
+    result = prolog(gpu, "--gres-conf", conf, "--config", node_config(gpu, tmp_path), SLURM_SHARDS_ON_NODE="12")
+    assert result.returncode == 1 and result.stdout == ""
+    assert "12 shards on this node, more than the 8 of one GPU (gres.conf)" in result.stderr
+    assert "--gres=shard:N" in result.stderr
+
+
 def test_a_task_without_shards_gets_nothing(gpu):
     result = prolog(gpu, "--shards-per-gpu", "8")
     assert result.returncode == 0 and result.stdout == ""
@@ -181,12 +191,17 @@ def test_a_task_without_shards_gets_nothing(gpu):
 
 @pytest.mark.parametrize("args, env, config, phrase", [
     (["--shards-per-gpu", "8"], {"SLURM_SHARDS_ON_NODE": "two"}, None, "SLURM_SHARDS_ON_NODE='two' is not a number"),
-    (["--gres-conf", "/nonexistent/gres.conf"], {"SLURM_SHARDS_ON_NODE": "2"}, None, "No such file"),
-    ([], {"SLURM_SHARDS_ON_NODE": "2", "SLURM_CONF": "/nonexistent/slurm.conf"}, None, "/nonexistent/gres.conf"),
+    (["--gres-conf", "/nonexistent/gres.conf"], {"SLURM_SHARDS_ON_NODE": "2"}, None,
+     "cannot read /nonexistent/gres.conf (gres.conf, to count this node's shards per GPU): it does not exist; "
+     "give --shards-per-gpu N in the TaskProlog, or --gres-conf PATH"),
+    ([], {"SLURM_SHARDS_ON_NODE": "2", "SLURM_CONF": "/nonexistent/slurm.conf"}, None,
+     "cannot read /nonexistent/gres.conf (gres.conf, to count this node's shards per GPU): it does not exist"),
+    (["--shards-per-gpu", "8"], {"SLURM_SHARDS_ON_NODE": "12"}, None,
+     "the job has 12 shards on this node, more than the 8 of one GPU (--shards-per-gpu)"),
     (["--shards-per-gpu", "8"], {"SLURM_SHARDS_ON_NODE": "2", "SLURM_JOB_ID": ""}, None,
      "run this as Slurm's TaskProlog"),
     (["--shards-per-gpu", "8", "--config", "/nonexistent/fracgpu.conf"], {"SLURM_SHARDS_ON_NODE": "2"}, None,
-     "No such file"),
+     "cannot read /nonexistent/fracgpu.conf (the node's fracgpu settings): it does not exist; make it readable"),
     (["--shards-per-gpu", "8"], {"SLURM_SHARDS_ON_NODE": "2"}, "FRACGPU_STATE_DIRECTORY=/x\n",
      "'FRACGPU_STATE_DIRECTORY' is not a fracgpu setting"),
     (["--shards-per-gpu", "8"], {"SLURM_SHARDS_ON_NODE": "2"}, "# a node\nFRACGPU_COMPUTE_CAP=1\n",
@@ -205,7 +220,7 @@ def test_a_misconfiguration_fails_the_task_with_the_reason(gpu, tmp_path, args, 
         args = [*args, "--config", tmp_path / "fracgpu.conf"]
     result = prolog(gpu, *args, **env)
     assert result.returncode == 1 and result.stdout == ""
-    assert phrase in result.stderr
+    assert phrase in result.stderr and "Errno" not in result.stderr
 
 
 def test_help_shows_the_slurm_configuration():

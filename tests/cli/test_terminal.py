@@ -1,5 +1,6 @@
 """What a person at a terminal sees besides the output: progress while the GPU is probed (on stderr,
-only on a terminal), and shell completion."""
+only on a terminal), and shell completion (commands, options, partition names, priority classes and
+GPU indices)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import os
 import pty
 import subprocess
 import sys
+from types import SimpleNamespace
+
+import pytest
 
 from fracgpu.cli.common import PROBING
 from tests.support import ROOT
+from tests.support.simgpu import GiB
 
 
 def run_with_terminal_stderr(gpu, *args) -> tuple[subprocess.CompletedProcess, str]:
@@ -83,3 +88,37 @@ def test_completion_knows_the_commands_and_their_options():
     assert complete("fracgpu par", 1) == ["partition"]
     assert complete("fracgpu partition ", 2) == ["create", "list", "rm", "set"]
     assert "--until" in complete("fracgpu report --", 2)
+
+
+def shell_completions(gpu, shell: str, words: str) -> list[str]:
+    """What ``shell``'s completion script (click's, as `_FRACGPU_COMPLETE=<shell>_source` prints it) is given
+    for the command line ``words`` with the cursor at its end: the values offered."""
+    if shell == "fish":   # fish passes the word being completed itself
+        cword = "" if words.endswith(" ") else words.split()[-1]
+    else:                 # bash and zsh its index
+        cword = str(len(words.split()) - (0 if words.endswith(" ") else 1))
+    env = {**gpu.env, "_FRACGPU_COMPLETE": f"{shell}_complete", "COMP_WORDS": words, "COMP_CWORD": cword}
+    out = subprocess.run([sys.executable, "-m", "fracgpu"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    if shell == "bash":   # "type,value" lines
+        return [line.split(",", 1)[1] for line in out.stdout.splitlines()]
+    if shell == "zsh":    # type, value, help: three lines each
+        lines = out.stdout.splitlines()
+        return [lines[i + 1] for i in range(0, len(lines), 3)]
+    return [line.split(",", 1)[1].split("\t")[0] for line in out.stdout.splitlines()]   # fish: "type,value\thelp"
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_of_partition_names_priorities_and_gpu_indices(make_gpu, shell):
+    gpu = make_gpu(memory=GiB, devices=2)
+    for name in ("team-a", "team-b", "serving"):
+        gpu.fracgpu("partition", "create", name, "--memory", "64MiB")
+    assert shell_completions(gpu, shell, "fracgpu partition rm team") == ["team-a", "team-b"]
+    assert shell_completions(gpu, shell, "fracgpu partition set s") == ["serving"]
+    assert sorted(shell_completions(gpu, shell, "fracgpu run --partition ")) == ["serving", "team-a", "team-b"]
+    assert shell_completions(gpu, shell, "fracgpu run --priority ") == ["high", "normal", "low"]
+    assert shell_completions(gpu, shell, "fracgpu partition create x --priority l") == ["low"]
+    assert shell_completions(gpu, shell, "fracgpu partition create x --device ") == ["0", "1"]
+    # numbered as jobs started here see them: under a mask, one GPU, index 0
+    masked = {**gpu.env, "CUDA_VISIBLE_DEVICES": "1"}
+    assert shell_completions(SimpleNamespace(env=masked), shell, "fracgpu check --device ") == ["0"]

@@ -132,3 +132,19 @@ def test_drift_is_shown_signed_with_unknown_marked(drift, unknown, text):
     from fracgpu.cli.common import drift_text
 
     assert drift_text(drift, unknown) == text
+
+
+def test_a_gpu_no_longer_on_the_machine_is_marked_stale(make_gpu):
+    """State left by a GPU that is gone (here a simulated GPU replaced by another) is not shown as a GPU
+    of this machine: its heading says it is gone, with no index, and its partitions are summed up."""
+    old = make_gpu(memory=GiB)
+    old.fracgpu("partition", "create", "team", "--memory", "64MiB")
+    new = make_gpu(memory=GiB)
+    here = {"FRACGPU_STATE_DIR": str(old.state_dir)}
+    out = new.fracgpu("top", "--once", "--interval", "0.1", env=here).stdout
+    assert "GPU gone (stale state)  fracgpu simulated GPU" in out
+    assert "stale: this GPU is not on this machine now; its 1 partition(s)" in out and "team" not in out
+    (g,) = json.loads(new.fracgpu("top", "--json", "--interval", "0.1", env=here).stdout)["gpus"]
+    assert (g["index"], g["present"]) == (None, False)
+    (g,) = json.loads(old.fracgpu("top", "--json", "--interval", "0.1").stdout)["gpus"]
+    assert (g["index"], g["present"]) == (0, True)
