@@ -1,9 +1,12 @@
 """The README's first command ends in `fracgpu demo`: it must work on a machine without a GPU."""
 
+import os
+import shutil
 import subprocess
 import sys
 
 from fracgpu import sim
+from tests.support import ROOT, screen
 from fracgpu.units import format_size
 
 
@@ -12,7 +15,7 @@ def rows(section: str) -> dict[str, list[str]]:
             for line in section.splitlines() if line.startswith("│")}
 
 
-def test_demo_runs_three_jobs_then_shows_the_live_view_and_the_report_on_the_simulated_gpu():
+def test_demo_runs_three_jobs_then_shows_the_live_view_and_the_report_on_the_simulated_gpu(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fracgpu", "demo", "--gpu", "sim"], capture_output=True,
                             text=True, timeout=300, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
@@ -20,24 +23,42 @@ def test_demo_runs_three_jobs_then_shows_the_live_view_and_the_report_on_the_sim
     assert "simulated 8GiB GPU" in out
     live, rest = out.split("Three jobs sharing one GPU")
     summary, _, report = rest.partition("fracgpu report")
-    # The live view: three partitions, each with its limit and share.
-    partitions = {name: cells for name, cells in rows(live).items() if name.startswith("run-")}
-    assert len(partitions) == 3
-    # Columns: used / limit, % of limit, peak, share set, share achieved, device time.
-    assert sorted(cells[0].split(" / ")[1] for cells in partitions.values()) == ["1GiB", "1GiB", "3GiB"], partitions
-    assert sorted(cells[3] for cells in partitions.values()) == ["25%", "25%", "50%"], partitions
+    # The live view: three partitions, each with its limit and share, and its job's name.
+    (partitions,) = screen.tables(live, "partition")
+    assert len(partitions) == 3 and all(p["partition"].startswith("run-") for p in partitions)
+    assert sorted(p["memory / limit"].split(" / ")[1] for p in partitions) == ["1GiB", "1GiB", "3GiB"], partitions
+    assert sorted(p["share"] for p in partitions) == ["25%", "25%", "50%"], partitions
+    assert sorted(p["job"] for p in partitions) == ["batch", "infer", "train"]
+    (processes,) = screen.tables(live, "pid")
+    assert sorted(p["job"] for p in processes) == ["batch", "infer", "train"]
     # Each job saw its quota as the GPU; 'batch' asked for more, was refused and went on with less.
-    jobs = rows(summary)
-    assert jobs["train"][:4] == ["--memory 3GiB --compute 50%", "3GiB", "2GiB", "2GiB"]
-    assert jobs["infer"][:4] == ["--memory 1GiB --compute 25% --priority high", "1GiB", "512MiB", "512MiB"]
-    assert jobs["batch"][:4] == ["--memory 1GiB --compute 25%", "1GiB", "1.5GiB (refused, 1x halved)", "768MiB"]
-    assert all(cells[5] == "yes" for cells in jobs.values())
+    (results,) = screen.tables(summary, "job")
+    jobs = {r["job"]: r for r in results}
+    assert [jobs["train"][c] for c in ("fracgpu run", "GPU memory seen", "asked", "got")] == \
+        ["--memory 3GiB --compute 50%", "3GiB", "2GiB", "2GiB"]
+    assert [jobs["infer"][c] for c in ("fracgpu run", "GPU memory seen", "asked", "got")] == \
+        ["--memory 1GiB --compute 25% --priority high", "1GiB", "512MiB", "512MiB"]
+    assert [jobs["batch"][c] for c in ("fracgpu run", "GPU memory seen", "asked", "got")] == \
+        ["--memory 1GiB --compute 25%", "1GiB", "1.5GiB (refused, 1x halved)", "768MiB"]
+    assert all(r["verified"] == "yes" for r in results)
     # 'infer' served requests at high priority: it used what they need (a 1 ms kernel every 20 ms), and
     # shows their latency; the rest of the GPU's time went to the others by their shares.
-    shares = {name: int(cells[4].rstrip("%")) for name, cells in jobs.items()}
+    shares = {name: int(r["GPU share"].rstrip("%")) for name, r in jobs.items()}
     assert shares["infer"] <= 10 and 1.5 <= shares["train"] / shares["batch"] <= 2.6, shares
-    assert jobs["infer"][6].endswith(" ms") and jobs["train"][6] == jobs["batch"][6] == "-", jobs
+    latency = {name: r["request p50 / p99"] for name, r in jobs.items()}
+    assert latency["infer"].endswith(" ms") and latency["train"] == latency["batch"] == "-", jobs
     assert "(private, high)" in live
+    # Its closing hint works as printed on this machine without a GPU: it selects the simulated GPU.
+    hint = out.split("Your own jobs:", 1)[1]
+    commands = [line.strip() for line in hint.splitlines() if line.startswith("  ")]
+    assert commands == ['eval "$(fracgpu sim env)"', "fracgpu run --memory 4GiB --compute 25% -- python train.py"]
+    shutil.copy(ROOT / "examples" / "train.py", tmp_path / "train.py")
+    shutil.copy(ROOT / "examples" / "_gpu.py", tmp_path / "_gpu.py")
+    ran = subprocess.run(["bash", "-e", "-c", "\n".join(commands)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env={"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin",
+                                           "XDG_RUNTIME_DIR": str(tmp_path), "FRACGPU_LEDGER": str(tmp_path / "l")})
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "train: fracgpu simulated GPU, 4GiB of memory as this job sees it" in ran.stdout
     # The report: the three jobs from the ledger, ended with status 0, each with device time.
     recorded = rows(report)
     assert set(recorded) == {"train", "infer", "batch"}
