@@ -18,6 +18,7 @@ import pytest
 
 from fracgpu.check import CHECKS
 from fracgpu.demo import real_gpu_available
+from tests.support import ROOT
 from tests.support.simgpu import GiB
 
 NAMES = [c.name for c in CHECKS]
@@ -176,3 +177,14 @@ def test_an_interrupted_check_stops_its_probes_and_removes_its_state(gpu4, tmp_p
         time.sleep(0.05)
     assert not [c for c in probes if alive(c)]
     assert list(scratch.iterdir()) == []
+
+
+def test_the_readme_sample_shows_every_check_in_the_order_they_run():
+    """The README's `fracgpu check` sample has one row per registered check, in order, and the count it
+    prints; a new check is a sample to update."""
+    readme = (ROOT / "README.md").read_text()
+    sample = readme.split("```console\n$ fracgpu check\n", 1)[1].split("```", 1)[0]
+    names = [line.split("│")[1].strip() for line in sample.splitlines() if line.startswith("│")]
+    assert names == [c.name for c in CHECKS]
+    count = len(CHECKS)
+    assert f"{count}/{count} checks hold" in sample
