@@ -32,12 +32,11 @@ from __future__ import annotations
 import itertools
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from fracgpu import devices, state
+from fracgpu import devices, log, state
 from fracgpu.snapshot import achieved_share
 from fracgpu.units import PRIORITIES
 
@@ -147,7 +146,8 @@ class UsageCollector:
         except state.StateError as e:
             gpus, error = [], str(e)
         if error != self.last_error:   # say it once when it starts, and once when it is over
-            print(f"fracgpu exporter: {error or 'the state is readable again'}", file=sys.stderr, flush=True)
+            log.emit("exporter", "state-unreadable" if error else "state-readable",
+                     error or "the state is readable again", level="error" if error else "info")
             self.last_error = error
         yield GaugeMetricFamily("fracgpu_state_readable", "1 when the fracgpu state was read for this scrape, "
                                 "0 when it is unsafe or damaged (the exporter's stderr says why).",
@@ -239,8 +239,8 @@ def probe_gpus() -> dict[str, devices.Device]:
     try:
         return {d.uuid: d for d in devices.probe(env)}
     except devices.DeviceError as e:
-        print(f"fracgpu exporter: GPU indexes unknown ({e}); 'gpu' labels number the GPUs in the order of the "
-              "state", file=sys.stderr, flush=True)
+        log.emit("exporter", "gpu-indexes-unknown", f"GPU indexes unknown ({e}); 'gpu' labels number the GPUs in "
+                 "the order of the state", level="warning")
         return {}
 
 

@@ -40,6 +40,7 @@ JOB_HOLDER = "FRACGPU_JOB_HOLDER"
 REAL_LIBCUDA = "FRACGPU_REAL_LIBCUDA"
 REAL_LIBNVML = "FRACGPU_REAL_LIBNVML"
 LEDGER = "FRACGPU_LEDGER"
+LOG_FORMAT = "FRACGPU_LOG_FORMAT"
 SIM_DIR = "FRACGPU_SIM_DIR"
 SIM_MEMORY = "FRACGPU_SIM_MEMORY"
 SIM_SMS = "FRACGPU_SIM_SMS"
@@ -75,6 +76,12 @@ def _count(text: str) -> int:
 def _text(text: str) -> str:
     if not text:
         raise ValueError("an empty value: leave the variable unset instead")
+    return text
+
+
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError(f"invalid log format {text!r}: write text or json")
     return text
 
 
@@ -150,6 +157,10 @@ SETTINGS: tuple[Setting, ...] = (
             "what each process holds on the device.", "host"),
     Setting(LEDGER, _text, "$XDG_STATE_HOME/fracgpu/ledger.sqlite", "python",
             "The ledger jobs are recorded in (see [Accounting](#accounting)).", "host"),
+    Setting(LOG_FORMAT, _log_format, "text", "shim, python",
+            "How the shim's one-line messages and the services (`fracgpu exporter`, `fracgpu slurm-prolog`) write "
+            "to stderr: `text`, or `json`, one object a line with `time`, `level`, `component`, `gpu`, "
+            "`partition`, `job`, `pid`, `event`, `message` and `figures`.", "host"),
     Setting(SIM_DIR, _text, "$XDG_RUNTIME_DIR/fracgpu-sim, else /tmp/fracgpu-sim-$UID", "sim, python",
             "The simulated GPU's shared file's folder; two folders are two independent simulated GPUs.", "sim"),
     Setting(SIM_MEMORY, _size, "16GiB", "sim, python", "Memory of each simulated device, in bytes.", "sim"),

@@ -59,6 +59,10 @@
       "each process holds on the device.")                                                                          \
     X(LEDGER, "FRACGPU_LEDGER", "$XDG_STATE_HOME/fracgpu/ledger.sqlite", "python",                                 \
       "The ledger jobs are recorded in (see [Accounting](#accounting)).")                                          \
+    X(LOG_FORMAT, "FRACGPU_LOG_FORMAT", "text", "shim, python",                                                    \
+      "How the shim's one-line messages and the services (`fracgpu exporter`, `fracgpu slurm-prolog`) write "      \
+      "to stderr: `text`, or `json`, one object a line with `time`, `level`, `component`, `gpu`, "                 \
+      "`partition`, `job`, `pid`, `event`, `message` and `figures`.")                                              \
     X(SIM_DIR, "FRACGPU_SIM_DIR", "$XDG_RUNTIME_DIR/fracgpu-sim, else /tmp/fracgpu-sim-$UID", "sim, python",       \
       "The simulated GPU's shared file's folder; two folders are two independent simulated GPUs.")                 \
     X(SIM_MEMORY, "FRACGPU_SIM_MEMORY", "16GiB", "sim, python", "Memory of each simulated device, in bytes.")      \

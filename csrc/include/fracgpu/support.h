@@ -2,6 +2,7 @@
 // simulated driver does not link).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -9,7 +10,29 @@
 
 namespace fracgpu {
 
-// One line "fracgpu: ..." on stderr.
+// What a log pipeline keys a message on, beside its text: FRACGPU_LOG_FORMAT=json
+// writes them as one JSON object a line (time, level, component "shim", gpu,
+// partition, job: the holder pid recording it, pid, event, message, figures);
+// text (the default) writes only "fracgpu: <message>". Null fields are null.
+struct LogFigure {
+    const char *name;
+    uint64_t value;   // bytes or counts
+};
+struct LogEvent {
+    const char *event = "notice";     // a fixed word: "out-of-memory", "refused", "notice"
+    const char *level = "warning";    // "error" for a refusal
+    const char *gpu = nullptr;        // the GPU's UUID
+    const char *partition = nullptr;
+    const LogFigure *figures = nullptr;
+    size_t figure_count = 0;
+};
+
+// One line on stderr, as FRACGPU_LOG_FORMAT says (read once). Not for a hot
+// path: callers limit how often they report.
+void log_event(const LogEvent &event, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+// One line "fracgpu: ..." on stderr (a JSON object with event "notice" under
+// FRACGPU_LOG_FORMAT=json).
 void log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 // A size as people write it ("4 GiB"), as fracgpu_format_size (units.h) makes it.

@@ -18,7 +18,8 @@ CUresult g_error = CUDA_ERROR_NOT_INITIALIZED;   // what calls return while the 
 bool read_settings() {
     std::string err;
     if (!fracgpu::read_job_settings(&g_settings, &err)) {
-        log("%s; CUDA is refused in this process so that no job runs without its limits", err.c_str());
+        log_event(kRefusedEvent, "%s; CUDA is refused in this process so that no job runs without its limits",
+                  err.c_str());
         g_error = CUDA_ERROR_NOT_PERMITTED;
         return false;
     }

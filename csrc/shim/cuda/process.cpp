@@ -65,21 +65,23 @@ bool attach(int d, Binding &b) {
     if (!get || !get_uuid || !get_name || !get_total || get(&dev, d) != CUDA_SUCCESS ||
         get_uuid(&uuid, dev) != CUDA_SUCCESS || get_name(name, sizeof name, dev) != CUDA_SUCCESS ||
         get_total(&total, dev) != CUDA_SUCCESS) {
-        log("cannot identify CUDA device %d; CUDA is refused in this process so that no job runs without its "
-            "limits", d);
+        log_event(kRefusedEvent,
+                  "cannot identify CUDA device %d; CUDA is refused in this process so that no job runs without its limits",
+                  d);
         return false;
     }
     b.uuid = fracgpu::uuid_text(uuid.bytes);
     std::string err;
     if (!b.region.open(s.state_dir, b.uuid, name, total, true, &err)) {
-        log("%s; CUDA is refused in this process so that no job runs without its limits", err.c_str());
+        log_event(kRefusedEvent, "%s; CUDA is refused in this process so that no job runs without its limits",
+                  err.c_str());
         return false;
     }
     uint64_t limit = s.memory_limit(total);
     if (limit > total) {
-        log("the memory limit %s of partition '%s' is above the %s of GPU %d (%s); ask for at most %s",
-            size_text(limit).c_str(), s.partition.c_str(), size_text(total).c_str(), d, b.uuid.c_str(),
-            size_text(total).c_str());
+        log_event(kRefusedEvent, "the memory limit %s of partition '%s' is above the %s of GPU %d (%s); ask for at most %s",
+                  size_text(limit).c_str(), s.partition.c_str(), size_text(total).c_str(), d, b.uuid.c_str(),
+                  size_text(total).c_str());
         return false;
     }
     uint32_t flags = (s.compute_cap ? fracgpu::kPartitionCap : 0u) | fracgpu::priority_flags(s.priority);
@@ -87,7 +89,7 @@ bool attach(int d, Binding &b) {
                            s.compute_share, flags, s.holder, s.overcommit);
     if (b.slot < 0) {
         if (b.region.find_partition(s.partition) >= 0 || s.ephemeral) {
-            log("%s; CUDA is refused in this process", err.c_str());
+            log_event(kRefusedEvent, "%s; CUDA is refused in this process", err.c_str());
             return false;
         }
         b.refusal = err;   // the partition lives on another GPU: this one gets no memory
@@ -170,7 +172,7 @@ SHIM_API CUresult cuInit(unsigned int flags) {
         any = any || g_bind[d].ok;
     }
     if (!fatal && !any && g_ndev > 0) {
-        log("%s; CUDA is refused in this process", g_bind[0].refusal.c_str());
+        log_event(kRefusedEvent, "%s; CUDA is refused in this process", g_bind[0].refusal.c_str());
         fatal = true;
     }
     if (fatal)

@@ -55,9 +55,20 @@ void report_oom(Binding &b, uint64_t requested) {
     const fracgpu::SharedPartition &part = b.region.raw()->partitions[p.partition];
     char more[96] = "";
     if (unlogged) snprintf(more, sizeof more, " (and %llu more refused since the last message)", (unsigned long long)unlogged);
-    log("out of memory in partition '%s' on %s: limit %s, in use %s, requested %s%s%s", part.name, b.uuid.c_str(),
-        size_text(b.limit()).c_str(), size_text(part.used.load()).c_str(), size_text(requested).c_str(),
-        settings().oom_wait_s > 0 ? " (waited FRACGPU_OOM_WAIT)" : "", more);
+    uint64_t limit = b.limit(), used = part.used.load();
+    const fracgpu::LogFigure figures[] = {{"limit_bytes", limit}, {"used_bytes", used},
+                                          {"requested_bytes", requested}, {"refused_unlogged", unlogged}};
+    fracgpu::LogEvent event;
+    event.event = "out-of-memory";
+    event.level = "error";
+    event.gpu = b.uuid.c_str();
+    event.partition = part.name;
+    event.figures = figures;
+    event.figure_count = sizeof figures / sizeof figures[0];
+    fracgpu::log_event(event, "out of memory in partition '%s' on %s: limit %s, in use %s, requested %s%s%s",
+                       part.name, b.uuid.c_str(), size_text(limit).c_str(), size_text(used).c_str(),
+                       size_text(requested).c_str(), settings().oom_wait_s > 0 ? " (waited FRACGPU_OOM_WAIT)" : "",
+                       more);
 }
 
 CUresult charge(Binding *b, uint64_t bytes) {
@@ -65,7 +76,7 @@ CUresult charge(Binding *b, uint64_t bytes) {
     if (g_bind_result != CUDA_SUCCESS) return g_bind_result;   // initialisation was refused
     if (!b->ok) {
         if (!b->oom_reported.exchange(true))
-            log("%s: allocations on %s are refused", b->refusal.c_str(), b->uuid.c_str());
+            log_event(kRefusedEvent, "%s: allocations on %s are refused", b->refusal.c_str(), b->uuid.c_str());
         return CUDA_ERROR_OUT_OF_MEMORY;
     }
     if (b->region.charge(b->slot, bytes)) return CUDA_SUCCESS;

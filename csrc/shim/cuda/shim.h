@@ -57,6 +57,9 @@ CUresult init_error();
 const Settings &settings();
 void *real_handle();
 using fracgpu::log;        // "fracgpu: ..." on stderr (fracgpu/support.h)
+using fracgpu::log_event;  // ... with the fields a log pipeline keys on (FRACGPU_LOG_FORMAT=json)
+// What a refusal of CUDA or of an allocation is, to a log pipeline.
+inline const fracgpu::LogEvent kRefusedEvent{"refused", "error"};
 using fracgpu::mono_ns;
 using fracgpu::size_text;  // "4 GiB"
 

@@ -110,6 +110,26 @@ def device_option(help_text: str, **kwargs: Any) -> Any:
                         shell_complete=complete_devices, **kwargs)
 
 
+def log_format_option(from_environment: bool = True) -> Any:
+    """``--log-format text|json`` for a service: how its messages on stderr are written (``fracgpu.log``).
+    Without it, ``FRACGPU_LOG_FORMAT`` decides, or (``from_environment`` False: a command that runs in a
+    user's environment and takes nothing from it, such as the Slurm prolog) text."""
+    from fracgpu import log
+
+    def choose(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        log.set_format(value if value is not None or from_environment else "text")
+        try:
+            log.current_format()
+        except ValueError as e:
+            raise click.BadParameter(str(e), ctx=ctx, param=param) from None
+        return value
+
+    default = "$FRACGPU_LOG_FORMAT, else text" if from_environment else "text"
+    return click.option("--log-format", type=click.Choice(log.FORMATS), callback=choose, expose_value=False,
+                        is_eager=True, help="How messages on stderr are written: text, or json (one object a "
+                                            f"line). [default: {default}]")
+
+
 def priority_option(help_text: str) -> Any:
     """``--priority high|normal|low``; the library parses it (a bad value is a usage error naming the
     accepted ones)."""

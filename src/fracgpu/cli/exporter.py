@@ -9,8 +9,8 @@ import threading
 
 import click
 
-from fracgpu import state
-from fracgpu.cli.common import InputError, refusals
+from fracgpu import log, state
+from fracgpu.cli.common import InputError, log_format_option, refusals
 from fracgpu.metrics import UsageCollector, driver_version, probe_gpus
 
 # Not 9400 (dcgm-exporter), 9835 (nvidia_gpu_exporter) or 9100 (node_exporter), which share GPU nodes with it;
@@ -29,6 +29,7 @@ DEFAULT_PORT = 10061
 @click.option("--dcgm", is_flag=True,
               help="Also serve dcgm-exporter's DCGM_FI_DEV_FB_USED/FREE, from fracgpu's books (not where "
                    "dcgm-exporter runs: both would report them).")
+@log_format_option()
 def exporter(port: int, address: str, per_process: bool, dcgm: bool) -> None:
     """Serve Prometheus metrics of every partition at http://ADDRESS:PORT/metrics.
 
@@ -56,9 +57,8 @@ def exporter(port: int, address: str, per_process: bool, dcgm: bool) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     shown = f"[{address}]" if ":" in address else address
-    click.echo(f"fracgpu exporter: serving http://{shown}:{port}/metrics (state folder {state_dir}); "
-               "Ctrl-C stops")
-    sys.stdout.flush()
+    log.emit("exporter", "serving", f"serving http://{shown}:{port}/metrics (state folder {state_dir}); Ctrl-C stops",
+             figures={"port": port}, stream=sys.stdout)
     try:
         while not stop.wait(0.5):
             pass

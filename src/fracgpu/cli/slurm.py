@@ -11,13 +11,16 @@ from typing import NoReturn
 
 import click
 
-from fracgpu import settings, state
+from fracgpu import log, settings, state
+from fracgpu.cli.common import log_format_option
 from fracgpu.slurm import CONFIG, SLURM_CONF_DIR, exports, prolog_lines, read_config
 
 
 def fail(message: str) -> NoReturn:
     # Slurm fails the task when its TaskProlog fails: better than a job with no limit.
-    click.echo(f"fracgpu slurm-prolog: {message}", err=True)
+    job = os.environ.get("SLURM_JOB_ID", "").strip()
+    log.emit("slurm-prolog", "refused", message, level="error", job=int(job) if job.isdigit() else None,
+             partition=f"slurm-{job}" if job.isdigit() else None)
     sys.exit(1)
 
 
@@ -36,6 +39,7 @@ def fail(message: str) -> NoReturn:
 @click.option("--priority", metavar="[high|normal|low]",
               help="The job's class at the launch gate, for QOS-based set-ups (a TaskProlog script per QOS, or "
                    "one that reads $SLURM_JOB_QOS). [default: normal]")
+@log_format_option(from_environment=False)
 def slurm_prolog(shards_per_gpu: int | None, gres_conf: str | None, config_path: str | None,
                  state_dir: str | None, state_group: str | None, cap: bool, priority: str | None) -> None:
     """Slurm TaskProlog: print the lines that hold a sharded job to its fraction of the GPU.
