@@ -10,6 +10,10 @@
 extern "C" {
 #endif
 
+/* The PCI bus of simulated device `index` (physical): FRACGPU_SIM_PCI_BUS_BASE + index, domain 0,
+ * device 0, as both cuDeviceGetPCIBusId and NVML's nvmlDeviceGetPciInfo report it. */
+#define FRACGPU_SIM_PCI_BUS_BASE 0x18
+
 /* Device `index` of the simulated GPU, by physical index: NVML, like the real
  * one, ignores CUDA_VISIBLE_DEVICES. Writes (each pointer may be NULL) its UUID
  * as "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" (lowercase, the text the CUDA

@@ -1,5 +1,6 @@
 // Initialisation, devices, error names and cuGetProcAddress.
 #include "sim.h"
+#include "nvml_info.h"   // FRACGPU_SIM_PCI_BUS_BASE, which NVML reports too
 #include "fracgpu/error_text.h"
 
 #include <atomic>
@@ -155,7 +156,7 @@ int attribute_value(CUdevice_attribute a, int dev) {
     case CU_DEVICE_ATTRIBUTE_SURFACE_ALIGNMENT: return 512;
     case CU_DEVICE_ATTRIBUTE_CONCURRENT_KERNELS: return 1;
     case CU_DEVICE_ATTRIBUTE_ECC_ENABLED: return 1;
-    case CU_DEVICE_ATTRIBUTE_PCI_BUS_ID: return 0x18 + dev;
+    case CU_DEVICE_ATTRIBUTE_PCI_BUS_ID: return FRACGPU_SIM_PCI_BUS_BASE + dev;
     case CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE: return 2619000;
     case CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH: return 6144;
     case CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE: return 50331648;
@@ -341,7 +342,7 @@ SIM_API CUresult cuDeviceGetPCIBusId(char *pciBusId, int len, CUdevice dev) {
     CUresult rc = check_device(dev);
     if (rc != CUDA_SUCCESS) return rc;
     if (!pciBusId || len <= 0) return CUDA_ERROR_INVALID_VALUE;
-    snprintf(pciBusId, (size_t)len, "00000000:%02X:00.0", 0x18 + g_devices[dev].phys);
+    snprintf(pciBusId, (size_t)len, "00000000:%02X:00.0", FRACGPU_SIM_PCI_BUS_BASE + g_devices[dev].phys);
     return CUDA_SUCCESS;
 }
 

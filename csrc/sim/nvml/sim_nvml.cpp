@@ -9,8 +9,9 @@
 // object the process already uses for CUDA, when it does) and asked.
 //
 // Implemented: initialisation and shutdown (reference counted), error
-// strings, driver and CUDA versions, device count, handles by index and by
-// UUID, UUID, name, index, memory (total = the simulated memory, used =
+// strings, driver and CUDA versions and the driver branch, device count,
+// handles by index and by UUID, UUID, name, index, PCI location (the bus
+// the simulated driver reports), memory (total = the simulated memory, used =
 // what all processes hold on the device, free = the rest), and the compute
 // processes on a device with what each holds (usedGpuMemory, from the
 // simulated device's own accounting, contexts included; no graphics
@@ -166,6 +167,19 @@ SIM_NVML_API nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int
     return copy_text(kDriverVersion, version, length);
 }
 
+// The branch of kDriverVersion, as NVML names it: "r580_00" for 580.0.0.
+SIM_NVML_API nvmlReturn_t nvmlSystemGetDriverBranch(nvmlSystemDriverBranchInfo_t *branchInfo, unsigned int length) {
+    if (!branchInfo) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!ready()) return NVML_ERROR_UNINITIALIZED;
+    if (branchInfo->version != nvmlSystemDriverBranchInfo_v1) return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    unsigned major = 0, minor = 0;
+    sscanf(kDriverVersion, "%u.%u", &major, &minor);
+    char branch[NVML_SYSTEM_DRIVER_VERSION_BUFFER_SIZE];
+    snprintf(branch, sizeof branch, "r%u_%02u", major, minor);
+    unsigned room = length < sizeof branchInfo->branch ? length : (unsigned)sizeof branchInfo->branch;
+    return copy_text(branch, branchInfo->branch, room);
+}
+
 SIM_NVML_API nvmlReturn_t nvmlSystemGetCudaDriverVersion_v2(int *version) {
     if (!version) return NVML_ERROR_INVALID_ARGUMENT;
     if (!ready()) return NVML_ERROR_UNINITIALIZED;
@@ -231,6 +245,33 @@ SIM_NVML_API nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, uns
 SIM_NVML_API nvmlReturn_t nvmlDeviceGetIndex(nvmlDevice_t device, unsigned int *index) {
     if (!index) return NVML_ERROR_INVALID_ARGUMENT;
     return device_index(device, index);
+}
+
+// Where the device sits on the PCI bus: the bus the simulated driver's cuDeviceGetPCIBusId reports
+// (nvml_info.h), as NVML formats it. Its PCI ids are NVIDIA's vendor id (0x10DE) with device id 0,
+// which no real GPU has.
+SIM_NVML_API nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci) {
+    if (!pci) return NVML_ERROR_INVALID_ARGUMENT;
+    unsigned index;
+    nvmlReturn_t rc = device_index(device, &index);
+    if (rc != NVML_SUCCESS) return rc;
+    *pci = nvmlPciInfo_t{};
+    pci->domain = 0;
+    pci->bus = FRACGPU_SIM_PCI_BUS_BASE + index;
+    pci->device = 0;
+    pci->pciDeviceId = 0x000010DEu;
+    pci->pciSubSystemId = 0;
+    snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, NVML_DEVICE_PCI_BUS_ID_LEGACY_FMT, pci->domain, pci->bus,
+             pci->device);
+    snprintf(pci->busId, sizeof pci->busId, NVML_DEVICE_PCI_BUS_ID_FMT, pci->domain, pci->bus, pci->device);
+    return NVML_SUCCESS;
+}
+
+SIM_NVML_API nvmlReturn_t nvmlDeviceGetPciInfo_v2(nvmlDevice_t device, nvmlPciInfo_t *pci) {
+    return nvmlDeviceGetPciInfo_v3(device, pci);
+}
+SIM_NVML_API nvmlReturn_t nvmlDeviceGetPciInfo(nvmlDevice_t device, nvmlPciInfo_t *pci) {
+    return nvmlDeviceGetPciInfo_v3(device, pci);
 }
 
 SIM_NVML_API nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t device, nvmlMemory_t *memory) {
