@@ -65,9 +65,9 @@ void vlog_event(const LogEvent &e, const char *fmt, va_list ap) {
     clock_gettime(CLOCK_REALTIME, &now);
     struct tm utc;
     gmtime_r(&now.tv_sec, &utc);
-    char stamp[40];
-    snprintf(stamp, sizeof stamp, "%04d-%02d-%02dT%02d:%02d:%02d.%03ld+00:00", utc.tm_year + 1900, utc.tm_mon + 1,
-             utc.tm_mday, utc.tm_hour, utc.tm_min, utc.tm_sec, now.tv_nsec / 1000000);
+    char stamp[48];
+    size_t n = strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%S", &utc);
+    snprintf(stamp + n, sizeof stamp - n, ".%03u+00:00", (unsigned)(now.tv_nsec / 1000000) % 1000u);
     std::string line = "{\"time\":\"";
     line += stamp;
     line += '"';
