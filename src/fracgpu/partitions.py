@@ -9,6 +9,7 @@ each of them.
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Mapping
 
 from fracgpu import devices, jobs, state
@@ -143,4 +144,21 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
         jobs.check_limit(limit, region.total_memory, region.uuid)
     elif unlimited:
         limit = 0
-    return region.uuid, region.update_partition(name, limit, share, cap, overcommit=overcommit, priority=klass)
+    now = region.update_partition(name, limit, share, cap, overcommit=overcommit, priority=klass)
+    _record_change(region.uuid, now)
+    return region.uuid, now
+
+
+def _record_change(gpu: str, partition: state.PartitionUsage) -> None:
+    """Tell the ledger when the limits changed, so that the periods of the jobs running in the
+    partition end exactly here rather than at their recorder's next sample. A ledger that does
+    not exist has no running job to tell; one that fails leaves the boundary to the samples."""
+    from fracgpu.ledger import Ledger, LedgerError, Limits
+
+    try:
+        with Ledger(create=False) as ledger:
+            ledger.record_change(gpu, partition.name, Limits.of(
+                partition.memory_limit, partition.compute_share, partition.compute_cap, partition.priority,
+                partition.best_effort))
+    except (LedgerError, OSError, sqlite3.Error):
+        pass
