@@ -14,7 +14,7 @@ component:
 - ``used_gib_hours``: the memory it held (as sampled) times the time.
 
 Money is ``decimal.Decimal`` throughout. The rounding rule, stated in every
-export: each line's quantity is rounded half-even to 6 decimal places, its
+export: each line's quantity is rounded half-even to 9 decimal places, its
 amount (quantity x unit price) half-even to the currency's minor unit
 (``decimals``, 2 unless given); every total is the sum of the rounded lines
 it covers, so an export's lines add up exactly to the totals printed.
@@ -44,7 +44,7 @@ __all__ = ["COMPONENTS", "Prices", "Line", "Totals", "GPUSummary", "lines", "tot
 
 GiB = 1 << 30
 HOUR = 3600
-QUANTITY = Decimal("0.000001")
+QUANTITY = Decimal("1e-9")
 # component: (unit, what it is, the price option's name)
 COMPONENTS: dict[str, tuple[str, str]] = {
     "reserved_gpu_hours": ("GPU-hour", "guaranteed compute share x hours"),
@@ -52,7 +52,7 @@ COMPONENTS: dict[str, tuple[str, str]] = {
     "used_gpu_hours": ("GPU-hour", "device time the job's kernels used"),
     "used_gib_hours": ("GiB-hour", "memory the job held x hours"),
 }
-ROUNDING = ("each line: quantity rounded half-even to 6 decimal places, amount = quantity x unit price rounded "
+ROUNDING = ("each line: quantity rounded half-even to 9 decimal places, amount = quantity x unit price rounded "
             "half-even to {decimals} decimal places; totals are sums of the rounded lines")
 
 

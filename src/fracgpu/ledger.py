@@ -36,7 +36,7 @@ import pwd
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from fracgpu import settings
 
@@ -393,11 +393,12 @@ class Ledger:
         # The limits changed between the last sample and this one: at the change recorded by
         # whoever made it when there is one, else now. The device time used in between is
         # split in proportion to the time on each side (the samples are under 5 s apart).
+        # (A sample's time is taken before it reads the state, so the change may be recorded after it.)
         changed = self.db.execute(
-            "SELECT MAX(t) FROM limit_changes WHERE gpu = ? AND partition = ? AND t <= ? AND t > ? AND "
+            "SELECT MAX(t) FROM limit_changes WHERE gpu = ? AND partition = ? AND t > ? AND "
             + " AND ".join(f"{c} IS ?" for c in LIMIT_COLUMNS),
-            (gpu, partition, t, opened, *now.limits.columns())).fetchone()[0]
-        boundary = t if changed is None else max(changed, last)
+            (gpu, partition, opened, *now.limits.columns())).fetchone()[0]
+        boundary = t if changed is None else min(max(changed, last), t)
         fraction = (boundary - last) / (t - last) if t > last else 1.0
         device_then = device + fraction * max(0.0, now.device_seconds - device)
         self.db.execute(
@@ -420,11 +421,25 @@ class Ledger:
              now.memory_bytes, t, now.memory_bytes, now.drift_bytes, now.device_seconds, *now.limits.columns()))
 
     def record_change(self, gpu: str, partition: str, limits: Limits, t: float | None = None) -> None:
-        """Partition ``partition`` on ``gpu`` took ``limits`` at ``t``: the jobs in it end their
-        period there (exactly, when their recorder's next sample sees these limits)."""
+        """Partition ``partition`` on ``gpu`` took ``limits`` at ``t`` (None: now): the jobs in it
+        end their period there when their recorder's next sample sees these limits."""
         self.db.execute("INSERT INTO limit_changes (t, gpu, partition, " + ", ".join(LIMIT_COLUMNS) +
                         ") VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (time.time() if t is None else t, gpu, partition, *limits.columns()))
+
+    @contextlib.contextmanager
+    def changing_limits(self) -> Iterator[Callable[[str, str, Limits], None]]:
+        """Around a change of a partition's limits in the shared state: yields ``record(gpu,
+        partition, limits)``, to call right after the change. The ledger is held meanwhile, so a
+        recorder that reads the new limits cannot write its sample before the change is in the
+        ledger: its period ends exactly there."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.record_change
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def note_gpu(self, uuid: str, name: str, total_memory: int) -> None:
         """GPU ``uuid`` (its model name and memory in bytes) ran jobs of this ledger."""

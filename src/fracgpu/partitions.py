@@ -8,11 +8,13 @@ each of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from fracgpu import devices, jobs, state
+from fracgpu.ledger import Ledger, LedgerError, Limits
 from fracgpu.units import bytes_of, parse_memory, parse_priority, parse_share
 
 __all__ = ["create", "remove", "update", "device", "NothingToChange", "LimitAndUnlimited"]
@@ -144,21 +146,28 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
         jobs.check_limit(limit, region.total_memory, region.uuid)
     elif unlimited:
         limit = 0
-    now = region.update_partition(name, limit, share, cap, overcommit=overcommit, priority=klass)
-    _record_change(region.uuid, now)
+    with _limits_recorded() as record:
+        now = region.update_partition(name, limit, share, cap, overcommit=overcommit, priority=klass)
+        record(region.uuid, now.name, Limits.of(now.memory_limit, now.compute_share, now.compute_cap, now.priority,
+                                                now.best_effort))
     return region.uuid, now
 
 
-def _record_change(gpu: str, partition: state.PartitionUsage) -> None:
-    """Tell the ledger when the limits changed, so that the periods of the jobs running in the
-    partition end exactly here rather than at their recorder's next sample. A ledger that does
-    not exist has no running job to tell; one that fails leaves the boundary to the samples."""
-    from fracgpu.ledger import Ledger, LedgerError, Limits
+@contextlib.contextmanager
+def _limits_recorded() -> Iterator[Callable[[str, str, Limits], None]]:
+    """``record(gpu, partition, limits)``, to call right after a partition's limits change, so
+    that the periods of the jobs running in it end exactly there rather than at their recorder's
+    next sample (``Ledger.changing_limits``). A ledger that does not exist has no running job to
+    tell, and one that cannot be used leaves the boundary to the samples: the change is made
+    either way."""
+    with contextlib.ExitStack() as held:
+        try:
+            ledger = held.enter_context(Ledger(create=False))
+            record = held.enter_context(ledger.changing_limits())
+        except (LedgerError, sqlite3.Error):
+            record = _not_recorded
+        yield record
 
-    try:
-        with Ledger(create=False) as ledger:
-            ledger.record_change(gpu, partition.name, Limits.of(
-                partition.memory_limit, partition.compute_share, partition.compute_cap, partition.priority,
-                partition.best_effort))
-    except (LedgerError, OSError, sqlite3.Error):
-        pass
+
+def _not_recorded(gpu: str, partition: str, limits: Limits) -> None:
+    pass

@@ -237,7 +237,7 @@ def test_a_bill_by_label_over_several_users_and_partitions(tenants):
     # vision: a1 and a2 (alice, 25% and 4 GiB each for an hour) and c1 (carol, 12.5% and 8 GiB).
     assert Decimal(vision["reserved_gpu_hours"]["quantity"]) == Decimal("0.625")
     assert Decimal(vision["reserved_gib_hours"]["quantity"]) == Decimal("16")
-    assert Decimal(vision["used_gpu_hours"]["quantity"]) == Decimal("0.366667")   # 0.25 + 0.1 + 0.016667
+    assert Decimal(vision["used_gpu_hours"]["quantity"]) == Decimal("0.366666667")   # 0.25 + 0.1 + 0.016666667
     assert Decimal(vision["reserved_gpu_hours"]["amount"]) == Decimal("1.88")   # 1.875, half-even
     lines = bill["lines"]
     assert len(lines) == 4 * 4   # four jobs of one period each, four components
