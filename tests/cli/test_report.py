@@ -293,3 +293,11 @@ def test_bill_options_refuse_bad_values(tenants, tmp_path):
                           (["--decimals", "9", "--by", "job"], "9")):
         out = report(tenants, *args)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_the_readme_billing_walk_through_is_what_the_commands_print():
+    from tests.support import ROOT
+
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "billing_example.py"), "--check"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
