@@ -90,8 +90,12 @@ class Prices:
         return ROUNDING.format(decimals=self.decimals)
 
     def amount(self, quantity: Decimal, component: str) -> Decimal:
-        return (quantity * self.price(component)).quantize(Decimal(1).scaleb(-self.decimals),
-                                                           rounding=decimal.ROUND_HALF_EVEN)
+        return self.money(quantity * self.price(component))
+
+    def money(self, value: Decimal) -> Decimal:
+        """``value`` rounded half-even to the currency's minor unit (a sum of amounts is unchanged,
+        only written with its minor unit: 0.00, not 0)."""
+        return value.quantize(Decimal(1).scaleb(-self.decimals), rounding=decimal.ROUND_HALF_EVEN)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -290,7 +290,8 @@ def table_rows(text: str) -> list[list[str]]:
 def test_bill_options_refuse_bad_values(tenants, tmp_path):
     for args, message in ((["--by", "team"], "label:KEY"), (["--price-used-gpu-hour", "-2"], "invalid price"),
                           (["--output", str(tmp_path / "bill.xlsx")], "--format csv or json"),
-                          (["--decimals", "9", "--by", "job"], "9")):
+                          (["--decimals", "9", "--by", "job"], "9"),
+                          (["--rate", "2", "--by", "job"], "--price-used-gpu-hour")):
         out = report(tenants, *args)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
 

@@ -212,3 +212,13 @@ def test_a_ledger_of_the_previous_schema_gets_one_period_per_job_at_its_recorded
         (job.id, "GPU-x", 100.0, 400.0, "migrated")
     assert (period.limits.memory_limit, period.limits.compute_share, period.limits.priority) == (1 << 30, 0.25, "high")
     assert (period.gpu_seconds, period.memory_byte_seconds, period.peak_memory_bytes) == (30.0, 5.0e9, 2048)
+
+
+def test_a_job_whose_recorder_died_ends_its_periods_at_its_last_sample(tmp_path):
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        job = ledger.start_job(job="a", partition="p", start=10.0, recorder_pid=1 << 22, recorder_start=1)
+        ledger.sample(job, memory_bytes=MiB, device_seconds=1.0, t=12.0, gpus=_on("GPU-a", MiB, 0.5, MiB, 1.0))
+        ledger.sample(job, memory_bytes=MiB, device_seconds=2.0, t=14.0, gpus=_on("GPU-a", MiB, 0.5, MiB, 2.0))
+        assert ledger.close_orphans(lambda pid, start: False) == 1
+        (period,) = ledger.periods()
+    assert (period.start, period.end, period.gpu_seconds, period.memory_byte_seconds) == (10.0, 14.0, 2.0, 2 * MiB)

@@ -152,6 +152,9 @@ def report(since: str | None, until: str | None, fmt: str, rate: str | None, led
         ("reserved_gpu_hours", price_reserved_gpu), ("reserved_gib_hours", price_reserved_gib),
         ("used_gpu_hours", price_used_gpu), ("used_gib_hours", price_used_gib)) if text is not None}
     bill = group_by is not None or bool(prices) or output_path is not None
+    if bill and rate is not None:
+        raise InputError("--rate prices the per-job report's device time; in a bill, give "
+                         "--price-used-gpu-hour PRICE instead")
     export_as = _export_format(output_path, fmt) if output_path is not None else None
     try:
         with Ledger(ledger_path, create=False) as ledger:
@@ -280,9 +283,9 @@ def line_row(line: billing.Line, prices: billing.Prices) -> dict:
             "amount": str(line.amount), "rounding": prices.rounding}
 
 
-def _totals_json(t: billing.Totals) -> dict:
-    return {**{c: {"quantity": str(t.quantity[c]), "amount": str(t.amount[c])} for c in billing.COMPONENTS},
-            "amount": str(t.total)}
+def _totals_json(t: billing.Totals, prices: billing.Prices) -> dict:
+    return {**{c: {"quantity": str(t.quantity[c]), "amount": str(prices.money(t.amount[c]))}
+               for c in billing.COMPONENTS}, "amount": str(prices.money(t.total))}
 
 
 def export_text(lines: list[billing.Line], prices: billing.Prices, fmt: str, group_by: str | None,
@@ -293,8 +296,8 @@ def export_text(lines: list[billing.Line], prices: billing.Prices, fmt: str, gro
     rows = [line_row(line, prices) for line in lines]
     if fmt == "json":
         return json.dumps({"currency": prices.currency, "rounding": prices.rounding, "lines": rows, "by": group_by,
-                           "groups": {name: _totals_json(t) for name, t in groups.items()},
-                           "total": _totals_json(overall),
+                           "groups": {name: _totals_json(t, prices) for name, t in groups.items()},
+                           "total": _totals_json(overall, prices),
                            "gpus": [{**dataclasses.asdict(g), "start": _iso(g.start), "end": _iso(g.end),
                                      "idle_gpu_hours": g.idle_gpu_hours, "unsold_gpu_hours": g.unsold_gpu_hours}
                                     for g in gpus]}, indent=2) + "\n"
@@ -355,14 +358,14 @@ def bill_tables(lines: list[billing.Line], groups: dict[str, billing.Totals], ov
         rows.append([f"{first.job.id} {first.job.job}", first.job.user or str(first.job.uid or "?"),
                      f"{_local(first.start)} - {_local(first.end)[11:]}", f"{memory} / {share}",
                      *(_hours(quantity[c]) for c in components),
-                     str(sum((line.amount for line in of_period), Decimal(0)))])
+                     str(prices.money(sum((line.amount for line in of_period), Decimal(0))))])
     out = tables([("job", "left"), ("user", "left"), ("period", "left"), ("quota / share", "left"), *heads], rows,
                  width, title=f"fracgpu bill: {len(periods)} period(s) of {len({k[0] for k in periods})} job(s)")
-    total_rows = [[name, *(_hours(t.quantity[c]) for c in components), str(t.total)] for name, t in groups.items()]
-    total_rows.append(["total", *(_hours(overall.quantity[c]) for c in components), str(overall.total)])
+    total_rows = [[name, *(_hours(t.quantity[c]) for c in components), str(prices.money(t.total))]
+                  for name, t in [*groups.items(), ("total", overall)]]
     out += tables([(group_by or "", "left"), *heads], total_rows, width,
                   title=f"totals by {group_by}" if group_by else "totals")
-    gpu_rows = [[g.gpu, _hours(g.capacity_gpu_hours), _hours(g.reserved_gpu_hours), _hours(g.used_gpu_hours),
+    gpu_rows = [[g.gpu or "(not recorded)", _hours(g.capacity_gpu_hours), _hours(g.reserved_gpu_hours), _hours(g.used_gpu_hours),
                  _hours(g.idle_gpu_hours), _hours(g.unsold_gpu_hours), _hours(g.capacity_gib_hours),
                  _hours(g.reserved_gib_hours), _hours(g.used_gib_hours), _hours(g.missed_gib_hours)] for g in gpus]
     out += tables([("GPU", "left"), ("capacity GPU-h", "right"), ("reserved", "right"), ("used", "right"),
