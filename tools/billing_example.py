@@ -75,7 +75,8 @@ def fill(path: pathlib.Path) -> None:
 def block() -> str:
     with tempfile.TemporaryDirectory() as folder:
         fill(pathlib.Path(folder) / "ledger.sqlite")
-        env = {**os.environ, "TZ": "UTC", "COLUMNS": "80", "FRACGPU_LEDGER": str(pathlib.Path(folder) / "ledger.sqlite"),
+        env = {**os.environ, "TZ": "UTC", "COLUMNS": "80",
+               "FRACGPU_LEDGER": str(pathlib.Path(folder) / "ledger.sqlite"),
                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
         lines = [BEGIN, "```console"]
         for command in COMMANDS:

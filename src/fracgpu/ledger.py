@@ -323,7 +323,8 @@ class Ledger:
         uid = os.getuid() if uid is None else uid
         cur = self.db.execute(
             "INSERT INTO jobs (job, partition, gpu, command, start, memory_limit, compute_share, kind, labels, "
-            "recorder_pid, recorder_start, priority, uid, user, host) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "recorder_pid, recorder_start, priority, uid, user, host) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job, partition, gpu, command, time.time() if start is None else start, memory_limit, compute_share,
              kind, json.dumps(labels or {}, sort_keys=True), recorder_pid, recorder_start, priority, uid,
              _user_name(uid) if user is None else user, socket.gethostname() if host is None else host))
@@ -372,7 +373,8 @@ class Ledger:
         limits are not the period's, it ends where they changed and the next one opens there."""
         start, partition = self.db.execute("SELECT start, partition FROM jobs WHERE id = ?", (job_id,)).fetchone()
         row = self.db.execute(
-            "SELECT id, start, last_sample, last_memory_bytes, last_drift_bytes, last_device_seconds, base_device_seconds, "
+            "SELECT id, start, last_sample, last_memory_bytes, last_drift_bytes, last_device_seconds, "
+            "base_device_seconds, "
             + ", ".join(LIMIT_COLUMNS) + ' FROM periods WHERE job_id = ? AND gpu = ? AND "end" IS NULL',
             (job_id, gpu)).fetchone()
         if row is None:   # the job's first sample on this GPU
@@ -448,7 +450,8 @@ class Ledger:
 
     def gpus(self) -> dict[str, tuple[str, int]]:
         """UUID -> (model name, memory in bytes) of the GPUs the ledger's jobs ran on."""
-        return {uuid: (name, total) for uuid, name, total in self.db.execute("SELECT uuid, name, total_memory FROM gpus")}
+        rows = self.db.execute("SELECT uuid, name, total_memory FROM gpus")
+        return {uuid: (name, total) for uuid, name, total in rows}
 
     def finish(self, job_id: int, *, exit_status: int | None, end: float | None = None) -> None:
         end = time.time() if end is None else end
@@ -465,7 +468,8 @@ class Ledger:
             'UPDATE periods SET "end" = MAX(start, ?), '
             "memory_byte_seconds = memory_byte_seconds + last_memory_bytes * MAX(0, ? - COALESCE(last_sample, start)), "
             "drift_byte_seconds = drift_byte_seconds + last_drift_bytes * MAX(0, ? - COALESCE(last_sample, start)), "
-            'last_memory_bytes = 0, last_drift_bytes = 0, last_sample = MAX(start, ?) WHERE job_id = ? AND "end" IS NULL',
+            "last_memory_bytes = 0, last_drift_bytes = 0, last_sample = MAX(start, ?) "
+            'WHERE job_id = ? AND "end" IS NULL',
             (end, end, end, end, job_id))
 
     def close_orphans(self, is_alive=None) -> int:

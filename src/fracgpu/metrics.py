@@ -164,7 +164,8 @@ class _Integrals:
     so that the aggregate series never goes down."""
 
     def __init__(self):
-        self.totals: dict[tuple, list[float]] = {}   # series -> [reserved share-s, reserved byte-s, used byte-s, device s]
+        # series -> [reserved share-seconds, reserved byte-seconds, used byte-seconds, device seconds]
+        self.totals: dict[tuple, list[float]] = {}
         self.rates: dict[tuple, tuple[float, float, float]] = {}   # series -> its figures at the last scrape
         self.next_rates: dict[tuple, tuple[float, float, float]] = {}
         self.device_ns: dict[tuple, int] = {}        # partition -> its device time at the last scrape
@@ -281,8 +282,8 @@ class UsageCollector:
         label_names = {**LABELS, "dcgm": (*DCGM, DRIVER_VERSION_LABEL) if driver else DCGM}
         families = {key: kinds[kind](name, doc, labels=list(label_names[labels]))
                     for key, kind, name, doc, labels in FAMILIES}
-        (gpu_total, gpu_used, gpu_info, used, limit, ceiling, peak, best_effort, share, cap, priority, achieved, seconds,
-         launches, refusals_, processes, drift, drift_peak, drift_unknown, q_used, q_peak, q_limit, q_achieved,
+        (gpu_total, gpu_used, gpu_info, used, limit, ceiling, peak, best_effort, share, cap, priority, achieved,
+         seconds, launches, refusals_, processes, drift, drift_peak, drift_unknown, q_used, q_peak, q_limit, q_achieved,
          q_seconds, q_launches, q_device, q_drift, fb_used, fb_free) = (families[key] for key in (
             "gpu_total", "gpu_used", "gpu_info", "used", "limit", "ceiling", "peak", "best_effort", "share", "cap",
             "priority", "achieved", "seconds", "launches", "refusals", "processes", "drift", "drift_peak",

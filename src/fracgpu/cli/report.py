@@ -21,9 +21,9 @@ from fracgpu.cli.run import parse_labels
 from fracgpu.ledger import JobRecord, Ledger, LedgerError, Period
 from fracgpu.units import format_size
 
-FIELDS = ["job_id", "job", "partition", "gpu", "uid", "user", "host", "start", "end", "exit_status", "gpu_seconds", "memory_byte_seconds",
-          "peak_memory_bytes", "peak_drift_bytes", "memory_limit", "compute_share", "priority", "processes", "launches",
-          "kind", "command", "labels"]
+FIELDS = ["job_id", "job", "partition", "gpu", "uid", "user", "host", "start", "end", "exit_status", "gpu_seconds",
+          "memory_byte_seconds", "peak_memory_bytes", "peak_drift_bytes", "memory_limit", "compute_share", "priority",
+          "processes", "launches", "kind", "command", "labels"]
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -114,9 +114,11 @@ def row(job: JobRecord, rate: float | None) -> dict:
               help="Only jobs of this user, by name or uid (repeatable: any).")
 @click.option("--by", "group_by", metavar="GROUP", callback=checked_by(billing.grouping),
               help="The bill, totalled per group: partition, user, job, namespace, or label:KEY.")
-@click.option("--price-reserved-gpu-hour", "price_reserved_gpu", metavar="PRICE", callback=checked_by(billing.parse_price),
+@click.option("--price-reserved-gpu-hour", "price_reserved_gpu", metavar="PRICE",
+              callback=checked_by(billing.parse_price),
               help="The bill: price of a GPU-hour of guaranteed compute share (a 25% share for an hour is 0.25).")
-@click.option("--price-reserved-gib-hour", "price_reserved_gib", metavar="PRICE", callback=checked_by(billing.parse_price),
+@click.option("--price-reserved-gib-hour", "price_reserved_gib", metavar="PRICE",
+              callback=checked_by(billing.parse_price),
               help="The bill: price of a GiB-hour of memory quota promised.")
 @click.option("--price-used-gpu-hour", "price_used_gpu", metavar="PRICE", callback=checked_by(billing.parse_price),
               help="The bill: price of a GPU-hour of device time used.")
@@ -365,7 +367,8 @@ def bill_tables(lines: list[billing.Line], groups: dict[str, billing.Totals], ov
                   for name, t in [*groups.items(), ("total", overall)]]
     out += tables([(group_by or "", "left"), *heads], total_rows, width,
                   title=f"totals by {group_by}" if group_by else "totals")
-    gpu_rows = [[g.gpu or "(not recorded)", _hours(g.capacity_gpu_hours), _hours(g.reserved_gpu_hours), _hours(g.used_gpu_hours),
+    gpu_rows = [[g.gpu or "(not recorded)", _hours(g.capacity_gpu_hours), _hours(g.reserved_gpu_hours),
+                 _hours(g.used_gpu_hours),
                  _hours(g.idle_gpu_hours), _hours(g.unsold_gpu_hours), _hours(g.capacity_gib_hours),
                  _hours(g.reserved_gib_hours), _hours(g.used_gib_hours), _hours(g.missed_gib_hours)] for g in gpus]
     out += tables([("GPU", "left"), ("capacity GPU-h", "right"), ("reserved", "right"), ("used", "right"),
