@@ -12,7 +12,8 @@ the only code that imports click or rich; nothing else imports it):
 - ``jobs``: a job's options parsed once (``JobSpec``) and the environment that enforces them;
   ``partitions``: named partitions; ``devices``: the GPUs a job sees; ``shim``: the installed shims;
 - ``snapshot``: usage with the compute share achieved; ``metrics``: the Prometheus collector;
-- ``ledger`` and ``recorder``: accounting; ``plot``: the report's figure;
+- ``ledger`` and ``recorder``: accounting; ``billing``: the bill (reserved and used, priced in decimal);
+  ``plot``: the report's figure;
 - ``ray`` and ``slurm``: the cluster integrations; ``sim``: the simulated GPU; ``demo``: the demo's jobs;
 - ``check``: a node's guarantees graded on its GPU (``fracgpu check``), by the probe jobs in ``probes``.
 """

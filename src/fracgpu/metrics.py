@@ -13,8 +13,33 @@ Partition series add ``partition``. The compute share achieved is
 this scrape and the one before, over the time between them), or over any
 window ``rate(fracgpu_partition_device_seconds_total[1m])``.
 
-Two groups are opt-in:
+Cardinality is bounded by default: a job's private partition (``fracgpu run
+--memory``, ``init(memory=)``, named ``run-<pid>``) is not a series of its own,
+since every run would add one; all private partitions of a GPU are one
+aggregate series, ``partition="(private)"`` (a name no partition can have),
+whose counters keep growing as private jobs come and go. So the partition
+series are at most (named partitions + 1) per GPU, and named partitions are
+at most 64 per GPU.
 
+Reserved and used, so that a dashboard can show what each GPU sold against
+what was used: ``fracgpu_partition_reserved_gpu_seconds_total`` (the
+guaranteed share times the time), ``..._reserved_memory_byte_seconds_total``
+(the memory promised times the time) and ``..._memory_byte_seconds_total``
+(the memory held times the time) beside ``..._device_seconds_total``. The
+exporter integrates them between scrapes, each interval at the figures of the
+scrape that opened it, so they start at 0 with the exporter, as a counter may.
+The ledger (``fracgpu report``) has them per job, exactly; these are for
+dashboards.
+
+Three groups are opt-in:
+
+- per label (``label_keys``): the same four counters summed per value of each
+  job label named (``fracgpu run --label team=vision``), labelled ``key`` and
+  ``value``, from the running jobs in the ledger: at most (GPUs x keys x the
+  values they take). A partition's figures go to its running jobs' values in
+  equal parts.
+- per job (``per_job``): private partitions as series of their own, by their
+  ``run-<pid>`` names: a new series per run, for a node with few long jobs.
 - per process (``per_process``): the ``fracgpu_process_*`` series, labelled
   ``partition`` and ``pid``. A pid is unbounded cardinality where every task
   is a new process (Ray starts a worker per task), so they are off by default.
@@ -32,11 +57,13 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from fracgpu import devices, log, state
+from fracgpu.ledger import JobRecord, Ledger, LedgerError
 from fracgpu.snapshot import achieved_share
 from fracgpu.units import PRIORITIES
 
@@ -49,9 +76,11 @@ GPU = ("gpu", "UUID")
 DCGM = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "hostname")
 DRIVER_VERSION_LABEL = "DCGM_FI_DRIVER_VERSION"
 LABELS = {"gpu": GPU, "partition": (*GPU, "partition"), "process": (*GPU, "partition", "pid"),
-          "info": (*GPU, "pci_bus_id", "model"), "dcgm": DCGM}
+          "info": (*GPU, "pci_bus_id", "model"), "dcgm": DCGM, "label": (*GPU, "key", "value")}
 # The opt-in groups, by the label set their families use.
-GROUPS = {"process": "per_process", "dcgm": "dcgm"}
+GROUPS = {"process": "per_process", "dcgm": "dcgm", "label": "labels"}
+# The one series of a GPU's private partitions: not a name any partition can have.
+PRIVATE = "(private)"
 
 # Every family a scrape exposes after fracgpu_state_readable, in this order: (key, kind, name, help, labels).
 FAMILIES = (
@@ -84,6 +113,13 @@ FAMILIES = (
     ("refusals", "counter", "fracgpu_partition_oom_refusals_total",
      "Allocations refused because they would pass the memory limit.", "partition"),
     ("processes", "gauge", "fracgpu_partition_processes", "Processes in the partition now.", "partition"),
+    ("reserved_gpu", "counter", "fracgpu_partition_reserved_gpu_seconds_total",
+     "Guaranteed compute share times the time (a 25% share for an hour is 900 s), since the exporter started.",
+     "partition"),
+    ("reserved_memory", "counter", "fracgpu_partition_reserved_memory_byte_seconds_total",
+     "Memory promised (a limit that is not best effort) times the time, since the exporter started.", "partition"),
+    ("used_memory", "counter", "fracgpu_partition_memory_byte_seconds_total",
+     "Memory held times the time, since the exporter started.", "partition"),
     ("drift", "gauge", "fracgpu_partition_memory_drift_bytes",
      "What the device reports the partition's processes hold less their books (signed; processes the device "
      "does not list left out). The positive part of each process's is charged to the partition's used memory.",
@@ -107,10 +143,92 @@ FAMILIES = (
      "Memory the device (NVML) reports the process holds (absent while not known).", "process"),
     ("q_drift", "gauge", "fracgpu_process_memory_drift_bytes",
      "What the device reports the process holds less its books (signed; absent while not known).", "process"),
+    ("l_reserved_gpu", "counter", "fracgpu_label_reserved_gpu_seconds_total",
+     "Guaranteed compute share times the time, of the running jobs with this label value.", "label"),
+    ("l_reserved_memory", "counter", "fracgpu_label_reserved_memory_byte_seconds_total",
+     "Memory promised times the time, of the running jobs with this label value.", "label"),
+    ("l_seconds", "counter", "fracgpu_label_device_seconds_total",
+     "Device time used by the running jobs with this label value.", "label"),
+    ("l_used_memory", "counter", "fracgpu_label_memory_byte_seconds_total",
+     "Memory held times the time, by the running jobs with this label value.", "label"),
     ("fb_used", "gauge", "DCGM_FI_DEV_FB_USED", "Framebuffer memory used (in MiB), by fracgpu partitions.", "dcgm"),
     ("fb_free", "gauge", "DCGM_FI_DEV_FB_FREE", "Framebuffer memory free (in MiB), by fracgpu's books.", "dcgm"),
 )
 
+
+
+class _Integrals:
+    """Counters the exporter integrates over time between scrapes (reserved and used
+    byte-seconds and share-seconds), and the private partitions' counters kept past their end,
+    so that the aggregate series never goes down."""
+
+    def __init__(self):
+        # series -> [reserved share-seconds, reserved byte-seconds, used byte-seconds, device seconds]
+        self.totals: dict[tuple, list[float]] = {}
+        self.rates: dict[tuple, tuple[float, float, float]] = {}   # series -> its figures at the last scrape
+        self.next_rates: dict[tuple, tuple[float, float, float]] = {}
+        self.device_ns: dict[tuple, int] = {}        # partition -> its device time at the last scrape
+        self.private_gone: dict[str, list[int]] = {}   # GPU -> device ns, launches, refusals of ended ones
+        self.private_seen: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self.private_promised: dict[str, int] = {}     # GPU -> memory its private partitions were promised
+        self.when: float | None = None
+
+    def advance(self, elapsed: float) -> None:
+        """Every series' totals brought up to now: its figures of the last scrape held since."""
+        for key, rates in self.rates.items():
+            totals = self.totals.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+            for n, rate in enumerate(rates):
+                totals[n] += rate * elapsed
+        self.next_rates = {}
+
+    def add(self, key: tuple, share: float, promised: float, used: float, device_s: float = 0.0) -> list[float]:
+        """Adds to series ``key``'s figures for the next interval, and ``device_s`` to its device
+        time; returns its totals."""
+        totals = self.totals.setdefault(key, [0.0, 0.0, 0.0, 0.0])
+        totals[3] += device_s
+        now = self.next_rates.get(key, (0.0, 0.0, 0.0))
+        self.next_rates[key] = (now[0] + share, now[1] + promised, now[2] + used)
+        return totals
+
+    def private(self, gpu: state.GPUUsage) -> state.PartitionUsage | None:
+        """The GPU's private partitions as one (counters including those that ended), or None
+        when it never had one."""
+        mine = [p for p in gpu.partitions if p.ephemeral]
+        gone = self.private_gone.setdefault(gpu.uuid, [0, 0, 0])
+        now = {(gpu.uuid, p.name): (p.device_ns, p.launches, p.oom_refusals) for p in mine}
+        for key in [k for k in self.private_seen if k[0] == gpu.uuid and k not in now]:
+            for n, count in enumerate(self.private_seen.pop(key)):
+                gone[n] += count
+        self.private_seen.update(now)
+        self.private_promised[gpu.uuid] = sum(_promised(p) for p in mine)
+        if not mine and not any(gone):
+            return None
+        return state.PartitionUsage(
+            name=PRIVATE, memory_limit=sum(p.memory_limit or 0 for p in mine) or None,
+            used=sum(p.used for p in mine), peak=max((p.peak for p in mine), default=0),
+            processes=sum(p.processes for p in mine), ephemeral=True,
+            oom_refusals=gone[2] + sum(p.oom_refusals for p in mine),
+            compute_share=sum(p.compute_share or 0.0 for p in mine) or None,
+            device_ns=gone[0] + sum(p.device_ns for p in mine), launches=gone[1] + sum(p.launches for p in mine),
+            best_effort=any(p.best_effort for p in mine), memory_ceiling=sum(p.memory_ceiling for p in mine),
+            drift=sum(p.drift for p in mine), drift_charged=sum(p.drift_charged for p in mine),
+            drift_peak=max((p.drift_peak for p in mine), default=0),
+            drift_unknown=sum(p.drift_unknown for p in mine))
+
+
+def _promised(p: state.PartitionUsage) -> int:
+    """The memory ``p`` was promised: its limit, unless that is best effort (overcommitted)."""
+    return 0 if p.best_effort else (p.memory_limit or 0)
+
+
+def _running_jobs() -> list[JobRecord]:
+    """The jobs running now, from the ledger (none when there is no ledger or it cannot be read)."""
+    now = time.time()
+    try:
+        with Ledger(create=False) as ledger:
+            return ledger.jobs_during(now, now)
+    except (LedgerError, sqlite3.Error):
+        return []
 
 
 class UsageCollector:
@@ -123,11 +241,16 @@ class UsageCollector:
 
     def __init__(self, state_dir: str | None = None, gpus: Mapping[str, devices.Device] | None = None,
                  read: Callable[[], list[state.GPUUsage]] | None = None, *, per_process: bool = False,
-                 dcgm: bool = False, driver_version: str | None = None):
+                 dcgm: bool = False, driver_version: str | None = None, per_job: bool = False,
+                 label_keys: Sequence[str] = (), running_jobs: Callable[[], list[JobRecord]] | None = None):
         self.state_dir = state_dir
         self.gpus = dict(gpus or {})
         self.read = read or (lambda: state.usage(self.state_dir))
-        self.enabled = {"per_process": per_process, "dcgm": dcgm}
+        self.enabled = {"per_process": per_process, "dcgm": dcgm, "labels": bool(label_keys)}
+        self.per_job = per_job
+        self.label_keys = tuple(label_keys)
+        self.running_jobs = running_jobs or _running_jobs
+        self.books = _Integrals()
         self.driver_version = driver_version
         self.hostname = socket.gethostname()
         self.last_error: str | None = None
@@ -159,12 +282,20 @@ class UsageCollector:
         label_names = {**LABELS, "dcgm": (*DCGM, DRIVER_VERSION_LABEL) if driver else DCGM}
         families = {key: kinds[kind](name, doc, labels=list(label_names[labels]))
                     for key, kind, name, doc, labels in FAMILIES}
-        (gpu_total, gpu_used, gpu_info, used, limit, ceiling, peak, best_effort, share, cap, priority, achieved, seconds, launches,
-         refusals_, processes, drift, drift_peak, drift_unknown, q_used, q_peak, q_limit, q_achieved, q_seconds,
-         q_launches, q_device, q_drift, fb_used, fb_free) = families.values()
+        (gpu_total, gpu_used, gpu_info, used, limit, ceiling, peak, best_effort, share, cap, priority, achieved,
+         seconds, launches, refusals_, processes, drift, drift_peak, drift_unknown, q_used, q_peak, q_limit, q_achieved,
+         q_seconds, q_launches, q_device, q_drift, fb_used, fb_free) = (families[key] for key in (
+            "gpu_total", "gpu_used", "gpu_info", "used", "limit", "ceiling", "peak", "best_effort", "share", "cap",
+            "priority", "achieved", "seconds", "launches", "refusals", "processes", "drift", "drift_peak",
+            "drift_unknown", "q_used", "q_peak", "q_limit", "q_achieved", "q_seconds", "q_launches", "q_device",
+            "q_drift", "fb_used", "fb_free"))
         per_process, dcgm = self.enabled["per_process"], self.enabled["dcgm"]
         now = time.monotonic()
         device_ns: dict[tuple, int] = {}
+        books = self.books
+        elapsed = now - books.when if books.when is not None and error is None else 0.0
+        books.advance(elapsed)
+        running = self.running_jobs() if self.label_keys and error is None else []
 
         def share_since(key: tuple, ns: int, family) -> None:
             device_ns[key] = ns
@@ -189,8 +320,16 @@ class UsageCollector:
                 labels = [*ids, bus_id, f"nvidia{index}", gpu.name, self.hostname, *driver]
                 fb_used.add_metric(labels, in_use // MiB)
                 fb_free.add_metric(labels, max(gpu.total_memory - in_use, 0) // MiB)
-            for p in gpu.partitions:
+            if self.label_keys:
+                self._by_label(gpu, ids, running, families)
+            aggregate = None if self.per_job else books.private(gpu)
+            for p in [q for q in gpu.partitions if self.per_job or not q.ephemeral] + [aggregate] * bool(aggregate):
                 labels = [*ids, p.name]
+                promised = books.private_promised[gpu.uuid] if p is aggregate else _promised(p)
+                totals = books.add(("p", *labels), p.compute_share or 0.0, promised, p.used)
+                families["reserved_gpu"].add_metric(labels, totals[0])
+                families["reserved_memory"].add_metric(labels, totals[1])
+                families["used_memory"].add_metric(labels, totals[2])
                 used.add_metric(labels, p.used)
                 limit.add_metric(labels, p.memory_limit or gpu.total_memory)
                 ceiling.add_metric(labels, p.memory_ceiling)
@@ -224,9 +363,36 @@ class UsageCollector:
                 share_since(("q", *labels), q.device_ns, q_achieved)
         if error is None:
             self._before = (now, device_ns)
+            books.rates, books.when = books.next_rates, now
         for (*_, labels), family in zip(FAMILIES, families.values()):
             if labels not in GROUPS or self.enabled[GROUPS[labels]]:
                 yield family
+
+    def _by_label(self, gpu: state.GPUUsage, ids: list[str], running: list[JobRecord], families: dict) -> None:
+        """The label series of ``gpu``: each partition's figures (its device time since the last
+        scrape) go in equal parts to the values its running jobs there have for each key."""
+        books = self.books
+        names = {p.name for p in gpu.partitions}
+        for gone in [k for k in books.device_ns if k[1] == gpu.uuid and k[2] not in names]:
+            del books.device_ns[gone]
+        for p in gpu.partitions:
+            key = ("d", gpu.uuid, p.name)
+            device_s = max(0, p.device_ns - books.device_ns.get(key, 0)) / 1e9
+            books.device_ns[key] = p.device_ns
+            jobs = [j for j in running if j.partition == p.name and gpu.uuid in j.gpu.split(",")]
+            for label in self.label_keys:
+                for job in jobs:
+                    if label not in job.labels:
+                        continue
+                    part = 1 / len(jobs)
+                    books.add(("l", *ids, label, job.labels[label]), (p.compute_share or 0.0) * part,
+                              _promised(p) * part, p.used * part, device_s * part)
+        for key, totals in books.totals.items():
+            if key[0] == "l" and list(key[1:3]) == ids:
+                families["l_reserved_gpu"].add_metric(list(key[1:]), totals[0])
+                families["l_reserved_memory"].add_metric(list(key[1:]), totals[1])
+                families["l_used_memory"].add_metric(list(key[1:]), totals[2])
+                families["l_seconds"].add_metric(list(key[1:]), totals[3])
 
 
 def probe_gpus() -> dict[str, devices.Device]:

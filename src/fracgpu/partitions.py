@@ -8,10 +8,13 @@ each of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping
 
 from fracgpu import devices, jobs, state
+from fracgpu.ledger import Ledger, LedgerError, Limits
 from fracgpu.units import bytes_of, parse_memory, parse_priority, parse_share
 
 __all__ = ["create", "remove", "update", "device", "numbering_or_none", "NothingToChange", "LimitAndUnlimited"]
@@ -161,4 +164,28 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
         jobs.check_limit(limit, region.total_memory, region.uuid)
     elif unlimited:
         limit = 0
-    return region.uuid, region.update_partition(name, limit, share, cap, overcommit=overcommit, priority=klass)
+    with _limits_recorded() as record:
+        now = region.update_partition(name, limit, share, cap, overcommit=overcommit, priority=klass)
+        record(region.uuid, now.name, Limits.of(now.memory_limit, now.compute_share, now.compute_cap, now.priority,
+                                                now.best_effort))
+    return region.uuid, now
+
+
+@contextlib.contextmanager
+def _limits_recorded() -> Iterator[Callable[[str, str, Limits], None]]:
+    """``record(gpu, partition, limits)``, to call right after a partition's limits change, so
+    that the periods of the jobs running in it end exactly there rather than at their recorder's
+    next sample (``Ledger.changing_limits``). A ledger that does not exist has no running job to
+    tell, and one that cannot be used leaves the boundary to the samples: the change is made
+    either way."""
+    with contextlib.ExitStack() as held:
+        try:
+            ledger = held.enter_context(Ledger(create=False))
+            record = held.enter_context(ledger.changing_limits())
+        except (LedgerError, sqlite3.Error):
+            record = _not_recorded
+        yield record
+
+
+def _not_recorded(gpu: str, partition: str, limits: Limits) -> None:
+    pass

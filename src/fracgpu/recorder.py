@@ -27,7 +27,7 @@ import sys
 import time
 
 from fracgpu import state
-from fracgpu.ledger import Ledger, LedgerError
+from fracgpu.ledger import GPUSample, Ledger, LedgerError, Limits
 from fracgpu.units import PRIORITIES
 
 __all__ = ["JobRecorder", "sample_interval"]
@@ -50,6 +50,8 @@ class Reading:
     memory_limit: int | None = None
     compute_share: float | None = None
     priority: str | None = None   # its partition's class (the highest over its GPUs); None: not seen yet
+    # Per GPU (UUID): its limits there as the shared state holds them now, and what it used there.
+    per_gpu: dict[str, GPUSample] = dataclasses.field(default_factory=dict)
 
 
 class JobRecorder:
@@ -90,9 +92,11 @@ class JobRecorder:
             for path in state.region_files(folder):
                 if path not in self._regions:
                     try:
-                        self._regions[path] = state.open_region_file(path)
+                        region = state.open_region_file(path)
                     except state.StateError:
                         continue   # a damaged file is reported by those who use it, not by the recorder
+                    self.ledger.note_gpu(region.uuid, region.device_name, region.total_memory)
+                    self._regions[path] = region
         return list(self._regions.values())
 
     def read(self) -> Reading:
@@ -110,22 +114,28 @@ class JobRecorder:
             if part is None or not (mine or self.private):
                 continue
             if self.private:
-                out.memory_bytes += part.used
+                memory, drift, device_ns = part.used, part.drift_charged, part.device_ns
                 out.peak_memory_bytes = max(out.peak_memory_bytes, part.peak)
                 out.peak_drift_bytes = max(out.peak_drift_bytes, part.drift_peak)
-                out.device_ns += part.device_ns
                 out.launches += part.launches
             else:
                 # Its processes' books and what the device held beyond them (charged to the partition).
-                missed = sum(p.drift_charged for p in mine)
-                used = sum(p.used for p in mine) + missed
-                out.peak_drift_bytes = max(out.peak_drift_bytes, missed)
-                out.memory_bytes += used
-                out.peak_memory_bytes = max(out.peak_memory_bytes, used, *(p.peak for p in mine))
-                out.device_ns += sum(p.device_ns for p in mine)
+                drift = sum(p.drift_charged for p in mine)
+                memory = sum(p.used for p in mine) + drift
+                device_ns = sum(p.device_ns for p in mine)
+                out.peak_drift_bytes = max(out.peak_drift_bytes, drift)
+                out.peak_memory_bytes = max(out.peak_memory_bytes, memory, *(p.peak for p in mine))
                 out.launches += sum(p.launches for p in mine)
+            out.memory_bytes += memory
+            out.device_ns += device_ns
             for p in mine:
                 self._processes.add((region.uuid, p.pid, p.attached_unix_ns))
+            # Its reservation on this GPU began when its first process attached (a private
+            # partition is made then).
+            attached = [a for gpu, _, a in self._processes if gpu == region.uuid and a]
+            out.per_gpu[region.uuid] = GPUSample(
+                Limits.of(part.memory_limit, part.compute_share, part.compute_cap, part.priority, part.best_effort),
+                memory, device_ns / 1e9, drift, min(attached) / 1e9 if attached else None)
             gpus.append(region.uuid)
             if part.memory_limit:
                 limits.append(part.memory_limit)
@@ -151,7 +161,7 @@ class JobRecorder:
                                launches=reading.launches, processes=len({p[1:] for p in self._processes}),
                                gpu=",".join(reading.gpus) or None, memory_limit=reading.memory_limit,
                                compute_share=reading.compute_share, peak_drift_bytes=reading.peak_drift_bytes,
-                               priority=reading.priority)
+                               priority=reading.priority, gpus=reading.per_gpu)
             return reading
         except Exception as e:   # ledger, sqlite3, state: the job must not die because its record failed
             self._warn(e)

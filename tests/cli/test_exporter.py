@@ -73,7 +73,8 @@ def test_metrics_of_a_holding_job(gpu, clients):
             samples = scrape(port)
             uuid = one(samples, "fracgpu_gpu_memory_total_bytes", gpu="0").labels["UUID"]
             assert uuid.startswith("GPU-") and one(samples, "fracgpu_gpu_memory_total_bytes").value == GiB
-            part = {"gpu": "0", "UUID": uuid, "partition": f"run-{job.pid}"}
+            # A private partition is in the GPU's one series of them all, not a series of its own.
+            part = {"gpu": "0", "UUID": uuid, "partition": metrics.PRIVATE}
             assert one(samples, "fracgpu_partition_memory_used_bytes", **part).value == 200 * MiB + gpu.context
             assert one(samples, "fracgpu_partition_memory_limit_bytes", **part).value == 256 * MiB
             assert one(samples, "fracgpu_partition_memory_peak_bytes", **part).value == 200 * MiB + gpu.context
@@ -83,7 +84,7 @@ def test_metrics_of_a_holding_job(gpu, clients):
             assert one(samples, "fracgpu_partition_launches_total", **part).value == 0
             assert "fracgpu_partition_compute_share_ratio" not in samples   # no share set
             assert one(samples, "fracgpu_partition_priority", **part).value == 1   # normal
-            proc_labels = {**part, "pid": str(command_pid(job))}
+            proc_labels = {**part, "partition": f"run-{job.pid}", "pid": str(command_pid(job))}
             assert one(samples, "fracgpu_process_memory_used_bytes", **proc_labels).value == 200 * MiB + gpu.context
             assert one(samples, "fracgpu_process_device_seconds_total", **proc_labels).value == 0
             fb = one(samples, "DCGM_FI_DEV_FB_USED", gpu="0", UUID=uuid)
@@ -121,7 +122,7 @@ def test_defaults_partition_series_on_port_10061_without_process_or_dcgm_series(
         assert job.stdout.readline().strip() == "holding 200"
         with exporter(gpu, None) as proc:
             samples = scrape(DEFAULT_PORT)
-            part = one(samples, "fracgpu_partition_memory_used_bytes", gpu="0", partition=f"run-{job.pid}")
+            part = one(samples, "fracgpu_partition_memory_used_bytes", gpu="0", partition=metrics.PRIVATE)
             assert part.value == 200 * MiB + gpu.context and one(samples, "fracgpu_partition_processes").value == 1
             assert [name for name in samples if name.startswith(("DCGM_", "fracgpu_process_"))] == []
             assert not any("pid" in s.labels for family in samples.values() for s in family)
@@ -145,9 +146,10 @@ def test_gpu_is_the_index_and_uuid_the_uuid_on_every_series(make_gpu, clients):
         # The exporter's own CUDA_VISIBLE_DEVICES renumbers nothing: gpu is the index nvidia-smi and dcgm-exporter show.
         with exporter(gpu, port, "--per-process", "--dcgm", env={"CUDA_VISIBLE_DEVICES": "1"}):
             samples = scrape(port)
-        run = {"gpu": "1", "UUID": uuids["1"], "partition": f"run-{job.pid}"}
+        run = {"gpu": "1", "UUID": uuids["1"], "partition": metrics.PRIVATE}
         assert one(samples, "fracgpu_partition_memory_used_bytes", **run).value == 100 * MiB + gpu.context
-        assert one(samples, "fracgpu_process_memory_used_bytes", **run).labels["pid"] == str(command_pid(job))
+        assert one(samples, "fracgpu_process_memory_used_bytes", **{**run, "partition": f"run-{job.pid}"}).labels[
+            "pid"] == str(command_pid(job))
         assert one(samples, "fracgpu_partition_memory_limit_bytes", gpu="0", UUID=uuids["0"]).value == 64 * MiB
         assert one(samples, "DCGM_FI_DEV_FB_USED", gpu="1", UUID=uuids["1"], device="nvidia1").value == \
             (100 * MiB + gpu.context) // MiB   # the job's memory and its context
@@ -259,7 +261,7 @@ def test_achieved_share_and_process_limit(gpu, clients, kernels):
             assert "fracgpu_partition_compute_share_achieved_ratio" not in first   # nothing to compare with yet
             time.sleep(1.5)
             samples = scrape(port)
-            part = {"partition": f"run-{job.pid}"}
+            part = {"partition": metrics.PRIVATE}
             achieved = one(samples, "fracgpu_partition_compute_share_achieved_ratio", **part).value
             assert 0.40 <= achieved <= 0.56, achieved        # capped at 50% of the GPU's time
             proc = one(samples, "fracgpu_process_compute_share_achieved_ratio", pid=command).value
@@ -268,3 +270,53 @@ def test_achieved_share_and_process_limit(gpu, clients, kernels):
     finally:
         job.kill()
         job.wait(timeout=10)
+
+
+def series(samples: dict[str, list], name: str, **labels) -> list:
+    return [s for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def test_private_jobs_are_one_series_and_reserved_and_used_counters_follow_them(gpu, clients, kernels):
+    import time
+
+    port = free_port()
+    with exporter(gpu, port, "--label-key", "team"):
+        runs = []
+        scrapes = []
+        for seconds in (3, 3):   # two private jobs, one after the other, each its own run-PID partition
+            job = gpu.popen(sys.executable, "-m", "fracgpu", "run", "--memory", "256MiB", "--compute", "50%",
+                            "--label", "team=vision", "--", clients.lcuda, "busy", seconds, 1, kernels)
+            runs.append(job)
+            deadline = time.monotonic() + 30
+            while True:   # until the job's partition holds its process
+                when, samples = time.monotonic(), scrape(port)
+                if any(s.value for s in series(samples, "fracgpu_partition_processes", partition=metrics.PRIVATE)):
+                    break
+                assert time.monotonic() < deadline and job.poll() is None, job.stderr.read()
+                time.sleep(0.05)
+            scrapes.append((when, samples))
+            time.sleep(1.0)
+            scrapes.append((time.monotonic(), scrape(port)))
+            assert job.wait(60) == 0, job.stderr.read()
+            scrapes.append((time.monotonic(), scrape(port)))
+    private = {"gpu": "0", "partition": metrics.PRIVATE}
+    for _, samples in scrapes:
+        # Never a series per run: the partitions are the GPU's one aggregate (no named one exists here).
+        assert {s.labels["partition"] for s in samples["fracgpu_partition_memory_limit_bytes"]} == {metrics.PRIVATE}
+    device = [one(s, "fracgpu_partition_device_seconds_total", **private).value for _, s in scrapes]
+    reserved = [one(s, "fracgpu_partition_reserved_gpu_seconds_total", **private).value for _, s in scrapes]
+    promised = [one(s, "fracgpu_partition_reserved_memory_byte_seconds_total", **private).value for _, s in scrapes]
+    assert device == sorted(device) and device[-1] > device[2] > 0   # a counter: the first job's time is kept
+    assert reserved == sorted(reserved) and promised == sorted(promised)
+    for first in (0, 3):   # while a job ran from one scrape to the next: 50% and 256 MiB of the time between
+        elapsed = scrapes[first + 1][0] - scrapes[first][0]
+        assert reserved[first + 1] - reserved[first] == pytest.approx(0.5 * elapsed, rel=0.1)
+        assert promised[first + 1] - promised[first] == pytest.approx(256 * MiB * elapsed, rel=0.1)
+    team = {"gpu": "0", "key": "team", "value": "vision"}
+    last = scrapes[-1][1]
+    # The jobs' label, from the ledger once their recorder has seen them on the GPU: part of the time.
+    assert 0 < one(last, "fracgpu_label_reserved_gpu_seconds_total", **team).value <= reserved[-1]
+    assert one(last, "fracgpu_label_device_seconds_total", **team).value > 0
+    assert one(last, "fracgpu_label_memory_byte_seconds_total", **team).value > 0
+    assert series(last, "fracgpu_label_reserved_gpu_seconds_total", key="team") == \
+        series(last, "fracgpu_label_reserved_gpu_seconds_total", **team)   # one value seen, one series

@@ -6,9 +6,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import time
+from decimal import Decimal
 
 import pytest
 
@@ -74,7 +76,7 @@ def test_parse_since():
     assert parse_since("2026-11-28T00:00+00:00") == 1795824000.0
 
 
-def test_plot_is_a_png_with_one_line_per_job_in_each_panel(ledger, tmp_path):
+def test_plot_is_a_png_with_one_line_per_job_in_each_panel_and_one_panel_per_gpu(ledger, tmp_path):
     from PIL import Image
 
     from fracgpu import plot
@@ -86,16 +88,30 @@ def test_plot_is_a_png_with_one_line_per_job_in_each_panel(ledger, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(out) as image:
         image.verify()
-        assert image.size == (1000, 600)
+        assert image.size == (1000, 850)   # 600 for the jobs, 250 for the one GPU they ran on
     with Ledger(ledger) as l:
         jobs = l.jobs()
-        fig = plot.draw(jobs, {job.id: l.samples(job.id) for job in jobs})
-    memory, share = fig.axes
-    assert [line.get_label() for line in memory.lines] == ["train (run-1)", "infer (run-2)"]
-    assert len(share.lines) == 2
+        fig = plot.draw(jobs, {job.id: l.samples(job.id) for job in jobs}, l.periods(), l.gpus())
+    memory, share, gpu = fig.axes
+    assert gpu.get_title() == "GPU-x"
+    assert [line.get_label() for line in gpu.lines] == ["capacity", "used"]
+    # The legend stands right of the data, not over it.
+    (legend,) = [c for c in fig.legends + [memory.get_legend()] if c is not None]
+    fig.canvas.draw()
+    assert legend.get_window_extent().x0 >= memory.get_window_extent().x1
+    def use(ax):   # the labelled lines: each job's use (its limits behind are drawn without a label)
+        return [line for line in ax.lines if not line.get_label().startswith("_")]
+
+    assert [line.get_label() for line in use(memory)] == ["train (run-1)", "infer (run-2)"]
+    assert len(use(share)) == 2
     # train: 1800 device-seconds over the 3600 s between its start sample and the next: half the GPU.
-    assert list(share.lines[0].get_ydata()) == [0.0, pytest.approx(0.5)]
-    assert list(memory.lines[0].get_ydata()) == [0.0, pytest.approx(200 / 1024)]
+    assert list(use(share)[0].get_ydata()) == [0.0, pytest.approx(0.5)]
+    assert list(use(memory)[0].get_ydata()) == [0.0, pytest.approx(200 / 1024)]
+    # Behind train's use, its limits: 256 MiB and 75% from its start, none after its end.
+    limits = [line for line in memory.lines if line.get_linestyle() == "--"]
+    assert [list(line.get_ydata()) for line in limits] == [[0.25, 0.0]]
+    shares = [line for line in share.lines if line.get_linestyle() == "--"]
+    assert [list(line.get_ydata()) for line in shares] == [[0.75, 0.0]]
 
 
 def test_plot_refuses_what_it_cannot_write(ledger, tmp_path):
@@ -169,3 +185,120 @@ def test_plot_format_follows_the_suffix(ledger, tmp_path, name, magic):
     result = report(ledger, "--plot", str(out))
     assert result.returncode == 0, result.stderr
     assert magic(out.read_bytes()), out.read_bytes()[:64]
+
+
+@pytest.mark.fault('`fracgpu report --ledger` naming a file that does not exist',
+                   'refused, exit 2 "no such ledger: PATH"; nothing is created')
+def test_a_ledger_that_does_not_exist_is_refused_never_an_empty_bill(tmp_path):
+    missing = tmp_path / "nowhere" / "ledger.sqlite"
+    for args in ([], ["--by", "user"], ["--format", "json"]):
+        out = report(missing, *args)
+        assert out.returncode == 2 and f"no such ledger: {missing}" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr and out.stdout == ""
+    assert not missing.parent.exists()
+
+
+GiB = 1 << 30
+
+
+@pytest.fixture
+def tenants(tmp_path):
+    """An hour each, on one GPU, by three users in three partitions; teams by label."""
+    from fracgpu.ledger import GPUSample, Limits
+
+    path = tmp_path / "tenants.sqlite"
+    with Ledger(path) as l:
+        l.note_gpu("GPU-t", "Simulated GPU", 16 * GiB)
+        for name, partition, uid, user, team, memory, share, used in (
+                ("a1", "vision", 1001, "alice", "vision", 4 * GiB, 0.25, 900.0),
+                ("a2", "vision", 1001, "alice", "vision", 4 * GiB, 0.25, 360.0),
+                ("b1", "run-40", 1002, "bob", "search", 2 * GiB, 0.5, 1800.0),
+                ("c1", "batch", 1003, "carol", "vision", 8 * GiB, 0.125, 60.0)):
+            start = T + (HOUR if name == "a2" else 0)
+            job = l.start_job(job=name, partition=partition, start=start, uid=uid, user=user, host="node1",
+                              labels={"team": team})
+            for t, device in ((start, 0.0), (start + HOUR, used)):
+                l.sample(job, memory_bytes=GiB, device_seconds=device, t=t,
+                         gpus={"GPU-t": GPUSample(Limits(memory, share), GiB, device, since=start)})
+            l.finish(job, exit_status=0, end=start + HOUR)
+    return path
+
+
+PRICES = ["--price-reserved-gpu-hour", "3.00", "--price-reserved-gib-hour", "0.013", "--price-used-gpu-hour", "1.10"]
+
+
+def test_a_bill_by_label_over_several_users_and_partitions(tenants):
+    out = report(tenants, "--by", "label:team", *PRICES, "--currency", "eur", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    bill = json.loads(out.stdout)
+    assert bill["currency"] == "EUR" and "half-even" in bill["rounding"]
+    assert set(bill["groups"]) == {"vision", "search"}
+    vision = bill["groups"]["vision"]
+    # vision: a1 and a2 (alice, 25% and 4 GiB each for an hour) and c1 (carol, 12.5% and 8 GiB).
+    assert Decimal(vision["reserved_gpu_hours"]["quantity"]) == Decimal("0.625")
+    assert Decimal(vision["reserved_gib_hours"]["quantity"]) == Decimal("16")
+    assert Decimal(vision["used_gpu_hours"]["quantity"]) == Decimal("0.366666667")   # 0.25 + 0.1 + 0.016666667
+    assert Decimal(vision["reserved_gpu_hours"]["amount"]) == Decimal("1.88")   # 1.875, half-even
+    lines = bill["lines"]
+    assert len(lines) == 4 * 4   # four jobs of one period each, four components
+    assert {(r["user"], r["uid"]) for r in lines} == {("alice", 1001), ("bob", 1002), ("carol", 1003)}
+    assert all(r["host"] == "node1" and r["job_id"] for r in lines)
+    assert sum(Decimal(r["amount"]) for r in lines) == Decimal(bill["total"]["amount"])
+    for name, totals in bill["groups"].items():
+        assert sum(Decimal(r["amount"]) for r in lines if r["labels"]["team"] == name) == Decimal(totals["amount"])
+    (gpu,) = bill["gpus"]
+    assert gpu["capacity_gpu_hours"] == 2.0 and gpu["reserved_gpu_hours"] == pytest.approx(0.875 + 0.25)
+
+
+def test_filters_select_by_label_partition_and_user(tenants):
+    def jobs(*args):
+        out = report(tenants, "--format", "json", *args)
+        assert out.returncode == 0, out.stderr
+        return sorted(r["job"] for r in json.loads(out.stdout))
+
+    assert jobs("--label", "team=vision") == ["a1", "a2", "c1"]
+    assert jobs("--label", "team=vision", "--user", "carol") == ["c1"]
+    assert jobs("--user", "1002") == ["b1"]
+    assert jobs("--partition", "vision", "--partition", "batch") == ["a1", "a2", "c1"]
+    out = report(tenants, "--label", "team")
+    assert out.returncode == 2 and "KEY=VALUE" in out.stderr
+
+
+def test_the_exported_lines_add_up_exactly_to_the_printed_totals(tenants, tmp_path):
+    export = tmp_path / "bill.csv"
+    out = subprocess.run([sys.executable, "-m", "fracgpu", "report", "--ledger", str(tenants), "--by", "user",
+                          *PRICES, "--output", str(export)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.DictReader(export.open()))
+    assert len(rows) == 16 and all(r["currency"] == "USD" and r["rounding"] for r in rows)
+    printed = {cells[0]: Decimal(cells[-1]) for cells in table_rows(out.stdout) if cells[0] in
+               {"alice (1001)", "bob (1002)", "carol (1003)", "total"}}
+    assert printed["total"] == sum(Decimal(r["amount"]) for r in rows)
+    for user in ("alice", "bob", "carol"):
+        (key,) = [k for k in printed if k.startswith(user)]
+        assert printed[key] == sum(Decimal(r["amount"]) for r in rows if r["user"] == user)
+    assert "Rounding: each line" in out.stdout
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of a rich table's body rows, as printed."""
+    return [[cell.strip() for cell in line.strip().strip("│┃").split("│")] for line in text.splitlines()
+            if line.lstrip().startswith("│")]
+
+
+def test_bill_options_refuse_bad_values(tenants, tmp_path):
+    for args, message in ((["--by", "team"], "label:KEY"), (["--price-used-gpu-hour", "-2"], "invalid price"),
+                          (["--output", str(tmp_path / "bill.xlsx")], "--format csv or json"),
+                          (["--decimals", "9", "--by", "job"], "9"),
+                          (["--rate", "2", "--by", "job"], "--price-used-gpu-hour")):
+        out = report(tenants, *args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_the_readme_billing_walk_through_is_what_the_commands_print():
+    from tests.support import ROOT
+
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "billing_example.py"), "--check"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

@@ -124,3 +124,101 @@ def test_jobs_starting_together_on_a_new_ledger_are_all_recorded(tmp_path):
             assert p.wait(60) == 0, p.stderr.read()
         with Ledger(path) as ledger:
             assert len(ledger.jobs()) == 6
+
+
+def _on(gpu, memory_limit, share, memory, device, since=None, best_effort=False, drift=0):
+    from fracgpu.ledger import GPUSample, Limits
+
+    return {gpu: GPUSample(Limits(memory_limit, share, False, "normal", best_effort), memory, device, drift, since)}
+
+
+def test_a_change_of_limits_starts_a_new_period_at_the_sample_that_sees_it(tmp_path):
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        job = ledger.start_job(job="train", partition="team", start=100.0)
+        ledger.sample(job, memory_bytes=0, device_seconds=0.0, t=101.0, gpus=_on("GPU-a", 1 << 30, 0.25, 0, 0.0,
+                                                                                 since=100.5))
+        ledger.sample(job, memory_bytes=64 * MiB, device_seconds=2.0, t=110.0,
+                      gpus=_on("GPU-a", 1 << 30, 0.25, 64 * MiB, 2.0))
+        ledger.sample(job, memory_bytes=64 * MiB, device_seconds=4.0, t=112.0,
+                      gpus=_on("GPU-a", 2 << 30, 0.5, 64 * MiB, 4.0))
+        ledger.finish(job, exit_status=0, end=120.0)
+        first, second = ledger.periods()
+    # The first period opens when its first process attached, and ends at the sample that saw the change.
+    assert (first.start, first.end, first.opened_by) == (100.5, 112.0, "start")
+    assert (first.limits.memory_limit, first.limits.compute_share) == (1 << 30, 0.25)
+    assert first.gpu_seconds == 4.0 and first.memory_byte_seconds == 64 * MiB * 2
+    assert (second.start, second.end, second.opened_by) == (112.0, 120.0, "change")
+    assert (second.limits.memory_limit, second.limits.compute_share) == (2 << 30, 0.5)
+    assert second.gpu_seconds == 0.0 and second.memory_byte_seconds == 64 * MiB * 8
+
+
+def test_a_change_recorded_when_made_is_the_exact_boundary(tmp_path):
+    from fracgpu.ledger import Limits
+
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        job = ledger.start_job(job="train", partition="team", start=100.0)
+        ledger.sample(job, memory_bytes=0, device_seconds=0.0, t=100.0, gpus=_on("GPU-a", None, 0.25, 0, 0.0))
+        ledger.sample(job, memory_bytes=0, device_seconds=1.0, t=104.0, gpus=_on("GPU-a", None, 0.25, 0, 1.0))
+        ledger.record_change("GPU-a", "team", Limits(None, 0.75), t=105.0)
+        ledger.record_change("GPU-b", "team", Limits(None, 0.1), t=105.5)   # another GPU's: not this job's
+        # The next sample sees the new share; the device time since the last one is split by time.
+        ledger.sample(job, memory_bytes=0, device_seconds=3.0, t=108.0, gpus=_on("GPU-a", None, 0.75, 0, 3.0))
+        ledger.finish(job, exit_status=0, end=108.0)
+        first, second = ledger.periods()
+    assert (first.end, second.start, second.opened_by) == (105.0, 105.0, "set")
+    assert first.gpu_seconds == pytest.approx(1.5) and second.gpu_seconds == pytest.approx(1.5)
+
+
+def test_reading_a_ledger_that_does_not_exist_never_creates_it(tmp_path):
+    from fracgpu.ledger import NoLedger
+
+    path = tmp_path / "missing" / "l.sqlite"
+    with pytest.raises(NoLedger, match=f"no such ledger: {path}"):
+        Ledger(path, create=False)
+    assert not path.parent.exists()
+
+
+def test_a_job_records_who_ran_it_and_where(tmp_path):
+    import os
+    import socket
+
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        mine = ledger.start_job(job="a", partition="p", start=1.0)
+        ledger.start_job(job="b", partition="p", start=2.0, uid=4242, user="alice", host="node7")
+        a, b = ledger.jobs()
+    assert (a.id, a.uid, a.host) == (mine, os.getuid(), socket.gethostname()) and a.user
+    assert (b.uid, b.user, b.host) == (4242, "alice", "node7")
+
+
+def test_a_ledger_of_the_previous_schema_gets_one_period_per_job_at_its_recorded_limits(tmp_path):
+    from fracgpu.ledger import MIGRATIONS
+
+    path = tmp_path / "l.sqlite"
+    db = sqlite3.connect(path)
+    for version in (1, 2, 3):   # the schema jobs were recorded in before periods
+        for statement in MIGRATIONS[version]:
+            db.execute(statement)
+    db.execute("PRAGMA user_version = 3")
+    db.execute('INSERT INTO jobs (job, partition, gpu, start, "end", exit_status, memory_limit, compute_share, '
+               "gpu_seconds, memory_byte_seconds, peak_memory_bytes, last_sample, priority) "
+               "VALUES ('old', 'run-7', 'GPU-x', 100.0, 400.0, 0, 1073741824, 0.25, 30.0, 5.0e9, 2048, 399.0, 'high')")
+    db.commit()
+    db.close()
+    with Ledger(path) as ledger:
+        (job,) = ledger.jobs()
+        (period,) = ledger.periods()
+    assert (job.uid, job.user, job.host) == (None, "", "")
+    assert (period.job_id, period.gpu, period.start, period.end, period.opened_by) == \
+        (job.id, "GPU-x", 100.0, 400.0, "migrated")
+    assert (period.limits.memory_limit, period.limits.compute_share, period.limits.priority) == (1 << 30, 0.25, "high")
+    assert (period.gpu_seconds, period.memory_byte_seconds, period.peak_memory_bytes) == (30.0, 5.0e9, 2048)
+
+
+def test_a_job_whose_recorder_died_ends_its_periods_at_its_last_sample(tmp_path):
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        job = ledger.start_job(job="a", partition="p", start=10.0, recorder_pid=1 << 22, recorder_start=1)
+        ledger.sample(job, memory_bytes=MiB, device_seconds=1.0, t=12.0, gpus=_on("GPU-a", MiB, 0.5, MiB, 1.0))
+        ledger.sample(job, memory_bytes=MiB, device_seconds=2.0, t=14.0, gpus=_on("GPU-a", MiB, 0.5, MiB, 2.0))
+        assert ledger.close_orphans(lambda pid, start: False) == 1
+        (period,) = ledger.periods()
+    assert (period.start, period.end, period.gpu_seconds, period.memory_byte_seconds) == (10.0, 14.0, 2.0, 2 * MiB)

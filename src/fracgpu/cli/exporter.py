@@ -29,15 +29,24 @@ DEFAULT_PORT = 10061
 @click.option("--dcgm", is_flag=True,
               help="Also serve dcgm-exporter's DCGM_FI_DEV_FB_USED/FREE, from fracgpu's books (not where "
                    "dcgm-exporter runs: both would report them).")
+@click.option("--per-job", is_flag=True,
+              help="Serve each private partition (fracgpu run --memory) as a series of its own, by its run-PID name "
+                   "(a new series for every run), instead of one partition=\"(private)\" series per GPU.")
+@click.option("--label-key", "label_keys", metavar="KEY", multiple=True,
+              help="Also serve reserved and used counters per value of this job label (repeatable), from the "
+                   "running jobs in the ledger: fracgpu_label_*{key=KEY,value=...}.")
 @log_format_option()
-def exporter(port: int, address: str, per_process: bool, dcgm: bool) -> None:
+def exporter(port: int, address: str, per_process: bool, dcgm: bool, per_job: bool,
+             label_keys: tuple[str, ...]) -> None:
     """Serve Prometheus metrics of every partition at http://ADDRESS:PORT/metrics.
 
     Memory used, limit and peak in bytes, compute share configured and achieved, device seconds,
     launches and refused allocations per partition (labels gpu = the GPU's index as nvidia-smi
-    and dcgm-exporter number it, UUID, partition); with --per-process the same per process (plus
-    pid); with --dcgm DCGM_FI_DEV_FB_USED/FREE for dashboards made for dcgm-exporter. Runs until
-    Ctrl-C or SIGTERM."""
+    and dcgm-exporter number it, UUID, partition; every private partition of a GPU together as
+    partition="(private)" unless --per-job), reserved and used counters per partition (and per
+    label value with --label-key); with --per-process the same per process (plus pid); with
+    --dcgm DCGM_FI_DEV_FB_USED/FREE for dashboards made for dcgm-exporter. Runs until Ctrl-C or
+    SIGTERM."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     with refusals():
@@ -53,7 +62,8 @@ def exporter(port: int, address: str, per_process: bool, dcgm: bool) -> None:
                          "--port") from None
     # Listen first, so a port in use is refused at once; the device probe may take a while.
     registry.register(UsageCollector(state_dir, probe_gpus(), per_process=per_process, dcgm=dcgm,
-                                      driver_version=driver_version() if dcgm else None))
+                                      driver_version=driver_version() if dcgm else None, per_job=per_job,
+                                      label_keys=label_keys))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     shown = f"[{address}]" if ":" in address else address
