@@ -144,6 +144,7 @@ py::list processes(fracgpu::Region &r) {
   py::list out;
   for (const auto &p : r.processes()) {
     py::dict d;
+    d["slot"] = p.slot;
     d["pid"] = p.pid;
     d["partition"] = p.partition;
     d["command"] = p.command;
@@ -244,8 +245,16 @@ PYBIND11_MODULE(_native, m) {
       .def("reap", &fracgpu::Region::reap, py::arg("quick") = false,
            "Free the slots of dead processes (kept, marked exited, while their holder lives); returns how many. "
            "quick: dead when the pid is gone (no /proc read; a reused pid waits for a full reap).")
-      .def("collect", &fracgpu::Region::collect, py::arg("holder"),
-           "Free the exited slots held by process `holder`; returns how many.");
+      .def("collect", &fracgpu::Region::collect, py::arg("holder"), py::arg("slot") = -1,
+           "Free the exited slots held by process `holder` (only `slot` when given); returns how many.")
+      .def("adopt", &fracgpu::Region::adopt, py::arg("slot"), py::arg("pid"), py::arg("start_time"),
+           py::arg("holder"), py::arg("previous") = 0,
+           "Make live process `holder` the holder of the live process in `slot` (pid, start_time) when it has "
+           "none, or is held by `holder` or `previous`; whether it now is.")
+      .def("reconcile", &fracgpu::Region::reconcile, py::arg("slot"), py::arg("pid"), py::arg("listed"),
+           py::arg("device_used"), py::arg("books"),
+           "Record the device's figure for the process in `slot` (pid as the slot holds it) against its books, "
+           "charging the positive drift to its partition; the drift charged now.");
   m.def("build_info", &build_info,
         "What this build was made with: {'have_fatbin': bool, 'cuda_header_version': int}.");
 }

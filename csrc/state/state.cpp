@@ -768,12 +768,12 @@ void Region::leave(int slot) {
 
 int Region::reap(bool quick) { return sweep(quick); }
 
-int Region::collect(int holder) {
+int Region::collect(int holder, int slot) {
     if (holder <= 0 || !lock(nullptr)) return 0;
     int n = 0;
     for (int i = 0; i < kMaxProcesses; i++) {
         SharedProcess &p = r_->processes[i];
-        if (p.pid != 0 && p.exited.load() && p.holder.load() == (uint64_t)holder) {
+        if ((slot < 0 || i == slot) && p.pid != 0 && p.exited.load() && p.holder.load() == (uint64_t)holder) {
             free_slot_locked(i);
             n++;
         }
@@ -819,11 +819,33 @@ void Region::note_refusal(int slot) {
     r_->partitions[r_->processes[slot].partition].oom_refusals.fetch_add(1, std::memory_order_relaxed);
 }
 
+bool Region::adopt(int slot, int pid, uint64_t start_time, int holder, int previous) {
+    uint64_t holder_start = holder > 0 ? process_start_time(holder) : 0;
+    if (slot < 0 || slot >= kMaxProcesses || holder_start == 0 || !lock(nullptr)) return false;
+    SharedProcess &p = r_->processes[slot];
+    uint64_t now = p.holder.load();
+    bool ok = __atomic_load_n(&p.pid, __ATOMIC_ACQUIRE) == pid && p.start_time == start_time && !p.exited.load() &&
+              (now == 0 || now == (uint64_t)holder || (previous > 0 && now == (uint64_t)previous));
+    if (ok) {
+        p.holder_start.store(holder_start);
+        p.holder.store((uint64_t)holder, std::memory_order_release);
+    }
+    unlock();
+    return ok;
+}
+
 uint64_t Region::reconcile(int slot, int pid, bool listed, uint64_t device_used, uint64_t books) {
     if (slot < 0 || slot >= kMaxProcesses || !lock(nullptr)) return 0;
     SharedProcess &p = r_->processes[slot];
     uint64_t charged = 0;
-    if (__atomic_load_n(&p.pid, __ATOMIC_ACQUIRE) == pid && !p.exited.load() && p.partition >= 0 &&
+    // A process in a container cannot find itself in the device's list (NVML
+    // names host pids), but the node agent, in the host's namespace, can: a
+    // figure it took recently stands over the process's own "not listed".
+    bool keep = !listed && p.truth.load(std::memory_order_acquire) == kTruthKnown &&
+                unix_ns() - p.reconciled_unix_ns.load() < kForeignFigureFresh_ns;
+    if (keep) {
+        charged = p.drift_charged.load();
+    } else if (__atomic_load_n(&p.pid, __ATOMIC_ACQUIRE) == pid && !p.exited.load() && p.partition >= 0 &&
         p.partition < kMaxPartitions) {
         SharedPartition &part = r_->partitions[p.partition];
         int64_t drift = (int64_t)device_used - (int64_t)books;
@@ -884,10 +906,12 @@ std::vector<PartitionInfo> Region::partitions() {
 
 std::vector<ProcessInfo> Region::processes() {
     std::vector<ProcessInfo> out;
-    for (auto &p : r_->processes) {
+    for (int i = 0; i < kMaxProcesses; i++) {
+        SharedProcess &p = r_->processes[i];
         int pid = __atomic_load_n(&p.pid, __ATOMIC_ACQUIRE);
         if (pid == 0 || p.partition < 0 || p.partition >= kMaxPartitions) continue;
         ProcessInfo info;
+        info.slot = i;
         info.pid = pid;
         const SharedPartition &part = r_->partitions[p.partition];
         info.partition = std::string(part.name, strnlen(part.name, sizeof part.name));

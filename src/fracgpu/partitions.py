@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from fracgpu import devices, jobs, state
+from fracgpu import devices, jobs, node, state
 from fracgpu.units import bytes_of, parse_memory, parse_priority, parse_share
 
 __all__ = ["create", "remove", "update", "device", "NothingToChange", "LimitAndUnlimited"]
@@ -76,12 +76,13 @@ def create(name: str, memory: str | int | None = None, *, compute: str | float |
 
 
 def remove(name: str, *, device_index: int | None = None, state_dir: str | os.PathLike | None = None,
-           env: Mapping[str, str] | None = None) -> str:
+           env: Mapping[str, str] | None = None, force: bool = False) -> str:
     """Remove partition ``name``: from GPU ``device_index``, or from the one GPU that has it.
 
     Returns the UUID of its GPU. Raises ValueError when no GPU (or several,
-    without ``device_index``) has it, StateError when processes still use it
-    (the message lists them) or the state is unsafe or damaged."""
+    without ``device_index``) has it, PartitionInUse when processes still use it
+    (the message names their containers and pids) unless ``force``, which ends
+    them first (SIGKILL), and StateError when the state is unsafe or damaged."""
     jobs.parse_option("name", state.check_partition_name, name)
     regions = state.open_regions(state_dir)
     state.check_may_change_partitions(state.resolve_state_dir(state_dir))
@@ -97,8 +98,18 @@ def remove(name: str, *, device_index: int | None = None, state_dir: str | os.Pa
     if len(holders) > 1:
         gpus = ", ".join(f"{r.uuid} ({r.device_name})" for r in holders)
         raise ValueError(f"partition '{name}' exists on several GPUs ({gpus}); say which with --device N")
-    holders[0].remove_partition(name)
-    return holders[0].uuid
+    region = holders[0]
+    users = node.partition_users(region, name)
+    if users and not force:
+        raise node.PartitionInUse(f"partition '{name}' is in use by {node.describe_users(users)}; stop them first, "
+                                  "or remove it with --force, which ends them")
+    left = node.end_processes(users)
+    if left:
+        raise node.PartitionInUse(f"partition '{name}' is still in use by {node.describe_users(left)}, which did not "
+                                  "end when killed; it was not removed")
+    region.reap()   # the ended processes' slots and memory go back before the partition goes
+    region.remove_partition(name)
+    return region.uuid
 
 
 def update(name: str, *, memory: str | int | None = None, compute: str | float | None = None,

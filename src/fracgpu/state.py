@@ -104,6 +104,7 @@ class ProcessSlot:
     drift_charged: int       # its positive drift, charged to its partition
     join_wait_ns: int = 0    # how long its start waited for the region's lock (another process's table change)
     measure_wait_ns: int = 0   # how long its first context waited for the GPU's measurement lock
+    slot: int = -1           # its index in the region's table (for adopt, reconcile, collect)
 
     def usage(self) -> ProcessUsage:
         known = self.truth == "known"
@@ -146,9 +147,22 @@ class Region:
         without reading /proc (a pid reused since is left to the next full reap)."""
         return self._native.reap(quick)
 
-    def collect(self, holder: int) -> int:
-        """Free the slots of ``holder``'s ended processes, once it has read them; returns how many."""
-        return self._native.collect(holder)
+    def collect(self, holder: int, slot: int = -1) -> int:
+        """Free the slots of ``holder``'s ended processes (only ``slot`` when given), once it has read
+        them; returns how many."""
+        return self._native.collect(holder, slot)
+
+    def adopt(self, process: ProcessSlot, holder: int, previous: int = 0) -> bool:
+        """Make the live process ``holder`` (the node agent) the holder of ``process``, when nobody
+        else records it (no holder, ``holder`` already, or ``previous``: an earlier run of the same
+        agent). Its slot is then kept, marked exited, when it ends, until the holder collects it."""
+        return self._native.adopt(process.slot, process.pid, process.start_time, holder, previous)
+
+    def reconcile(self, process: ProcessSlot, device_used: int, books: int) -> int:
+        """Record what the device reports ``process`` holds (``device_used``) against its books
+        (``books``, read around that figure), charging the positive drift to its partition, as the
+        process's own shim does when the device lists it; returns the drift charged now."""
+        return self._native.reconcile(process.slot, process.pid, True, device_used, books)
 
     def partitions(self) -> list[PartitionUsage]:
         return [PartitionUsage(name=p["name"], memory_limit=p["memory_limit"] or None, used=p["used"],

@@ -116,6 +116,10 @@ struct SharedProcess {
     std::atomic<uint64_t> reconciled_unix_ns;
 };
 
+// How long a figure taken by the node agent for a process in another pid
+// namespace stands over that process's own "the device does not list me".
+constexpr uint64_t kForeignFigureFresh_ns = 3000000000ull;
+
 // What is known of a process's memory on the device (SharedProcess::truth).
 enum TruthState : uint64_t {
     kTruthNotYet = 0,      // not reconciled yet (no context, or less than one interval old)
@@ -206,6 +210,7 @@ struct PartitionInfo {
     int drift_unknown = 0;
 };
 struct ProcessInfo {
+    int slot = -1;   // its index in the region's table
     int pid = 0;
     std::string partition, command;
     uint64_t used = 0, peak = 0, start_time = 0, attached_unix_ns = 0;
@@ -295,9 +300,14 @@ class Region {
     // them exited); returns how many. `quick`: a process is dead when its pid
     // is gone (no /proc read: a reused pid is found by the next full reap).
     int reap(bool quick = false);
-    // Frees the exited slots held by `holder`; returns how many. (The holder
-    // reads their final counters first.)
-    int collect(int holder);
+    // Frees the exited slots held by `holder` (only `slot` when given);
+    // returns how many. (The holder reads their final counters first.)
+    int collect(int holder, int slot = -1);
+    // Makes `holder` (a live process: the node agent) the holder of the live
+    // process `pid` started at `start_time` in `slot`, when it has none, is
+    // held by `holder` already, or by `previous` (an earlier run of the same
+    // agent); false otherwise (another recorder keeps it, or the slot changed).
+    bool adopt(int slot, int pid, uint64_t start_time, int holder, int previous = 0);
 
     // charge(): atomically adds `bytes` to the partition unless that passes its
     // limit (false: nothing charged), then to the slot. Lock-free for a
@@ -311,7 +321,9 @@ class Region {
     // unknown) where its books say `books`. Records the figure and the drift,
     // and charges the positive drift to the partition (giving back what was
     // charged before), under the lock; nothing when the slot is no longer
-    // this live process's. Returns the drift charged now.
+    // this live process's. Returns the drift charged now. A process's own
+    // "not listed" leaves a figure the node agent took less than
+    // kForeignFigureFresh_ns ago as it is.
     uint64_t reconcile(int slot, int pid, bool listed, uint64_t device_used, uint64_t books);
 
     std::vector<PartitionInfo> partitions();

@@ -12,6 +12,22 @@
 // (pid + start time) under a robust process-shared mutex; the device total is
 // the sum over live slots, so a process killed at any moment, even holding the
 // lock, leaves nothing behind: its slot is reaped by whoever looks next.
+//
+// Pid namespaces. A process in a container knows only its pid in its own
+// namespace, so a slot also holds the inode of that namespace
+// (/proc/self/ns/pid). A real driver knows every process by its pid in the
+// host's namespace, and NVML lists those pids even to a caller inside a
+// container. Here the "driver's namespace" is the one the GPU file was made
+// from (the init namespace once any process of it attaches): a caller there
+// sees every slot mapped to its pid there, found through /proc/<pid>/ns/pid
+// and the last NSpid of /proc/<pid>/status; a caller elsewhere sees only the
+// slots made in the driver's namespace (the pids it would get from a real
+// NVML for the others mean nothing to it, and it cannot compute them). A slot
+// is reaped only by a process that can see its namespace (its own, or one
+// below): a process in a container never takes a host process, or another
+// container's, for dead. A container's dead process is therefore given back
+// once a process of the driver's namespace looks (the node agent, any host
+// job), never earlier than a real driver would.
 #include "sim.h"
 #include "fracgpu/settings.h"
 #include "fracgpu/os.h"
@@ -23,6 +39,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <dirent.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
@@ -35,8 +52,12 @@ namespace sim {
 namespace {
 
 constexpr char kMagic[8] = {'F', 'G', 'S', 'I', 'M', 'G', 'P', 'U'};
-constexpr uint32_t kLayoutVersion = 1;
+// 2: a slot records its pid namespace (a build of layout 1 would take a
+// container's process for dead from the host).
+constexpr uint32_t kLayoutVersion = 2;
 constexpr int kMaxProcs = 256;
+// The inode of the initial pid namespace (the kernel's PROC_PID_INIT_INO).
+constexpr uint32_t kInitPidNs = 0xEFFFFFFCu;
 
 struct SharedDevice {
     uint64_t busy_until;      // device timeline: end of the last placed kernel (atomic)
@@ -46,8 +67,8 @@ struct SharedDevice {
 };
 
 struct SharedProc {
-    int32_t pid;              // 0: free
-    uint32_t pad;
+    int32_t pid;              // 0: free; its pid in its own namespace
+    uint32_t pid_ns;          // inode of its pid namespace (/proc/self/ns/pid); 0: not known
     uint64_t start_time;      // /proc/<pid>/stat field 22, so a reused pid is not this process
     uint64_t used[kMaxDevices];
 };
@@ -62,6 +83,8 @@ struct SharedRegion {
     int32_t sms;
     int32_t devices;
     char name[256];
+    uint32_t driver_pid_ns;   // the namespace whose pids NVML answers (see the top of this file)
+    uint32_t pad;
     pthread_mutex_t lock;
     SharedDevice dev[kMaxDevices];
     SharedProc procs[kMaxProcs];
@@ -70,6 +93,7 @@ struct SharedRegion {
 SharedRegion *g_region = nullptr;
 int g_slot = -1;
 pid_t g_owner_pid = 0;
+uint32_t g_pid_ns = 0;        // this process's pid namespace (read at attach)
 
 uint64_t fnv1a(const void *data, size_t n, uint64_t h = 1469598103934665603ull) {
     const unsigned char *p = static_cast<const unsigned char *>(data);
@@ -103,10 +127,91 @@ uint64_t process_start_time(pid_t pid) {
     return strtoull(p, nullptr, 10);
 }
 
-bool slot_alive(const SharedProc &s) {
-    if (s.pid == 0) return false;
-    if (kill(s.pid, 0) != 0 && errno == ESRCH) return false;
-    return process_start_time(s.pid) == s.start_time;
+// The inode of the pid namespace of /proc/<who> ("self" or a pid); 0 when unreadable.
+uint32_t pid_ns_of(const char *who) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%s/ns/pid", who);
+    struct stat st;
+    return stat(path, &st) == 0 ? (uint32_t)st.st_ino : 0;
+}
+
+// The pid of /proc/<who> in its own (innermost) namespace: the last NSpid field.
+int32_t innermost_pid(const char *who) {
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/%s/status", who);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
+    const char *line = strstr(buf, "\nNSpid:");
+    if (!line) return 0;
+    const char *end = strchr(line + 1, '\n');
+    int32_t last = 0;
+    for (const char *p = line + 7; *p && p != end;) {
+        char *next;
+        long v = strtol(p, &next, 10);
+        if (next == p) break;
+        last = (int32_t)v;
+        p = next;
+    }
+    return last;
+}
+
+// The processes of other pid namespaces this process can see, read from /proc
+// once per look at the slots (and only when a slot of another namespace exists).
+struct ForeignView {
+    struct Entry {
+        uint32_t ns;
+        int32_t inner_pid, pid;   // its pid in its namespace, and in ours
+    };
+    bool read = false;
+    Entry entries[kMaxProcs * 4];
+    int n = 0;
+
+    void load() {
+        read = true;
+        DIR *d = opendir("/proc");
+        if (!d) return;
+        while (struct dirent *e = readdir(d)) {
+            if (e->d_name[0] < '1' || e->d_name[0] > '9') continue;
+            uint32_t ns = pid_ns_of(e->d_name);
+            if (ns == 0 || ns == g_pid_ns) continue;
+            int32_t inner = innermost_pid(e->d_name);
+            if (inner <= 0 || n == (int)(sizeof entries / sizeof entries[0])) continue;
+            entries[n++] = {ns, inner, (int32_t)atoi(e->d_name)};
+        }
+        closedir(d);
+    }
+};
+
+enum class Seen { kDead, kAlive, kCannotTell };
+
+// Whether slot `s` is a live process, and its pid in this process's namespace.
+Seen look_at(const SharedProc &s, ForeignView &view, int32_t *pid_here) {
+    *pid_here = 0;
+    if (s.pid == 0) return Seen::kDead;
+    if (s.pid_ns == 0 || s.pid_ns == g_pid_ns) {
+        if (kill(s.pid, 0) != 0 && errno == ESRCH) return Seen::kDead;
+        if (process_start_time(s.pid) != s.start_time) return Seen::kDead;
+        *pid_here = s.pid;
+        return Seen::kAlive;
+    }
+    if (!view.read) view.load();
+    bool ns_seen = false;
+    for (int i = 0; i < view.n; i++) {
+        const ForeignView::Entry &e = view.entries[i];
+        if (e.ns != s.pid_ns) continue;
+        ns_seen = true;
+        if (e.inner_pid == s.pid && process_start_time(e.pid) == s.start_time) {
+            *pid_here = e.pid;
+            return Seen::kAlive;
+        }
+    }
+    // Its namespace has processes we see, or we see every namespace (the
+    // initial one): it is gone. Else it lives where we cannot look.
+    return ns_seen || g_pid_ns == kInitPidNs ? Seen::kDead : Seen::kCannotTell;
 }
 
 class RegionLock {
@@ -127,9 +232,11 @@ class RegionLock {
 };
 
 void reap_locked() {
+    ForeignView view;
+    int32_t pid_here;
     for (int i = 0; i < kMaxProcs; i++) {
         SharedProc &s = g_region->procs[i];
-        if (s.pid != 0 && i != g_slot && !slot_alive(s)) memset(&s, 0, sizeof s);
+        if (s.pid != 0 && i != g_slot && look_at(s, view, &pid_here) == Seen::kDead) memset(&s, 0, sizeof s);
     }
 }
 
@@ -195,6 +302,7 @@ CUresult init_region(SharedRegion *r, const Config &cfg, const std::string &dir,
     r->context_memory = cfg.context_memory;
     r->sms = cfg.sms;
     r->devices = cfg.devices;
+    r->driver_pid_ns = pid_ns_of("self");
     snprintf(r->name, sizeof r->name, "%s", cfg.name.c_str());
     int rc = fracgpu::init_shared_mutex(&r->lock);
     if (rc != 0) return CUDA_ERROR_OPERATING_SYSTEM;
@@ -360,13 +468,16 @@ CUresult shared_attach(const Config &cfg) {
     }
     g_region = static_cast<SharedRegion *>(m);
 
+    g_pid_ns = pid_ns_of("self");
     RegionLock lock;
+    if (g_pid_ns == kInitPidNs) g_region->driver_pid_ns = kInitPidNs;   // the outermost there is
     reap_locked();
     for (int i = 0; i < kMaxProcs; i++) {
         if (g_region->procs[i].pid == 0) {
             SharedProc &s = g_region->procs[i];
             memset(&s, 0, sizeof s);
             s.start_time = process_start_time(getpid());
+            s.pid_ns = g_pid_ns;
             s.pid = getpid();
             g_slot = i;
             g_owner_pid = getpid();
@@ -417,24 +528,33 @@ uint64_t mem_used(int phys) {
 }
 
 int mem_processes(int phys, unsigned *pids, unsigned long long *used, unsigned cap) {
-    // A process can hold two slots (one attached for NVML before cuInit, one
-    // by cuInit): its entries are summed into one, as the device sees one process.
+    // Pids as a real NVML gives them: in the driver's namespace (see the top of
+    // this file). A process can hold two slots (one attached for NVML before
+    // cuInit, one by cuInit): its entries are summed into one, as the device
+    // sees one process.
     RegionLock lock;
     reap_locked();
+    const bool in_driver_ns = g_pid_ns == g_region->driver_pid_ns;
+    ForeignView view;
     int n = 0;
     for (int i = 0; i < kMaxProcs; i++) {
         const SharedProc &s = g_region->procs[i];
         if (s.pid == 0 || s.used[phys] == 0) continue;
-        bool seen = false;
-        for (int j = 0; j < i && !seen; j++)
-            seen = g_region->procs[j].pid == s.pid && g_region->procs[j].used[phys] != 0;
-        if (seen) {
-            for (int k = 0; k < n && (unsigned)k < cap; k++)
-                if (pids[k] == (unsigned)s.pid) used[k] += s.used[phys];
+        int32_t pid;
+        if (in_driver_ns) {
+            if (look_at(s, view, &pid) != Seen::kAlive) continue;
+        } else {
+            if (s.pid_ns != g_region->driver_pid_ns) continue;
+            pid = s.pid;
+        }
+        int k = 0;
+        while (k < n && (unsigned)k < cap && pids[k] != (unsigned)pid) k++;
+        if (k < n && (unsigned)k < cap) {
+            used[k] += s.used[phys];
             continue;
         }
         if ((unsigned)n < cap) {
-            pids[n] = (unsigned)s.pid;
+            pids[n] = (unsigned)pid;
             used[n] = s.used[phys];
         }
         n++;

@@ -39,6 +39,7 @@ COMMANDS = {
     "check": "fracgpu.cli.check:check",
     "demo": "fracgpu.cli.demo:demo",
     "exporter": "fracgpu.cli.exporter:exporter",
+    "node": "fracgpu.cli.node:node_command",
     "partition": "fracgpu.cli.partition:partition_group",
     "report": "fracgpu.cli.report:report",
     "run": "fracgpu.cli.run:run",

@@ -11,7 +11,7 @@ import click
 
 from fracgpu import state
 from fracgpu.cli.common import InputError, refusals
-from fracgpu.metrics import UsageCollector, driver_version, probe_gpus
+from fracgpu import metrics
 
 # Not 9400 (dcgm-exporter), 9835 (nvidia_gpu_exporter) or 9100 (node_exporter), which share GPU nodes with it;
 # the Prometheus allocation list's 9100-9999 is all taken, so this is past it, clear of Zabbix (10050/10051)
@@ -37,33 +37,33 @@ def exporter(port: int, address: str, per_process: bool, dcgm: bool) -> None:
     and dcgm-exporter number it, UUID, partition); with --per-process the same per process (plus
     pid); with --dcgm DCGM_FI_DEV_FB_USED/FREE for dashboards made for dcgm-exporter. Runs until
     Ctrl-C or SIGTERM."""
-    from prometheus_client import CollectorRegistry, start_http_server
-
     with refusals():
         state_dir = state.resolve_state_dir()
         state.usage(state_dir)   # an unsafe or damaged state is refused before serving
-    registry = CollectorRegistry(auto_describe=False)
-    try:
-        server, thread = start_http_server(port, addr=address, registry=registry)
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise InputError(f"port {port} on {address} is in use; choose another with --port") from None
-        raise InputError(f"cannot listen on {address} port {port}: {e.strerror or e}; check --address and "
-                         "--port") from None
-    # Listen first, so a port in use is refused at once; the device probe may take a while.
-    registry.register(UsageCollector(state_dir, probe_gpus(), per_process=per_process, dcgm=dcgm,
-                                      driver_version=driver_version() if dcgm else None))
+    stop_serving = serve_metrics(state_dir, port, address, per_process=per_process, dcgm=dcgm)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    shown = f"[{address}]" if ":" in address else address
-    click.echo(f"fracgpu exporter: serving http://{shown}:{port}/metrics (state folder {state_dir}); "
-               "Ctrl-C stops")
+    click.echo(f"fracgpu exporter: serving {metrics_url(address, port)} (state folder {state_dir}); Ctrl-C stops")
     sys.stdout.flush()
     try:
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    stop_serving()
+
+
+def metrics_url(address: str, port: int) -> str:
+    shown = f"[{address}]" if ":" in address else address
+    return f"http://{shown}:{port}/metrics"
+
+
+def serve_metrics(state_dir: str, port: int, address: str, *, per_process: bool = False, dcgm: bool = False):
+    """``metrics.serve``, its OSError as a refusal that says what to do."""
+    try:
+        return metrics.serve(state_dir, port, address, per_process=per_process, dcgm=dcgm)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise InputError(f"port {port} on {address} is in use; choose another with --port") from None
+        raise InputError(f"cannot listen on {address} port {port}: {e.strerror or e}; check --address and "
+                         "--port") from None
