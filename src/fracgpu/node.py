@@ -260,7 +260,10 @@ class NodeAgent:
         try:
             while not stop.is_set():
                 started = time.monotonic()
-                self.tick()
+                try:
+                    self.tick()
+                except Exception:   # a bad look (a ledger locked too long, a region torn) must not end the service
+                    log.exception("a look at the node failed; trying again in %.2f s", self.interval)
                 if self.ready_file and not os.path.exists(self.ready_file):
                     self._write_ready()
                 stop.wait(max(0.0, self.interval - (time.monotonic() - started)))

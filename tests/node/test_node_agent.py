@@ -17,20 +17,14 @@ import time
 import pytest
 
 from fracgpu import sim
-from tests.support.simgpu import MiB, partition_books, wait_gone
+from tests.support.simgpu import CTYPES_PRELUDE, MiB, partition_books, wait_for, wait_gone
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a pid namespace of its own needs root (unshare --pid)")
 
 # A job that allocates through the shim (`alloc N`), behind it through the driver opened by absolute
 # path (`bypass N`, which the shim never sees), and runs the spin kernel for N ms (`spin N`); it
 # answers each command with the CUresult, and says `ready` first.
-JOB = """import ctypes, sys
-cuda = ctypes.CDLL("libcuda.so.1")
-assert cuda.cuInit(0) == 0
-dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-assert cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0
-assert cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
-assert cuda.cuCtxSetCurrent(ctx) == 0
+JOB = CTYPES_PRELUDE + """import sys
 behind = ctypes.CDLL(sys.argv[1])
 module, spin = ctypes.c_void_p(), ctypes.c_void_p()
 assert cuda.cuModuleLoad(ctypes.byref(module), sys.argv[2].encode()) == 0
@@ -78,16 +72,6 @@ class Job:
         os.kill(self.pid, signal.SIGKILL)
         wait_gone(self.pid)
         self.proc.wait(timeout=10)
-
-
-def wait_for(read, done, within: float):
-    """read() until done(value), for at most `within` seconds; the last value."""
-    deadline = time.monotonic() + within
-    while True:
-        value = read()
-        if done(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 class Agent:
@@ -292,3 +276,36 @@ def test_the_agent_serves_the_exporter_and_says_what_it_keeps(gpu, shim, kernels
     assert "no longer keeping partition 'a' on GPU-" in log
     assert "charged to partition 'a'" in log
     assert not node.ready.exists()
+
+
+def test_a_label_provider_labels_the_jobs_of_its_processes(gpu, shim, kernels, monkeypatch):
+    from fracgpu import node
+    from fracgpu.ledger import Ledger
+
+    for name, value in gpu.env.items():
+        monkeypatch.setenv(name, value)
+    gpu.fracgpu("partition", "create", "b", "--memory", "256MiB")
+    job = Job(gpu, shim, kernels, "b", namespace=False)
+    asked = []
+
+    def pod_of(process: node.NodeProcess) -> dict[str, str]:
+        asked.append(process.host_pid)
+        return {"pod": "trainer-0", "namespace": "team-b"}
+
+    with Ledger(gpu.ledger) as ledger:
+        agent = node.NodeAgent(state_dir=gpu.state_dir, ledger=ledger, labels=pod_of)
+        agent.tick()
+        job.kill()
+        agent.tick()
+        (record,) = ledger.jobs()
+    assert asked == [job.pid]
+    assert (record.kind, record.partition, record.end is not None) == ("node", "b", True)
+    assert {k: v for k, v in record.labels.items() if k != node.KEY_LABEL} == {"pod": "trainer-0",
+                                                                                "namespace": "team-b"}
+
+
+def test_the_systemd_unit_runs_the_agent_as_root_and_restarts_it(gpu):
+    unit = gpu.fracgpu("node", "--print-systemd-unit", "--metrics-port", "10061").stdout
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.endswith("node --ready-file /run/fracgpu/node.ready --metrics-port 10061")
+    assert "Restart=always" in unit and "User=root" in unit and "WantedBy=multi-user.target" in unit

@@ -104,17 +104,25 @@ uint64_t fnv1a(const void *data, size_t n, uint64_t h = 1469598103934665603ull) 
     return h;
 }
 
+// /proc/<who>/<file> into buf (NUL-terminated, at most n - 1 bytes); false when unreadable.
+bool read_proc(const char *who, const char *file, char *buf, size_t n) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%s/%s", who, file);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return false;
+    ssize_t got = read(fd, buf, n - 1);
+    close(fd);
+    if (got <= 0) return false;
+    buf[got] = 0;
+    return true;
+}
+
 // Start time of a process in clock ticks since boot; 0 if it is gone or a zombie
 // (a zombie holds no GPU memory: the driver releases it at exit).
 uint64_t process_start_time(pid_t pid) {
-    char path[64], buf[1024];
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return 0;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return 0;
-    buf[n] = 0;
+    char who[16], buf[1024];
+    snprintf(who, sizeof who, "%d", (int)pid);
+    if (!read_proc(who, "stat", buf, sizeof buf)) return 0;
     const char *p = strrchr(buf, ')');  // the command name may hold spaces and parens
     if (!p) return 0;
     p += 2;                              // state
@@ -137,14 +145,8 @@ uint32_t pid_ns_of(const char *who) {
 
 // The pid of /proc/<who> in its own (innermost) namespace: the last NSpid field.
 int32_t innermost_pid(const char *who) {
-    char path[64], buf[4096];
-    snprintf(path, sizeof path, "/proc/%s/status", who);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return 0;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return 0;
-    buf[n] = 0;
+    char buf[4096];
+    if (!read_proc(who, "status", buf, sizeof buf)) return 0;
     const char *line = strstr(buf, "\nNSpid:");
     if (!line) return 0;
     const char *end = strchr(line + 1, '\n');
