@@ -12,7 +12,9 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
+#include "fracgpu/node_config.h"
 #include "fracgpu/settings.h"
 #include "fracgpu/state.h"
 #include "fracgpu/units.h"
@@ -38,6 +40,27 @@ py::list settings() {
     rows.append(py::make_tuple(r->name, r->default_text, r->reader, r->meaning));
   }
   return rows;
+}
+
+// The node's configuration file as the shims read it (fracgpu/node_config.h):
+// the file, its values by variable name, and the variables of this process's
+// environment that it overrides. ValueError (file, line, key) for a bad file.
+py::dict node_config(std::optional<std::string> path) {
+  fracgpu::NodeConfig config;
+  std::string err;
+  bool ok = path ? fracgpu::parse_node_config(*path, &config, &err) : fracgpu::read_node_config(&config, &err);
+  if (!ok) throw py::value_error(err);
+  py::dict values;
+  for (int id = 0; id < FRACGPU_SETTING_COUNT; id++)
+    if (config.has((fracgpu_setting_id)id))
+      values[fracgpu_setting_name((fracgpu_setting_id)id)] = config.values[id];
+  std::vector<std::string> ignored = fracgpu::ignored_variables(config);
+  py::dict out;
+  out["path"] = config.path.empty() ? py::object(py::none()) : py::object(py::str(config.path));
+  out["values"] = values;
+  out["ignored"] = ignored;
+  out["message"] = ignored.empty() ? std::string() : fracgpu::ignored_message(config, ignored);
+  return out;
 }
 
 py::tuple parse_size(const std::string &text) {
@@ -182,9 +205,15 @@ PYBIND11_MODULE(_native, m) {
   m.def("format_size", &format_size, py::arg("bytes"),
         "Write bytes as people do: 268435456 -> '256MiB', 1610612736 -> '1.5GiB'.");
   m.def("format_share", &format_share, py::arg("share"), "Write a share as a percentage: 0.25 -> '25%'.");
+  m.def("node_config", &node_config, py::arg("path") = py::none(),
+        "The node's configuration (path: that file; default: /etc/fracgpu/fracgpu.conf when it exists, else "
+        "$FRACGPU_CONFIG): {'path', 'values' (by FRACGPU_* name), 'ignored' (variables of this environment it "
+        "overrides), 'message'}. Raises ValueError naming the file, line and key.");
+  m.attr("NODE_CONFIG_PATH") = std::string(fracgpu::kNodeConfigPath);
   py::register_exception<StateError>(m, "StateError", PyExc_RuntimeError);
   m.def("default_state_dir", &fracgpu::default_state_dir,
-        "$FRACGPU_STATE_DIR, else $XDG_RUNTIME_DIR/fracgpu, else /tmp/fracgpu-$UID.");
+        "The node configuration's state_dir, else $FRACGPU_STATE_DIR, else $XDG_RUNTIME_DIR/fracgpu, else "
+        "/tmp/fracgpu-$UID.");
   m.def("check_state_dir", [](const std::string &dir, bool create) {
           std::string err;
           check(fracgpu::check_state_dir(dir, create, &err), err);

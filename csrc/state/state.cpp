@@ -1,6 +1,7 @@
 // The shared state: see fracgpu/state.h.
 #include "fracgpu/state.h"
 
+#include "fracgpu/node_config.h"
 #include "fracgpu/settings.h"
 #include "fracgpu/os.h"
 #include "fracgpu/units.h"
@@ -185,7 +186,15 @@ uint64_t process_start_time(int pid) {
 }
 
 std::string default_state_dir() {
-    if (const char *v = fracgpu_setting(FRACGPU_SETTING_STATE_DIR)) return v;
+    // A broken node file is refused by every reader of settings (read_job_settings,
+    // the Python package) before the state is used; here it only falls through.
+    NodeConfig config;
+    std::string ignored;
+    if (read_node_config(&config, &ignored)) {
+        if (const char *v = node_setting(config, FRACGPU_SETTING_STATE_DIR)) return v;
+    } else if (const char *v = fracgpu_setting(FRACGPU_SETTING_STATE_DIR)) {
+        return v;
+    }
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     struct stat st;
     if (xdg && *xdg && stat(xdg, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == geteuid())
@@ -194,7 +203,14 @@ std::string default_state_dir() {
 }
 
 bool state_group(gid_t *gid, std::string *err) {
-    const char *name = fracgpu_setting(FRACGPU_SETTING_STATE_GROUP);
+    NodeConfig config;
+    std::string config_err;
+    if (!read_node_config(&config, &config_err)) {
+        if (err) *err = config_err;
+        *gid = (gid_t)-1;
+        return true;
+    }
+    const char *name = node_setting(config, FRACGPU_SETTING_STATE_GROUP);
     if (!name) return false;
     char buf[4096];
     struct group g, *found = nullptr;
@@ -208,7 +224,8 @@ bool state_group(gid_t *gid, std::string *err) {
         *gid = (gid_t)n;
         return true;
     }
-    if (err) *err = std::string("FRACGPU_STATE_GROUP='") + name + "' is not a group of this machine";
+    if (err) *err = std::string("FRACGPU_STATE_GROUP='") + name + "' is not a group of this machine; set it to the "
+                    "group that shares the GPU, or unset it";
     *gid = (gid_t)-1;
     return true;
 }
@@ -233,7 +250,7 @@ bool check_state_dir(const std::string &dir, bool create, std::string *err) {
     std::string group_err;
     bool shared = state_group(&gid, &group_err);
     if (shared && gid == (gid_t)-1) {
-        *err = group_err + "; set it to the group that shares the GPU, or unset it";
+        *err = group_err;
         return false;
     }
     if (shared && !in_group(gid)) {

@@ -250,7 +250,18 @@ def process_alive(pid: int, start_time: int) -> bool:
 
 
 def resolve_state_dir(folder: str | os.PathLike | None = None) -> str:
-    """The state folder, absolute: ``folder``, else ``$FRACGPU_STATE_DIR``, else the per-user default."""
+    """The state folder, absolute: the node configuration's, else ``folder``, else
+    ``$FRACGPU_STATE_DIR``, else the per-user default. Where the node's file names one, ``folder``
+    must be it (StateError otherwise: the shims use the node's, whatever a caller asks), and a file
+    that cannot be parsed is refused (fracgpu.config.ConfigError)."""
+    from fracgpu import config, settings
+
+    node = config.read().get(settings.STATE_DIR)
+    if node is not None:
+        if folder is not None and os.path.abspath(os.fspath(folder)) != os.path.abspath(node):
+            raise StateError(f"the node's configuration {config.read().path} names the state folder {node}; "
+                             f"{os.fspath(folder)} cannot be used on this node")
+        return os.path.abspath(node)
     return os.path.abspath(os.fspath(folder) if folder is not None else _native.default_state_dir())
 
 
