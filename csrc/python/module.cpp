@@ -168,6 +168,7 @@ py::list processes(fracgpu::Region &r) {
   for (const auto &p : r.processes()) {
     py::dict d;
     d["pid"] = p.pid;
+    d["pid_ns"] = p.pid_ns;
     d["partition"] = p.partition;
     d["command"] = p.command;
     d["used"] = p.used;
@@ -221,6 +222,20 @@ PYBIND11_MODULE(_native, m) {
         "Raise StateError unless dir is a folder of this user that nobody else can write (create: mkdir 0700).");
   m.def("process_start_time", &fracgpu::process_start_time, py::arg("pid"),
         "Start time of a live process (ticks since boot, /proc/PID/stat field 22); 0 when gone or a zombie.");
+  m.def("pid_namespace", &fracgpu::pid_namespace, py::arg("pid") = 0,
+        "The inode of /proc/PID/ns/pid (0: this process's); 0 when it cannot be read.");
+  m.def("namespace_pid", [](int pid) -> std::optional<std::pair<uint64_t, int>> {
+          uint64_t ns = 0;
+          int ns_pid = 0;
+          if (!fracgpu::namespace_pid(pid, &ns, &ns_pid)) return std::nullopt;
+          return std::make_pair(ns, ns_pid);
+        }, py::arg("pid"),
+        "Process PID of this namespace as its own pid namespace names it: (namespace inode, pid there), from "
+        "/proc/PID/status NSpid and /proc/PID/ns/pid; None when it is gone.");
+  m.def("host_pid_of", &fracgpu::host_pid_of, py::arg("pid_ns"), py::arg("pid"), py::arg("start_time") = 0,
+        "The pid here of the process that is PID in pid namespace PID_NS (and started at START_TIME, 0: any); 0 "
+        "when no process visible here is it.");
+  m.attr("INITIAL_PID_NAMESPACE") = fracgpu::kInitialPidNamespace;
   m.def("region_files", &fracgpu::region_files, py::arg("dir"), "The GPU state files in dir, sorted.");
   m.def("valid_partition_name", [](const std::string &name) {
           std::string err;
@@ -273,6 +288,9 @@ PYBIND11_MODULE(_native, m) {
       .def("reap", &fracgpu::Region::reap, py::arg("quick") = false,
            "Free the slots of dead processes (kept, marked exited, while their holder lives); returns how many. "
            "quick: dead when the pid is gone (no /proc read; a reused pid waits for a full reap).")
+      .def("reap_all_namespaces", &fracgpu::Region::reap_all_namespaces,
+           "Free the slots of dead processes of every pid namespace, found by a scan of /proc (only a process in "
+           "the host's pid namespace sees them all; elsewhere, as reap()). Returns how many.")
       .def("collect", &fracgpu::Region::collect, py::arg("holder"),
            "Free the exited slots held by process `holder`; returns how many.");
   m.def("build_info", &build_info,
