@@ -46,11 +46,10 @@ from fracgpu.ledger import Ledger, LedgerError
 from fracgpu.recorder import JobRecorder, Reading
 
 __all__ = ["NodeAgent", "NodeProcess", "HostProcesses", "DeviceProcesses", "PartitionInUse", "container_id",
-           "pid_namespace", "KIND", "KEY_LABEL", "INITIAL_PID_NAMESPACE"]
+           "KIND", "KEY_LABEL"]
 
 log = logging.getLogger("fracgpu.node")
 
-INITIAL_PID_NAMESPACE = 0xEFFFFFFC   # the inode of the host's pid namespace (the kernel's PROC_PID_INIT_INO)
 KIND = "node"                     # the ledger kind of the agent's jobs
 KEY_LABEL = "fracgpu.node/key"    # the label that says which container or partition a row is
 CONTAINER_LABEL = "container"
@@ -60,26 +59,6 @@ PID_NAMESPACE_LABEL = "pid_namespace"
 # cgroupfs ".../libpod-<id>" or "libpod-<id>.scope" with systemd), Docker ("docker-<id>.scope" or
 # "/docker/<id>"), containerd's CRI ("cri-containerd-<id>.scope") and CRI-O ("crio-<id>.scope").
 _CONTAINER = re.compile(r"(?:libpod-|docker-|cri-containerd-|crio-|/docker/|/libpod_parent/)([0-9a-f]{64})(?![0-9a-f])")
-
-
-def pid_namespace(pid: int | str = "self") -> int:
-    """The inode of process ``pid``'s pid namespace; 0 when it cannot be read (gone, not ours to see)."""
-    try:
-        return os.stat(f"/proc/{pid}/ns/pid").st_ino
-    except OSError:
-        return 0
-
-
-def innermost_pid(pid: int) -> int:
-    """Process ``pid``'s pid in its own namespace (the last ``NSpid`` field); 0 when gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
 
 
 def container_id(pid: int) -> str | None:
@@ -106,38 +85,26 @@ class NodeProcess:
 
 
 class HostProcesses:
-    """One look at ``/proc``: the processes of other pid namespaces, by (their pid there, start time)."""
+    """One look at ``/proc``: the processes of other pid namespaces, by (namespace, pid there)."""
 
     def __init__(self) -> None:
-        self.own_namespace = pid_namespace()
-        self._foreign: dict[tuple[int, int], list[tuple[int, int]]] = {}   # (inner pid, start) -> [(ns, host pid)]
+        self.own_namespace = state.pid_namespace()
+        self._foreign: dict[tuple[int, int], int] = {}   # (namespace, pid there) -> pid here
         for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
-            ns = pid_namespace(pid)
-            if ns == 0 or ns == self.own_namespace:
-                continue
-            inner = innermost_pid(pid)
-            start = state.process_start_time(pid)
-            if inner and start:
-                self._foreign.setdefault((inner, start), []).append((ns, pid))
+            if entry.name.isdigit() and state.pid_namespace(int(entry.name)) not in (0, self.own_namespace):
+                found = state.namespace_pid(int(entry.name))
+                if found:
+                    self._foreign[found] = int(entry.name)
 
     def find(self, slot: state.ProcessSlot) -> tuple[int, int, bool] | None:
-        """(host pid, pid namespace, foreign) of the live process in ``slot``; None: not seen.
-
-        A slot holds the pid in the process's own namespace and its start time (the same in every
-        namespace); where it also names the namespace, that decides between two that match."""
-        if state.process_alive(slot.pid, slot.start_time) and getattr(slot, "pid_ns", 0) in (0, self.own_namespace):
-            return slot.pid, self.own_namespace, False
-        matches = self._foreign.get((slot.pid, slot.start_time), [])
-        ns_of_slot = getattr(slot, "pid_ns", 0)
-        if ns_of_slot:
-            matches = [m for m in matches if m[0] == ns_of_slot]
-        if len(matches) != 1:
-            return None   # gone, or two processes the slot cannot tell apart: nothing is charged on a guess
-        ns, pid = matches[0]
-        return pid, ns, True
+        """(pid here, pid namespace, foreign) of the live process in ``slot``; None: not seen (gone, or
+        in a namespace this process cannot see)."""
+        if slot.pid_ns in (0, self.own_namespace):
+            return (slot.pid, self.own_namespace, False) if state.process_alive(slot.pid, slot.start_time) else None
+        pid = self._foreign.get((slot.pid_ns, slot.pid))
+        if pid is None or not state.process_alive(pid, slot.start_time):
+            return None
+        return pid, slot.pid_ns, True
 
 
 class NvmlProcessInfo(ctypes.Structure):   # nvmlProcessInfo_v2_t
@@ -210,9 +177,12 @@ class _NodeJob(JobRecorder):
                          command=command, kind=KIND, labels={**labels, KEY_LABEL: key}, holder=holder)
         self.key = key
         self.slots: set[tuple[str, int, int, int]] = set()   # (gpu, slot, pid, start time) of its processes
-        self.carried_ns = 0          # device time of processes that ended while no agent kept them
+        # Device time and launches of its processes whose slots are gone (freed at their end, or while
+        # no agent ran), and the last counters read of those still there.
+        self.carried_ns = 0
         self.carried_launches = 0
-        self.live = False
+        self._last: dict[tuple[str, int, int, int], tuple[int, int]] = {}
+        self._present: set[tuple[str, int, int, int]] = set()
 
     def start(self, start: float | None = None) -> int:
         # No recorder pid: the agent closes its own rows (on restart, those whose processes are gone);
@@ -222,14 +192,27 @@ class _NodeJob(JobRecorder):
         return self.job_id
 
     def members(self, region: state.Region) -> list[state.ProcessSlot]:
-        return [p for p in region.processes() if (region.uuid, p.slot, p.pid, p.start_time) in self.slots]
+        mine = [p for p in region.processes() if (region.uuid, p.slot, p.pid, p.start_time) in self.slots]
+        self._present.update((region.uuid, p.slot, p.pid, p.start_time) for p in mine)
+        for p in mine:
+            self._last[(region.uuid, p.slot, p.pid, p.start_time)] = (p.device_ns, p.launches)
+        return mine
 
     def collect(self, region: state.Region) -> None:
         for p in self.members(region):
             region.collect(self.holder, p.slot)
 
     def read(self) -> Reading:
+        """The job's reading; a process whose slot was freed since (one of another namespace is freed
+        when it dies: no holder keeps it) counts with its last counters, which a dead process no
+        longer changes (the agent reads them just before it reaps)."""
+        self._present = set()
         out = super().read()
+        for key in [k for k in self._last if k not in self._present]:
+            device_ns, launches = self._last.pop(key)
+            self.carried_ns += device_ns
+            self.carried_launches += launches
+            self.slots.discard(key)
         out.device_ns += self.carried_ns
         out.launches += self.carried_launches
         return out
@@ -297,8 +280,11 @@ class NodeAgent:
         seen: dict[str, tuple[NodeProcess, ...]] = {}
         for region in self.regions():
             figures = self.device.figures(region.uuid) if self.device else None
+            for job in self.jobs.values():
+                job.members(region)   # the last counters of its processes, before a dead one's slot is freed
             # After the device was asked: a dead process's memory goes back once the device let go of it.
-            region.reap()
+            # Every namespace's: a process in a container is found dead only by what the host sees.
+            region.reap_all_namespaces()
             self._note_partitions(region)
             for slot in region.processes():
                 if slot.exited:
@@ -310,7 +296,7 @@ class NodeAgent:
                                       container=container_id(found[0]), slot=slot, gpu=region.uuid)
                 if process.foreign and figures is not None:
                     self._reconcile(region, process, figures)
-                if self._claim(region, slot):
+                if self._claim(region, process):
                     key = job_key(process)[0]
                     seen[key] = seen.get(key, ()) + (process,)
         if not self._resumed:
@@ -353,8 +339,15 @@ class NodeAgent:
             f"pid namespace {process.pid_namespace}" if process.foreign else "host"
 
     # -- recording -------------------------------------------------------------------------------
-    def _claim(self, region: state.Region, slot: state.ProcessSlot) -> bool:
-        """Whether the agent records ``slot``'s process: nobody else does (no holder, or a dead one)."""
+    def _claim(self, region: state.Region, process: NodeProcess) -> bool:
+        """Whether the agent records ``process``: nobody else does. A host process with no holder (or a
+        dead one) is adopted, so its slot is kept with its last counters when it ends. A holder of a
+        process in another namespace is a pid there (`fracgpu run` inside a container): its slot is
+        not adopted (the host's pid would mean nothing there), and its last counters are those the
+        agent read before reaping it."""
+        slot = process.slot
+        if process.foreign:
+            return slot.holder == 0
         if slot.holder == self.pid:
             return True
         if slot.holder and state.process_start_time(slot.holder):

@@ -128,7 +128,7 @@ def test_the_device_lists_a_namespaced_process_by_its_host_pid_as_a_real_nvml_do
         assert eval(inside) == {}
         # A host process that looks does not take it for dead (its pid means another process here).
         assert partition_books(gpu, "a")["processes"] == 1
-        assert node.pid_namespace(job.pid) != node.pid_namespace()
+        assert state.pid_namespace(job.pid) != state.pid_namespace()
     finally:
         job.kill()
 

@@ -67,7 +67,7 @@ def node_command(interval: float, ready_file: str | None, metrics_port: int | No
     with refusals():
         state_dir = state.resolve_state_dir()
         state.usage(state_dir)   # an unsafe or damaged state is refused before starting
-        if node.pid_namespace() != node.INITIAL_PID_NAMESPACE:
+        if state.pid_namespace() != state.INITIAL_PID_NAMESPACE:
             logging.warning("this process is not in the host's (initial) pid namespace: it sees only the processes "
                             "of its own namespace and those below it; run it on the host, or as a container with "
                             "--pid=host")
