@@ -107,7 +107,7 @@ def remove(name: str, *, device_index: int | None = None, state_dir: str | os.Pa
     if left:
         raise node.PartitionInUse(f"partition '{name}' is still in use by {node.describe_users(left)}, which did not "
                                   "end when killed; it was not removed")
-    region.reap()   # the ended processes' slots and memory go back before the partition goes
+    region.reap_all_namespaces()   # the ended processes' slots and memory go back before the partition goes
     region.remove_partition(name)
     return region.uuid
 
