@@ -52,6 +52,7 @@ log = logging.getLogger("fracgpu.node")
 
 KIND = "node"                     # the ledger kind of the agent's jobs
 KEY_LABEL = "fracgpu.node/key"    # the label that says which container or partition a row is
+LINGER_S = 5.0                    # the longest a dead process's slot waits for the device to let go
 CONTAINER_LABEL = "container"
 PID_NAMESPACE_LABEL = "pid_namespace"
 
@@ -235,6 +236,7 @@ class NodeAgent:
         self._regions: dict[str, state.Region] = {}
         self._partitions: dict[str, set[str]] = {}   # gpu -> partitions kept
         self._resumed = False
+        self._lingering: dict[str, float] = {}        # gpu -> since when the device lists an ended process
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -284,7 +286,8 @@ class NodeAgent:
                 job.members(region)   # the last counters of its processes, before a dead one's slot is freed
             # After the device was asked: a dead process's memory goes back once the device let go of it.
             # Every namespace's: a process in a container is found dead only by what the host sees.
-            region.reap_all_namespaces()
+            if not self._device_holds_the_dead(region.uuid, figures):
+                region.reap_all_namespaces()
             self._note_partitions(region)
             for slot in region.processes():
                 if slot.exited:
@@ -302,6 +305,18 @@ class NodeAgent:
         if not self._resumed:
             self._resume(seen)
         self._record(seen)
+
+    def _device_holds_the_dead(self, uuid: str, figures: dict[int, int] | None) -> bool:
+        """Whether the device still lists a process that has ended (a driver frees a process's memory
+        as its last file descriptor closes, which may trail its exit): its slot, and the memory on its
+        books, wait for the next look, for at most LINGER_S seconds (a figure that never goes is
+        the driver's fault, not a reason to keep the books wrong)."""
+        dead = {pid for pid in (figures or {}) if not state.process_start_time(pid)}
+        if not dead:
+            self._lingering.pop(uuid, None)
+            return False
+        since = self._lingering.setdefault(uuid, time.monotonic())
+        return time.monotonic() - since < LINGER_S
 
     # -- ground truth ----------------------------------------------------------------------------
     def _reconcile(self, region: state.Region, process: NodeProcess, figures: dict[int, int]) -> None:
