@@ -224,18 +224,21 @@ class NodeAgent:
 
     def __init__(self, *, state_dir: str | os.PathLike | None = None, ledger: Ledger | None = None,
                  labels: LabelProvider | None = None, device: DeviceProcesses | None = None,
-                 interval: float = 0.2, ready_file: str | os.PathLike | None = None):
+                 interval: float = 0.2, ready_file: str | os.PathLike | None = None,
+                 partitions_changed: Callable[[], None] | None = None):
         self.state_dir = state.resolve_state_dir(state_dir)
         self.ledger = ledger if ledger is not None else Ledger()
         self.label_provider = labels
         self.device = device
         self.interval = interval
         self.ready_file = os.fspath(ready_file) if ready_file else None
+        self.partitions_changed = partitions_changed   # called when partitions come or go (the CDI spec)
         self.pid = os.getpid()
         self.jobs: dict[str, _NodeJob] = {}
         self._regions: dict[str, state.Region] = {}
         self._partitions: dict[str, set[str]] = {}   # gpu -> partitions kept
         self._resumed = False
+        self._cdi_written = False
         self._lingering: dict[str, float] = {}        # gpu -> since when the device lists an ended process
 
     # -- the loop --------------------------------------------------------------------------------
@@ -280,6 +283,7 @@ class NodeAgent:
     def tick(self) -> None:
         host = HostProcesses()
         seen: dict[str, tuple[NodeProcess, ...]] = {}
+        kept_before = {gpu: set(names) for gpu, names in self._partitions.items()}
         for region in self.regions():
             figures = self.device.figures(region.uuid) if self.device else None
             for job in self.jobs.values():
@@ -305,6 +309,12 @@ class NodeAgent:
         if not self._resumed:
             self._resume(seen)
         self._record(seen)
+        if self.partitions_changed and (self._partitions != kept_before or not self._cdi_written):
+            self._cdi_written = True
+            try:
+                self.partitions_changed()
+            except Exception as e:   # the books go on; the spec is tried again at the next change
+                log.error("cannot refresh the CDI spec: %s", e)
 
     def _device_holds_the_dead(self, uuid: str, figures: dict[int, int] | None) -> bool:
         """Whether the device still lists a process that has ended (a driver frees a process's memory
