@@ -13,7 +13,7 @@ import time
 import pytest
 
 from fracgpu import state
-from tests.support.simgpu import MiB
+from tests.support.simgpu import MiB, parse_facts
 
 
 def in_new_pid_namespace(gpu, shim, client, *args) -> subprocess.Popen:
@@ -69,6 +69,10 @@ def test_two_namespaces_with_the_same_pids_share_one_partition(gpu, shim, client
         assert [s.pid for s in slots] == [1, 1] and len({s.pid_ns for s in slots}) == 2
         (team,) = [p for p in region_of(gpu).usage().partitions if p.name == "team"]
         assert team.used >= 2 * 64 * MiB and team.processes == 2
+        # The simulated device holds both too: neither pid 1 took the other's memory for a dead process's.
+        facts = parse_facts(gpu.run(clients.lcuda, "info").stdout)   # off the shim: the device as it is
+        held = int(facts["meminfo_total"]) - int(facts["meminfo_free"]) - gpu.context   # less its own context
+        assert held == 2 * (64 * MiB + gpu.context)
     finally:
         for h in holders:
             h.kill()

@@ -13,21 +13,13 @@
 // the sum over live slots, so a process killed at any moment, even holding the
 // lock, leaves nothing behind: its slot is reaped by whoever looks next.
 //
-// Pid namespaces. A process in a container knows only its pid in its own
-// namespace, so a slot also holds the inode of that namespace
-// (/proc/self/ns/pid). A real driver knows every process by its pid in the
-// host's namespace, and NVML lists those pids even to a caller inside a
-// container. Here the "driver's namespace" is the one the GPU file was made
-// from (the init namespace once any process of it attaches): a caller there
-// sees every slot mapped to its pid there, found through /proc/<pid>/ns/pid
-// and the last NSpid of /proc/<pid>/status; a caller elsewhere sees only the
-// slots made in the driver's namespace (the pids it would get from a real
-// NVML for the others mean nothing to it, and it cannot compute them). A slot
-// is reaped only by a process that can see its namespace (its own, or one
-// below): a process in a container never takes a host process, or another
-// container's, for dead. A container's dead process is therefore given back
-// once a process of the driver's namespace looks (the node agent, any host
-// job), never earlier than a real driver would.
+// Processes in containers have pids of their own pid namespace, which collide
+// (two containers both have a pid 1). A slot records its pid namespace, and a
+// process judges only the slots it can see: those of its own namespace, and,
+// from the namespace the simulated GPU was made in (the driver's, as the host's
+// is a real driver's), the others through /proc (NSpid). NVML lists processes
+// by pid in the driver's namespace, as a real driver lists host pids: a caller
+// in another namespace gets no entry it could take for one of its processes.
 #include "sim.h"
 #include "fracgpu/settings.h"
 #include "fracgpu/os.h"
@@ -52,12 +44,8 @@ namespace sim {
 namespace {
 
 constexpr char kMagic[8] = {'F', 'G', 'S', 'I', 'M', 'G', 'P', 'U'};
-// 2: a slot records its pid namespace (a build of layout 1 would take a
-// container's process for dead from the host).
 constexpr uint32_t kLayoutVersion = 2;
 constexpr int kMaxProcs = 256;
-// The inode of the initial pid namespace (the kernel's PROC_PID_INIT_INO).
-constexpr uint32_t kInitPidNs = 0xEFFFFFFCu;
 
 struct SharedDevice {
     uint64_t busy_until;      // device timeline: end of the last placed kernel (atomic)
@@ -67,9 +55,10 @@ struct SharedDevice {
 };
 
 struct SharedProc {
-    int32_t pid;              // 0: free; its pid in its own namespace
-    uint32_t pid_ns;          // inode of its pid namespace (/proc/self/ns/pid); 0: not known
+    int32_t pid;              // 0: free; in its own pid namespace
+    uint32_t pad;
     uint64_t start_time;      // /proc/<pid>/stat field 22, so a reused pid is not this process
+    uint64_t pid_ns;          // inode of its /proc/<pid>/ns/pid
     uint64_t used[kMaxDevices];
 };
 
@@ -80,11 +69,10 @@ struct SharedRegion {
     uint64_t file_size;
     uint64_t memory;
     uint64_t context_memory;
+    uint64_t driver_pid_ns;   // the pid namespace it was made in: NVML's pids are that namespace's
     int32_t sms;
     int32_t devices;
     char name[256];
-    uint32_t driver_pid_ns;   // the namespace whose pids NVML answers (see the top of this file)
-    uint32_t pad;
     pthread_mutex_t lock;
     SharedDevice dev[kMaxDevices];
     SharedProc procs[kMaxProcs];
@@ -93,7 +81,6 @@ struct SharedRegion {
 SharedRegion *g_region = nullptr;
 int g_slot = -1;
 pid_t g_owner_pid = 0;
-uint32_t g_pid_ns = 0;        // this process's pid namespace (read at attach)
 
 uint64_t fnv1a(const void *data, size_t n, uint64_t h = 1469598103934665603ull) {
     const unsigned char *p = static_cast<const unsigned char *>(data);
@@ -104,25 +91,17 @@ uint64_t fnv1a(const void *data, size_t n, uint64_t h = 1469598103934665603ull) 
     return h;
 }
 
-// /proc/<who>/<file> into buf (NUL-terminated, at most n - 1 bytes); false when unreadable.
-bool read_proc(const char *who, const char *file, char *buf, size_t n) {
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%s/%s", who, file);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return false;
-    ssize_t got = read(fd, buf, n - 1);
-    close(fd);
-    if (got <= 0) return false;
-    buf[got] = 0;
-    return true;
-}
-
 // Start time of a process in clock ticks since boot; 0 if it is gone or a zombie
 // (a zombie holds no GPU memory: the driver releases it at exit).
 uint64_t process_start_time(pid_t pid) {
-    char who[16], buf[1024];
-    snprintf(who, sizeof who, "%d", (int)pid);
-    if (!read_proc(who, "stat", buf, sizeof buf)) return 0;
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 0;
+    buf[n] = 0;
     const char *p = strrchr(buf, ')');  // the command name may hold spaces and parens
     if (!p) return 0;
     p += 2;                              // state
@@ -135,85 +114,57 @@ uint64_t process_start_time(pid_t pid) {
     return strtoull(p, nullptr, 10);
 }
 
-// The inode of the pid namespace of /proc/<who> ("self" or a pid); 0 when unreadable.
-uint32_t pid_ns_of(const char *who) {
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%s/ns/pid", who);
+uint64_t pid_namespace(const char *proc_path) {
     struct stat st;
-    return stat(path, &st) == 0 ? (uint32_t)st.st_ino : 0;
+    return stat(proc_path, &st) == 0 ? (uint64_t)st.st_ino : 0;
 }
 
-// The pid of /proc/<who> in its own (innermost) namespace: the last NSpid field.
-int32_t innermost_pid(const char *who) {
-    char buf[4096];
-    if (!read_proc(who, "status", buf, sizeof buf)) return 0;
-    const char *line = strstr(buf, "\nNSpid:");
-    if (!line) return 0;
-    const char *end = strchr(line + 1, '\n');
-    int32_t last = 0;
-    for (const char *p = line + 7; *p && p != end;) {
-        char *next;
-        long v = strtol(p, &next, 10);
-        if (next == p) break;
-        last = (int32_t)v;
-        p = next;
+uint64_t own_pid_namespace() { return pid_namespace("/proc/self/ns/pid"); }
+
+// The pid here of the process that is `pid` in namespace `ns` and started at
+// `start_time`, found through /proc (NSpid: its pid here first, its own last);
+// 0 when no process visible here is it.
+pid_t pid_here(uint64_t ns, pid_t pid, uint64_t start_time) {
+    DIR *d = opendir("/proc");
+    if (!d) return 0;
+    pid_t found = 0;
+    while (struct dirent *e = readdir(d)) {
+        char *end = nullptr;
+        long here = strtol(e->d_name, &end, 10);
+        if (!end || *end || here <= 0) continue;
+        char path[64], buf[4096];
+        snprintf(path, sizeof path, "/proc/%ld/ns/pid", here);
+        if (pid_namespace(path) != ns) continue;
+        snprintf(path, sizeof path, "/proc/%ld/status", here);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0) continue;
+        buf[n] = 0;
+        const char *line = strstr(buf, "\nNSpid:");
+        const char *eol = line ? strchr(line + 1, '\n') : nullptr;
+        const char *last = nullptr;
+        for (const char *q = line ? line + 7 : nullptr; q && (!eol || q < eol); q++)
+            if (*q == '\t' || *q == ' ') last = q + 1;
+        if (last && atol(last) == (long)pid && process_start_time((pid_t)here) == start_time) {
+            found = (pid_t)here;
+            break;
+        }
     }
-    return last;
+    closedir(d);
+    return found;
 }
 
-// The processes of other pid namespaces this process can see, read from /proc
-// once per look at the slots (and only when a slot of another namespace exists).
-struct ForeignView {
-    struct Entry {
-        uint32_t ns;
-        int32_t inner_pid, pid;   // its pid in its namespace, and in ours
-    };
-    bool read = false;
-    Entry entries[kMaxProcs * 4];
-    int n = 0;
-
-    void load() {
-        read = true;
-        DIR *d = opendir("/proc");
-        if (!d) return;
-        while (struct dirent *e = readdir(d)) {
-            if (e->d_name[0] < '1' || e->d_name[0] > '9') continue;
-            uint32_t ns = pid_ns_of(e->d_name);
-            if (ns == 0 || ns == g_pid_ns) continue;
-            int32_t inner = innermost_pid(e->d_name);
-            if (inner <= 0 || n == (int)(sizeof entries / sizeof entries[0])) continue;
-            entries[n++] = {ns, inner, (int32_t)atoi(e->d_name)};
-        }
-        closedir(d);
-    }
-};
-
-enum class Seen { kDead, kAlive, kCannotTell };
-
-// Whether slot `s` is a live process, and its pid in this process's namespace.
-Seen look_at(const SharedProc &s, ForeignView &view, int32_t *pid_here) {
-    *pid_here = 0;
-    if (s.pid == 0) return Seen::kDead;
-    if (s.pid_ns == 0 || s.pid_ns == g_pid_ns) {
-        if (kill(s.pid, 0) != 0 && errno == ESRCH) return Seen::kDead;
-        if (process_start_time(s.pid) != s.start_time) return Seen::kDead;
-        *pid_here = s.pid;
-        return Seen::kAlive;
-    }
-    if (!view.read) view.load();
-    bool ns_seen = false;
-    for (int i = 0; i < view.n; i++) {
-        const ForeignView::Entry &e = view.entries[i];
-        if (e.ns != s.pid_ns) continue;
-        ns_seen = true;
-        if (e.inner_pid == s.pid && process_start_time(e.pid) == s.start_time) {
-            *pid_here = e.pid;
-            return Seen::kAlive;
-        }
-    }
-    // Its namespace has processes we see, or we see every namespace (the
-    // initial one): it is gone. Else it lives where we cannot look.
-    return ns_seen || g_pid_ns == kInitPidNs ? Seen::kDead : Seen::kCannotTell;
+// Whether slot s's process runs, as far as this process can tell (a slot of a
+// namespace it cannot see counts as running: the processes that can see it judge).
+bool slot_alive(const SharedProc &s) {
+    if (s.pid == 0) return false;
+    uint64_t own = own_pid_namespace();
+    if (s.pid_ns != 0 && s.pid_ns != own)
+        return own != g_region->driver_pid_ns || pid_here(s.pid_ns, s.pid, s.start_time) != 0;
+    if (kill(s.pid, 0) != 0 && errno == ESRCH) return false;
+    return process_start_time(s.pid) == s.start_time;
 }
 
 class RegionLock {
@@ -234,11 +185,9 @@ class RegionLock {
 };
 
 void reap_locked() {
-    ForeignView view;
-    int32_t pid_here;
     for (int i = 0; i < kMaxProcs; i++) {
         SharedProc &s = g_region->procs[i];
-        if (s.pid != 0 && i != g_slot && look_at(s, view, &pid_here) == Seen::kDead) memset(&s, 0, sizeof s);
+        if (s.pid != 0 && i != g_slot && !slot_alive(s)) memset(&s, 0, sizeof s);
     }
 }
 
@@ -302,9 +251,9 @@ CUresult init_region(SharedRegion *r, const Config &cfg, const std::string &dir,
     r->file_size = size;
     r->memory = cfg.memory;
     r->context_memory = cfg.context_memory;
+    r->driver_pid_ns = own_pid_namespace();
     r->sms = cfg.sms;
     r->devices = cfg.devices;
-    r->driver_pid_ns = pid_ns_of("self");
     snprintf(r->name, sizeof r->name, "%s", cfg.name.c_str());
     int rc = fracgpu::init_shared_mutex(&r->lock);
     if (rc != 0) return CUDA_ERROR_OPERATING_SYSTEM;
@@ -470,16 +419,14 @@ CUresult shared_attach(const Config &cfg) {
     }
     g_region = static_cast<SharedRegion *>(m);
 
-    g_pid_ns = pid_ns_of("self");
     RegionLock lock;
-    if (g_pid_ns == kInitPidNs) g_region->driver_pid_ns = kInitPidNs;   // the outermost there is
     reap_locked();
     for (int i = 0; i < kMaxProcs; i++) {
         if (g_region->procs[i].pid == 0) {
             SharedProc &s = g_region->procs[i];
             memset(&s, 0, sizeof s);
             s.start_time = process_start_time(getpid());
-            s.pid_ns = g_pid_ns;
+            s.pid_ns = own_pid_namespace();
             s.pid = getpid();
             g_slot = i;
             g_owner_pid = getpid();
@@ -530,33 +477,32 @@ uint64_t mem_used(int phys) {
 }
 
 int mem_processes(int phys, unsigned *pids, unsigned long long *used, unsigned cap) {
-    // Pids as a real NVML gives them: in the driver's namespace (see the top of
-    // this file). A process can hold two slots (one attached for NVML before
-    // cuInit, one by cuInit): its entries are summed into one, as the device
-    // sees one process.
+    // A process can hold two slots (one attached for NVML before cuInit, one
+    // by cuInit): its entries are summed into one, as the device sees one process.
     RegionLock lock;
     reap_locked();
-    const bool in_driver_ns = g_pid_ns == g_region->driver_pid_ns;
-    ForeignView view;
     int n = 0;
+    uint64_t own = own_pid_namespace();
+    if (own != g_region->driver_pid_ns) return 0;   // its pids would name none of the caller's processes
+    pid_t here[kMaxProcs];
     for (int i = 0; i < kMaxProcs; i++) {
         const SharedProc &s = g_region->procs[i];
+        here[i] = s.pid == 0 || s.pid_ns == 0 || s.pid_ns == own ? s.pid : pid_here(s.pid_ns, s.pid, s.start_time);
+    }
+    for (int i = 0; i < kMaxProcs; i++) {
+        SharedProc s = g_region->procs[i];
+        s.pid = here[i];
         if (s.pid == 0 || s.used[phys] == 0) continue;
-        int32_t pid;
-        if (in_driver_ns) {
-            if (look_at(s, view, &pid) != Seen::kAlive) continue;
-        } else {
-            if (s.pid_ns != g_region->driver_pid_ns) continue;
-            pid = s.pid;
-        }
-        int k = 0;
-        while (k < n && (unsigned)k < cap && pids[k] != (unsigned)pid) k++;
-        if (k < n && (unsigned)k < cap) {
-            used[k] += s.used[phys];
+        bool seen = false;
+        for (int j = 0; j < i && !seen; j++)
+            seen = here[j] == s.pid && g_region->procs[j].used[phys] != 0;
+        if (seen) {
+            for (int k = 0; k < n && (unsigned)k < cap; k++)
+                if (pids[k] == (unsigned)s.pid) used[k] += s.used[phys];
             continue;
         }
         if ((unsigned)n < cap) {
-            pids[n] = (unsigned)pid;
+            pids[n] = (unsigned)s.pid;
             used[n] = s.used[phys];
         }
         n++;

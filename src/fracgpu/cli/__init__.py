@@ -36,6 +36,7 @@ class LazyGroup(click.Group):
 
 # One row per top-level command; a new command is a module and a row here.
 COMMANDS = {
+    "cdi": "fracgpu.cli.cdi:cdi_group",
     "check": "fracgpu.cli.check:check",
     "demo": "fracgpu.cli.demo:demo",
     "exporter": "fracgpu.cli.exporter:exporter",
