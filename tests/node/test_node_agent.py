@@ -308,5 +308,22 @@ def test_a_label_provider_labels_the_jobs_of_its_processes(gpu, shim, kernels, m
 def test_the_systemd_unit_runs_the_agent_as_root_and_restarts_it(gpu):
     unit = gpu.fracgpu("node", "--print-systemd-unit", "--metrics-port", "10061").stdout
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    assert exec_start.endswith("node --ready-file /run/fracgpu/node.ready --metrics-port 10061")
+    assert exec_start.endswith("node --cdi --ready-file /run/fracgpu/node.ready --metrics-port 10061")
     assert "Restart=always" in unit and "User=root" in unit and "WantedBy=multi-user.target" in unit
+
+
+def test_the_agent_keeps_the_cdi_spec_current(gpu, agent, tmp_path):
+    spec = tmp_path / "cdi" / "test.json"
+    kind = "test.fracgpu.dev/partition"
+
+    def devices() -> list[str]:
+        return [d["name"] for d in json.loads(spec.read_text())["devices"]] if spec.exists() else []
+
+    gpu.fracgpu("partition", "create", "a", "--memory", "256MiB")
+    node = agent("--cdi", "--cdi-output", spec, "--cdi-config-dir", tmp_path / "cdi-files", "--cdi-kind", kind)
+    assert devices() == ["a"]   # written before it is ready
+    gpu.fracgpu("partition", "create", "b", "--memory", "256MiB")
+    assert wait_for(devices, lambda d: d == ["a", "b"], 1.0) == ["a", "b"]
+    gpu.fracgpu("partition", "rm", "a")
+    assert wait_for(devices, lambda d: d == ["b"], 1.0) == ["b"]
+    assert f"CDI spec {spec}: {kind}=b" in node.stop()

@@ -11,7 +11,7 @@ import threading
 
 import click
 
-from fracgpu import node, state
+from fracgpu import cdi, node, state
 from fracgpu.cli.common import refusals
 from fracgpu.cli.exporter import DEFAULT_PORT, metrics_url, serve_metrics
 
@@ -23,7 +23,7 @@ After=local-fs.target nvidia-persistenced.service
 
 [Service]
 Type=simple
-ExecStart={executable} node --ready-file /run/fracgpu/node.ready{metrics}
+ExecStart={executable} node --cdi --ready-file /run/fracgpu/node.ready{metrics}
 Restart=always
 RestartSec=1
 RuntimeDirectory=fracgpu
@@ -46,10 +46,18 @@ WantedBy=multi-user.target
               help=f"Also serve the exporter's metrics on this port (as `fracgpu exporter`; {DEFAULT_PORT} is its "
                    "default).")
 @click.option("--metrics-address", default="127.0.0.1", show_default=True, help="Address the metrics listen on.")
+@click.option("--cdi", "keep_cdi", is_flag=True,
+              help="Keep the CDI spec of the partitions current: written at start and whenever partitions come or go, "
+                   "as `fracgpu cdi generate` writes it.")
+@click.option("--cdi-output", metavar="PATH", help=f"Where --cdi writes the spec. [default: {cdi.default_spec_path()}]")
+@click.option("--cdi-config-dir", metavar="DIR", default=cdi.CONFIG_DIR, show_default=True,
+              help="Where --cdi writes the files the spec mounts.")
+@click.option("--cdi-kind", default=cdi.KIND, show_default=True, metavar="VENDOR/CLASS", help="The CDI kind --cdi writes.")
 @click.option("--print-systemd-unit", is_flag=True,
               help="Print a systemd unit that runs this agent (save it as /etc/systemd/system/fracgpu-node.service) "
                    "and exit.")
 def node_command(interval: float, ready_file: str | None, metrics_port: int | None, metrics_address: str,
+                 keep_cdi: bool, cdi_output: str | None, cdi_config_dir: str, cdi_kind: str,
                  print_systemd_unit: bool) -> None:
     """Run the node agent: the trusted party for jobs no `fracgpu run` wraps (containers).
 
@@ -71,6 +79,7 @@ def node_command(interval: float, ready_file: str | None, metrics_port: int | No
             logging.warning("this process is not in the host's (initial) pid namespace: it sees only the processes "
                             "of its own namespace and those below it; run it on the host, or as a container with "
                             "--pid=host")
+        layout = cdi.Layout.for_node(config_dir=cdi_config_dir) if keep_cdi else None
         try:
             device = node.DeviceProcesses()
         except OSError as e:
@@ -80,7 +89,14 @@ def node_command(interval: float, ready_file: str | None, metrics_port: int | No
     stop_serving = serve_metrics(state_dir, metrics_port, metrics_address) if metrics_port else None
     if stop_serving:
         logging.info("serving %s", metrics_url(metrics_address, metrics_port))
-    agent = node.NodeAgent(state_dir=state_dir, device=device, interval=interval, ready_file=ready_file)
+
+    def write_cdi_spec() -> None:
+        spec = cdi.write_spec(layout, cdi.partition_names(state_dir), cdi_output, cdi_kind)
+        logging.info("CDI spec %s: %s", cdi_output or cdi.default_spec_path(cdi_kind),
+                     ", ".join(cdi.qualified_names([d["name"] for d in spec["devices"]], cdi_kind)) or "no devices")
+
+    agent = node.NodeAgent(state_dir=state_dir, device=device, interval=interval, ready_file=ready_file,
+                           partitions_changed=write_cdi_spec if layout else None)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
