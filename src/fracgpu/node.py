@@ -13,15 +13,18 @@ every ``interval`` seconds it:
   ``/proc/<pid>/status``. A process in another namespace is then reconciled as
   a host process reconciles itself: the memory the device holds beyond its
   books is charged to its partition (``Region.reconcile``);
-- reaps dead processes, after the device was asked (so a killed container's
-  memory goes back once the device has let go of it, within one interval);
+- reaps the dead of every namespace, after the device was asked (so a killed
+  container's memory goes back once the device has let go of it, within one
+  interval);
 - records a ledger job for each container (its id from ``/proc/<pid>/cgroup``),
   else each other pid namespace, else each partition, whose processes no
   recorder holds: opened when the first process joins, sampled like
-  ``fracgpu run``'s recorder (the agent becomes the processes' holder, so the
-  last counters of one that ends are kept for it), finished when the last one
-  has gone. Labels name the container, plus whatever ``labels`` (a provider:
-  a runtime or orchestrator integration) returns for its processes.
+  ``fracgpu run``'s recorder, finished when the last one has gone. The last
+  counters of a process that ends are kept: a host process's slot is held by
+  the agent (kept, marked exited, until its job is finished), and a container
+  process's counters are read just before the reap that frees its slot.
+  Labels name the container, plus whatever ``labels`` (a provider: a runtime
+  or orchestrator integration) returns for its processes.
 
 Restart: the agent's ledger rows carry no recorder pid (no other recorder
 closes them as orphans while the agent is down) and a ``fracgpu.node/key``
