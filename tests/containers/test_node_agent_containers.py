@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -41,9 +43,9 @@ def node(make_gpu, podman, cdi_kind, tmp_path):
     spec_path = CDI_DIR / (cdi_kind.replace("/", "-") + ".json")
     agents = []
 
-    def start() -> Agent:
+    def start(*args) -> Agent:
         agents.append(Agent(gpu, tmp_path, "--cdi", "--cdi-output", spec_path, "--cdi-config-dir", tmp_path / "cdi",
-                            "--cdi-kind", cdi_kind))
+                            "--cdi-kind", cdi_kind, *args))
         return agents[-1]
 
     yield gpu, start
@@ -75,7 +77,10 @@ class Container:
 
 def test_memory_a_container_allocates_behind_the_shim_is_charged_and_given_back_when_killed(node, podman, cdi_kind):
     gpu, start = node
-    agent = start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agent = start("--metrics-port", str(port))
     container = Container(podman, cdi_kind)
     try:
         caught = time.monotonic()
@@ -85,6 +90,10 @@ def test_memory_a_container_allocates_behind_the_shim_is_charged_and_given_back_
         (g,) = json.loads(gpu.fracgpu("top", "--json", "--interval", "0.1").stdout)["gpus"]
         (q,) = [q for q in g["processes"] if q["partition"] == "a"]
         assert (q["truth"], q["drift_charged"]) == ("known", MISSED)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        drift = [line for line in metrics.splitlines()
+                 if line.startswith("fracgpu_partition_memory_drift_bytes{") and 'partition="a"' in line]
+        assert [float(line.split()[-1]) for line in drift] == [MISSED]
         (running,) = wait_for(lambda: records(gpu), lambda r: r and r[0]["peak_drift_bytes"] == MISSED, 2.0)
         assert running["labels"]["container"] == container.id and running["end"] is None
     finally:
@@ -96,6 +105,8 @@ def test_memory_a_container_allocates_behind_the_shim_is_charged_and_given_back_
     assert (record["kind"], record["partition"], record["labels"]["container"]) == ("node", "a", container.id)
     assert record["peak_memory_bytes"] == gpu.context + 16 * MiB + MISSED
     assert record["peak_drift_bytes"] == MISSED
+    report = gpu.fracgpu("report", env={"COLUMNS": "250"}).stdout
+    assert "peak drift" in report and "+32MiB" in report
     agent.stop()
 
 
