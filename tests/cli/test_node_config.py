@@ -121,3 +121,18 @@ def test_fracgpu_init_refuses_an_environment_that_contradicts_the_node_file(gpu,
     result = gpu.python("import fracgpu\ntry:\n    fracgpu.init(memory='256MiB')\n"
                         "except fracgpu.InitError as e:\n    print(e)", env={settings.STATE_DIR: str(tmp_path)})
     assert "FRACGPU_STATE_DIR is not obeyed" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.fault("A node configuration file that does not parse, under any command",
+                   "refused with the file, line and key before anything is read (exit 2; `fracgpu run` 125); the "
+                   "shim refuses CUDA with the same reason")
+def test_every_command_and_the_shim_refuse_a_broken_node_file(clients, gpu, shim, tmp_path):
+    path = write(tmp_path, "stat_dir = /var/lib/fracgpu\n")
+    env = {config.VARIABLE: path}
+    says = f"{path}:1: unknown key 'stat_dir'"
+    for args, status in ((("top", "--once"), 2), (("report",), 2), (("partition", "list"), 2),
+                         (("run", "--memory", "256MiB", "--", "true"), 125)):
+        result = gpu.fracgpu(*args, env=env, check=False)
+        assert result.returncode == status and says in result.stderr and "Traceback" not in result.stderr, args
+    result = gpu.run(clients.lcuda, "info", env={**env, "LD_PRELOAD": shim, settings.PARTITION: "team"}, check=False)
+    assert result.returncode != 0 and says in result.stderr and "CUDA is refused" in result.stderr
