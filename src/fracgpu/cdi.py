@@ -45,7 +45,7 @@ from collections.abc import Iterable, Mapping
 
 from fracgpu import config, settings, shim, state
 
-__all__ = ["KIND", "SPEC_DIR", "CONFIG_DIR", "GLIBC_FLOOR", "Layout", "Refused", "device_name", "spec",
+__all__ = ["KIND", "SPEC_DIR", "CONFIG_DIR", "GLIBC_FLOOR", "Layout", "Refused", "check_kind", "device_name", "spec",
            "minimum_version", "write_spec", "default_spec_path", "partition_names", "qualified_names"]
 
 KIND = "fracgpu.dev/partition"
@@ -136,6 +136,17 @@ def _is_simulated(driver: str) -> bool:
         return False
 
 
+def check_kind(kind: str) -> str:
+    """``kind`` when it is a CDI kind (``vendor/class``: ``fracgpu.dev/partition``); Refused naming
+    the rule otherwise."""
+    vendor, slash, klass = kind.partition("/")
+    if not slash or not _DEVICE_NAME.fullmatch(vendor) or not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?",
+                                                                          klass) or ":" in vendor:
+        raise Refused(f"'{kind}' is not a CDI kind: write vendor/class, like {KIND} (letters, digits, '-', '_' "
+                      "and '.', each part starting and ending with a letter or digit)")
+    return kind
+
+
 def device_name(partition: str) -> str:
     """The CDI device of ``partition`` (its name); Refused for a name CDI does not accept."""
     if not _DEVICE_NAME.fullmatch(partition):
@@ -151,6 +162,7 @@ def partition_names(state_dir: str | None = None) -> list[str]:
 
 def qualified_names(partitions: Iterable[str], kind: str = KIND) -> list[str]:
     """``fracgpu.dev/partition=NAME`` for each partition CDI can name."""
+    check_kind(kind)
     out = []
     for name in partitions:
         try:
@@ -217,7 +229,7 @@ def spec(layout: Layout, partitions: Iterable[str], kind: str = KIND) -> dict:
         if layout.device_nodes:
             edits["deviceNodes"] = [{"path": p} for p in layout.device_nodes]
         devices.append({"name": device, "containerEdits": edits})
-    out = {"cdiVersion": EARLIEST_VERSION, "kind": kind, "devices": devices}
+    out = {"cdiVersion": EARLIEST_VERSION, "kind": check_kind(kind), "devices": devices}
     out["cdiVersion"] = minimum_version(out)
     return out
 

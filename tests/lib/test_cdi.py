@@ -100,3 +100,12 @@ def test_partitions_cdi_cannot_name_are_left_out(tmp_path):
     spec = cdi.spec(layout(tmp_path), ["ok", "ends-with-", "x_"])
     assert [d["name"] for d in spec["devices"]] == ["ok"]
     assert cdi.qualified_names(["ok", "x_"], "v.dev/c") == ["v.dev/c=ok"]
+
+
+@pytest.mark.fault("`fracgpu cdi generate --kind` with something that is not a CDI kind (no class, spaces, a '/' too many)",
+                   "refused naming the form (vendor/class), no spec written")
+@pytest.mark.parametrize("kind", ["fracgpu.dev", "fracgpu dev/partition", "fracgpu.dev/a/b", "-x.dev/partition", ""])
+def test_a_kind_cdi_does_not_accept_is_refused(tmp_path, kind):
+    with pytest.raises(cdi.Refused, match="is not a CDI kind: write vendor/class"):
+        cdi.write_spec(layout(tmp_path), ["a"], str(tmp_path / "spec.json"), kind)
+    assert not (tmp_path / "spec.json").exists()
