@@ -327,3 +327,10 @@ def test_the_agent_keeps_the_cdi_spec_current(gpu, agent, tmp_path):
     gpu.fracgpu("partition", "rm", "a")
     assert wait_for(devices, lambda d: d == ["b"], 1.0) == ["b"]
     assert f"CDI spec {spec}: {kind}=b" in node.stop()
+
+
+def test_a_cdi_kind_that_is_not_vendor_class_is_refused_before_starting(gpu, tmp_path):
+    refused = gpu.fracgpu("node", "--cdi", "--cdi-kind", "partition", "--cdi-output", tmp_path / "spec.json",
+                          "--ready-file", tmp_path / "ready", check=False, timeout=30)
+    assert refused.returncode == 2 and "'partition' is not a CDI kind: write vendor/class" in refused.stderr
+    assert not (tmp_path / "spec.json").exists() and not (tmp_path / "ready").exists()

@@ -80,6 +80,8 @@ def node_command(interval: float, ready_file: str | None, metrics_port: int | No
                             "of its own namespace and those below it; run it on the host, or as a container with "
                             "--pid=host")
         layout = cdi.Layout.for_node(config_dir=cdi_config_dir) if keep_cdi else None
+        if keep_cdi:
+            cdi.check_kind(cdi_kind)   # refused before starting, not at the first write
         try:
             device = node.DeviceProcesses()
         except OSError as e:
