@@ -6,7 +6,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
+#include "fracgpu/node_config.h"
 #include "fracgpu/settings.h"
 #include "fracgpu/state.h"
 #include "fracgpu/units.h"
@@ -15,8 +17,8 @@ namespace fracgpu {
 
 namespace {
 // A setting in seconds, a number >= 0, into *out when it is set.
-bool read_seconds(fracgpu_setting_id id, double *out, std::string *err) {
-    const char *v = fracgpu_setting(id);
+bool read_seconds(const NodeConfig &config, fracgpu_setting_id id, double *out, std::string *err) {
+    const char *v = node_setting(config, id);
     if (!v) return true;
     char *end = nullptr;
     errno = 0;
@@ -33,9 +35,14 @@ bool read_seconds(fracgpu_setting_id id, double *out, std::string *err) {
 bool read_job_settings(JobSettings *out, std::string *err) {
     JobSettings &s = *out;
     s = JobSettings();
+    // The node's file first: it wins over the environment (fracgpu/node_config.h).
+    NodeConfig config;
+    if (!read_node_config(&config, err)) return false;
+    std::vector<std::string> ignored = ignored_variables(config);
+    if (!ignored.empty()) s.notice = ignored_message(config, ignored);
     char msg[512];
     const char *v;
-    if ((v = fracgpu_setting(FRACGPU_SETTING_PARTITION))) {
+    if ((v = node_setting(config, FRACGPU_SETTING_PARTITION))) {
         if (!valid_partition_name(v, err)) {
             *err = "FRACGPU_PARTITION: " + *err;
             return false;
@@ -43,7 +50,7 @@ bool read_job_settings(JobSettings *out, std::string *err) {
         s.enforce = true;
         s.partition = v;
     }
-    if ((v = fracgpu_setting(FRACGPU_SETTING_COMPUTE))) {
+    if ((v = node_setting(config, FRACGPU_SETTING_COMPUTE))) {
         if (!s.enforce) {
             *err = "FRACGPU_COMPUTE is set without FRACGPU_PARTITION; run jobs with `fracgpu run --compute SHARE`";
             return false;
@@ -54,14 +61,14 @@ bool read_job_settings(JobSettings *out, std::string *err) {
         }
         s.ephemeral = true;
     }
-    if ((v = fracgpu_setting(FRACGPU_SETTING_COMPUTE_CAP)) && strcmp(v, "0") != 0) {
+    if ((v = node_setting(config, FRACGPU_SETTING_COMPUTE_CAP)) && strcmp(v, "0") != 0) {
         if (strcmp(v, "1") != 0 || s.compute_share == 0) {
             *err = std::string("FRACGPU_COMPUTE_CAP='") + v + "' is not valid: set it to 1, with FRACGPU_COMPUTE";
             return false;
         }
         s.compute_cap = true;
     }
-    if ((v = fracgpu_setting(FRACGPU_SETTING_PRIORITY))) {
+    if ((v = node_setting(config, FRACGPU_SETTING_PRIORITY))) {
         if (!s.enforce) {
             *err = "FRACGPU_PRIORITY is set without FRACGPU_PARTITION; run jobs with `fracgpu run --priority CLASS`";
             return false;
@@ -72,7 +79,7 @@ bool read_job_settings(JobSettings *out, std::string *err) {
         }
         s.ephemeral = true;
     }
-    if ((v = fracgpu_setting(FRACGPU_SETTING_MEMORY))) {
+    if ((v = node_setting(config, FRACGPU_SETTING_MEMORY))) {
         if (!s.enforce) {
             *err = "FRACGPU_MEMORY is set without FRACGPU_PARTITION; run jobs with `fracgpu run --memory SIZE`";
             return false;
@@ -84,14 +91,14 @@ bool read_job_settings(JobSettings *out, std::string *err) {
         }
         s.has_memory = true;
     }
-    if ((v = fracgpu_setting(FRACGPU_SETTING_OVERCOMMIT)) && strcmp(v, "0") != 0) {
+    if ((v = node_setting(config, FRACGPU_SETTING_OVERCOMMIT)) && strcmp(v, "0") != 0) {
         if (strcmp(v, "1") != 0 || !s.has_memory) {
             *err = std::string("FRACGPU_OVERCOMMIT='") + v + "' is not valid: set it to 1, with FRACGPU_MEMORY";
             return false;
         }
         s.overcommit = true;
     }
-    if ((v = fracgpu_setting(FRACGPU_SETTING_CONTEXT_MEMORY))) {
+    if ((v = node_setting(config, FRACGPU_SETTING_CONTEXT_MEMORY))) {
         double fraction = 0;
         if (fracgpu_parse_size(v, &s.context_memory, &fraction, msg, sizeof msg) != 0 || fraction != 0) {
             if (strcmp(v, "0") != 0) {
@@ -103,12 +110,12 @@ bool read_job_settings(JobSettings *out, std::string *err) {
         }
         s.has_context_memory = true;
     }
-    if (!read_seconds(FRACGPU_SETTING_OOM_WAIT, &s.oom_wait_s, err) ||
-        !read_seconds(FRACGPU_SETTING_RECONCILE_INTERVAL, &s.reconcile_interval_s, err))
+    if (!read_seconds(config, FRACGPU_SETTING_OOM_WAIT, &s.oom_wait_s, err) ||
+        !read_seconds(config, FRACGPU_SETTING_RECONCILE_INTERVAL, &s.reconcile_interval_s, err))
         return false;
     // Set by `fracgpu run` (and the recorder of fracgpu.init()): the process
     // that records this job in the ledger, which keeps our slot when we end.
-    if ((v = fracgpu_setting(FRACGPU_SETTING_JOB_HOLDER))) {
+    if ((v = node_setting(config, FRACGPU_SETTING_JOB_HOLDER))) {
         char *end = nullptr;
         errno = 0;
         long h = strtol(v, &end, 10);

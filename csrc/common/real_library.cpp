@@ -3,6 +3,7 @@
 
 #include <cstdlib>
 
+#include "fracgpu/node_config.h"
 #include "fracgpu/support.h"
 #include <dlfcn.h>
 #include <sys/stat.h>
@@ -29,7 +30,12 @@ std::string find_real_library(const RealLibrary &lib, std::string *err) {
     auto usable = [&](const std::string &path) { return access(path.c_str(), R_OK) == 0 && !is_self(path); };
 
     const char *variable = fracgpu_setting_name(lib.setting);
-    if (const char *v = fracgpu_setting(lib.setting)) {
+    // The node's file names it for the node (or a container) when it says; a
+    // broken file is refused by read_job_settings before a library is looked for.
+    NodeConfig config;
+    std::string config_err;
+    if (!read_node_config(&config, &config_err)) config = NodeConfig();
+    if (const char *v = node_setting(config, lib.setting)) {
         std::string given = std::string(variable) + "='" + v + "'";
         if (v[0] != '/') {
             *err = given + " is not an absolute path; give " + lib.what + "'s full path, like "

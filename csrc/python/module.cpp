@@ -12,7 +12,9 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
+#include "fracgpu/node_config.h"
 #include "fracgpu/settings.h"
 #include "fracgpu/state.h"
 #include "fracgpu/units.h"
@@ -38,6 +40,27 @@ py::list settings() {
     rows.append(py::make_tuple(r->name, r->default_text, r->reader, r->meaning));
   }
   return rows;
+}
+
+// The node's configuration file as the shims read it (fracgpu/node_config.h):
+// the file, its values by variable name, and the variables of this process's
+// environment that it overrides. ValueError (file, line, key) for a bad file.
+py::dict node_config(std::optional<std::string> path) {
+  fracgpu::NodeConfig config;
+  std::string err;
+  bool ok = path ? fracgpu::parse_node_config(*path, &config, &err) : fracgpu::read_node_config(&config, &err);
+  if (!ok) throw py::value_error(err);
+  py::dict values;
+  for (int id = 0; id < FRACGPU_SETTING_COUNT; id++)
+    if (config.has((fracgpu_setting_id)id))
+      values[fracgpu_setting_name((fracgpu_setting_id)id)] = config.values[id];
+  std::vector<std::string> ignored = fracgpu::ignored_variables(config);
+  py::dict out;
+  out["path"] = config.path.empty() ? py::object(py::none()) : py::object(py::str(config.path));
+  out["values"] = values;
+  out["ignored"] = ignored;
+  out["message"] = ignored.empty() ? std::string() : fracgpu::ignored_message(config, ignored);
+  return out;
 }
 
 py::tuple parse_size(const std::string &text) {
@@ -144,7 +167,9 @@ py::list processes(fracgpu::Region &r) {
   py::list out;
   for (const auto &p : r.processes()) {
     py::dict d;
+    d["slot"] = p.slot;
     d["pid"] = p.pid;
+    d["pid_ns"] = p.pid_ns;
     d["partition"] = p.partition;
     d["command"] = p.command;
     d["used"] = p.used;
@@ -182,9 +207,15 @@ PYBIND11_MODULE(_native, m) {
   m.def("format_size", &format_size, py::arg("bytes"),
         "Write bytes as people do: 268435456 -> '256MiB', 1610612736 -> '1.5GiB'.");
   m.def("format_share", &format_share, py::arg("share"), "Write a share as a percentage: 0.25 -> '25%'.");
+  m.def("node_config", &node_config, py::arg("path") = py::none(),
+        "The node's configuration (path: that file; default: /etc/fracgpu/fracgpu.conf when it exists, else "
+        "$FRACGPU_CONFIG): {'path', 'values' (by FRACGPU_* name), 'ignored' (variables of this environment it "
+        "overrides), 'message'}. Raises ValueError naming the file, line and key.");
+  m.attr("NODE_CONFIG_PATH") = std::string(fracgpu::kNodeConfigPath);
   py::register_exception<StateError>(m, "StateError", PyExc_RuntimeError);
   m.def("default_state_dir", &fracgpu::default_state_dir,
-        "$FRACGPU_STATE_DIR, else $XDG_RUNTIME_DIR/fracgpu, else /tmp/fracgpu-$UID.");
+        "The node configuration's state_dir, else $FRACGPU_STATE_DIR, else $XDG_RUNTIME_DIR/fracgpu, else "
+        "/tmp/fracgpu-$UID.");
   m.def("check_state_dir", [](const std::string &dir, bool create) {
           std::string err;
           check(fracgpu::check_state_dir(dir, create, &err), err);
@@ -192,6 +223,20 @@ PYBIND11_MODULE(_native, m) {
         "Raise StateError unless dir is a folder of this user that nobody else can write (create: mkdir 0700).");
   m.def("process_start_time", &fracgpu::process_start_time, py::arg("pid"),
         "Start time of a live process (ticks since boot, /proc/PID/stat field 22); 0 when gone or a zombie.");
+  m.def("pid_namespace", &fracgpu::pid_namespace, py::arg("pid") = 0,
+        "The inode of /proc/PID/ns/pid (0: this process's); 0 when it cannot be read.");
+  m.def("namespace_pid", [](int pid) -> std::optional<std::pair<uint64_t, int>> {
+          uint64_t ns = 0;
+          int ns_pid = 0;
+          if (!fracgpu::namespace_pid(pid, &ns, &ns_pid)) return std::nullopt;
+          return std::make_pair(ns, ns_pid);
+        }, py::arg("pid"),
+        "Process PID of this namespace as its own pid namespace names it: (namespace inode, pid there), from "
+        "/proc/PID/status NSpid and /proc/PID/ns/pid; None when it is gone.");
+  m.def("host_pid_of", &fracgpu::host_pid_of, py::arg("pid_ns"), py::arg("pid"), py::arg("start_time") = 0,
+        "The pid here of the process that is PID in pid namespace PID_NS (and started at START_TIME, 0: any); 0 "
+        "when no process visible here is it.");
+  m.attr("INITIAL_PID_NAMESPACE") = fracgpu::kInitialPidNamespace;
   m.def("region_files", &fracgpu::region_files, py::arg("dir"), "The GPU state files in dir, sorted.");
   m.def("valid_partition_name", [](const std::string &name) {
           std::string err;
@@ -244,8 +289,19 @@ PYBIND11_MODULE(_native, m) {
       .def("reap", &fracgpu::Region::reap, py::arg("quick") = false,
            "Free the slots of dead processes (kept, marked exited, while their holder lives); returns how many. "
            "quick: dead when the pid is gone (no /proc read; a reused pid waits for a full reap).")
-      .def("collect", &fracgpu::Region::collect, py::arg("holder"),
-           "Free the exited slots held by process `holder`; returns how many.");
+      .def("reap_all_namespaces", &fracgpu::Region::reap_all_namespaces,
+           "Free the slots of dead processes of every pid namespace, found by a scan of /proc (only a process in "
+           "the host's pid namespace sees them all; elsewhere, as reap()). Returns how many.")
+      .def("collect", &fracgpu::Region::collect, py::arg("holder"), py::arg("slot") = -1,
+           "Free the exited slots held by process `holder` (only `slot` when given); returns how many.")
+      .def("adopt", &fracgpu::Region::adopt, py::arg("slot"), py::arg("pid"), py::arg("start_time"),
+           py::arg("holder"), py::arg("previous") = 0,
+           "Make live process `holder` the holder of the live process in `slot` (pid, start_time) when it has "
+           "none, or is held by `holder` or `previous`; whether it now is.")
+      .def("reconcile", &fracgpu::Region::reconcile, py::arg("slot"), py::arg("pid"), py::arg("listed"),
+           py::arg("device_used"), py::arg("books"),
+           "Record the device's figure for the process in `slot` (pid as the slot holds it) against its books, "
+           "charging the positive drift to its partition; the drift charged now.");
   m.def("build_info", &build_info,
         "What this build was made with: {'have_fatbin': bool, 'cuda_header_version': int}.");
 }

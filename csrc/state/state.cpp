@@ -1,6 +1,7 @@
 // The shared state: see fracgpu/state.h.
 #include "fracgpu/state.h"
 
+#include "fracgpu/node_config.h"
 #include "fracgpu/settings.h"
 #include "fracgpu/os.h"
 #include "fracgpu/units.h"
@@ -45,8 +46,31 @@ void copy_name(char *dst, size_t n, const std::string &src) {
     dst[len] = '\0';
 }
 
+// This process's pid namespace. A process's own namespace never changes, but
+// a child forked after unshare(CLONE_NEWPID) is in a new one: the cached value
+// belongs to the pid that read it.
+uint64_t own_pid_namespace() {
+    static std::atomic<uint64_t> cached_pid{0}, cached_ns{0};
+    uint64_t me = (uint64_t)getpid();
+    if (cached_pid.load(std::memory_order_acquire) == me) return cached_ns.load(std::memory_order_relaxed);
+    uint64_t ns = pid_namespace(0);
+    cached_ns.store(ns, std::memory_order_relaxed);
+    cached_pid.store(me, std::memory_order_release);
+    return ns;
+}
+
+// Whether this process can judge slot p by its pid: only a slot of its own pid
+// namespace (a pid of another names some other process here, or none).
+bool judged_here(const SharedProcess &p) {
+    uint64_t ns = __atomic_load_n(&p.pid_ns, __ATOMIC_RELAXED);
+    return ns == 0 || ns == own_pid_namespace();
+}
+
+// Liveness as judged here: a slot of another pid namespace is alive to us (its
+// own namespace, or the host's node agent, judges it).
 bool alive(const SharedProcess &p) {
     if (p.pid <= 0) return false;
+    if (!judged_here(p)) return true;
     if (kill(p.pid, 0) != 0 && errno == ESRCH) return false;
     return process_start_time(p.pid) == p.start_time;
 }
@@ -55,6 +79,7 @@ bool alive(const SharedProcess &p) {
 bool holder_alive(const SharedProcess &p) {
     uint64_t h = p.holder.load(std::memory_order_acquire);
     if (h == 0 || h > (uint64_t)INT32_MAX) return false;
+    if (!judged_here(p)) return true;   // the holder is counted in the slot's namespace
     if (kill((int)h, 0) != 0 && errno == ESRCH) return false;
     return process_start_time((int)h) == p.holder_start.load(std::memory_order_acquire);
 }
@@ -184,8 +209,84 @@ uint64_t process_start_time(int pid) {
     return strtoull(p, nullptr, 10);
 }
 
+uint64_t pid_namespace(int pid) {
+    char path[64];
+    if (pid == 0) snprintf(path, sizeof path, "/proc/self/ns/pid");
+    else snprintf(path, sizeof path, "/proc/%d/ns/pid", pid);
+    struct stat st;
+    return stat(path, &st) == 0 ? (uint64_t)st.st_ino : 0;
+}
+
+bool namespace_pid(int pid, uint64_t *ns, int *ns_pid) {
+    char path[64], buf[4096];
+    snprintf(path, sizeof path, "/proc/%d/status", pid);
+    int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return false;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    ::close(fd);
+    if (n <= 0) return false;
+    buf[n] = 0;
+    const char *line = strstr(buf, "\nNSpid:");
+    if (!line) return false;
+    const char *end = strchr(line + 1, '\n');
+    // NSpid lists the pid in this namespace first, then in each nested one: the last is its own.
+    long innermost = -1;
+    for (const char *p = line + 7; p && (!end || p < end);) {
+        char *next = nullptr;
+        long v = strtol(p, &next, 10);
+        if (next == p) break;
+        innermost = v;
+        p = next;
+    }
+    uint64_t inode = pid_namespace(pid);
+    if (innermost <= 0 || inode == 0) return false;
+    *ns = inode;
+    *ns_pid = (int)innermost;
+    return true;
+}
+
+namespace {
+// Every process visible here, as its own pid namespace names it.
+struct Visible {
+    uint64_t ns, start_time;
+    int ns_pid, pid;
+};
+std::vector<Visible> visible_processes() {
+    std::vector<Visible> out;
+    DIR *d = opendir("/proc");
+    if (!d) return out;
+    while (struct dirent *e = readdir(d)) {
+        char *end = nullptr;
+        long pid = strtol(e->d_name, &end, 10);
+        if (!end || *end || pid <= 0) continue;
+        Visible v{0, 0, 0, (int)pid};
+        if (namespace_pid((int)pid, &v.ns, &v.ns_pid) && (v.start_time = process_start_time((int)pid)) != 0)
+            out.push_back(v);
+    }
+    closedir(d);
+    return out;
+}
+int find_visible(const std::vector<Visible> &all, uint64_t ns, int ns_pid, uint64_t start_time) {
+    for (const Visible &v : all)
+        if (v.ns == ns && v.ns_pid == ns_pid && (start_time == 0 || v.start_time == start_time)) return v.pid;
+    return 0;
+}
+}  // namespace
+
+int host_pid_of(uint64_t ns, int ns_pid, uint64_t start_time) {
+    return find_visible(visible_processes(), ns, ns_pid, start_time);
+}
+
 std::string default_state_dir() {
-    if (const char *v = fracgpu_setting(FRACGPU_SETTING_STATE_DIR)) return v;
+    // A broken node file is refused by every reader of settings (read_job_settings,
+    // the Python package) before the state is used; here it only falls through.
+    NodeConfig config;
+    std::string ignored;
+    if (read_node_config(&config, &ignored)) {
+        if (const char *v = node_setting(config, FRACGPU_SETTING_STATE_DIR)) return v;
+    } else if (const char *v = fracgpu_setting(FRACGPU_SETTING_STATE_DIR)) {
+        return v;
+    }
     const char *xdg = getenv("XDG_RUNTIME_DIR");
     struct stat st;
     if (xdg && *xdg && stat(xdg, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == geteuid())
@@ -194,7 +295,14 @@ std::string default_state_dir() {
 }
 
 bool state_group(gid_t *gid, std::string *err) {
-    const char *name = fracgpu_setting(FRACGPU_SETTING_STATE_GROUP);
+    NodeConfig config;
+    std::string config_err;
+    if (!read_node_config(&config, &config_err)) {
+        if (err) *err = config_err;
+        *gid = (gid_t)-1;
+        return true;
+    }
+    const char *name = node_setting(config, FRACGPU_SETTING_STATE_GROUP);
     if (!name) return false;
     char buf[4096];
     struct group g, *found = nullptr;
@@ -208,7 +316,8 @@ bool state_group(gid_t *gid, std::string *err) {
         *gid = (gid_t)n;
         return true;
     }
-    if (err) *err = std::string("FRACGPU_STATE_GROUP='") + name + "' is not a group of this machine";
+    if (err) *err = std::string("FRACGPU_STATE_GROUP='") + name + "' is not a group of this machine; set it to the "
+                    "group that shares the GPU, or unset it";
     *gid = (gid_t)-1;
     return true;
 }
@@ -233,7 +342,7 @@ bool check_state_dir(const std::string &dir, bool create, std::string *err) {
     std::string group_err;
     bool shared = state_group(&gid, &group_err);
     if (shared && gid == (gid_t)-1) {
-        *err = group_err + "; set it to the group that shares the GPU, or unset it";
+        *err = group_err;
         return false;
     }
     if (shared && !in_group(gid)) {
@@ -659,7 +768,13 @@ void Region::free_slot_locked(int slot) {
 // is gone (kill(pid, 0), no /proc read). A pid reused since is left to the
 // full sweeps: of reap(), which every over-quota allocation, the memory
 // queries and the recorders make.
-static bool slot_dead(const SharedProcess &p, bool exited, bool quick) {
+static bool slot_dead(const SharedProcess &p, bool exited, bool quick, const std::vector<Visible> *visible) {
+    if (visible && !judged_here(p)) {   // another namespace's, judged by what the host sees
+        uint64_t ns = __atomic_load_n(&p.pid_ns, __ATOMIC_RELAXED);
+        if (!exited) return find_visible(*visible, ns, p.pid, p.start_time) == 0;
+        uint64_t h = p.holder.load();
+        return h == 0 || h > (uint64_t)INT32_MAX || find_visible(*visible, ns, (int)h, p.holder_start.load()) == 0;
+    }
     if (!quick) return exited ? !holder_alive(p) : !alive(p);
     uint64_t holder = p.holder.load();
     int pid = exited ? (int)holder : p.pid;
@@ -667,7 +782,9 @@ static bool slot_dead(const SharedProcess &p, bool exited, bool quick) {
     return pid > 0 && kill(pid, 0) != 0 && errno == ESRCH;
 }
 
-int Region::sweep(bool quick) {
+int Region::sweep(bool quick, bool all_namespaces) {
+    std::vector<Visible> visible;
+    if (all_namespaces) visible = visible_processes();
     struct Dead {
         int slot;
         int32_t pid;
@@ -683,7 +800,7 @@ int Region::sweep(bool quick) {
         bool exited = p.exited.load() != 0;
         Dead d{i, pid, __atomic_load_n(&p.start_time, __ATOMIC_RELAXED), p.holder.load(), exited};
         if (__atomic_load_n(&p.pid, __ATOMIC_ACQUIRE) != pid) continue;   // the slot changed hands meanwhile
-        if (slot_dead(p, exited, quick)) dead[found++] = d;
+        if (slot_dead(p, exited, quick, all_namespaces ? &visible : nullptr)) dead[found++] = d;
     }
     if (found == 0 || !lock(nullptr)) return 0;
     int n = 0;
@@ -693,7 +810,10 @@ int Region::sweep(bool quick) {
         if (p.pid != d.pid || p.start_time != d.start_time || (p.exited.load() != 0) != d.exited ||
             p.holder.load() != d.holder)
             continue;   // released by another, or reused since
-        release_slot_locked(d.slot);
+        // A slot of another namespace found dead goes at once: its holder,
+        // if any, is judged there too, and release_slot_locked() cannot.
+        if (!judged_here(p)) free_slot_locked(d.slot);
+        else release_slot_locked(d.slot);
         n++;
     }
     unlock();
@@ -735,6 +855,7 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
             if (p.pid != 0) continue;
             p.partition = idx;
             p.start_time = start_time;
+            p.pid_ns = own_pid_namespace();   // the namespace `pid` and `holder` are counted in
             p.attached_unix_ns = unix_ns();
             copy_name(p.command, sizeof p.command, command ? command : "");
             p.used.store(0);
@@ -768,12 +889,14 @@ void Region::leave(int slot) {
 
 int Region::reap(bool quick) { return sweep(quick); }
 
-int Region::collect(int holder) {
+int Region::reap_all_namespaces() { return sweep(false, own_pid_namespace() == kInitialPidNamespace); }
+
+int Region::collect(int holder, int slot) {
     if (holder <= 0 || !lock(nullptr)) return 0;
     int n = 0;
     for (int i = 0; i < kMaxProcesses; i++) {
         SharedProcess &p = r_->processes[i];
-        if (p.pid != 0 && p.exited.load() && p.holder.load() == (uint64_t)holder) {
+        if ((slot < 0 || i == slot) && p.pid != 0 && p.exited.load() && p.holder.load() == (uint64_t)holder) {
             free_slot_locked(i);
             n++;
         }
@@ -819,11 +942,33 @@ void Region::note_refusal(int slot) {
     r_->partitions[r_->processes[slot].partition].oom_refusals.fetch_add(1, std::memory_order_relaxed);
 }
 
+bool Region::adopt(int slot, int pid, uint64_t start_time, int holder, int previous) {
+    uint64_t holder_start = holder > 0 ? process_start_time(holder) : 0;
+    if (slot < 0 || slot >= kMaxProcesses || holder_start == 0 || !lock(nullptr)) return false;
+    SharedProcess &p = r_->processes[slot];
+    uint64_t now = p.holder.load();
+    bool ok = __atomic_load_n(&p.pid, __ATOMIC_ACQUIRE) == pid && p.start_time == start_time && !p.exited.load() &&
+              (now == 0 || now == (uint64_t)holder || (previous > 0 && now == (uint64_t)previous));
+    if (ok) {
+        p.holder_start.store(holder_start);
+        p.holder.store((uint64_t)holder, std::memory_order_release);
+    }
+    unlock();
+    return ok;
+}
+
 uint64_t Region::reconcile(int slot, int pid, bool listed, uint64_t device_used, uint64_t books) {
     if (slot < 0 || slot >= kMaxProcesses || !lock(nullptr)) return 0;
     SharedProcess &p = r_->processes[slot];
     uint64_t charged = 0;
-    if (__atomic_load_n(&p.pid, __ATOMIC_ACQUIRE) == pid && !p.exited.load() && p.partition >= 0 &&
+    // A process in a container cannot find itself in the device's list (NVML
+    // names host pids), but the node agent, in the host's namespace, can: a
+    // figure it took recently stands over the process's own "not listed".
+    bool keep = !listed && p.truth.load(std::memory_order_acquire) == kTruthKnown &&
+                unix_ns() - p.reconciled_unix_ns.load() < kForeignFigureFresh_ns;
+    if (keep) {
+        charged = p.drift_charged.load();
+    } else if (__atomic_load_n(&p.pid, __ATOMIC_ACQUIRE) == pid && !p.exited.load() && p.partition >= 0 &&
         p.partition < kMaxPartitions) {
         SharedPartition &part = r_->partitions[p.partition];
         int64_t drift = (int64_t)device_used - (int64_t)books;
@@ -884,11 +1029,14 @@ std::vector<PartitionInfo> Region::partitions() {
 
 std::vector<ProcessInfo> Region::processes() {
     std::vector<ProcessInfo> out;
-    for (auto &p : r_->processes) {
+    for (int i = 0; i < kMaxProcesses; i++) {
+        SharedProcess &p = r_->processes[i];
         int pid = __atomic_load_n(&p.pid, __ATOMIC_ACQUIRE);
         if (pid == 0 || p.partition < 0 || p.partition >= kMaxPartitions) continue;
         ProcessInfo info;
+        info.slot = i;
         info.pid = pid;
+        info.pid_ns = __atomic_load_n(&p.pid_ns, __ATOMIC_RELAXED);
         const SharedPartition &part = r_->partitions[p.partition];
         info.partition = std::string(part.name, strnlen(part.name, sizeof part.name));
         info.command = std::string(p.command, strnlen(p.command, sizeof p.command));

@@ -19,7 +19,7 @@ import dataclasses
 import os
 import threading
 
-from fracgpu import devices, jobs, settings, shim, state
+from fracgpu import config, devices, jobs, settings, shim, state
 
 __all__ = ["init", "InitError"]
 
@@ -101,6 +101,10 @@ def init(memory: str | int | None = None, partition: str | None = None, *, compu
         try:
             library = os.fspath(shim.shim_path())
         except FileNotFoundError as e:
+            raise InitError(str(e)) from None
+        try:
+            config.check_environment()
+        except config.ConfigError as e:
             raise InitError(str(e)) from None
         shim_loaded, driver = _loaded_drivers(library)
         inherited = _inherited(os.environ, wanted)

@@ -32,7 +32,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fracgpu import devices, settings, shim, state
+from fracgpu import config, devices, settings, shim, state
 from fracgpu.units import bytes_of, format_size, parse_memory, parse_priority, parse_seconds, parse_share
 
 __all__ = ["JobSpec", "OptionError", "CapWithoutShare", "ConflictingChoice", "partition_variables",
@@ -197,6 +197,11 @@ def partition_variables(spec: JobSpec, *, private_name: str, state_dir: str | os
     for an unsafe state folder or a damaged state file; DeviceError when a
     size must be checked against a GPU and none is found."""
     env = os.environ if env is None else env
+    bound = config.read().partition
+    if bound is not None and (spec.private or spec.partition != bound):
+        raise ValueError(f"the node's configuration {config.read().path} binds every process here to partition "
+                         f"'{bound}'; a job here runs in it (give partition '{bound}'), never in another or a "
+                         "private one")
     if spec.oom_wait is None and env.get(settings.OOM_WAIT):   # passed on as it is, but never one the shim refuses
         settings.read(settings.OOM_WAIT, env)
     folder = state.resolve_state_dir(state_dir)

@@ -232,6 +232,11 @@ class JobRecord:
 
 
 def default_path() -> pathlib.Path:
+    from fracgpu import config   # the node's file names the node's one ledger
+
+    node = config.read().get(settings.LEDGER)
+    if node:
+        return pathlib.Path(node)
     if os.environ.get(settings.LEDGER):
         return pathlib.Path(os.environ[settings.LEDGER])
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")

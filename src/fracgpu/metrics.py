@@ -67,7 +67,7 @@ from fracgpu.ledger import JobRecord, Ledger, LedgerError
 from fracgpu.snapshot import achieved_share
 from fracgpu.units import PRIORITIES
 
-__all__ = ["UsageCollector", "probe_gpus", "driver_version"]
+__all__ = ["UsageCollector", "probe_gpus", "driver_version", "serve"]
 
 MiB = 1 << 20
 
@@ -417,3 +417,23 @@ def driver_version(path: str = "/sys/module/nvidia/version") -> str | None:
             return f.read().strip() or None
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def serve(state_dir: str, port: int, address: str = "127.0.0.1", *, per_process: bool = False,
+          dcgm: bool = False, per_job: bool = False, label_keys: Sequence[str] = ()) -> Callable[[], None]:
+    """Serves these metrics at http://ADDRESS:PORT/metrics from a thread; returns what stops it.
+    OSError when the port cannot be had (listening comes first, so that is known at once: the
+    device probe behind the GPU labels may take a while)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    server, thread = start_http_server(port, addr=address, registry=registry)
+    registry.register(UsageCollector(state_dir, probe_gpus(), per_process=per_process, dcgm=dcgm,
+                                      driver_version=driver_version() if dcgm else None, per_job=per_job,
+                                      label_keys=label_keys))
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    return stop

@@ -13,7 +13,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 
-from fracgpu import devices, jobs, state
+from fracgpu import devices, jobs, node, state
 from fracgpu.ledger import Ledger, LedgerError, Limits
 from fracgpu.units import bytes_of, parse_memory, parse_priority, parse_share
 
@@ -98,12 +98,13 @@ def create(name: str, memory: str | int | None = None, *, compute: str | float |
 
 
 def remove(name: str, *, device_index: int | None = None, state_dir: str | os.PathLike | None = None,
-           env: Mapping[str, str] | None = None) -> str:
+           env: Mapping[str, str] | None = None, force: bool = False) -> str:
     """Remove partition ``name``: from GPU ``device_index``, or from the one GPU that has it.
 
     Returns the UUID of its GPU. Raises ValueError when no GPU (or several,
-    without ``device_index``) has it, StateError when processes still use it
-    (the message lists them) or the state is unsafe or damaged."""
+    without ``device_index``) has it, PartitionInUse when processes still use it
+    (the message names their containers and pids) unless ``force``, which ends
+    them first (SIGKILL), and StateError when the state is unsafe or damaged."""
     jobs.parse_option("name", state.check_partition_name, name)
     regions = state.open_regions(state_dir)
     state.check_may_change_partitions(state.resolve_state_dir(state_dir))
@@ -118,8 +119,18 @@ def remove(name: str, *, device_index: int | None = None, state_dir: str | os.Pa
         raise ValueError(f"there is no partition '{name}'{where}; `fracgpu partition list` shows the partitions")
     if len(holders) > 1:
         raise _several(name, holders, env)
-    holders[0].remove_partition(name)
-    return holders[0].uuid
+    region = holders[0]
+    users = node.partition_users(region, name)
+    if users and not force:
+        raise node.PartitionInUse(f"partition '{name}' is in use by {node.describe_users(users)}; stop them first, "
+                                  "or remove it with --force, which ends them")
+    left = node.end_processes(users)
+    if left:
+        raise node.PartitionInUse(f"partition '{name}' is still in use by {node.describe_users(left)}, which did not "
+                                  "end when killed; it was not removed")
+    region.reap_all_namespaces()   # the ended processes' slots and memory go back before the partition goes
+    region.remove_partition(name)
+    return region.uuid
 
 
 def update(name: str, *, memory: str | int | None = None, compute: str | float | None = None,

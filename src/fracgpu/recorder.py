@@ -109,7 +109,7 @@ class JobRecorder:
             # By pid alone: a full reap reads /proc once per process on the GPU, and every
             # running job's recorder samples several times a second.
             region.reap(quick=True)
-            mine = [p for p in region.processes() if p.holder == self.holder]
+            mine = self.members(region)
             part = region.partition(self.partition)
             if part is None or not (mine or self.private):
                 continue
@@ -185,7 +185,15 @@ class JobRecorder:
         except Exception as e:
             self._warn(e)
         for region in self._regions.values():
-            region.collect(self.holder)
+            self.collect(region)
+
+    def members(self, region: state.Region) -> list[state.ProcessSlot]:
+        """The job's processes on ``region``: those it holds (ended ones kept for it included)."""
+        return [p for p in region.processes() if p.holder == self.holder]
+
+    def collect(self, region: state.Region) -> None:
+        """Frees the kept slots of the job's ended processes on ``region``, once finished."""
+        region.collect(self.holder)
 
     def _warn(self, error: Exception) -> None:
         if not self._warned:

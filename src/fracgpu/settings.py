@@ -41,6 +41,7 @@ REAL_LIBCUDA = "FRACGPU_REAL_LIBCUDA"
 REAL_LIBNVML = "FRACGPU_REAL_LIBNVML"
 LEDGER = "FRACGPU_LEDGER"
 LOG_FORMAT = "FRACGPU_LOG_FORMAT"
+CONFIG = "FRACGPU_CONFIG"
 SIM_DIR = "FRACGPU_SIM_DIR"
 SIM_MEMORY = "FRACGPU_SIM_MEMORY"
 SIM_SMS = "FRACGPU_SIM_SMS"
@@ -161,6 +162,9 @@ SETTINGS: tuple[Setting, ...] = (
             "How the shim's one-line messages and the services (`fracgpu exporter`, `fracgpu slurm-prolog`) write "
             "to stderr: `text`, or `json`, one object a line with `time`, `level`, `component`, `gpu`, "
             "`partition`, `job`, `pid`, `event`, `message` and `figures`.", "host"),
+    Setting(CONFIG, _text, "(unset)", "shim, nvml-shim, python",
+            "The node's configuration file, read when `/etc/fracgpu/fracgpu.conf` does not exist (see [One set of "
+            "books per node](#one-set-of-books-per-node)); what it says wins over these variables.", "host"),
     Setting(SIM_DIR, _text, "$XDG_RUNTIME_DIR/fracgpu-sim, else /tmp/fracgpu-sim-$UID", "sim, python",
             "The simulated GPU's shared file's folder; two folders are two independent simulated GPUs.", "sim"),
     Setting(SIM_MEMORY, _size, "16GiB", "sim, python", "Memory of each simulated device, in bytes.", "sim"),

@@ -15,7 +15,9 @@ set is unset in the task (a user's ``FRACGPU_COMPUTE_CAP=1`` or own state
 folder never reaches it), and the node's settings (the state folder and its
 group, above all) come from the prolog's options or the node's config file,
 ``/etc/slurm/fracgpu.conf``: one ``NAME=value`` a line (NAME a ``FRACGPU_*``
-setting), ``#`` comments.
+setting), ``#`` comments. The node's own configuration file
+(``/etc/fracgpu/fracgpu.conf``, ``fracgpu.config``) is read too, and a
+setting it gives is the node's: Slurm's file may repeat it, not contradict it.
 
 slurm.conf::
 
@@ -53,7 +55,7 @@ import socket
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from fracgpu import jobs, settings, state
+from fracgpu import config, jobs, settings, state
 from fracgpu.units import parse_priority, percent_text
 
 __all__ = ["CONFIG", "SLURM_CONF_DIR", "NodeConfig", "gres_conf_path", "read_config", "node_name",
@@ -132,6 +134,20 @@ def read_config(path: str | os.PathLike | None = None) -> NodeConfig:
             _check_node_setting(name, value, where)
             values[name] = value
     return NodeConfig(values)
+
+
+def with_node_file(values: Mapping[str, str]) -> dict[str, str]:
+    """``values`` (the prolog's settings) with those of the node's configuration file
+    (``fracgpu.config``), which every fracgpu part on the node reads: one set of books. A
+    setting both give differently is a ValueError naming both."""
+    node = config.read()
+    out = dict(values)
+    for name, value in node.values.items():
+        if out.get(name, value) != value:
+            raise ValueError(f"{name}={out[name]} (Slurm's fracgpu.conf or an option) contradicts the node's "
+                             f"configuration {node.path}, which says {value}; remove one of them")
+        out[name] = value
+    return out
 
 
 def gres_conf_path(env: Mapping[str, str]) -> str:
@@ -291,7 +307,7 @@ def exports(env: Mapping[str, str], shards_per_gpu: int | None, node: NodeConfig
                          "GPUs (--gres=gpu:N), or correct the shard count per GPU")
     share = percent_text(shards / shards_per_gpu)
     spec = jobs.JobSpec.parse(memory=share, compute=share, cap=cap, priority=priority)
-    node_settings = dict((node or NodeConfig()).values)
+    node_settings = with_node_file(dict((node or NodeConfig()).values))
     # The task's environment as fracgpu may read it: the user's, less every fracgpu setting,
     # plus the node's.
     task_env = {**{k: v for k, v in env.items() if k not in settings.NAMES}, **node_settings}

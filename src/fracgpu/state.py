@@ -17,9 +17,12 @@ from fracgpu import _native
 
 __all__ = ["GPUUsage", "PartitionUsage", "ProcessUsage", "ProcessSlot", "Region", "StateError", "DoesNotFit", "usage",
            "resolve_state_dir", "open_regions", "open_region", "open_region_file", "region_files", "check_state_dir",
-           "check_may_change_partitions", "check_partition_name", "partition_names", "process_start_time", "process_alive"]
+           "check_may_change_partitions", "check_partition_name", "partition_names", "process_start_time",
+           "process_alive", "pid_namespace", "namespace_pid", "host_pid_of"]
 
 StateError = _native.StateError
+# The host's pid namespace (its inode is fixed by the kernel): only there is every process visible.
+INITIAL_PID_NAMESPACE: int = _native.INITIAL_PID_NAMESPACE
 
 
 class DoesNotFit(StateError, ValueError):
@@ -105,6 +108,8 @@ class ProcessSlot:
     drift_charged: int       # its positive drift, charged to its partition
     join_wait_ns: int = 0    # how long its start waited for the region's lock (another process's table change)
     measure_wait_ns: int = 0   # how long its first context waited for the GPU's measurement lock
+    pid_ns: int = 0          # its pid namespace (inode of /proc/<pid>/ns/pid); `pid` is that namespace's
+    slot: int = -1           # its index in the region's table (for adopt, reconcile, collect)
 
     def usage(self) -> ProcessUsage:
         known = self.truth == "known"
@@ -152,9 +157,32 @@ class Region:
         without reading /proc (a pid reused since is left to the next full reap)."""
         return self._native.reap(quick)
 
+    def reap_all_namespaces(self) -> int:
+        """Drop dead processes of every pid namespace (``reap`` judges only this process's own, since a
+        pid of another namespace names some other process here): a slot of another namespace is dead
+        when no process visible here is it (``host_pid_of``). Only a process in the host's pid
+        namespace (the node agent) sees them all; elsewhere this is ``reap()``. Returns how many."""
+        return self._native.reap_all_namespaces()
+
     def collect(self, holder: int) -> int:
         """Free the slots of ``holder``'s ended processes, once it has read them; returns how many."""
         return self._native.collect(holder)
+    def collect(self, holder: int, slot: int = -1) -> int:
+        """Free the slots of ``holder``'s ended processes (only ``slot`` when given), once it has read
+        them; returns how many."""
+        return self._native.collect(holder, slot)
+
+    def adopt(self, process: ProcessSlot, holder: int, previous: int = 0) -> bool:
+        """Make the live process ``holder`` (the node agent) the holder of ``process``, when nobody
+        else records it (no holder, ``holder`` already, or ``previous``: an earlier run of the same
+        agent). Its slot is then kept, marked exited, when it ends, until the holder collects it."""
+        return self._native.adopt(process.slot, process.pid, process.start_time, holder, previous)
+
+    def reconcile(self, process: ProcessSlot, device_used: int, books: int) -> int:
+        """Record what the device reports ``process`` holds (``device_used``) against its books
+        (``books``, read around that figure), charging the positive drift to its partition, as the
+        process's own shim does when the device lists it; returns the drift charged now."""
+        return self._native.reconcile(process.slot, process.pid, True, device_used, books)
 
     def partitions(self) -> list[PartitionUsage]:
         return [PartitionUsage(name=p["name"], memory_limit=p["memory_limit"] or None, used=p["used"],
@@ -250,13 +278,43 @@ def process_start_time(pid: int) -> int:
     return _native.process_start_time(pid)
 
 
+def pid_namespace(pid: int = 0) -> int:
+    """The pid namespace (inode of ``/proc/<pid>/ns/pid``) of ``pid``, of this process for 0; 0 when gone."""
+    return _native.pid_namespace(pid)
+
+
+def namespace_pid(pid: int) -> tuple[int, int] | None:
+    """Process ``pid`` (of this namespace) as its own pid namespace names it: (namespace, pid there),
+    from ``/proc/<pid>/status`` ``NSpid`` and ``/proc/<pid>/ns/pid``; None when it is gone. What the
+    device's NVML lists (host pids) maps to process slots this way."""
+    found = _native.namespace_pid(pid)
+    return None if found is None else (int(found[0]), int(found[1]))
+
+
+def host_pid_of(pid_ns: int, pid: int, start_time: int = 0) -> int:
+    """The pid here of the process that is ``pid`` in pid namespace ``pid_ns`` (and started at
+    ``start_time``, 0: any); 0 when no process visible here is it (a scan of /proc)."""
+    return _native.host_pid_of(pid_ns, pid, start_time)
+
+
 def process_alive(pid: int, start_time: int) -> bool:
     """Whether process ``pid`` that started at ``start_time`` still runs (not a zombie, not a reused pid)."""
     return pid > 0 and start_time != 0 and process_start_time(pid) == start_time
 
 
 def resolve_state_dir(folder: str | os.PathLike | None = None) -> str:
-    """The state folder, absolute: ``folder``, else ``$FRACGPU_STATE_DIR``, else the per-user default."""
+    """The state folder, absolute: the node configuration's, else ``folder``, else
+    ``$FRACGPU_STATE_DIR``, else the per-user default. Where the node's file names one, ``folder``
+    must be it (StateError otherwise: the shims use the node's, whatever a caller asks), and a file
+    that cannot be parsed is refused (fracgpu.config.ConfigError)."""
+    from fracgpu import config, settings
+
+    node = config.read().get(settings.STATE_DIR)
+    if node is not None:
+        if folder is not None and os.path.abspath(os.fspath(folder)) != os.path.abspath(node):
+            raise StateError(f"the node's configuration {config.read().path} names the state folder {node}; "
+                             f"{os.fspath(folder)} cannot be used on this node")
+        return os.path.abspath(node)
     return os.path.abspath(os.fspath(folder) if folder is not None else _native.default_state_dir())
 
 

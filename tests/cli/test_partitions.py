@@ -147,7 +147,8 @@ def test_a_partition_in_use_is_not_removed(clients, gpu):
     try:
         assert job.stdout.readline().strip() == "holding 64"
         refused(gpu.fracgpu("partition", "rm", "team", check=False),
-                "partition 'team' is in use by process(es) " + str(command_pid(job)), "stop them first")
+                f"partition 'team' is in use by process {command_pid(job)} (client_lcuda)", "stop them first",
+                "--force")
         (u,) = fracgpu.usage(gpu.state_dir)
         (team,) = u.partitions
         held = 64 * MiB + gpu.context   # its allocation and its context

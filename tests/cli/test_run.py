@@ -202,8 +202,8 @@ def region_file(gpu):
     (lambda data: b"\0" * 4096, "not a fracgpu state file"),
     (lambda data: data[:100], "truncated"),
     (lambda data: b"FRACGPUS" + (99).to_bytes(4, "little") + data[12:], "layout version 99"),
-    # a fracgpu from before priority classes would run a low job as normal: not shared with it
-    (lambda data: b"FRACGPUS" + (3).to_bytes(4, "little") + data[12:], "layout version 3 but this fracgpu uses 4"),
+    # a fracgpu from before pid namespaces in process slots would reap a container's processes: not shared with it
+    (lambda data: b"FRACGPUS" + (4).to_bytes(4, "little") + data[12:], "layout version 4 but this fracgpu uses 5"),
     (lambda data: b"PNG\0" + data[4:], "not a fracgpu state file"),
 ])
 @pytest.mark.fault('A state file truncated, foreign, or of another layout',

@@ -14,11 +14,15 @@
 //   fuzz TARGET CORPUS_DIR --replay                            run every corpus file once
 //
 // TARGET: size (fracgpu_parse_size / _share, round trips), state (a valid
-// region file patched by the input, then opened and read).
+// region file patched by the input, then opened and read), config (the input
+// as a node configuration file, parsed, and what it gave written back and
+// parsed again).
+#include "fracgpu/node_config.h"
 #include "fracgpu/state.h"
 #include "fracgpu/units.h"
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <csignal>
 #include <cstdint>
@@ -153,6 +157,40 @@ void target_state(const Input &in) {
     } else if (err.empty()) {
         fail("a refused state file without a message");
     }
+}
+
+// The input as a node configuration file: a refusal names the file; what is
+// accepted has non-empty values without a line break or a comment, and reads
+// back the same when written out as key = value lines.
+std::string g_config_dir;
+
+void target_config(const Input &in) {
+    std::string path = g_config_dir + "/fracgpu.conf";
+    int fd = open(path.c_str(), O_CREAT | O_TRUNC | O_WRONLY, 0600);
+    if (fd < 0 || (!in.empty() && write(fd, in.data(), in.size()) != (ssize_t)in.size())) abort();
+    close(fd);
+    fracgpu::NodeConfig config, again;
+    std::string err;
+    if (!fracgpu::parse_node_config(path, &config, &err)) {
+        if (err.find(path) == std::string::npos) fail("a refused node file without its name in the message");
+        return;
+    }
+    std::string text;
+    for (int id = 0; id < FRACGPU_SETTING_COUNT; id++) {
+        const std::string &v = config.values[id];
+        if (v.empty()) continue;
+        if (v.find_first_of("#\n") != std::string::npos || v.front() == ' ' || v.back() == ' ')
+            fail("a node file value with a comment, a line break or spaces around it");
+        std::string key = fracgpu_setting_name((fracgpu_setting_id)id) + strlen("FRACGPU_");
+        for (char &c : key) c = (char)tolower((unsigned char)c);
+        text += key + " = " + v + "\n";
+    }
+    fd = open(path.c_str(), O_CREAT | O_TRUNC | O_WRONLY, 0600);
+    if (fd < 0 || write(fd, text.data(), text.size()) != (ssize_t)text.size()) abort();
+    close(fd);
+    if (!fracgpu::parse_node_config(path, &again, &err)) fail("a node file's own values, written back, are refused");
+    for (int id = 0; id < FRACGPU_SETTING_COUNT; id++)
+        if (config.values[id] != again.values[id]) fail("a node file's values do not read back the same");
 }
 
 // ---------------------------------------------------------------------------
@@ -309,8 +347,17 @@ int main(int argc, char **argv) {
     } else if (target == "state") {
         make_base();
         g_target = target_state;
+    } else if (target == "config") {
+        char tmpl[] = "/tmp/fracgpu-fuzz-config-XXXXXX";
+        if (!mkdtemp(tmpl)) abort();
+        g_config_dir = tmpl;
+        atexit([] {
+            unlink((g_config_dir + "/fracgpu.conf").c_str());
+            rmdir(g_config_dir.c_str());
+        });
+        g_target = target_config;
     } else {
-        fprintf(stderr, "fuzz: unknown target %s (size, state)\n", target.c_str());
+        fprintf(stderr, "fuzz: unknown target %s (size, state, config)\n", target.c_str());
         return 2;
     }
     const char *crash_dir = getenv("FRACGPU_FUZZ_CRASH_DIR");

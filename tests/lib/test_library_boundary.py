@@ -72,8 +72,9 @@ def test_nothing_outside_the_command_line_imports_it_or_click_or_rich():
 
 
 def test_only_the_state_owner_and_the_size_grammar_touch_native():
-    """``fracgpu.state`` owns the shared state; ``fracgpu.units`` binds the one C grammar for sizes and shares."""
+    """``fracgpu.state`` owns the shared state; ``fracgpu.units`` binds the one C grammar for sizes and shares,
+    ``fracgpu.config`` the one C parser of the node's configuration file (the shims' own)."""
     users = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
                    if any(m in ("fracgpu._native", "fracgpu._native") or m.endswith("._native")
                           for m in imported_modules(path)))
-    assert users == ["state.py", "units.py"]
+    assert users == ["config.py", "state.py", "units.py"]

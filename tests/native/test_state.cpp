@@ -222,6 +222,56 @@ int main() {
     r.leave(slot);
     EXPECT(r.processes().empty() && r.remove_partition("shared", &err));
 
+    // The node agent adopts a process nobody records: its slot is then kept when it ends, and
+    // collected slot by slot. A figure the agent took stands over the process's own "not listed".
+    {
+        EXPECT(r.create_partition("kept", 0, 0, 0, &err));
+        int go[2];
+        EXPECT(pipe(go) == 0);
+        pid_t child = fork();
+        if (child == 0) {
+            close(go[1]);
+            fracgpu::Region c;
+            std::string e;
+            if (!c.open(dir, kUuid, "test GPU", 1 << 30, true, &e)) _exit(10);
+            int s = c.join("kept", getpid(), "job", nullptr, &e);
+            if (s < 0 || !c.charge(s, 1 << 16)) _exit(11);
+            if (c.reconcile(s, getpid(), false, 0, 1 << 16) != 0) _exit(12);   // before any figure: unknown
+            char ch;
+            if (read(go[0], &ch, 1) < 0) _exit(13);   // EOF: the parent is done checking
+            if (c.reconcile(s, getpid(), false, 0, 1 << 16) != 4096) _exit(14);   // the agent's figure stands
+            _exit(0);
+        }
+        close(go[0]);
+        std::vector<fracgpu::ProcessInfo> live;
+        for (int i = 0; i < 500 && live.empty(); i++) {
+            live = r.processes();
+            if (live.empty() || live[0].truth != fracgpu::kTruthUnknown) {
+                live.clear();
+                usleep(2000);
+            }
+        }
+        EXPECT(live.size() == 1 && live[0].pid == child && live[0].holder == 0);
+        if (live.size() == 1) {
+            const fracgpu::ProcessInfo k = live[0];
+            EXPECT(!r.adopt(k.slot, k.pid, k.start_time + 1, me));          // not that process: refused
+            EXPECT(r.adopt(k.slot, k.pid, k.start_time, me));
+            EXPECT(!r.adopt(k.slot, k.pid, k.start_time, getppid()));      // held by a live other: refused
+            EXPECT(r.reconcile(k.slot, k.pid, true, (1 << 16) + 4096, 1 << 16) == 4096);
+            EXPECT(find(r.partitions(), "kept")->used == (1 << 16) + 4096);
+            close(go[1]);
+            EXPECT(wait_for(child) == 0);
+            EXPECT(r.reap() == 1);
+            live = r.processes();
+            EXPECT(live.size() == 1 && live[0].exited && live[0].holder == me);
+            EXPECT(find(r.partitions(), "kept")->used == 0);                // its memory, drift included, is back
+            EXPECT(r.collect(me, k.slot + 1) == 0);
+            EXPECT(r.collect(me, k.slot) == 1);
+            EXPECT(r.processes().empty());
+        }
+        EXPECT(r.remove_partition("kept", &err));
+    }
+
     // Killed while holding the state lock: a child that does nothing but take it
     // (creating and removing a partition), killed at random moments, 200 times;
     // the lock is robust, so every time the next caller gets it and the table is intact.

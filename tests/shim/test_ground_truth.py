@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fracgpu import metrics, sim
-from tests.support.simgpu import CTYPES_PRELUDE, MiB, command_pid, partition_books, wait_gone
+from tests.support.simgpu import CTYPES_PRELUDE, MiB, command_pid, partition_books, wait_for, wait_gone
 
 # A job that allocates through the shim (`alloc N`) and, behind its back, through the driver
 # opened by absolute path (`bypass N`): the one the shim forwards to, so the same driver and
@@ -52,16 +52,6 @@ def start_job(gpu, how: str, shim: str, env: dict | None = None):
         job = gpu.popen(*argv, env={"LD_PRELOAD": shim, "FRACGPU_PARTITION": "team", **(env or {})})
     assert job.stdout.readline().strip() == "ready", job.stderr.read() if job.poll() is not None else ""
     return job, command_pid(job) if how == "fracgpu run" else job.pid
-
-
-def wait_for(read, done, within: float):
-    """read() until done(value), for at most `within` seconds; the last value."""
-    deadline = time.monotonic() + within
-    while True:
-        value = read()
-        if done(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def scrape(gpu) -> dict[str, list]:

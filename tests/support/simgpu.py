@@ -164,6 +164,16 @@ def wait_gone(pid: int, timeout: float = 10) -> None:
     raise AssertionError(f"process {pid} is still running")
 
 
+def wait_for(read, done, within: float):
+    """read() until done(value), for at most `within` seconds; the last value."""
+    deadline = time.monotonic() + within
+    while True:
+        value = read()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
 class SimGPU:
     """One simulated GPU of a test: its folder, its config, and ways to run on it."""
 

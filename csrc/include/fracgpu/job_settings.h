@@ -1,6 +1,7 @@
 // A job's settings as both shims read them: FRACGPU_PARTITION and what the
 // job asks of its partition (FRACGPU_MEMORY, FRACGPU_COMPUTE, ...), parsed
-// once, by one function, from the settings table (fracgpu/settings.h).
+// once, by one function, from the settings table (fracgpu/settings.h) and the
+// node's configuration file (fracgpu/node_config.h), which wins over the environment.
 //
 // The driver shim refuses CUDA in a process whose settings do not parse (no
 // job runs without its limits); the NVML shim refuses memory queries there
@@ -31,6 +32,9 @@ struct JobSettings {
     uint64_t context_memory = 0;   // FRACGPU_CONTEXT_MEMORY: charged per context
     bool has_context_memory = false;   // it is set (else each context's reservation is measured)
     int holder = 0;                // FRACGPU_JOB_HOLDER: the pid recording this job (fracgpu run)
+    // Non-empty when the node's configuration file overrode variables of the
+    // environment: the one line to say so (fracgpu/node_config.h).
+    std::string notice;
 
     // FRACGPU_MEMORY's limit on a device of `device_total` bytes (0: none asked).
     uint64_t memory_limit(uint64_t device_total) const {

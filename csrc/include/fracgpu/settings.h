@@ -63,6 +63,9 @@
       "How the shim's one-line messages and the services (`fracgpu exporter`, `fracgpu slurm-prolog`) write "      \
       "to stderr: `text`, or `json`, one object a line with `time`, `level`, `component`, `gpu`, "                 \
       "`partition`, `job`, `pid`, `event`, `message` and `figures`.")                                              \
+    X(CONFIG, "FRACGPU_CONFIG", "(unset)", "shim, nvml-shim, python",                                              \
+      "The node's configuration file, read when `/etc/fracgpu/fracgpu.conf` does not exist (see [One set of "     \
+      "books per node](#one-set-of-books-per-node)); what it says wins over these variables.")                    \
     X(SIM_DIR, "FRACGPU_SIM_DIR", "$XDG_RUNTIME_DIR/fracgpu-sim, else /tmp/fracgpu-sim-$UID", "sim, python",       \
       "The simulated GPU's shared file's folder; two folders are two independent simulated GPUs.")                 \
     X(SIM_MEMORY, "FRACGPU_SIM_MEMORY", "16GiB", "sim, python", "Memory of each simulated device, in bytes.")      \

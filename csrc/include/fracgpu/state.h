@@ -32,8 +32,9 @@ namespace fracgpu {
 // time for the turns it held (lease_start_ns), `inflight` counts measured
 // launches only (most launches are not measured), an idle holder is charged
 // until its work was last seen done (last_done_ns), and busy_ns says whether
-// the device is saturated.
-constexpr uint32_t kStateLayoutVersion = 4;
+// the device is saturated. 5: a process slot names its pid namespace (pid_ns):
+// processes of several containers share one region, and their pids collide.
+constexpr uint32_t kStateLayoutVersion = 5;
 constexpr int kMaxPartitions = 64;
 constexpr int kMaxProcesses = 256;
 constexpr size_t kNameBytes = 64;      // partition names, NUL included
@@ -81,10 +82,16 @@ struct SharedPartition {
     std::atomic<uint64_t> drift_peak;      // highest drift_charged seen
 };
 
+// A process is named by (pid, pid_ns, start_time). Pids are local to a pid
+// namespace: processes in two containers can both be pid 7 and share a
+// region. So a process judges (and reaps) only the slots of its own pid
+// namespace; the others are left to a process that can see them: the node
+// agent, in the host's pid namespace, maps them through /proc (host_pid_of).
 struct SharedProcess {
-    int32_t pid;                           // 0: free slot
+    int32_t pid;                           // 0: free slot; the pid in its own namespace
     int32_t partition;                     // index into partitions
-    uint64_t start_time;                   // /proc/<pid>/stat field 22 (ticks since boot)
+    uint64_t start_time;                   // /proc/<pid>/stat field 22 (ticks since boot, the same in every namespace)
+    uint64_t pid_ns;                       // inode of its /proc/<pid>/ns/pid
     uint64_t attached_unix_ns;
     char command[kCommandBytes];
     std::atomic<uint64_t> used;            // bytes this process holds
@@ -115,6 +122,10 @@ struct SharedProcess {
     std::atomic<uint64_t> drift_charged;   // its positive drift, charged to the partition's used (not to its own)
     std::atomic<uint64_t> reconciled_unix_ns;
 };
+
+// How long a figure taken by the node agent for a process in another pid
+// namespace stands over that process's own "the device does not list me".
+constexpr uint64_t kForeignFigureFresh_ns = 3000000000ull;
 
 // What is known of a process's memory on the device (SharedProcess::truth).
 enum TruthState : uint64_t {
@@ -206,7 +217,9 @@ struct PartitionInfo {
     int drift_unknown = 0;
 };
 struct ProcessInfo {
+    int slot = -1;   // its index in the region's table
     int pid = 0;
+    uint64_t pid_ns = 0;     // its pid namespace (inode); the pid is that namespace's
     std::string partition, command;
     uint64_t used = 0, peak = 0, start_time = 0, attached_unix_ns = 0;
     uint64_t device_ns = 0, launches = 0;
@@ -236,6 +249,19 @@ std::vector<std::string> region_files(const std::string &dir);
 
 // Start time of a live process, 0 when gone or a zombie.
 uint64_t process_start_time(int pid);
+
+// Pid namespaces. The inode of /proc/<pid>/ns/pid (pid 0: this process's; 0
+// when it cannot be read).
+uint64_t pid_namespace(int pid);
+// The inode of the host's (initial) pid namespace, fixed by the kernel.
+constexpr uint64_t kInitialPidNamespace = 0xEFFFFFFCu;
+// Process `pid` of this namespace as its own namespace sees it: the innermost
+// of /proc/<pid>/status NSpid, and /proc/<pid>/ns/pid. False when it is gone.
+bool namespace_pid(int pid, uint64_t *ns, int *ns_pid);
+// The pid in this namespace of the process that is `ns_pid` in namespace `ns`
+// and started at `start_time` (0: any), by a scan of /proc; 0 when no process
+// visible here is it.
+int host_pid_of(uint64_t ns, int ns_pid, uint64_t start_time);
 
 // Checks a partition name: 1..63 bytes of [A-Za-z0-9._-], not starting with '.' or '-'.
 bool valid_partition_name(const std::string &name, std::string *err);
@@ -295,9 +321,19 @@ class Region {
     // them exited); returns how many. `quick`: a process is dead when its pid
     // is gone (no /proc read: a reused pid is found by the next full reap).
     int reap(bool quick = false);
-    // Frees the exited slots held by `holder`; returns how many. (The holder
-    // reads their final counters first.)
-    int collect(int holder);
+    // Frees the slots of dead processes of every pid namespace (reap() judges
+    // only this process's own): a slot of another namespace is dead when no
+    // process here is it (host_pid_of). Only a process in the host's pid
+    // namespace sees every process; elsewhere this is reap(). Returns how many.
+    int reap_all_namespaces();
+    // Frees the exited slots held by `holder` (only `slot` when given);
+    // returns how many. (The holder reads their final counters first.)
+    int collect(int holder, int slot = -1);
+    // Makes `holder` (a live process: the node agent) the holder of the live
+    // process `pid` started at `start_time` in `slot`, when it has none, is
+    // held by `holder` already, or by `previous` (an earlier run of the same
+    // agent); false otherwise (another recorder keeps it, or the slot changed).
+    bool adopt(int slot, int pid, uint64_t start_time, int holder, int previous = 0);
 
     // charge(): atomically adds `bytes` to the partition unless that passes its
     // limit (false: nothing charged), then to the slot. Lock-free for a
@@ -311,7 +347,9 @@ class Region {
     // unknown) where its books say `books`. Records the figure and the drift,
     // and charges the positive drift to the partition (giving back what was
     // charged before), under the lock; nothing when the slot is no longer
-    // this live process's. Returns the drift charged now.
+    // this live process's. Returns the drift charged now. A process's own
+    // "not listed" leaves a figure the node agent took less than
+    // kForeignFigureFresh_ns ago as it is.
     uint64_t reconcile(int slot, int pid, bool listed, uint64_t device_used, uint64_t books);
 
     std::vector<PartitionInfo> partitions();
@@ -324,7 +362,8 @@ class Region {
     void free_slot_locked(int slot);
     // Dead processes' slots released: which ones is found before taking the
     // lock, so the lock is held only to release them. `quick`: by pid alone.
-    int sweep(bool quick);
+    // `all_namespaces`: slots of other pid namespaces too, found dead by a scan of /proc.
+    int sweep(bool quick, bool all_namespaces = false);
     SharedRegion *r_ = nullptr;
     size_t size_ = 0;
     std::string path_;

@@ -23,6 +23,7 @@ bool read_settings() {
         g_error = CUDA_ERROR_NOT_PERMITTED;
         return false;
     }
+    if (!g_settings.notice.empty()) log("%s", g_settings.notice.c_str());
     g_error = CUDA_ERROR_NO_DEVICE;   // unless the driver opens
     return true;
 }

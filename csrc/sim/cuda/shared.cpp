@@ -12,6 +12,14 @@
 // (pid + start time) under a robust process-shared mutex; the device total is
 // the sum over live slots, so a process killed at any moment, even holding the
 // lock, leaves nothing behind: its slot is reaped by whoever looks next.
+//
+// Processes in containers have pids of their own pid namespace, which collide
+// (two containers both have a pid 1). A slot records its pid namespace, and a
+// process judges only the slots it can see: those of its own namespace, and,
+// from the namespace the simulated GPU was made in (the driver's, as the host's
+// is a real driver's), the others through /proc (NSpid). NVML lists processes
+// by pid in the driver's namespace, as a real driver lists host pids: a caller
+// in another namespace gets no entry it could take for one of its processes.
 #include "sim.h"
 #include "fracgpu/settings.h"
 #include "fracgpu/os.h"
@@ -23,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <dirent.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
@@ -35,7 +44,7 @@ namespace sim {
 namespace {
 
 constexpr char kMagic[8] = {'F', 'G', 'S', 'I', 'M', 'G', 'P', 'U'};
-constexpr uint32_t kLayoutVersion = 1;
+constexpr uint32_t kLayoutVersion = 2;
 constexpr int kMaxProcs = 256;
 
 struct SharedDevice {
@@ -46,9 +55,10 @@ struct SharedDevice {
 };
 
 struct SharedProc {
-    int32_t pid;              // 0: free
+    int32_t pid;              // 0: free; in its own pid namespace
     uint32_t pad;
     uint64_t start_time;      // /proc/<pid>/stat field 22, so a reused pid is not this process
+    uint64_t pid_ns;          // inode of its /proc/<pid>/ns/pid
     uint64_t used[kMaxDevices];
 };
 
@@ -59,6 +69,7 @@ struct SharedRegion {
     uint64_t file_size;
     uint64_t memory;
     uint64_t context_memory;
+    uint64_t driver_pid_ns;   // the pid namespace it was made in: NVML's pids are that namespace's
     int32_t sms;
     int32_t devices;
     char name[256];
@@ -103,8 +114,55 @@ uint64_t process_start_time(pid_t pid) {
     return strtoull(p, nullptr, 10);
 }
 
+uint64_t pid_namespace(const char *proc_path) {
+    struct stat st;
+    return stat(proc_path, &st) == 0 ? (uint64_t)st.st_ino : 0;
+}
+
+uint64_t own_pid_namespace() { return pid_namespace("/proc/self/ns/pid"); }
+
+// The pid here of the process that is `pid` in namespace `ns` and started at
+// `start_time`, found through /proc (NSpid: its pid here first, its own last);
+// 0 when no process visible here is it.
+pid_t pid_here(uint64_t ns, pid_t pid, uint64_t start_time) {
+    DIR *d = opendir("/proc");
+    if (!d) return 0;
+    pid_t found = 0;
+    while (struct dirent *e = readdir(d)) {
+        char *end = nullptr;
+        long here = strtol(e->d_name, &end, 10);
+        if (!end || *end || here <= 0) continue;
+        char path[64], buf[4096];
+        snprintf(path, sizeof path, "/proc/%ld/ns/pid", here);
+        if (pid_namespace(path) != ns) continue;
+        snprintf(path, sizeof path, "/proc/%ld/status", here);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue;
+        ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0) continue;
+        buf[n] = 0;
+        const char *line = strstr(buf, "\nNSpid:");
+        const char *eol = line ? strchr(line + 1, '\n') : nullptr;
+        const char *last = nullptr;
+        for (const char *q = line ? line + 7 : nullptr; q && (!eol || q < eol); q++)
+            if (*q == '\t' || *q == ' ') last = q + 1;
+        if (last && atol(last) == (long)pid && process_start_time((pid_t)here) == start_time) {
+            found = (pid_t)here;
+            break;
+        }
+    }
+    closedir(d);
+    return found;
+}
+
+// Whether slot s's process runs, as far as this process can tell (a slot of a
+// namespace it cannot see counts as running: the processes that can see it judge).
 bool slot_alive(const SharedProc &s) {
     if (s.pid == 0) return false;
+    uint64_t own = own_pid_namespace();
+    if (s.pid_ns != 0 && s.pid_ns != own)
+        return own != g_region->driver_pid_ns || pid_here(s.pid_ns, s.pid, s.start_time) != 0;
     if (kill(s.pid, 0) != 0 && errno == ESRCH) return false;
     return process_start_time(s.pid) == s.start_time;
 }
@@ -193,6 +251,7 @@ CUresult init_region(SharedRegion *r, const Config &cfg, const std::string &dir,
     r->file_size = size;
     r->memory = cfg.memory;
     r->context_memory = cfg.context_memory;
+    r->driver_pid_ns = own_pid_namespace();
     r->sms = cfg.sms;
     r->devices = cfg.devices;
     snprintf(r->name, sizeof r->name, "%s", cfg.name.c_str());
@@ -367,6 +426,7 @@ CUresult shared_attach(const Config &cfg) {
             SharedProc &s = g_region->procs[i];
             memset(&s, 0, sizeof s);
             s.start_time = process_start_time(getpid());
+            s.pid_ns = own_pid_namespace();
             s.pid = getpid();
             g_slot = i;
             g_owner_pid = getpid();
@@ -422,12 +482,20 @@ int mem_processes(int phys, unsigned *pids, unsigned long long *used, unsigned c
     RegionLock lock;
     reap_locked();
     int n = 0;
+    uint64_t own = own_pid_namespace();
+    if (own != g_region->driver_pid_ns) return 0;   // its pids would name none of the caller's processes
+    pid_t here[kMaxProcs];
     for (int i = 0; i < kMaxProcs; i++) {
         const SharedProc &s = g_region->procs[i];
+        here[i] = s.pid == 0 || s.pid_ns == 0 || s.pid_ns == own ? s.pid : pid_here(s.pid_ns, s.pid, s.start_time);
+    }
+    for (int i = 0; i < kMaxProcs; i++) {
+        SharedProc s = g_region->procs[i];
+        s.pid = here[i];
         if (s.pid == 0 || s.used[phys] == 0) continue;
         bool seen = false;
         for (int j = 0; j < i && !seen; j++)
-            seen = g_region->procs[j].pid == s.pid && g_region->procs[j].used[phys] != 0;
+            seen = here[j] == s.pid && g_region->procs[j].used[phys] != 0;
         if (seen) {
             for (int k = 0; k < n && (unsigned)k < cap; k++)
                 if (pids[k] == (unsigned)s.pid) used[k] += s.used[phys];

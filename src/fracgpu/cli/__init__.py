@@ -36,10 +36,12 @@ class LazyGroup(click.Group):
 
 # One row per top-level command; a new command is a module and a row here.
 COMMANDS = {
+    "cdi": "fracgpu.cli.cdi:cdi_group",
     "check": "fracgpu.cli.check:check",
     "demo": "fracgpu.cli.demo:demo",
     "exporter": "fracgpu.cli.exporter:exporter",
     "gpus": "fracgpu.cli.gpus:gpus",
+    "node": "fracgpu.cli.node:node_command",
     "partition": "fracgpu.cli.partition:partition_group",
     "report": "fracgpu.cli.report:report",
     "run": "fracgpu.cli.run:run",
@@ -51,9 +53,17 @@ COMMANDS = {
 
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(None, "--version", package_name="fracgpu", prog_name="fracgpu")   # looked up when asked
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Share one NVIDIA GPU between jobs: memory quotas, compute shares, accounting."""
-    from fracgpu import devices
-    from fracgpu.cli.common import probe_status
+    from fracgpu import config, devices
+    from fracgpu.cli.common import REFUSED, CommandRunner, InputError, probe_status
 
     devices.probe_progress = probe_status   # a spinner on stderr while a command asks the driver
+    try:   # every command reads the node's books: a broken node file is refused once, here
+        config.read()
+    except config.ConfigError as e:
+        error = InputError(str(e))
+        if isinstance(main.get_command(ctx, ctx.invoked_subcommand or ""), CommandRunner):
+            error.exit_code = REFUSED   # refused before its command starts
+        raise error from None

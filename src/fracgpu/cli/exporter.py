@@ -9,9 +9,8 @@ import threading
 
 import click
 
-from fracgpu import log, state
+from fracgpu import log, metrics, state
 from fracgpu.cli.common import InputError, log_format_option, refusals
-from fracgpu.metrics import UsageCollector, driver_version, probe_gpus
 
 # Not 9400 (dcgm-exporter), 9835 (nvidia_gpu_exporter) or 9100 (node_exporter), which share GPU nodes with it;
 # the Prometheus allocation list's 9100-9999 is all taken, so this is past it, clear of Zabbix (10050/10051)
@@ -47,33 +46,36 @@ def exporter(port: int, address: str, per_process: bool, dcgm: bool, per_job: bo
     label value with --label-key); with --per-process the same per process (plus pid); with
     --dcgm DCGM_FI_DEV_FB_USED/FREE for dashboards made for dcgm-exporter. Runs until Ctrl-C or
     SIGTERM."""
-    from prometheus_client import CollectorRegistry, start_http_server
-
     with refusals():
         state_dir = state.resolve_state_dir()
         state.usage(state_dir)   # an unsafe or damaged state is refused before serving
-    registry = CollectorRegistry(auto_describe=False)
-    try:
-        server, thread = start_http_server(port, addr=address, registry=registry)
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise InputError(f"port {port} on {address} is in use; choose another with --port") from None
-        raise InputError(f"cannot listen on {address} port {port}: {e.strerror or e}; check --address and "
-                         "--port") from None
-    # Listen first, so a port in use is refused at once; the device probe may take a while.
-    registry.register(UsageCollector(state_dir, probe_gpus(), per_process=per_process, dcgm=dcgm,
-                                      driver_version=driver_version() if dcgm else None, per_job=per_job,
-                                      label_keys=label_keys))
+    stop_serving = serve_metrics(state_dir, port, address, per_process=per_process, dcgm=dcgm, per_job=per_job,
+                                 label_keys=label_keys)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    shown = f"[{address}]" if ":" in address else address
-    log.emit("exporter", "serving", f"serving http://{shown}:{port}/metrics (state folder {state_dir}); Ctrl-C stops",
+    log.emit("exporter", "serving", f"serving {metrics_url(address, port)} (state folder {state_dir}); Ctrl-C stops",
              figures={"port": port}, stream=sys.stdout)
     try:
         while not stop.wait(0.5):
             pass
     except KeyboardInterrupt:
         pass
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    stop_serving()
+
+
+def metrics_url(address: str, port: int) -> str:
+    shown = f"[{address}]" if ":" in address else address
+    return f"http://{shown}:{port}/metrics"
+
+
+def serve_metrics(state_dir: str, port: int, address: str, *, per_process: bool = False, dcgm: bool = False,
+                  per_job: bool = False, label_keys: tuple[str, ...] = ()):
+    """``metrics.serve``, its OSError as a refusal that says what to do."""
+    try:
+        return metrics.serve(state_dir, port, address, per_process=per_process, dcgm=dcgm, per_job=per_job,
+                             label_keys=label_keys)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise InputError(f"port {port} on {address} is in use; choose another with --port") from None
+        raise InputError(f"cannot listen on {address} port {port}: {e.strerror or e}; check --address and "
+                         "--port") from None

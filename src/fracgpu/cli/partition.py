@@ -133,9 +133,10 @@ def set_(ctx: click.Context, name: str, memory: str | None, unlimited: bool, com
 @partition_group.command("rm")
 @click.argument("name", shell_complete=complete_partitions)
 @device_option("The GPU, by CUDA index, when several have a partition of this name (`fracgpu gpus` lists them).")
+@click.option("--force", is_flag=True, help="Remove it even while processes use it: they are ended (SIGKILL).")
 @click.pass_context
-def remove(ctx: click.Context, name: str, device_index: int | None) -> None:
-    """Remove partition NAME (refused while processes use it)."""
+def remove(ctx: click.Context, name: str, device_index: int | None, force: bool) -> None:
+    """Remove partition NAME (refused while processes use it, naming their containers, unless --force)."""
     with refusals(), option_errors(ctx):
-        uuid = partitions.remove(name, device_index=device_index)
+        uuid = partitions.remove(name, device_index=device_index, force=force)
     click.echo(f"partition '{name}' removed from {uuid}")

@@ -20,7 +20,7 @@ import time
 
 import click
 
-from fracgpu import jobs, settings
+from fracgpu import config, jobs, settings
 from fracgpu.cli.common import (PRIORITY_HELP, CommandFailed, CommandRunner, InputError, complete_partitions,
                                 converted_by, job_spec,
                                 overcommit_option, priority_option, quota_options, refusals)
@@ -175,6 +175,7 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
     from fracgpu.recorder import JobRecorder
 
     with refusals():
+        config.check_environment()   # the node's file wins: a contradicting variable is refused, not ignored
         # This process stays the command's parent: its pid names the private partition.
         variables = jobs.partition_variables(spec, private_name=f"run-{os.getpid()}")
         env = jobs.job_environment(variables)
