@@ -79,6 +79,9 @@ def test_init_inside_a_partition_keeps_it_and_refuses_another(gpu):
             "print(fracgpu.init(memory='256MiB'))\n")
     out = gpu.fracgpu("run", "--memory", "256MiB", "--", sys.executable, "-c", code).stdout
     assert out.strip().startswith("run-")
+    code = ("import fracgpu, os\n"
+            "print(fracgpu.init(partition=os.environ['FRACGPU_PARTITION']))\n")   # naming it, as run may
+    assert gpu.fracgpu("run", "--memory", "256MiB", "--", sys.executable, "-c", code).stdout.startswith("run-")
     result = gpu.fracgpu("run", "--memory", "256MiB", "--", sys.executable, "-c",
                          "import fracgpu\nfracgpu.init(memory='768MiB')\n", check=False)
     assert result.returncode == 1 and "a job stays in the partition it was started in" in result.stderr
