@@ -87,9 +87,11 @@ class JobSpec:
               overcommit: bool = False, priority: str | None = None) -> JobSpec:
         """Each option parsed and every rule checked, in the order a user reads them: OptionError
         (a ValueError naming the option) for a bad value, CapWithoutShare, then ConflictingChoice.
-        ``overcommit`` without a memory limit is an OptionError (it is a choice about that limit)."""
+        ``overcommit`` without a memory limit or a share is an OptionError (it is a choice about
+        them)."""
         parsed = parse_option
-        spec = cls(memory=parsed("memory", parse_memory_limit, memory), compute=parsed("compute", parse_share, compute),
+        spec = cls(memory=parsed("memory", parse_memory_limit, memory),
+                   compute=parsed("compute", parse_share, compute),
                    cap=bool(cap), partition=parsed("partition", state.check_partition_name, partition),
                    overcommit=bool(overcommit), priority=parsed("priority", parse_priority, priority),
                    oom_wait=parsed("oom_wait", parse_seconds, oom_wait),
@@ -195,9 +197,9 @@ def check_nested(spec: JobSpec | None, env: Mapping[str, str] | None = None) -> 
     if outer is not None and outer.same_partition(dataclasses.replace(spec, oom_wait=None)):
         return
     raise NestedJob(f"this job is started inside fracgpu partition '{name}' ({shown}), and a nested job stays in "
-                    "its outer partition: it never gets more memory, compute or another partition. Drop --memory, "
-                    f"--compute, --priority and --partition to run it in '{name}' (sharing its quota), or start it "
-                    "outside the partition")
+                    "its outer partition, under its limits: it can ask neither for other limits (more or less) nor "
+                    f"for another partition. Drop --memory, --compute, --priority and --partition to run it in "
+                    f"'{name}' (sharing its quota), or start it outside the partition")
 
 
 def parse_option(field: str, parser: Callable[[Any], Any], value: Any) -> Any:

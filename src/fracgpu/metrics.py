@@ -162,9 +162,9 @@ class UsageCollector:
         label_names = {**LABELS, "dcgm": (*DCGM, DRIVER_VERSION_LABEL) if driver else DCGM}
         families = {key: kinds[kind](name, doc, labels=list(label_names[labels]))
                     for key, kind, name, doc, labels in FAMILIES}
-        (gpu_total, gpu_used, gpu_info, used, limit, ceiling, peak, best_effort, share_best_effort, share, cap, priority, achieved, seconds, launches,
-         refusals_, processes, drift, drift_peak, drift_unknown, q_used, q_peak, q_limit, q_achieved, q_seconds,
-         q_launches, q_device, q_drift, fb_used, fb_free) = families.values()
+        (gpu_total, gpu_used, gpu_info, used, limit, ceiling, peak, best_effort, share_best_effort, share, cap,
+         priority, achieved, seconds, launches, refusals_, processes, drift, drift_peak, drift_unknown, q_used,
+         q_peak, q_limit, q_achieved, q_seconds, q_launches, q_device, q_drift, fb_used, fb_free) = families.values()
         per_process, dcgm = self.enabled["per_process"], self.enabled["dcgm"]
         now = time.monotonic()
         device_ns: dict[tuple, int] = {}
