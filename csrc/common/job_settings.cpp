@@ -92,8 +92,9 @@ bool read_job_settings(JobSettings *out, std::string *err) {
         s.has_memory = true;
     }
     if ((v = node_setting(config, FRACGPU_SETTING_OVERCOMMIT)) && strcmp(v, "0") != 0) {
-        if (strcmp(v, "1") != 0 || !s.has_memory) {
-            *err = std::string("FRACGPU_OVERCOMMIT='") + v + "' is not valid: set it to 1, with FRACGPU_MEMORY";
+        if (strcmp(v, "1") != 0 || (!s.has_memory && s.compute_share == 0)) {
+            *err = std::string("FRACGPU_OVERCOMMIT='") + v + "' is not valid: set it to 1, with FRACGPU_MEMORY or "
+                   "FRACGPU_COMPUTE";
             return false;
         }
         s.overcommit = true;

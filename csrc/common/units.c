@@ -132,6 +132,8 @@ typedef struct {
 static const unit_def SIZE_UNITS[] = {
     {"", 1, 0},      {"b", 1, 0},      {"k", 1024, 1},  {"kib", 1024, 1}, {"m", 1024, 2},
     {"mib", 1024, 2}, {"g", 1024, 3},  {"gib", 1024, 3}, {"t", 1024, 4},  {"tib", 1024, 4},
+    /* Kubernetes' binary suffixes (Ki, Mi, Gi, Ti), as a pod's resources are written. */
+    {"ki", 1024, 1},  {"mi", 1024, 2},  {"gi", 1024, 3},  {"ti", 1024, 4},
     {"kb", 1000, 1}, {"mb", 1000, 2}, {"gb", 1000, 3}, {"tb", 1000, 4},
 };
 

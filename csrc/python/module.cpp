@@ -149,6 +149,7 @@ py::list partitions(fracgpu::Region &r) {
     d["ephemeral"] = bool(p.flags & fracgpu::kPartitionEphemeral);
     d["cap"] = bool(p.flags & fracgpu::kPartitionCap);
     d["best_effort"] = bool(p.flags & fracgpu::kPartitionBestEffort);
+    d["compute_best_effort"] = bool(p.flags & fracgpu::kPartitionComputeBestEffort);
     d["priority"] = std::string(fracgpu_priority_name(fracgpu::priority_of_flags(p.flags)));
     d["created_unix_ns"] = p.created_unix_ns;
     d["processes"] = p.processes;
@@ -245,6 +246,14 @@ PYBIND11_MODULE(_native, m) {
   m.attr("MAX_PARTITIONS") = fracgpu::kMaxPartitions;
   m.attr("MAX_PROCESSES") = fracgpu::kMaxProcesses;
   m.attr("DOES_NOT_FIT") = std::string(fracgpu::kDoesNotFit);
+  m.attr("SHARE_DOES_NOT_FIT") = std::string(fracgpu::kShareDoesNotFit);
+  m.def("check_memory_limit", [](uint64_t limit) {
+        std::string err;
+        if (!fracgpu::usable_memory_limit(limit, &err)) throw py::value_error(err);
+      }, py::arg("limit"), "ValueError (naming the smallest usable limit) for a limit no CUDA context fits in.");
+  m.attr("MAX_PARTITIONS") = fracgpu::kMaxPartitions;
+  m.def("reserved_partition_name", &fracgpu::reserved_partition_name, py::arg("name"),
+        "Whether name is one fracgpu gives its private partitions (run-, init-, slurm-).");
   py::class_<fracgpu::Region>(m, "Region", "One GPU's shared state (a mapped file).")
       .def_static("open", &open_region, py::arg("dir"), py::arg("uuid"), py::arg("device_name"),
                   py::arg("total_memory"), py::arg("create") = true,
@@ -255,6 +264,10 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("device_name", &fracgpu::Region::device_name)
       .def_property_readonly("total_memory", &fracgpu::Region::total_memory)
       .def("partitions", &partitions, "Live partitions: list of dicts.")
+      .def("set_held_outside", [](fracgpu::Region &r, uint64_t bytes, const std::string &who) {
+             r.set_held_outside(fracgpu::HeldOutside{bytes, who});
+           }, py::arg("bytes"), py::arg("who"),
+           "What the device holds outside these books: counted as taken by every later promise check.")
       .def("processes", &processes, "Registered processes (reap() first to drop dead ones): list of dicts.")
       .def("create_partition", [](fracgpu::Region &r, const std::string &name, uint64_t memory_limit,
                                   double compute_share, bool cap, bool overcommit, int priority) {
@@ -265,12 +278,13 @@ PYBIND11_MODULE(_native, m) {
            py::arg("overcommit") = false, py::arg("priority") = int(FRACGPU_PRIORITY_NORMAL),
            "Make a partition. A limit that does not fit beside the GPU's promises raises StateError naming them, "
            "unless overcommit (the partition is then best effort).")
-      .def("check_promise", [](fracgpu::Region &r, const std::string &name, uint64_t memory_limit) {
+      .def("check_promise", [](fracgpu::Region &r, const std::string &name, uint64_t memory_limit, double share,
+                               int priority) {
              std::string err;
-             check(r.check_promise(name, memory_limit, &err), err);
-           }, py::arg("name"), py::arg("memory_limit"),
-           "Raise StateError (naming the promises and what remains) unless a new partition with this limit fits "
-           "now.")
+             check(r.check_promise(name, memory_limit, share, priority, &err), err);
+           }, py::arg("name"), py::arg("memory_limit"), py::arg("share") = 0.0, py::arg("priority") = 1,
+           "Raise StateError (naming the promises and what remains) unless a new partition with this limit and "
+           "compute share fits now.")
       .def("update_partition", [](fracgpu::Region &r, const std::string &name, std::optional<uint64_t> memory_limit,
                                   std::optional<double> compute_share, std::optional<bool> cap, bool overcommit,
                                   std::optional<int> priority) {

@@ -124,6 +124,12 @@ std::string size_str(uint64_t bytes) {
     return buf;
 }
 
+std::string share_str(double share) {
+    char buf[32];
+    fracgpu_format_share(share, buf, sizeof buf);
+    return buf;
+}
+
 // What the partitions other than `except` take from the device: the promises
 // (each promised partition's limit, or what it holds when more) and what the
 // partitions without a promise hold, with who, for messages.
@@ -153,19 +159,52 @@ Taken taken_by_others(const SharedRegion &r, int except, bool names = false) {
 }
 
 // Whether a promise of `limit` bytes fits beside what the partitions other
-// than `except` take; false with the refusal in *err. Under the lock when it
-// decides (creation, change); a reading otherwise.
-bool promise_fits(const SharedRegion &r, int except, uint64_t limit, const char *hint, std::string *err) {
+// than `except` take, and what the device holds outside these books
+// (`outside`, naming who holds it); false with the refusal in *err. Under the
+// lock when it decides (creation, change); a reading otherwise.
+bool promise_fits(const SharedRegion &r, int except, uint64_t limit, const char *hint, std::string *err,
+                  const HeldOutside &outside) {
     Taken t = taken_by_others(r, except, true);
-    if (t.total() <= r.total_memory && limit <= r.total_memory - t.total()) return true;
-    uint64_t left = t.total() < r.total_memory ? r.total_memory - t.total() : 0;
+    uint64_t taken = t.total() + outside.bytes;
+    if (taken <= r.total_memory && limit <= r.total_memory - taken) return true;
+    uint64_t left = taken < r.total_memory ? r.total_memory - taken : 0;
     std::string text = size_str(limit) + kDoesNotFit + r.uuid + " (" + size_str(r.total_memory) +
                        "): already promised " +
                        (t.promised ? size_str(t.promised) + " (" + t.promised_by + ")" : std::string("nothing"));
     if (t.unpromised)
         text += ", and " + size_str(t.unpromised) + " is held without a promise (" + t.held_by + ")";
+    if (outside.bytes)
+        text += ", and the device says " + size_str(outside.bytes) + " is held outside these books (" +
+                outside.who + ")";
     text += "; " + size_str(left) + " remains. Ask for at most " + size_str(left) + ", or " + hint;
     *err = text;
+    return false;
+}
+
+// Whether a compute share promise of `share` in priority class `klass` fits
+// beside the shares the partitions other than `except` promised (see
+// holds_share_promise); false with the refusal, naming them, in *err.
+bool share_fits(const SharedRegion &r, int except, double share, int klass, const char *hint, std::string *err) {
+    bool low = klass == 0;
+    double promised = 0;
+    std::string by;
+    for (int i = 0; i < kMaxPartitions; i++) {
+        const SharedPartition &p = r.partitions[i];
+        if (i == except || !__atomic_load_n(&p.in_use, __ATOMIC_ACQUIRE) || !holds_share_promise(p)) continue;
+        if ((priority_of(p) == 0) != low) continue;
+        promised += share_of(p);
+        by += (by.empty() ? "" : ", ") + std::string(p.name, strnlen(p.name, sizeof p.name)) + " " +
+              share_str(share_of(p));
+    }
+    // Sums of shares such as 0.1 + 0.2 carry rounding of their own, which must not refuse
+    // promises that add up to exactly 100%.
+    if (promised + share <= 1.0 + 1e-9) return true;
+    double left = promised < 1.0 ? 1.0 - promised : 0.0;
+    *err = share_str(share) + kShareDoesNotFit + std::string(r.uuid) + ": " +
+           (low ? "low-priority partitions already promised " : "already promised ") + share_str(promised) +
+           " of its time (" + by + "); " + share_str(left) + " remains" +
+           (low ? " (low partitions' shares are of what the others leave)" : " (high and normal shares together)") +
+           ". Ask for at most " + share_str(left) + ", or " + hint;
     return false;
 }
 
@@ -333,6 +372,15 @@ bool in_group(gid_t gid) {
 }
 }  // namespace
 
+// Whether this user may list, search and write the state folder `dir` (of mode
+// `mode`): jobs make their GPU's state file in it. False with what to do.
+static bool usable_dir(const std::string &dir, const char *mode, const char *fix, std::string *err) {
+    if (access(dir.c_str(), R_OK | W_OK | X_OK) == 0) return true;
+    *err = "the state folder " + dir + " cannot be used by this user (mode " + mode + ": " + errno_text(errno) +
+           "; jobs must read, search and write it); run `chmod " + fix + " " + dir + "` or use another folder";
+    return false;
+}
+
 bool check_state_dir(const std::string &dir, bool create, std::string *err) {
     if (dir.empty()) {
         *err = "the state folder is empty; set FRACGPU_STATE_DIR to a folder of yours";
@@ -357,14 +405,18 @@ bool check_state_dir(const std::string &dir, bool create, std::string *err) {
                    errno_text(errno);
             return false;
         }
-    } else if (create && errno != EEXIST && access(dir.c_str(), F_OK) != 0) {
+    } else if (create && errno != EEXIST && access(dir.c_str(), F_OK) != 0 && errno != EACCES) {
+        // (EACCES: a folder above it cannot be searched; lstat below says so.)
         *err = "cannot create the state folder " + dir + ": " + errno_text(errno) +
                "; set FRACGPU_STATE_DIR to a folder you can write";
         return false;
     }
     struct stat st;
     if (lstat(dir.c_str(), &st) != 0) {
-        *err = "the state folder " + dir + " is missing (" + errno_text(errno) + ")";
+        *err = errno == EACCES
+                   ? "the state folder " + dir + " cannot be reached: a folder above it cannot be searched by this "
+                     "user (" + errno_text(errno) + "); set FRACGPU_STATE_DIR to a folder of yours, or ask its owner"
+                   : "the state folder " + dir + " is missing (" + errno_text(errno) + ")";
         return false;
     }
     if (!S_ISDIR(st.st_mode)) {
@@ -386,7 +438,7 @@ bool check_state_dir(const std::string &dir, bool create, std::string *err) {
                    "run `chmod 2770 " + dir + "` or use another folder";
             return false;
         }
-        return true;
+        return usable_dir(dir, mode, "2770", err);
     }
     if (st.st_uid != geteuid()) {
         *err = "the state folder " + dir + " belongs to another user (uid " + std::to_string(st.st_uid) +
@@ -400,7 +452,7 @@ bool check_state_dir(const std::string &dir, bool create, std::string *err) {
                "FRACGPU_STATE_GROUP to the group it is meant to be shared with";
         return false;
     }
-    return true;
+    return usable_dir(dir, mode, "700", err);
 }
 
 std::vector<std::string> region_files(const std::string &dir) {
@@ -564,19 +616,44 @@ int Region::find_partition(const std::string &name) {
     return -1;
 }
 
+bool usable_memory_limit(uint64_t limit, std::string *err) {
+    if (limit == 0 || limit >= kMinMemoryLimit) return true;
+    *err = "memory limit " + size_str(limit) + " is too small to hold a CUDA context (a real one takes 300-600MiB); "
+           "the smallest usable limit is " + size_str(kMinMemoryLimit);
+    if (limit < 1024)   // a size written without its unit
+        *err += " (did you mean " + std::to_string(limit) + "GiB or " + std::to_string(limit) + "MiB?)";
+    return false;
+}
+
+// The promise flags a partition gets for `limit` and `share` in `flags`'s class
+// beside the partitions other than `except`: each that does not fit is refused
+// (false, *err naming the promises), or with `overcommit` made best effort.
+static bool admit_locked(const SharedRegion &r, int except, uint64_t limit, double share, uint32_t *flags,
+                         bool overcommit, const char *hint, std::string *err, const HeldOutside &outside) {
+    *flags &= ~(uint32_t)(kPartitionBestEffort | kPartitionComputeBestEffort);
+    if (limit && !promise_fits(r, except, limit, hint, err, outside)) {
+        if (!overcommit) return false;
+        *flags |= kPartitionBestEffort;   // asked for: a ceiling, not a promise
+        err->clear();
+    }
+    if (share > 0 && !share_fits(r, except, share, priority_of_flags(*flags), hint, err)) {
+        if (!overcommit) return false;
+        *flags |= kPartitionComputeBestEffort;   // asked for: weighed within what the promises leave
+        err->clear();
+    }
+    return true;
+}
+
 static bool create_locked(SharedRegion *r, int existing, const std::string &name, uint64_t limit, double share,
-                          uint32_t flags, bool overcommit, const char *hint, std::string *err, int *index) {
+                          uint32_t flags, bool overcommit, const char *hint, std::string *err, int *index,
+                          const HeldOutside &outside) {
     if (existing >= 0) {
         *err = "partition '" + name + "' already exists on " + r->uuid + "; remove it first with "
                "`fracgpu partition rm " + name + "`, or choose another name";
         return false;
     }
-    flags &= ~(uint32_t)kPartitionBestEffort;
-    if (limit && !promise_fits(*r, -1, limit, hint, err)) {
-        if (!overcommit) return false;
-        flags |= kPartitionBestEffort;   // asked for: a ceiling, not a promise
-        err->clear();
-    }
+    if (!usable_memory_limit(limit, err)) return false;
+    if (!admit_locked(*r, -1, limit, share, &flags, overcommit, hint, err, outside)) return false;
     for (int i = 0; i < kMaxPartitions; i++) {
         SharedPartition &p = r->partitions[i];
         if (p.in_use) continue;
@@ -599,13 +676,25 @@ static bool create_locked(SharedRegion *r, int existing, const std::string &name
         return true;
     }
     *err = "GPU " + std::string(r->uuid) + " already has " + std::to_string(kMaxPartitions) +
-           " partitions; remove unused ones with `fracgpu partition rm`";
+           " partitions, the most a GPU's state holds (private ones included); remove unused ones with "
+           "`fracgpu partition rm`, or wait for running jobs to end";
+    return false;
+}
+
+bool reserved_partition_name(const std::string &name) {
+    for (const char *prefix : {"run-", "init-", "slurm-"})
+        if (name.compare(0, strlen(prefix), prefix) == 0) return true;
     return false;
 }
 
 bool Region::create_partition(const std::string &name, uint64_t memory_limit, double compute_share,
                               uint32_t flags, std::string *err, bool overcommit) {
     if (!valid_partition_name(name, err)) return false;
+    if (reserved_partition_name(name)) {
+        *err = "partition names starting with run-, init- or slurm- are fracgpu's own (the private partitions of "
+               "`fracgpu run`, fracgpu.init() and the Slurm prolog); choose another name than '" + name + "'";
+        return false;
+    }
     if (!(compute_share >= 0 && compute_share <= 1)) {
         *err = "compute share " + std::to_string(compute_share) + " is not a fraction in (0, 1]";
         return false;
@@ -621,15 +710,18 @@ bool Region::create_partition(const std::string &name, uint64_t memory_limit, do
     }
     if (!lock(err)) return false;
     bool ok = create_locked(r_, find_partition(name), name, memory_limit, compute_share, flags, overcommit,
-                            kOvercommitHint, err, nullptr);
+                            kOvercommitHint, err, nullptr, outside_);
     unlock();
     return ok;
 }
 
-bool Region::check_promise(const std::string &name, uint64_t memory_limit, std::string *err) {
-    if (!memory_limit) return true;
+bool Region::check_promise(const std::string &name, uint64_t memory_limit, double share, int priority,
+                           std::string *err) {
+    if (!memory_limit && !(share > 0)) return true;
     if (!lock(err)) return false;
-    bool ok = promise_fits(*r_, find_partition(name), memory_limit, kOvercommitHint, err);
+    int idx = find_partition(name);
+    bool ok = (!memory_limit || promise_fits(*r_, idx, memory_limit, kOvercommitHint, err, outside_)) &&
+              (!(share > 0) || share_fits(*r_, idx, share, priority, kOvercommitHint, err));
     unlock();
     return ok;
 }
@@ -670,6 +762,7 @@ bool Region::update_partition(const std::string &name, const uint64_t *memory_li
                std::to_string(r_->total_memory) + " bytes";
         return false;
     }
+    if (memory_limit && !usable_memory_limit(*memory_limit, err)) return false;
     if (!lock(err)) return false;
     int idx = find_partition(name);
     bool ok = idx >= 0 || no_partition(r_, name, err);
@@ -682,16 +775,17 @@ bool Region::update_partition(const std::string &name, const uint64_t *memory_li
         if ((flags & kPartitionCap) && share == 0) {
             *err = "a compute cap needs a compute share: give --compute with --cap";
             ok = false;
-        } else if (memory_limit) {
-            // A new limit is a new promise: it must fit beside the others, or be overcommitted.
-            flags &= ~(uint32_t)kPartitionBestEffort;
-            if (*memory_limit && !promise_fits(*r_, idx, *memory_limit, kOvercommitHint, err)) {
-                ok = overcommit;
-                if (ok) {
-                    flags |= kPartitionBestEffort;
-                    err->clear();
-                }
-            }
+        } else {
+            // A new limit, share or class is a new promise: it must fit beside the others, or be
+            // overcommitted; what is not changed keeps the promise it holds.
+            uint32_t admitted = flags;
+            uint64_t limit = memory_limit ? *memory_limit : 0;
+            double asked = compute_share || priority ? share : 0;
+            ok = admit_locked(*r_, idx, limit, asked, &admitted, overcommit, kOvercommitHint, err, outside_);
+            if (memory_limit)
+                flags = (flags & ~(uint32_t)kPartitionBestEffort) | (admitted & kPartitionBestEffort);
+            if (compute_share || priority)
+                flags = (flags & ~(uint32_t)kPartitionComputeBestEffort) | (admitted & kPartitionComputeBestEffort);
         }
         if (ok) {
             // Lock-free charges (Region::charge) read the limit, the flags, then
@@ -820,6 +914,16 @@ int Region::sweep(bool quick, bool all_namespaces) {
     return n;
 }
 
+// Whether private partition `p` is the one a job asking for `limit`, `share`
+// and `flags` (cap, class) makes: the partition its first process made, which
+// the job's later processes join. A partition made another way is never joined.
+static bool made_for(const SharedPartition &p, uint64_t limit, double share, uint32_t flags) {
+    constexpr uint32_t kAsked = kPartitionCap | kPartitionPriorityMask;
+    uint32_t have = flags_of(p);
+    return (have & kPartitionEphemeral) && memory_limit_of(p) == limit && share_of(p) == share &&
+           (have & kAsked) == (flags & kAsked);
+}
+
 int Region::join(const std::string &name, int pid, const char *command, const uint64_t *create_limit,
                  std::string *err, double create_share, uint32_t create_flags, int holder, bool overcommit) {
     if (!valid_partition_name(name, err)) return -1;
@@ -841,9 +945,16 @@ int Region::join(const std::string &name, int pid, const char *command, const ui
     uint64_t waited = mono_ns() - asked;
     int slot = -1;
     int idx = find_partition(name);
-    if (idx < 0 && create_limit) {
+    if (idx >= 0 && create_limit && !made_for(r_->partitions[idx], *create_limit, create_share, create_flags)) {
+        *err = "partition '" + name + "' on GPU " + std::string(r_->uuid) + " was not made for this job (it is " +
+               ((flags_of(r_->partitions[idx]) & kPartitionEphemeral) ? "another job's private partition, with "
+                                                                        "other settings"
+                                                                      : "made with `fracgpu partition create`") +
+               "); a private job never joins a partition it did not make";
+        idx = -2;
+    } else if (idx < 0 && create_limit) {
         if (!create_locked(r_, -1, name, *create_limit, create_share, kPartitionEphemeral | create_flags, overcommit,
-                           "pass --overcommit to fracgpu run (FRACGPU_OVERCOMMIT=1)", err, &idx))
+                           "pass --overcommit to fracgpu run (FRACGPU_OVERCOMMIT=1)", err, &idx, outside_))
             idx = -2;
     } else if (idx < 0) {
         *err = "partition '" + name + "' does not exist on GPU " + std::string(r_->uuid) +

@@ -199,12 +199,12 @@ def _inherited(env, wanted: _Request) -> bool:
     if not name:
         return False
     shown = ", ".join(f"{var}={env[var]!r}" for var in settings.PARTITION_VARIABLES if env.get(var))
-    try:
-        spec = jobs.JobSpec.from_environment(env)
-    except ValueError as e:
-        raise InitError(f"this process was started with invalid fracgpu settings ({shown}): {e}") from None
-    if _Request(spec, state.resolve_state_dir(), shown).same_as(wanted):
-        return True
+    try:   # the rule every nested job follows: that partition, by name or by its own settings
+        jobs.check_nested(wanted.spec, env)
+        if wanted.state_dir == state.resolve_state_dir():
+            return True
+    except jobs.NestedJob:
+        pass
     raise InitError(f"this process was started in fracgpu partition {name!r} ({shown}, set by `fracgpu run` or "
                     f"by a parent process's fracgpu.init()), and fracgpu.init({wanted.shown}) asks for another; a "
                     "job stays in the partition it was started in: call init() with the same settings, or start "

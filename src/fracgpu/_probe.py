@@ -34,6 +34,44 @@ def pci_bus_id(text: str) -> str:
     return f"{domain.zfill(8)}:{rest}".upper() if sep else text.strip().upper()
 
 
+def nvml_processes(uuids: list[str]) -> dict[str, list[list[int]]]:
+    """In the probe process: what NVML says each process holds on each GPU of ``uuids`` (the
+    device's own figure, contexts included), as ``{uuid: [[pid, bytes], ...]}``; a GPU NVML
+    cannot answer for is left out (no NVML: an empty dict)."""
+    import ctypes
+
+    class ProcessInfo(ctypes.Structure):   # nvmlProcessInfo_t (_v2 and _v3 share it)
+        _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong),
+                    ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
+
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        listing = getattr(nvml, "nvmlDeviceGetComputeRunningProcesses_v3", None) or \
+            nvml.nvmlDeviceGetComputeRunningProcesses_v2
+    except (OSError, AttributeError):
+        return {}
+    if nvml.nvmlInit_v2() != 0:
+        return {}
+    out = {}
+    try:
+        for uuid in uuids:
+            handle = ctypes.c_void_p()
+            if nvml.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(handle)) != 0:
+                continue
+            count = ctypes.c_uint(0)
+            for _ in range(4):   # processes may start between the two calls
+                infos = (ProcessInfo * max(1, count.value))()
+                rc = listing(handle, ctypes.byref(count), infos)
+                if rc != 7:   # NVML_ERROR_INSUFFICIENT_SIZE: count holds what is needed now
+                    break
+                count = ctypes.c_uint(count.value + 8)
+            if rc == 0:
+                out[uuid] = [[infos[i].pid, infos[i].usedGpuMemory] for i in range(count.value)]
+    finally:
+        nvml.nvmlShutdown()
+    return out
+
+
 def list_devices() -> dict:
     """In the probe process: ask libcuda.so.1 (whichever the environment selects)."""
     import ctypes
@@ -75,6 +113,9 @@ def list_devices() -> dict:
         bus_id = pci_bus_id(bus.value.decode()) if cuda.cuDeviceGetPCIBusId(bus, len(bus), dev) == 0 else ""
         devices.append({"index": index, "uuid": uuid_text(bytes(uuid)), "name": name.value.decode(errors="replace"),
                         "total_memory": total.value, "pci_bus_id": bus_id})
+    held = nvml_processes([d["uuid"] for d in devices])
+    for d in devices:
+        d["processes"] = held.get(d["uuid"])
     return {"devices": devices}
 
 

@@ -451,17 +451,39 @@ def busy_shares(node: Node, specs: dict[str, tuple[str, bool]], seconds: float =
     return {name: view.partition_shares.get((node.device.uuid, name), 0.0) for name in specs}
 
 
+def share_admission(node: Node) -> list[str]:
+    """Shares are promised as memory is: a share of 50% beside one of 75% is refused, and made best
+    effort with overcommit. The problems found (none: it holds)."""
+    folder = os.path.join(node.folder, "share-state")   # its promises are its own: the probes' must fit
+    where = {"device_index": node.device.index, "state_dir": folder, "env": node.env}
+    problems = []
+    partitions.create("check-share-promised", compute="75%", **where)
+    try:
+        partitions.create("check-share-over", compute="50%", **where)
+        problems.append("a share of 50% beside one of 75% was promised")
+    except state.DoesNotFit:
+        pass
+    over = partitions.create("check-share-over", compute="50%", overcommit=True, **where)
+    if not over.compute_best_effort:
+        problems.append("the overcommitted share is not marked best effort")
+    for name in ("check-share-over", "check-share-promised"):
+        partitions.remove(name, **where)
+    return problems
+
+
 @check("compute shares", alone=True)
 def compute_shares(node: Node) -> Result:
+    admission = share_admission(node)
     got = busy_shares(node, {"check-share-25": ("25%", False), "check-share-75": ("75%", False)})
     small, large = got["check-share-25"], got["check-share-75"]
     used = small + large
     share = small / used if used else 0.0
-    ok = used > 0 and grade_share(share, 0.25)
-    return Result("compute shares", ok, f"{share:.1%} / {1 - share:.1%}",
-                  f"25% / 75% ± {SHARE_POINTS * 100:.0f} points",
-                  "" if ok else "the device's time was not split by the shares",
-                  {"achieved": got, "utilisation": used})
+    ok = used > 0 and grade_share(share, 0.25) and not admission
+    problems = ([] if used > 0 and grade_share(share, 0.25) else ["the device's time was not split by the shares"])
+    admitted = "50% beside 75% refused" if not admission else "a share promised twice"
+    return Result("compute shares", ok, f"{share:.1%} / {1 - share:.1%}, {admitted}",
+                  f"25% / 75% ± {SHARE_POINTS * 100:.0f} points; no share promised twice",
+                  "; ".join(problems + admission), {"achieved": got, "utilisation": used})
 
 
 @check("compute cap", alone=True)
@@ -553,21 +575,30 @@ def choose_gpu(choice: str, env: Mapping[str, str], folder: str,
                real_available: Callable[[], bool]) -> tuple[dict[str, str], bool, str]:
     """(the environment of the jobs, simulated or not, a note) for ``--gpu choice``: ``real``, the real
     GPU; ``sim``, the simulated GPU the environment selects, else one of its own in ``folder``;
-    ``auto``, the simulated one the environment selects, else the real one, else one of its own (with a
-    note). DeviceError when ``real`` is asked and there is none."""
+    ``auto``, the simulated one the environment selects, else the real one. DeviceError when ``real``
+    is asked and there is none, and when ``auto`` finds neither (saying what is wrong): the check
+    answers for this node, so a node whose GPU does not work fails it."""
     if choice not in GPU_CHOICES:
         raise ValueError(f"unknown GPU choice {choice!r}: give one of {', '.join(GPU_CHOICES)}")
     env = devices.probe_environment(env)
-    if choice == "real" or (choice == "auto" and not sim.selected(env)):
+    # The environment asks for the simulated GPU with its driver on LD_LIBRARY_PATH (`fracgpu sim env`),
+    # or with a simulated GPU's folder (FRACGPU_SIM_DIR).
+    if choice == "real" or (choice == "auto" and not sim.selected(env) and not env.get(settings.SIM_DIR)):
         if real_available():
             return sim.without(env), False, ""
         if choice == "real":
             raise devices.DeviceError("no working NVIDIA GPU driver was found; run `fracgpu check --gpu sim`")
+        try:
+            devices.probe(sim.without(env))
+            why = "the CUDA driver lists a device but cannot start on it"
+        except devices.DeviceError as e:
+            why = str(e)
+        raise devices.DeviceError(f"this node has no usable GPU: {why}. `fracgpu check` answers for this node's "
+                                  "GPU; `fracgpu check --gpu sim` checks the simulated GPU instead")
     if sim.selected(env):
         return env, True, ""
     config = sim.SimConfig(memory=PRIVATE_SIM_MEMORY, state_dir=os.path.join(folder, "sim"))
-    note = ("no GPU found: checking a simulated GPU of its own" if choice == "auto" else
-            "checking a simulated GPU of its own")
+    note = "checking a simulated GPU of its own"
     clean = {k: v for k, v in env.items() if not k.startswith("FRACGPU_SIM_")}
     return {**clean, **sim.environment(config, clean)}, True, f"{note} ({format_size(config.memory)})"
 

@@ -44,6 +44,9 @@ class Device:
     name: str
     total_memory: int   # bytes
     pci_bus_id: str = ""   # "00000000:3B:00.0", as NVML and dcgm-exporter write it; "" when the driver cannot say
+    # What the device itself (NVML) says each process holds on it, contexts included, when the
+    # probe looked: ((pid, bytes), ...); None when NVML cannot say.
+    processes: tuple[tuple[int, int], ...] | None = dataclasses.field(default=None, compare=False)
 
 
 def probe_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -93,7 +96,9 @@ def probe(env: Mapping[str, str] | None = None) -> list[Device]:
         raise DeviceError(f"cannot list the CUDA devices: the probe failed ({detail})")
     if "error" in answer:
         raise DeviceError(answer["error"])
-    return [Device(**d) for d in answer["devices"]]
+    return [Device(**{**d, "processes": None if d.get("processes") is None
+                      else tuple((int(pid), int(used)) for pid, used in d["processes"])})
+            for d in answer["devices"]]
 
 
 VISIBILITY = "CUDA_VISIBLE_DEVICES"

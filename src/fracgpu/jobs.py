@@ -35,8 +35,9 @@ from typing import Any
 from fracgpu import config, devices, settings, shim, state
 from fracgpu.units import bytes_of, format_size, parse_memory, parse_priority, parse_seconds, parse_share
 
-__all__ = ["JobSpec", "OptionError", "CapWithoutShare", "ConflictingChoice", "partition_variables",
-           "job_environment", "parse_option", "check_cap", "check_fits", "check_limit"]
+__all__ = ["JobSpec", "OptionError", "CapWithoutShare", "ConflictingChoice", "NestedJob", "partition_variables",
+           "job_environment", "parse_option", "check_cap", "check_fits", "check_limit", "outer_partition",
+           "check_nested", "parse_memory_limit"]
 
 class OptionError(ValueError):
     """A job option with a bad value: ``field`` names it (``memory``, ``compute``, ``partition``, ``priority``,
@@ -53,6 +54,11 @@ class CapWithoutShare(ValueError):
 
 class ConflictingChoice(TypeError):
     """Neither or both of a private partition (memory/compute) and a named one (partition)."""
+
+
+class NestedJob(ValueError):
+    """A job started inside a partition asked for another partition, or for other limits: it
+    stays in the partition it was started in, which the message names."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +87,11 @@ class JobSpec:
               overcommit: bool = False, priority: str | None = None) -> JobSpec:
         """Each option parsed and every rule checked, in the order a user reads them: OptionError
         (a ValueError naming the option) for a bad value, CapWithoutShare, then ConflictingChoice.
-        ``overcommit`` without a memory limit is an OptionError (it is a choice about that limit)."""
+        ``overcommit`` without a memory limit or a share is an OptionError (it is a choice about
+        them)."""
         parsed = parse_option
-        spec = cls(memory=parsed("memory", parse_memory, memory), compute=parsed("compute", parse_share, compute),
+        spec = cls(memory=parsed("memory", parse_memory_limit, memory),
+                   compute=parsed("compute", parse_share, compute),
                    cap=bool(cap), partition=parsed("partition", state.check_partition_name, partition),
                    overcommit=bool(overcommit), priority=parsed("priority", parse_priority, priority),
                    oom_wait=parsed("oom_wait", parse_seconds, oom_wait),
@@ -93,9 +101,9 @@ class JobSpec:
                    oom_wait_text=None if oom_wait is None else oom_wait if isinstance(oom_wait, str)
                    else repr(float(oom_wait)))
         check_cap(spec.compute, spec.cap)
-        if spec.overcommit and spec.memory is None:
-            raise OptionError("overcommit", "overcommit is a choice about a private partition's memory limit: give "
-                              "memory (--memory SIZE) with it")
+        if spec.overcommit and spec.memory is None and spec.compute is None:
+            raise OptionError("overcommit", "overcommit is a choice about a private partition's memory limit or "
+                              "compute share: give memory (--memory SIZE) or compute (--compute SHARE) with it")
         if spec.partition is not None and spec.priority is not None:
             raise ConflictingChoice(f"a job joining partition '{spec.partition}' runs at that partition's priority; "
                                     f"change it with `fracgpu partition set {spec.partition} --priority "
@@ -150,7 +158,48 @@ class JobSpec:
             return 0
         size = bytes_of(self.memory, device.total_memory, self.memory_text)
         check_fits(size, device)
+        state.check_memory_limit(size)
         return size
+
+
+def parse_memory_limit(memory: str | int) -> tuple[int, float]:
+    """A job's memory limit (``parse_memory``), refused when it is an absolute size no CUDA context
+    fits in (the message names the smallest usable limit)."""
+    parsed = parse_memory(memory)
+    if parsed[0]:
+        state.check_memory_limit(parsed[0])
+    return parsed
+
+
+def outer_partition(env: Mapping[str, str] | None = None) -> str | None:
+    """The partition a process started with ``env`` (default ``os.environ``) already runs in
+    (``FRACGPU_PARTITION``, set by an outer ``fracgpu run``, ``fracgpu.init()`` or the Slurm
+    prolog); None outside every partition."""
+    env = os.environ if env is None else env
+    return env.get(settings.PARTITION) or None
+
+
+def check_nested(spec: JobSpec | None, env: Mapping[str, str] | None = None) -> None:
+    """A job started inside a partition runs in that partition: it may name it, or ask for what it
+    already has (the same settings, as the outer job's variables carry them), or nothing
+    (``spec`` None), and never for more or for another. NestedJob naming the outer partition
+    otherwise. Nothing outside every partition."""
+    env = os.environ if env is None else env
+    name = outer_partition(env)
+    if name is None or spec is None or spec.partition == name:
+        return
+    shown = ", ".join(f"{var}={env[var]}" for var in settings.PARTITION_VARIABLES if env.get(var))
+    try:
+        outer = JobSpec.from_environment(env)
+    except ValueError as e:
+        raise NestedJob(f"this job is started inside fracgpu partition '{name}', whose settings are invalid "
+                        f"({shown}): {e}") from None
+    if outer is not None and outer.same_partition(dataclasses.replace(spec, oom_wait=None)):
+        return
+    raise NestedJob(f"this job is started inside fracgpu partition '{name}' ({shown}), and a nested job stays in "
+                    "its outer partition, under its limits: it can ask neither for other limits (more or less) nor "
+                    f"for another partition. Drop --memory, --compute, --priority and --partition to run it in "
+                    f"'{name}' (sharing its quota), or start it outside the partition")
 
 
 def parse_option(field: str, parser: Callable[[Any], Any], value: Any) -> Any:
@@ -227,8 +276,21 @@ def partition_variables(spec: JobSpec, *, private_name: str, state_dir: str | os
         for device in seen:
             limit = spec.limit_on(device)
             region = next((r for r in regions if r.uuid == device.uuid), None)
+            if region is None and device.processes:   # the device holds memory: the promise must fit beside it
+                region = state.open_region(folder, device.uuid, device.name, device.total_memory)
             if region is not None and not spec.overcommit:
+                region.count_held_outside(device.processes)
                 region.check_promise(private_name, limit)
+    if spec.compute is not None and not spec.overcommit:   # its share must fit beside the shares promised
+        for region in regions:
+            region.check_promise(private_name, 0, spec.compute, spec.priority or "normal")
+    if spec.private:   # its partition is made when the job starts CUDA: there must be room for it
+        for region in regions:
+            if region.partition(private_name) is None and len(region.partitions()) >= state.MAX_PARTITIONS:
+                raise state.StateError(
+                    f"GPU {region.uuid} already has {state.MAX_PARTITIONS} partitions, the most a GPU's state holds "
+                    f"(private ones included), so this job's private partition cannot be made (state folder "
+                    f"{folder}); remove unused ones with `fracgpu partition rm`, or wait for running jobs to end")
     variables: dict[str, str | None] = {
         settings.PARTITION: spec.partition if spec.partition is not None else private_name,
         settings.STATE_DIR: folder,

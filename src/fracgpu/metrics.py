@@ -100,6 +100,9 @@ FAMILIES = (
     ("best_effort", "gauge", "fracgpu_partition_best_effort",
      "1 when the partition's memory limit was overcommitted (a ceiling, not a promise), 0 when it is a promise "
      "or there is none.", "partition"),
+    ("share_best_effort", "gauge", "fracgpu_partition_compute_best_effort",
+     "1 when the partition's compute share was overcommitted (weighed within what the promised shares leave, "
+     "not a promise), 0 when it is a promise or there is none.", "partition"),
     ("share", "gauge", "fracgpu_partition_compute_share_ratio",
      "Configured share of the GPU's time (absent when none is set).", "partition"),
     ("cap", "gauge", "fracgpu_partition_compute_capped", "1 when the compute share is also a ceiling.", "partition"),
@@ -282,10 +285,11 @@ class UsageCollector:
         label_names = {**LABELS, "dcgm": (*DCGM, DRIVER_VERSION_LABEL) if driver else DCGM}
         families = {key: kinds[kind](name, doc, labels=list(label_names[labels]))
                     for key, kind, name, doc, labels in FAMILIES}
-        (gpu_total, gpu_used, gpu_info, used, limit, ceiling, peak, best_effort, share, cap, priority, achieved,
+        (gpu_total, gpu_used, gpu_info, used, limit, ceiling, peak, best_effort, share_best_effort, share, cap,
+         priority, achieved,
          seconds, launches, refusals_, processes, drift, drift_peak, drift_unknown, q_used, q_peak, q_limit, q_achieved,
          q_seconds, q_launches, q_device, q_drift, fb_used, fb_free) = (families[key] for key in (
-            "gpu_total", "gpu_used", "gpu_info", "used", "limit", "ceiling", "peak", "best_effort", "share", "cap",
+            "gpu_total", "gpu_used", "gpu_info", "used", "limit", "ceiling", "peak", "best_effort", "share_best_effort", "share", "cap",
             "priority", "achieved", "seconds", "launches", "refusals", "processes", "drift", "drift_peak",
             "drift_unknown", "q_used", "q_peak", "q_limit", "q_achieved", "q_seconds", "q_launches", "q_device",
             "q_drift", "fb_used", "fb_free"))
@@ -335,6 +339,7 @@ class UsageCollector:
                 ceiling.add_metric(labels, p.memory_ceiling)
                 peak.add_metric(labels, p.peak)
                 best_effort.add_metric(labels, 1 if p.best_effort else 0)
+                share_best_effort.add_metric(labels, 1 if p.compute_best_effort else 0)
                 if p.compute_share:
                     share.add_metric(labels, p.compute_share)
                     cap.add_metric(labels, 1 if p.compute_cap else 0)

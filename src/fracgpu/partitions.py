@@ -71,15 +71,19 @@ def create(name: str, memory: str | int | None = None, *, compute: str | float |
     device). ``compute`` is its share of the device's time (``0.25`` or
     ``"25%"``), ``cap`` makes that share a ceiling; ``priority`` (``high``,
     ``normal``, ``low``) is its class at the launch gate. The limits promised on a
-    GPU add up to at most its memory: a limit that does not fit beside the
-    others raises StateError naming what is promised, to whom, and what
-    remains, unless ``overcommit``, which makes the partition best effort (its
-    limit a ceiling, not a promise). Raises ValueError for a bad
+    GPU add up to at most its memory, less what the device says processes
+    outside this state hold, and its shares to at most 100% (high and normal
+    together, low among themselves): a limit or share that does not fit
+    raises DoesNotFit naming what is promised, to whom, and what remains,
+    unless ``overcommit``, which makes it best effort (a limit: a ceiling, not
+    a promise; a share: weighed within what the promised ones leave). A name
+    fracgpu keeps for private partitions (``run-``, ``init-``, ``slurm-``) is a
+    StateError. Raises ValueError for a bad
     name, size or share (``jobs.OptionError``, naming which), a cap without a share, or a limit
     above the device; StateError for a name already used on that GPU, an unsafe state folder or
     a damaged state file; DeviceError when there is no GPU."""
     jobs.parse_option("name", state.check_partition_name, name)
-    size = jobs.parse_option("memory", parse_memory, memory)   # the grammar, before asking the driver
+    size = jobs.parse_option("memory", jobs.parse_memory_limit, memory)   # the grammar, before asking the driver
     share = jobs.parse_option("compute", parse_share, compute) or 0.0
     jobs.check_cap(compute, cap)
     klass = jobs.parse_option("priority", parse_priority, priority)
@@ -91,9 +95,11 @@ def create(name: str, memory: str | int | None = None, *, compute: str | float |
     if size is not None:
         limit = bytes_of(size, gpu.total_memory, memory)
         jobs.check_fits(limit, gpu)
+        jobs.parse_option("memory", jobs.parse_memory_limit, limit)
     state.open_regions(folder)   # no partition is made beside a damaged state file
     region = state.open_region(folder, gpu.uuid, gpu.name, gpu.total_memory)
-    # StateError when the name is taken on this GPU, or the limit does not fit (unless overcommit)
+    region.count_held_outside(gpu.processes)   # what the device holds beyond these books is nobody's to promise
+    # StateError when the name is taken on this GPU, or the limit or share does not fit (unless overcommit)
     return region.create_partition(name, limit, share, cap, overcommit=overcommit, priority=klass)
 
 

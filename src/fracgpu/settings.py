@@ -128,8 +128,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Make partition NAME for this job in this priority class: `high` (served first; its share, if any, holds "
             "it back only while others are busy), `normal`, or `low` (only what the others leave).", "partition"),
     Setting(OVERCOMMIT, _flag, "0", "shim, python",
-            "`1`: a `FRACGPU_MEMORY` limit that does not fit beside what the GPU has promised is accepted, and the "
-            "job's partition is best effort.", "partition"),
+            "`1`: a `FRACGPU_MEMORY` limit or `FRACGPU_COMPUTE` share that does not fit beside what the GPU has "
+            "promised is accepted, and is best effort in the job's partition.", "partition"),
     Setting(OOM_WAIT, units.parse_seconds, "0", "shim, python",
             "An allocation over the quota waits up to this many seconds for memory to free before it fails.",
             "job"),

@@ -321,6 +321,14 @@ def exports(env: Mapping[str, str], shards_per_gpu: int | None, node: NodeConfig
     return out
 
 
+def task_labels(env: Mapping[str, str]) -> dict[str, str]:
+    """The ledger labels of a job recorded inside a Slurm task: ``slurm_job_id`` (and
+    ``slurm_step_id``) from the task's environment; empty outside Slurm."""
+    return {label: env[name].strip() for label, name in (("slurm_job_id", "SLURM_JOB_ID"),
+                                                          ("slurm_step_id", "SLURM_STEP_ID"))
+            if env.get(name, "").strip()}
+
+
 def prolog_lines(variables: Mapping[str, str | None]) -> list[str]:
     """The TaskProlog's output for ``variables``: ``export NAME=value`` (Slurm takes the value as
     it is, to the end of the line), then ``unset NAME`` for each None. ValueError for a value

@@ -14,11 +14,12 @@ import dataclasses
 import os
 
 from fracgpu import _native
+from fracgpu.units import format_size
 
 __all__ = ["GPUUsage", "PartitionUsage", "ProcessUsage", "ProcessSlot", "Region", "StateError", "DoesNotFit", "usage",
            "resolve_state_dir", "open_regions", "open_region", "open_region_file", "region_files", "check_state_dir",
-           "check_may_change_partitions", "check_partition_name", "partition_names", "process_start_time",
-           "process_alive", "pid_namespace", "namespace_pid", "host_pid_of"]
+           "check_may_change_partitions", "check_partition_name", "check_memory_limit", "MAX_PARTITIONS",
+           "partition_names", "process_start_time", "process_alive", "pid_namespace", "namespace_pid", "host_pid_of"]
 
 StateError = _native.StateError
 # The host's pid namespace (its inode is fixed by the kernel): only there is every process visible.
@@ -26,13 +27,19 @@ INITIAL_PID_NAMESPACE: int = _native.INITIAL_PID_NAMESPACE
 
 
 class DoesNotFit(StateError, ValueError):
-    """A memory limit that does not fit beside what its GPU has promised: the message names the
-    promises, to whom, and what remains. Pass overcommit to make the partition best effort."""
+    """A memory limit or compute share that does not fit beside what its GPU has promised: the
+    message names the promises, to whom, and what remains. Pass overcommit to make the partition
+    best effort."""
+
+
+# The most partitions one GPU's state holds, private ones included.
+MAX_PARTITIONS: int = _native.MAX_PARTITIONS
 
 
 def _promise_refused(e: StateError) -> StateError:
     """``e`` as DoesNotFit when it refused a promise that does not fit, else as it is."""
-    return DoesNotFit(str(e)) if _native.DOES_NOT_FIT in str(e) else e
+    text = str(e)
+    return DoesNotFit(text) if _native.DOES_NOT_FIT in text or _native.SHARE_DOES_NOT_FIT in text else e
 
 
 @dataclasses.dataclass
@@ -51,6 +58,9 @@ class PartitionUsage:
     # Its limit did not fit beside the GPU's promises and was overcommitted: a ceiling, not a
     # promise (it uses only memory nobody was promised, up to its limit).
     best_effort: bool = False
+    # Its compute share did not fit beside the shares promised in its class and was overcommitted:
+    # the gate weighs it within what the promised shares leave.
+    compute_best_effort: bool = False
     priority: str = "normal"             # the launch gate's class: high, normal or low
     # The most it may hold now: its limit when that is a promise, else what nobody else was promised
     # (up to its limit, when it has one). 0 when read from nowhere that knows.
@@ -189,7 +199,8 @@ class Region:
                                peak=p["peak"], processes=p["processes"], ephemeral=p["ephemeral"],
                                oom_refusals=p["oom_refusals"], compute_share=p["compute_share"] or None,
                                compute_cap=p["cap"], device_ns=p["device_ns"], launches=p["launches"],
-                               best_effort=p["best_effort"], drift=p["drift"], drift_charged=p["drift_charged"],
+                               best_effort=p["best_effort"], compute_best_effort=p["compute_best_effort"],
+                               drift=p["drift"], drift_charged=p["drift_charged"],
                                drift_peak=p["drift_peak"], drift_unknown=p["drift_unknown"],
                                memory_ceiling=p["memory_ceiling"], priority=p["priority"])
                 for p in self._native.partitions()]
@@ -223,11 +234,28 @@ class Region:
             raise _promise_refused(e) from None
         return self.partition(name)
 
-    def check_promise(self, name: str, limit: int) -> None:
+    def count_held_outside(self, processes: tuple[tuple[int, int], ...] | None) -> None:
+        """Count what the device says (``devices.Device.processes``: NVML's (pid, bytes) list)
+        processes unknown to this state hold: another state folder's jobs, jobs without fracgpu.
+        Every later promise check of this object counts it as taken, and a refusal names them."""
+        if not processes:
+            return
+        known = {p.pid for p in self.processes() if not p.exited}
+        outside = sorted(((pid, used) for pid, used in processes if pid not in known and used),
+                         key=lambda item: -item[1])
+        if not outside:
+            return
+        shown = ", ".join(f"pid {pid} {format_size(used)}" for pid, used in outside[:4])
+        more = f" and {len(outside) - 4} more" if len(outside) > 4 else ""
+        self._native.set_held_outside(sum(used for _, used in outside),
+                                      f"{shown}{more}: another state folder's jobs, or jobs without fracgpu")
+
+    def check_promise(self, name: str, limit: int, share: float = 0.0, priority: str = "normal") -> None:
         """DoesNotFit (naming the promises and what remains) unless a partition ``name`` with ``limit``
-        would fit beside this GPU's promises now. Creation checks again, atomically."""
+        and a compute ``share`` in class ``priority`` would fit beside this GPU's promises now.
+        Creation checks again, atomically."""
         try:
-            self._native.check_promise(name, limit)
+            self._native.check_promise(name, limit, share, _native.parse_priority(priority))
         except StateError as e:
             raise _promise_refused(e) from None
 
@@ -246,6 +274,12 @@ class Region:
 def check_state_dir(folder: str, *, create: bool) -> None:
     """StateError (with what to do) unless ``folder`` is a safe state folder; ``create`` makes it."""
     _native.check_state_dir(folder, create=create)
+
+
+def check_memory_limit(limit: int) -> None:
+    """ValueError, naming the smallest usable limit, for a memory limit of ``limit`` bytes that no
+    CUDA context fits in (0, no limit, is usable)."""
+    _native.check_memory_limit(limit)
 
 
 def check_partition_name(name: str) -> str:
@@ -326,8 +360,12 @@ def open_regions(folder: str | os.PathLike | None = None, *, reap: bool = True) 
     truncated or of another layout version: a job must not start beside a
     state nobody can read."""
     folder = resolve_state_dir(folder)
-    if not os.path.lexists(folder):
+    try:
+        os.lstat(folder)
+    except FileNotFoundError:
         return []
+    except OSError:
+        pass   # it cannot be reached (a folder above it cannot be searched): check_state_dir says so
     check_state_dir(folder, create=False)
     regions = [open_region_file(path) for path in region_files(folder)]
     if reap:

@@ -16,8 +16,8 @@ __all__ = ["parse_size", "parse_memory", "parse_share", "parse_priority", "parse
 
 SIZE_FORMS = (
     "write a byte count like 1048576, a size like 512MiB, 4GiB or 4GB "
-    "(K/KiB, M/MiB, G/GiB, T/TiB are powers of 1024; KB, MB, GB, TB powers of 1000; "
-    "B is bytes), or a percentage of the device like 25%"
+    "(K/Ki/KiB, M/Mi/MiB, G/Gi/GiB, T/Ti/TiB are powers of 1024; KB, MB, GB, TB powers of 1000; "
+    "B is bytes; any case), or a percentage of the device like 25%"
 )
 SHARE_FORMS = "write a percentage like 25% or a fraction like 0.25"
 

@@ -113,16 +113,25 @@ def test_bad_options_are_usage_errors(gpu4, args, message):
 
 
 @pytest.mark.skipif(real_gpu_available(), reason="this machine has a real GPU")
-def test_without_a_gpu_a_real_one_is_refused_and_auto_checks_a_simulated_one(gpu4, tmp_path):
+@pytest.mark.fault("`fracgpu check` on a node without a usable GPU, the simulated one not asked for",
+                   "exit 2 saying what is wrong with the GPU; never a stand-in's checks reported as the node's")
+def test_a_node_without_a_gpu_fails_the_check_unless_the_simulated_one_is_asked_for(gpu4, tmp_path):
     result = gpu4.fracgpu("check", "--gpu", "real", check=False)
     assert result.returncode == 2 and "no working NVIDIA GPU driver" in result.stderr
-    # No GPU and no simulated one selected: a simulated GPU of its own, with a note.
+    # No GPU and no simulated one selected: the node fails, saying why and how to check the simulated GPU.
     env = {k: v for k, v in gpu4.env.items() if not k.startswith("FRACGPU_SIM") and k != "LD_LIBRARY_PATH"}
     result = subprocess.run([sys.executable, "-m", "fracgpu", "check", "--json", "--check", "context counted"],
                             env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    device = json.loads(result.stdout)["device"]
-    assert device["simulated"] is True and "simulated GPU of its own" in device["note"]
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert "this node has no usable GPU: " in result.stderr and "fracgpu check --gpu sim" in result.stderr
+    assert "Traceback" not in result.stderr
+    # Asked for, by option or by a simulated GPU's folder in the environment: a simulated GPU of its own.
+    for args, extra in ((["--gpu", "sim"], {}), ([], {"FRACGPU_SIM_DIR": str(tmp_path / "sim")})):
+        result = subprocess.run([sys.executable, "-m", "fracgpu", "check", "--json", "--check", "context counted",
+                                 *args], env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        device = json.loads(result.stdout)["device"]
+        assert device["simulated"] is True and "simulated GPU of its own" in device["note"]
 
 
 def descendants(pid: int) -> set[int]:

@@ -36,6 +36,18 @@ def partitions_of(gpu) -> dict[str, dict]:
     return {p["name"]: p for p in u["partitions"]}
 
 
+def exported_gauge(gpu, name: str) -> dict[str, float]:
+    """The exporter's gauge ``name`` for each partition of ``gpu``'s state."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics.UsageCollector(read=lambda: state.usage(gpu.state_dir)))
+    return {s.labels["partition"]: s.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in family.samples if s.name == name}
+
+
 @pytest.mark.fault('A memory limit that does not fit beside what the GPU has promised',
                    'refused, naming the promises, to whom, and what remains; `--overcommit` makes it best effort')
 def test_a_second_3gib_promise_on_a_4gib_gpu_is_refused_then_overcommitted(gpu4):
@@ -60,16 +72,7 @@ def test_a_second_3gib_promise_on_a_4gib_gpu_is_refused_then_overcommitted(gpu4)
     assert {p["name"]: p["best_effort"] for p in top["gpus"][0]["partitions"]} == {"team": False, "other": True}
     screen = gpu4.fracgpu("top", "--once", "--interval", "0.1", env={"COLUMNS": "200"}).stdout
     assert "0B / 3GiB best effort" in screen and "0B / 3GiB " in screen
-
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.parser import text_string_to_metric_families
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics.UsageCollector(read=lambda: state.usage(gpu4.state_dir)))
-    gauge = {s.labels["partition"]: s.value
-             for family in text_string_to_metric_families(generate_latest(registry).decode())
-             for s in family.samples if s.name == "fracgpu_partition_best_effort"}
-    assert gauge == {"team": 0, "other": 1}
+    assert exported_gauge(gpu4, "fracgpu_partition_best_effort") == {"team": 0, "other": 1}
 
 
 def test_partition_set_checks_the_new_limit(gpu4):
@@ -86,10 +89,10 @@ def test_partition_set_checks_the_new_limit(gpu4):
     assert not partitions_of(gpu4)["small"]["best_effort"]
 
 
-@pytest.mark.parametrize("command", [["partition", "create", "x"], ["partition", "set", "x", "--compute", "50%"]])
-def test_overcommit_without_a_limit_is_a_usage_error(gpu4, command):
+@pytest.mark.parametrize("command", [["partition", "create", "x"], ["partition", "set", "x", "--priority", "low"]])
+def test_overcommit_without_a_limit_or_share_is_a_usage_error(gpu4, command):
     result = gpu4.fracgpu(*command, "--overcommit", check=False)
-    assert result.returncode == 2 and "--overcommit needs --memory SIZE" in result.stderr
+    assert result.returncode == 2 and "--overcommit needs --memory SIZE or --compute SHARE" in result.stderr
 
 
 @pytest.mark.fault('`fracgpu run --memory` past what the GPU has left to promise',
@@ -118,9 +121,10 @@ def test_run_refuses_a_limit_that_does_not_fit_before_the_job_starts(gpu4):
                         alloc_job(1024 + 1)).stdout == "2\n"   # past what was not promised: out of memory
 
 
-def test_overcommit_without_memory_is_refused_by_run(gpu4):
-    result = gpu4.fracgpu("run", "--compute", "50%", "--overcommit", "--", "echo", "started", check=False)
-    assert result.returncode == 125 and "give memory (--memory SIZE) with it" in result.stderr
+def test_overcommit_without_memory_or_compute_is_refused_by_run(gpu4):
+    result = gpu4.fracgpu("run", "--priority", "low", "--overcommit", "--", "echo", "started", check=False)
+    assert result.returncode == 125
+    assert "give memory (--memory SIZE) or compute (--compute SHARE) with it" in result.stderr
 
 
 def test_the_library_refuses_likewise(gpu4):
@@ -148,3 +152,54 @@ def test_init_raises_the_same_message(gpu4):
     refused, name = gpu4.python(code).stdout.splitlines()
     assert refused == "DoesNotFit " + refusal(uuid)
     assert name.startswith("init-")
+
+
+@pytest.mark.fault('`fracgpu run --compute` past the shares the GPU has promised',
+                   'exit 125 before the job starts, naming the promises; `--overcommit` runs it, best effort, '
+                   'labelled in `partition list`, `top` and the exporter')
+def test_compute_shares_are_promised_once_and_overcommitted_ones_are_labelled(gpu4):
+    gpu4.fracgpu("partition", "create", "train", "--compute", "90%")
+    uuid = uuid_of(gpu4)
+    result = gpu4.fracgpu("run", "--compute", "90%", "--", "echo", "started", check=False)
+    assert result.returncode == 125 and result.stdout == "", result.stderr
+    assert (f"90% of compute does not fit on {uuid}: already promised 90% of its time (train 90%); 10% remains"
+            in result.stderr)
+    assert gpu4.fracgpu("run", "--compute", "10%", "--", "echo", "started").stdout == "started\n"
+    out = gpu4.fracgpu("partition", "create", "other", "--compute", "90%", "--overcommit").stdout
+    assert out == ("partition 'other' created on GPU 0: no memory limit, 90% of compute (best effort: "
+                   "overcommitted, not a promise)\n")
+    listed = partitions_of(gpu4)
+    assert (listed["train"]["compute_best_effort"], listed["other"]["compute_best_effort"]) == (False, True)
+    table = gpu4.fracgpu("partition", "list", env={"COLUMNS": "200"}).stdout
+    assert "90% best effort" in table
+    top = json.loads(gpu4.fracgpu("top", "--json", "--interval", "0.1").stdout)
+    assert {p["name"]: p["compute_best_effort"] for p in top["gpus"][0]["partitions"]} == \
+        {"train": False, "other": True}
+    screen = gpu4.fracgpu("top", "--once", "--interval", "0.1", env={"COLUMNS": "200"}).stdout
+    assert "90% best effort" in screen
+    assert exported_gauge(gpu4, "fracgpu_partition_compute_best_effort") == {"train": 0, "other": 1}
+
+
+@pytest.mark.fault('Memory held on the GPU by another state folder\'s jobs (or jobs without fracgpu)',
+                   'a promise that does not fit beside it is refused, naming the pids; `--overcommit` makes it '
+                   'best effort')
+def test_a_promise_respects_memory_another_state_folder_holds_on_the_device(gpu4, tmp_path):
+    other = tmp_path / "other-state"
+    other.mkdir(mode=0o700)
+    holder = gpu4.popen(sys.executable, "-m", "fracgpu", "run", "--memory", "3GiB", "--", sys.executable, "-c",
+                        alloc_job(2560) + "import sys\nsys.stdout.flush()\nsys.stdin.readline()\n",
+                        env={"FRACGPU_STATE_DIR": str(other)})
+    try:
+        assert holder.stdout.readline().strip() == "0"   # 2.5 GiB held, in the other folder's books
+        for command in (["partition", "create", "team", "--memory", "2GiB"],
+                        ["run", "--memory", "2GiB", "--", "echo", "started"]):
+            result = gpu4.fracgpu(*command, check=False)
+            assert result.returncode in (2, 125) and "started" not in result.stdout, result.stderr
+            assert "is held outside these books (pid " in result.stderr, result.stderr
+            assert "another state folder's jobs, or jobs without fracgpu" in result.stderr
+        assert gpu4.fracgpu("run", "--memory", "1GiB", "--", "echo", "started").stdout == "started\n"
+        out = gpu4.fracgpu("partition", "create", "team", "--memory", "2GiB", "--overcommit").stdout
+        assert "best effort" in out
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)

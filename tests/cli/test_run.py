@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
 
 from tests.support.simgpu import GiB
-from fracgpu import devices, sim
+from fracgpu import devices, sim, state
 from fracgpu import shim as shim_lib
 
 
@@ -184,6 +186,81 @@ def test_an_unsafe_state_folder_is_refused(gpu):
         gpu.state_dir.chmod(0o700)
 
 
+NOBODY = 65534
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to hand a folder to another user")
+
+
+def without_file_permission_override(gpu, *argv, env=None):
+    """``argv`` run with the test GPU's environment (and ``env``) as this user held to the files'
+    permissions: root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, as any other user is."""
+    return subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *map(str, argv)],
+                          capture_output=True, text=True, timeout=60, env={**gpu.env, **(env or {})})
+
+
+@as_root
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+@pytest.mark.fault('A state folder this user cannot write, or cannot reach (a folder above it not searchable)',
+                   'exit 125 before the job starts (`fracgpu top`: 2), naming the permission; never "no such file"')
+def test_a_state_folder_this_user_cannot_use_is_refused_before_the_job_starts(gpu, tmp_path):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o500)
+    result = without_file_permission_override(gpu, sys.executable, "-m", "fracgpu", "run", "--compute", "50%", "--",
+                                              "echo", "started", env={"FRACGPU_STATE_DIR": str(read_only)})
+    refused(result, f"the state folder {read_only} cannot be used by this user (mode 500: Permission denied",
+            f"chmod 700 {read_only}")
+    hidden = tmp_path / "someone-elses" / "state"
+    hidden.mkdir(parents=True, mode=0o700)
+    os.chown(hidden.parent, NOBODY, NOBODY)   # another user's folder, which this one cannot search
+    hidden.parent.chmod(0o700)
+    for command in (["run", "--compute", "50%", "--", "echo", "started"], ["top", "--once"]):
+        result = without_file_permission_override(gpu, sys.executable, "-m", "fracgpu", *command,
+                                                  env={"FRACGPU_STATE_DIR": str(hidden)})
+        assert result.returncode == (125 if command[0] == "run" else 2), result.stdout + result.stderr
+        assert f"the state folder {hidden} cannot be reached" in result.stderr, result.stderr
+        assert "Permission denied" in result.stderr and "No such file" not in result.stderr
+        assert "No GPU has fracgpu partitions" not in result.stdout and "started" not in result.stdout
+
+
+@as_root
+@pytest.mark.fault("A state folder that belongs to another user",
+                   "`fracgpu run` exits 125 and `fracgpu top` 2, naming the owner; never an empty GPU")
+def test_a_state_folder_of_another_user_is_refused_naming_the_owner(gpu):
+    gpu.fracgpu("partition", "create", "team", "--memory", "256MiB")
+    os.chown(gpu.state_dir, NOBODY, -1)
+    try:
+        refused(gpu.fracgpu("run", "--memory", "64MiB", "--", "echo", "started", check=False),
+                "belongs to another user (uid 65534)")
+        result = gpu.fracgpu("top", "--once", "--interval", "0.1", check=False)
+        assert result.returncode == 2 and "belongs to another user (uid 65534)" in result.stderr, result
+        assert "No GPU has fracgpu partitions" not in result.stdout
+    finally:
+        os.chown(gpu.state_dir, os.geteuid(), -1)
+
+
+@pytest.mark.fault("A GPU whose partition table is full (64 partitions, private ones included)",
+                   "`fracgpu run` of a private job exits 125 before the job starts, naming the limit")
+def test_a_full_partition_table_is_refused_before_the_job_starts(gpu):
+    (device,) = devices.probe(gpu.env)
+    region = state.open_region(str(gpu.state_dir), device.uuid, device.name, device.total_memory)
+    for i in range(state.MAX_PARTITIONS):
+        region.create_partition(f"p{i}", 0, 0, False)
+    refused(gpu.fracgpu("run", "--memory", "64MiB", "--", "echo", "started", check=False),
+            f"already has {state.MAX_PARTITIONS} partitions, the most a GPU's state holds")
+    refused(gpu.fracgpu("run", "--compute", "10%", "--", "echo", "started", check=False), "already has 64 partitions")
+    # A job in one of them still runs.
+    assert gpu.fracgpu("run", "--partition", "p0", "--", "echo", "started").stdout == "started\n"
+
+
+@pytest.mark.fault("A memory limit too small to hold a CUDA context (`--memory 4`)",
+                   "exit 125 before the job starts, naming the smallest usable limit")
+def test_a_limit_no_context_fits_in_is_refused_naming_the_smallest_usable_one(gpu):
+    refused(gpu.fracgpu("run", "--memory", "4", "--", "echo", "started", check=False),
+            "memory limit 4B is too small to hold a CUDA context", "the smallest usable limit is 1MiB")
+    result = gpu.fracgpu("partition", "create", "tiny", "--memory", "4096", check=False)
+    assert result.returncode == 2 and "the smallest usable limit is 1MiB" in result.stderr
+    assert gpu.fracgpu("run", "--memory", "64Mi", "--", "echo", "started").stdout == "started\n"
+
+
 def test_a_state_folder_that_is_a_file_is_refused(gpu, tmp_path):
     (tmp_path / "file").write_text("")
     refused(gpu.fracgpu("run", "--memory", "1GiB", "--", "echo", check=False,
@@ -202,7 +279,7 @@ def region_file(gpu):
     (lambda data: b"\0" * 4096, "not a fracgpu state file"),
     (lambda data: data[:100], "truncated"),
     (lambda data: b"FRACGPUS" + (99).to_bytes(4, "little") + data[12:], "layout version 99"),
-    # a fracgpu from before pid namespaces in process slots would reap a container's processes: not shared with it
+    # a fracgpu from before pid namespaces in process slots and compute promises: not shared with it
     (lambda data: b"FRACGPUS" + (4).to_bytes(4, "little") + data[12:], "layout version 4 but this fracgpu uses 5"),
     (lambda data: b"PNG\0" + data[4:], "not a fracgpu state file"),
 ])

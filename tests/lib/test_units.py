@@ -31,6 +31,11 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
         ("2T", 2 * TiB),
         ("2TiB", 2 * TiB),
         ("2TB", 2_000_000_000_000),
+        ("4Gi", 4 * GiB),  # Kubernetes' suffixes, as a pod's resources are written
+        ("512Mi", 512 * MiB),
+        ("64Ki", 64 * KiB),
+        ("1Ti", TiB),
+        ("4gi", 4 * GiB),
         ("  4 GiB\t", 4 * GiB),
         ("0.5KiB", 512),
         ("0.1KB", 100),  # exact decimal arithmetic, no 99.99999 from binary floats
@@ -91,7 +96,7 @@ def test_a_percentage_rounds_down_to_whole_bytes():
         ("4.GiB", "decimal point"),
         ("1e9", "unknown unit 'e9'"),
         ("12XB", "unknown unit 'XB'"),
-        ("4Gi", "unknown unit 'Gi'"),
+        ("4Pi", "unknown unit 'Pi'"),
         ("4 PiB", "unknown unit 'PiB'"),
         ("4 G B", "text after the unit"),
         ("4GiB junk", "text after the unit"),

@@ -35,7 +35,9 @@ pid_t job_process(const std::string &dir, const char *partition, int holder, uin
     std::string err;
     uint64_t limit = 1 << 20;
     if (!r.open(dir, kUuid, "test GPU", 1 << 30, true, &err)) _exit(10);
-    int slot = r.join(partition, getpid(), "job", &limit, &err, 0, 0, holder);
+    // A named partition is joined as it is; otherwise the job makes its private one.
+    int slot = r.join(partition, getpid(), "job", r.find_partition(partition) >= 0 ? nullptr : &limit, &err, 0, 0,
+                      holder);
     if (slot < 0 || !r.charge(slot, bytes)) _exit(11);
     r.raw()->processes[slot].device_ns.fetch_add(7000);
     if (leave) r.leave(slot);

@@ -43,6 +43,9 @@ int main(void) {
     size_ok("4GiB", 4ull << 30);
     size_ok("4G", 4ull << 30);
     size_ok("4GB", 4000000000ull);
+    size_ok("4gb", 4000000000ull);
+    size_ok("4Gi", 4ull << 30);   /* Kubernetes' binary suffixes */
+    size_ok("512Mi", 512ull << 20);
     size_ok("1.5GiB", 3ull << 29);
     size_ok(" 64 KiB ", 64ull << 10);
     size_ok("9223372036854775807", 9223372036854775807ull);

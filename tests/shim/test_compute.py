@@ -71,6 +71,17 @@ def test_two_partitions_get_25_and_75_percent(gpu, clients, kernels, shim):
         assert utilisation >= 0.85, got   # hand-overs cost a few percent (see BENCHMARKS.md)
 
 
+def test_an_overcommitted_share_never_dilutes_a_promised_one(gpu, clients, kernels, shim):
+    gpu.fracgpu("partition", "create", "promised", "--compute", "75%")
+    gpu.fracgpu("partition", "create", "over", "--compute", "75%", "--overcommit")   # best effort: 25% is left
+    start = (time.monotonic() + 0.5) * 1000
+    jobs = {name: gpu.popen(clients.lcuda, "busy", 4, KERNEL_MS, kernels, f"{start:.3f}",
+                            env={"LD_PRELOAD": shim, "FRACGPU_PARTITION": name}) for name in ("promised", "over")}
+    got = {name: windows(completions(job), 4) for name, job in jobs.items()}
+    for shares, _ in shares_of_device_time(got):
+        assert abs(shares["promised"] - 0.75) <= 0.03, got
+
+
 def test_four_partitions_get_their_shares(gpu, clients, kernels, shim):
     specs = {"p10": ("10%", False, 0), "p20": ("20%", False, 0), "p30": ("30%", False, 0),
              "p40": ("40%", False, 0)}

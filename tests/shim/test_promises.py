@@ -94,3 +94,40 @@ def test_the_shim_refuses_a_private_partition_that_does_not_fit(gpu4, shim):
     result = gpu4.run(sys.executable, "-c", START, env={**env, "FRACGPU_OVERCOMMIT": "yes"}, input="\n")
     assert result.stdout == f"init {CUDA_ERROR_NOT_PERMITTED}\n"
     assert "FRACGPU_OVERCOMMIT='yes' is not valid" in result.stderr
+
+
+@pytest.mark.fault('A private job (FRACGPU_MEMORY) whose partition name is taken by a partition it did not make',
+                   'CUDA refused in the job with the reason; it never joins that partition')
+def test_a_private_job_never_joins_a_partition_it_did_not_make(gpu4, shim):
+    gpu4.fracgpu("partition", "create", "team", "--memory", "1MiB")
+    env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "team", "FRACGPU_MEMORY": "1GiB"}
+    result = gpu4.run(sys.executable, "-c", START, env=env, input="\n")
+    assert result.stdout == f"init {CUDA_ERROR_NOT_PERMITTED}\n"
+    assert "partition 'team' on GPU" in result.stderr and "a private job never joins a partition it did not make" \
+        in result.stderr, result.stderr
+    # The processes of one private job share the partition its first one made; a job asking for other
+    # settings under that name does not get in.
+    mine = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "mine", "FRACGPU_MEMORY": "1GiB", "FRACGPU_COMPUTE": "25%"}
+    first = gpu4.popen(sys.executable, "-c", START, env=mine)
+    try:
+        assert first.stdout.readline() == "init 0\n"
+        assert gpu4.run(sys.executable, "-c", START, env=mine, input="\n").stdout == "init 0\n"
+        other = gpu4.run(sys.executable, "-c", START, env={**mine, "FRACGPU_MEMORY": "2GiB"}, input="\n")
+        assert other.stdout == f"init {CUDA_ERROR_NOT_PERMITTED}\n" and "another job's private partition" \
+            in other.stderr, other.stderr
+    finally:
+        first.stdin.close()
+        first.wait(timeout=30)
+
+
+@pytest.mark.fault('A job\'s own partition (FRACGPU_COMPUTE) whose share does not fit beside the promised shares',
+                   'CUDA refused in the job with the reason (never an unpromised share); `FRACGPU_OVERCOMMIT=1` '
+                   'runs it, best effort')
+def test_the_shim_refuses_a_private_share_that_does_not_fit(gpu4, shim):
+    gpu4.fracgpu("partition", "create", "train", "--compute", "75%")
+    env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "mine", "FRACGPU_COMPUTE": "50%"}
+    result = gpu4.run(sys.executable, "-c", START, env=env, input="\n")
+    assert result.stdout == f"init {CUDA_ERROR_NOT_PERMITTED}\n"
+    assert "50% of compute does not fit on GPU-" in result.stderr and "(train 75%); 25% remains" in result.stderr
+    result = gpu4.run(sys.executable, "-c", START, env={**env, "FRACGPU_OVERCOMMIT": "1"}, input="\n")
+    assert result.stdout == "init 0\n", result.stderr

@@ -25,7 +25,7 @@ struct JobSettings {
     double compute_share = 0;      // FRACGPU_COMPUTE, (0, 1]; 0: none
     bool compute_cap = false;      // FRACGPU_COMPUTE_CAP=1: the share is also a ceiling
     int priority = 1;              // FRACGPU_PRIORITY: FRACGPU_PRIORITY_LOW/NORMAL/HIGH (fracgpu/units.h)
-    bool overcommit = false;       // FRACGPU_OVERCOMMIT=1: a limit past what is left is accepted, best effort
+    bool overcommit = false;       // FRACGPU_OVERCOMMIT=1: a limit or share past what is left is accepted, best effort
     std::string state_dir;
     double oom_wait_s = 0;         // FRACGPU_OOM_WAIT
     double reconcile_interval_s = 1;   // FRACGPU_RECONCILE_INTERVAL (0: the books are not checked against the device)

@@ -31,8 +31,8 @@
       "Make partition NAME for this job in this priority class: `high` (served first; its share, if any, holds " \
       "it back only while others are busy), `normal`, or `low` (only what the others leave).")                   \
     X(OVERCOMMIT, "FRACGPU_OVERCOMMIT", "0", "shim, python",                                                       \
-      "`1`: a `FRACGPU_MEMORY` limit that does not fit beside what the GPU has promised is accepted, and the "     \
-      "job's partition is best effort.")                                                                           \
+      "`1`: a `FRACGPU_MEMORY` limit or `FRACGPU_COMPUTE` share that does not fit beside what the GPU has "        \
+      "promised is accepted, and is best effort in the job's partition.")                                        \
     X(OOM_WAIT, "FRACGPU_OOM_WAIT", "0", "shim, python",                                                           \
       "An allocation over the quota waits up to this many seconds for memory to free before it fails.")            \
     X(CONTEXT_MEMORY, "FRACGPU_CONTEXT_MEMORY", "(measured)", "shim, python",                                      \

@@ -33,7 +33,10 @@ namespace fracgpu {
 // launches only (most launches are not measured), an idle holder is charged
 // until its work was last seen done (last_done_ns), and busy_ns says whether
 // the device is saturated. 5: a process slot names its pid namespace (pid_ns):
-// processes of several containers share one region, and their pids collide.
+// processes of several containers share one region, and their pids collide;
+// and compute promises (kPartitionComputeBestEffort: a share that was
+// overcommitted, weighted by the gate only within what the promised shares
+// leave).
 constexpr uint32_t kStateLayoutVersion = 5;
 constexpr int kMaxPartitions = 64;
 constexpr int kMaxProcesses = 256;
@@ -50,6 +53,10 @@ enum PartitionFlags : uint32_t {
     // normal before low; see csrc/shim/cuda/gate.cpp.
     kPartitionHigh = 1u << 3,
     kPartitionLow = 1u << 4,
+    // Its compute share did not fit beside the shares promised in its class
+    // and was overcommitted: the gate weighs it within what the promised
+    // shares leave, so it never dilutes a promise.
+    kPartitionComputeBestEffort = 1u << 5,
 };
 constexpr uint32_t kPartitionPriorityMask = kPartitionHigh | kPartitionLow;
 
@@ -191,6 +198,27 @@ inline double share_of(const SharedPartition &p) {
 // Every refusal of a promise that does not fit holds this text ("3GiB does
 // not fit on GPU-...: already promised ..."), so callers can tell it apart.
 constexpr char kDoesNotFit[] = " does not fit on ";
+// The smallest memory limit a partition may have: below it no CUDA context
+// fits (a real one takes 300-600 MiB, a simulated one 1/256 of its GPU), so
+// every job in it would fail at its first context.
+constexpr uint64_t kMinMemoryLimit = 1ull << 20;
+// False with *err (the smallest usable limit) for a limit below it; 0 (no limit) is usable.
+bool usable_memory_limit(uint64_t limit, std::string *err);
+// Compute promises. The launch gate weighs high and normal partitions' shares
+// as fractions of the device, and low partitions' shares as fractions of what
+// the others leave (csrc/shim/cuda/gate.cpp), so the shares that hold a
+// promise (not best effort) add up to at most 1 among high and normal
+// partitions together, and to at most 1 among low ones. Checked under the
+// region's lock with every creation and change, as memory promises are.
+constexpr char kShareDoesNotFit[] = " of compute does not fit on ";
+inline bool holds_share_promise(const SharedPartition &p) {
+    return share_of(p) > 0 && !(flags_of(p) & kPartitionComputeBestEffort);
+}
+// Names fracgpu gives the partitions it makes for one job ("run-<pid>",
+// "init-<pid>", "slurm-<job id>"): its own namespace, which
+// create_partition() refuses, so that a private job never meets a partition
+// somebody made under its name.
+bool reserved_partition_name(const std::string &name);
 inline bool holds_promise(const SharedPartition &p) {
     return memory_limit_of(p) != 0 && !(flags_of(p) & kPartitionBestEffort);
 }
@@ -198,6 +226,15 @@ inline bool holds_promise(const SharedPartition &p) {
 // it holds a promise, else its limit (or the device) capped at what the other
 // partitions were not promised. Lock-free (a reading).
 uint64_t memory_ceiling(const SharedRegion &r, int index);
+
+// Memory the device says is held outside this state's books: by processes it
+// lists that no partition here knows (another state folder's jobs, jobs
+// without fracgpu). Promises are made only beside it; `who` names them for
+// messages ("pid 4242 5.25GiB").
+struct HeldOutside {
+    uint64_t bytes = 0;
+    std::string who;
+};
 
 // A partition or process as read by usage() and the CLI: plain values.
 struct PartitionInfo {
@@ -291,7 +328,9 @@ class Region {
     // Table changes (each takes the lock).
     // A limit that does not fit beside the promises is refused (the message
     // names them and what remains) unless `overcommit`: the partition is then
-    // made best effort.
+    // made best effort; a compute share likewise (kPartitionComputeBestEffort).
+    // A name fracgpu keeps for its own (reserved_partition_name) is refused, and
+    // so is a limit below kMinMemoryLimit.
     bool create_partition(const std::string &name, uint64_t memory_limit, double compute_share, uint32_t flags,
                           std::string *err, bool overcommit = false);
     bool remove_partition(const std::string &name, std::string *err);
@@ -302,13 +341,20 @@ class Region {
     // `priority`: FRACGPU_PRIORITY_LOW/NORMAL/HIGH (fracgpu/units.h).
     bool update_partition(const std::string &name, const uint64_t *memory_limit, const double *compute_share,
                           const bool *cap, std::string *err, bool overcommit = false, const int *priority = nullptr);
-    // Whether a new partition (other than `name`) with `memory_limit` would
-    // fit beside the promises now; false with the refusal in *err. A reading
-    // for messages before a job starts: creation checks again, atomically.
-    bool check_promise(const std::string &name, uint64_t memory_limit, std::string *err);
+    // Whether a new partition (other than `name`) with `memory_limit` and a
+    // compute `share` in class `priority` would fit beside the promises now;
+    // false with the refusal in *err. A reading for messages before a job
+    // starts: creation checks again, atomically.
+    bool check_promise(const std::string &name, uint64_t memory_limit, double share, int priority,
+                       std::string *err);
     int find_partition(const std::string &name);           // index or -1
+    // What the device holds outside these books, as the caller measured it
+    // (NVML): every later promise check of this object counts it as taken.
+    void set_held_outside(HeldOutside outside) { outside_ = std::move(outside); }
     // Joins partition `name` as process `pid`; when it does not exist and
-    // `create_limit` is given (ephemeral), creates it with that limit (0: none),
+    // `create_limit` is given (ephemeral; an existing partition of that name
+    // is joined only when it is a private one with these very settings, made
+    // by a process of the same job), creates it with that limit (0: none),
     // `create_share` and `create_flags`, its limit checked against the
     // promises as create_partition() does (`overcommit`: best effort when it
     // does not fit). `holder`: the pid recording this process's job (0: none).
@@ -367,6 +413,7 @@ class Region {
     SharedRegion *r_ = nullptr;
     size_t size_ = 0;
     std::string path_;
+    HeldOutside outside_;
 };
 
 }  // namespace fracgpu

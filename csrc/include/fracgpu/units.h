@@ -17,8 +17,9 @@ extern "C" {
 /* The accepted forms, as error messages spell them out. */
 #define FRACGPU_SIZE_FORMS                                                    \
   "write a byte count like 1048576, a size like 512MiB, 4GiB or 4GB "       \
-  "(K/KiB, M/MiB, G/GiB, T/TiB are powers of 1024; KB, MB, GB, TB powers of " \
-  "1000; B is bytes), or a percentage of the device like 25%"
+  "(K/Ki/KiB, M/Mi/MiB, G/Gi/GiB, T/Ti/TiB are powers of 1024; KB, MB, GB, "  \
+  "TB powers of 1000; B is bytes; any case), or a percentage of the device "  \
+  "like 25%"
 #define FRACGPU_SHARE_FORMS "write a percentage like 25% or a fraction like 0.25"
 #define FRACGPU_PRIORITY_FORMS "write high, normal or low"
 

@@ -242,8 +242,9 @@ bool saturated(fracgpu::SharedRegion *r, Saturation &sat, uint64_t now) {
     return sat.saturated.load(std::memory_order_relaxed);
 }
 
-// How partition `me` must launch now (a Mode), and its weight: its share, or
-// for partitions without one, an equal part of what the shares leave (low
+// How partition `me` must launch now (a Mode), and its weight: its share (a
+// best-effort one: scaled into what the promised shares leave), or for
+// partitions without one, an equal part of what the shares leave (low
 // partitions: of what low partitions' shares leave). *yield_queue: a high
 // partition is busy and `me` is not high; *outranked: a partition of a higher
 // class than `me` is busy. `sat`: this process's measure of the device's
@@ -256,14 +257,15 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool 
     int mine_class = fracgpu::priority_of(mine);
     bool mine_low = mine_class == kLow;
     bool others_busy = false, others_exist = false, high_busy = false, higher_busy = false, mixed = false;
-    double shared = 0;
+    double shared = 0, effort = 0;   // promised shares, and overcommitted (best-effort) ones
     int unshared = 0;
     for (int i = 0; i < fracgpu::kMaxPartitions; i++) {
         const fracgpu::SharedPartition &q = r->partitions[i];
         if (!__atomic_load_n(&q.in_use, __ATOMIC_ACQUIRE)) continue;
         int klass = fracgpu::priority_of(q);
         if ((klass == kLow) == mine_low) {   // low's shares are not counted against the others'
-            if (fracgpu::share_of(q) > 0) shared += fracgpu::share_of(q);
+            double s = fracgpu::share_of(q);
+            if (s > 0) (fracgpu::holds_share_promise(q) ? shared : effort) += s;
             else unshared++;
         }
         if (i == me) continue;
@@ -276,8 +278,13 @@ int decide(fracgpu::SharedRegion *r, int me, uint64_t now, double *weight, bool 
     }
     *yield_queue = high_busy && mine_class != kHigh;
     *outranked = higher_busy;
+    // Best-effort shares divide what the promised ones leave, so they never dilute a promise.
+    double left = shared < 0.95 ? 1.0 - shared : 0.05;
+    double effort_scale = effort > left ? left / effort : 1.0;
+    shared += effort * effort_scale;
     double rest = shared < 0.95 ? 1.0 - shared : 0.05;
     double share = fracgpu::share_of(mine);
+    if (!fracgpu::holds_share_promise(mine)) share *= effort_scale;
     *weight = share > 0 ? share : rest / (unshared ? unshared : 1);
     if (fracgpu::flags_of(mine) & fracgpu::kPartitionCap) return kGate;
     if (others_busy && (mixed || !sat || saturated(r, *sat, now))) return kGate;

@@ -28,9 +28,9 @@ def known_checks(ctx: click.Context, param: click.Parameter, value: tuple[str, .
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @device_option("The GPU to check, numbered as CUDA_VISIBLE_DEVICES makes them.", default=0, show_default=True)
 @click.option("--gpu", type=click.Choice(["auto", "sim", "real"]), default="auto", show_default=True,
-              help="What to check: auto (the simulated GPU when the environment selects it, else the real GPU, "
-                   "else a simulated GPU of its own, with a note), sim (the simulated GPU; one of its own "
-                   "unless the environment selects one), or real.")
+              help="What to check: auto (the simulated GPU when the environment selects it, else the real GPU; "
+                   "none usable: exit 2 with what is wrong), sim (the simulated GPU; one of its own unless the "
+                   "environment selects one), or real.")
 @click.option("--check", "selected", metavar="NAME", multiple=True, callback=known_checks,
               help="Run only this check (repeatable; quote names with spaces: --check 'alloc paths'). "
                    "[default: all]")

@@ -142,8 +142,8 @@ PRIORITY_HELP = ("Priority class at the launch gate: high (served first, its que
 
 
 def overcommit_option(what: str) -> Any:
-    """``--overcommit``: accept a memory limit that does not fit beside what the GPU has promised;
-    ``what`` says whose limit."""
+    """``--overcommit``: accept a memory limit or compute share that does not fit beside what the GPU
+    has promised; ``what`` says whose."""
     return click.option("--overcommit", is_flag=True,
                         help=f"Accept {what} even when it does not fit beside the limits the GPU has promised "
                              "already; it is then best effort: a ceiling, not a promise.")
@@ -353,10 +353,12 @@ def fit(columns: Sequence[tuple[str, str, int]], rows: Sequence[Sequence[str]], 
 
 
 def share_text(partition: Any) -> str:
-    """A partition's compute share as the tables show it: "25%", "25% cap", or "-"."""
+    """A partition's compute share as the tables show it: "25%", "25% cap", "25% best effort"
+    (overcommitted: weighed within what the promised shares leave), or "-"."""
     if not partition.compute_share:
         return "-"
-    return units.format_share(partition.compute_share) + (" cap" if partition.compute_cap else "")
+    return units.format_share(partition.compute_share) + (" cap" if partition.compute_cap else "") + \
+        (" best effort" if partition.compute_best_effort else "")
 
 
 def drift_text(drift: int | None, unknown: int = 0) -> str:

@@ -25,7 +25,7 @@ def partition_group() -> None:
                "[default: no limit]",
                "Share of the GPU's time: 25% or 0.25, guaranteed when every partition is busy; time others leave "
                "idle is used too, unless --cap. [default: an equal part of what shares leave]")
-@overcommit_option("the --memory limit")
+@overcommit_option("the --memory limit or --compute share")
 @priority_option(PRIORITY_HELP)
 @device_option("The GPU, by CUDA index (as CUDA_VISIBLE_DEVICES numbers them; `fracgpu gpus` lists them).",
                default=0, show_default=True)
@@ -34,11 +34,13 @@ def create(ctx: click.Context, name: str, memory: str | None, compute: str | Non
            priority: str | None, device_index: int) -> None:
     """Make partition NAME; jobs join it with `fracgpu run --partition NAME`.
 
-    The memory limits of a GPU's partitions add up to at most its memory: a
-    limit that does not fit is refused, naming what is promised and what
-    remains, unless --overcommit."""
-    if overcommit and memory is None:
-        raise click.UsageError("--overcommit needs --memory SIZE (the limit to overcommit)", ctx)
+    The memory limits of a GPU's partitions add up to at most its memory, and
+    their compute shares to at most 100% (high and normal together, low
+    among themselves): a limit or share that does not fit is refused, naming
+    what is promised and what remains, unless --overcommit. Names starting
+    with run-, init- or slurm- are fracgpu's own (private partitions)."""
+    if overcommit and memory is None and compute is None:
+        raise click.UsageError("--overcommit needs --memory SIZE or --compute SHARE (what to overcommit)", ctx)
     with refusals(), option_errors(ctx):
         made = partitions.create(name, memory, compute=compute, cap=cap, overcommit=overcommit,
                                  priority=priority or "normal", device_index=device_index)
@@ -53,7 +55,8 @@ def _limits(p: state.PartitionUsage) -> str:
     memory = format_size(p.memory_limit) if p.memory_limit else "no memory limit"
     if p.best_effort:
         memory += " (best effort: overcommitted, not a promise)"
-    compute = f"{format_share(p.compute_share)} of compute" + (" (capped)" if p.compute_cap else "") \
+    compute = f"{format_share(p.compute_share)} of compute" + (" (capped)" if p.compute_cap else "") + \
+        (" (best effort: overcommitted, not a promise)" if p.compute_best_effort else "") \
         if p.compute_share else "no compute share"
     return f"{memory}, {compute}" + ("" if p.priority == "normal" else f", {p.priority} priority")
 
@@ -104,7 +107,7 @@ LIST_COLUMNS = [("partition", "left"), ("limit", "right"), ("in use", "right"), 
               help="New share of the GPU's time: 25% or 0.25.")
 @click.option("--cap/--no-cap", default=None, help="Make the share a ceiling, or stop it being one.")
 @priority_option("New priority class: high, normal or low; running jobs take it at their next launch.")
-@overcommit_option("the new --memory limit")
+@overcommit_option("the new --memory limit or --compute share")
 @device_option("The GPU, by CUDA index, when several have a partition of this name (`fracgpu gpus` lists them).")
 @click.pass_context
 def set_(ctx: click.Context, name: str, memory: str | None, unlimited: bool, compute: str | None, cap: bool | None,
@@ -113,8 +116,8 @@ def set_(ctx: click.Context, name: str, memory: str | None, unlimited: bool, com
 
     A new memory limit must fit beside the GPU's other promises, unless
     --overcommit; one that fits makes a best-effort partition a promise again."""
-    if overcommit and memory is None:
-        raise click.UsageError("--overcommit needs --memory SIZE (the limit to overcommit)", ctx)
+    if overcommit and memory is None and compute is None:
+        raise click.UsageError("--overcommit needs --memory SIZE or --compute SHARE (what to overcommit)", ctx)
     with refusals(), option_errors(ctx):
         try:
             uuid, now = partitions.update(name, memory=memory, compute=compute, cap=cap, unlimited=unlimited,

@@ -20,10 +20,10 @@ import time
 
 import click
 
-from fracgpu import config, jobs, settings
+from fracgpu import config, jobs, settings, slurm, state
 from fracgpu.cli.common import (PRIORITY_HELP, CommandFailed, CommandRunner, InputError, complete_partitions,
-                                converted_by, job_spec,
-                                overcommit_option, priority_option, quota_options, refusals)
+                                converted_by, exec_command, job_spec, overcommit_option, priority_option,
+                                quota_options, refusals)
 
 # Signals passed on to the command. SIGINT and SIGQUIT typed at the terminal
 # reach the command directly (same process group), so those are passed on only
@@ -110,6 +110,19 @@ def parse_labels(labels: tuple[str, ...] | list[str]) -> dict[str, str]:
     return out
 
 
+def _live_holder() -> int | None:
+    """The process recording the job this one runs in (``FRACGPU_JOB_HOLDER``, set by an outer
+    ``fracgpu run`` or ``fracgpu.init()``) while it runs; None when there is none."""
+    try:
+        holder = int(os.environ.get(settings.JOB_HOLDER, ""))
+        os.kill(holder, 0)
+    except (ValueError, ProcessLookupError, OverflowError):
+        return None
+    except PermissionError:
+        pass   # it runs, as another user
+    return holder if holder > 0 else None
+
+
 def exit_like(status: int) -> None:
     """Leave as the command did: its exit status, or killed by the same signal."""
     sys.stdout.flush()
@@ -129,7 +142,7 @@ def exit_like(status: int) -> None:
                "of each GPU. Gone when the command and its children exit.",
                "Give the command's private partition this share of the GPU's time: 25% or 0.25. Guaranteed when "
                "every partition is busy; time others leave idle is used too, unless --cap.")
-@overcommit_option("the --memory limit")
+@overcommit_option("the --memory limit or --compute share")
 @priority_option(PRIORITY_HELP + " Gives the command a private partition.")
 @click.option("--partition", metavar="NAME", shell_complete=complete_partitions,
               help="Run the command in this existing partition (fracgpu partition create), sharing its quota "
@@ -157,18 +170,22 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
     What the job used (device time, memory) is sampled into the ledger while it
     runs and when it ends (`fracgpu report`). fracgpu run exits as COMMAND did;
     signals sent to it go to COMMAND, and COMMAND is killed if fracgpu run is.
-    A --memory limit must fit beside what the GPU has promised already (see
-    `fracgpu partition list`), or be passed with --overcommit. When fracgpu
-    run refuses to start COMMAND it exits 125 (127: COMMAND not found, 126:
-    not executable).
+    A --memory limit or --compute share must fit beside what the GPU has
+    promised already (see `fracgpu partition list`), or be passed with
+    --overcommit. Inside a partition (started by another fracgpu run, say)
+    COMMAND runs in that partition: give no limits, or the same ones. When
+    fracgpu run refuses to start COMMAND it exits 125 (127: COMMAND not
+    found, 126: not executable).
 
     \b
       fracgpu run --memory 4GiB --compute 25% -- python train.py
       fracgpu run --partition team -- python infer.py
       fracgpu run --priority high -- python serve.py
     """
+    outer = jobs.outer_partition()
+    asked = (memory, compute, partition, priority, oom_wait) != (None,) * 5 or cap or overcommit
     spec = job_spec(ctx, memory=memory, compute=compute, cap=cap, partition=partition, oom_wait=oom_wait,
-                    overcommit=overcommit, priority=priority)
+                    overcommit=overcommit, priority=priority) if asked or outer is None else None
     if not command:
         raise click.UsageError("missing the command to run: fracgpu run [OPTIONS] -- COMMAND [ARGS]...", ctx)
     from fracgpu.ledger import Ledger, LedgerError
@@ -176,8 +193,23 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
 
     with refusals():
         config.check_environment()   # the node's file wins: a contradicting variable is refused, not ignored
-        # This process stays the command's parent: its pid names the private partition.
-        variables = jobs.partition_variables(spec, private_name=f"run-{os.getpid()}")
+        if outer is not None:
+            jobs.check_nested(spec, os.environ)
+            nested = jobs.JobSpec.from_environment(os.environ)
+            variables = {settings.PARTITION: outer, settings.STATE_DIR: state.resolve_state_dir()}
+            if spec is not None and spec.oom_wait_text is not None:
+                variables[settings.OOM_WAIT] = spec.oom_wait_text
+            spec = nested
+            holder = _live_holder()
+            if holder:
+                if job_name is not None or labels:
+                    raise InputError(f"this job runs inside fracgpu partition '{outer}', whose job the process "
+                                     f"{holder} records in the ledger already: it is part of that job, so give "
+                                     "--name and --label to the outer `fracgpu run`")
+                exec_command(command, jobs.job_environment(variables))
+        else:
+            # This process stays the command's parent: its pid names the private partition.
+            variables = jobs.partition_variables(spec, private_name=f"run-{os.getpid()}")
         env = jobs.job_environment(variables)
     env[settings.JOB_HOLDER] = str(os.getpid())
     try:
@@ -188,8 +220,8 @@ def run(ctx: click.Context, memory: str | None, compute: str | None, cap: bool, 
                            private=spec.private, state_dir=variables[settings.STATE_DIR],
                            command=shlex.join(command),
                            # a percentage becomes bytes when the job's GPU is seen
-                           memory_limit=spec.memory_bytes, labels=labels, compute_share=spec.compute,
-                           priority=spec.priority or "normal")
+                           memory_limit=spec.memory_bytes, labels={**slurm.task_labels(os.environ), **labels},
+                           compute_share=spec.compute, priority=spec.priority or "normal")
     status = supervise(command, env, recorder)
     ledger.close()
     exit_like(status)
