@@ -31,21 +31,29 @@
 // GPU's state (unlisted_pid_ns), so its later jobs go to the exclusive lock
 // at once; a job of it that the device does list after all clears it.
 //
-// The first context of a process
-// on a device is where the driver reserves the big block, so that figure is
-// kept per device and charged again, before the call, for every later
-// context of the process there. The first one is charged after it exists;
-// when it does not fit, it is destroyed and its creation fails with
-// CUDA_ERROR_OUT_OF_MEMORY.
+// A context is charged before it is made, as an allocation is: a context
+// that did not fit would otherwise be on the device, over the quota, until
+// it was destroyed again. The first context of a process on a device is
+// where the driver reserves the big block: it is charged what a first
+// context was last measured to reserve on that GPU (kept in its shared state,
+// context_bytes), then measured and the books settled on the figure (the
+// difference charged or given back; when more does not fit, the context is
+// destroyed and its creation fails with CUDA_ERROR_OUT_OF_MEMORY). That
+// figure is kept per device and charged, before the call, for every later
+// context of the process there. The very first context made on a GPU's
+// state has no figure yet: it is charged an estimate (1/128 of the device,
+// at most what its partition has left) until it is measured.
 //
 // Limits of that fallback, said in the README: a process outside fracgpu
 // allocating or freeing during the measurement moves the figure by what it did (allocating makes
 // this job pay more, never a neighbour; freeing can make it pay less).
-// Without NVML nothing can be measured: contexts are then charged nothing,
-// said once on stderr, and FRACGPU_CONTEXT_MEMORY is the way to charge them.
+// Without NVML nothing can be measured: contexts are then charged nothing
+// (or what was measured on the GPU before), said once on stderr, and
+// FRACGPU_CONTEXT_MEMORY is the way to charge them.
 #include "device_figures.h"
 #include "quota.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <fcntl.h>
 #include <mutex>
@@ -118,6 +126,19 @@ void remember_unlisted(fracgpu::SharedRegion &r, uint64_t ns, bool unlisted) {
     if (unlisted) r.unlisted_pid_ns[ns % std::size(r.unlisted_pid_ns)].store(ns);   // full: one makes way
 }
 
+// Never measured on this GPU: a first estimate, at least what a real first
+// context takes on the GPUs fracgpu serves (300-600 MiB of 80-141 GiB), but
+// no more than the partition has left (so the estimate alone never refuses a
+// context that fits). Settled once measured; while it is charged, neighbours
+// in the partition see the room it holds as taken.
+constexpr uint64_t kFirstContextShare = 128;
+uint64_t first_context_estimate(Binding &b) {
+    const fracgpu::SharedRegion *r = b.region.raw();
+    uint64_t used = r->partitions[r->processes[b.slot].partition].used.load(std::memory_order_relaxed);
+    uint64_t room = b.limit() > used ? b.limit() - used : 0;
+    return std::min(b.region.total_memory() / kFirstContextShare, room);
+}
+
 // How a context was made and measured: `reserve` is its figure when `measured`.
 struct Made {
     CUresult rc = CUDA_SUCCESS;
@@ -132,8 +153,10 @@ struct Made {
 // and measures it: by the device's own figure for the process, or (exclusive
 // lock only) by what the device uses beyond the books. Under the shared lock a
 // context the device's figure cannot measure is destroyed again (unlisted).
+// `precharged`: what was charged for it before it was made; the books are
+// settled on the measured figure.
 template <typename Call, typename Undo>
-Made made_measured(Binding *b, int mode, Call call, Undo undo) {
+Made made_measured(Binding *b, int mode, uint64_t precharged, Call call, Undo undo) {
     Made m;
     uint64_t asked = mono_ns();
     MeasureLock lock(b->region.path(), mode);
@@ -159,11 +182,16 @@ Made made_measured(Binding *b, int mode, Call call, Undo undo) {
         m.reserve = after > before ? (uint64_t)(after - before) : 0;
         m.measured = true;
     }
-    if (m.measured && charge(b, m.reserve) != CUDA_SUCCESS) {   // charged under the lock: in the books
+    // Settled under the lock, so the books hold the context before anyone
+    // measures again: what it took beyond the charge made before it existed
+    // is charged, what it took less is given back.
+    if (m.measured && m.reserve > precharged && charge(b, m.reserve - precharged) != CUDA_SUCCESS) {
         undo();
         m.rc = CUDA_ERROR_OUT_OF_MEMORY;
         log("a CUDA context on %s reserves %s (measured), more than its partition has left: the context is "
             "destroyed and its creation fails", b->uuid.c_str(), size_text(m.reserve).c_str());
+    } else if (m.measured && m.reserve < precharged) {
+        b->region.uncharge(b->slot, precharged - m.reserve);
     }
     return m;
 }
@@ -180,21 +208,40 @@ CUresult context_created(CUcontext *pctx, CUdevice dev, Call call, Undo undo) {
     uint64_t reserve = known == kUnknown ? 0 : known;
     if (known == kUnknown && b->ok) {
         fracgpu::SharedRegion &r = *b->region.raw();
+        // Charged before it exists: what a first context was last measured to
+        // reserve on this GPU, settled once measured.
+        uint64_t expected = r.context_bytes.load(std::memory_order_relaxed);
+        if (expected) {
+            if (CUresult rc = charge(b, expected); rc != CUDA_SUCCESS) {
+                log("a CUDA context on %s reserves %s (as measured before), more than its partition has left: "
+                    "the context is not created", b->uuid.c_str(), size_text(expected).c_str());
+                return rc;
+            }
+        } else {
+            expected = first_context_estimate(*b);
+            if (charge(b, expected) != CUDA_SUCCESS) expected = 0;   // the room went meanwhile: measured after
+        }
         uint64_t ns = pid_namespace();
         Made m;
         // NVML is loaded (once) here, before the lock: a fallback measurement makes every other first context wait.
         m.unlisted = !device_lists_processes() || known_unlisted(r, ns);
         if (!m.unlisted) {
-            m = made_measured(b, LOCK_SH, call, undo);
+            m = made_measured(b, LOCK_SH, expected, call, undo);
             if (m.unlisted && m.said) remember_unlisted(r, ns, true);
         }
         if (m.unlisted) {
-            m = made_measured(b, LOCK_EX, call, undo);
+            m = made_measured(b, LOCK_EX, expected, call, undo);
             if (m.listed) remember_unlisted(r, ns, false);   // it is listed after all
         }
-        if (m.rc != CUDA_SUCCESS) return m.rc;
-        if (m.measured) g_context_bytes[dev] = m.reserve;
-        reserve = m.measured ? m.reserve : 0;
+        if (m.rc != CUDA_SUCCESS) {
+            uncharge(dev, expected);
+            return m.rc;
+        }
+        if (m.measured) {
+            g_context_bytes[dev] = m.reserve;
+            r.context_bytes.store(m.reserve, std::memory_order_relaxed);
+        }
+        reserve = m.measured ? m.reserve : expected;
     } else {
         CUresult rc = charge(b, reserve);   // known: charged before the call, as an allocation is
         if (rc != CUDA_SUCCESS) {
