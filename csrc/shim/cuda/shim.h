@@ -13,8 +13,9 @@
 //                                          (memory_pools.cpp), limits and module globals
 //                                          (modules_limits.cpp)
 //   contexts (contexts.cpp)                context creation, destruction and the primary
-//                                          context, each charged what it reserves (measured
-//                                          under the GPU's measurement lock)
+//                                          context, each charged before it is made and settled
+//                                          on what it reserves (measured under the GPU's
+//                                          measurement lock)
 //   graph memory (graphs.cpp)              the device's graph memory pool, on the books
 //   device figures (device_figures.cpp,    NVML, opened once: what the device itself says
 //     device_figures.h)                    a process holds, for contexts and reconciliation
