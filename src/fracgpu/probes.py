@@ -321,7 +321,7 @@ def probe_watch(device: int, uuid: str, limit: int, root: int | None = None, per
             print("ready", flush=True)
         if stop.is_set():
             break
-        time.sleep(period)
+        time.sleep(max(0.0, now + period - time.monotonic()))   # a period from sample to sample, the read included
     return {"limit": limit, "peak": peak, "excess": excess, "excess_s": longest, "over_samples": over,
             "samples": samples, "max_gap_s": max_gap}
 

@@ -81,7 +81,7 @@ def test_the_check_of_exits_without_freeing_reports_the_devices_own_excess(gpu4)
     figures = c["figures"]
     assert c["ok"] and figures["excess"] == 0 and figures["excess_s"] == 0
     assert figures["limit"] == report["probe_quota"] and figures["processes"] == 8
-    assert report["probe_quota"] // 2 <= figures["peak"] <= report["probe_quota"]   # it saw them fill it
+    assert figures["peak"] <= report["probe_quota"] and figures["held"] > 0
     assert figures["samples"] > 1
 
 

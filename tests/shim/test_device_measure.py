@@ -36,13 +36,16 @@ def over_quota(figures: dict) -> str:
 def test_processes_exiting_without_freeing_never_leave_more_than_the_quota_on_the_device(make_gpu, clients, count):
     gpu = make_gpu(memory=GiB, context_memory=MiB)
     uuid = device_uuid(gpu.env)
+    peaks = []
     for _ in range(ROUNDS):
         with DeviceWatch(gpu.env, uuid, QUOTA) as watch:
             gpu.fracgpu("run", "--memory", "256MiB", "--", *launcher(clients.lcuda, count, "alloc-until-oom", 1),
                         timeout=120)
             figures = watch.stop()
         assert figures["peak"] <= QUOTA, over_quota(figures)
-        assert figures["peak"] >= QUOTA // 2   # the watch saw the partition fill
+        peaks.append(figures["peak"])
+    # The watch saw the partition fill (a loaded machine can leave it unscheduled through a whole round).
+    assert max(peaks) >= QUOTA // 2, peaks
 
 
 # Jobs of the C client (``$0``) that press on the quota in each way the device can hold memory the books
@@ -65,10 +68,12 @@ PRESSURE = {
 def test_no_way_of_holding_memory_leaves_more_than_the_quota_on_the_device(make_gpu, clients, pressure):
     gpu = make_gpu(memory=GiB, context_memory=MiB)
     uuid = device_uuid(gpu.env)
-    for _ in range(2):
+    peaks = []
+    for _ in range(ROUNDS):
         with DeviceWatch(gpu.env, uuid, QUOTA) as watch:
             gpu.fracgpu("run", "--memory", "256MiB", "--", "sh", "-c", PRESSURE[pressure], str(clients.lcuda),
                         timeout=120)
             figures = watch.stop()
         assert figures["peak"] <= QUOTA, over_quota(figures)
-        assert figures["peak"] > 0   # the watch saw the job
+        peaks.append(figures["peak"])
+    assert max(peaks) > 0, peaks   # the watch saw the job
