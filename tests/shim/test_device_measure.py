@@ -29,23 +29,30 @@ def over_quota(figures: dict) -> str:
             f"{figures['max_gap_s'] * 1e3:.1f} ms)")
 
 
-@pytest.mark.fault("Processes of a partition exit without freeing while their neighbours allocate",
-                   "the device never holds more than the quota for the partition (polled every 200 us): a "
-                   "process's memory goes back to its partition only once the process is gone")
-@pytest.mark.parametrize("count", [8, 32])
-def test_processes_exiting_without_freeing_never_leave_more_than_the_quota_on_the_device(make_gpu, clients, count):
+def watched_rounds(make_gpu, argv: list[str]) -> list[int]:
+    """Runs ``argv`` as one job in a 256 MiB partition, ROUNDS times on a 1 GiB simulated GPU with 1 MiB
+    contexts, each round under a device watch that must never see the job hold more than the quota. Returns
+    the peak each round saw (a loaded machine can leave the watch unscheduled through a whole round: such a
+    round measures nothing)."""
     gpu = make_gpu(memory=GiB, context_memory=MiB)
     uuid = device_uuid(gpu.env)
     peaks = []
     for _ in range(ROUNDS):
         with DeviceWatch(gpu.env, uuid, QUOTA) as watch:
-            gpu.fracgpu("run", "--memory", "256MiB", "--", *launcher(clients.lcuda, count, "alloc-until-oom", 1),
-                        timeout=120)
+            gpu.fracgpu("run", "--memory", "256MiB", "--", *argv, timeout=120)
             figures = watch.stop()
         assert figures["peak"] <= QUOTA, over_quota(figures)
         peaks.append(figures["peak"])
-    # The watch saw the partition fill (a loaded machine can leave it unscheduled through a whole round).
-    assert max(peaks) >= QUOTA // 2, peaks
+    return peaks
+
+
+@pytest.mark.fault("Processes of a partition exit without freeing while their neighbours allocate",
+                   "the device never holds more than the quota for the partition (polled every 200 us): a "
+                   "process's memory goes back to its partition only once the process is gone")
+@pytest.mark.parametrize("count", [8, 32])
+def test_processes_exiting_without_freeing_never_leave_more_than_the_quota_on_the_device(make_gpu, clients, count):
+    peaks = watched_rounds(make_gpu, launcher(clients.lcuda, count, "alloc-until-oom", 1))
+    assert max(peaks) >= QUOTA // 2, peaks   # the watch saw the partition fill
 
 
 # Jobs of the C client (``$0``) that press on the quota in each way the device can hold memory the books
@@ -66,14 +73,5 @@ PRESSURE = {
                    "the device never holds more than the quota for the partition (polled every 200 us)")
 @pytest.mark.parametrize("pressure", list(PRESSURE))
 def test_no_way_of_holding_memory_leaves_more_than_the_quota_on_the_device(make_gpu, clients, pressure):
-    gpu = make_gpu(memory=GiB, context_memory=MiB)
-    uuid = device_uuid(gpu.env)
-    peaks = []
-    for _ in range(ROUNDS):
-        with DeviceWatch(gpu.env, uuid, QUOTA) as watch:
-            gpu.fracgpu("run", "--memory", "256MiB", "--", "sh", "-c", PRESSURE[pressure], str(clients.lcuda),
-                        timeout=120)
-            figures = watch.stop()
-        assert figures["peak"] <= QUOTA, over_quota(figures)
-        peaks.append(figures["peak"])
+    peaks = watched_rounds(make_gpu, ["sh", "-c", PRESSURE[pressure], str(clients.lcuda)])
     assert max(peaks) > 0, peaks   # the watch saw the job
