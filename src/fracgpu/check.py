@@ -47,6 +47,8 @@ DEVICE_TIME_TOLERANCE = 0.05  # the ledger's device time within 5% of what ran
 CONTEXT_TOLERANCE = 0.25      # the context's charge within 25% of what it reserves
 LAUNCH_RATIO_BOUND = 3.0      # what the shim may add to a launch, as a ratio to the bare driver
 LAUNCH_PAIRS = 3              # bare and shimmed launch probes, alternating
+EXIT_PROBES = 8               # processes that fill one partition and exit without freeing
+WATCH_PERIOD_US = 200         # how often the device's own figure is polled meanwhile
 GPU_CHOICES = ("auto", "sim", "real")
 
 
@@ -373,6 +375,32 @@ def context_counted(node: Node) -> Result:
     return Result("context counted", ok, f"{size(charged)} charged",
                   f"{size(reserve)} ± {CONTEXT_TOLERANCE:.0%}", why,
                   {**figures, "charged": charged, "reserve": reserve})
+
+
+@check("memory back when the device lets go", alone=True)
+def exits_without_freeing(node: Node) -> Result:
+    """Probe processes fill one partition and exit without freeing, while the device's own figure for them
+    (NVML's per-process list) is polled every 200 us: they must never hold more than the quota there. The
+    excess and how long it lasted is the window in which a partition's memory was given back before the
+    driver's teardown let go of it."""
+    launcher = node.start_probe("leave-full-together", node.job_env("check-exits", memory=node.quota),
+                                block=node.block, count=EXIT_PROBES)
+    node.wait_ready(launcher, "the probes filling a partition")
+    watch = node.start_probe("watch", node.bare_env(), uuid=node.device.uuid, limit=node.quota, root=launcher.pid,
+                             period_us=WATCH_PERIOD_US)
+    node.wait_ready(watch, "the device watch")
+    launcher.stdin.write("go\n")
+    launcher.stdin.flush()
+    filled = last_json(node.finish(launcher, "the probes filling a partition"))
+    watch.stdin.write("stop\n")
+    watch.stdin.flush()
+    seen = last_json(node.finish(watch, "the device watch"))
+    ok = seen["excess"] == 0
+    why = "" if ok else (f"the device held {size(seen['excess'])} over the quota for the exiting processes, for "
+                         f"{seen['excess_s'] * 1e3:.1f} ms: memory went back to the partition before the device let go")
+    return Result("memory back when the device lets go", ok,
+                  f"peak {size(seen['peak'])}, {size(seen['excess'])} over for {seen['excess_s'] * 1e3:.1f} ms",
+                  f"at most the quota {size(node.quota)}", why, {**seen, **filled})
 
 
 @check("partitions isolated")

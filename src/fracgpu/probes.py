@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from fracgpu._driver import Driver
+from fracgpu._driver import CudaError, Driver
 
 OUT_OF_MEMORY = 2            # CUDA_ERROR_OUT_OF_MEMORY
 HEAP_LIMIT = 2               # CU_LIMIT_MALLOC_HEAP_SIZE
@@ -193,9 +193,9 @@ class NvmlMemory(ctypes.Structure):   # nvmlMemory_t
     _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
 
 
-def nvml_used(uuid: str) -> Callable[[], int] | None:
-    """A reader of the device's used memory as NVML reports it (no context needed), or None when NVML
-    cannot say. Each figure is read until two reads in a row agree, as the shim reads it."""
+def nvml_device(uuid: str) -> tuple[ctypes.CDLL, ctypes.c_void_p] | None:
+    """NVML (the real one, or the simulated GPU's) and its handle of the GPU ``uuid``; None when NVML cannot
+    be used here."""
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:
@@ -203,6 +203,16 @@ def nvml_used(uuid: str) -> Callable[[], int] | None:
     handle = ctypes.c_void_p()
     if nvml.nvmlInit_v2() != 0 or nvml.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(handle)) != 0:
         return None
+    return nvml, handle
+
+
+def nvml_used(uuid: str) -> Callable[[], int] | None:
+    """A reader of the device's used memory as NVML reports it (no context needed), or None when NVML
+    cannot say. Each figure is read until two reads in a row agree, as the shim reads it."""
+    opened = nvml_device(uuid)
+    if opened is None:
+        return None
+    nvml, handle = opened
 
     def used() -> int:
         last, memory = None, NvmlMemory()
@@ -213,6 +223,107 @@ def nvml_used(uuid: str) -> Callable[[], int] | None:
             last = memory.used
         return last
     return used
+
+
+class NvmlProcessInfo(ctypes.Structure):   # nvmlProcessInfo_t (v2 and v3)
+    _fields_ = [("pid", ctypes.c_uint), ("used", ctypes.c_ulonglong), ("gpu_instance", ctypes.c_uint),
+                ("compute_instance", ctypes.c_uint)]
+
+
+NVML_INSUFFICIENT_SIZE = 7
+NVML_VALUE_NOT_AVAILABLE = (1 << 64) - 1
+
+
+def nvml_processes(uuid: str) -> Callable[[], list[tuple[int, int]]] | None:
+    """A reader of the processes the device lists as holding its memory, from the device's own accounting
+    (nvmlDeviceGetComputeRunningProcesses): (pid, bytes) each, contexts included. None when NVML cannot say."""
+    opened = nvml_device(uuid)
+    if opened is None:
+        return None
+    nvml, handle = opened
+    call = getattr(nvml, "nvmlDeviceGetComputeRunningProcesses_v3", None) or \
+        getattr(nvml, "nvmlDeviceGetComputeRunningProcesses_v2", None)
+    if call is None:
+        return None
+    room = [64]
+    buffers = [(NvmlProcessInfo * room[0])()]
+
+    def processes() -> list[tuple[int, int]]:
+        while True:
+            count = ctypes.c_uint(room[0])
+            rc = call(handle, ctypes.byref(count), buffers[0])
+            if rc == NVML_INSUFFICIENT_SIZE:   # more processes than room: ask again with room for them
+                room[0] = count.value + count.value // 2 + 16
+                buffers[0] = (NvmlProcessInfo * room[0])()
+                continue
+            check(rc, "nvmlDeviceGetComputeRunningProcesses")
+            return [(e.pid, e.used) for e in buffers[0][:count.value] if e.used != NVML_VALUE_NOT_AVAILABLE]
+    return processes
+
+
+def descends_from(pid: int, root: int, known: dict[int, bool]) -> bool:
+    """Whether process ``pid`` is ``root`` or one of its descendants (by /proc's parent links; a process
+    whose ancestry cannot be read any more counts as not). ``known`` caches the answers by pid."""
+    chain = []
+    answer = False
+    while pid > 1 and pid not in known:
+        if pid == root:
+            answer = True
+            break
+        chain.append(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    else:
+        answer = known.get(pid, False)
+    for p in chain:
+        known[p] = answer
+    return answer
+
+
+def probe_watch(device: int, uuid: str, limit: int, root: int | None = None, period_us: float = 200) -> dict:
+    """Polls the device's own per-process figures (NVML) every ``period_us`` until a line comes on stdin,
+    summing what the processes of one job hold there: ``root`` and its descendants (None: every process
+    the device lists). Prints ``ready`` after the first sample. Reports the most they held (``peak``), by
+    how much and for how long that went past ``limit`` (``excess``, ``excess_s``: the longest stretch of
+    samples over it; ``over_samples``), and how the polling kept its period (``samples``, ``max_gap_s``)."""
+    import threading
+
+    read = nvml_processes(uuid)
+    if read is None:
+        raise SystemExit("NVML cannot list the processes holding the device's memory here")
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+    known: dict[int, bool] = {}
+    period = period_us / 1e6
+    peak = excess = samples = over = 0
+    longest = max_gap = 0.0
+    over_since = last = None
+    while True:
+        held = sum(used for pid, used in read() if root is None or descends_from(pid, root, known))
+        now = time.monotonic()
+        samples += 1
+        if last is not None:
+            max_gap = max(max_gap, now - last)
+        last = now
+        peak = max(peak, held)
+        if held > limit:
+            over += 1
+            excess = max(excess, held - limit)
+            over_since = now if over_since is None else over_since
+            longest = max(longest, now - over_since)
+        elif over_since is not None:   # the stretch lasted until this sample found it back under
+            longest = max(longest, now - over_since)
+            over_since = None
+        if samples == 1:
+            print("ready", flush=True)
+        if stop.is_set():
+            break
+        time.sleep(max(0.0, now + period - time.monotonic()))   # a period from sample to sample, the read included
+    return {"limit": limit, "peak": peak, "excess": excess, "excess_s": longest, "over_samples": over,
+            "samples": samples, "max_gap_s": max_gap}
 
 
 def probe_reserve(device: int, uuid: str) -> dict:
@@ -333,6 +444,35 @@ def probe_fill(device: int, block: int) -> dict:
     return {**job.figures(), **result}
 
 
+def probe_leave_full(device: int, block: int) -> dict:
+    """Fills the quota with cuMemAlloc_v2 until refused, then exits without freeing anything: the driver's
+    teardown gives it back. A process that finds the quota full already is refused its context."""
+    try:
+        job = Job(device)
+    except CudaError as e:
+        if e.code != OUT_OF_MEMORY:
+            raise
+        return {"held": 0, "context_refused": True}
+    result, _ = fill(job, take_alloc, block)
+    return {**result, "context_refused": False}
+
+
+def probe_leave_full_together(device: int, block: int, count: int) -> dict:
+    """Prints ``ready``, waits for a line on stdin, then starts ``count`` ``leave-full`` probes at once (its
+    children: the job) and waits for them all."""
+    import subprocess
+
+    print("ready", flush=True)
+    sys.stdin.readline()
+    argv = [sys.executable, "-m", __spec__.name, "leave-full", json.dumps({"device": device, "block": block})]
+    children = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(count)]
+    ended = [json.loads(c.communicate()[0].strip().splitlines()[-1]) if c.wait() == 0 else None for c in children]
+    if None in ended:
+        raise SystemExit(f"{ended.count(None)} of {count} probes filling the partition failed")
+    return {"processes": count, "held": sum(e["held"] for e in ended),
+            "contexts_refused": sum(e["context_refused"] for e in ended)}
+
+
 def probe_busy(device: int, module: str, kernel_ms: float, seconds: float) -> dict:
     """Spin kernels back to back for ``seconds``, started together with the other busy jobs (``ready``, then a
     line on stdin); the device time its kernels took."""
@@ -389,7 +529,9 @@ def probe_launch(device: int, module: str, launches: int, batches: int) -> dict:
 PROBES: dict[str, Callable[..., dict]] = {
     "reserve": probe_reserve, "paths": probe_paths, "vmm-released": probe_vmm_released,
     "vmm-retained": probe_vmm_retained, "heap": probe_heap, "pool": probe_pool, "context": probe_context,
-    "hold": probe_hold, "fill": probe_fill, "busy": probe_busy, "spin": probe_spin, "launch": probe_launch,
+    "hold": probe_hold, "fill": probe_fill, "leave-full": probe_leave_full,
+    "leave-full-together": probe_leave_full_together, "watch": probe_watch, "busy": probe_busy, "spin": probe_spin,
+    "launch": probe_launch,
 }
 
 

@@ -75,6 +75,17 @@ def test_the_table_names_each_check_and_its_verdict(gpu4):
     assert "alloc paths" not in result.stdout
 
 
+def test_the_check_of_exits_without_freeing_reports_the_devices_own_excess(gpu4):
+    result, report = checked(gpu4, "--check", "memory back when the device lets go")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (c,) = report["checks"]
+    figures = c["figures"]
+    assert c["ok"] and figures["excess"] == 0 and figures["excess_s"] == 0
+    assert figures["limit"] == report["probe_quota"] and figures["processes"] == 8
+    assert figures["peak"] <= report["probe_quota"] and figures["held"] > 0
+    assert figures["samples"] > 1
+
+
 @pytest.mark.fault("A node whose shim does not charge the context (FRACGPU_CONTEXT_MEMORY=0)",
                    "`fracgpu check` fails `context counted`, exit 1")
 def test_a_context_not_counted_is_caught(gpu4):

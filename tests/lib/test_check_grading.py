@@ -98,5 +98,5 @@ def test_a_check_is_one_function_and_a_failing_probe_fails_only_its_check(monkey
 def test_the_checks_have_unique_names_and_the_timed_ones_run_alone():
     names = [c.name for c in CHECKS]
     assert len(names) == len(set(names))
-    assert {c.name for c in CHECKS if c.alone} == {"compute shares", "compute cap", "ledger device time",
-                                                   "launch overhead", "priority"}
+    assert {c.name for c in CHECKS if c.alone} == {"memory back when the device lets go", "compute shares",
+                                                   "compute cap", "ledger device time", "launch overhead", "priority"}

@@ -157,7 +157,12 @@ struct SharedRegion {
     uint32_t pad0;
     std::atomic<uint64_t> lease_until_ns;
     std::atomic<uint64_t> lease_start_ns;  // since when the owner's turn is charged (its virtual time)
-    std::atomic<uint64_t> reserved[4];
+    // What a process's first CUDA context reserves on this GPU, as last
+    // measured (the CUDA shim's contexts.cpp); 0: never measured. A new
+    // context is charged this before it is made, and settled once measured.
+    // Taken from the reserved words: a region made before it reads 0.
+    std::atomic<uint64_t> context_bytes;
+    std::atomic<uint64_t> reserved[3];
     // Pid namespaces (inodes of /proc/<pid>/ns/pid; 0: free) whose processes
     // the device's NVML was found not to list: their first contexts are
     // measured under the exclusive measurement lock straight away (the CUDA

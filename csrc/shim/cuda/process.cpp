@@ -9,8 +9,10 @@
 // (Region::join), making a private partition first when FRACGPU_MEMORY or
 // FRACGPU_COMPUTE ask for one. The quota charges and the launch gate measures
 // against that slot. An atexit handler counts the launch gate's last
-// launches and leaves every slot; a process killed before it can is reaped by
-// the others (Region::reap, by pid). A pthread_atfork child handler forgets
+// launches and stops the books; the slot, and the memory charged to it, stay
+// until the process is gone (the device holds that memory until then), when
+// the others reap it (Region::reap, by pid and start time), as they reap a
+// process killed by a signal. A pthread_atfork child handler forgets
 // everything: a forked child is a new process, bound anew at its own cuInit,
 // and the parent's slots, allocations, locks and gate stay the parent's.
 //
@@ -99,16 +101,22 @@ bool attach(int d, Binding &b) {
     return true;
 }
 
+// At exit the process keeps its slots, and with them what its partition is
+// charged: the driver still holds the process's memory. Its own teardown
+// runs later in the exit path (its exit handler was registered before this
+// one, at the real cuInit), and what is left goes when the kernel closes the
+// process's device files. Giving the memory back here would let neighbours
+// allocate into memory the device still holds, over the quota. The slot is
+// released (Region::reap, by whoever looks next: a refused allocation, the
+// job's recorder, the CLI) once the process is gone, when the device has let
+// go of everything.
 void detach_at_exit() {
     if (!g_bound.load() || !g_bind) return;
     gate_account_finished();
     // From here on nothing is charged or given back: a free made by a later exit
-    // handler (a static destructor freeing its cache) must not give the partition
-    // back memory that leaving it already returned, nor touch a slot that may
-    // belong to another process by then.
+    // handler (a static destructor freeing its cache) is the device's business
+    // until the process is gone, and the slot is released whole then.
     g_bound.store(false, std::memory_order_release);
-    for (int d = 0; d < g_ndev; d++)
-        if (g_bind[d].ok) g_bind[d].region.leave(g_bind[d].slot);
 }
 
 void forget_after_fork() {

@@ -34,6 +34,7 @@
 // Nothing here is on a hook's path: the thread takes the region's lock about
 // once a second, and hooks touch nothing it adds.
 #include "process.h"
+#include "device_figures.h"
 #include "quota.h"
 
 #include <algorithm>
@@ -64,7 +65,7 @@ struct Reading {
 Reading read_once(int dev, const std::atomic<uint64_t> &books) {
     Reading r;
     uint64_t before = books.load(std::memory_order_acquire);
-    r.figure = quota_device_figure(dev, &r.device);
+    r.figure = device_figure(dev, &r.device);
     r.books = std::max(before, books.load(std::memory_order_acquire));
     return r;
 }

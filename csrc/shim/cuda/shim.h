@@ -5,22 +5,31 @@
 //                                          (fracgpu/real_library.h); lazy, once per process
 //   process binding (process.cpp,          cuInit: this process's slot in its partition on
 //     process.h)                           each device; exit and fork
-//   memory quota (quota.cpp)               the memory hooks: check-and-charge, allocation
-//                                          tracking, the quota shown as device memory
-//   reservations (reserve.cpp,             cuCtxSetLimit's heap, stack and FIFO, and the
-//     quota.h)                             reserve stream-ordered pools keep, on the books
+//   memory quota (quota.cpp, quota.h)     the books: check-and-charge, what each allocation
+//                                          charged, the quota shown as device memory
+//   allocation hooks, by the driver        linear memory (memory_linear.cpp), VMM
+//     API's families                       (memory_vmm.cpp), arrays (memory_arrays.cpp),
+//                                          pools and stream-ordered allocation
+//                                          (memory_pools.cpp), limits and module globals
+//                                          (modules_limits.cpp)
+//   contexts (contexts.cpp)                context creation, destruction and the primary
+//                                          context, each charged before it is made and settled
+//                                          on what it reserves (measured under the GPU's
+//                                          measurement lock)
 //   graph memory (graphs.cpp)              the device's graph memory pool, on the books
-//   ground truth (reconcile.cpp,           a thread per process that checks the books against
-//     quota.h)                             what NVML says the process holds, and charges
-//                                          the partition what the books missed
+//   device figures (device_figures.cpp,    NVML, opened once: what the device itself says
+//     device_figures.h)                    a process holds, for contexts and reconciliation
+//   ground truth (reconcile.cpp)           a thread per process that checks the books against
+//                                          what the device says the process holds, and
+//                                          charges the partition what the books missed
 //   launch gate (gate.cpp)                 the launch hooks: compute shares, device time
 //   interposition (interpose.cpp)          the HOOKS(X) list of every hooked entry point
 //                                          and the cuGetProcAddress swap; the only place
 //                                          that knows the full list of wrappers
 //
 // The hooks themselves live with their layer (cuInit in process.cpp, the
-// memory hooks in quota.cpp, the launch hooks in gate.cpp); interpose.cpp
-// names them all.
+// memory hooks with their family, the launch hooks in gate.cpp);
+// interpose.cpp names them all.
 //
 // Everything else the driver exports is a generated forwarder
 // (cuda_forwarders.c) that calls the real entry point through forward.h.

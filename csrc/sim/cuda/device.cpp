@@ -37,8 +37,6 @@ void after_fork_in_child() {
     if (g_state.load() == kReady) g_state.store(kForked);
 }
 
-void at_exit() { shared_detach(); }
-
 // CUDA_VISIBLE_DEVICES: indices or GPU-UUID prefixes; the list ends at the
 // first entry that names no device (or repeats one), as with the real driver.
 void pick_visible_devices() {
@@ -239,7 +237,6 @@ SIM_API CUresult cuInit(unsigned int flags) {
     if (!hooks) {
         hooks = true;
         pthread_atfork(nullptr, nullptr, after_fork_in_child);
-        atexit(at_exit);
     }
     g_state.store(kReady, std::memory_order_release);
     return CUDA_SUCCESS;

@@ -20,6 +20,12 @@
 // is a real driver's), the others through /proc (NSpid). NVML lists processes
 // by pid in the driver's namespace, as a real driver lists host pids: a caller
 // in another namespace gets no entry it could take for one of its processes.
+//
+// A process that exits is reaped the same way, and no earlier: a real driver
+// holds a process's memory until the end of its teardown, which runs in the
+// exit path after the exit handlers registered after it, and finishes when
+// the kernel closes the process's device files. So the simulated device holds
+// it until the process is gone (a zombie holds nothing), never less long.
 #include "sim.h"
 #include "fracgpu/settings.h"
 #include "fracgpu/os.h"
@@ -80,7 +86,6 @@ struct SharedRegion {
 
 SharedRegion *g_region = nullptr;
 int g_slot = -1;
-pid_t g_owner_pid = 0;
 
 uint64_t fnv1a(const void *data, size_t n, uint64_t h = 1469598103934665603ull) {
     const unsigned char *p = static_cast<const unsigned char *>(data);
@@ -429,22 +434,11 @@ CUresult shared_attach(const Config &cfg) {
             s.pid_ns = own_pid_namespace();
             s.pid = getpid();
             g_slot = i;
-            g_owner_pid = getpid();
             return CUDA_SUCCESS;
         }
     }
     warn("more than %d processes use the simulated GPU at once", kMaxProcs);
     return CUDA_ERROR_OPERATING_SYSTEM;
-}
-
-void shared_detach() {
-    // At exit, and in a forked child (which must not release its parent's slot).
-    if (!g_region || g_slot < 0) return;
-    if (getpid() == g_owner_pid) {
-        RegionLock lock;
-        memset(&g_region->procs[g_slot], 0, sizeof(SharedProc));
-    }
-    g_slot = -1;
 }
 
 const CUuuid &device_uuid(int phys) {

@@ -61,9 +61,9 @@ constexpr uint64_t kContextShare = 256;
 // Reads FRACGPU_SIM_*; CUDA_SUCCESS or an error after one line on stderr.
 CUresult load_config(Config &cfg);
 
-// Attach to (creating if needed) the shared file for cfg; registers this process.
+// Attach to (creating if needed) the shared file for cfg; registers this process
+// (its slot goes when the process is gone: see shared.cpp).
 CUresult shared_attach(const Config &cfg);
-void shared_detach();
 const CUuuid &device_uuid(int phys);
 // "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" (lowercase), as NVML and CUDA_VISIBLE_DEVICES write it.
 std::string uuid_text(const CUuuid &u);
