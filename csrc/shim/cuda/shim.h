@@ -13,13 +13,21 @@
 //   ground truth (reconcile.cpp,           a thread per process that checks the books against
 //     quota.h)                             what NVML says the process holds, and charges
 //                                          the partition what the books missed
-//   launch gate (gate.cpp)                 the launch hooks: compute shares, device time
+//   launch gate (gate.cpp, gate.h)         the policy's decisions (fracgpu/gate_policy.h,
+//                                          csrc/policy: pure, no clock or atomics) applied
+//                                          to the shared state: turns, leases, buckets
+//   device-time sampling (sampling.cpp)    one launch in many measured with pooled events,
+//                                          the reader thread, the count at exit
+//   launch hooks (launch.cpp)              cuLaunchKernel and the other launches: straight
+//                                          through, in turns, or waiting (gate.cpp)
+//   call counters (call_counts.cpp)        fracgpu_shim_call_counts: the driver calls the
+//                                          shim adds to launches, for benchmarks
 //   interposition (interpose.cpp)          the HOOKS(X) list of every hooked entry point
 //                                          and the cuGetProcAddress swap; the only place
 //                                          that knows the full list of wrappers
 //
 // The hooks themselves live with their layer (cuInit in process.cpp, the
-// memory hooks in quota.cpp, the launch hooks in gate.cpp); interpose.cpp
+// memory hooks in quota.cpp, the launch hooks in launch.cpp); interpose.cpp
 // names them all.
 //
 // Everything else the driver exports is a generated forwarder
@@ -66,13 +74,14 @@ bool bound_slot(int dev, fracgpu::Region **region, int *slot);
 // The device the current context is on (0 without a driver call when the
 // process sees one device); -1 when nothing is enforced or no context is current.
 int launch_device();
-// In a forked child (gate.cpp): the parent's events, reader thread and locks
+// In a forked child (launch.cpp): the parent's events, reader thread and locks
 // are not the child's; start from nothing.
 void gate_forget_after_fork();
-// At exit, before the process leaves its slots: count launches that completed unread.
+// At exit, before the process leaves its slots: count launches that completed
+// unread (sampling.cpp).
 void gate_account_finished();
 
-// Graph memory (graphs.cpp), around the real cuGraphLaunch in gate.cpp: an
+// Graph memory (graphs.cpp), around the real cuGraphLaunch in launch.cpp: an
 // executable graph with allocation nodes that holds no memory yet is charged
 // what the device's graph pool will take (CUDA_ERROR_OUT_OF_MEMORY past the
 // quota: the launch is refused), and the books then follow the pool.
