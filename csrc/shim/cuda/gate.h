@@ -76,15 +76,18 @@ template <typename F>
 LaunchCall launch_call(F &f) {
     return LaunchCall{[](void *p) { return (*static_cast<F *>(p))(); }, &f};
 }
-using EventRecord = decltype(&cuEventRecord);
-using StreamQuery = decltype(&cuStreamQuery);
+// The stream a launch goes to, and whether it is a per-thread-default-stream
+// (_ptsz) launch: its sample's events are recorded by the matching variants.
+struct Stream {
+    CUstream handle;
+    bool ptsz;
+};
 // The launch that ends a draw: measured (two pooled events around it, read by
 // the reader thread), standing for the launches of the draw. False, having
 // launched nothing, when another partition holds the device (`own`: unless
 // it is ours).
 bool sampled_launch_measured(DeviceView &view, fracgpu::SharedRegion *r, int slot, int me, bool own, bool bounded,
-                             EventRecord record, StreamQuery query, CUstream stream, LaunchCall launch,
-                             CUresult *result);
+                             Stream stream, LaunchCall launch, CUresult *result);
 // The next launch is measured, standing for those launched since the last draw.
 void measure_next(DeviceView &view);
 // Entering the gate: the work this process queued outside it finishes first.
@@ -98,8 +101,7 @@ void sampling_forget_after_fork();
 // having launched nothing, when another partition holds the device.
 template <typename Launch>
 inline bool sampled_launch(DeviceView &view, fracgpu::SharedRegion *r, int slot, int me, bool own, bool bounded,
-                           EventRecord record, StreamQuery query, CUstream stream, Launch &launch,
-                           CUresult *result) {
+                           Stream stream, Launch &launch, CUresult *result) {
     if (view.countdown.fetch_sub(1, std::memory_order_relaxed) > 1) {
         int owner = r->owner.load(std::memory_order_acquire);
         if (own ? owner != me : owner >= 0 && owner != me) {
@@ -109,8 +111,7 @@ inline bool sampled_launch(DeviceView &view, fracgpu::SharedRegion *r, int slot,
         *result = launch();
         return true;
     }
-    return sampled_launch_measured(view, r, slot, me, own, bounded, record, query, stream, launch_call(launch),
-                                   result);
+    return sampled_launch_measured(view, r, slot, me, own, bounded, stream, launch_call(launch), result);
 }
 
 // ---- call_counts.cpp: the driver calls the shim adds, for benchmarks ----

@@ -230,8 +230,11 @@ void bound_queue(bool one_deep) {
 // between them, then the pair to the reader (in flight until it completes) or
 // back to the pool. Returns false, having launched nothing, when another
 // partition holds the device (`own`: unless it is ours).
-bool measured_launch(fracgpu::SharedRegion *r, int slot, int me, bool own, EventRecord record, StreamQuery query,
-                     CUstream stream, LaunchCall launch, uint32_t represents, CUresult *result) {
+bool measured_launch(fracgpu::SharedRegion *r, int slot, int me, bool own, Stream on, LaunchCall launch,
+                     uint32_t represents, CUresult *result) {
+    auto record = on.ptsz ? REAL(cuEventRecord_ptsz) : REAL(cuEventRecord);
+    auto query = on.ptsz ? REAL(cuStreamQuery_ptsz) : REAL(cuStreamQuery);
+    CUstream stream = on.handle;
     fracgpu::SharedPartition &mine = r->partitions[me];
     fracgpu::SharedProcess &proc = r->processes[slot];
     // In flight before the lease is looked at, as a partition taking the lease
@@ -297,8 +300,7 @@ bool measured_launch(fracgpu::SharedRegion *r, int slot, int me, bool own, Event
 std::atomic<uint64_t> g_waited_ns{0};
 
 bool sampled_launch_measured(DeviceView &view, fracgpu::SharedRegion *r, int slot, int me, bool own, bool bounded,
-                             EventRecord record, StreamQuery query, CUstream stream, LaunchCall launch,
-                             CUresult *result) {
+                             Stream stream, LaunchCall launch, CUresult *result) {
     // This one is measured, for the draw it ends; the next draw starts now.
     uint64_t now = mono_ns();
     int64_t represents = view.drawn.load(std::memory_order_relaxed);
@@ -313,7 +315,7 @@ bool sampled_launch_measured(DeviceView &view, fracgpu::SharedRegion *r, int slo
     view.drawn.store(next, std::memory_order_relaxed);
     view.countdown.store(next, std::memory_order_relaxed);
     if (bounded) bound_queue(view.yield_queue.load(std::memory_order_relaxed));
-    if (measured_launch(r, slot, me, own, record, query, stream, launch,
+    if (measured_launch(r, slot, me, own, stream, launch,
                         (uint32_t)(represents > 0 ? represents : 1), result))
         return true;
     // Not launched: this launch waits for the device, and is measured then.

@@ -103,11 +103,13 @@ inline CUresult missing_error() { return ensure_loaded() ? CUDA_ERROR_NOT_FOUND 
 }  // namespace shim
 
 // REAL(cuMemAlloc_v2)(args...): the real driver's function, typed as declared
-// in cuda.h. Returns init_error() when the shim could not load the driver.
+// in cuda.h; null when the shim could not load the driver or the driver lacks
+// it. Once resolved it is one load of the hook's own cache, inline.
 #define REAL(fn)                                                                     \
     ([]() -> decltype(&fn) {                                                         \
         static std::atomic<void *> slot_{nullptr};                                   \
-        return reinterpret_cast<decltype(&fn)>(shim::real_symbol(#fn, slot_));       \
+        void *p_ = slot_.load(std::memory_order_acquire);                            \
+        return reinterpret_cast<decltype(&fn)>(p_ ? p_ : shim::real_symbol(#fn, slot_)); \
     }())
 
 // Binds `var` to the real `fn`, or returns from the hook when it is unavailable.
