@@ -16,7 +16,8 @@
  *   event        cuEventRecord + cuEventQuery of an event that keeps timing
  *   event-untimed the same with a CU_EVENT_DISABLE_TIMING event
  * START (CLOCK_MONOTONIC ms) lets several processes begin together.
- * Prints "ns_per_op N", and "begin_ns T0" and "end_ns T1" (CLOCK_MONOTONIC around the
+ * Prints "ns_per_op N" (wall time), "cpu_ns_per_op C" (the calling thread's CPU
+ * time), and "begin_ns T0" and "end_ns T1" (CLOCK_MONOTONIC around the
  * ITERATIONS, comparable between processes); on the simulated driver also "calls_KIND N" for each kind of
  * driver call it counts (fracgpu_sim_call_counts), made by the whole process while
  * the ITERATIONS ran: the shim's own calls (its events, queries, its reader thread) too. */
@@ -31,11 +32,15 @@
 #include <time.h>
 #include <unistd.h>
 
-static double now_ns(void) {
+static double clock_ns(clockid_t clock) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(clock, &ts);
     return ts.tv_sec * 1e9 + ts.tv_nsec;
 }
+static double now_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
+/* The calling thread's own CPU time: what a call costs it, whatever else the
+ * machine runs (a loaded machine stretches wall time, not this). */
+static double thread_cpu_ns(void) { return clock_ns(CLOCK_THREAD_CPUTIME_ID); }
 
 #define CHECK(x)                                                        \
     do {                                                                \
@@ -123,7 +128,7 @@ int main(int argc, char **argv) {
     unsigned long long before[MAX_KINDS], after[MAX_KINDS];
     const char *kinds[MAX_KINDS];
     int nkinds = call_counts(before, kinds);
-    double t0 = now_ns();
+    double t0 = now_ns(), c0 = thread_cpu_ns();
     for (long i = 0; i < n; i++) {
         if (!strcmp(op, "alloc-free")) {
             CUdeviceptr p;
@@ -156,10 +161,10 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    double t1 = now_ns();
+    double t1 = now_ns(), c1 = thread_cpu_ns();
     call_counts(after, NULL);
     if (!strcmp(op, "launch")) CHECK(cuCtxSynchronize());
-    printf("ns_per_op %.1f\nbegin_ns %.0f\nend_ns %.0f\n", (t1 - t0) / n, t0, t1);
+    printf("ns_per_op %.1f\ncpu_ns_per_op %.1f\nbegin_ns %.0f\nend_ns %.0f\n", (t1 - t0) / n, (c1 - c0) / n, t0, t1);
     for (int k = 0; k < nkinds; k++) printf("calls_%s %llu\n", kinds[k], after[k] - before[k]);
     return 0;
 }

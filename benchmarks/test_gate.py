@@ -33,7 +33,7 @@ def launch_run(gpu, bench, kernels, env) -> dict[str, float]:
     launches = int(facts["calls_launch"]) + int(facts["calls_graph_launch"])
     assert launches == LAUNCHES, facts   # the driver counted what the client launched
     per_launch = {what: sum(int(facts[f"calls_{k}"]) for k in kinds) / launches for what, kinds in CALLS.items()}
-    return {"ns": float(facts["ns_per_op"]), **per_launch}
+    return {"ns": float(facts["ns_per_op"]), "cpu_ns": float(facts["cpu_ns_per_op"]), **per_launch}
 
 
 def launch_ns(gpu, bench, kernels, env) -> float:
@@ -66,13 +66,17 @@ def test_launch_overhead(benchmark, bench_gpu, driver_bench, shim, clients, kern
                     idle.wait()
     benchmark.pedantic(launch_ns, args=(bench_gpu, driver_bench, kernels, modes["alone"]), rounds=1, iterations=1)
     bare = statistics.median(r["ns"] for r in results["bare"])
+    bare_cpu = statistics.median(r["cpu_ns"] for r in results["bare"])
     for mode, runs in results.items():
         m = statistics.median(r["ns"] for r in runs)
+        cpu = statistics.median(r["cpu_ns"] for r in runs)   # the launching thread's CPU: what load does not stretch
         calls = {what: statistics.median(r[what] for r in runs) for what in CALLS}
         benchmark.extra_info[f"{mode}_ns"] = m
         benchmark.extra_info[f"{mode}_ratio"] = m / bare
+        benchmark.extra_info[f"{mode}_cpu_ns"] = cpu
         benchmark.extra_info.update({f"{mode}_{what}_per_launch": v for what, v in calls.items()})
-        print(f"\nlaunch {mode}: {m:.0f} ns per launch, ratio {m / bare:.2f}; per launch: "
+        print(f"\nlaunch {mode}: {m:.0f} ns per launch, ratio {m / bare:.2f}, "
+              f"CPU {cpu:.0f} ns (added {cpu - bare_cpu:+.0f}); per launch: "
               + ", ".join(f"{v:.3f} {what}" for what, v in calls.items()))
 
 

@@ -205,12 +205,21 @@ def emit_forwarders(protos: list[Proto]) -> str:
     out.append("const char *const fg_forward_names[FWD_COUNT] = {\n")
     out += [f'  "{p.name}",\n' for p in protos]
     out.append("};\n\n")
+    # Each forwarder's real entry point, cached here once resolved (the real
+    # driver is never unloaded): a forwarded call is one load and a jump.
+    out.append("static void *fg_real[FWD_COUNT];\n\n"
+               "static inline void *fg_real_of(unsigned idx) {\n"
+               "  void *fn = __atomic_load_n(&fg_real[idx], __ATOMIC_ACQUIRE);\n"
+               "  if (__builtin_expect(fn != 0, 1)) return fn;\n"
+               "  fn = fg_forward_resolve(idx);\n"
+               "  if (fn) __atomic_store_n(&fg_real[idx], fn, __ATOMIC_RELEASE);\n"
+               "  return fn;\n}\n\n")
     for p in protos:
         args = p.args
         out.append(
             f"__attribute__((weak, visibility(\"default\"))) CUresult {p.name}({p.decl}) {{\n"
             f"  typedef CUresult (*fn_t)({p.decl});\n"
-            f"  fn_t fn = (fn_t)fg_forward_resolve(FWD_{p.name});\n"
+            f"  fn_t fn = (fn_t)fg_real_of(FWD_{p.name});\n"
             f"  if (!fn) return fg_forward_missing(FWD_{p.name});\n"
             f"  return fn({args});\n}}\n")
     out.append("const unsigned fg_forward_count = FWD_COUNT;\n")

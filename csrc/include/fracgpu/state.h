@@ -24,19 +24,8 @@ namespace fracgpu {
 
 // The layout version changes whenever a field or a flag changes meaning: two
 // fracgpu builds that read one region differently must never share it (the
-// second is refused with what to do). 2: memory promises (kPartitionBestEffort,
-// and partitions without a promise use only what nobody was promised).
-// 3: priority classes (kPartitionHigh, kPartitionLow; a build without them
-// would launch a low job as if it were normal) and ground truth (the device's per-process figure and the drift, appended to
-// partitions and processes). 4: the launch gate charges a partition's virtual
-// time for the turns it held (lease_start_ns), `inflight` counts measured
-// launches only (most launches are not measured), an idle holder is charged
-// until its work was last seen done (last_done_ns), and busy_ns says whether
-// the device is saturated. 5: a process slot names its pid namespace (pid_ns):
-// processes of several containers share one region, and their pids collide;
-// and compute promises (kPartitionComputeBestEffort: a share that was
-// overcommitted, weighted by the gate only within what the promised shares
-// leave).
+// second is refused with what to do). What each version changed:
+// docs/state-layout.md.
 constexpr uint32_t kStateLayoutVersion = 5;
 constexpr int kMaxPartitions = 64;
 constexpr int kMaxProcesses = 256;
@@ -47,10 +36,10 @@ constexpr size_t kCommandBytes = 64;
 
 enum PartitionFlags : uint32_t {
     kPartitionEphemeral = 1u << 0,   // made for one `fracgpu run`/init(): removed with its last process
-    kPartitionCap = 1u << 1,         // the compute share is also a ceiling (issue: compute shares)
+    kPartitionCap = 1u << 1,         // the compute share is also a ceiling
     kPartitionBestEffort = 1u << 2,  // its memory limit did not fit and was overcommitted: a ceiling, not a promise
     // Priority class (neither bit: normal). The launch gate serves high before
-    // normal before low; see csrc/shim/cuda/gate.cpp.
+    // normal before low; see fracgpu/gate_policy.h.
     kPartitionHigh = 1u << 3,
     kPartitionLow = 1u << 4,
     // Its compute share did not fit beside the shares promised in its class
@@ -70,7 +59,7 @@ struct SharedPartition {
     std::atomic<uint64_t> used;            // bytes charged to the partition now
     std::atomic<uint64_t> peak;            // highest `used` seen
     std::atomic<uint64_t> oom_refusals;    // allocations refused over quota
-    // Compute (the launch gate, csrc/shim/cuda/gate.cpp)
+    // Compute (the launch gate: its policy is fracgpu/gate_policy.h, applied by csrc/shim/cuda/gate.cpp)
     std::atomic<uint64_t> device_ns;       // device time its kernels used, measured with events
     std::atomic<uint64_t> vtime_ns;        // turns held on the device / weight: the fair-share clock
     std::atomic<uint64_t> last_launch_ns;  // CLOCK_MONOTONIC of its latest launch (0: never)
@@ -115,7 +104,9 @@ struct SharedProcess {
     std::atomic<uint64_t> holder_start;
     std::atomic<uint64_t> exited;          // 1: the process is gone; the slot waits for its holder
     // How long join() waited for the region's lock (ns): what another process's
-    // table change cost this one's start. A reading for tests and benchmarks.
+    // table change cost this one's start. Both waits are read through usage():
+    // the start-up test holds them to a bound (a guarantee, not only a reading
+    // for benchmarks, so they stay in the shared layout).
     std::atomic<uint64_t> join_wait_ns;
     // How long its first context waited for the GPU's measurement lock (ns):
     // held shared where the device lists the process, exclusively by the

@@ -22,13 +22,21 @@
 //   ground truth (reconcile.cpp)           a thread per process that checks the books against
 //                                          what the device says the process holds, and
 //                                          charges the partition what the books missed
-//   launch gate (gate.cpp)                 the launch hooks: compute shares, device time
+//   launch gate (gate.cpp, gate.h)         the policy's decisions (fracgpu/gate_policy.h,
+//                                          csrc/policy: pure, no clock or atomics) applied
+//                                          to the shared state: turns, leases, buckets
+//   device-time sampling (sampling.cpp)    one launch in many measured with pooled events,
+//                                          the reader thread, the count at exit
+//   launch hooks (launch.cpp)              cuLaunchKernel and the other launches: straight
+//                                          through, in turns, or waiting (gate.cpp)
+//   call counters (call_counts.cpp)        fracgpu_shim_call_counts: the driver calls the
+//                                          shim adds to launches, for benchmarks
 //   interposition (interpose.cpp)          the HOOKS(X) list of every hooked entry point
 //                                          and the cuGetProcAddress swap; the only place
 //                                          that knows the full list of wrappers
 //
 // The hooks themselves live with their layer (cuInit in process.cpp, the
-// memory hooks with their family, the launch hooks in gate.cpp);
+// memory hooks with their family, the launch hooks in launch.cpp);
 // interpose.cpp names them all.
 //
 // Everything else the driver exports is a generated forwarder
@@ -78,13 +86,14 @@ bool bound_slot(int dev, fracgpu::Region **region, int *slot);
 // The device the current context is on (0 without a driver call when the
 // process sees one device); -1 when nothing is enforced or no context is current.
 int launch_device();
-// In a forked child (gate.cpp): the parent's events, reader thread and locks
+// In a forked child (launch.cpp): the parent's events, reader thread and locks
 // are not the child's; start from nothing.
 void gate_forget_after_fork();
-// At exit, before the process leaves its slots: count launches that completed unread.
+// At exit, before the process leaves its slots: count launches that completed
+// unread (sampling.cpp).
 void gate_account_finished();
 
-// Graph memory (graphs.cpp), around the real cuGraphLaunch in gate.cpp: an
+// Graph memory (graphs.cpp), around the real cuGraphLaunch in launch.cpp: an
 // executable graph with allocation nodes that holds no memory yet is charged
 // what the device's graph pool will take (CUDA_ERROR_OUT_OF_MEMORY past the
 // quota: the launch is refused), and the books then follow the pool.
@@ -106,11 +115,13 @@ inline CUresult missing_error() { return ensure_loaded() ? CUDA_ERROR_NOT_FOUND 
 }  // namespace shim
 
 // REAL(cuMemAlloc_v2)(args...): the real driver's function, typed as declared
-// in cuda.h. Returns init_error() when the shim could not load the driver.
+// in cuda.h; null when the shim could not load the driver or the driver lacks
+// it. Once resolved it is one load of the hook's own cache, inline.
 #define REAL(fn)                                                                     \
     ([]() -> decltype(&fn) {                                                         \
         static std::atomic<void *> slot_{nullptr};                                   \
-        return reinterpret_cast<decltype(&fn)>(shim::real_symbol(#fn, slot_));       \
+        void *p_ = slot_.load(std::memory_order_acquire);                            \
+        return reinterpret_cast<decltype(&fn)>(p_ ? p_ : shim::real_symbol(#fn, slot_)); \
     }())
 
 // Binds `var` to the real `fn`, or returns from the hook when it is unavailable.
