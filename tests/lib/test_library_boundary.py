@@ -12,15 +12,15 @@ import fracgpu
 
 PACKAGE = pathlib.Path(fracgpu.__file__).resolve().parent
 LIBRARY = sorted(
-    "fracgpu" + ("" if path.stem == "__init__" else "." + path.stem)
-    for path in PACKAGE.glob("*.py") if path.stem != "__main__"
+    ".".join(("fracgpu", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+    for path in PACKAGE.rglob("*.py") if path.stem != "__main__" and path.relative_to(PACKAGE).parts[0] != "cli"
 )
 CLI_ONLY = {"click", "rich"}
 
 
 def test_the_library_modules_are_the_ones_named_in_the_issue():
     for name in ("state", "partitions", "jobs", "snapshot", "ledger", "recorder", "metrics", "ray", "slurm", "sim",
-                 "devices", "units", "plot", "settings", "demo"):
+                 "devices", "units", "plot", "settings", "in_process", "exercise.demo", "exercise.check"):
         assert f"fracgpu.{name}" in LIBRARY
 
 
