@@ -18,7 +18,7 @@ LIBRARY = sorted(
 CLI_ONLY = {"click", "rich"}
 
 
-def test_the_library_modules_are_the_ones_named_in_the_issue():
+def test_the_library_has_its_modules_and_the_jobs_that_exercise_a_node_their_own_package():
     for name in ("state", "partitions", "jobs", "snapshot", "ledger", "recorder", "metrics", "ray", "slurm", "sim",
                  "devices", "units", "plot", "settings", "in_process", "exercise.demo", "exercise.check"):
         assert f"fracgpu.{name}" in LIBRARY
@@ -71,9 +71,10 @@ def test_nothing_outside_the_command_line_imports_it_or_click_or_rich():
     assert offenders == {}
 
 
-def test_only_the_state_owner_and_the_size_grammar_touch_native():
-    """``fracgpu.state`` owns the shared state; ``fracgpu.units`` binds the one C grammar for sizes and shares."""
+def test_only_the_state_owner_the_grammar_and_the_settings_table_touch_native():
+    """``fracgpu.state`` owns the shared state; ``fracgpu.units`` binds the one C grammar of values;
+    ``fracgpu.settings`` reads the one C table of settings."""
     users = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
                    if any(m in ("fracgpu._native", "fracgpu._native") or m.endswith("._native")
                           for m in imported_modules(path)))
-    assert users == ["state.py", "units.py"]
+    assert users == ["settings.py", "state.py", "units.py"]
