@@ -1,6 +1,5 @@
 """Nothing is promised twice, as the shim enforces it: a job without a promise gets only what
-nobody was promised, and of two jobs racing for the last promise exactly one gets it (issue 12,
-item 4). Each test has its own simulated GPU of 4 GiB and its own state folder."""
+nobody was promised, and of two jobs racing for the last promise exactly one gets it. Each test has its own simulated GPU of 4 GiB and its own state folder."""
 
 from __future__ import annotations
 

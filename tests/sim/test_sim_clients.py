@@ -56,8 +56,8 @@ def test_spin_of_10ms_measures_10ms_with_events(clients, gpu, kernels, kind):
     assert float(facts["wall_ms"]) >= 9.9   # the host really waits for the device
 
 
-def test_acceptance_through_fracgpu_sim_env(clients, kernels, tmp_path):
-    """The issue's walk-through: eval the exports, then a C client on a 1 GiB GPU."""
+def test_a_c_client_runs_in_a_shell_that_evaluated_fracgpu_sim_env(clients, kernels, tmp_path):
+    """eval the exports of `fracgpu sim env`, then a C client allocates, fills and spins on the 1 GiB GPU."""
     script = textwrap.dedent(f"""
         set -e
         eval "$({shlex.join([sys.executable, '-m', 'fracgpu'])} sim env --memory 1GiB --dir {tmp_path}/sim)"

@@ -43,7 +43,7 @@ constexpr size_t kCommandBytes = 64;
 
 enum PartitionFlags : uint32_t {
     kPartitionEphemeral = 1u << 0,   // made for one `fracgpu run`/init(): removed with its last process
-    kPartitionCap = 1u << 1,         // the compute share is also a ceiling (issue: compute shares)
+    kPartitionCap = 1u << 1,         // the compute share is also a ceiling
     kPartitionBestEffort = 1u << 2,  // its memory limit did not fit and was overcommitted: a ceiling, not a promise
     // Priority class (neither bit: normal). The launch gate serves high before
     // normal before low; see csrc/shim/cuda/gate.cpp.
