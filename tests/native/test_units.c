@@ -5,18 +5,12 @@
 #include "fracgpu/settings.h"
 #include "fracgpu/units.h"
 
+#include "expect.h"
+
 #include <stdio.h>
 #include <string.h>
 
 static int failures;
-
-#define EXPECT(cond)                                                    \
-    do {                                                                \
-        if (!(cond)) {                                                  \
-            fprintf(stderr, "%s:%d: failed: %s\n", __FILE__, __LINE__, #cond); \
-            failures++;                                                 \
-        }                                                               \
-    } while (0)
 
 static void size_ok(const char *text, uint64_t want) {
     uint64_t bytes = 1;

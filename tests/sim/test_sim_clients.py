@@ -14,7 +14,7 @@ import time
 import pytest
 
 from fracgpu import sim
-from tests.support.simgpu import GiB, MiB, parse_facts
+from tests.support.simgpu import BINDINGS_CHECK, GiB, MiB, parse_facts
 
 CLIENT_KINDS = ["lcuda", "dlopen"]
 
@@ -168,17 +168,7 @@ def test_ctypes_client(gpu, kernels):
     assert 4.9 <= float(facts["spin_ms"]) <= 6.0
 
 
-CUDA_BINDINGS_CLIENT = """
-import sys
-import numpy as np
-from cuda.bindings import driver as cu
-
-def ck(result):
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != cu.CUresult.CUDA_SUCCESS:
-        raise SystemExit(f"error {err.name}")
-    return values[0] if len(values) == 1 else values
-
+CUDA_BINDINGS_CLIENT = BINDINGS_CHECK + """
 ck(cu.cuInit(0))
 print("driver_version", ck(cu.cuDriverGetVersion()))
 dev = ck(cu.cuDeviceGet(0))
