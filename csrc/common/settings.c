@@ -13,36 +13,21 @@ int fracgpu_setting_parse(fracgpu_setting_id id, const char *text, fracgpu_setti
   const fracgpu_setting_info *row = fracgpu_setting_row(id);
   fracgpu_setting_value v = {0, 0.0, NULL};
   char why[400] = "";
-  int on = 0, priority = 0, rc = -1;
+  int small = 0; /* a flag's or a priority class's value */
+  int rc = -1;
+  const size_t n = sizeof why;
   switch (row->grammar) {
-    case FRACGPU_GRAMMAR_TEXT:
-      rc = fracgpu_parse_text(text, row->high, why, sizeof why);
-      v.text = text;
-      break;
-    case FRACGPU_GRAMMAR_FLAG:
-      rc = fracgpu_parse_flag(text, &on, why, sizeof why);
-      v.number = (uint64_t)on;
-      break;
-    case FRACGPU_GRAMMAR_COUNT:
-      rc = fracgpu_parse_count(text, row->low, row->high, &v.number, why, sizeof why);
-      break;
-    case FRACGPU_GRAMMAR_SIZE:
-      rc = fracgpu_parse_bytes(text, row->low, row->high, &v.number, why, sizeof why);
-      break;
-    case FRACGPU_GRAMMAR_MEMORY:
-      rc = fracgpu_parse_size(text, &v.number, &v.real, why, sizeof why);
-      break;
-    case FRACGPU_GRAMMAR_SHARE:
-      rc = fracgpu_parse_share(text, &v.real, why, sizeof why);
-      break;
-    case FRACGPU_GRAMMAR_PRIORITY:
-      rc = fracgpu_parse_priority(text, &priority, why, sizeof why);
-      v.number = (uint64_t)priority;
-      break;
-    case FRACGPU_GRAMMAR_SECONDS:
-      rc = fracgpu_parse_seconds(text, &v.real, why, sizeof why);
-      break;
+    case FRACGPU_GRAMMAR_TEXT: rc = fracgpu_parse_text(text, row->high, why, n); break;
+    case FRACGPU_GRAMMAR_FLAG: rc = fracgpu_parse_flag(text, &small, why, n); break;
+    case FRACGPU_GRAMMAR_COUNT: rc = fracgpu_parse_count(text, row->low, row->high, &v.number, why, n); break;
+    case FRACGPU_GRAMMAR_SIZE: rc = fracgpu_parse_bytes(text, row->low, row->high, &v.number, why, n); break;
+    case FRACGPU_GRAMMAR_MEMORY: rc = fracgpu_parse_size(text, &v.number, &v.real, why, n); break;
+    case FRACGPU_GRAMMAR_SHARE: rc = fracgpu_parse_share(text, &v.real, why, n); break;
+    case FRACGPU_GRAMMAR_PRIORITY: rc = fracgpu_parse_priority(text, &small, why, n); break;
+    case FRACGPU_GRAMMAR_SECONDS: rc = fracgpu_parse_seconds(text, &v.real, why, n); break;
   }
+  if (row->grammar == FRACGPU_GRAMMAR_FLAG || row->grammar == FRACGPU_GRAMMAR_PRIORITY) v.number = (uint64_t)small;
+  if (row->grammar == FRACGPU_GRAMMAR_TEXT) v.text = text;
   if (rc != 0) {
     if (err && errlen) snprintf(err, errlen, "%s: %s", row->name, why);
     return -1;
