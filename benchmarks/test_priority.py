@@ -8,7 +8,7 @@ the requests leave that the trainer kept."""
 
 from __future__ import annotations
 
-from fracgpu.priority import latency_bound, percentile
+from fracgpu.exercise.latency import latency_bound, percentile
 from tests.shim.test_priority import PERIOD_MS, REQUEST_MS, TRAIN_MS, job_env, serve_beside, shares_in_classes
 
 

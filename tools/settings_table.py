@@ -19,11 +19,27 @@ else:                        # run as python tools/<name>.py
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
 
+def default_text(setting) -> str:
+    """The default as the README shows it: a value as it would be written (``16GiB``, ``1``), a rule
+    in italics."""
+    from fracgpu.units import format_size
+
+    if setting.default_rule is not None:
+        return f"*{setting.default_rule}*"
+    if setting.grammar == "size":
+        return format_size(setting.default)
+    if setting.grammar == "flag":
+        return "1" if setting.default else "0"
+    if setting.grammar == "seconds":
+        return f"{setting.default:g}"
+    return str(setting.default)
+
+
 def table() -> str:
     from fracgpu import settings
 
     lines = [BEGIN, "| Variable | Default | Read by | Meaning |", "| --- | --- | --- | --- |"]
-    lines += [f"| `{s.name}` | {s.default} | {s.reader} | {s.meaning} |" for s in settings.SETTINGS]
+    lines += [f"| `{s.name}` | {default_text(s)} | {s.reader} | {s.meaning} |" for s in settings.SETTINGS]
     lines.append(END)
     return "\n".join(lines)
 

@@ -51,8 +51,8 @@ if not __package__:   # run as a script, not as `python -m benchmarks.gpu.gpu_be
 from tests.support.simgpu import cuda_include_dir, parse_facts, start_together  # noqa: E402
 
 import fracgpu  # noqa: E402
-from fracgpu.demo import real_gpu_available  # noqa: E402
-from fracgpu.priority import kernels_completed_between, latency_bound, percentile  # noqa: E402
+from fracgpu.exercise.demo import real_gpu_available  # noqa: E402
+from fracgpu.exercise.latency import kernels_completed_between, latency_bound, percentile  # noqa: E402
 from fracgpu.shim import shim_path  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-/* Sizes and shares: parsing and printing (see fracgpu/units.h).
+/* Values people write: parsing and printing (see fracgpu/units.h).
  *
  * Numbers are parsed digit by digit into an integer part and a decimal
  * fraction instead of with strtod: strtod follows the locale's decimal point
@@ -129,6 +129,8 @@ typedef struct {
   unsigned base, power;
 } unit_def;
 
+static size_t put(char *buf, size_t len, int n);
+
 static const unit_def SIZE_UNITS[] = {
     {"", 1, 0},      {"b", 1, 0},      {"k", 1024, 1},  {"kib", 1024, 1}, {"m", 1024, 2},
     {"mib", 1024, 2}, {"g", 1024, 3},  {"gib", 1024, 3}, {"t", 1024, 4},  {"tib", 1024, 4},
@@ -137,6 +139,35 @@ static const unit_def SIZE_UNITS[] = {
     {"kb", 1000, 1}, {"mb", 1000, 2}, {"gb", 1000, 3}, {"tb", 1000, 4},
 };
 
+static const unit_def *size_unit(const number *num) {
+  for (size_t i = 0; i < sizeof SIZE_UNITS / sizeof SIZE_UNITS[0]; i++)
+    if (same_word(num->unit, num->unit_len, SIZE_UNITS[i].name)) return &SIZE_UNITS[i];
+  return NULL;
+}
+
+static bool is_percent(const number *num) { return num->unit_len == 1 && num->unit[0] == '%'; }
+
+/* whole.frac * base^power, one factor at a time, carrying the fraction's
+ * overflow into the whole part: exact, and rounds down only at the end.
+ * Returns NULL or a description of the problem. */
+static const char *size_bytes(const number *num, const unit_def *unit, uint64_t *bytes) {
+  bool overflow = num->too_big;
+  uint64_t whole = num->whole, frac = num->frac;
+  for (unsigned i = 0; i < unit->power && !overflow; i++) {
+    frac *= unit->base;
+    uint64_t carry = frac / num->frac_scale;
+    frac %= num->frac_scale;
+    if (whole > MAX_BYTES / unit->base) overflow = true;
+    whole *= unit->base;
+    if (whole > MAX_BYTES - carry) overflow = true;
+    whole += carry;
+  }
+  if (overflow) return "it is too large (the limit is 2^63 bytes)";
+  if (whole == 0) return "it rounds down to 0 bytes";
+  *bytes = whole;
+  return NULL;
+}
+
 int fracgpu_parse_size(const char *text, uint64_t *bytes, double *fraction, char *err,
                        size_t errlen) {
   const char *what = "size";
@@ -144,7 +175,7 @@ int fracgpu_parse_size(const char *text, uint64_t *bytes, double *fraction, char
   const char *problem = text ? scan(text, &num) : "it is empty";
   if (problem) return fail(err, errlen, what, text, FRACGPU_SIZE_FORMS, "%s", problem);
 
-  if (num.unit_len == 1 && num.unit[0] == '%') {
+  if (is_percent(&num)) {
     if (is_zero(&num)) return fail(err, errlen, what, text, FRACGPU_SIZE_FORMS, "it is zero");
     double f = percent_fraction(&num);
     if (f < 0) return fail(err, errlen, what, text, FRACGPU_SIZE_FORMS, "it is more than 100%%");
@@ -154,32 +185,98 @@ int fracgpu_parse_size(const char *text, uint64_t *bytes, double *fraction, char
     return 0;
   }
 
-  const unit_def *unit = NULL;
-  for (size_t i = 0; i < sizeof SIZE_UNITS / sizeof SIZE_UNITS[0]; i++)
-    if (same_word(num.unit, num.unit_len, SIZE_UNITS[i].name)) unit = &SIZE_UNITS[i];
+  const unit_def *unit = size_unit(&num);
   if (!unit)
     return unknown_unit(err, errlen, what, text, &num, FRACGPU_SIZE_FORMS);
   if (is_zero(&num)) return fail(err, errlen, what, text, FRACGPU_SIZE_FORMS, "it is zero");
-
-  /* whole.frac * base^power, one factor at a time, carrying the fraction's
-   * overflow into the whole part: exact, and rounds down only at the end. */
-  bool overflow = num.too_big;
-  uint64_t whole = num.whole, frac = num.frac;
-  for (unsigned i = 0; i < unit->power && !overflow; i++) {
-    frac *= unit->base;
-    uint64_t carry = frac / num.frac_scale;
-    frac %= num.frac_scale;
-    if (whole > MAX_BYTES / unit->base) overflow = true;
-    whole *= unit->base;
-    if (whole > MAX_BYTES - carry) overflow = true;
-    whole += carry;
-  }
-  if (overflow)
-    return fail(err, errlen, what, text, FRACGPU_SIZE_FORMS, "it is too large (the limit is 2^63 bytes)");
-  if (whole == 0)
-    return fail(err, errlen, what, text, FRACGPU_SIZE_FORMS, "it rounds down to 0 bytes");
+  uint64_t whole = 0;
+  if ((problem = size_bytes(&num, unit, &whole)))
+    return fail(err, errlen, what, text, FRACGPU_SIZE_FORMS, "%s", problem);
   if (bytes) *bytes = whole;
   if (fraction) *fraction = 0.0;
+  return 0;
+}
+
+int fracgpu_size_is_zero(const char *text) {
+  number num;
+  return text && !scan(text, &num) && !is_percent(&num) && size_unit(&num) && is_zero(&num);
+}
+
+/* "it must be from A to B" for a value outside [low, high], each bound as show() writes it. */
+static int out_of_bounds(char *err, size_t errlen, const char *what, const char *text, const char *forms,
+                         uint64_t low, uint64_t high, size_t (*show)(uint64_t, char *, size_t)) {
+  char lo[32], hi[32];
+  show(low, lo, sizeof lo);
+  show(high, hi, sizeof hi);
+  return fail(err, errlen, what, text, forms, "it must be from %s to %s", lo, hi);
+}
+
+static size_t show_count(uint64_t n, char *buf, size_t len) {
+  return put(buf, len, snprintf(buf, len, "%llu", (unsigned long long)n));
+}
+
+int fracgpu_parse_bytes(const char *text, uint64_t low, uint64_t high, uint64_t *bytes, char *err,
+                        size_t errlen) {
+  const char *what = "size";
+  number num;
+  const char *problem = text ? scan(text, &num) : "it is empty";
+  if (problem) return fail(err, errlen, what, text, FRACGPU_SIZE_FORMS, "%s", problem);
+  if (is_percent(&num))
+    return fail(err, errlen, what, text, NULL, "a percentage is not accepted here; give a size like 512MiB");
+  const unit_def *unit = size_unit(&num);
+  if (!unit) return unknown_unit(err, errlen, what, text, &num, FRACGPU_SIZE_FORMS);
+  if (high == 0 || high > MAX_BYTES) high = MAX_BYTES;
+  uint64_t value = 0;
+  if (is_zero(&num)) {
+    if (low > 0) return fail(err, errlen, what, text, FRACGPU_SIZE_FORMS, "it is zero");
+  } else if ((problem = size_bytes(&num, unit, &value))) {
+    return fail(err, errlen, what, text, FRACGPU_SIZE_FORMS, "%s", problem);
+  }
+  if (value < low || value > high)
+    return out_of_bounds(err, errlen, what, text, NULL, low, high, fracgpu_format_size);
+  if (bytes) *bytes = value;
+  return 0;
+}
+
+int fracgpu_parse_count(const char *text, uint64_t low, uint64_t high, uint64_t *count, char *err,
+                        size_t errlen) {
+  const char *what = "count";
+  number num;
+  const char *problem = text ? scan(text, &num) : "it is empty";
+  if (!problem && num.unit_len > 0) return unknown_unit(err, errlen, what, text, &num, FRACGPU_COUNT_FORMS);
+  if (!problem && num.frac_scale > 1) problem = "it is not a whole number";   /* "4.0" too */
+  if (problem) return fail(err, errlen, what, text, FRACGPU_COUNT_FORMS, "%s", problem);
+  if (high == 0 || high > MAX_BYTES) high = MAX_BYTES;
+  if (num.too_big || num.whole < low || num.whole > high)
+    return out_of_bounds(err, errlen, what, text, NULL, low, high, show_count);
+  if (count) *count = num.whole;
+  return 0;
+}
+
+int fracgpu_parse_seconds(const char *text, double *seconds, char *err, size_t errlen) {
+  const char *what = "seconds";
+  number num;
+  const char *problem = text ? scan(text, &num) : "it is empty";
+  if (!problem && num.unit_len > 0) return unknown_unit(err, errlen, what, text, &num, FRACGPU_SECONDS_FORMS);
+  if (!problem && num.too_big) problem = "it is too large";
+  if (problem) return fail(err, errlen, what, text, FRACGPU_SECONDS_FORMS, "%s", problem);
+  if (seconds) *seconds = (double)num.whole + (double)num.frac / (double)num.frac_scale;
+  return 0;
+}
+
+int fracgpu_parse_flag(const char *text, int *on, char *err, size_t errlen) {
+  if (!text || (strcmp(text, "0") != 0 && strcmp(text, "1") != 0))
+    return fail(err, errlen, "flag", text, FRACGPU_FLAG_FORMS, "it is neither 1 nor 0");
+  if (on) *on = text[0] == '1';
+  return 0;
+}
+
+int fracgpu_parse_text(const char *text, uint64_t max_bytes, char *err, size_t errlen) {
+  if (!text || !*text) return fail(err, errlen, "text", text, NULL, "it is empty; leave the variable unset instead");
+  size_t n = strlen(text);
+  if (max_bytes > 0 && n > max_bytes)
+    return fail(err, errlen, "text", text, NULL, "it is %zu bytes long, more than %llu", n,
+                (unsigned long long)max_bytes);
   return 0;
 }
 

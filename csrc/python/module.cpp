@@ -1,5 +1,5 @@
-// fracgpu._native: the C units parser, the shared state, the C settings
-// table, and what this build was made with.
+// fracgpu._native: the C grammars of values, the settings table and its
+// reading, the shared state, and what this build was made with.
 //
 // The Python package parses sizes and shares with the same C code the shim
 // uses for FRACGPU_* variables, so a value accepted on the command line is
@@ -31,13 +31,54 @@ void reject_nul(const std::string &text, const char *what) {
     throw py::value_error(std::string("invalid ") + what + ": it contains a NUL character");
 }
 
-// The C settings table (fracgpu/settings.h), row by row, for the Python
-// table to be checked against.
+const char *grammar_name(fracgpu_grammar g) {
+  switch (g) {
+    case FRACGPU_GRAMMAR_TEXT: return "text";
+    case FRACGPU_GRAMMAR_FLAG: return "flag";
+    case FRACGPU_GRAMMAR_COUNT: return "count";
+    case FRACGPU_GRAMMAR_SIZE: return "size";
+    case FRACGPU_GRAMMAR_MEMORY: return "memory";
+    case FRACGPU_GRAMMAR_SHARE: return "share";
+    case FRACGPU_GRAMMAR_PRIORITY: return "priority";
+    case FRACGPU_GRAMMAR_SECONDS: return "seconds";
+    case FRACGPU_GRAMMAR_LOG_FORMAT: return "log_format";
+  }
+  return "text";
+}
+
+// A setting's value as Python holds it: str, bool, int, (bytes, fraction) for a memory limit,
+// float, or the priority class's name.
+py::object value_object(fracgpu_grammar g, const fracgpu_setting_value &v) {
+  switch (g) {
+    case FRACGPU_GRAMMAR_TEXT: return py::str(v.text ? v.text : "");
+    case FRACGPU_GRAMMAR_FLAG: return py::bool_(v.number != 0);
+    case FRACGPU_GRAMMAR_COUNT:
+    case FRACGPU_GRAMMAR_SIZE: return py::int_(v.number);
+    case FRACGPU_GRAMMAR_MEMORY: return py::make_tuple(v.number, v.real);
+    case FRACGPU_GRAMMAR_SHARE:
+    case FRACGPU_GRAMMAR_SECONDS: return py::float_(v.real);
+    case FRACGPU_GRAMMAR_PRIORITY: return py::str(fracgpu_priority_name((int)v.number));
+    case FRACGPU_GRAMMAR_LOG_FORMAT: return py::str(v.text ? v.text : "text");
+  }
+  return py::none();
+}
+
+// The settings table (fracgpu/settings.h), row by row: the rows of fracgpu.settings.
 py::list settings() {
   py::list rows;
   for (int id = 0; id < FRACGPU_SETTING_COUNT; id++) {
     const fracgpu_setting_info *r = fracgpu_setting_row((fracgpu_setting_id)id);
-    rows.append(py::make_tuple(r->name, r->default_text, r->reader, r->meaning));
+    py::dict row;
+    row["name"] = r->name;
+    row["grammar"] = grammar_name(r->grammar);
+    row["default"] = r->has_default ? value_object(r->grammar, r->default_value) : py::object(py::none());
+    row["default_rule"] = r->has_default ? py::object(py::none()) : py::object(py::str(r->default_rule));
+    row["low"] = r->low;
+    row["high"] = r->high;
+    row["role"] = r->role;
+    row["reader"] = r->reader;
+    row["meaning"] = r->meaning;
+    rows.append(row);
   }
   return rows;
 }
@@ -63,8 +104,32 @@ py::dict node_config(std::optional<std::string> path) {
   return out;
 }
 
-py::tuple parse_size(const std::string &text) {
+// Setting `name`'s value from `text`, read as the shims and the simulated driver read it.
+py::object parse_setting(const std::string &name, const std::string &text) {
+  for (int id = 0; id < FRACGPU_SETTING_COUNT; id++) {
+    const fracgpu_setting_info *r = fracgpu_setting_row((fracgpu_setting_id)id);
+    if (name != r->name) continue;
+    reject_nul(text, name.c_str());
+    fracgpu_setting_value v;
+    char err[kErrLen] = "";
+    if (fracgpu_setting_parse((fracgpu_setting_id)id, text.c_str(), &v, err, sizeof err) != 0)
+      throw py::value_error(err);
+    return value_object(r->grammar, v);
+  }
+  throw py::key_error(name + " is not a fracgpu setting");
+}
+
+double parse_seconds(const std::string &text) {
+  reject_nul(text, "seconds");
+  double seconds = 0;
+  char err[kErrLen] = "";
+  if (fracgpu_parse_seconds(text.c_str(), &seconds, err, sizeof err) != 0) throw py::value_error(err);
+  return seconds;
+}
+
+py::tuple parse_size(const std::string &text, bool allow_zero) {
   reject_nul(text, "size");
+  if (allow_zero && fracgpu_size_is_zero(text.c_str())) return py::make_tuple(0, 0.0);
   uint64_t bytes = 0;
   double fraction = 0.0;
   char err[kErrLen] = "";
@@ -195,12 +260,19 @@ py::list processes(fracgpu::Region &r) {
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "fracgpu native core: sizes and shares, build information";
+  m.doc() = "fracgpu native core: values and settings, the shared state, build information";
   m.def("settings", &settings,
-        "The native settings table: a list of (name, default, reader, meaning), one per FRACGPU_* variable.");
-  m.def("parse_size", &parse_size, py::arg("text"),
+        "The settings table: a dict per FRACGPU_* variable (name, grammar, default: its value or None, "
+        "default_rule: what applies when unset where that is a rule, low, high, role, reader, meaning).");
+  m.def("parse_setting", &parse_setting, py::arg("name"), py::arg("text"),
+        "The value of setting `name` written as `text`, read by its grammar and bounds as the shims and the "
+        "simulated driver read it. Raises ValueError naming the setting, KeyError for an unknown name.");
+  m.def("parse_size", &parse_size, py::arg("text"), py::arg("allow_zero") = false,
         "Parse '4GiB', '512MiB', '4GB', '1048576' or '25%'. Returns (bytes, fraction): "
-        "(n, 0.0) for a size, (0, f) for a percentage of the device. Raises ValueError.");
+        "(n, 0.0) for a size, (0, f) for a percentage of the device; (0, 0.0) for a zero size ('0', '0MiB') "
+        "when allow_zero. Raises ValueError.");
+  m.def("parse_seconds", &parse_seconds, py::arg("text"),
+        "Parse seconds, a decimal number >= 0 ('30', '2.5'). Raises ValueError.");
   m.def("parse_share", &parse_share, py::arg("text"),
         "Parse '25%' or '0.25' to a fraction in (0, 1]. Raises ValueError.");
   m.def("parse_priority", &parse_priority, py::arg("text"),
@@ -243,6 +315,7 @@ PYBIND11_MODULE(_native, m) {
           std::string err;
           if (!fracgpu::valid_partition_name(name, &err)) throw py::value_error(err);
         }, py::arg("name"), "Raise ValueError naming the rule unless name is a valid partition name.");
+  m.attr("SIM_CONTEXT_SHARE") = FRACGPU_SIM_CONTEXT_SHARE;
   m.attr("MAX_PARTITIONS") = fracgpu::kMaxPartitions;
   m.attr("MAX_PROCESSES") = fracgpu::kMaxProcesses;
   m.attr("DOES_NOT_FIT") = std::string(fracgpu::kDoesNotFit);

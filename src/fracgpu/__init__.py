@@ -14,8 +14,13 @@ the only code that imports click or rich; nothing else imports it):
 - ``snapshot``: usage with the compute share achieved; ``metrics``: the Prometheus collector;
 - ``ledger`` and ``recorder``: accounting; ``billing``: the bill (reserved and used, priced in decimal);
   ``plot``: the report's figure;
-- ``ray`` and ``slurm``: the cluster integrations; ``sim``: the simulated GPU; ``demo``: the demo's jobs;
-- ``check``: a node's guarantees graded on its GPU (``fracgpu check``), by the probe jobs in ``probes``.
+- ``ray`` and ``slurm``: the cluster integrations; ``sim``: the simulated GPU;
+- ``config``: the node's configuration file; ``cdi``: CDI specs for containers; ``node``: the node agent;
+- ``in_process``: ``init()``, the shim loaded into the calling process.
+
+The jobs that exercise a node (``fracgpu check``'s probes, the latency probe, the demo's jobs, the
+device probe) are the sub-package ``fracgpu.exercise``; the library and the command line start them
+as processes.
 """
 
 from __future__ import annotations
@@ -61,9 +66,9 @@ def __getattr__(name: str):
         return version
     # init() needs ctypes and the device probe; they are imported when it is first asked for.
     if name in ("init", "InitError"):
-        from fracgpu import _init
+        from fracgpu import in_process
 
-        return getattr(_init, name)
+        return getattr(in_process, name)
     # The state's typed objects, loaded when first asked for.
     if name in _STATE_NAMES:
         from fracgpu import state

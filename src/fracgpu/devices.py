@@ -1,6 +1,6 @@
 """The GPUs this machine has, as a job would see them: index, UUID, name, memory.
 
-The CUDA driver is asked in a child process (``fracgpu/_probe.py``: ``probe_command``),
+The CUDA driver is asked in a child process (``fracgpu/exercise/device_probe.py``: ``probe_command``),
 never in the caller: a process that loads the driver can no longer put the
 fracgpu shim in front of it (``fracgpu.init()``), and the command line stays
 free of driver state. The child sees the devices a job would see
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Mapping
 
 from fracgpu import settings, shim
-from fracgpu._probe import list_devices, pci_bus_id, uuid_text
+from fracgpu.exercise.device_probe import list_devices, pci_bus_id, uuid_text
 
 __all__ = ["Device", "DeviceError", "Numbering", "numbering", "pci_bus_id", "probe", "probe_environment",
            "uuid_text", "visibility_mask"]
@@ -66,11 +66,11 @@ def probe_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def probe_command() -> list[str]:
-    """The probe's command line: ``fracgpu/_probe.py`` run by an interpreter without its site
+    """The probe's command line: ``fracgpu/exercise/device_probe.py`` run by an interpreter without its site
     hooks (``-S``: site-packages' ``.pth`` files, which the probe does not need and which can cost
     it tens of milliseconds); the probe imports nothing beyond ctypes and json. Where the file is
     not on disk (a zipped install), ``python -m fracgpu.devices``."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_probe.py")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "exercise", "device_probe.py")
     if os.path.isfile(script):
         return [sys.executable, "-S", script]
     return [sys.executable, "-m", "fracgpu.devices"]

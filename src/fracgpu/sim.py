@@ -4,8 +4,8 @@ fracgpu builds a ``libcuda.so.1`` that simulates a GPU over host memory and
 installs it in ``fracgpu/_sim``. Putting that folder first on
 ``LD_LIBRARY_PATH`` makes every ``dlopen("libcuda.so.1")`` in a job find it
 instead of a real driver. The simulated driver reads its devices from the
-``FRACGPU_SIM_*`` variables written here: those names, and plain decimal byte
-counts for sizes, are the contract with it.
+``FRACGPU_SIM_*`` variables written here, by the settings table's grammars and
+bounds (``fracgpu.settings``), as this package does.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from fracgpu.units import format_size
 __all__ = ["SimConfig", "ConfigError", "library_dir", "environment", "shell_exports", "selected", "without",
            "kernel_stand_in"]
 
-TiB = 1 << 40
-MAX_MEMORY = 64 * TiB
-MAX_SMS = 1024
-MAX_DEVICES = 16
-MAX_NAME_BYTES = 200
+# The simulated driver's bounds and defaults are the settings table's.
+MAX_MEMORY = settings.by_name(settings.SIM_MEMORY).high
+MAX_SMS = settings.by_name(settings.SIM_SMS).high
+MAX_DEVICES = settings.by_name(settings.SIM_DEVICES).high
+MAX_NAME_BYTES = settings.by_name(settings.SIM_NAME).high
 # What each simulated context reserves by default: 1/256 of the device, as a real context takes 300-600 MiB of an
-# 80-141 GiB H100/H200 (64MiB of the default 16GiB). The simulated driver's rule (kContextShare) is the same.
-CONTEXT_SHARE = 256
+# 80-141 GiB H100/H200 (64MiB of the default 16GiB).
+CONTEXT_SHARE = settings.SIM_CONTEXT_SHARE
 
 
 class ConfigError(ValueError):
@@ -63,7 +63,8 @@ class SimConfig:
 
     def validate(self) -> None:
         """Raises ConfigError (a ValueError) naming the first bad setting."""
-        _check_int("memory", self.memory, 1, MAX_MEMORY, "at least 1 byte and at most 64TiB", format_size)
+        _check_int("memory", self.memory, 1, MAX_MEMORY, f"at least 1 byte and at most {format_size(MAX_MEMORY)}",
+                   format_size)
         _check_int("sms", self.sms, 1, MAX_SMS, f"between 1 and {MAX_SMS}")
         _check_int("devices", self.devices, 1, MAX_DEVICES, f"between 1 and {MAX_DEVICES}")
         if not isinstance(self.name, str) or not self.name:

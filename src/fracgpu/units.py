@@ -1,13 +1,13 @@
-"""Sizes and shares in the forms people write: ``"4GiB"``, ``"512MiB"``, ``"25%"``, ``0.25``.
+"""Sizes, shares, priorities and seconds in the forms people write: ``"4GiB"``, ``"25%"``, ``0.25``, ``"2.5"``.
 
-Parsing is done by the same C code the CUDA shim uses for ``FRACGPU_*``
-variables, so a value is read the same way on the command line and in a job.
+Parsing is done by the same C code the CUDA shim and the simulated driver use
+for ``FRACGPU_*`` variables, so a value is read the same way on the command
+line and in a job.
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 from fracgpu import _native
 
@@ -22,28 +22,25 @@ SIZE_FORMS = (
 SHARE_FORMS = "write a percentage like 25% or a fraction like 0.25"
 
 _MAX_BYTES = 2**63 - 1
-_SECONDS = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-# "0", "0.0", "0 MiB": the C parser rejects every zero, as a quota of zero is
-# always a mistake; a few settings (a context's own memory) mean it.
-_ZERO = re.compile(r"\s*0+(?:\.0+)?\s*([^\s%]*)\s*")
 
 
 def parse_size(value: str | int, device_total: int | None = None, *, allow_zero: bool = False) -> int:
     """Bytes from ``"4GiB"``, ``"4GB"``, ``"1048576"``, a positive int, or ``"25%"``.
 
     A percentage is of ``device_total`` bytes (rounded down), which it needs.
-    Zero is an error unless ``allow_zero``. Raises ValueError naming the input
+    Zero is an error unless ``allow_zero`` (then any zero size: ``"0"``, ``"0MiB"``, the rule of
+    the settings whose zero means none). Raises ValueError naming the input
     and the accepted forms.
     """
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise TypeError(f"a size must be a str or an int, not {type(value).__name__}; {SIZE_FORMS}")
-    if allow_zero and (value == 0 or (isinstance(value, str) and _is_zero(value))):
-        return 0
     if isinstance(value, int):
+        if allow_zero and value == 0:
+            return 0
         if not 0 < value <= _MAX_BYTES:
             raise ValueError(f"invalid size {value}: it must be at least 1 byte and below 2^63; {SIZE_FORMS}")
         return value
-    return bytes_of(_native.parse_size(value), device_total, value)
+    return bytes_of(_native.parse_size(value, allow_zero), device_total, value)
 
 
 def bytes_of(memory: tuple[int, float], device_total: int | None, shown: str | int = "") -> int:
@@ -73,17 +70,6 @@ def parse_memory(memory: str | int) -> tuple[int, float]:
     return parse_size(memory), 0.0
 
 
-def _is_zero(text: str) -> bool:
-    zero = _ZERO.fullmatch(text)
-    if not zero:
-        return False
-    try:
-        _native.parse_size("1" + zero.group(1))  # a zero with a unit the parser knows
-    except ValueError:
-        return False
-    return True
-
-
 def parse_share(value: str | float) -> float:
     """A fraction in (0, 1] from ``"25%"``, ``"0.25"`` or a number such as ``0.25``."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -111,13 +97,15 @@ def parse_priority(value: str) -> str:
 
 
 def parse_seconds(value: str | float | int) -> float:
-    """Seconds from text such as ``"30"`` or ``"2.5"``, or a number: finite and >= 0. Raises ValueError/TypeError."""
+    """Seconds from text such as ``"30"`` or ``"2.5"`` (the shim's grammar: no sign, exponent or
+    hexadecimal), or a number: finite and >= 0. Raises ValueError/TypeError."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise TypeError(f"seconds must be a number, not {type(value).__name__}")
-    seconds = float(value) if not isinstance(value, str) or _SECONDS.fullmatch(value) else -1.0
-    if not (math.isfinite(seconds) and seconds >= 0):
+    if isinstance(value, str):
+        return _native.parse_seconds(value)
+    if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"invalid seconds {value!r}: give seconds, a number >= 0 like 30 or 2.5")
-    return seconds
+    return float(value)
 
 
 def format_size(size: int) -> str:

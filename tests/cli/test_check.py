@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from fracgpu.check import CHECKS
-from fracgpu.demo import real_gpu_available
+from fracgpu.exercise.check import CHECKS
+from fracgpu.exercise.demo import real_gpu_available
 from tests.support import ROOT
 from tests.support.simgpu import GiB
 

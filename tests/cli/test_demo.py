@@ -86,7 +86,7 @@ def test_demo_on_a_gpu_without_the_kernels_runs_on_the_simulated_gpu_and_says_wh
     from click.testing import CliRunner
 
     import fracgpu
-    from fracgpu import demo
+    from fracgpu.exercise import demo
     from fracgpu.cli import main
 
     def no_kernels():

@@ -285,5 +285,5 @@ def test_a_bad_fracgpu_priority_refuses_cuda_and_names_the_classes(clients, gpu,
     result = gpu.run(clients.lcuda, "info", check=False,
                      env={"LD_PRELOAD": shim, "FRACGPU_PARTITION": "p", "FRACGPU_PRIORITY": "urgent"})
     assert result.returncode != 0
-    assert "FRACGPU_PRIORITY is not valid: invalid priority 'urgent'" in result.stderr
+    assert "FRACGPU_PRIORITY: invalid priority 'urgent'" in result.stderr
     assert "write high, normal or low" in result.stderr

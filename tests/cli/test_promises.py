@@ -1,7 +1,7 @@
 """Nothing is promised twice: `fracgpu partition create/set`, `fracgpu run --memory`,
 `fracgpu.init(memory=)` and `fracgpu.partitions.create` refuse a memory limit that does not fit
 beside what the GPU has promised, and `--overcommit` makes it best effort, shown as such in
-`partition list`, `top` and the exporter (issue 12, item 4).
+`partition list`, `top` and the exporter.
 
 Each test has its own simulated GPU of 4 GiB and its own state folder."""
 

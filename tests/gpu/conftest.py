@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fracgpu.demo import real_gpu_available
+from fracgpu.exercise.demo import real_gpu_available
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import fracgpu
-from fracgpu.check import CHECKS
+from fracgpu.exercise.check import CHECKS
 
 
 def test_every_check_holds_on_the_real_gpu(real):

@@ -47,7 +47,7 @@ module, fractions = sys.argv[1], [float(f) for f in sys.argv[2:]]
 ray.init(num_gpus=1, num_cpus=len(fractions) + 2, include_dashboard=False, log_to_driver=False)
 
 def work(start_at, seconds, module):
-    from fracgpu._driver import Driver
+    from fracgpu.exercise.driver import Driver
     drv = Driver()
     free, total = drv.mem_info()
     drv.load_kernels(module)
@@ -194,7 +194,7 @@ ray.init(num_gpus=1, num_cpus=3, include_dashboard=False, log_to_driver=False)
 
 @ray.remote(num_gpus=0.25, max_calls=1, runtime_env={"fracgpu": {"num_gpus": 0.25, "name": "plugged"}})
 def probe():
-    from fracgpu._driver import Driver
+    from fracgpu.exercise.driver import Driver
     return Driver().mem_info()[1]
 
 print(json.dumps(ray.get(probe.remote())))
@@ -217,7 +217,7 @@ ray.init(num_gpus=1, num_cpus=3, include_dashboard=False, log_to_driver=False)
 @fracgpu.ray.remote(num_gpus=0.5)
 class Server:
     def total(self):
-        from fracgpu._driver import Driver
+        from fracgpu.exercise.driver import Driver
         return Driver().mem_info()[1]
 
 server = Server.remote()
@@ -242,7 +242,7 @@ import fracgpu.ray
 ray.init(num_gpus=1, num_cpus=3, include_dashboard=False, log_to_driver=False)
 """ + FILL_QUOTA + r"""
 def probe():
-    from fracgpu._driver import Driver
+    from fracgpu.exercise.driver import Driver
     drv = Driver()
     total = drv.mem_info()[1]
     held, rc = fill_quota(drv)

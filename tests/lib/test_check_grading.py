@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from fracgpu import check
-from fracgpu.check import (BLOCK, CHECKS, Report, Result, DeviceInfo, fill_held, grade_cap, grade_context,
+from fracgpu.exercise import check
+from fracgpu.exercise.check import (BLOCK, CHECKS, Report, Result, DeviceInfo, fill_held, grade_cap, grade_context,
                            grade_device_time, grade_launch_ratio, grade_paths, grade_share, job_quota)
 
 MiB = 1 << 20

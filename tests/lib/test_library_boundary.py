@@ -12,15 +12,15 @@ import fracgpu
 
 PACKAGE = pathlib.Path(fracgpu.__file__).resolve().parent
 LIBRARY = sorted(
-    "fracgpu" + ("" if path.stem == "__init__" else "." + path.stem)
-    for path in PACKAGE.glob("*.py") if path.stem != "__main__"
+    ".".join(("fracgpu", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+    for path in PACKAGE.rglob("*.py") if path.stem != "__main__" and path.relative_to(PACKAGE).parts[0] != "cli"
 )
 CLI_ONLY = {"click", "rich"}
 
 
-def test_the_library_modules_are_the_ones_named_in_the_issue():
+def test_the_library_has_its_modules_and_the_jobs_that_exercise_a_node_their_own_package():
     for name in ("state", "partitions", "jobs", "snapshot", "ledger", "recorder", "metrics", "ray", "slurm", "sim",
-                 "devices", "units", "plot", "settings", "demo"):
+                 "devices", "units", "plot", "settings", "in_process", "exercise.demo", "exercise.check"):
         assert f"fracgpu.{name}" in LIBRARY
 
 
@@ -71,10 +71,11 @@ def test_nothing_outside_the_command_line_imports_it_or_click_or_rich():
     assert offenders == {}
 
 
-def test_only_the_state_owner_and_the_size_grammar_touch_native():
-    """``fracgpu.state`` owns the shared state; ``fracgpu.units`` binds the one C grammar for sizes and shares,
-    ``fracgpu.config`` the one C parser of the node's configuration file (the shims' own)."""
+def test_only_the_state_owner_the_grammar_the_settings_table_and_the_node_file_touch_native():
+    """``fracgpu.state`` owns the shared state; ``fracgpu.units`` binds the one C grammar of values;
+    ``fracgpu.settings`` reads the one C table of settings; ``fracgpu.config`` the one C parser of the
+    node's configuration file (the shims' own)."""
     users = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
                    if any(m in ("fracgpu._native", "fracgpu._native") or m.endswith("._native")
                           for m in imported_modules(path)))
-    assert users == ["config.py", "state.py", "units.py"]
+    assert users == ["config.py", "settings.py", "state.py", "units.py"]

@@ -12,17 +12,11 @@
 #include <vector>
 #include <unistd.h>
 
+#include "expect.h"
+
 namespace {
 
 int failures = 0;
-
-#define EXPECT(cond)                                                                \
-    do {                                                                            \
-        if (!(cond)) {                                                              \
-            fprintf(stderr, "%s:%d: failed: %s\n", __FILE__, __LINE__, #cond);      \
-            failures++;                                                             \
-        }                                                                           \
-    } while (0)
 
 const char *kUuid = "GPU-00000000-0000-0000-0000-0000000000aa";
 

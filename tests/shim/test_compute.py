@@ -283,7 +283,7 @@ def test_partitions_that_leave_the_device_idle_do_not_wait_for_each_others_turns
     one every 1 ms. Together they keep the device busy a fifth of the time, so neither takes turns:
     a request waits at most for the other's kernel already running, as it would without fracgpu.
     With turns, the first would wait for the second's turn to end (it is never idle for long)."""
-    from fracgpu.priority import SLACK_MS, percentile
+    from fracgpu.exercise.latency import SLACK_MS, percentile
 
     services = {"slow": (5.0, 0.5), "quick": (1.0, 0.1)}   # name: (period ms, kernel ms)
     seconds = 1.5

@@ -222,7 +222,7 @@ def test_importing_fracgpu_loads_no_driver_and_no_shim(gpu):
     out = job(gpu, """
         import sys, fracgpu
         fracgpu.usage()
-        report(modules=sorted(m for m in ("ctypes", "fracgpu._init", "fracgpu.devices") if m in sys.modules),
+        report(modules=sorted(m for m in ("ctypes", "fracgpu.in_process", "fracgpu.devices") if m in sys.modules),
                has_init=callable(fracgpu.init) and issubclass(fracgpu.InitError, RuntimeError))
     """)
     assert out["modules"] == [] and out["has_init"] and not out["shim_loaded"]

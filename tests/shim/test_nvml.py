@@ -15,11 +15,12 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 from tests.support import ROOT
-from tests.support.simgpu import GiB, MiB, cuda_include_dir, shim_path
+from tests.support.simgpu import CTYPES_PRELUDE, GiB, MiB, cuda_include_dir, shim_path
 
 QUOTA = 256 * MiB
 NVML_SUCCESS, NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_LIBRARY_NOT_FOUND = 0, 3, 12
@@ -46,13 +47,7 @@ class MemoryV2(ctypes.Structure):
 
 out = {}
 if args.get("alloc_mib") is not None:
-    cuda = ctypes.CDLL("libcuda.so.1")
-    assert cuda.cuInit(0) == 0
-    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-    assert cuda.cuDeviceGet(ctypes.byref(dev), 0) == 0
-    assert cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0
-    assert cuda.cuCtxSetCurrent(ctx) == 0
-    if args["alloc_mib"]:
+""" + textwrap.indent(CTYPES_PRELUDE, "    ") + r"""    if args["alloc_mib"]:
         p = ctypes.c_uint64()
         assert cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(args["alloc_mib"] << 20)) == 0
     free, total, dtotal = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_size_t()

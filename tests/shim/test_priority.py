@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from fracgpu.priority import SLACK_MS, kernels_completed_between, latency_bound, percentile, priority_probe
+from fracgpu.exercise.latency import SLACK_MS, kernels_completed_between, latency_bound, percentile, priority_probe
 from tests.shim.test_compute import completions, share_in, start_jobs, windows
 
 pytestmark = pytest.mark.slow

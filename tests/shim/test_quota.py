@@ -284,11 +284,11 @@ def test_oom_wait_blocks_until_memory_frees(clients, gpu):
 @pytest.mark.parametrize("env, message", [
     ({"FRACGPU_PARTITION": "nosuch"}, "partition 'nosuch' does not exist"),
     ({"FRACGPU_PARTITION": "bad name!"}, "invalid partition name"),
-    ({"FRACGPU_PARTITION": "p", "FRACGPU_MEMORY": "lots"}, "FRACGPU_MEMORY='lots' is not valid"),
+    ({"FRACGPU_PARTITION": "p", "FRACGPU_MEMORY": "lots"}, "FRACGPU_MEMORY: invalid size 'lots'"),
     ({"FRACGPU_PARTITION": "p", "FRACGPU_MEMORY": "2GiB"}, "is above the 1GiB of GPU 0"),
-    ({"FRACGPU_PARTITION": "p", "FRACGPU_MEMORY": "1GiB", "FRACGPU_OOM_WAIT": "soon"}, "FRACGPU_OOM_WAIT='soon'"),
+    ({"FRACGPU_PARTITION": "p", "FRACGPU_MEMORY": "1GiB", "FRACGPU_OOM_WAIT": "soon"}, "FRACGPU_OOM_WAIT: invalid seconds 'soon'"),
     ({"FRACGPU_PARTITION": "p", "FRACGPU_MEMORY": "1GiB", "FRACGPU_RECONCILE_INTERVAL": "-1"},
-     "FRACGPU_RECONCILE_INTERVAL='-1' is not valid"),
+     "FRACGPU_RECONCILE_INTERVAL: invalid seconds '-1': it is negative"),
 ])
 @pytest.mark.fault('Invalid `FRACGPU_*` variables in a job',
                    'CUDA is refused in the job with the reason on stderr; it never runs unlimited')

@@ -42,6 +42,26 @@ def churn_together(procs):
         p.stdin.flush()
 
 
+def churned(gpu, procs, limits: dict[str, int]) -> tuple[int, int]:
+    """Starts the churn processes together and waits for them: afterwards each partition has nothing
+    left on its books, its peak was never above its limit (MiB), and the limit was really pressed.
+    Returns the operations done and refused, in all."""
+    churn_together(procs)   # every context is made, then they churn together
+    ops = refused = 0
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        done, no = map(int, out.split())
+        ops, refused = ops + done, refused + no
+    usage = json.loads(gpu.fracgpu("partition", "list", "--json").stdout)
+    parts = {p["name"]: p for u in usage for p in u["partitions"]}
+    for name, mib in limits.items():
+        assert parts[name]["used"] == 0, parts[name]                 # nothing left on the books
+        assert 0 < parts[name]["peak"] <= mib * MiB, parts[name]     # never above the limit
+        assert parts[name]["oom_refusals"] > 0                        # and the limits were really pressed
+    return ops, refused
+
+
 CHURN = CTYPES_PRELUDE + WAIT + """
 import random, sys, time
 rng = random.Random(int(sys.argv[1]))
@@ -83,19 +103,7 @@ def test_sixteen_processes_in_four_partitions_never_pass_their_limits(gpu):
     procs = [gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", name, "--",
                        sys.executable, "-c", CHURN, str(seed), "3", "wait")
              for seed, name in enumerate(n for n in limits for _ in range(4))]
-    churn_together(procs)   # every context is made, then they churn together
-    ops = refused = 0
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        done, no = map(int, out.split())
-        ops, refused = ops + done, refused + no
-    usage = json.loads(gpu.fracgpu("partition", "list", "--json").stdout)
-    parts = {p["name"]: p for u in usage for p in u["partitions"]}
-    for name, mib in limits.items():
-        assert parts[name]["used"] == 0, parts[name]                 # nothing left on the books
-        assert 0 < parts[name]["peak"] <= mib * MiB, parts[name]     # never above the limit
-        assert parts[name]["oom_refusals"] > 0                        # and the limits were really pressed
+    ops, refused = churned(gpu, procs, limits)
     assert ops > 1000 and refused > 0
 
 
@@ -167,19 +175,7 @@ def test_processes_mapping_unmapping_and_releasing_through_vmm_never_pass_their_
     procs = [gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", name, "--",
                        sys.executable, "-c", VMM_CHURN, str(seed), "2", "wait")
              for seed, name in enumerate(n for n in limits for _ in range(3))]
-    churn_together(procs)   # every context is made, then they churn together
-    ops = refused = 0
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        done, no = map(int, out.split())
-        ops, refused = ops + done, refused + no
-    usage = json.loads(gpu.fracgpu("partition", "list", "--json").stdout)
-    parts = {p["name"]: p for u in usage for p in u["partitions"]}
-    for name, mib in limits.items():
-        assert parts[name]["used"] == 0, parts[name]
-        assert 0 < parts[name]["peak"] <= mib * MiB, parts[name]
-        assert parts[name]["oom_refusals"] > 0
+    ops, refused = churned(gpu, procs, limits)
     assert ops > 500 and refused > 0
     device.terminate()   # it has sampled the whole churn, however slowly the jobs started
     out, err = device.communicate(timeout=60)

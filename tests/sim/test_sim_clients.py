@@ -14,7 +14,7 @@ import time
 import pytest
 
 from fracgpu import sim
-from tests.support.simgpu import GiB, MiB, parse_facts
+from tests.support.simgpu import BINDINGS_CHECK, GiB, MiB, parse_facts
 
 CLIENT_KINDS = ["lcuda", "dlopen"]
 
@@ -56,8 +56,8 @@ def test_spin_of_10ms_measures_10ms_with_events(clients, gpu, kernels, kind):
     assert float(facts["wall_ms"]) >= 9.9   # the host really waits for the device
 
 
-def test_acceptance_through_fracgpu_sim_env(clients, kernels, tmp_path):
-    """The issue's walk-through: eval the exports, then a C client on a 1 GiB GPU."""
+def test_a_c_client_runs_in_a_shell_that_evaluated_fracgpu_sim_env(clients, kernels, tmp_path):
+    """eval the exports of `fracgpu sim env`, then a C client allocates, fills and spins on the 1 GiB GPU."""
     script = textwrap.dedent(f"""
         set -e
         eval "$({shlex.join([sys.executable, '-m', 'fracgpu'])} sim env --memory 1GiB --dir {tmp_path}/sim)"
@@ -168,17 +168,7 @@ def test_ctypes_client(gpu, kernels):
     assert 4.9 <= float(facts["spin_ms"]) <= 6.0
 
 
-CUDA_BINDINGS_CLIENT = """
-import sys
-import numpy as np
-from cuda.bindings import driver as cu
-
-def ck(result):
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if err != cu.CUresult.CUDA_SUCCESS:
-        raise SystemExit(f"error {err.name}")
-    return values[0] if len(values) == 1 else values
-
+CUDA_BINDINGS_CLIENT = BINDINGS_CHECK + """
 ck(cu.cuInit(0))
 print("driver_version", ck(cu.cuDriverGetVersion()))
 dev = ck(cu.cuDeviceGet(0))

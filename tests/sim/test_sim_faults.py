@@ -7,10 +7,10 @@ import pytest
 
 
 @pytest.mark.parametrize("name, value, problem", [
-    ("FRACGPU_SIM_MEMORY", "abc", "FRACGPU_SIM_MEMORY='abc' is not valid"),
-    ("FRACGPU_SIM_MEMORY", "0", "FRACGPU_SIM_MEMORY='0' is not valid"),
-    ("FRACGPU_SIM_SMS", "-3", "FRACGPU_SIM_SMS='-3' is not valid"),
-    ("FRACGPU_SIM_DEVICES", "17", "FRACGPU_SIM_DEVICES='17' is not valid"),
+    ("FRACGPU_SIM_MEMORY", "abc", "FRACGPU_SIM_MEMORY: invalid size 'abc'"),
+    ("FRACGPU_SIM_MEMORY", "0", "FRACGPU_SIM_MEMORY: invalid size '0': it is zero"),
+    ("FRACGPU_SIM_SMS", "-3", "FRACGPU_SIM_SMS: invalid count '-3': it is negative"),
+    ("FRACGPU_SIM_DEVICES", "17", "FRACGPU_SIM_DEVICES: invalid count '17': it must be from 1 to 16"),
 ])
 def test_bad_environment_fails_cuinit_with_a_message(clients, gpu, name, value, problem):
     result = gpu.run(clients.lcuda, "info", check=False, env={name: value})

@@ -53,9 +53,9 @@ assert cuda.cuCtxSetCurrent(ctx) == 0
 """
 
 
-# The same with cuda-bindings: `cu` (cuda.bindings.driver), `ck(result)` (the values of a
-# call, or the job ends with the error), `np`, `dev`, and its primary context current.
-BINDINGS_PRELUDE = """import sys
+# The start of a job script that uses cuda-bindings: `cu` (cuda.bindings.driver), `ck(result)`
+# (the values of a call, or the job ends with the error) and `np`.
+BINDINGS_CHECK = """import sys
 import numpy as np
 from cuda.bindings import driver as cu
 
@@ -65,7 +65,10 @@ def ck(result):
         raise SystemExit(f"CUDA error {err}")
     return values[0] if len(values) == 1 else values
 
-ck(cu.cuInit(0))
+"""
+
+# The same with the driver started: `dev`, and its primary context current.
+BINDINGS_PRELUDE = BINDINGS_CHECK + """ck(cu.cuInit(0))
 dev = ck(cu.cuDeviceGet(0))
 ctx = ck(cu.cuDevicePrimaryCtxRetain(dev))
 ck(cu.cuCtxSetCurrent(ctx))

@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <string>
 
+#include "fracgpu/settings.h"
+
 namespace fracgpu {
 
 struct JobSettings {
@@ -24,11 +26,14 @@ struct JobSettings {
     double memory_fraction = 0;    // ... or this fraction of each device
     double compute_share = 0;      // FRACGPU_COMPUTE, (0, 1]; 0: none
     bool compute_cap = false;      // FRACGPU_COMPUTE_CAP=1: the share is also a ceiling
-    int priority = 1;              // FRACGPU_PRIORITY: FRACGPU_PRIORITY_LOW/NORMAL/HIGH (fracgpu/units.h)
-    bool overcommit = false;       // FRACGPU_OVERCOMMIT=1: a limit or share past what is left is accepted, best effort
+    // FRACGPU_PRIORITY: FRACGPU_PRIORITY_LOW/NORMAL/HIGH (fracgpu/units.h)
+    int priority = (int)fracgpu_setting_default(FRACGPU_SETTING_PRIORITY).number;
+    bool overcommit = false;       // FRACGPU_OVERCOMMIT=1: a limit or share past what is left is accepted,
+                                   // best effort
     std::string state_dir;
-    double oom_wait_s = 0;         // FRACGPU_OOM_WAIT
-    double reconcile_interval_s = 1;   // FRACGPU_RECONCILE_INTERVAL (0: the books are not checked against the device)
+    double oom_wait_s = fracgpu_setting_default(FRACGPU_SETTING_OOM_WAIT).real;
+    // FRACGPU_RECONCILE_INTERVAL (0: the books are not checked against the device)
+    double reconcile_interval_s = fracgpu_setting_default(FRACGPU_SETTING_RECONCILE_INTERVAL).real;
     uint64_t context_memory = 0;   // FRACGPU_CONTEXT_MEMORY: charged per context
     bool has_context_memory = false;   // it is set (else each context's reservation is measured)
     int holder = 0;                // FRACGPU_JOB_HOLDER: the pid recording this job (fracgpu run)

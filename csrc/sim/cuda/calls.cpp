@@ -24,8 +24,13 @@ const char *const kCallNames[(int)Call::Count] = {
 
 // At exit, when asked: one line on stderr, "calls launch=N graph_launch=N ...".
 __attribute__((destructor)) void print_call_counts() {
-    const char *v = fracgpu_setting(FRACGPU_SETTING_SIM_CALL_COUNTS);
-    if (!v || strcmp(v, "1") != 0) return;
+    fracgpu_setting_value on;
+    char err[512];
+    if (fracgpu_setting_read(FRACGPU_SETTING_SIM_CALL_COUNTS, &on, err, sizeof err) < 0) {
+        warn("%s", err);
+        return;
+    }
+    if (!on.number) return;
     std::string line = "calls";
     for (int i = 0; i < (int)Call::Count; i++)
         line += std::string(" ") + kCallNames[i] + "=" + std::to_string(g_calls[i].load(std::memory_order_relaxed));

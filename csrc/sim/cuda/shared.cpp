@@ -203,31 +203,12 @@ uint64_t used_locked(int phys) {
     return sum;
 }
 
-// Setting `id` (set: its value is `text`), a whole number in [lo, hi].
-bool parse_u64(fracgpu_setting_id id, const char *text, uint64_t lo, uint64_t hi, uint64_t *out) {
-    // Plain decimal with an optional binary unit; the CLI writes plain bytes.
-    char *end = nullptr;
-    errno = 0;
-    if (!text || !*text || *text == '-') goto bad;
-    {
-        unsigned long long v = strtoull(text, &end, 10);
-        if (errno || end == text) goto bad;
-        uint64_t mul = 1;
-        if (!strcasecmp(end, "") || !strcasecmp(end, "B")) mul = 1;
-        else if (!strcasecmp(end, "K") || !strcasecmp(end, "KiB")) mul = 1ull << 10;
-        else if (!strcasecmp(end, "M") || !strcasecmp(end, "MiB")) mul = 1ull << 20;
-        else if (!strcasecmp(end, "G") || !strcasecmp(end, "GiB")) mul = 1ull << 30;
-        else if (!strcasecmp(end, "T") || !strcasecmp(end, "TiB")) mul = 1ull << 40;
-        else goto bad;
-        if (v > hi / mul || v * mul < lo) goto bad;
-        *out = v * mul;
-        return true;
-    }
-bad:
-    warn("%s='%s' is not valid: give a whole number from %" PRIu64 " to %" PRIu64
-         " (bytes, or with K/M/G/T), or use `fracgpu sim env` to write the settings",
-         fracgpu_setting_name(id), text ? text : "", lo, hi);
-    return false;
+// Setting `id` into *value: 1 set, 0 unset (the table's default), -1 not valid, after one line on stderr.
+int read_setting(fracgpu_setting_id id, fracgpu_setting_value *value) {
+    char err[512];
+    int rc = fracgpu_setting_read(id, value, err, sizeof err);
+    if (rc < 0) warn("%s (`fracgpu sim env` writes the settings)", err);
+    return rc;
 }
 
 CUresult make_dir(const std::string &dir) {
@@ -307,34 +288,24 @@ void warn(const char *fmt, ...) {
 
 CUresult load_config(Config &cfg) {
     cfg = Config();
+    fracgpu_setting_value memory, sms, devices, name, context_memory;
+    int context_memory_set = 0;
+    if (read_setting(FRACGPU_SETTING_SIM_MEMORY, &memory) < 0 || read_setting(FRACGPU_SETTING_SIM_SMS, &sms) < 0 ||
+        read_setting(FRACGPU_SETTING_SIM_DEVICES, &devices) < 0 || read_setting(FRACGPU_SETTING_SIM_NAME, &name) < 0 ||
+        (context_memory_set = read_setting(FRACGPU_SETTING_SIM_CONTEXT_MEMORY, &context_memory)) < 0)
+        return CUDA_ERROR_INVALID_VALUE;
+    cfg.memory = memory.number;
+    cfg.sms = (int)sms.number;
+    cfg.devices = (int)devices.number;
+    cfg.name = name.text;
+    // Each context reserves memory, as a real one does (kContextShare unless set), less than the device.
+    cfg.context_memory = context_memory_set ? context_memory.number : cfg.memory / kContextShare;
+    if (cfg.context_memory >= cfg.memory) {
+        warn("FRACGPU_SIM_CONTEXT_MEMORY: a context's reservation must be less than the device's memory "
+             "(FRACGPU_SIM_MEMORY, %" PRIu64 " bytes)", cfg.memory);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
     const char *v;
-    uint64_t x;
-    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_MEMORY))) {
-        if (!parse_u64(FRACGPU_SETTING_SIM_MEMORY, v, 1, 64ull << 40, &x)) return CUDA_ERROR_INVALID_VALUE;
-        cfg.memory = x;
-    }
-    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_SMS))) {
-        if (!parse_u64(FRACGPU_SETTING_SIM_SMS, v, 1, 1024, &x)) return CUDA_ERROR_INVALID_VALUE;
-        cfg.sms = (int)x;
-    }
-    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_DEVICES))) {
-        if (!parse_u64(FRACGPU_SETTING_SIM_DEVICES, v, 1, kMaxDevices, &x)) return CUDA_ERROR_INVALID_VALUE;
-        cfg.devices = (int)x;
-    }
-    // Each context reserves memory, as a real one does (kContextShare).
-    cfg.context_memory = cfg.memory / kContextShare;
-    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_CONTEXT_MEMORY))) {
-        if (!parse_u64(FRACGPU_SETTING_SIM_CONTEXT_MEMORY, v, 0, cfg.memory - 1, &x))
-            return CUDA_ERROR_INVALID_VALUE;
-        cfg.context_memory = x;
-    }
-    if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_NAME))) {
-        if (strlen(v) > 200) {
-            warn("FRACGPU_SIM_NAME is longer than 200 characters");
-            return CUDA_ERROR_INVALID_VALUE;
-        }
-        cfg.name = v;
-    }
     if ((v = fracgpu_setting(FRACGPU_SETTING_SIM_DIR))) {
         cfg.dir = v;
     } else {

@@ -30,11 +30,13 @@
 #include <string>
 #include <vector>
 
+#include "fracgpu/settings.h"
+
 #define SIM_API extern "C" __attribute__((visibility("default")))
 
 namespace sim {
 
-constexpr int kMaxDevices = 16;
+constexpr int kMaxDevices = FRACGPU_SIM_MAX_DEVICES;   // the settings table's bound on FRACGPU_SIM_DEVICES
 constexpr uint64_t kAllocAlign = 512;                 // what cuMemAlloc returns and charges
 constexpr uint64_t kVmmGranularity = 2ull << 20;      // cuMemGetAllocationGranularity
 constexpr size_t kMaxPendingOps = 1024;               // a stream's launch queue depth
@@ -45,18 +47,18 @@ void warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 // ---------------------------------------------------------------------------
 // Configuration (environment) and the shared file of one simulated GPU
 // ---------------------------------------------------------------------------
+// The defaults are the settings table's (fracgpu/settings.h).
 struct Config {
-    uint64_t memory = 16ull << 30;
-    int sms = 132;
-    int devices = 1;
-    std::string name = "fracgpu simulated GPU";
+    uint64_t memory = fracgpu_setting_default(FRACGPU_SETTING_SIM_MEMORY).number;
+    int sms = (int)fracgpu_setting_default(FRACGPU_SETTING_SIM_SMS).number;
+    int devices = (int)fracgpu_setting_default(FRACGPU_SETTING_SIM_DEVICES).number;
+    std::string name = fracgpu_setting_default(FRACGPU_SETTING_SIM_NAME).text;
     uint64_t context_memory = 0;          // set by load_config: memory / kContextShare unless given
     std::string dir;
 };
 
-// The share of a device each context reserves by default: 1/256, as a real
-// context takes 300-600 MiB of an 80-141 GiB H100/H200 (64 MiB of 16 GiB).
-constexpr uint64_t kContextShare = 256;
+// The share of a device each context reserves by default (FRACGPU_SIM_CONTEXT_SHARE).
+constexpr uint64_t kContextShare = FRACGPU_SIM_CONTEXT_SHARE;
 
 // Reads FRACGPU_SIM_*; CUDA_SUCCESS or an error after one line on stderr.
 CUresult load_config(Config &cfg);

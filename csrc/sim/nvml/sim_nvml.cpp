@@ -32,6 +32,7 @@
 
 #include "nvml_info.h"
 #include "fracgpu/error_text.h"
+#include "fracgpu/settings.h"
 
 #define SIM_NVML_API extern "C" __attribute__((visibility("default")))
 
@@ -42,7 +43,7 @@ struct nvmlDevice_st {
 
 namespace {
 
-constexpr unsigned kMaxDevices = 16;
+constexpr unsigned kMaxDevices = FRACGPU_SIM_MAX_DEVICES;
 // The driver branch CUDA 13.0 came with; the simulated driver reports the
 // CUDA version of the headers it was built with.
 constexpr const char *kDriverVersion = "580.0.0";

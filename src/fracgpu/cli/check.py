@@ -1,4 +1,4 @@
-"""``fracgpu check``: grade this node's guarantees on its GPU with probe jobs; the checks are ``fracgpu.check``."""
+"""``fracgpu check``: grade this node's guarantees on its GPU with probe jobs; the checks are ``fracgpu.exercise.check``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fracgpu.cli.common import console as make_console
 
 
 def known_checks(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
-    from fracgpu import check as library
+    from fracgpu.exercise import check as library
 
     names = [c.name for c in library.CHECKS]
     for name in value:
@@ -49,7 +49,7 @@ def check(as_json: bool, device_index: int, gpu: str, selected: tuple[str, ...])
       fracgpu check
       fracgpu check --json --device 1
     """
-    from fracgpu import check as library
+    from fracgpu.exercise import check as library
     from fracgpu import devices
 
     # A SIGTERM ends the check as Ctrl-C does: the probes are stopped and the private state removed.

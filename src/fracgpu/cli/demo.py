@@ -1,6 +1,6 @@
 """``fracgpu demo``: three jobs sharing one GPU under quotas and shares, then the live view and the report.
 
-The jobs and what they check are ``fracgpu.demo``; this command shows them.
+The jobs and what they check are ``fracgpu.exercise.demo``; this command shows them.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import tempfile
 
 import click
 
-from fracgpu import demo as library
 from fracgpu import sim
+from fracgpu.exercise import demo as library
 from fracgpu.cli import report, top
 from fracgpu.cli.common import console as make_console
 from fracgpu.cli.common import fit

@@ -1,6 +1,6 @@
 """``fracgpu check``: grade a node's guarantees on its own GPU, real or simulated, with probe jobs.
 
-Each check runs probe jobs (``fracgpu.probes``: ctypes over ``libcuda.so.1``) under the shim, set up
+Each check runs probe jobs (``fracgpu.exercise.probes``: ctypes over ``libcuda.so.1``) under the shim, set up
 as ``fracgpu run`` sets up a job (``jobs.partition_variables`` and ``jobs.job_environment``), and
 grades what they measured against what fracgpu promises: every allocation path held to the quota,
 the context counted in it, partitions isolated, promises never overcommitted, compute shares and
@@ -163,7 +163,7 @@ class Node:
         return p
 
     def start_probe(self, probe: str, env: Mapping[str, str], **arguments: Any) -> subprocess.Popen:
-        return self.start([sys.executable, "-m", "fracgpu.probes", probe,
+        return self.start([sys.executable, "-m", "fracgpu.exercise.probes", probe,
                            json.dumps({"device": self.device.index, **arguments})], env)
 
     def finish(self, p: subprocess.Popen, what: str, timeout: float = PROBE_TIMEOUT_S) -> str:
@@ -531,7 +531,7 @@ def ledger_device_time(node: Node) -> Result:
         raise ProbeFailed(node.module_problem or "fracgpu's kernels are not installed")
     count, ns = 20, 10_000_000
     p = node.start([sys.executable, "-m", "fracgpu", "run", "--name", "check-ledger", "--ledger", node.ledger,
-                    "--memory", str(node.quota), "--", sys.executable, "-m", "fracgpu.probes", "spin",
+                    "--memory", str(node.quota), "--", sys.executable, "-m", "fracgpu.exercise.probes", "spin",
                     json.dumps({"device": node.device.index, "module": node.module, "count": count, "ns": ns})],
                    node.bare_env())
     node.finish(p, "fracgpu run of the spin probe")
@@ -570,22 +570,22 @@ def launch_overhead(node: Node) -> Result:
 
 @check("priority", alone=True)
 def priority_latency(node: Node) -> Result:
-    """A request loop at high priority beside a saturating low trainer (fracgpu.priority): its tail
+    """A request loop at high priority beside a saturating low trainer (fracgpu.exercise.latency): its tail
     within its tail alone + the trainer's kernel + the hand-over, and the trainer not starved (at
     least 80% of what the requests leave; the benchmark's goal is 90%). The tail is the p99 on a
     real GPU; on a simulated one, whose kernels are host threads, the p95 (a small host's
     scheduling stalls reach 1-4% of requests)."""
-    from fracgpu import priority
+    from fracgpu.exercise import latency
 
     if node.module is None:
         raise ProbeFailed(node.module_problem or "fracgpu's kernels are not installed")
     try:
-        r = priority.priority_probe(requests=100, env=node.env, module=node.module)
+        r = latency.priority_probe(requests=100, env=node.env, module=node.module)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         raise ProbeFailed(str(e)) from None
     tail = "p95" if node.device.simulated else "p99"
     alone, beside = (r.p95_alone_ms, r.p95_ms) if node.device.simulated else (r.p99_alone_ms, r.p99_ms)
-    bound = priority.latency_bound(alone, 2.0)
+    bound = latency.latency_bound(alone, 2.0)
     ok = beside <= bound and r.trainer_kept >= 0.8
     detail = "" if ok else ("high-priority requests waited past the bound" if beside > bound
                             else "the low trainer kept less than 80% of what the requests left: starved")
@@ -648,7 +648,7 @@ def run(device_index: int = 0, gpu: str = "auto", *, env: Mapping[str, str] | No
 
     Raises ValueError for a device the node does not have or an unknown check, DeviceError when
     there is no GPU to check, ProbeFailed when the device's context cannot even be measured."""
-    from fracgpu import demo
+    from fracgpu.exercise import demo
 
     env = dict(os.environ if env is None else env)
     chosen = [c for c in CHECKS if selected is None or c.name in selected]

@@ -76,13 +76,13 @@ def without_kernels() -> str | None:
 
 
 def job_main(name: str, kernel_ms: float, module: str, want_mib: int, serving: bool = False) -> None:
-    """One demo job (``python -m fracgpu.demo NAME KERNEL_MS MODULE WANT_MIB [serve]``), run under
+    """One demo job (``python -m fracgpu.exercise.demo NAME KERNEL_MS MODULE WANT_MIB [serve]``), run under
     ``fracgpu run``: it asks for WANT_MIB at once and, refused (CUDA_ERROR_OUT_OF_MEMORY),
     halves its batch until it fits, as a training script does; checks a kernel's writes;
     then keeps the GPU busy, or (``serving``) serves a request (a kernel and a synchronize)
     every REQUEST_PERIOD_MS. Prints one JSON line."""
-    from fracgpu import priority
-    from fracgpu._driver import Driver
+    from fracgpu.exercise import latency
+    from fracgpu.exercise.driver import Driver
 
     drv = Driver()
     free, total = drv.mem_info()
@@ -104,12 +104,12 @@ def job_main(name: str, kernel_ms: float, module: str, want_mib: int, serving: b
     sys.stdin.readline()
     start, served = time.monotonic(), {}
     if serving:
-        _, latencies = priority.serve(drv, int(BUSY_SECONDS * 1000 / REQUEST_PERIOD_MS), REQUEST_PERIOD_MS,
+        _, latencies = latency.serve(drv, int(BUSY_SECONDS * 1000 / REQUEST_PERIOD_MS), REQUEST_PERIOD_MS,
                                       kernel_ms)
         kernels = len(latencies)
-        served = {"p50_ms": priority.percentile(latencies, 50), "p99_ms": priority.percentile(latencies, 99)}
+        served = {"p50_ms": latency.percentile(latencies, 50), "p99_ms": latency.percentile(latencies, 99)}
     else:
-        kernels = priority.train(drv, BUSY_SECONDS, kernel_ms)[-1][1]
+        kernels = latency.train(drv, BUSY_SECONDS, kernel_ms)[-1][1]
     wall = time.monotonic() - start
     drv.free(ptr)
     print(json.dumps({"name": name, "device": drv.name(), "total": total, "free_at_start": free,
@@ -149,9 +149,9 @@ def run(folder: str, use_real: bool, say: Callable[[str], None],
             raise DemoError(str(e)) from None
         module = sim.kernel_stand_in()   # built without nvcc
     for j in JOBS:
-        say(f"  fracgpu run --name {j.name} {' '.join(j.options())} -- python -m fracgpu.demo {j.name} ...")
+        say(f"  fracgpu run --name {j.name} {' '.join(j.options())} -- python -m fracgpu.exercise.demo {j.name} ...")
     procs = [subprocess.Popen([sys.executable, "-m", "fracgpu", "run", "--name", j.name, *j.options(), "--",
-                               sys.executable, "-m", "fracgpu.demo", j.name, str(j.kernel_ms), module,
+                               sys.executable, "-m", "fracgpu.exercise.demo", j.name, str(j.kernel_ms), module,
                                str(j.want_mib), *(["serve"] if j.priority == "high" else [])],
                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)

@@ -17,7 +17,7 @@ What that promises a latency-critical service beside a training job is
 saturating ``low`` trainer, each under ``fracgpu run`` on the GPU this process
 sees, and reports both p99s, the bound, and the device time the trainer kept.
 
-Run as ``python -m fracgpu.priority serve|train ...`` it is one of the probe's
+Run as ``python -m fracgpu.exercise.latency serve|train ...`` it is one of the probe's
 two jobs (``serve`` prints the latencies, ``train`` its kernels completed).
 """
 
@@ -67,7 +67,7 @@ def serve(drv, count: int, period_ms: float, kernel_ms: float,
     ``kernel_ms`` spin kernel followed by a synchronize. Returns when the first request was due
     (CLOCK_MONOTONIC ms) and each request's latency (ms, from its launch to the synchronize's
     return). ``start_ms``: the CLOCK_MONOTONIC time (ms) to begin at; the first request comes one
-    period after the warm-up or then, whichever is later. ``drv``: a ``fracgpu._driver.Driver``
+    period after the warm-up or then, whichever is later. ``drv``: a ``fracgpu.exercise.driver.Driver``
     with the kernels loaded."""
     drv.spin(1e-6)   # warm-up: context and module ready before the first request
     drv.synchronize()
@@ -87,7 +87,7 @@ def serve(drv, count: int, period_ms: float, kernel_ms: float,
 def train(drv, seconds: float, kernel_ms: float) -> list[tuple[float, int]]:
     """A saturating trainer: ``kernel_ms`` spin kernels back to back (10 launched, then a
     synchronize) for ``seconds``. Returns (CLOCK_MONOTONIC ms, kernels completed) after each 10.
-    ``drv``: a ``fracgpu._driver.Driver`` with the kernels loaded."""
+    ``drv``: a ``fracgpu.exercise.driver.Driver`` with the kernels loaded."""
     end = time.monotonic() + seconds
     done, points = 0, []
     while time.monotonic() < end:
@@ -135,7 +135,7 @@ class ProbeResult:
 
 def _fracgpu_run(priority: str, job: list[str], env: Mapping[str, str]) -> subprocess.Popen:
     argv = [sys.executable, "-m", "fracgpu", "run", "--priority", priority, "--name", f"priority-probe-{job[0]}",
-            "--", sys.executable, "-m", "fracgpu.priority", *job]
+            "--", sys.executable, "-m", "fracgpu.exercise.latency", *job]
     return subprocess.Popen(argv, env=dict(env), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -177,7 +177,7 @@ def priority_probe(*, requests: int = 150, period_ms: float = 20.0, request_ms: 
 
 
 def _main(argv: list[str]) -> None:
-    from fracgpu._driver import Driver
+    from fracgpu.exercise.driver import Driver
 
     what, rest = (argv[0], argv[1:]) if argv else ("", [])
     if what == "serve" and len(rest) >= 4:
@@ -191,7 +191,7 @@ def _main(argv: list[str]) -> None:
         drv.load_kernels(rest[2])
         print(json.dumps(train(drv, float(rest[0]), float(rest[1]))))
     else:
-        raise SystemExit("usage: python -m fracgpu.priority serve COUNT PERIOD_MS KERNEL_MS MODULE [START_MS] | "
+        raise SystemExit("usage: python -m fracgpu.exercise.latency serve COUNT PERIOD_MS KERNEL_MS MODULE [START_MS] | "
                          "train SECONDS KERNEL_MS MODULE")
 
 

@@ -1,9 +1,9 @@
 """The probe jobs of ``fracgpu check``: small CUDA driver API programs, each run as its own process
-(``python -m fracgpu.probes NAME ARGS_JSON``), inside a partition under the shim or on the bare driver.
+(``python -m fracgpu.exercise.probes NAME ARGS_JSON``), inside a partition under the shim or on the bare driver.
 
-A probe uses nothing but ``libcuda.so.1`` through ctypes (``fracgpu._driver``), so it runs wherever
+A probe uses nothing but ``libcuda.so.1`` through ctypes (``fracgpu.exercise.driver``), so it runs wherever
 the shim does: on a real GPU, or on the simulated one. It measures and prints one JSON line of
-figures; whether those figures keep a guarantee is for ``fracgpu.check`` to judge, never the probe.
+figures; whether those figures keep a guarantee is for ``fracgpu.exercise.check`` to judge, never the probe.
 A probe that must wait (a partition holding its quota while another fills its own, jobs starting
 their kernels together) prints ``ready`` and waits for a line on stdin first.
 
@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from fracgpu._driver import CudaError, Driver
+from fracgpu.exercise.driver import CudaError, Driver
 
 OUT_OF_MEMORY = 2            # CUDA_ERROR_OUT_OF_MEMORY
 HEAP_LIMIT = 2               # CU_LIMIT_MALLOC_HEAP_SIZE

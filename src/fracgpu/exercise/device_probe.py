@@ -1,6 +1,6 @@
 """The device probe: the CUDA devices this process's environment shows, asked of libcuda.so.1.
 
-Run as its own interpreter (``devices.probe_command``: ``python -S .../fracgpu/_probe.py``), it
+Run as its own interpreter (``devices.probe_command``: ``python -S .../fracgpu/exercise/device_probe.py``), it
 prints them, or what is wrong, as one line of JSON, which ``fracgpu.devices`` reads. It imports
 nothing of fracgpu and nothing beyond ctypes and json, so the probe starts in a bare interpreter;
 ``fracgpu.devices`` re-exports what it defines.
