@@ -1,7 +1,7 @@
 """A watch on the device's own figures, for tests of a memory guarantee: what the device itself
 (the simulated driver's accounting, or a real GPU's, both through NVML's per-process list) reports
 the processes of a job hold, polled every 200 us by a probe process of its own
-(``fracgpu.probes``' ``watch``), whatever fracgpu's books say."""
+(``fracgpu.exercise.probes``' ``watch``), whatever fracgpu's books say."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import json
 import subprocess
 import sys
 
-from fracgpu import devices, probes
+from fracgpu import devices
+from fracgpu.exercise import probes
 
 PERIOD_US = 200
 
