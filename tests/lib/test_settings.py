@@ -107,7 +107,7 @@ def test_defaults_are_values_of_their_grammar():
     """A default is what parsing its text gives, never text to be parsed again: every default
     value reads back the same through its own setting's grammar."""
     written = {"size": lambda v: str(v), "count": str, "seconds": lambda v: f"{v:g}", "flag": lambda v: str(int(v)),
-               "priority": str, "text": str}
+               "priority": str, "text": str, "log_format": str}
     with_values = [s for s in settings.SETTINGS if s.default_rule is None]
     assert {s.name for s in with_values} >= {settings.SIM_MEMORY, settings.SIM_SMS, settings.OOM_WAIT,
                                              settings.PRIORITY, settings.COMPUTE_CAP}
