@@ -83,8 +83,9 @@ bool read_job_settings(JobSettings *out, std::string *err) {
         s.memory_fraction = v.real;
     }
     if ((rc = read(config, FRACGPU_SETTING_OVERCOMMIT, &v, err)) < 0) return false;
-    if (v.number && !s.has_memory) {
-        *err = "FRACGPU_OVERCOMMIT=1 is set without FRACGPU_MEMORY: only a memory limit is overcommitted";
+    if (v.number && !s.has_memory && s.compute_share == 0) {
+        *err = "FRACGPU_OVERCOMMIT=1 is set without FRACGPU_MEMORY or FRACGPU_COMPUTE: only a memory limit or a "
+               "compute share is overcommitted";
         return false;
     }
     s.overcommit = v.number != 0;

@@ -137,7 +137,8 @@ def quantities(period: Period, lo: float, hi: float) -> dict[str, float]:
     part = (hi - lo) / whole if whole > 0 else 1.0
     limits = period.limits
     promised = limits.memory_limit if limits.memory_limit and not limits.best_effort else 0
-    return {"reserved_gpu_hours": (limits.compute_share or 0.0) * hours,
+    guaranteed = limits.compute_share if limits.compute_share and not limits.compute_best_effort else 0.0
+    return {"reserved_gpu_hours": guaranteed * hours,
             "reserved_gib_hours": promised / GiB * hours,
             "used_gpu_hours": period.gpu_seconds * part / HOUR,
             "used_gib_hours": period.memory_byte_seconds * part / GiB / HOUR}
@@ -264,7 +265,8 @@ def gpu_summary(jobs: Sequence[JobRecord], periods: Iterable[Period], gpus: Mapp
             used_gib += q["used_gib_hours"]
             whole = period.recorded_until - period.start
             missed += period.drift_byte_seconds * ((hi - lo) / whole if whole > 0 else 1.0) / GiB / HOUR
-            share.setdefault(partition, []).append((lo, hi, period.limits.compute_share or 0.0))
+            guaranteed = period.limits.compute_share if not period.limits.compute_best_effort else None
+            share.setdefault(partition, []).append((lo, hi, guaranteed or 0.0))
             promised = period.limits.memory_limit if not period.limits.best_effort else None
             memory.setdefault(partition, []).append((lo, hi, (promised or 0) / GiB))
         hours = (end - start) / HOUR

@@ -102,6 +102,7 @@ MIGRATIONS: dict[int, list[str]] = {
                compute_cap INTEGER NOT NULL DEFAULT 0,
                priority TEXT NOT NULL DEFAULT 'normal',
                best_effort INTEGER NOT NULL DEFAULT 0,   -- the limit was overcommitted: a ceiling, not a promise
+               compute_best_effort INTEGER NOT NULL DEFAULT 0,   -- the share was overcommitted: not a promise
                opened_by TEXT NOT NULL,            -- 'start' | 'change' (seen by a sample) | 'set' (recorded
                                                    -- when made) | 'migrated' (a job recorded before periods)
                gpu_seconds REAL NOT NULL DEFAULT 0,
@@ -123,7 +124,8 @@ MIGRATIONS: dict[int, list[str]] = {
                compute_share REAL,
                compute_cap INTEGER NOT NULL DEFAULT 0,
                priority TEXT NOT NULL DEFAULT 'normal',
-               best_effort INTEGER NOT NULL DEFAULT 0
+               best_effort INTEGER NOT NULL DEFAULT 0,
+               compute_best_effort INTEGER NOT NULL DEFAULT 0
            )""",
         "CREATE INDEX limit_changes_by_partition ON limit_changes(gpu, partition, t)",
         # The GPUs jobs ran on, so that a bill knows each one's memory (its capacity).
@@ -138,7 +140,7 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 
 # The columns of a period that are its limits, in Limits' order.
-LIMIT_COLUMNS = ("memory_limit", "compute_share", "compute_cap", "priority", "best_effort")
+LIMIT_COLUMNS = ("memory_limit", "compute_share", "compute_cap", "priority", "best_effort", "compute_best_effort")
 
 
 class LedgerError(RuntimeError):
@@ -158,15 +160,23 @@ class Limits:
     compute_cap: bool = False           # the share is also a ceiling
     priority: str = "normal"
     best_effort: bool = False           # the quota was overcommitted: a ceiling, not a promise
+    compute_best_effort: bool = False   # the share was overcommitted: weighed within what promises leave
 
     @classmethod
-    def of(cls, memory_limit, compute_share, compute_cap, priority, best_effort) -> Limits:
+    def of(cls, memory_limit, compute_share, compute_cap, priority, best_effort, compute_best_effort=False) -> Limits:
         """From the ledger's columns (0 and NULL alike mean none)."""
         return cls(int(memory_limit) if memory_limit else None, float(compute_share) if compute_share else None,
-                   bool(compute_cap), priority or "normal", bool(best_effort))
+                   bool(compute_cap), priority or "normal", bool(best_effort), bool(compute_best_effort))
+
+    @classmethod
+    def of_partition(cls, part) -> Limits:
+        """A partition's limits as the shared state has them now (``state.PartitionUsage``)."""
+        return cls.of(part.memory_limit, part.compute_share, part.compute_cap, part.priority, part.best_effort,
+                      part.compute_best_effort)
 
     def columns(self) -> tuple:
-        return (self.memory_limit, self.compute_share, int(self.compute_cap), self.priority, int(self.best_effort))
+        return (self.memory_limit, self.compute_share, int(self.compute_cap), self.priority, int(self.best_effort),
+                int(self.compute_best_effort))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -423,7 +433,7 @@ class Ledger:
             'INSERT INTO periods (job_id, gpu, start, opened_by, base_device_seconds, gpu_seconds, '
             "memory_byte_seconds, drift_byte_seconds, peak_memory_bytes, last_sample, last_memory_bytes, "
             "last_drift_bytes, last_device_seconds, " + ", ".join(LIMIT_COLUMNS) + ") "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (" + ", ".join("?" * (13 + len(LIMIT_COLUMNS))) + ")",
             (job_id, gpu, start, opened_by, base, max(0.0, now.device_seconds - base), held, drift_held,
              now.memory_bytes, t, now.memory_bytes, now.drift_bytes, now.device_seconds, *now.limits.columns()))
 
@@ -431,7 +441,7 @@ class Ledger:
         """Partition ``partition`` on ``gpu`` took ``limits`` at ``t`` (None: now): the jobs in it
         end their period there when their recorder's next sample sees these limits."""
         self.db.execute("INSERT INTO limit_changes (t, gpu, partition, " + ", ".join(LIMIT_COLUMNS) +
-                        ") VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        ") VALUES (" + ", ".join("?" * (3 + len(LIMIT_COLUMNS))) + ")",
                         (time.time() if t is None else t, gpu, partition, *limits.columns()))
 
     @contextlib.contextmanager
@@ -558,7 +568,7 @@ class Ledger:
             'SELECT id, job_id, gpu, start, "end", ' + ", ".join(LIMIT_COLUMNS) + ", opened_by, gpu_seconds, "
             f"memory_byte_seconds, drift_byte_seconds, peak_memory_bytes, last_sample FROM periods {where} "
             "ORDER BY job_id, gpu, start, id", parameters).fetchall()
-        return [Period(*row[:5], Limits.of(*row[5:10]), *row[10:]) for row in rows]
+        return [Period(*row[:5], Limits.of(*row[5:11]), *row[11:]) for row in rows]
 
     def samples(self, job_id: int) -> list[tuple[float, int, float]]:
         """(time, memory bytes, cumulative device seconds) of a job, in time order."""

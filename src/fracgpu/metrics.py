@@ -211,7 +211,7 @@ class _Integrals:
             used=sum(p.used for p in mine), peak=max((p.peak for p in mine), default=0),
             processes=sum(p.processes for p in mine), ephemeral=True,
             oom_refusals=gone[2] + sum(p.oom_refusals for p in mine),
-            compute_share=sum(p.compute_share or 0.0 for p in mine) or None,
+            compute_share=sum(_guaranteed(p) for p in mine) or None,
             device_ns=gone[0] + sum(p.device_ns for p in mine), launches=gone[1] + sum(p.launches for p in mine),
             best_effort=any(p.best_effort for p in mine), memory_ceiling=sum(p.memory_ceiling for p in mine),
             drift=sum(p.drift for p in mine), drift_charged=sum(p.drift_charged for p in mine),
@@ -222,6 +222,11 @@ class _Integrals:
 def _promised(p: state.PartitionUsage) -> int:
     """The memory ``p`` was promised: its limit, unless that is best effort (overcommitted)."""
     return 0 if p.best_effort else (p.memory_limit or 0)
+
+
+def _guaranteed(p: state.PartitionUsage) -> float:
+    """The share of the device's time ``p`` was promised: its share, unless that is best effort."""
+    return 0.0 if p.compute_best_effort else (p.compute_share or 0.0)
 
 
 def _running_jobs() -> list[JobRecord]:
@@ -330,7 +335,7 @@ class UsageCollector:
             for p in [q for q in gpu.partitions if self.per_job or not q.ephemeral] + [aggregate] * bool(aggregate):
                 labels = [*ids, p.name]
                 promised = books.private_promised[gpu.uuid] if p is aggregate else _promised(p)
-                totals = books.add(("p", *labels), p.compute_share or 0.0, promised, p.used)
+                totals = books.add(("p", *labels), _guaranteed(p), promised, p.used)
                 families["reserved_gpu"].add_metric(labels, totals[0])
                 families["reserved_memory"].add_metric(labels, totals[1])
                 families["used_memory"].add_metric(labels, totals[2])
@@ -390,7 +395,7 @@ class UsageCollector:
                     if label not in job.labels:
                         continue
                     part = 1 / len(jobs)
-                    books.add(("l", *ids, label, job.labels[label]), (p.compute_share or 0.0) * part,
+                    books.add(("l", *ids, label, job.labels[label]), _guaranteed(p) * part,
                               _promised(p) * part, p.used * part, device_s * part)
         for key, totals in books.totals.items():
             if key[0] == "l" and list(key[1:3]) == ids:

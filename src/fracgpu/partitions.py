@@ -103,6 +103,25 @@ def create(name: str, memory: str | int | None = None, *, compute: str | float |
     return region.create_partition(name, limit, share, cap, overcommit=overcommit, priority=klass)
 
 
+def _holder(name: str, device_index: int | None, state_dir: str | os.PathLike | None,
+            env: Mapping[str, str] | None) -> state.Region:
+    """The region of the one GPU (``device_index``'s, or the only one) that has partition ``name``, once this user
+    may change its partitions; ValueError when none has it, or several do and no index says which."""
+    regions = state.open_regions(state_dir)
+    state.check_may_change_partitions(state.resolve_state_dir(state_dir))
+    where = ""
+    if device_index is not None:
+        uuid = device(device_index, env).uuid
+        regions = [r for r in regions if r.uuid == uuid]
+        where = f" on GPU {device_index} ({uuid})"
+    holders = [r for r in regions if r.partition(name)]
+    if not holders:
+        raise ValueError(f"there is no partition '{name}'{where}; `fracgpu partition list` shows the partitions")
+    if len(holders) > 1:
+        raise _several(name, holders, env)
+    return holders[0]
+
+
 def remove(name: str, *, device_index: int | None = None, state_dir: str | os.PathLike | None = None,
            env: Mapping[str, str] | None = None, force: bool = False) -> str:
     """Remove partition ``name``: from GPU ``device_index``, or from the one GPU that has it.
@@ -112,20 +131,7 @@ def remove(name: str, *, device_index: int | None = None, state_dir: str | os.Pa
     (the message names their containers and pids) unless ``force``, which ends
     them first (SIGKILL), and StateError when the state is unsafe or damaged."""
     jobs.parse_option("name", state.check_partition_name, name)
-    regions = state.open_regions(state_dir)
-    state.check_may_change_partitions(state.resolve_state_dir(state_dir))
-    if device_index is not None:
-        uuid = device(device_index, env).uuid
-        regions = [r for r in regions if r.uuid == uuid]
-        where = f" on GPU {device_index} ({uuid})"
-    else:
-        where = ""
-    holders = [r for r in regions if r.partition(name)]
-    if not holders:
-        raise ValueError(f"there is no partition '{name}'{where}; `fracgpu partition list` shows the partitions")
-    if len(holders) > 1:
-        raise _several(name, holders, env)
-    region = holders[0]
+    region = _holder(name, device_index, state_dir, env)
     users = node.partition_users(region, name)
     if users and not force:
         raise node.PartitionInUse(f"partition '{name}' is in use by {node.describe_users(users)}; stop them first, "
@@ -164,17 +170,7 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
     size = jobs.parse_option("memory", parse_memory, memory)
     share = jobs.parse_option("compute", parse_share, compute)
     klass = jobs.parse_option("priority", parse_priority, priority)
-    regions = state.open_regions(state_dir)
-    state.check_may_change_partitions(state.resolve_state_dir(state_dir))
-    if device_index is not None:
-        uuid = device(device_index, env).uuid
-        regions = [r for r in regions if r.uuid == uuid]
-    holders = [r for r in regions if r.partition(name)]
-    if not holders:
-        raise ValueError(f"there is no partition '{name}'; `fracgpu partition list` shows the partitions")
-    if len(holders) > 1:
-        raise _several(name, holders, env)
-    region = holders[0]
+    region = _holder(name, device_index, state_dir, env)
     limit = None
     if size is not None:
         limit = bytes_of(size, region.total_memory, memory)
@@ -183,8 +179,7 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
         limit = 0
     with _limits_recorded() as record:
         now = region.update_partition(name, limit, share, cap, overcommit=overcommit, priority=klass)
-        record(region.uuid, now.name, Limits.of(now.memory_limit, now.compute_share, now.compute_cap, now.priority,
-                                                now.best_effort))
+        record(region.uuid, now.name, Limits.of_partition(now))
     return region.uuid, now
 
 

@@ -134,7 +134,7 @@ class JobRecorder:
             # partition is made then).
             attached = [a for gpu, _, a in self._processes if gpu == region.uuid and a]
             out.per_gpu[region.uuid] = GPUSample(
-                Limits.of(part.memory_limit, part.compute_share, part.compute_cap, part.priority, part.best_effort),
+                Limits.of_partition(part),
                 memory, device_ns / 1e9, drift, min(attached) / 1e9 if attached else None)
             gpus.append(region.uuid)
             if part.memory_limit:

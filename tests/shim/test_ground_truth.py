@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fracgpu import metrics, sim
+from tests.support.screen import tables
 from tests.support.simgpu import CTYPES_PRELUDE, MiB, command_pid, partition_books, wait_for, wait_gone
 
 # A job that allocates through the shim (`alloc N`) and, behind its back, through the driver
@@ -99,9 +100,9 @@ def test_memory_the_books_missed_is_caught_charged_and_given_back(gpu, shim, how
         assert (q["truth"], q["device_used"], q["used"], q["drift"], q["drift_charged"]) == \
             ("known", wanted, wanted - MISSED, MISSED, MISSED)
         text = gpu.fracgpu("top", "--once", "--interval", "0.1", env={"COLUMNS": "250"}).stdout
-        rows = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
-        assert next(r for r in rows if r[0] == "team")[-1] == "+32MiB"
-        assert next(r for r in rows if r[0] == str(pid))[-1] == "+32MiB"
+        (partitions,), (processes,) = tables(text, "partition"), tables(text, "pid")
+        assert next(r for r in partitions if r["partition"] == "team")["drift"] == "+32MiB"
+        assert next(r for r in processes if r["pid"] == str(pid))["drift"] == "+32MiB"
 
         # The exporter.
         samples = scrape(gpu)
@@ -198,9 +199,10 @@ def test_a_process_the_device_does_not_list_has_an_unknown_drift(gpu, shim, unli
         (q,) = [q for q in g["processes"] if q["pid"] == pid]
         assert (q["truth"], q["device_used"], q["drift"]) == ("unknown", None, None)
         text = gpu.fracgpu("top", "--once", "--interval", "0.1", env={"COLUMNS": "250"}).stdout
-        rows = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
-        assert next(r for r in rows if r[0] == "team")[-1] == "?"
-        assert next(r for r in rows if r[0] == str(pid))[-2:] == ["n/a", "?"]
+        (partitions,), (processes,) = tables(text, "partition"), tables(text, "pid")
+        assert next(r for r in partitions if r["partition"] == "team")["drift"] == "?"
+        process = next(r for r in processes if r["pid"] == str(pid))
+        assert (process["device"], process["drift"]) == ("n/a", "?")
         time.sleep(1.2)   # another reconciliation: said once only
     finally:
         job.kill()
