@@ -203,7 +203,7 @@ def test_the_readme_sample_shows_every_check_in_the_order_they_run():
     """The README's `fracgpu check` sample has one row per registered check, in order, and the count it
     prints; a new check is a sample to update."""
     readme = (ROOT / "README.md").read_text()
-    sample = readme.split("```console\n$ fracgpu check\n", 1)[1].split("```", 1)[0]
+    sample = readme.split("```console\n$ fracgpu check --gpu sim\n", 1)[1].split("```", 1)[0]
     names = [line.split("│")[1].strip() for line in sample.splitlines() if line.startswith("│")]
     assert names == [c.name for c in CHECKS]
     count = len(CHECKS)
