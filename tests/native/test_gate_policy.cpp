@@ -41,6 +41,7 @@ constexpr uint64_t kPublishNs = 20 * kUs;       // launch.cpp's kPublishNs
 // A job: one process of one partition, launching kernels of `kernel_ns`.
 struct Job {
     double share = 0;
+    bool share_promised = true;   // false: overcommitted (best effort)
     bool cap = false;
     int klass = policy::kNormal;
     uint64_t kernel_ns = 1 * kMs;
@@ -66,6 +67,7 @@ public:
             policy::Partition &p = d_.partitions[i];
             p.in_use = true;
             p.share = jobs_[i].share;
+            p.share_promised = jobs_[i].share_promised;
             p.capped = jobs_[i].cap;
             p.klass = jobs_[i].klass;
             Job &j = jobs_[i];
@@ -383,6 +385,17 @@ void test_partitions_without_a_share_split_what_the_shares_leave() {
         EXPECT(near(w.fraction(i, 1 * kS, 3 * kS), want[i], 0.02), "got %s", w.shares(1 * kS, 3 * kS).c_str());
 }
 
+// A share overcommitted beside a promised one is weighed within what the
+// promise leaves: 75% promised keeps its 75% beside a best-effort 75%.
+void test_a_best_effort_share_never_dilutes_a_promised_one() {
+    Job effort = saturating(0.75);
+    effort.share_promised = false;
+    World w({saturating(0.75), effort});
+    w.run(3 * kS);
+    EXPECT(near(w.fraction(0, 1 * kS, 3 * kS), 0.75, 0.02), "promised 75%% beside best effort 75%%: got %s",
+           w.shares(1 * kS, 3 * kS).c_str());
+}
+
 // ---------------------------------------------------------------------------
 // Caps
 // ---------------------------------------------------------------------------
@@ -567,6 +580,7 @@ void test_low_waits_while_normal_is_busy() {
 int main() {
     test_busy_partitions_get_their_shares_at_2_4_and_8();
     test_partitions_without_a_share_split_what_the_shares_leave();
+    test_a_best_effort_share_never_dilutes_a_promised_one();
     test_a_capped_partition_stays_under_its_cap_even_alone();
     test_a_capped_partition_beside_a_busy_one_gets_its_cap_and_leaves_the_rest();
     test_an_idle_partitions_share_goes_to_the_busy_one();
