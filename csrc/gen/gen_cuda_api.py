@@ -186,12 +186,18 @@ def emit_procaddr(entries: list[ProcEntry]) -> str:
     return "".join(out)
 
 
-def emit_errors(pp: str) -> str:
-    body = re.search(r"enum\s+cudaError_enum\s*\{(.*?)\}", pp, re.S)
+def error_codes(pp: str, enum: str, prefix: str, where: str) -> list[tuple[str, str]]:
+    """(name, code) of each PREFIX_SUCCESS and PREFIX_ERROR_* value of ``enum`` in the preprocessed
+    header ``pp``; exits naming ``where`` (the tool and header) when the enum is not there."""
+    body = re.search(r"enum\s+" + enum + r"\s*\{(.*?)\}", pp, re.S)
     if not body:
-        sys.exit("gen_cuda_api: no cudaError_enum in cuda.h")
+        sys.exit(f"{where}: no {enum}")
+    return re.findall(r"\b(" + prefix + r"_(?:SUCCESS|ERROR_\w+))\s*=\s*(\d+)", body.group(1))
+
+
+def emit_errors(pp: str) -> str:
     out = [HEADER]
-    for name, code in re.findall(r"\b(CUDA_(?:SUCCESS|ERROR_\w+))\s*=\s*(\d+)", body.group(1)):
+    for name, code in error_codes(pp, "cudaError_enum", "CUDA", "gen_cuda_api: cuda.h"):
         words = "no error" if name == "CUDA_SUCCESS" else name[len("CUDA_ERROR_"):].lower().replace("_", " ")
         out.append(f'ERROR_ENTRY({code}, "{name}", "{words}")\n')
     return "".join(out)

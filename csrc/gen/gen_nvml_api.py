@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gen_cuda_api import Proto as CudaProto  # noqa: E402  (prototypes and their parsing, shared)
-from gen_cuda_api import _rename_param, _split_params  # noqa: E402
+from gen_cuda_api import _rename_param, _split_params, error_codes  # noqa: E402
 from gen_cuda_api import preprocess as cuda_preprocess  # noqa: E402
 from gen_cuda_api import write_output  # noqa: E402
 
@@ -111,11 +111,8 @@ def emit_sim_stubs(protos: list[Proto]) -> str:
 
 
 def emit_errors(pp: str) -> str:
-    body = re.search(r"enum\s+nvmlReturn_enum\s*\{(.*?)\}", pp, re.S)
-    if not body:
-        sys.exit("gen_nvml_api: no nvmlReturn_enum in nvml.h")
     out = [HEADER]
-    entries = re.findall(r"\b(NVML_(?:SUCCESS|ERROR_\w+))\s*=\s*(\d+)", body.group(1))
+    entries = error_codes(pp, "nvmlReturn_enum", "NVML", "gen_nvml_api: nvml.h")
     if len(entries) < 10:
         sys.exit("gen_nvml_api: nvmlReturn_enum has fewer values than expected")
     for name, code in entries:

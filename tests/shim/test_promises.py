@@ -29,6 +29,12 @@ def gpu4(make_gpu):
     return make_gpu(memory=4 * GiB)
 
 
+def cuda_init(gpu, env: dict) -> tuple[int, str]:
+    """What cuInit returns to a job started with ``env`` (which then ends), and what it said on stderr."""
+    result = gpu.run(sys.executable, "-c", START, env=env, input="\n")
+    return int(result.stdout.split()[1]), result.stderr
+
+
 def test_a_job_without_a_limit_gets_only_what_nobody_was_promised(gpu4):
     gpu4.fracgpu("partition", "create", "team", "--memory", "3GiB")   # promised, unused
     facts = parse_facts(gpu4.fracgpu("run", "--compute", "50%", "--", sys.executable, "-c", FILL).stdout)
@@ -84,15 +90,13 @@ def test_two_racing_jobs_for_three_quarters_exactly_one_starts(gpu4):
 def test_the_shim_refuses_a_private_partition_that_does_not_fit(gpu4, shim):
     gpu4.fracgpu("partition", "create", "team", "--memory", "3GiB")
     env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "mine", "FRACGPU_MEMORY": "2GiB"}
-    result = gpu4.run(sys.executable, "-c", START, env=env, input="\n")
-    assert result.stdout == f"init {CUDA_ERROR_NOT_PERMITTED}\n"
-    assert "2GiB does not fit on GPU-" in result.stderr and "already promised 3GiB (team 3GiB); 1GiB remains" \
-        in result.stderr and "FRACGPU_OVERCOMMIT=1" in result.stderr, result.stderr
-    result = gpu4.run(sys.executable, "-c", START, env={**env, "FRACGPU_OVERCOMMIT": "1"}, input="\n")
-    assert result.stdout == "init 0\n"
-    result = gpu4.run(sys.executable, "-c", START, env={**env, "FRACGPU_OVERCOMMIT": "yes"}, input="\n")
-    assert result.stdout == f"init {CUDA_ERROR_NOT_PERMITTED}\n"
-    assert "FRACGPU_OVERCOMMIT: invalid flag 'yes'" in result.stderr
+    status, said = cuda_init(gpu4, env)
+    assert status == CUDA_ERROR_NOT_PERMITTED
+    assert "2GiB does not fit on GPU-" in said and "already promised 3GiB (team 3GiB); 1GiB remains" in said \
+        and "FRACGPU_OVERCOMMIT=1" in said, said
+    assert cuda_init(gpu4, {**env, "FRACGPU_OVERCOMMIT": "1"})[0] == 0
+    status, said = cuda_init(gpu4, {**env, "FRACGPU_OVERCOMMIT": "yes"})
+    assert status == CUDA_ERROR_NOT_PERMITTED and "FRACGPU_OVERCOMMIT: invalid flag 'yes'" in said
 
 
 @pytest.mark.fault('A private job (FRACGPU_MEMORY) whose partition name is taken by a partition it did not make',
@@ -100,20 +104,18 @@ def test_the_shim_refuses_a_private_partition_that_does_not_fit(gpu4, shim):
 def test_a_private_job_never_joins_a_partition_it_did_not_make(gpu4, shim):
     gpu4.fracgpu("partition", "create", "team", "--memory", "1MiB")
     env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "team", "FRACGPU_MEMORY": "1GiB"}
-    result = gpu4.run(sys.executable, "-c", START, env=env, input="\n")
-    assert result.stdout == f"init {CUDA_ERROR_NOT_PERMITTED}\n"
-    assert "partition 'team' on GPU" in result.stderr and "a private job never joins a partition it did not make" \
-        in result.stderr, result.stderr
+    status, said = cuda_init(gpu4, env)
+    assert status == CUDA_ERROR_NOT_PERMITTED
+    assert "partition 'team' on GPU" in said and "a private job never joins a partition it did not make" in said, said
     # The processes of one private job share the partition its first one made; a job asking for other
     # settings under that name does not get in.
     mine = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "mine", "FRACGPU_MEMORY": "1GiB", "FRACGPU_COMPUTE": "25%"}
     first = gpu4.popen(sys.executable, "-c", START, env=mine)
     try:
         assert first.stdout.readline() == "init 0\n"
-        assert gpu4.run(sys.executable, "-c", START, env=mine, input="\n").stdout == "init 0\n"
-        other = gpu4.run(sys.executable, "-c", START, env={**mine, "FRACGPU_MEMORY": "2GiB"}, input="\n")
-        assert other.stdout == f"init {CUDA_ERROR_NOT_PERMITTED}\n" and "another job's private partition" \
-            in other.stderr, other.stderr
+        assert cuda_init(gpu4, mine)[0] == 0
+        status, said = cuda_init(gpu4, {**mine, "FRACGPU_MEMORY": "2GiB"})
+        assert status == CUDA_ERROR_NOT_PERMITTED and "another job's private partition" in said, said
     finally:
         first.stdin.close()
         first.wait(timeout=30)
@@ -125,8 +127,8 @@ def test_a_private_job_never_joins_a_partition_it_did_not_make(gpu4, shim):
 def test_the_shim_refuses_a_private_share_that_does_not_fit(gpu4, shim):
     gpu4.fracgpu("partition", "create", "train", "--compute", "75%")
     env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "mine", "FRACGPU_COMPUTE": "50%"}
-    result = gpu4.run(sys.executable, "-c", START, env=env, input="\n")
-    assert result.stdout == f"init {CUDA_ERROR_NOT_PERMITTED}\n"
-    assert "50% of compute does not fit on GPU-" in result.stderr and "(train 75%); 25% remains" in result.stderr
-    result = gpu4.run(sys.executable, "-c", START, env={**env, "FRACGPU_OVERCOMMIT": "1"}, input="\n")
-    assert result.stdout == "init 0\n", result.stderr
+    status, said = cuda_init(gpu4, env)
+    assert status == CUDA_ERROR_NOT_PERMITTED
+    assert "50% of compute does not fit on GPU-" in said and "(train 75%); 25% remains" in said
+    status, said = cuda_init(gpu4, {**env, "FRACGPU_OVERCOMMIT": "1"})
+    assert status == 0, said

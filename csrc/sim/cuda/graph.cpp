@@ -330,6 +330,12 @@ CUresult graph_upload(CUgraphExec h, CUstream hs, bool pt) {
     return rc != CUDA_SUCCESS ? rc : map_exec(e);
 }
 
+// The stream `h` a capture call names, once the driver is initialised (callers hold g_mu).
+CUresult capture_stream(CUstream h, bool pt, Stream **s) {
+    CUresult rc = check_init();
+    return rc != CUDA_SUCCESS ? rc : resolve_stream(h, pt, s);
+}
+
 CUresult begin_capture(CUstream h, CUstreamCaptureMode mode, bool pt) {
     std::lock_guard<std::mutex> lk(g_mu);
     CUresult rc = check_init();
@@ -361,10 +367,8 @@ void drop_graph(Graph *g) {
 CUresult end_capture(CUstream h, CUgraph *out, bool pt) {
     if (!out) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::mutex> lk(g_mu);
-    CUresult rc = check_init();
-    if (rc != CUDA_SUCCESS) return rc;
     Stream *s;
-    rc = resolve_stream(h, pt, &s);
+    CUresult rc = capture_stream(h, pt, &s);
     if (rc != CUDA_SUCCESS) return rc;
     Capture *cap = s->capture;
     if (!cap) return CUDA_ERROR_ILLEGAL_STATE;
@@ -383,10 +387,8 @@ CUresult end_capture(CUstream h, CUgraph *out, bool pt) {
 CUresult capture_info(CUstream h, CUstreamCaptureStatus *status, cuuint64_t *id, CUgraph *graph,
                       const CUgraphNode **deps, const CUgraphEdgeData **edges, size_t *ndeps, bool pt) {
     std::lock_guard<std::mutex> lk(g_mu);
-    CUresult rc = check_init();
-    if (rc != CUDA_SUCCESS) return rc;
     Stream *s;
-    rc = resolve_stream(h, pt, &s);
+    CUresult rc = capture_stream(h, pt, &s);
     if (rc != CUDA_SUCCESS) return rc;
     Capture *cap = s->capture;
     if (status)
@@ -406,6 +408,12 @@ CUresult capture_info(CUstream h, CUstreamCaptureStatus *status, cuuint64_t *id,
 Node *as_node(CUgraphNode h) {
     Node *n = reinterpret_cast<Node *>(h);
     return g_nodes.count(n) ? n : nullptr;
+}
+
+// The node `h` when it is one of this type, else null (under g_mu).
+Node *as_node_of(CUgraphNode h, CUgraphNodeType type) {
+    Node *n = as_node(h);
+    return n && n->type == type ? n : nullptr;
 }
 
 CUresult graph_mem_attribute(CUdevice dev, CUgraphMem_attribute attr, void *value, bool set) {
@@ -681,10 +689,9 @@ SIM_API CUresult cuGraphAddMemFreeNode(CUgraphNode *ph, CUgraph hg, const CUgrap
 }
 
 SIM_API CUresult cuGraphMemAllocNodeGetParams(CUgraphNode h, CUDA_MEM_ALLOC_NODE_PARAMS *out) {
-    if (!out) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::mutex> lk(g_mu);
-    Node *n = as_node(h);
-    if (!n || n->type != CU_GRAPH_NODE_TYPE_MEM_ALLOC) return CUDA_ERROR_INVALID_VALUE;
+    Node *n = as_node_of(h, CU_GRAPH_NODE_TYPE_MEM_ALLOC);
+    if (!out || !n) return CUDA_ERROR_INVALID_VALUE;
     *out = CUDA_MEM_ALLOC_NODE_PARAMS{};
     out->poolProps.allocType = CU_MEM_ALLOCATION_TYPE_PINNED;
     out->poolProps.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
@@ -695,10 +702,9 @@ SIM_API CUresult cuGraphMemAllocNodeGetParams(CUgraphNode h, CUDA_MEM_ALLOC_NODE
 }
 
 SIM_API CUresult cuGraphMemFreeNodeGetParams(CUgraphNode h, CUdeviceptr *out) {
-    if (!out) return CUDA_ERROR_INVALID_VALUE;
     std::lock_guard<std::mutex> lk(g_mu);
-    Node *n = as_node(h);
-    if (!n || n->type != CU_GRAPH_NODE_TYPE_MEM_FREE) return CUDA_ERROR_INVALID_VALUE;
+    Node *n = as_node_of(h, CU_GRAPH_NODE_TYPE_MEM_FREE);
+    if (!out || !n) return CUDA_ERROR_INVALID_VALUE;
     *out = n->free_ptr;
     return CUDA_SUCCESS;
 }
