@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import json
 import select
+import shutil
+import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
-from tests.support.simgpu import CTYPES_PRELUDE, MiB
+from tests.support.simgpu import CTYPES_PRELUDE, MiB, command_pid
 
 pytestmark = pytest.mark.slow
 
@@ -125,6 +127,16 @@ def start_workers(gpu, kernels, count: int, seconds: float, leak_in: str | None 
     return procs
 
 
+def stacks(pid: int) -> str:
+    """Every thread's native stack in process ``pid`` (gdb's backtraces), or why there are none: what a
+    report of a hung worker needs."""
+    if not shutil.which("gdb"):
+        return "(no gdb to read its stacks)"
+    result = subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 20"], capture_output=True,
+                            text=True, timeout=60)
+    return "\n".join(line for line in result.stdout.splitlines() if line.startswith(("#", "Thread")))
+
+
 def run_workers(gpu, kernels, count: int, seconds: float, leak_in: str | None = None):
     for name, mib in LIMITS.items():
         gpu.fracgpu("partition", "create", name, "--memory", f"{mib}MiB")
@@ -157,9 +169,11 @@ def run_workers(gpu, kernels, count: int, seconds: float, leak_in: str | None = 
     for name, p in procs:
         ready, _, _ = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))
         if not ready:
+            where = stacks(command_pid(p, timeout=1))
             for _, q in procs:
                 q.kill()
-            raise AssertionError(f"a worker hung (pid {p.pid})")
+            raise AssertionError(f"a worker hung (pid {p.pid}); the partitions then: {books(gpu)}; where it was:\n"
+                                 f"{where}")
         line = p.stdout.readline()
         assert line.startswith("holding "), (line, p.poll(), p.stderr.read() if p.poll() is not None else "")
         # What it allocated, and its context: both on its partition's books.
