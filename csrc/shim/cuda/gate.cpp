@@ -228,6 +228,12 @@ void wait_turn(fracgpu::SharedRegion *r, int me, uint64_t prev_launch, bool outr
     bool allowance = draws_allowance(mine);
     for (;; now = mono_ns()) {
         if (allowance && stand_aside(r, me, now)) continue;
+        // The waiting mark is the partition's, shared by its processes: one
+        // that took a turn cleared it on its way out, while this one still
+        // waits. Marked again, or the partition is nobody's candidate and this
+        // process naps for ever once the others go quiet.
+        uint64_t unmarked = 0;
+        mine.waiting_ns.compare_exchange_strong(unmarked, now, std::memory_order_relaxed);
         snapshot(r, &d);
         policy::Step step = policy::turn_step(d, me, now, outranked);
         if (step.action == policy::Step::kLaunch) break;
