@@ -36,6 +36,12 @@ def partitions_of(gpu) -> dict[str, dict]:
     return {p["name"]: p for p in u["partitions"]}
 
 
+def overcommitted_other(gpu, *limits: str) -> tuple[str, dict[str, dict]]:
+    """``partition create other LIMITS --overcommit``: what it printed, and the partitions listed then."""
+    out = gpu.fracgpu("partition", "create", "other", *limits, "--overcommit").stdout
+    return out, partitions_of(gpu)
+
+
 def exported_gauge(gpu, name: str) -> dict[str, float]:
     """The exporter's gauge ``name`` for each partition of ``gpu``'s state."""
     from prometheus_client import CollectorRegistry, generate_latest
@@ -58,10 +64,9 @@ def test_a_second_3gib_promise_on_a_4gib_gpu_is_refused_then_overcommitted(gpu4)
     assert result.stderr.strip() == "Error: " + refusal(uuid)
     assert list(partitions_of(gpu4)) == ["team"]
 
-    out = gpu4.fracgpu("partition", "create", "other", "--memory", "3GiB", "--overcommit").stdout
+    out, listed = overcommitted_other(gpu4, "--memory", "3GiB")
     assert out == ("partition 'other' created on GPU 0: 3GiB (best effort: overcommitted, not a promise), "
                    "no compute share\n")
-    listed = partitions_of(gpu4)
     assert (listed["team"]["best_effort"], listed["other"]["best_effort"]) == (False, True)
     table = gpu4.fracgpu("partition", "list", env={"COLUMNS": "200"}).stdout
     rows = {cells[0]: cells[1] for line in table.splitlines() if line.startswith("│")
@@ -165,10 +170,9 @@ def test_compute_shares_are_promised_once_and_overcommitted_ones_are_labelled(gp
     assert (f"90% of compute does not fit on {uuid}: already promised 90% of its time (train 90%); 10% remains"
             in result.stderr)
     assert gpu4.fracgpu("run", "--compute", "10%", "--", "echo", "started").stdout == "started\n"
-    out = gpu4.fracgpu("partition", "create", "other", "--compute", "90%", "--overcommit").stdout
+    out, listed = overcommitted_other(gpu4, "--compute", "90%")
     assert out == ("partition 'other' created on GPU 0: no memory limit, 90% of compute (best effort: "
                    "overcommitted, not a promise)\n")
-    listed = partitions_of(gpu4)
     assert (listed["train"]["compute_best_effort"], listed["other"]["compute_best_effort"]) == (False, True)
     table = gpu4.fracgpu("partition", "list", env={"COLUMNS": "200"}).stdout
     assert "90% best effort" in table

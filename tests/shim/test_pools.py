@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from tests.support.simgpu import (BINDINGS_PRELUDE, CTYPES_PRELUDE, HOW_JOBS_RUN, GiB, MiB, kill_and_read_books,
-                                  parse_facts, partition_books, python_job)
+                                  parse_facts, partition_books, python_job, run_in_team)
 
 
 @pytest.mark.parametrize("kind", ["lcuda", "dlopen"])
@@ -117,9 +117,7 @@ def test_cuda_bindings_pools_of_their_own(gpu):
 @pytest.mark.fault("A process SIGKILLed while a stream-ordered pool holds its reserve",
                    "the reserve is back on its partition's books within 1 s")
 def test_a_killed_process_gives_its_pool_reserve_back_within_a_second(clients, gpu):
-    gpu.fracgpu("partition", "create", "team", "--memory", "1GiB")
-    holder = gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "team", "--",
-                       clients.lcuda, "pool-keep", 512, 512, 60)
+    holder = run_in_team(gpu, clients.lcuda, "pool-keep", 512, 512, 60)
     try:
         lines = [holder.stdout.readline() for _ in range(5)]
         facts = parse_facts("".join(lines))

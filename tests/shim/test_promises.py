@@ -35,6 +35,13 @@ def cuda_init(gpu, env: dict) -> tuple[int, str]:
     return int(result.stdout.split()[1]), result.stderr
 
 
+def refused(gpu, env: dict) -> str:
+    """What a job started with ``env`` says when the shim refuses it CUDA (cuInit returns NOT_PERMITTED)."""
+    status, said = cuda_init(gpu, env)
+    assert status == CUDA_ERROR_NOT_PERMITTED, said
+    return said
+
+
 def test_a_job_without_a_limit_gets_only_what_nobody_was_promised(gpu4):
     gpu4.fracgpu("partition", "create", "team", "--memory", "3GiB")   # promised, unused
     facts = parse_facts(gpu4.fracgpu("run", "--compute", "50%", "--", sys.executable, "-c", FILL).stdout)
@@ -89,23 +96,18 @@ def test_two_racing_jobs_for_three_quarters_exactly_one_starts(gpu4):
                    'CUDA refused in the job with the reason (never unlimited); `FRACGPU_OVERCOMMIT=1` runs it')
 def test_the_shim_refuses_a_private_partition_that_does_not_fit(gpu4, shim):
     gpu4.fracgpu("partition", "create", "team", "--memory", "3GiB")
-    env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "mine", "FRACGPU_MEMORY": "2GiB"}
-    status, said = cuda_init(gpu4, env)
-    assert status == CUDA_ERROR_NOT_PERMITTED
+    said = refused(gpu4, env := {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "mine", "FRACGPU_MEMORY": "2GiB"})
     assert "2GiB does not fit on GPU-" in said and "already promised 3GiB (team 3GiB); 1GiB remains" in said \
         and "FRACGPU_OVERCOMMIT=1" in said, said
     assert cuda_init(gpu4, {**env, "FRACGPU_OVERCOMMIT": "1"})[0] == 0
-    status, said = cuda_init(gpu4, {**env, "FRACGPU_OVERCOMMIT": "yes"})
-    assert status == CUDA_ERROR_NOT_PERMITTED and "FRACGPU_OVERCOMMIT: invalid flag 'yes'" in said
+    assert "FRACGPU_OVERCOMMIT: invalid flag 'yes'" in refused(gpu4, {**env, "FRACGPU_OVERCOMMIT": "yes"})
 
 
 @pytest.mark.fault('A private job (FRACGPU_MEMORY) whose partition name is taken by a partition it did not make',
                    'CUDA refused in the job with the reason; it never joins that partition')
 def test_a_private_job_never_joins_a_partition_it_did_not_make(gpu4, shim):
     gpu4.fracgpu("partition", "create", "team", "--memory", "1MiB")
-    env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "team", "FRACGPU_MEMORY": "1GiB"}
-    status, said = cuda_init(gpu4, env)
-    assert status == CUDA_ERROR_NOT_PERMITTED
+    said = refused(gpu4, {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "team", "FRACGPU_MEMORY": "1GiB"})
     assert "partition 'team' on GPU" in said and "a private job never joins a partition it did not make" in said, said
     # The processes of one private job share the partition its first one made; a job asking for other
     # settings under that name does not get in.
@@ -114,8 +116,8 @@ def test_a_private_job_never_joins_a_partition_it_did_not_make(gpu4, shim):
     try:
         assert first.stdout.readline() == "init 0\n"
         assert cuda_init(gpu4, mine)[0] == 0
-        status, said = cuda_init(gpu4, {**mine, "FRACGPU_MEMORY": "2GiB"})
-        assert status == CUDA_ERROR_NOT_PERMITTED and "another job's private partition" in said, said
+        said = refused(gpu4, {**mine, "FRACGPU_MEMORY": "2GiB"})
+        assert "another job's private partition" in said, said
     finally:
         first.stdin.close()
         first.wait(timeout=30)
@@ -126,9 +128,7 @@ def test_a_private_job_never_joins_a_partition_it_did_not_make(gpu4, shim):
                    'runs it, best effort')
 def test_the_shim_refuses_a_private_share_that_does_not_fit(gpu4, shim):
     gpu4.fracgpu("partition", "create", "train", "--compute", "75%")
-    env = {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "mine", "FRACGPU_COMPUTE": "50%"}
-    status, said = cuda_init(gpu4, env)
-    assert status == CUDA_ERROR_NOT_PERMITTED
+    said = refused(gpu4, env := {"LD_PRELOAD": shim, "FRACGPU_PARTITION": "mine", "FRACGPU_COMPUTE": "50%"})
     assert "50% of compute does not fit on GPU-" in said and "(train 75%); 25% remains" in said
     status, said = cuda_init(gpu4, {**env, "FRACGPU_OVERCOMMIT": "1"})
     assert status == 0, said

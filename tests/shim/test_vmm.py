@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from tests.support.simgpu import BINDINGS_PRELUDE, CTYPES_PRELUDE, GiB, MiB, command_pid, parse_facts
+from tests.support.simgpu import (BINDINGS_PRELUDE, CTYPES_PRELUDE, GiB, MiB, command_pid, parse_facts,
+                                  run_in_team)
 
 
 @pytest.fixture
@@ -103,9 +104,7 @@ def test_bad_handles_and_ranges_go_to_the_driver_and_leave_the_books_alone(clien
 @pytest.mark.fault("SIGKILL of a job holding mapped VMM memory whose handles it released",
                    "all of it back on the partition's books within 1 s")
 def test_a_job_killed_holding_mapped_memory_gives_it_all_back(clients, gpu4):
-    gpu4.fracgpu("partition", "create", "team", "--memory", "1GiB")
-    job = gpu4.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "team", "--",
-                     clients.lcuda, "vmm-map-release", 256, 3, 60)
+    job = run_in_team(gpu4, clients.lcuda, "vmm-map-release", 256, 3, 60)
     try:
         assert job.stdout.readline().strip() == "blocks 3"
         assert partition(gpu4, "team")["used"] == 768 * MiB + gpu4.context   # and its context

@@ -363,6 +363,12 @@ def partition_books(gpu: SimGPU, name: str) -> dict:
     return part
 
 
+def run_in_team(gpu: SimGPU, *argv, memory: str = "1GiB") -> subprocess.Popen:
+    """``argv`` started under ``fracgpu run --partition team``, in a partition ``team`` of ``memory`` made first."""
+    gpu.fracgpu("partition", "create", "team", "--memory", memory)
+    return gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", "team", "--", *argv)
+
+
 def kill_and_read_books(gpu: SimGPU, holder: subprocess.Popen, name: str, within: float = 1.0) -> dict:
     """SIGKILL `holder` (a member of partition `name`), then read the partition's
     books until they are back to 0, for at most `within` seconds; the last read."""
