@@ -998,6 +998,13 @@ void Region::leave(int slot) {
     unlock();
 }
 
+void Region::end_launches(int slot) {
+    if (!r_ || slot < 0 || slot >= kMaxProcesses) return;
+    SharedProcess &p = r_->processes[slot];
+    if (p.partition < 0 || p.partition >= kMaxPartitions) return;
+    saturating_sub(r_->partitions[p.partition].inflight, p.inflight.exchange(0));
+}
+
 int Region::reap(bool quick) { return sweep(quick); }
 
 int Region::reap_all_namespaces() { return sweep(false, own_pid_namespace() == kInitialPidNamespace); }

@@ -359,6 +359,10 @@ class Region {
              std::string *err, double create_share = 0, uint32_t create_flags = 0, int holder = 0,
              bool overcommit = false);
     void leave(int slot);                                  // this process is done with its slot
+    // This process ends: its launches still in flight (it will never see
+    // them complete) stop counting for its partition at the gate. Its slot
+    // and its memory stay until the process is gone (reap).
+    void end_launches(int slot);
     // Frees the slots of dead processes (or, while their holder lives, marks
     // them exited); returns how many. `quick`: a process is dead when its pid
     // is gone (no /proc read: a reused pid is found by the next full reap).

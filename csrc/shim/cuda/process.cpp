@@ -117,6 +117,11 @@ void detach_at_exit() {
     // handler (a static destructor freeing its cache) is the device's business
     // until the process is gone, and the slot is released whole then.
     g_bound.store(false, std::memory_order_release);
+    // The launch gate must not wait on launches this process will never see
+    // complete: its partition is not kept busy (and its turn held) by them
+    // until the slot is reaped.
+    for (int d = 0; d < g_ndev; d++)
+        if (g_bind[d].ok) g_bind[d].region.end_launches(g_bind[d].slot);
 }
 
 void forget_after_fork() {
