@@ -210,16 +210,22 @@ CUresult context_created(CUcontext *pctx, CUdevice dev, Call call, Undo undo) {
         fracgpu::SharedRegion &r = *b->region.raw();
         // Charged before it exists: what a first context was last measured to
         // reserve on this GPU, settled once measured.
+        // Under the measurement lock, shared: a fallback measurement (the
+        // device's figure beyond the books, under the lock held exclusively)
+        // must not see the books move by a neighbour's charge meanwhile.
         uint64_t expected = r.context_bytes.load(std::memory_order_relaxed);
-        if (expected) {
-            if (CUresult rc = charge(b, expected); rc != CUDA_SUCCESS) {
-                log("a CUDA context on %s reserves %s (as measured before), more than its partition has left: "
-                    "the context is not created", b->uuid.c_str(), size_text(expected).c_str());
-                return rc;
+        {
+            MeasureLock precharging(b->region.path(), LOCK_SH);
+            if (expected) {
+                if (CUresult rc = charge(b, expected); rc != CUDA_SUCCESS) {
+                    log("a CUDA context on %s reserves %s (as measured before), more than its partition has left: "
+                        "the context is not created", b->uuid.c_str(), size_text(expected).c_str());
+                    return rc;
+                }
+            } else {
+                expected = first_context_estimate(*b);
+                if (charge(b, expected) != CUDA_SUCCESS) expected = 0;   // the room went meanwhile: measured after
             }
-        } else {
-            expected = first_context_estimate(*b);
-            if (charge(b, expected) != CUDA_SUCCESS) expected = 0;   // the room went meanwhile: measured after
         }
         uint64_t ns = pid_namespace();
         Made m;
