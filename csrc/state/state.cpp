@@ -814,6 +814,18 @@ static void give_back_locked(SharedRegion *r, SharedProcess &p) {
     saturating_sub(part.used, drift);
     saturating_sub(part.drift_charged, drift);
     saturating_sub(part.inflight, p.inflight.exchange(0));
+    // A partition's books move in two steps (its total, then the process's
+    // share of it), and a process killed between them leaves the total with
+    // bytes no process holds. With no live process left in the partition
+    // nothing can be charging it (a charge needs a slot, and slots are taken
+    // under this lock): its books are 0, whatever a torn step left there.
+    int idx = p.partition;
+    for (const SharedProcess &q : r->processes)
+        if (&q != &p && __atomic_load_n(&q.pid, __ATOMIC_ACQUIRE) != 0 && q.partition == idx && !q.exited.load())
+            return;
+    part.used.store(0);
+    part.drift_charged.store(0);
+    part.inflight.store(0);
 }
 
 // A process is done with its slot (it left, or died): what it held goes back

@@ -218,6 +218,31 @@ int main() {
     r.leave(slot);
     EXPECT(r.processes().empty() && r.remove_partition("shared", &err));
 
+    // A process killed between the two steps of a charge (the partition's total, then its
+    // own share) leaves bytes no process holds: once no live process is left in the
+    // partition, its books are 0 again. While another lives, they are left as they are.
+    {
+        EXPECT(r.create_partition("torn", 0, 0, 0, &err));
+        int mine = r.join("torn", me, "watcher", nullptr, &err);
+        EXPECT(mine >= 0);
+        pid_t child = fork();
+        if (child == 0) {
+            fracgpu::Region c;
+            std::string e;
+            if (!c.open(dir, kUuid, "test GPU", 1 << 30, true, &e)) _exit(10);
+            int s = c.join("torn", getpid(), "job", nullptr, &e);
+            if (s < 0 || !c.charge(s, 4096)) _exit(11);
+            c.raw()->partitions[c.raw()->processes[s].partition].used.fetch_add(1 << 20);   // the torn step
+            _exit(0);
+        }
+        EXPECT(wait_for(child) == 0);
+        EXPECT(r.reap() == 1);
+        EXPECT(find(r.partitions(), "torn")->used == (1 << 20));   // the watcher lives: not guessed at
+        r.leave(mine);
+        EXPECT(find(r.partitions(), "torn")->used == 0);
+        EXPECT(r.processes().empty() && r.remove_partition("torn", &err));
+    }
+
     // The node agent adopts a process nobody records: its slot is then kept when it ends, and
     // collected slot by slot. A figure the agent took stands over the process's own "not listed".
     {
