@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import grpc
 import pytest
@@ -28,13 +29,13 @@ SLICES = 4
 
 
 class Plugin:
-    """A running ``fracgpu device-plugin`` and the test kubelet it registered with."""
+    """A running ``fracgpu device-plugin`` and the test kubelet it registers with."""
 
     def __init__(self, gpu, folder: pathlib.Path, cdi_root: pathlib.Path, config_dir: pathlib.Path):
         self.gpu = gpu
         self.folder = folder
         self.cdi_root = cdi_root
-        self.kubelet = TestKubelet(str(folder))
+        self.kubelet: TestKubelet | None = None
         self.log = folder.parent / (folder.name + ".log")
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
@@ -42,6 +43,11 @@ class Plugin:
                  "--slices", str(SLICES), "--cdi-root", str(cdi_root), "--cdi-config-dir", str(config_dir),
                  "--health-interval", "0.2", "--node-name", "node-a"],
                 env=gpu.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    def connect(self) -> None:
+        """Starts the kubelet (unless it runs), waits for the plugin's registration and dials it."""
+        if self.kubelet is None:
+            self.kubelet = TestKubelet(str(self.folder))
         self.registration = self.kubelet.registered()
         self.stub = self.kubelet.plugin(self.registration)
 
@@ -53,22 +59,26 @@ class Plugin:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         code = self.process.wait(timeout=60)
-        self.kubelet.close()
+        if self.kubelet is not None:
+            self.kubelet.close()
         return code
 
 
 @pytest.fixture
 def start_plugin(tmp_path):
-    """start_plugin(gpu, cdi_root=None) -> Plugin, registered with a test kubelet of its own (in a
-    short folder: unix socket paths are short); stopped after the test."""
+    """start_plugin(gpu, cdi_root=None, kubelet=True) -> Plugin, registered with a test kubelet of its
+    own (kubelet=False: none started yet), in a short folder (unix socket paths are short); stopped
+    after the test."""
     started = []
     folders = []
 
-    def start(gpu, cdi_root: pathlib.Path | None = None) -> Plugin:
+    def start(gpu, cdi_root: pathlib.Path | None = None, kubelet: bool = True) -> Plugin:
         folder = pathlib.Path(tempfile.mkdtemp(prefix="fdp-", dir="/tmp"))
         folders.append(folder)
         plugin = Plugin(gpu, folder, cdi_root or tmp_path / "cdi", tmp_path / "cdi-config")
         started.append(plugin)
+        if kubelet:
+            plugin.connect()
         return plugin
 
     yield start
@@ -126,6 +136,18 @@ def test_a_gpu_whose_state_is_damaged_is_unhealthy_until_it_is_usable_again(make
     os.unlink(region)
     assert stream.until(lambda d: "Unhealthy" not in d.values()) == dict.fromkeys(slices_of(uuid), "Healthy")
     assert "is truncated" in plugin.output()
+
+
+def test_a_plugin_started_before_the_kubelet_registers_once_it_is_up(make_gpu, start_plugin):
+    gpu = make_gpu(memory=16 * GiB)
+    plugin = start_plugin(gpu, kubelet=False)
+    socket = plugin.folder / device_plugin.SOCKET
+    deadline = time.monotonic() + 60
+    while not socket.exists():   # it serves at once, and keeps asking for a kubelet
+        assert plugin.process.poll() is None and time.monotonic() < deadline, plugin.output()
+        time.sleep(0.05)
+    plugin.connect()
+    assert plugin.registration.resource_name == kube.SLICE_RESOURCE
 
 
 def test_a_restarted_kubelet_gets_the_plugin_registered_again(make_gpu, start_plugin):
@@ -238,3 +260,11 @@ def test_a_partition_whose_slices_went_to_another_container_is_replaced(make_gpu
         ("k8s-slices-gpu0-1-2-3", 12 * GiB, 0.75)]
     spec = json.loads((tmp_path / "cdi" / "k8s.fracgpu.dev-slices.json").read_text())
     assert spec["kind"] == kube.SLICES_CDI_KIND and [d["name"] for d in spec["devices"]] == ["k8s-slices-gpu0-1-2-3"]
+
+
+def test_without_the_kubernetes_extra_the_command_says_what_to_install(gpu):
+    blocked = "import sys; sys.modules['grpc'] = None; from fracgpu.cli import main; main(['device-plugin'])"
+    result = gpu.python(blocked, check=False)
+    assert result.returncode == 2
+    assert "fracgpu device-plugin needs the kubernetes extra" in result.stderr
+    assert "pip install 'fracgpu[kubernetes]'" in result.stderr and "Traceback" not in result.stderr

@@ -11,13 +11,21 @@ import threading
 import click
 
 from fracgpu import cdi, devices, kube
-from fracgpu.cli.common import converted_by, refusals
+from fracgpu.cli.common import InputError, converted_by, refusals
+
+
+def _library():
+    """``fracgpu.kube.device_plugin``; InputError saying what to install when the extra is missing."""
+    try:
+        from fracgpu.kube import device_plugin
+    except ImportError as e:
+        raise InputError(f"fracgpu device-plugin needs the kubernetes extra ({e}): "
+                         "pip install 'fracgpu[kubernetes]'") from None
+    return device_plugin
 
 
 def _slices(value: object) -> int:
-    from fracgpu.kube import device_plugin
-
-    return device_plugin.check_slices(value)
+    return _library().check_slices(value)
 
 
 @click.command("device-plugin")
@@ -53,7 +61,7 @@ def device_plugin_command(node_name: str | None, device_plugin_path: str, slices
     SIGTERM or Ctrl-C. Partitions whose pods are gone are removed by `fracgpu
     node`."""
     logging.basicConfig(level=logging.INFO, format="fracgpu device-plugin: %(message)s", stream=sys.stderr)
-    from fracgpu.kube import device_plugin
+    device_plugin = _library()
 
     with refusals():
         gpus = [device_plugin.GPU.of(d) for d in devices.probe()]
