@@ -262,6 +262,17 @@ def test_a_partition_whose_slices_went_to_another_container_is_replaced(make_gpu
     assert spec["kind"] == kube.SLICES_CDI_KIND and [d["name"] for d in spec["devices"]] == ["k8s-slices-gpu0-1-2-3"]
 
 
+def test_a_left_over_partition_of_the_same_slices_gets_their_limits(make_gpu, start_plugin):
+    gpu = make_gpu(memory=16 * GiB)
+    # Left by a plugin that cut the GPU into other slices, its container gone.
+    gpu.fracgpu("partition", "create", "k8s-slices-gpu0-0-1", "--memory", "1GiB", "--compute", "10%")
+    plugin = start_plugin(gpu)
+    (uuid,) = uuids(gpu)
+    plugin.kubelet.allocate(plugin.stub, slices_of(uuid)[:2])
+    part = partition_books(gpu, "k8s-slices-gpu0-0-1")
+    assert (part["memory_limit"], part["compute_share"]) == (8 * GiB, 0.5)
+
+
 def test_without_the_kubernetes_extra_the_command_says_what_to_install(gpu):
     blocked = "import sys; sys.modules['grpc'] = None; from fracgpu.cli import main; main(['device-plugin'])"
     result = gpu.python(blocked, check=False)
