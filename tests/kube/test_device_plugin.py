@@ -22,7 +22,7 @@ from fracgpu import devices, kube, state
 from fracgpu.kube import device_plugin
 from tests.support.containers import CDI_DIR, podman  # noqa: F401  (the podman fixture)
 from tests.support.device_watch import DeviceWatch
-from tests.support.kubelet_devices import DeviceStream, TestKubelet
+from tests.support.kubelet_devices import DeviceStream, PodResources, TestKubelet
 from tests.support.simgpu import GiB, MiB, parse_facts, partition_books
 
 SLICES = 4
@@ -36,12 +36,14 @@ class Plugin:
         self.folder = folder
         self.cdi_root = cdi_root
         self.kubelet: TestKubelet | None = None
+        self.pods_socket = str(folder) + "-pods.sock"   # where the plugin asks which pods hold which slices
         self.log = folder.parent / (folder.name + ".log")
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "fracgpu", "device-plugin", "--device-plugin-path", str(folder),
                  "--slices", str(SLICES), "--cdi-root", str(cdi_root), "--cdi-config-dir", str(config_dir),
-                 "--health-interval", "0.2", "--node-name", "node-a"],
+                 "--health-interval", "0.2", "--node-name", "node-a",
+                 "--pod-resources-socket", str(folder) + "-pods.sock"],
                 env=gpu.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
     def connect(self) -> None:
@@ -86,7 +88,8 @@ def start_plugin(tmp_path):
         plugin.stop()
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
-        pathlib.Path(str(folder) + ".log").unlink(missing_ok=True)
+        for end in (".log", "-pods.sock"):
+            pathlib.Path(str(folder) + end).unlink(missing_ok=True)
 
 
 def uuids(gpu) -> list[str]:
@@ -252,8 +255,18 @@ def test_a_partition_whose_slices_went_to_another_container_is_replaced(make_gpu
     (uuid,) = uuids(gpu)
     ids = slices_of(uuid)
     plugin.kubelet.allocate(plugin.stub, ids[:2])
-    # Its container has gone, and the kubelet gives slice 1 to another one before `fracgpu node` saw the pod go.
-    (answer,) = plugin.kubelet.allocate(plugin.stub, ids[1:]).container_responses
+    pods = PodResources(plugin.pods_socket)
+    try:
+        # While the kubelet's pod resources say a pod holds slice 1, its partition stays, and Allocate says who.
+        pods.pods = [("team-a", "train", "main", kube.SLICE_RESOURCE, ids[:2])]
+        error = refusal(lambda: plugin.kubelet.allocate(plugin.stub, ids[1:]))
+        assert "team-a/train/main holds" in error.details() and "k8s-slices-gpu0-0-1" in error.details()
+        assert [p.name for p in state.usage(str(gpu.state_dir))[0].partitions] == ["k8s-slices-gpu0-0-1"]
+        # Its container has gone, and the kubelet gives slice 1 to another one before `fracgpu node` saw the pod go.
+        pods.pods = []
+        (answer,) = plugin.kubelet.allocate(plugin.stub, ids[1:]).container_responses
+    finally:
+        pods.close()
     assert [d.name for d in answer.cdi_devices] == ["k8s.fracgpu.dev/slices=k8s-slices-gpu0-1-2-3"]
     (now,) = state.usage(str(gpu.state_dir))
     assert [(p.name, p.memory_limit, p.compute_share) for p in now.partitions] == [

@@ -35,6 +35,10 @@ def _slices(value: object) -> int:
               type=click.Path(file_okay=False),
               help="The kubelet's device plugin folder: where its kubelet.sock is, and where this plugin's socket "
                    "goes.")
+@click.option("--pod-resources-socket", default="/var/lib/kubelet/pod-resources/kubelet.sock", show_default=True,
+              metavar="PATH", type=click.Path(dir_okay=False),
+              help="The kubelet's pod resources API: before a partition of slices the kubelet gave to another "
+                   "container is replaced, it is asked whether a pod still holds them (not asked when absent).")
 @click.option("--slices", type=click.INT, default=4, show_default=True, metavar="N",
               callback=converted_by(_slices),
               help=f"Slices per GPU (1 to 64): a container given k of them gets k/N of the GPU's memory and a k/N "
@@ -49,8 +53,8 @@ def _slices(value: object) -> int:
               metavar="SECONDS", help="Seconds between two looks at the GPUs' health (driver and state).")
 @click.option("--ready-file", type=click.Path(dir_okay=False),
               help="Write this file once registered with the kubelet (pid, socket); removed at exit.")
-def device_plugin_command(node_name: str | None, device_plugin_path: str, slices: int, cdi_root: str,
-                          cdi_config_dir: str, health_interval: float, ready_file: str | None) -> None:
+def device_plugin_command(node_name: str | None, device_plugin_path: str, pod_resources_socket: str, slices: int,
+                          cdi_root: str, cdi_config_dir: str, health_interval: float, ready_file: str | None) -> None:
     """Run the kubelet device plugin of fracgpu.dev/gpu-slice, for clusters without DRA.
 
     Each GPU of the node is N equal slices. A pod asks for
@@ -66,7 +70,7 @@ def device_plugin_command(node_name: str | None, device_plugin_path: str, slices
     with refusals():
         gpus = [device_plugin.GPU.of(d) for d in devices.probe()]
         layout = cdi.Layout.for_node(config_dir=cdi_config_dir)   # refused before starting: no driver to mount
-        plugin = device_plugin.SlicePlugin(gpus, slices, layout, cdi_root)
+        plugin = device_plugin.SlicePlugin(gpus, slices, layout, cdi_root, pod_resources=pod_resources_socket)
         os.makedirs(device_plugin_path, exist_ok=True)
     service = device_plugin.DevicePlugin(plugin, device_plugin_path, health_interval=health_interval,
                                          ready_file=ready_file)

@@ -39,23 +39,22 @@ import grpc
 from fracgpu import cdi, devices, kube, node, partitions, state
 from fracgpu.kube.api import deviceplugin_v1beta1_pb2 as api
 from fracgpu.kube.api import deviceplugin_v1beta1_pb2_grpc as api_grpc
+from fracgpu.kube.api import podresources_v1_pb2 as pod_api
+from fracgpu.kube.api import podresources_v1_pb2_grpc as pod_api_grpc
 
-__all__ = ["API_VERSION", "HEALTHY", "UNHEALTHY", "SOCKET", "DEVICE_PLUGIN_PATH", "POD_RESOURCES_SOCKET",
-           "DEFAULT_SLICES", "MAX_SLICES", "GPU", "AllocationError", "check_slices", "slice_ids", "gpu_of",
-           "preferred", "spec_path", "SlicePlugin", "DevicePlugin"]
+__all__ = ["API_VERSION", "HEALTHY", "UNHEALTHY", "SOCKET", "MAX_SLICES", "GPU", "AllocationError", "check_slices",
+           "slice_ids", "gpu_of", "preferred", "spec_path", "held_slices", "SlicePlugin", "DevicePlugin"]
 
 log = logging.getLogger("fracgpu.kube.device_plugin")
 
 API_VERSION = "v1beta1"
 HEALTHY, UNHEALTHY = "Healthy", "Unhealthy"
-DEVICE_PLUGIN_PATH = "/var/lib/kubelet/device-plugins"
 KUBELET_SOCKET = "kubelet.sock"
 SOCKET = "fracgpu-gpu-slice.sock"
-POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
-DEFAULT_SLICES = 4
 MAX_SLICES = 64
 REGISTER_TIMEOUT_S = 10
 REGISTER_RETRY_S = 2.0
+POD_RESOURCES_TIMEOUT_S = 5
 
 
 class AllocationError(ValueError):
@@ -158,12 +157,14 @@ class SlicePlugin(api_grpc.DevicePluginServicer):
 
     ``gpus`` are the GPUs to advertise; ``health()`` says which of them are healthy now (a UUID
     to bool; ``check_health`` by default), ``refresh()`` asks it again and wakes the streams when
-    it changed."""
+    it changed. ``pod_resources``: the kubelet's pod resources socket, asked before a partition of
+    slices is taken for gone (``held_slices``)."""
 
     def __init__(self, gpus: Sequence[GPU], slices: int, layout: cdi.Layout, cdi_root: str, *,
                  state_dir: str | None = None, env: Mapping[str, str] | None = None,
-                 health: Callable[[], dict[str, bool]] | None = None):
+                 health: Callable[[], dict[str, bool]] | None = None, pod_resources: str | None = None):
         self.gpus = list(gpus)
+        self.pod_resources = pod_resources
         self.slices = check_slices(slices)
         self.layout = layout
         self.cdi_root = cdi_root
@@ -281,11 +282,20 @@ class SlicePlugin(api_grpc.DevicePluginServicer):
         """Removes the partitions of slices of ``gpu`` that share a slice with ``ks``. The kubelet gives a
         slice to one container at a time, so such a partition's container is gone, and its promise
         would keep the new one from fitting until ``fracgpu node`` saw the pod go. One that still has
-        processes (its container is still ending) is an AllocationError naming them."""
+        processes (its container is still ending), or whose slices the kubelet's pod resources API
+        says a pod holds, is an AllocationError naming them."""
+        holders: dict[str, str] | None = None
         for p in region.partitions():
             held = _slices_of(p.name, gpu.index)
             if not held or not held & set(ks):
                 continue
+            if holders is None:
+                holders = held_slices(self.pod_resources) or {}
+            pods = sorted({holders[i] for i in (kube.slice_id(gpu.uuid, k) for k in held) if i in holders})
+            if pods:
+                raise AllocationError(f"slices {', '.join(map(str, sorted(held & set(ks))))} of GPU {gpu.index} are "
+                                      f"still in partition '{p.name}', which the kubelet's pod resources say "
+                                      f"{', '.join(pods)} holds; it is not removed")
             users = node.partition_users(region, p.name)
             if users:
                 raise AllocationError(f"slices {', '.join(map(str, sorted(held & set(ks))))} of GPU {gpu.index} are "
@@ -314,6 +324,24 @@ def _slices_of(partition: str, index: int) -> set[int]:
 def options() -> api.DevicePluginOptions:
     """What the plugin offers the kubelet: preferred allocations; no pre-start call."""
     return api.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
+
+
+def held_slices(socket: str | None) -> dict[str, str] | None:
+    """The slices pods hold, by the kubelet's pod resources API (``v1.PodResourcesLister/List`` on
+    ``socket``): each slice id to ``namespace/pod/container``. None when there is no such socket or
+    it does not answer."""
+    if not socket or not os.path.exists(socket):
+        return None
+    try:
+        with grpc.insecure_channel(f"unix://{socket}") as channel:
+            answer = pod_api_grpc.PodResourcesListerStub(channel).List(pod_api.ListPodResourcesRequest(),
+                                                                      timeout=POD_RESOURCES_TIMEOUT_S)
+    except grpc.RpcError as e:
+        log.warning("the kubelet's pod resources API (%s) did not answer: %s %s", socket, e.code().name, e.details())
+        return None
+    return {device_id: f"{pod.namespace}/{pod.name}/{container.name}"
+            for pod in answer.pod_resources for container in pod.containers for devices_ in container.devices
+            if devices_.resource_name == kube.SLICE_RESOURCE for device_id in devices_.device_ids}
 
 
 def check_health(gpus: Sequence[GPU], state_dir: str, env: Mapping[str, str] | None = None) -> dict[str, bool]:
