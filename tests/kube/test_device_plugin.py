@@ -280,6 +280,9 @@ def test_a_left_over_partition_of_the_same_slices_gets_their_limits(make_gpu, st
     # Left by a plugin that cut the GPU into other slices, its container gone.
     gpu.fracgpu("partition", "create", "k8s-slices-gpu0-0-1", "--memory", "1GiB", "--compute", "10%")
     plugin = start_plugin(gpu)
+    # At its start, the plugin writes the CDI device of every slice partition there is.
+    spec = json.loads((plugin.cdi_root / "k8s.fracgpu.dev-slices.json").read_text())
+    assert [d["name"] for d in spec["devices"]] == ["k8s-slices-gpu0-0-1"]
     (uuid,) = uuids(gpu)
     plugin.kubelet.allocate(plugin.stub, slices_of(uuid)[:2])
     part = partition_books(gpu, "k8s-slices-gpu0-0-1")

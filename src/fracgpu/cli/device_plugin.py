@@ -71,6 +71,9 @@ def device_plugin_command(node_name: str | None, device_plugin_path: str, pod_re
         gpus = [device_plugin.GPU.of(d) for d in devices.probe()]
         layout = cdi.Layout.for_node(config_dir=cdi_config_dir)   # refused before starting: no driver to mount
         plugin = device_plugin.SlicePlugin(gpus, slices, layout, cdi_root, pod_resources=pod_resources_socket)
+        # The slice partitions already made keep their CDI devices: a container of a running pod that
+        # restarts gets the devices its first Allocate answered, without a new Allocate.
+        plugin.write_spec()
         os.makedirs(device_plugin_path, exist_ok=True)
     service = device_plugin.DevicePlugin(plugin, device_plugin_path, health_interval=health_interval,
                                          ready_file=ready_file)

@@ -362,7 +362,7 @@ def check_health(gpus: Sequence[GPU], state_dir: str, env: Mapping[str, str] | N
         try:
             state.open_region(state_dir, g.uuid, device.name, device.total_memory)
             health[g.uuid] = True
-        except state.StateError as e:
+        except (state.StateError, OSError, ValueError) as e:   # damaged, another layout, unsafe, unreadable
             log.warning("fracgpu's state for GPU %s cannot be used: %s", g.uuid, e)
             health[g.uuid] = False
     return health
