@@ -18,7 +18,7 @@ import time
 import grpc
 import pytest
 
-from fracgpu import devices, kube, state
+from fracgpu import devices, kube, sim, state
 from fracgpu.kube import device_plugin
 from tests.support.containers import CDI_DIR, podman  # noqa: F401  (the podman fixture)
 from tests.support.device_watch import DeviceWatch
@@ -295,3 +295,17 @@ def test_without_the_kubernetes_extra_the_command_says_what_to_install(gpu):
     assert result.returncode == 2
     assert "fracgpu device-plugin needs the kubernetes extra" in result.stderr
     assert "pip install 'fracgpu[kubernetes]'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.fault("The driver no longer lists a GPU the device plugin advertises (fallen off the bus), or no driver "
+                   "answers", "that GPU's slices are Unhealthy (every GPU's, without a driver)")
+def test_a_gpu_the_driver_no_longer_lists_is_unhealthy(make_gpu):
+    gpu = make_gpu(memory=16 * GiB, devices=2)
+    gpus = [device_plugin.GPU.of(d) for d in devices.probe(gpu.env)]
+    first, second = (g.uuid for g in gpus)
+    folder = str(gpu.state_dir)
+    assert device_plugin.check_health(gpus, folder, gpu.env) == {first: True, second: True}
+    # The driver now lists one GPU (as after a GPU fell off the bus), then none (no driver at all).
+    one = {**gpu.env, "FRACGPU_SIM_DEVICES": "1"}
+    assert device_plugin.check_health(gpus, folder, one) == {first: True, second: False}
+    assert device_plugin.check_health(gpus, folder, sim.without(gpu.env)) == {first: False, second: False}

@@ -43,7 +43,7 @@ from fracgpu.kube.api import podresources_v1_pb2 as pod_api
 from fracgpu.kube.api import podresources_v1_pb2_grpc as pod_api_grpc
 
 __all__ = ["API_VERSION", "HEALTHY", "UNHEALTHY", "SOCKET", "MAX_SLICES", "GPU", "AllocationError", "check_slices",
-           "slice_ids", "gpu_of", "preferred", "spec_path", "held_slices", "SlicePlugin", "DevicePlugin"]
+           "slice_ids", "gpu_of", "preferred", "spec_path", "held_slices", "check_health", "SlicePlugin", "DevicePlugin"]
 
 log = logging.getLogger("fracgpu.kube.device_plugin")
 
