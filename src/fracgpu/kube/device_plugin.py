@@ -22,6 +22,12 @@ How the kubelet's device manager works with it (device plugin API ``v1beta1``):
   (``fracgpu.cdi``) brings the shim, the driver and the binding to the partition. The kubelet may
   call again for the same container (after a restart): the same partition is reused. There is no
   call back when the container ends; ``fracgpu node`` removes the slice partitions no pod holds.
+  Until it has, a partition that shares a slice with a new allocation is from a container that has
+  gone (the kubelet gives a slice to one container at a time): it is replaced, unless processes
+  still use it or the kubelet's pod resources API says a pod holds it.
+
+GPU ``i`` is the CUDA index as the plugin's environment numbers the GPUs (run it without
+``CUDA_VISIBLE_DEVICES``, so that it sees every GPU of the node).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 
 import grpc
@@ -43,7 +49,8 @@ from fracgpu.kube.api import podresources_v1_pb2 as pod_api
 from fracgpu.kube.api import podresources_v1_pb2_grpc as pod_api_grpc
 
 __all__ = ["API_VERSION", "HEALTHY", "UNHEALTHY", "SOCKET", "MAX_SLICES", "GPU", "AllocationError", "check_slices",
-           "slice_ids", "gpu_of", "preferred", "spec_path", "held_slices", "check_health", "SlicePlugin", "DevicePlugin"]
+           "slice_ids", "gpu_of", "preferred", "spec_path", "held_slices", "check_health", "SlicePlugin",
+           "DevicePlugin"]
 
 log = logging.getLogger("fracgpu.kube.device_plugin")
 
@@ -155,14 +162,13 @@ def _share_equal(a: float | None, b: float) -> bool:
 class SlicePlugin(api_grpc.DevicePluginServicer):
     """The ``v1beta1.DevicePlugin`` service: the slices, their health, and their partitions.
 
-    ``gpus`` are the GPUs to advertise; ``health()`` says which of them are healthy now (a UUID
-    to bool; ``check_health`` by default), ``refresh()`` asks it again and wakes the streams when
-    it changed. ``pod_resources``: the kubelet's pod resources socket, asked before a partition of
-    slices is taken for gone (``held_slices``)."""
+    ``gpus`` are the GPUs to advertise, healthy or not as ``check_health`` says; ``refresh()`` asks
+    it again and wakes the streams when it changed. ``pod_resources``: the kubelet's pod resources
+    socket, asked before a partition of slices is taken for gone (``held_slices``)."""
 
     def __init__(self, gpus: Sequence[GPU], slices: int, layout: cdi.Layout, cdi_root: str, *,
                  state_dir: str | None = None, env: Mapping[str, str] | None = None,
-                 health: Callable[[], dict[str, bool]] | None = None, pod_resources: str | None = None):
+                 pod_resources: str | None = None):
         self.gpus = list(gpus)
         self.pod_resources = pod_resources
         self.slices = check_slices(slices)
@@ -170,9 +176,8 @@ class SlicePlugin(api_grpc.DevicePluginServicer):
         self.cdi_root = cdi_root
         self.state_dir = state.resolve_state_dir(state_dir)
         self.env = env
-        self._health_of = health or (lambda: check_health(self.gpus, self.state_dir, self.env))
         self._changed = threading.Condition()
-        self._health = self._health_of()
+        self._health = check_health(self.gpus, self.state_dir, self.env)
         self._generation = 0
         self._stopped = False
         self._allocating = threading.Lock()
@@ -180,7 +185,7 @@ class SlicePlugin(api_grpc.DevicePluginServicer):
     # -- health -------------------------------------------------------------------------------------
     def refresh(self) -> bool:
         """Asks the GPUs' health again; True (and the streams send the devices again) when it changed."""
-        now = self._health_of()
+        now = check_health(self.gpus, self.state_dir, self.env)
         with self._changed:
             if now == self._health:
                 return False
