@@ -220,9 +220,9 @@ def test_a_bad_number_of_slices_is_refused(gpu):
 def test_two_slices_of_four_hold_a_container_to_half_of_the_gpu(make_gpu, start_plugin, podman, clients):
     runner, rootfs = podman
     gpu = make_gpu(memory=16 * GiB)
-    plugin = start_plugin(gpu, cdi_root=CDI_DIR)
-    spec = CDI_DIR / "k8s.fracgpu.dev-slices.json"
+    spec = CDI_DIR / "k8s.fracgpu.dev-slices.json"   # podman reads specs only there: removed after
     try:
+        plugin = start_plugin(gpu, cdi_root=CDI_DIR)
         (uuid,) = uuids(gpu)
         ids = plugin.kubelet.preferred(plugin.stub, slices_of(uuid), 2)
         assert ids == slices_of(uuid)[:2]
