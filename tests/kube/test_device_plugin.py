@@ -217,7 +217,7 @@ def test_a_bad_number_of_slices_is_refused(gpu):
     assert "the slices per GPU must be a whole number from 1 to 64, not 65" in result.stderr
 
 
-def test_two_slices_of_four_hold_a_container_to_half_of_the_gpu(make_gpu, start_plugin, podman, clients):
+def test_two_slices_of_four_hold_a_container_to_half_of_the_gpu(make_gpu, start_plugin, podman):
     runner, rootfs = podman
     gpu = make_gpu(memory=16 * GiB)
     spec = CDI_DIR / "k8s.fracgpu.dev-slices.json"   # podman reads specs only there: removed after
