@@ -39,6 +39,7 @@ COMMANDS = {
     "cdi": "fracgpu.cli.cdi:cdi_group",
     "check": "fracgpu.cli.check:check",
     "demo": "fracgpu.cli.demo:demo",
+    "device-plugin": "fracgpu.cli.device_plugin:device_plugin_command",
     "exporter": "fracgpu.cli.exporter:exporter",
     "gpus": "fracgpu.cli.gpus:gpus",
     "node": "fracgpu.cli.node:node_command",
