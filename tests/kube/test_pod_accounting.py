@@ -120,6 +120,10 @@ def test_the_jobs_of_pods_carry_their_pods_labels_in_the_ledger_the_exporter_top
     assert set(by_pod["groups"]) == {"trainer-a", "infer-b"}
 
 
+@pytest.mark.fault("A pod given device plugin slices ends (the kubelet's pod resources API stops listing it), with "
+                   "`fracgpu node --pod-resources-socket` running",
+                   "its slices partition and CDI device are removed after two answers in a row that do not list it, "
+                   "once no live process uses it; a DRA claim's partition is left to the DRA driver")
 def test_a_slices_partition_no_pod_holds_is_removed_after_two_answers_unless_processes_use_it(
         gpu, shim, kernels, kubelet, agents, tmp_path):
     uuid = partitions(gpu, SLICES, OTHER_SLICES, CLAIM)
@@ -158,6 +162,10 @@ def test_a_slices_partition_no_pod_holds_is_removed_after_two_answers_unless_pro
         in log
 
 
+@pytest.mark.fault("The kubelet's pod resources socket missing or not answering, with `fracgpu node "
+                   "--pod-resources-socket`",
+                   "one warning; the agent records on, nothing is removed, and jobs get their pod's labels once it "
+                   "answers")
 def test_without_the_pod_resources_service_the_agent_warns_removes_nothing_and_labels_once_it_answers(
         gpu, shim, kernels, agents, tmp_path):
     uuid = partitions(gpu, SLICES)
