@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fracgpu import kube, state
-from tests.node.test_node_agent import Agent, Job
+from tests.node.test_node_agent import Job, agent  # noqa: F401  (the node agent's fixture)
 from tests.support.podresources import Container, Pod, Served
 from tests.support.simgpu import wait_for
 
@@ -43,20 +43,6 @@ def kubelet(tmp_path):
     served = Served(tmp_path / "pod-resources.sock")
     yield served
     served.stop()
-
-
-@pytest.fixture
-def agents(gpu, tmp_path):
-    started: list[Agent] = []
-
-    def start(*args) -> Agent:
-        started.append(Agent(gpu, tmp_path, *args))
-        return started[-1]
-
-    yield start
-    for a in started:
-        if a.proc.poll() is None:
-            a.stop()
 
 
 def partitions(gpu, *names: str, memory: str = "256MiB") -> str:
@@ -86,11 +72,11 @@ def free_port() -> int:
 
 
 def test_the_jobs_of_pods_carry_their_pods_labels_in_the_ledger_the_exporter_top_and_the_bill(
-        gpu, shim, kernels, kubelet, agents):
+        gpu, shim, kernels, kubelet, agent):
     uuid = partitions(gpu, SLICES, CLAIM)
     kubelet.service.set_pods(pod_a(uuid), pod_b())
     port = free_port()
-    agents("--pod-resources-socket", kubelet.socket_path, "--metrics-port", str(port))
+    agent("--pod-resources-socket", kubelet.socket_path, "--metrics-port", str(port))
     jobs = {SLICES: Job(gpu, shim, kernels, SLICES, namespace=False), CLAIM: Job(gpu, shim, kernels, CLAIM,
                                                                               namespace=False)}
     try:
@@ -125,7 +111,7 @@ def test_the_jobs_of_pods_carry_their_pods_labels_in_the_ledger_the_exporter_top
                    "its slices partition and CDI device are removed after two answers in a row that do not list it, "
                    "once no live process uses it; a DRA claim's partition is left to the DRA driver")
 def test_a_slices_partition_no_pod_holds_is_removed_after_two_answers_unless_processes_use_it(
-        gpu, shim, kernels, kubelet, agents, tmp_path):
+        gpu, shim, kernels, kubelet, agent, tmp_path):
     uuid = partitions(gpu, SLICES, OTHER_SLICES, CLAIM)
     cdi_root = tmp_path / "cdi"
     cdi_root.mkdir()
@@ -133,7 +119,7 @@ def test_a_slices_partition_no_pod_holds_is_removed_after_two_answers_unless_pro
     spec.write_text(json.dumps({"cdiVersion": "0.6.0", "kind": kube.SLICES_CDI_KIND, "devices": [
         {"name": name, "containerEdits": {"env": [f"FRACGPU_PARTITION={name}"]}} for name in (SLICES, OTHER_SLICES)]}))
     kubelet.service.set_pods(pod_a(uuid), Pod("team-c", "busy", [Container("main", slices={uuid: [2]})]), pod_b())
-    agent = agents("--pod-resources-socket", kubelet.socket_path, "--cdi-root", cdi_root)
+    node = agent("--pod-resources-socket", kubelet.socket_path, "--cdi-root", cdi_root)
     busy = Job(gpu, shim, kernels, OTHER_SLICES, namespace=False)
     try:
         assert busy.ask("alloc 16") == "0"
@@ -156,7 +142,7 @@ def test_a_slices_partition_no_pod_holds_is_removed_after_two_answers_unless_pro
     wait_for(lambda: names(gpu), lambda n: OTHER_SLICES not in n, 4.0)
     assert names(gpu) == {CLAIM}
     assert not spec.exists()
-    log = agent.stop()
+    log = node.stop()
     assert f"removed partition '{SLICES}' on {uuid}: no pod holds its slices any more" in log
     assert f"partition '{OTHER_SLICES}' on {uuid} is held by no pod any more but is in use by process {busy.pid}" \
         in log
@@ -167,10 +153,10 @@ def test_a_slices_partition_no_pod_holds_is_removed_after_two_answers_unless_pro
                    "one warning; the agent records on, nothing is removed, and jobs get their pod's labels once it "
                    "answers")
 def test_without_the_pod_resources_service_the_agent_warns_removes_nothing_and_labels_once_it_answers(
-        gpu, shim, kernels, agents, tmp_path):
+        gpu, shim, kernels, agent, tmp_path):
     uuid = partitions(gpu, SLICES)
     path = str(tmp_path / "pod-resources.sock")
-    agent = agents("--pod-resources-socket", path)
+    node = agent("--pod-resources-socket", path)
     job = Job(gpu, shim, kernels, SLICES, namespace=False)
     kubelet = None
     try:
@@ -178,14 +164,14 @@ def test_without_the_pod_resources_service_the_agent_warns_removes_nothing_and_l
         (row,) = wait_for(lambda: rows(gpu), lambda r: len(r) == 1, 3.0)
         assert pod_labels(row) == {}
         time.sleep(2.5)   # two and more looks with no answer
-        assert names(gpu) == {SLICES} and agent.proc.poll() is None
+        assert names(gpu) == {SLICES} and node.proc.poll() is None
         kubelet = Served(path)   # the kubelet (re)starts and names the pod
         kubelet.service.set_pods(pod_a(uuid))
         (row,) = wait_for(lambda: rows(gpu), lambda r: pod_labels(r[0]) == POD_A, 3.0)
         assert pod_labels(row) == POD_A
     finally:
         job.kill()
-        log = agent.stop()
+        log = node.stop()
         if kubelet:
             kubelet.stop()
     assert f"the kubelet's pod resources service at {path} did not answer List" in log
