@@ -3,7 +3,9 @@
 Everything shown is a ``fracgpu.snapshot``: the compute share a partition (or
 process) achieved needs two reads, so the live view shows it from its second
 refresh on, and ``--once`` reads twice, ``--interval`` apart. The ledger's
-running jobs name the processes (``fracgpu run --name``, ``--label``).
+running jobs name the processes (``fracgpu run --name``, ``--label``), and, on a
+Kubernetes node, the pod that holds each partition (``namespace/pod``, from the
+labels ``fracgpu node --pod-resources-socket`` gives its jobs).
 
 Each GPU is headed by the index a job would pass (``fracgpu.devices.numbering``:
 CUDA's numbering, ``CUDA_VISIBLE_DEVICES`` included), its name, and its UUID
