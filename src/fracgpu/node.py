@@ -28,7 +28,8 @@ every ``interval`` seconds it:
 - with ``pods`` (the kubelet's pod resources API, ``fracgpu.kube.podresources``):
   labels each job of a partition a pod holds with its ``namespace``, ``pod``,
   ``container`` (and ``claim``), also a job opened before the kubelet named its
-  pod; and removes a device plugin's slices partition that no container has
+  pod (``container`` is then the pod's container name, as Kubernetes and
+  dcgm-exporter name it; the runtime's id stays in the row's key); and removes a device plugin's slices partition that no container has
   held in two answers in a row and that no live process uses (its CDI device
   too, from the device plugin's specs in ``cdi_root``). A claim's partition is
   never removed here: the DRA driver removes it when the claim is unprepared.
@@ -476,7 +477,7 @@ class NodeAgent:
             labels = self.pods.labels(gpu, job.partition)
             if labels:
                 self.ledger.add_labels(job.job_id, labels)
-                job.labels = {**labels, **job.labels}
+                job.labels = {**job.labels, **labels}
                 log.info("job %d is pod %s/%s's", job.job_id, labels.get("namespace"), labels.get(POD_LABEL))
 
     def _remove_unheld(self, region: state.Region) -> None:

@@ -18,8 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fracgpu import kube, state
 from tests.node.test_node_agent import Job, agent  # noqa: F401  (the node agent's fixture)
+from tests.support.containers import CDI_DIR, cdi_kind, podman  # noqa: F401  (fixtures)
 from tests.support.podresources import Container, Pod, Served
-from tests.support.simgpu import wait_for
+from tests.support.simgpu import CTYPES_PRELUDE, MiB, wait_for
 
 UID = "0f4c6a52-8d0e-4f7b-9a35-6a1d2b3c4d5e"
 SLICES = kube.slices_partition(0, [0, 1])   # pod A's 2 slices of GPU 0 (the device plugin's partition)
@@ -27,6 +28,13 @@ OTHER_SLICES = kube.slices_partition(0, [2])
 CLAIM = kube.claim_partition(UID, 0)         # claim X's partition on GPU 0 (the DRA driver's)
 CLAIM_DEVICE = f"{kube.CLAIM_CDI_KIND}={kube.claim_cdi_device(UID, 0)}"
 POD_A = {"namespace": "team-a", "pod": "trainer-a", "container": "main"}
+# In a container: 16 MiB through the shim, then hold until killed.
+HOLD = CTYPES_PRELUDE + """import time
+p = ctypes.c_uint64()
+assert cuda.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(16 << 20)) == 0
+print("ready", flush=True)
+time.sleep(600)
+"""
 POD_B = {"namespace": "team-b", "pod": "infer-b", "container": "server", "claim": "claim-x"}
 
 
@@ -178,3 +186,26 @@ def test_without_the_pod_resources_service_the_agent_warns_removes_nothing_and_l
     assert log.count("did not answer List") == 1   # said once, not at every look
     assert "answers again" in log
     assert names(gpu) == {SLICES}
+
+
+def test_a_pods_container_on_its_slices_is_one_ledger_job_with_the_pods_labels(gpu, podman, cdi_kind, kubelet,
+                                                                                agent, tmp_path):
+    """A podman container given the slices partition's CDI device, as the kubelet's runtime would start
+    pod A's container: its job is labelled with the pod's container name, its runtime id kept in the key."""
+    runner, rootfs = podman
+    uuid = partitions(gpu, SLICES)
+    kubelet.service.set_pods(pod_a(uuid))
+    agent("--pod-resources-socket", kubelet.socket_path, "--cdi", "--cdi-output",
+          CDI_DIR / (cdi_kind.replace("/", "-") + ".json"), "--cdi-config-dir", tmp_path / "cdi", "--cdi-kind", cdi_kind)
+    name = f"fracgpu-pod-{tmp_path.name[-12:]}"
+    container = runner.popen(rootfs, ["/usr/bin/python3", "-c", HOLD], devices=[f"{cdi_kind}={SLICES}"], name=name)
+    try:
+        line = container.stdout.readline().strip()
+        assert line == "ready", container.stderr.read() if container.poll() is not None else line
+        (row,) = wait_for(lambda: rows(gpu), lambda r: len(r) == 1 and r[0]["peak_memory_bytes"] > 0, 3.0)
+        assert (row["partition"], pod_labels(row)) == (SLICES, POD_A)
+        assert row["labels"]["fracgpu.node/key"].startswith("container:")
+        assert row["peak_memory_bytes"] == gpu.context + 16 * MiB
+    finally:
+        runner.kill(name)
+        container.wait(timeout=60)
