@@ -116,8 +116,9 @@ def test_the_jobs_of_pods_carry_their_pods_labels_in_the_ledger_the_exporter_top
 
 @pytest.mark.fault("A pod given device plugin slices ends (the kubelet's pod resources API stops listing it), with "
                    "`fracgpu node --pod-resources-socket` running",
-                   "its slices partition and CDI device are removed after two answers in a row that do not list it, "
-                   "once no live process uses it; a DRA claim's partition is left to the DRA driver")
+                   "its slices partition and CDI device are removed once the answers have not listed it for the grace "
+                   "(two in a row at least) and no live process uses it; a DRA claim's partition is left to the DRA "
+                   "driver")
 def test_a_slices_partition_no_pod_holds_is_removed_after_two_answers_unless_processes_use_it(
         gpu, shim, kernels, kubelet, agent, tmp_path):
     uuid = partitions(gpu, SLICES, OTHER_SLICES, CLAIM)
@@ -127,7 +128,7 @@ def test_a_slices_partition_no_pod_holds_is_removed_after_two_answers_unless_pro
     spec.write_text(json.dumps({"cdiVersion": "0.6.0", "kind": kube.SLICES_CDI_KIND, "devices": [
         {"name": name, "containerEdits": {"env": [f"FRACGPU_PARTITION={name}"]}} for name in (SLICES, OTHER_SLICES)]}))
     kubelet.service.set_pods(pod_a(uuid), Pod("team-c", "busy", [Container("main", slices={uuid: [2]})]), pod_b())
-    node = agent("--pod-resources-socket", kubelet.socket_path, "--cdi-root", cdi_root)
+    node = agent("--pod-resources-socket", kubelet.socket_path, "--pod-resources-grace", "1.5", "--cdi-root", cdi_root)
     busy = Job(gpu, shim, kernels, OTHER_SLICES, namespace=False)
     try:
         assert busy.ask("alloc 16") == "0"
@@ -139,7 +140,7 @@ def test_a_slices_partition_no_pod_holds_is_removed_after_two_answers_unless_pro
         gone = kubelet.service.lists
         wait_for(lambda: kubelet.service.lists, lambda n: n >= gone + 1, 5.0)
         time.sleep(0.3)
-        assert SLICES in names(gpu)   # one answer without it is not enough
+        assert SLICES in names(gpu)   # one answer without it is not enough, nor two within the grace
         wait_for(lambda: names(gpu), lambda n: SLICES not in n, 4.0)
         assert names(gpu) == {OTHER_SLICES, CLAIM}   # a partition in use is kept; a claim's is never the agent's
         assert [d["name"] for d in json.loads(spec.read_text())["devices"]] == [OTHER_SLICES]
@@ -164,7 +165,7 @@ def test_without_the_pod_resources_service_the_agent_warns_removes_nothing_and_l
         gpu, shim, kernels, agent, tmp_path):
     uuid = partitions(gpu, SLICES)
     path = str(tmp_path / "pod-resources.sock")
-    node = agent("--pod-resources-socket", path)
+    node = agent("--pod-resources-socket", path, "--pod-resources-grace", "0")
     job = Job(gpu, shim, kernels, SLICES, namespace=False)
     kubelet = None
     try:

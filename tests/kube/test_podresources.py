@@ -49,7 +49,7 @@ def test_a_claim_shared_by_containers_is_labelled_with_the_first_in_namespace_po
 
 def test_a_slices_partition_is_unheld_after_two_answers_in_a_row_and_a_failed_answer_breaks_the_chain(kubelet):
     now = [0.0]
-    watch = podresources.PodWatch(kubelet.socket_path, every=1.0, clock=lambda: now[0])
+    watch = podresources.PodWatch(kubelet.socket_path, every=1.0, grace=0.0, clock=lambda: now[0])
     slices, claim = kube.slices_partition(0, [0, 1]), kube.claim_partition(UID, 0)
     kubelet.service.set_pods(Pod("team-a", "trainer-0", [Container("main", slices={UUID: [0, 1]})]))
 
@@ -110,3 +110,15 @@ def test_the_played_kubelet_answers_get_and_allocatable_as_a_kubelet_does(kubele
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
         (devices,) = stub.GetAllocatableResources(pb.AllocatableResourcesRequest(), timeout=5).devices
         assert len(devices.device_ids) == 4
+
+
+def test_a_slices_partition_is_unheld_only_once_the_grace_has_passed(kubelet):
+    """A kubelet that has just restarted lists its running pods late: answers within the grace do not count."""
+    now = [0.0]
+    watch = podresources.PodWatch(kubelet.socket_path, every=1.0, grace=30.0, clock=lambda: now[0])
+    slices = kube.slices_partition(0, [0, 1])
+    for t in (0, 1, 2, 29):
+        now[0] = float(t)
+        assert watch.look() and watch.unheld(UUID, [slices]) == []
+    now[0] = 30.0
+    assert watch.look() and watch.unheld(UUID, [slices]) == [slices]

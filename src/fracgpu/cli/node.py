@@ -60,6 +60,10 @@ WantedBy=multi-user.target
                    "/var/lib/kubelet/pod-resources/kubelet.sock) which pod holds each partition: their jobs are "
                    "labelled namespace, pod, container (and claim), and a device plugin's slices partition no pod "
                    "holds any more is removed once no process uses it. Off unless given.")
+@click.option("--pod-resources-grace", metavar="SECONDS", type=click.FloatRange(0, 3600), default=30.0,
+              show_default=True,
+              help="A slices partition is removed only after the kubelet's answers have named no pod holding it for "
+                   "this long (and in two answers in a row): a kubelet that has just restarted lists its pods late.")
 @click.option("--cdi-root", metavar="DIR", default=cdi.SPEC_DIR, show_default=True,
               help="Where the device plugin's CDI specs are: a slices partition removed for want of a pod loses its "
                    "device there (with --pod-resources-socket).")
@@ -68,7 +72,8 @@ WantedBy=multi-user.target
                    "and exit.")
 def node_command(interval: float, ready_file: str | None, metrics_port: int | None, metrics_address: str,
                  keep_cdi: bool, cdi_output: str | None, cdi_config_dir: str, cdi_kind: str,
-                 pod_resources_socket: str | None, cdi_root: str, print_systemd_unit: bool) -> None:
+                 pod_resources_socket: str | None, pod_resources_grace: float, cdi_root: str,
+                 print_systemd_unit: bool) -> None:
     """Run the node agent: the trusted party for jobs no `fracgpu run` wraps (containers).
 
     In the host's pid namespace, as root, once per node. It records a ledger job for each
@@ -115,10 +120,12 @@ def node_command(interval: float, ready_file: str | None, metrics_port: int | No
     if pod_resources_socket:
         try:
             from fracgpu.kube.podresources import PodWatch
+
+            pods = PodWatch(pod_resources_socket, every=max(interval, POD_RESOURCES_EVERY_S),
+                            grace=pod_resources_grace)
         except ImportError as e:
             raise click.UsageError(f"--pod-resources-socket needs the kubernetes extra ({e}): "
                                    "pip install 'fracgpu[kubernetes]'") from None
-        pods = PodWatch(pod_resources_socket, every=max(interval, POD_RESOURCES_EVERY_S))
     agent = node.NodeAgent(state_dir=state_dir, device=device, interval=interval, ready_file=ready_file,
                            partitions_changed=write_cdi_spec if layout else None, pods=pods,
                            cdi_root=cdi_root if pods else None)

@@ -21,13 +21,22 @@ same way. From one answer this module knows:
   bill is made by, is always exact.
 
 ``PodWatch`` asks ``List`` at most every ``every`` seconds and says which
-slices partitions no container has held in two consecutive answers: a
-container's slices are recorded by the kubelet only once the device plugin's
-``Allocate`` has answered (and the partition is made during it), so one answer
-may miss a partition being handed out; two answers a period apart do not. An
-answer that fails (no socket, no kubelet) is a warning, leaves the labels
+slices partitions no container has held in two answers in a row, the first
+at least ``grace`` seconds ago. Why both:
+
+- the kubelet records a container's slices only once the device plugin's
+  ``Allocate`` has answered, and the partition is made during it, so one
+  answer may miss a partition being handed out; two answers a period apart
+  do not;
+- a kubelet that has just (re)started lists only the pods its pod manager
+  has learnt so far (from the API server and static pod files), which may
+  take some seconds: answers during that time miss running pods. ``grace``
+  outlasts it.
+
+An answer that fails (no socket, no kubelet) is a warning, leaves the labels
 known before, and breaks the chain: nothing is found unheld until two answers
-in a row say so.
+in a row, ``grace`` apart, say so. The node agent also keeps any partition a
+live process uses.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ __all__ = ["DEFAULT_SOCKET", "Holdings", "PodResourcesError", "PodWatch", "holdi
 log = logging.getLogger("fracgpu.node")
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+GRACE_S = 30.0    # how long a slices partition stays unheld before it goes (a restarting kubelet's pods)
 TIMEOUT_S = 5.0   # the kubelet answers List from memory; a longer wait is a kubelet that is stuck
 
 _SLICES_INDEX = re.compile(r"k8s-slices-gpu(?P<index>\d+)-")
@@ -139,16 +149,20 @@ def holdings(answer) -> Holdings:
 class PodWatch:
     """The pod resources service, asked at most every ``every`` seconds (``look``), for the node agent."""
 
-    def __init__(self, socket_path: str = DEFAULT_SOCKET, every: float = 1.0,
+    def __init__(self, socket_path: str = DEFAULT_SOCKET, every: float = 1.0, grace: float = GRACE_S,
                  ask: Callable[[str], object] | None = None, clock: Callable[[], float] = time.monotonic):
+        if ask is None:
+            import grpc  # noqa: F401  (ImportError now, not at the first look, without the kubernetes extra)
         self.socket_path = socket_path
         self.every = every
+        self.grace = grace
         self._ask = ask or list_pods
         self._clock = clock
         self.current: Holdings | None = None   # the last answer; None until one came
         self._asked_at = float("-inf")
         self._failing: str | None = None
-        self._unheld: dict[tuple[str, str], int] = {}   # (gpu, slices partition) -> answers in a row not holding it
+        # (gpu, slices partition) -> (answers in a row not holding it, when the first of them came)
+        self._unheld: dict[tuple[str, str], tuple[int, float]] = {}
         self.answers = 0                                 # answers so far (a new one bumps it)
 
     def look(self) -> bool:
@@ -177,8 +191,9 @@ class PodWatch:
         return self.current.labels(uuid, partition) if self.current else None
 
     def unheld(self, uuid: str, partitions: Iterable[str]) -> list[str]:
-        """Of ``partitions`` on GPU ``uuid``, the slices partitions the last two answers in a row (this
-        one included) named no container holding. Call once per new answer (``look`` returned True)."""
+        """Of ``partitions`` on GPU ``uuid``, the slices partitions that two answers in a row or more (this
+        one included), the first ``grace`` seconds ago or longer, named no container holding. Call once
+        per new answer (``look`` returned True)."""
         if self.current is None:
             return []
         names = set(partitions)
@@ -192,8 +207,9 @@ class PodWatch:
             if self.current.holds(uuid, name):
                 self._unheld.pop(key, None)
                 continue
-            self._unheld[key] = self._unheld.get(key, 0) + 1
-            if self._unheld[key] >= 2:
+            count, since = self._unheld.get(key, (0, self._asked_at))
+            self._unheld[key] = (count + 1, since)
+            if count + 1 >= 2 and self._asked_at - since >= self.grace:
                 gone.append(name)
         return gone
 
