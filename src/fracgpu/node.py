@@ -27,12 +27,13 @@ every ``interval`` seconds it:
   or orchestrator integration) returns for its processes;
 - with ``pods`` (the kubelet's pod resources API, ``fracgpu.kube.podresources``):
   labels each job of a partition a pod holds with its ``namespace``, ``pod``,
-  ``container`` (and ``claim``), also a job opened before the kubelet named its
-  pod (``container`` is then the pod's container name, as Kubernetes and
-  dcgm-exporter name it; the runtime's id stays in the row's key); and removes a device plugin's slices partition that no container has
-  held in two answers in a row and that no live process uses (its CDI device
-  too, from the device plugin's specs in ``cdi_root``). A claim's partition is
-  never removed here: the DRA driver removes it when the claim is unprepared.
+  ``container`` (and ``claim``), also a job opened before the kubelet named
+  its pod (``container`` is then the pod's container name, as Kubernetes and
+  dcgm-exporter name it; the runtime's id stays in the row's key); and
+  removes a device plugin's slices partition that no container has held for
+  the watch's grace and that no live process uses (its CDI device too, from
+  the device plugin's specs in ``cdi_root``). A claim's partition is never
+  removed here: the DRA driver removes it when the claim is unprepared.
 
 Restart: the agent's ledger rows carry no recorder pid (no other recorder
 closes them as orphans while the agent is down) and a ``fracgpu.node/key``
@@ -55,7 +56,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from fracgpu import state
+from fracgpu import cdi, kube, state
 from fracgpu.ledger import Ledger, LedgerError
 from fracgpu.recorder import JobRecorder, Reading
 
@@ -71,7 +72,6 @@ KIND = "node"                     # the ledger kind of the agent's jobs
 KEY_LABEL = "fracgpu.node/key"    # the label that says which container or partition a row is
 LINGER_S = 5.0                    # the longest a dead process's slot waits for the device to let go
 CONTAINER_LABEL = "container"
-POD_LABEL = "pod"                 # as fracgpu.kube.POD_LABEL (fracgpu.kube needs the kubernetes extra)
 PID_NAMESPACE_LABEL = "pid_namespace"
 
 # Container ids in /proc/<pid>/cgroup, as the runtimes name their cgroups: podman ("libpod-<id>", with
@@ -261,6 +261,7 @@ class NodeAgent:
         self._resumed = False
         self._cdi_written = False
         self._lingering: dict[str, float] = {}        # gpu -> since when the device lists an ended process
+        self._kept_unheld: set[tuple[str, str]] = set()  # (gpu, partition) held by no pod, kept in use (said)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -471,29 +472,35 @@ class NodeAgent:
         """A job opened before the kubelet named the pod holding its partition (or while it did not
         answer) gets the pod's labels once it does."""
         for job in self.jobs.values():
-            if POD_LABEL in job.labels or not job.slots:
+            if kube.POD_LABEL in job.labels or not job.slots:
                 continue
             gpu = next(iter(job.slots))[0]
             labels = self.pods.labels(gpu, job.partition)
             if labels:
                 self.ledger.add_labels(job.job_id, labels)
                 job.labels = {**job.labels, **labels}
-                log.info("job %d is pod %s/%s's", job.job_id, labels.get("namespace"), labels.get(POD_LABEL))
+                log.info("job %d is pod %s/%s's", job.job_id, labels.get(kube.NAMESPACE_LABEL),
+                         labels.get(kube.POD_LABEL))
 
     def _remove_unheld(self, region: state.Region) -> None:
-        """Removes the slices partitions no container has held in two answers in a row, unless live
+        """Removes the slices partitions no container holds any more (``PodWatch.unheld``), unless live
         processes still use them (a pod deleted while its processes linger): those are tried again at
-        the next answer."""
-        for name in self.pods.unheld(region.uuid, [p.name for p in region.partitions()]):
+        the next answer, and said once."""
+        unheld = self.pods.unheld(region.uuid, [p.name for p in region.partitions()])
+        self._kept_unheld -= {k for k in self._kept_unheld if k[0] == region.uuid and k[1] not in unheld}
+        for name in unheld:
             users = partition_users(region, name)
-            if users:
-                log.warning("partition '%s' on %s is held by no pod any more but is in use by %s: not removed yet",
-                            name, region.uuid, describe_users(users))
-                continue
-            try:
-                region.remove_partition(name)
-            except state.StateError as e:
-                log.warning("cannot remove partition '%s' on %s, held by no pod any more: %s", name, region.uuid, e)
+            why = f"in use by {describe_users(users)}" if users else None
+            if not users:
+                try:
+                    region.remove_partition(name)
+                except state.StateError as e:
+                    why = str(e)
+            if why:
+                if (region.uuid, name) not in self._kept_unheld:
+                    log.warning("partition '%s' on %s is held by no pod any more but is %s: not removed yet", name,
+                                region.uuid, why)
+                    self._kept_unheld.add((region.uuid, name))
                 continue
             self.pods.forget(region.uuid, name)
             log.info("removed partition '%s' on %s: no pod holds its slices any more", name, region.uuid)
@@ -503,22 +510,20 @@ class NodeAgent:
     def _drop_cdi_device(self, partition: str) -> None:
         """Removes the removed partition's CDI device from the device plugin's specs in the CDI root
         (``SLICES_CDI_KIND``, a device named for the partition): a spec left with no device goes."""
-        from fracgpu import cdi
-        from fracgpu.kube import SLICES_CDI_KIND
-
-        for path in glob.glob(os.path.join(self.cdi_root, SLICES_CDI_KIND.replace("/", "-") + "*.json")):
+        kind = kube.SLICES_CDI_KIND
+        for path in glob.glob(os.path.join(self.cdi_root, kind.replace("/", "-") + "*.json")):
             try:
                 with open(path) as f:
                     spec = json.load(f)
                 devices = spec.get("devices", [])
                 kept = [d for d in devices if d.get("name") != cdi.device_name(partition)]
-                if spec.get("kind") != SLICES_CDI_KIND or len(kept) == len(devices):
+                if spec.get("kind") != kind or len(kept) == len(devices):
                     continue
                 if kept:
                     cdi.write_spec_file(path, {**spec, "devices": kept})
                 else:
                     os.unlink(path)
-                log.info("CDI device %s=%s removed from %s", SLICES_CDI_KIND, cdi.device_name(partition), path)
+                log.info("CDI device %s=%s removed from %s", kind, cdi.device_name(partition), path)
             except (OSError, ValueError) as e:
                 log.warning("cannot drop the CDI device of partition '%s' from %s: %s", partition, path, e)
 
