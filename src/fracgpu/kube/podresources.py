@@ -163,7 +163,6 @@ class PodWatch:
         self._failing: str | None = None
         # (gpu, slices partition) -> (answers in a row not holding it, when the first of them came)
         self._unheld: dict[tuple[str, str], tuple[int, float]] = {}
-        self.answers = 0                                 # answers so far (a new one bumps it)
 
     def look(self) -> bool:
         """Asks List when it is due; True when a new answer came."""
@@ -183,7 +182,6 @@ class PodWatch:
         if self._failing:
             log.info("the kubelet's pod resources service at %s answers again", self.socket_path)
             self._failing = None
-        self.answers += 1
         return True
 
     def labels(self, uuid: str, partition: str) -> dict[str, str] | None:
