@@ -46,7 +46,7 @@ from collections.abc import Iterable, Mapping
 from fracgpu import config, settings, shim, state
 
 __all__ = ["KIND", "SPEC_DIR", "CONFIG_DIR", "GLIBC_FLOOR", "Layout", "Refused", "check_kind", "device_name", "spec",
-           "minimum_version", "write_spec", "default_spec_path", "partition_names", "qualified_names"]
+           "minimum_version", "write_spec", "write_spec_file", "default_spec_path", "partition_names", "qualified_names"]
 
 KIND = "fracgpu.dev/partition"
 SPEC_DIR = "/var/run/cdi"
@@ -293,5 +293,10 @@ def write_spec(layout: Layout, partitions: Iterable[str], path: str | None = Non
                           config.text(partition_config(layout, name),
                                       comment=f"fracgpu: a container given CDI device {kind}={name} is in "
                                               f"partition '{name}'"), 0o644)
-    _write_atomically(path or default_spec_path(kind), json.dumps(made, indent=2) + "\n", 0o644)
+    write_spec_file(path or default_spec_path(kind), made)
     return made
+
+
+def write_spec_file(path: str, cdi_spec: dict) -> None:
+    """Writes the CDI spec ``cdi_spec`` to ``path`` atomically (a runtime sees the old file or the new one)."""
+    _write_atomically(path, json.dumps(cdi_spec, indent=2) + "\n", 0o644)

@@ -468,6 +468,12 @@ class Ledger:
         rows = self.db.execute("SELECT uuid, name, total_memory FROM gpus")
         return {uuid: (name, total) for uuid, name, total in rows}
 
+    def add_labels(self, job_id: int, labels: Mapping[str, str]) -> None:
+        """Adds ``labels`` to job ``job_id``'s (replacing the values of those it has): for what became
+        known about a running job after it started, such as the pod that holds its partition."""
+        added = json.dumps({str(k): str(v) for k, v in labels.items()}, sort_keys=True)
+        self.db.execute("UPDATE jobs SET labels = json_patch(labels, ?) WHERE id = ?", (added, job_id))
+
     def finish(self, job_id: int, *, exit_status: int | None, end: float | None = None) -> None:
         end = time.time() if end is None else end
         with self._advance(job_id, end) as held:

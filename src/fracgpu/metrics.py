@@ -43,6 +43,14 @@ Three groups are opt-in:
 - per process (``per_process``): the ``fracgpu_process_*`` series, labelled
   ``partition`` and ``pid``. A pid is unbounded cardinality where every task
   is a new process (Ray starts a worker per task), so they are off by default.
+- Kubernetes pods: on a node whose agent labels jobs with their pod
+  (``fracgpu node --pod-resources-socket``), the partition and process series
+  also carry ``namespace``, ``pod`` and ``container``, dcgm-exporter's names
+  for its pod mapping (its default ones, not the ``pod_namespace`` set of its
+  ``--use-old-namespace``), so the two join; and ``claim`` (a DRA claim's
+  name). They come from the ledger's running jobs: a partition with none
+  running has them empty (to Prometheus, absent). A node with no pod-labelled
+  job keeps the label sets without them.
 - dcgm (``dcgm``): ``DCGM_FI_DEV_FB_USED`` and ``DCGM_FI_DEV_FB_FREE`` in MiB,
   computed from the memory in use by fracgpu's partitions, for dashboards made
   for NVIDIA's dcgm-exporter, with its labels: ``gpu``, ``UUID``,
@@ -62,9 +70,9 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from fracgpu import devices, log, state
+from fracgpu import devices, kube, log, state
 from fracgpu.ledger import JobRecord, Ledger, LedgerError
-from fracgpu.snapshot import achieved_share
+from fracgpu.snapshot import achieved_share, pods_of
 from fracgpu.units import PRIORITIES
 
 __all__ = ["UsageCollector", "probe_gpus", "driver_version", "serve"]
@@ -287,7 +295,11 @@ class UsageCollector:
         kinds = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily}
         # dcgm-exporter adds its label fields (DCGM_FI_DRIVER_VERSION) after its own labels, when it has a value.
         driver = [self.driver_version] if self.driver_version else []
+        running = self.running_jobs() if error is None else []
+        pods = pods_of(running)
         label_names = {**LABELS, "dcgm": (*DCGM, DRIVER_VERSION_LABEL) if driver else DCGM}
+        if pods:   # the pod labels follow each partition's: dcgm-exporter's names, so the two join
+            label_names.update({group: (*label_names[group], *kube.LABELS) for group in ("partition", "process")})
         families = {key: kinds[kind](name, doc, labels=list(label_names[labels]))
                     for key, kind, name, doc, labels in FAMILIES}
         (gpu_total, gpu_used, gpu_info, used, limit, ceiling, peak, best_effort, share_best_effort, share, cap,
@@ -304,16 +316,22 @@ class UsageCollector:
         books = self.books
         elapsed = now - books.when if books.when is not None and error is None else 0.0
         books.advance(elapsed)
-        running = self.running_jobs() if self.label_keys and error is None else []
 
-        def share_since(key: tuple, ns: int, family) -> None:
+        def share_since(key: tuple, ns: int, family, labels: list[str]) -> None:
             device_ns[key] = ns
             if self._before is None:
                 return
             then, before = self._before
             ratio = achieved_share(before.get(key), ns, (now - then) * 1e9)
             if ratio is not None:
-                family.add_metric(list(key[1:]), ratio)
+                family.add_metric(labels, ratio)
+
+        def pod(partition: str) -> list[str]:
+            """The pod labels' values of ``partition`` on this GPU (none without pods on the node)."""
+            if not pods:
+                return []
+            known = pods.get((gpu.uuid, partition), {})
+            return [known.get(k, "") for k in kube.LABELS]
         # A GPU the probe did not see (or all, when it failed) is numbered after those it saw, in the state's order.
         unseen = itertools.count(max((d.index for d in self.gpus.values()), default=-1) + 1)
         for gpu in gpus:
@@ -333,9 +351,10 @@ class UsageCollector:
                 self._by_label(gpu, ids, running, families)
             aggregate = None if self.per_job else books.private(gpu)
             for p in [q for q in gpu.partitions if self.per_job or not q.ephemeral] + [aggregate] * bool(aggregate):
-                labels = [*ids, p.name]
+                key = ("p", *ids, p.name)
+                labels = [*ids, p.name, *pod(p.name)]
                 promised = books.private_promised[gpu.uuid] if p is aggregate else _promised(p)
-                totals = books.add(("p", *labels), _guaranteed(p), promised, p.used)
+                totals = books.add(key, _guaranteed(p), promised, p.used)
                 families["reserved_gpu"].add_metric(labels, totals[0])
                 families["reserved_memory"].add_metric(labels, totals[1])
                 families["used_memory"].add_metric(labels, totals[2])
@@ -356,12 +375,13 @@ class UsageCollector:
                 drift.add_metric(labels, p.drift)
                 drift_peak.add_metric(labels, p.drift_peak)
                 drift_unknown.add_metric(labels, p.drift_unknown)
-                share_since(("p", *labels), p.device_ns, achieved)
+                share_since(key, p.device_ns, achieved, labels)
             if not per_process:
                 continue
             limits = {p.name: p.memory_limit or gpu.total_memory for p in gpu.partitions}
             for q in gpu.processes:
-                labels = [*ids, q.partition, str(q.pid)]
+                key = ("q", *ids, q.partition, str(q.pid))
+                labels = [*ids, q.partition, str(q.pid), *pod(q.partition)]
                 q_used.add_metric(labels, q.used)
                 q_peak.add_metric(labels, q.peak)
                 q_limit.add_metric(labels, limits.get(q.partition, gpu.total_memory))
@@ -370,7 +390,7 @@ class UsageCollector:
                 if q.device_used is not None and q.drift is not None:
                     q_device.add_metric(labels, q.device_used)
                     q_drift.add_metric(labels, q.drift)
-                share_since(("q", *labels), q.device_ns, q_achieved)
+                share_since(key, q.device_ns, q_achieved, labels)
         if error is None:
             self._before = (now, device_ns)
             books.rates, books.when = books.next_rates, now

@@ -24,7 +24,16 @@ every ``interval`` seconds it:
   the agent (kept, marked exited, until its job is finished), and a container
   process's counters are read just before the reap that frees its slot.
   Labels name the container, plus whatever ``labels`` (a provider: a runtime
-  or orchestrator integration) returns for its processes.
+  or orchestrator integration) returns for its processes;
+- with ``pods`` (the kubelet's pod resources API, ``fracgpu.kube.podresources``):
+  labels each job of a partition a pod holds with its ``namespace``, ``pod``,
+  ``container`` (and ``claim``), also a job opened before the kubelet named
+  its pod (``container`` is then the pod's container name, as Kubernetes and
+  dcgm-exporter name it; the runtime's id stays in the row's key); and
+  removes a device plugin's slices partition that no container has held for
+  the watch's grace and that no live process uses (its CDI device too, from
+  the device plugin's specs in ``cdi_root``). A claim's partition is never
+  removed here: the DRA driver removes it when the claim is unprepared.
 
 Restart: the agent's ledger rows carry no recorder pid (no other recorder
 closes them as orphans while the agent is down) and a ``fracgpu.node/key``
@@ -37,16 +46,22 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import glob
+import json
 import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-from fracgpu import state
+from fracgpu import cdi, kube, state
 from fracgpu.ledger import Ledger, LedgerError
 from fracgpu.recorder import JobRecorder, Reading
+
+if TYPE_CHECKING:
+    from fracgpu.kube.podresources import PodWatch
 
 __all__ = ["NodeAgent", "NodeProcess", "HostProcesses", "DeviceProcesses", "PartitionInUse", "container_id",
            "KIND", "KEY_LABEL"]
@@ -228,7 +243,8 @@ class NodeAgent:
     def __init__(self, *, state_dir: str | os.PathLike | None = None, ledger: Ledger | None = None,
                  labels: LabelProvider | None = None, device: DeviceProcesses | None = None,
                  interval: float = 0.2, ready_file: str | os.PathLike | None = None,
-                 partitions_changed: Callable[[], None] | None = None):
+                 partitions_changed: Callable[[], None] | None = None, pods: PodWatch | None = None,
+                 cdi_root: str | os.PathLike | None = None):
         self.state_dir = state.resolve_state_dir(state_dir)
         self.ledger = ledger if ledger is not None else Ledger()
         self.label_provider = labels
@@ -236,6 +252,8 @@ class NodeAgent:
         self.interval = interval
         self.ready_file = os.fspath(ready_file) if ready_file else None
         self.partitions_changed = partitions_changed   # called when partitions come or go (the CDI spec)
+        self.pods = pods
+        self.cdi_root = os.fspath(cdi_root) if cdi_root else None
         self.pid = os.getpid()
         self.jobs: dict[str, _NodeJob] = {}
         self._regions: dict[str, state.Region] = {}
@@ -243,6 +261,7 @@ class NodeAgent:
         self._resumed = False
         self._cdi_written = False
         self._lingering: dict[str, float] = {}        # gpu -> since when the device lists an ended process
+        self._kept_unheld: set[tuple[str, str]] = set()  # (gpu, partition) held by no pod, kept in use (said)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -284,6 +303,7 @@ class NodeAgent:
         return list(self._regions.values())
 
     def tick(self) -> None:
+        answered = self.pods.look() if self.pods else False
         host = HostProcesses()
         seen: dict[str, tuple[NodeProcess, ...]] = {}
         kept_before = {gpu: set(names) for gpu, names in self._partitions.items()}
@@ -312,6 +332,11 @@ class NodeAgent:
         if not self._resumed:
             self._resume(seen)
         self._record(seen)
+        if self.pods:
+            self._label_pods()
+            if answered:
+                for region in self.regions():
+                    self._remove_unheld(region)
         if self.partitions_changed and (self._partitions != kept_before or not self._cdi_written):
             self._cdi_written = True
             try:
@@ -384,6 +409,8 @@ class NodeAgent:
 
     def _labels(self, processes: tuple[NodeProcess, ...]) -> dict[str, str]:
         labels = dict(job_key(processes[0])[1])
+        if self.pods:
+            labels.update(self.pods.labels(processes[0].gpu, processes[0].slot.partition) or {})
         if self.label_provider:
             for process in processes:
                 try:
@@ -439,6 +466,66 @@ class NodeAgent:
                 samples = self.ledger.samples(row.id)
                 self.ledger.finish(row.id, exit_status=None, end=samples[-1][0] if samples else row.start)
                 log.info("job %d finished: its processes ended while no agent kept them", row.id)
+
+    # -- pods ------------------------------------------------------------------------------------
+    def _label_pods(self) -> None:
+        """A job opened before the kubelet named the pod holding its partition (or while it did not
+        answer) gets the pod's labels once it does."""
+        for job in self.jobs.values():
+            if kube.POD_LABEL in job.labels or not job.slots:
+                continue
+            gpu = next(iter(job.slots))[0]
+            labels = self.pods.labels(gpu, job.partition)
+            if labels:
+                self.ledger.add_labels(job.job_id, labels)
+                job.labels = {**job.labels, **labels}
+                log.info("job %d is pod %s/%s's", job.job_id, labels.get(kube.NAMESPACE_LABEL),
+                         labels.get(kube.POD_LABEL))
+
+    def _remove_unheld(self, region: state.Region) -> None:
+        """Removes the slices partitions no container holds any more (``PodWatch.unheld``), unless live
+        processes still use them (a pod deleted while its processes linger): those are tried again at
+        the next answer, and said once."""
+        unheld = self.pods.unheld(region.uuid, [p.name for p in region.partitions()])
+        self._kept_unheld -= {k for k in self._kept_unheld if k[0] == region.uuid and k[1] not in unheld}
+        for name in unheld:
+            users = partition_users(region, name)
+            why = f"in use by {describe_users(users)}" if users else None
+            if not users:
+                try:
+                    region.remove_partition(name)
+                except state.StateError as e:
+                    why = str(e)
+            if why:
+                if (region.uuid, name) not in self._kept_unheld:
+                    log.warning("partition '%s' on %s is held by no pod any more but is %s: not removed yet", name,
+                                region.uuid, why)
+                    self._kept_unheld.add((region.uuid, name))
+                continue
+            self.pods.forget(region.uuid, name)
+            log.info("removed partition '%s' on %s: no pod holds its slices any more", name, region.uuid)
+            if self.cdi_root:
+                self._drop_cdi_device(name)
+
+    def _drop_cdi_device(self, partition: str) -> None:
+        """Removes the removed partition's CDI device from the device plugin's specs in the CDI root
+        (``SLICES_CDI_KIND``, a device named for the partition): a spec left with no device goes."""
+        kind = kube.SLICES_CDI_KIND
+        for path in glob.glob(os.path.join(self.cdi_root, kind.replace("/", "-") + "*.json")):
+            try:
+                with open(path) as f:
+                    spec = json.load(f)
+                devices = spec.get("devices", [])
+                kept = [d for d in devices if d.get("name") != cdi.device_name(partition)]
+                if spec.get("kind") != kind or len(kept) == len(devices):
+                    continue
+                if kept:
+                    cdi.write_spec_file(path, {**spec, "devices": kept})
+                else:
+                    os.unlink(path)
+                log.info("CDI device %s=%s removed from %s", kind, cdi.device_name(partition), path)
+            except (OSError, ValueError) as e:
+                log.warning("cannot drop the CDI device of partition '%s' from %s: %s", partition, path, e)
 
     # -- partitions kept -------------------------------------------------------------------------
     def _note_partitions(self, region: state.Region) -> None:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
-from fracgpu import ledger, state
+from fracgpu import kube, ledger, state
 
-__all__ = ["Snapshot", "achieved_share", "read", "running_jobs", "take", "as_json"]
+__all__ = ["Snapshot", "achieved_share", "read", "running_jobs", "take", "as_json", "pods_of", "running_pods"]
 
 Read = tuple[float, list[state.GPUUsage]]   # (time.monotonic() of the read, what it read)
 
@@ -44,6 +45,8 @@ class Snapshot:
     process_shares: dict[tuple[str, int], float]
     # The ledger's running jobs, by the pid of their recorder (a process's holder).
     jobs: dict[int, ledger.JobRecord] = dataclasses.field(default_factory=dict)
+    # (gpu uuid, partition) -> the labels of the Kubernetes pod that holds it (``pods_of``)
+    pods: dict[tuple[str, str], dict[str, str]] = dataclasses.field(default_factory=dict)
 
     def job_of(self, p: state.ProcessUsage) -> ledger.JobRecord | None:
         """The job process ``p`` belongs to, as the ledger records it; None when it is not recorded."""
@@ -52,6 +55,10 @@ class Snapshot:
     def jobs_in(self, p: state.PartitionUsage) -> list[ledger.JobRecord]:
         """The running jobs recorded in partition ``p`` (a private partition has one), by start."""
         return sorted((j for j in self.jobs.values() if j.partition == p.name), key=lambda j: (j.start, j.id))
+
+    def pod_of(self, gpu: state.GPUUsage, p: state.PartitionUsage) -> dict[str, str] | None:
+        """The labels (namespace, pod, container, claim) of the pod holding partition ``p``; None: none known."""
+        return self.pods.get((gpu.uuid, p.name))
 
     def partition_share(self, gpu: state.GPUUsage, p: state.PartitionUsage) -> float | None:
         return self.partition_shares.get((gpu.uuid, p.name))
@@ -81,9 +88,38 @@ def running_jobs(ledger_path: str | os.PathLike | None = None) -> dict[int, ledg
         return {}
 
 
-def take(before: Read | None, after: Read, jobs: dict[int, ledger.JobRecord] | None = None) -> Snapshot:
-    """The view of ``after``, with each share achieved since ``before`` (None: no earlier read), and
-    the ledger's running ``jobs`` (``running_jobs()``) that name its processes.
+def pods_of(jobs: Iterable[ledger.JobRecord]) -> dict[tuple[str, str], dict[str, str]]:
+    """(GPU uuid, partition) -> the Kubernetes labels (``fracgpu.kube.LABELS``: namespace, pod,
+    container, claim) of the partition's pod, from the running ``jobs`` the node agent labelled with
+    one (the earliest such job of each partition)."""
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for job in sorted(jobs, key=lambda j: (j.start, j.id)):
+        if kube.POD_LABEL not in job.labels:
+            continue
+        for uuid in job.gpu.split(","):
+            out.setdefault((uuid, job.partition), {k: job.labels[k] for k in kube.LABELS if k in job.labels})
+    return out
+
+
+def running_pods(ledger_path: str | os.PathLike | None = None) -> dict[tuple[str, str], dict[str, str]]:
+    """``pods_of`` the jobs the ledger (default the usual one) has running now; empty when there is
+    no ledger or it cannot be read."""
+    path = ledger_path if ledger_path is not None else ledger.default_path()
+    if not os.path.isfile(path):
+        return {}
+    now = time.time()
+    try:
+        with ledger.Ledger(path) as books:
+            return pods_of(books.jobs_during(now, now))
+    except ledger.LedgerError:
+        return {}
+
+
+def take(before: Read | None, after: Read, jobs: dict[int, ledger.JobRecord] | None = None,
+         pods: dict[tuple[str, str], dict[str, str]] | None = None) -> Snapshot:
+    """The view of ``after``, with each share achieved since ``before`` (None: no earlier read), the
+    ledger's running ``jobs`` (``running_jobs()``) that name its processes, and the pods that hold
+    its partitions (``running_pods()``).
 
     A partition or process missing from ``before`` (new), or whose device time went
     down (removed and made again under the same name), has no achieved share."""
@@ -102,7 +138,7 @@ def take(before: Read | None, after: Read, jobs: dict[int, ledger.JobRecord] | N
                 share = achieved_share(old.get(key), ns, interval * 1e9)
                 if share is not None:
                     shares[key] = share
-    return Snapshot(time.time(), interval, gpus, partition_shares, process_shares, dict(jobs or {}))
+    return Snapshot(time.time(), interval, gpus, partition_shares, process_shares, dict(jobs or {}), dict(pods or {}))
 
 
 def as_json(view: Snapshot) -> dict[str, Any]:
@@ -113,6 +149,7 @@ def as_json(view: Snapshot) -> dict[str, Any]:
         g["used"] = sum(p.used for p in gpu.partitions)
         for entry, p in zip(g["partitions"], gpu.partitions):
             entry["compute_share_achieved"] = view.partition_share(gpu, p)
+            entry["pod"] = view.pod_of(gpu, p)
         for entry, q in zip(g["processes"], gpu.processes):
             entry["compute_share_achieved"] = view.process_share(gpu, q)
             job = view.job_of(q)

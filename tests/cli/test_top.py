@@ -148,3 +148,26 @@ def test_a_gpu_no_longer_on_the_machine_is_marked_stale(make_gpu):
     assert (g["index"], g["present"]) == (None, False)
     (g,) = json.loads(old.fracgpu("top", "--json", "--interval", "0.1").stdout)["gpus"]
     assert (g["index"], g["present"]) == (0, True)
+
+
+def test_on_a_kubernetes_node_each_partition_shows_its_pod_and_keeps_one_line_at_80_columns():
+    from rich.console import Console
+
+    from fracgpu.cli import top
+
+    def shown(view: snapshot.Snapshot) -> list[dict[str, str]]:
+        screen = Console(width=80, record=True)
+        screen.print(top.render(view, "/state", 80))
+        out = screen.export_text()
+        assert all(len(line) <= 80 for line in out.splitlines()), out
+        (rows,) = tables(out, "partition")
+        return rows
+
+    name = "k8s-slices-gpu0-0-1"
+    pods = {("GPU-x", name): {"namespace": "team-a", "pod": "trainer-a", "container": "main"}}
+    rows = shown(snapshot.take(None, (1.0, usage((name, 0), ("team", 0))), pods=pods))
+    assert {r["partition"]: r["pod"] for r in rows} == {name: "team-a/trainer-a", "team": "-"}
+    assert all("memory / limit" in r for r in rows)
+    # Off Kubernetes there is no such column.
+    (row,) = shown(snapshot.take(None, (1.0, usage(("team", 0)))))
+    assert row["partition"] == "team" and "pod" not in row

@@ -222,3 +222,11 @@ def test_a_job_whose_recorder_died_ends_its_periods_at_its_last_sample(tmp_path)
         assert ledger.close_orphans(lambda pid, start: False) == 1
         (period,) = ledger.periods()
     assert (period.start, period.end, period.gpu_seconds, period.memory_byte_seconds) == (10.0, 14.0, 2.0, 2 * MiB)
+
+
+def test_labels_learnt_after_a_job_started_are_added_to_its_row(tmp_path):
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        job = ledger.start_job(job="j", partition="p", kind="node", labels={"container": "3f2a", "team": "x"})
+        ledger.add_labels(job, {"namespace": "team-a", "pod": "trainer-0", "container": "main"})
+        (record,) = ledger.jobs()
+    assert record.labels == {"namespace": "team-a", "pod": "trainer-0", "container": "main", "team": "x"}

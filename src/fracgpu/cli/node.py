@@ -15,6 +15,8 @@ from fracgpu import cdi, node, state
 from fracgpu.cli.common import refusals
 from fracgpu.cli.exporter import DEFAULT_PORT, metrics_url, serve_metrics
 
+POD_RESOURCES_EVERY_S = 1.0   # the kubelet's List at most this often (a partition goes after two answers)
+
 UNIT = """\
 [Unit]
 Description=fracgpu node agent: records containers' GPU use, reconciles it with the device, reaps the dead
@@ -53,11 +55,24 @@ WantedBy=multi-user.target
 @click.option("--cdi-config-dir", metavar="DIR", default=cdi.CONFIG_DIR, show_default=True,
               help="Where --cdi writes the files the spec mounts.")
 @click.option("--cdi-kind", default=cdi.KIND, show_default=True, metavar="VENDOR/CLASS", help="The CDI kind --cdi writes.")
+@click.option("--pod-resources-socket", metavar="PATH",
+              help="Ask the kubelet's pod resources API at this socket (Kubernetes; its usual place is "
+                   "/var/lib/kubelet/pod-resources/kubelet.sock) which pod holds each partition: their jobs are "
+                   "labelled namespace, pod, container (and claim), and a device plugin's slices partition no pod "
+                   "holds any more is removed once no process uses it. Off unless given.")
+@click.option("--pod-resources-grace", metavar="SECONDS", type=click.FloatRange(0, 3600), default=30.0,
+              show_default=True,
+              help="A slices partition is removed only after the kubelet's answers have named no pod holding it for "
+                   "this long (and in two answers in a row): a kubelet that has just restarted lists its pods late.")
+@click.option("--cdi-root", metavar="DIR", default=cdi.SPEC_DIR, show_default=True,
+              help="Where the device plugin's CDI specs are: a slices partition removed for want of a pod loses its "
+                   "device there (with --pod-resources-socket).")
 @click.option("--print-systemd-unit", is_flag=True,
               help="Print a systemd unit that runs this agent (save it as /etc/systemd/system/fracgpu-node.service) "
                    "and exit.")
 def node_command(interval: float, ready_file: str | None, metrics_port: int | None, metrics_address: str,
                  keep_cdi: bool, cdi_output: str | None, cdi_config_dir: str, cdi_kind: str,
+                 pod_resources_socket: str | None, pod_resources_grace: float, cdi_root: str,
                  print_systemd_unit: bool) -> None:
     """Run the node agent: the trusted party for jobs no `fracgpu run` wraps (containers).
 
@@ -65,7 +80,11 @@ def node_command(interval: float, ready_file: str | None, metrics_port: int | No
     container (or partition) whose processes no recorder holds, from its first process to its
     last; checks what the device holds for container processes against their books and charges
     the difference to their partition; and reaps dead processes, giving their memory back once the
-    device has let go of it. Restarted, it resumes its open jobs. Runs until SIGTERM or Ctrl-C."""
+    device has let go of it. Restarted, it resumes its open jobs. Runs until SIGTERM or Ctrl-C.
+
+    On Kubernetes (the DaemonSet passes --pod-resources-socket) it also labels each job with the pod
+    that holds its partition, as the kubelet's pod resources API says, and removes the device
+    plugin's partitions no pod holds any more."""
     if print_systemd_unit:
         executable = shutil.which("fracgpu") or f"{sys.executable} -m fracgpu"
         click.echo(UNIT.format(executable=executable,
@@ -97,8 +116,19 @@ def node_command(interval: float, ready_file: str | None, metrics_port: int | No
         logging.info("CDI spec %s: %s", cdi_output or cdi.default_spec_path(cdi_kind),
                      ", ".join(cdi.qualified_names([d["name"] for d in spec["devices"]], cdi_kind)) or "no devices")
 
+    pods = None
+    if pod_resources_socket:
+        try:
+            from fracgpu.kube.podresources import PodWatch
+
+            pods = PodWatch(pod_resources_socket, every=max(interval, POD_RESOURCES_EVERY_S),
+                            grace=pod_resources_grace)
+        except ImportError as e:
+            raise click.UsageError(f"--pod-resources-socket needs the kubernetes extra ({e}): "
+                                   "pip install 'fracgpu[kubernetes]'") from None
     agent = node.NodeAgent(state_dir=state_dir, device=device, interval=interval, ready_file=ready_file,
-                           partitions_changed=write_cdi_spec if layout else None)
+                           partitions_changed=write_cdi_spec if layout else None, pods=pods,
+                           cdi_root=cdi_root if pods else None)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())

@@ -3,7 +3,9 @@
 Everything shown is a ``fracgpu.snapshot``: the compute share a partition (or
 process) achieved needs two reads, so the live view shows it from its second
 refresh on, and ``--once`` reads twice, ``--interval`` apart. The ledger's
-running jobs name the processes (``fracgpu run --name``, ``--label``).
+running jobs name the processes (``fracgpu run --name``, ``--label``), and, on a
+Kubernetes node, the pod that holds each partition (``namespace/pod``, from the
+labels ``fracgpu node --pod-resources-socket`` gives its jobs).
 
 Each GPU is headed by the index a job would pass (``fracgpu.devices.numbering``:
 CUDA's numbering, ``CUDA_VISIBLE_DEVICES`` included), its name, and its UUID
@@ -34,6 +36,11 @@ NOT_AVAILABLE = "n/a"
 QUIT_KEYS = "qQ"
 
 
+def take(before: snapshot.Read | None, after: snapshot.Read) -> snapshot.Snapshot:
+    """The view of ``after`` since ``before``, with the ledger's running jobs and the pods they name."""
+    return snapshot.take(before, after, snapshot.running_jobs(), snapshot.running_pods())
+
+
 def read(state_dir: str | None = None) -> snapshot.Read:
     """One read of the shared state; an unsafe or damaged one is refused with its message."""
     with refusals():
@@ -48,6 +55,11 @@ def _achieved(share: float | None) -> str:
     return NOT_AVAILABLE if share is None else f"{share * 100:.1f}%"
 
 
+def _pod(labels: dict[str, str] | None) -> str:
+    """``namespace/pod`` as kubectl names a pod; - for a partition no pod holds."""
+    return f"{labels.get('namespace', '')}/{labels.get('pod', '')}" if labels else "-"
+
+
 def _labels(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
 
@@ -56,6 +68,8 @@ def _labels(labels: dict[str, str]) -> str:
 PARTITION_COLUMNS = [("partition", "left", 0), ("job", "left", 1), ("memory / limit", "right", 0),
                      ("%", "right", 3), ("peak", "right", 6), ("share", "right", 2), ("achieved", "right", 1),
                      ("GPU time", "right", 4), ("procs", "right", 3), ("drift", "right", 5)]
+# On a Kubernetes node (`fracgpu node --pod-resources-socket`): the pod holding each partition, after its job.
+POD_COLUMN = ("pod", "left", 2)
 PROCESS_COLUMNS = [("pid", "right", 0), ("job", "left", 0), ("partition", "left", 1), ("memory", "right", 0),
                    ("peak", "right", 6), ("achieved", "right", 1), ("GPU time", "right", 3),
                    ("device", "right", 4), ("drift", "right", 5), ("labels", "left", 6), ("command", "left", 7)]
@@ -95,14 +109,17 @@ def render(view: snapshot.Snapshot, state_dir: str, width: int = 80,
             continue
         parts.append(Text(f"  memory {format_size(used)} / {format_size(gpu.total_memory)} in partitions"))
         rows = []
+        columns = PARTITION_COLUMNS[:2] + [POD_COLUMN] * bool(view.pods) + PARTITION_COLUMNS[2:]
         for p in gpu.partitions:
             jobs = view.jobs_in(p)
             job = jobs[0].job if len(jobs) == 1 else f"{len(jobs)} jobs" if jobs else "-"
-            rows.append([partition_label(p), job, f"{format_size(p.used)} / {limit_text(p)}",
+            pod = view.pod_of(gpu, p)
+            rows.append([partition_label(p), job, *[_pod(pod)] * bool(view.pods),
+                         f"{format_size(p.used)} / {limit_text(p)}",
                          f"{100 * p.used / p.memory_limit:.0f}%" if p.memory_limit else "-", format_size(p.peak),
                          share_text(p), _achieved(view.partition_share(gpu, p)), _seconds(p.device_ns),
                          str(p.processes), drift_text(p.drift, p.drift_unknown)])
-        parts.append(fit(PARTITION_COLUMNS, rows or [["(none)"] + [""] * (len(PARTITION_COLUMNS) - 1)], width))
+        parts.append(fit(columns, rows or [["(none)"] + [""] * (len(columns) - 1)], width))
         if gpu.processes:
             rows = []
             for q in gpu.processes:
@@ -162,7 +179,7 @@ def top(once: bool, interval: float, json_output: bool) -> None:
         if once or json_output:
             first = read()
             time.sleep(interval)
-            view = snapshot.take(first, read(), snapshot.running_jobs())
+            view = take(first, read())
             if json_output:
                 click.echo(json.dumps(_as_json(view, numberer(view)), indent=2))
             else:
@@ -208,7 +225,7 @@ def _live(interval: float, state_dir: str, numberer: Numberer) -> None:
         while True:
             time.sleep(interval)
             current = read()
-            view = snapshot.take(previous, current, snapshot.running_jobs())
+            view = take(previous, current)
             screen.print(render(view, state_dir, screen.width, numberer(view)))
             screen.print()
             previous = current
@@ -217,7 +234,7 @@ def _live(interval: float, state_dir: str, numberer: Numberer) -> None:
     def frame(view: snapshot.Snapshot) -> Any:
         return render(view, state_dir, screen.width, numberer(view), live=True)
 
-    view = snapshot.take(None, previous, snapshot.running_jobs())
+    view = take(None, previous)
     with _keys() as key, Live(frame(view), console=screen, auto_refresh=False, screen=True,
                               vertical_overflow="ellipsis") as live:
         deadline = time.monotonic() + interval
@@ -228,5 +245,5 @@ def _live(interval: float, state_dir: str, numberer: Numberer) -> None:
             if time.monotonic() < deadline:
                 continue
             current = read()
-            live.update(frame(snapshot.take(previous, current, snapshot.running_jobs())), refresh=True)
+            live.update(frame(take(previous, current)), refresh=True)
             previous, deadline = current, time.monotonic() + interval
