@@ -337,3 +337,10 @@ def test_the_chart_passes_helms_lint():
     helm = pytest.importorskip("helm_python", reason="helm-python-sdk (Helm's engine) is not installed")
     result = helm.lint(str(CHART), strict=True, namespace=NAMESPACE, kube_version="1.36.0")
     assert result["errors"] == [] and [m for m in result["messages"] if m["severity"] > 1] == []
+
+
+def test_the_readmes_claim_and_pod_are_the_example_shipped():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Kubernetes\n", 1)[1].split("\n## ", 1)[0]
+    [block] = [b.split("\n", 1)[1] for b in section.split("```")[1::2] if b.startswith("yaml\n")]
+    assert list(yaml.safe_load_all(block)) == load(MANIFESTS / "examples" / "claim-8gib-25pct.yaml")
