@@ -9,13 +9,14 @@ for (the Prometheus operator's ServiceMonitor) are checked for what that operato
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import click
 import pytest
 import yaml
 
-from fracgpu import cdi, config, kube
+from fracgpu import cdi, config, kube, settings
 from fracgpu.cli import COMMANDS
 
 kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes extra is not installed")
@@ -120,6 +121,33 @@ def test_a_field_the_api_does_not_have_is_caught():
         as_model(doc)
 
 
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+DNS_SUBDOMAIN = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+
+
+def test_names_and_labels_are_what_the_api_server_accepts():
+    """What the API server validates beyond the schema: object names are DNS subdomains, names of
+    containers, volumes and ports DNS labels (ports: at most 15 characters), label values at most 63
+    characters; and every fracgpu variable a container sets is a setting fracgpu reads, with a value it
+    accepts."""
+    for doc in load(MANIFESTS):
+        obj = as_model(doc) if doc["kind"] != "ServiceMonitor" else None
+        assert DNS_SUBDOMAIN.fullmatch(doc["metadata"]["name"]), doc["metadata"]["name"]
+        for value in (doc["metadata"].get("labels") or {}).values():
+            assert LABEL_VALUE.fullmatch(value), value
+        if doc["kind"] != "DaemonSet":
+            continue
+        pod = obj.spec.template.spec
+        for c in pod.containers + pod.init_containers:
+            assert DNS_LABEL.fullmatch(c.name), c.name
+            assert all(DNS_LABEL.fullmatch(p.name) and len(p.name) <= 15 for p in c.ports or [])
+            fracgpu_env = {e.name: e.value for e in c.env or [] if e.name.startswith(settings.PREFIX)}
+            for name in fracgpu_env:
+                settings.read(name, fracgpu_env)   # KeyError: not a setting; ValueError: a value it refuses
+        assert all(DNS_LABEL.fullmatch(v.name) for v in pod.volumes)
+
+
 def test_the_dra_plugin_may_write_slices_and_read_claims_and_nothing_else():
     objects = check_all(load(MANIFESTS / "10-rbac.yaml"))
     rules = {(group, resource): set(rule.verbs) for rule in objects["ClusterRole", "fracgpu"].rules
@@ -197,13 +225,16 @@ def test_every_path_a_cdi_spec_names_is_the_same_on_the_host_as_in_the_plugin(da
         for m in container.volume_mounts:
             assert m.name in volumes, f"{container.name} mounts {m.name}, which is no volume"
     env = {e.name: e.value for e in plugin.env}
-    same_path = ["/var/run/cdi", cdi.CONFIG_DIR, env["FRACGPU_REAL_LIBCUDA"], env["FRACGPU_REAL_LIBNVML"],
-                 "/var/lib/fracgpu"]
+    # The kubelet dials the socket paths a plugin gives it (DRA) or finds them in its folder (device plugin).
+    kubelet = ["/var/lib/kubelet/plugins_registry", "/var/lib/kubelet/plugins"] if daemonset == "dra" else \
+        ["/var/lib/kubelet/device-plugins", "/var/lib/kubelet/pod-resources"]
+    same_path = ["/var/run/cdi", cdi.CONFIG_DIR, env[settings.REAL_LIBCUDA], env[settings.REAL_LIBNVML],
+                 "/var/lib/fracgpu", *kubelet]
     for path in same_path:
         name = mounts(plugin).get(path)
         assert name, f"the plugin does not mount {path}"
         assert volumes[name].host_path and volumes[name].host_path.path == path, f"{path} is not the host's {path}"
-    for lib in ("FRACGPU_REAL_LIBCUDA", "FRACGPU_REAL_LIBNVML"):
+    for lib in (settings.REAL_LIBCUDA, settings.REAL_LIBNVML):
         assert volumes[mounts(plugin)[env[lib]]].host_path.type == "File"   # a node without it: the pod says so
     [install] = pod.init_containers
     assert install.command[-2:] == ["/opt/fracgpu/.", "/host/opt/fracgpu/"]
@@ -217,14 +248,14 @@ def test_the_default_node_configuration_puts_the_books_on_the_host(tmp_path):
     conf = tmp_path / "fracgpu.conf"
     conf.write_text(objects["ConfigMap", "fracgpu-node-config"].data["fracgpu.conf"])
     values = config.read(str(conf)).values   # the shim's own parser: refuses an unknown key or a bad value
-    state_dir = values["FRACGPU_STATE_DIR"]
-    assert values["FRACGPU_LEDGER"].startswith(state_dir + "/")
+    state_dir = values[settings.STATE_DIR]
+    assert values[settings.LEDGER].startswith(state_dir + "/")
     for daemonset in ("dra", "device-plugin"):
         pod = daemonsets(check_all(load(MANIFESTS / daemonset)))[0].spec.template.spec
         volumes = {v.name: v for v in pod.volumes}
         for c in pod.containers:
             assert volumes[mounts(c)[state_dir]].host_path.path == state_dir
-            assert {e.name: e.value for e in c.env}["FRACGPU_CONFIG"] == "/etc/fracgpu-default/fracgpu.conf"
+            assert {e.name: e.value for e in c.env}[settings.CONFIG] == "/etc/fracgpu-default/fracgpu.conf"
             assert volumes[mounts(c)["/etc/fracgpu-default"]].config_map.name == "fracgpu-node-config"
             assert volumes[mounts(c)["/etc/fracgpu"]].host_path.path == "/etc/fracgpu"   # the node's own file wins
 
