@@ -236,6 +236,8 @@ def test_every_path_a_cdi_spec_names_is_the_same_on_the_host_as_in_the_plugin(da
         assert volumes[name].host_path and volumes[name].host_path.path == path, f"{path} is not the host's {path}"
     for lib in (settings.REAL_LIBCUDA, settings.REAL_LIBNVML):
         assert volumes[mounts(plugin)[env[lib]]].host_path.type == "File"   # a node without it: the pod says so
+        # The device probe opens libcuda.so.1 and the agent libnvidia-ml.so.1 by name.
+        assert env[lib].rpartition("/")[0] in env["LD_LIBRARY_PATH"].split(":")
     [install] = pod.init_containers
     assert install.command[-2:] == ["/opt/fracgpu/.", "/host/opt/fracgpu/"]
     assert volumes[mounts(install)["/host/opt/fracgpu"]].host_path.path == "/opt/fracgpu"
@@ -274,6 +276,16 @@ def test_prometheus_finds_the_exporter_of_every_node():
         [node] = [c for c in ds.spec.template.spec.containers if c.name == "node"]
         [port] = [p for p in node.ports if p.name == service.spec.ports[0].target_port]
         assert f"--metrics-port={port.container_port}" in node.args and "--metrics-address=0.0.0.0" in node.args
+
+
+@pytest.mark.parametrize("daemonset", ["dra", "device-plugin"])
+def test_the_node_agent_is_ready_when_it_says_so(daemonset):
+    [node] = [c for c in daemonsets(check_all(load(MANIFESTS / daemonset)))[0].spec.template.spec.containers
+              if c.name == "node"]
+    [ready] = [a.partition("=")[2] for a in node.args if a.startswith("--ready-file=")]
+    assert node.readiness_probe.var_exec.command == ["test", "-f", ready]
+    # fracgpu node writes the file but does not make its folder: one every image has.
+    assert ready.rpartition("/")[0] == "/tmp"
 
 
 def test_the_example_claim_asks_8_gib_and_25_percent_of_a_fracgpu_gpu():
@@ -352,7 +364,9 @@ def test_the_charts_values_reach_the_daemonset():
     assert "--slices=8" in pod.containers[0].args
     assert {"name": "libcuda", "mountPath": "/usr/lib64/libcuda.so.1", "readOnly": True} in [
         client.ApiClient().sanitize_for_serialization(m) for m in pod.containers[0].volume_mounts]
-    assert {e.name: e.value for e in pod.containers[1].env}["FRACGPU_REAL_LIBCUDA"] == "/usr/lib64/libcuda.so.1"
+    env = {e.name: e.value for e in pod.containers[1].env}
+    assert env[settings.REAL_LIBCUDA] == "/usr/lib64/libcuda.so.1"
+    assert env["LD_LIBRARY_PATH"] == "/usr/lib64:/usr/lib/x86_64-linux-gnu"   # NVML stayed where it was
 
 
 @pytest.mark.fault("Helm chart values: an unknown mode, or slices out of 1..64", "the render fails naming the value")

@@ -29,6 +29,7 @@ app.kubernetes.io/component: node
 - {name: FRACGPU_CONFIG, value: /etc/fracgpu-default/fracgpu.conf}
 - {name: FRACGPU_REAL_LIBCUDA, value: {{ .Values.driver.libcuda }}}
 - {name: FRACGPU_REAL_LIBNVML, value: {{ .Values.driver.libnvml }}}
+- {name: LD_LIBRARY_PATH, value: {{ list (dir .Values.driver.libcuda) (dir .Values.driver.libnvml) | uniq | join ":" }}}
 {{- end -}}
 
 {{- /* What both containers mount: the books, the node's configuration, the host's driver and NVML. */ -}}
