@@ -8,99 +8,25 @@ for (the Prometheus operator's ServiceMonitor) are checked for what that operato
 
 from __future__ import annotations
 
-import importlib
 import re
-from pathlib import Path
 
 import click
 import pytest
 import yaml
 
 from fracgpu import cdi, config, kube, settings
-from fracgpu.cli import COMMANDS
 
 kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes extra is not installed")
 from kubernetes import client  # noqa: E402
 from kubernetes.utils import parse_quantity  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-MANIFESTS = ROOT / "deploy" / "kubernetes"
+from tests.support.manifests import (MANIFESTS, ROOT, as_model, check_all, cli_command,  # noqa: E402
+                                     daemonsets, difference, load, unknown_options)
+
 CHART = ROOT / "deploy" / "helm" / "fracgpu"
 NAMESPACE = "fracgpu-system"
 # Options the issue gives commands that another part of this work adds (the lead merges them all).
 PENDING_OPTIONS = {("node", "--pod-resources-socket")}
-
-
-def load(*paths: Path) -> list[dict]:
-    """The YAML documents of ``paths`` (files, or every .yaml below a folder), in order."""
-    files = [f for p in paths for f in (sorted(p.rglob("*.yaml")) if p.is_dir() else [p])]
-    return [doc for f in files for doc in yaml.safe_load_all(f.read_text()) if doc is not None]
-
-
-def model_class(doc: dict):
-    """The client's model of ``doc``'s apiVersion and kind (``apps/v1`` DaemonSet: V1DaemonSet), or None."""
-    version = doc["apiVersion"].rpartition("/")[2]
-    return getattr(client, version[:1].upper() + version[1:] + doc["kind"], None)
-
-
-def difference(written, loaded, path: str = "") -> str | None:
-    """Where ``loaded`` (the model's view) differs from ``written``: the first path, or None."""
-    if isinstance(written, dict) and isinstance(loaded, dict):
-        for key in written.keys() | loaded.keys():
-            if key not in loaded:
-                return f"{path}.{key}: not a field of this kind (the model dropped it)"
-            if key not in written:
-                return f"{path}.{key}: added by the model"
-            found = difference(written[key], loaded[key], f"{path}.{key}")
-            if found:
-                return found
-        return None
-    if isinstance(written, list) and isinstance(loaded, list) and len(written) == len(loaded):
-        return next((d for i, (w, m) in enumerate(zip(written, loaded)) if (d := difference(w, m, f"{path}[{i}]"))),
-                    None)
-    return None if written == loaded else f"{path}: written {written!r}, read back {loaded!r}"
-
-
-def as_model(doc: dict):
-    """``doc`` as its kind's model; fails naming the field when it does not come back as written."""
-    cls = model_class(doc)
-    assert cls is not None, f"the kubernetes client has no model of {doc['apiVersion']} {doc['kind']}"
-    obj = cls.from_dict(doc)
-    problem = difference(doc, client.ApiClient().sanitize_for_serialization(obj))
-    assert problem is None, f"{doc['kind']} {doc['metadata'].get('name')}: {problem}"
-    return obj
-
-
-def check_service_monitor(doc: dict) -> None:
-    """What the Prometheus operator's ServiceMonitor (monitoring.coreos.com/v1) requires, and the types of
-    the fields used here."""
-    assert doc["apiVersion"] == "monitoring.coreos.com/v1"
-    assert doc["metadata"]["name"] and doc["metadata"]["namespace"]
-    spec = doc["spec"]
-    assert set(spec) <= {"selector", "namespaceSelector", "endpoints", "jobLabel", "targetLabels", "podTargetLabels"}
-    assert isinstance(spec["selector"]["matchLabels"], dict) and spec["selector"]["matchLabels"]
-    assert spec["endpoints"], "a ServiceMonitor scrapes its endpoints"
-    for endpoint in spec["endpoints"]:
-        assert set(endpoint) <= {"port", "path", "interval", "honorLabels", "scheme", "scrapeTimeout"}
-        assert isinstance(endpoint["port"], str) and isinstance(endpoint.get("honorLabels", False), bool)
-
-
-def check_all(docs: list[dict]) -> dict[tuple[str, str], object]:
-    """Every document loaded (models by (kind, name)); ServiceMonitors checked and kept as dicts."""
-    out = {}
-    for doc in docs:
-        key = (doc["kind"], doc["metadata"]["name"])
-        assert key not in out, f"{key} twice"
-        if doc["kind"] == "ServiceMonitor":
-            check_service_monitor(doc)
-            out[key] = doc
-        else:
-            out[key] = as_model(doc)
-    return out
-
-
-def daemonsets(objects: dict) -> list[client.V1DaemonSet]:
-    return [o for (kind, _), o in objects.items() if kind == "DaemonSet"]
 
 
 def test_every_manifest_loads_into_the_clients_model_of_its_kind():
@@ -170,13 +96,6 @@ def fracgpu_containers(ds: client.V1DaemonSet):
         yield c, c.args[0], c.args[1:]
 
 
-def cli_command(name: str) -> click.Command | None:
-    if name not in COMMANDS:
-        return None
-    module, _, attribute = COMMANDS[name].partition(":")
-    return getattr(importlib.import_module(module), attribute)
-
-
 CONTAINERS = [(daemonset, container) for daemonset, containers in [("dra", ["kubelet-plugin", "node"]),
                                                                     ("device-plugin", ["device-plugin", "node"])]
               for container in containers]
@@ -191,12 +110,11 @@ def test_the_daemonsets_give_each_command_only_options_it_has_and_values_it_take
         pytest.skip(f"`fracgpu {name}` is not on this branch yet (another part of the Kubernetes work adds it)")
     options = {opt: p for p in command.params if isinstance(p, click.Option) for opt in p.opts}
     env = {e.name for e in c.env}
-    pending = []
+    pending = [option for option in unknown_options(c.args) if (name, option) in PENDING_OPTIONS]
     for arg in args:
         option, _, value = arg.partition("=")
         assert arg.startswith("--") and value, f"{name}: write options as --name=value ({arg!r})"
-        if option not in options and (name, option) in PENDING_OPTIONS:
-            pending.append(option)
+        if option in pending:
             continue
         assert option in options, f"`fracgpu {name}` has no option {option}"
         if value.startswith("$("):   # the kubelet expands $(VAR) from the container's environment
