@@ -2,10 +2,13 @@
 environment, each of its volumes a folder of the test's own mounted where the pod mounts it, the
 host's pid namespace, and a simulated GPU whose driver and NVML are mounted at the paths the
 DaemonSet mounts the host's driver and NVML at. The container's root filesystem is the tests' minimal
-one with this Python and its packages mounted (as the image has them on PYTHONPATH)."""
+one with this Python and its packages mounted (as the image has them on PYTHONPATH). It becomes ready,
+keeps the host's books (a partition made on the host, a job of a process in its own pid namespace) and
+bills them with the command the README gives."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 import subprocess
@@ -20,7 +23,8 @@ from fracgpu import sim
 pytest.importorskip("kubernetes", reason="the kubernetes extra is not installed")
 from tests.support.manifests import MANIFESTS, check_all, daemonsets, load, unknown_options
 from tests.support.containers import _copy_with_libraries, podman  # noqa: F401  (a fixture)
-from tests.support.simgpu import GiB
+from tests.node.test_node_agent import Job
+from tests.support.simgpu import GiB, wait_for
 
 SITE = sysconfig.get_paths()["purelib"]
 
@@ -60,9 +64,11 @@ def node_pod(make_gpu, podman, tmp_path):  # noqa: F811  (podman: the fixture im
     gpu = make_gpu(memory=4 * GiB)
     gpu.dir.mkdir(exist_ok=True)
     config = check_all(load(MANIFESTS / "20-config.yaml"))["ConfigMap", "fracgpu-node-config"]
-    host = {name: tmp_path / name for name in ("state", "node-config", "default-config", "pod-resources", "cdi")}
+    # The host's state folder is the simulated GPU's, so that the test's host jobs meet the pod's books.
+    host = {name: tmp_path / name for name in ("node-config", "default-config", "pod-resources", "cdi")}
     for folder in host.values():
         folder.mkdir(mode=0o700)
+    host["state"] = gpu.state_dir
     (host["default-config"] / "fracgpu.conf").write_text(config.data["fracgpu.conf"])
     driver = pathlib.Path(SITE, "fracgpu", "_sim")
     volumes = {**host, "libcuda": driver / "libcuda.so.1", "libnvml": driver / "libnvidia-ml.so.1"}
@@ -86,7 +92,7 @@ def node_pod(make_gpu, podman, tmp_path):  # noqa: F811  (podman: the fixture im
         stop()
 
 
-def test_the_node_agent_runs_as_the_daemonset_runs_it_and_keeps_the_books_on_the_host(node_pod):
+def test_the_node_agent_runs_as_the_daemonset_runs_it_and_keeps_the_books_on_the_host(node_pod, shim, kernels):
     gpu, host, node, proc, exec_, stop = node_pod
     probe = node.readiness_probe.var_exec.command
     deadline = time.monotonic() + 60
@@ -94,9 +100,9 @@ def test_the_node_agent_runs_as_the_daemonset_runs_it_and_keeps_the_books_on_the
         assert proc.poll() is None, f"the agent exited {proc.returncode}: {proc.stderr.read()[-2000:]}"
         assert time.monotonic() < deadline, "the readiness probe does not pass"
         time.sleep(0.5)
-    # The books are the host's: a partition made on the host shows in the pod's exporter, and the ledger
-    # is in the host's folder.
-    gpu.fracgpu("partition", "create", "team-a", "--memory", "1GiB", env={"FRACGPU_STATE_DIR": str(host["state"])})
+    # The books are the host's: a partition made on the host shows in the pod's exporter, the agent records
+    # a job of it in the host's ledger, and the bill the README reads in the pod's node container has it.
+    gpu.fracgpu("partition", "create", "team-a", "--memory", "1GiB")
     [port] = [p.container_port for p in node.ports if p.name == "metrics"]
     fetch = ("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:%d/metrics').read().decode())"
              % port)
@@ -104,7 +110,17 @@ def test_the_node_agent_runs_as_the_daemonset_runs_it_and_keeps_the_books_on_the
     while 'partition="team-a"' not in (metrics := exec_("/usr/bin/python3", "-c", fetch).stdout):
         assert time.monotonic() < deadline, metrics[-2000:]
         time.sleep(0.5)
-    assert (host["state"] / "ledger.sqlite").exists()
+    job = Job(gpu, shim, kernels, "team-a")   # in a pid namespace of its own, as a container's process
+    try:
+        assert job.ask("alloc 16") == "0"
+        report = ["/usr/bin/python3", "-m", "fracgpu", "report", "--format", "json"]
+        [record] = wait_for(lambda: json.loads(exec_(*report).stdout or "[]"), bool, 10.0)
+        assert (record["partition"], record["kind"], record["processes"]) == ("team-a", "node", 1)
+        assert (host["state"] / "ledger.sqlite").exists()
+        bill = exec_("/usr/bin/python3", "-m", "fracgpu", "report", "--by", "namespace")
+        assert bill.returncode == 0 and record["job"] in bill.stdout, bill.stdout + bill.stderr
+    finally:
+        job.kill()
     log = stop()
     assert proc.returncode == 0, log
     # It found the (simulated) driver's NVML where the DaemonSet mounts the host's.
