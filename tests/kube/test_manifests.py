@@ -145,7 +145,7 @@ def test_every_path_a_cdi_spec_names_is_the_same_on_the_host_as_in_the_plugin(da
     env = {e.name: e.value for e in plugin.env}
     # The kubelet dials the socket paths a plugin gives it (DRA) or finds them in its folder (device plugin).
     kubelet = ["/var/lib/kubelet/plugins_registry", "/var/lib/kubelet/plugins"] if daemonset == "dra" else \
-        ["/var/lib/kubelet/device-plugins", "/var/lib/kubelet/pod-resources"]
+        ["/var/lib/kubelet/device-plugins"]
     same_path = ["/var/run/cdi", cdi.CONFIG_DIR, env[settings.REAL_LIBCUDA], env[settings.REAL_LIBNVML],
                  "/var/lib/fracgpu", *kubelet]
     for path in same_path:
@@ -196,13 +196,13 @@ def test_prometheus_finds_the_exporter_of_every_node():
         assert f"--metrics-port={port.container_port}" in node.args and "--metrics-address=0.0.0.0" in node.args
 
 
-@pytest.mark.parametrize("daemonset", ["dra", "device-plugin"])
-def test_the_node_agent_is_ready_when_it_says_so(daemonset):
-    [node] = [c for c in daemonsets(check_all(load(MANIFESTS / daemonset)))[0].spec.template.spec.containers
-              if c.name == "node"]
-    [ready] = [a.partition("=")[2] for a in node.args if a.startswith("--ready-file=")]
-    assert node.readiness_probe.var_exec.command == ["test", "-f", ready]
-    # fracgpu node writes the file but does not make its folder: one every image has.
+@pytest.mark.parametrize("daemonset,container", CONTAINERS)
+def test_each_container_is_ready_when_its_command_says_so(daemonset, container):
+    [c] = [c for c in daemonsets(check_all(load(MANIFESTS / daemonset)))[0].spec.template.spec.containers
+           if c.name == container]
+    [ready] = [a.partition("=")[2] for a in c.args if a.startswith("--ready-file=")]
+    assert c.readiness_probe.var_exec.command == ["test", "-f", ready]
+    # The commands write the file but do not make its folder: one every image has.
     assert ready.rpartition("/")[0] == "/tmp"
 
 
