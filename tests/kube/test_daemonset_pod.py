@@ -54,11 +54,15 @@ def node_pod(make_gpu, podman, tmp_path):  # noqa: F811  (podman: the fixture im
         pytest.skip(f"`fracgpu node` has no {', '.join(missing)} on this branch yet (another part of the Kubernetes "
                     "work adds it)")
     # A root filesystem of this test's own (the session's is the minimal image other tests rely on), with
-    # what the agent loads beyond the interpreter: the standard library's extension modules (sqlite3 for
-    # the ledger) and the packages' (fracgpu's native module), with their libraries.
+    # the libraries of the extension modules the agent loads beyond the interpreter: the standard
+    # library's (sqlite3 for the ledger), fracgpu's native module, and the kubernetes extra's (gRPC for
+    # the pod resources API, protobuf, pydantic).
     rootfs = tmp_path / "rootfs"
     shutil.copytree(shared, rootfs, symlinks=True)
-    for so in [*pathlib.Path(runner.stdlib, "lib-dynload").glob("*.so"), *pathlib.Path(SITE, "fracgpu").rglob("*.so")]:
+    modules = [*pathlib.Path(runner.stdlib, "lib-dynload").glob("*.so")]
+    for package in ("fracgpu", "grpc", "google", "pydantic_core", "yaml"):
+        modules += pathlib.Path(SITE, package).rglob("*.so")
+    for so in modules:
         _copy_with_libraries(str(so), rootfs)
     _copy_with_libraries(shutil.which("test"), rootfs)   # the readiness probe's command, as the image has it
     gpu = make_gpu(memory=4 * GiB)
