@@ -41,6 +41,7 @@ COMMANDS = {
     "demo": "fracgpu.cli.demo:demo",
     "exporter": "fracgpu.cli.exporter:exporter",
     "gpus": "fracgpu.cli.gpus:gpus",
+    "kubelet-plugin": "fracgpu.cli.kubelet_plugin:kubelet_plugin",
     "node": "fracgpu.cli.node:node_command",
     "partition": "fracgpu.cli.partition:partition_group",
     "report": "fracgpu.cli.report:report",
