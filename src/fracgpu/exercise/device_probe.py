@@ -97,6 +97,9 @@ def list_devices() -> dict:
     if count.value == 0:
         return {"error": f"the CUDA driver sees no GPU (check CUDA_VISIBLE_DEVICES); {NO_DRIVER_HINT}"}
     get_uuid = getattr(cuda, "cuDeviceGetUuid_v2", None) or cuda.cuDeviceGetUuid
+    version = ctypes.c_int()   # optional, as the bus id: 13000 is CUDA 13.0
+    driver_version = (f"{version.value // 1000}.{version.value % 1000 // 10}"
+                      if cuda.cuDriverGetVersion(ctypes.byref(version)) == 0 else "")
     devices = []
     for index in range(count.value):
         dev, uuid, total = ctypes.c_int(), (ctypes.c_ubyte * 16)(), ctypes.c_size_t()
@@ -111,8 +114,12 @@ def list_devices() -> dict:
                 return {"error": f"{call} failed for CUDA device {index} with {error_name(rc)}"}
         bus = ctypes.create_string_buffer(32)   # optional: a driver without it still lists the device
         bus_id = pci_bus_id(bus.value.decode()) if cuda.cuDeviceGetPCIBusId(bus, len(bus), dev) == 0 else ""
+        major, minor = ctypes.c_int(), ctypes.c_int()   # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, _MINOR
+        capability = (f"{major.value}.{minor.value}" if cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev) == 0
+                      and cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev) == 0 else "")
         devices.append({"index": index, "uuid": uuid_text(bytes(uuid)), "name": name.value.decode(errors="replace"),
-                        "total_memory": total.value, "pci_bus_id": bus_id})
+                        "total_memory": total.value, "pci_bus_id": bus_id, "compute_capability": capability,
+                        "driver_version": driver_version})
     held = nvml_processes([d["uuid"] for d in devices])
     for d in devices:
         d["processes"] = held.get(d["uuid"])
