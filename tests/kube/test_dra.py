@@ -1,0 +1,213 @@
+"""The DRA kubelet plugin (`fracgpu kubelet-plugin`) as a kubelet and an API server see it.
+
+The plugin runs as a real process on a 16 GiB simulated GPU; the test kubelet finds it through its
+registration socket and calls NodePrepareResources and NodeUnprepareResources over gRPC, as the
+kubelet does; the claims the scheduler allocated are in the test API server. Whether a partition
+holds a claim's limits is read from the node's state (`fracgpu partition list`)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import pytest
+
+from fracgpu.kube import CLAIM_CDI_KIND, DRIVER, claim_partition
+from tests.support.dra_node import NODE, dra_node, gpu_config  # noqa: F401
+from tests.support.simgpu import GiB, wait_for
+
+pytest.importorskip("grpc")
+
+
+def cdi_id(claim) -> str:
+    return f"{CLAIM_CDI_KIND}={claim.uid}-gpu0"
+
+
+def partitions_of(gpu) -> dict[str, dict]:
+    usage = json.loads(gpu.fracgpu("partition", "list", "--json", timeout=30).stdout)
+    return {p["name"]: p for u in usage for p in u["partitions"]}
+
+
+def devices(answer) -> list[tuple]:
+    return [(list(d.request_names), d.pool_name, d.device_name, list(d.cdi_device_ids)) for d in answer.devices]
+
+
+def test_the_kubelet_finds_the_plugin_and_prepares_two_claims_into_partitions_with_their_limits(dra_node):
+    registered = dra_node.start()
+    assert (registered.info.type, registered.info.name) == ("DRAPlugin", DRIVER)
+    assert list(registered.info.supported_versions) == ["v1.DRAPlugin", "v1beta1.DRAPlugin"]
+    assert registered.info.endpoint == str(dra_node.plugins_dir / DRIVER / "dra.sock")
+    train = dra_node.claim("train", "8Gi", "25")
+    serve = dra_node.claim("serve", "4Gi", "50", config=gpu_config(priority="high"))
+
+    answers = dra_node.kubelet.prepare(DRIVER, [train, serve])
+
+    assert {uid: a.error for uid, a in answers.items()} == {train.uid: "", serve.uid: ""}
+    for claim in (train, serve):
+        assert devices(answers[claim.uid]) == [(["gpu"], NODE, "gpu-0", [cdi_id(claim)])]
+        spec = json.loads(dra_node.spec_path(claim).read_text())
+        assert spec["kind"] == CLAIM_CDI_KIND
+        assert [d["name"] for d in spec["devices"]] == [f"{claim.uid}-gpu0"]
+        mounts = {m["containerPath"]: m["hostPath"] for m in spec["devices"][0]["containerEdits"]["mounts"]}
+        binding = (dra_node.folder / "cdi-config" / f"{claim_partition(claim.uid, 0)}.conf").read_text()
+        assert mounts["/etc/fracgpu/fracgpu.conf"].endswith(f"{claim_partition(claim.uid, 0)}.conf")
+        assert f"partition = {claim_partition(claim.uid, 0)}" in binding
+    made = partitions_of(dra_node.gpu)
+    a, b = made[claim_partition(train.uid, 0)], made[claim_partition(serve.uid, 0)]
+    assert (a["memory_limit"], a["compute_share"], a["compute_cap"], a["priority"]) == (8 * GiB, 0.25, False, "normal")
+    assert (b["memory_limit"], b["compute_share"], b["compute_cap"], b["priority"]) == (4 * GiB, 0.5, False, "high")
+
+
+def test_unprepare_removes_the_claims_partitions_and_specs(dra_node):
+    dra_node.start()
+    train, serve = dra_node.claim("train", "8Gi", "25"), dra_node.claim("serve", "4Gi", "50")
+    dra_node.kubelet.prepare(DRIVER, [train, serve])
+
+    assert dra_node.kubelet.unprepare(DRIVER, [train, serve]) == {train.uid: "", serve.uid: ""}
+
+    assert not any(name.startswith("k8s-claim-") for name in partitions_of(dra_node.gpu))
+    assert not dra_node.spec_path(train).exists() and not dra_node.spec_path(serve).exists()
+    assert not (dra_node.folder / "cdi-config" / f"{claim_partition(train.uid, 0)}.conf").exists()
+    assert json.loads(dra_node.checkpoint.read_text())["claims"] == {}
+    # The kubelet retries: unpreparing again, or a claim this plugin never saw, succeeds.
+    assert dra_node.kubelet.unprepare(DRIVER, [train]) == {train.uid: ""}
+
+
+def test_a_repeated_prepare_answers_the_same_and_makes_nothing_twice(dra_node):
+    dra_node.start()
+    train = dra_node.claim("train", "8Gi", "25")
+    first = dra_node.kubelet.prepare(DRIVER, [train])
+    before = partitions_of(dra_node.gpu)
+
+    again = dra_node.kubelet.prepare(DRIVER, [train])
+
+    assert devices(again[train.uid]) == devices(first[train.uid]) and again[train.uid].error == ""
+    assert partitions_of(dra_node.gpu) == before
+    assert list(json.loads(dra_node.checkpoint.read_text())["claims"]) == [train.uid]
+
+
+def test_a_restarted_plugin_answers_and_unprepares_the_claims_it_prepared_before(dra_node):
+    dra_node.start()
+    train, serve = dra_node.claim("train", "8Gi", "25"), dra_node.claim("serve", "4Gi", "50")
+    first = dra_node.kubelet.prepare(DRIVER, [train, serve])
+    err = dra_node.stop()
+    assert not (dra_node.registrar_dir / f"{DRIVER}-reg.sock").exists(), err
+    assert not (dra_node.plugins_dir / DRIVER / "dra.sock").exists()
+    assert len([n for n in partitions_of(dra_node.gpu) if n.startswith("k8s-claim-")]) == 2   # prepared stays
+
+    dra_node.start()
+    again = dra_node.kubelet.prepare(DRIVER, [train])
+    assert devices(again[train.uid]) == devices(first[train.uid]) and again[train.uid].error == ""
+    assert dra_node.kubelet.unprepare(DRIVER, [train, serve]) == {train.uid: "", serve.uid: ""}
+
+    assert not any(name.startswith("k8s-claim-") for name in partitions_of(dra_node.gpu))
+    assert not dra_node.spec_path(train).exists() and not dra_node.spec_path(serve).exists()
+
+
+def test_a_plugin_killed_mid_way_loses_no_claim(dra_node):
+    dra_node.start()
+    train = dra_node.claim("train", "8Gi", "25")
+    dra_node.kubelet.prepare(DRIVER, [train])
+    dra_node.stop(signal.SIGKILL)   # no clean exit: its sockets stay behind
+
+    dra_node.start()
+    assert dra_node.kubelet.unprepare(DRIVER, [train]) == {train.uid: ""}
+    assert not any(name.startswith("k8s-claim-") for name in partitions_of(dra_node.gpu))
+
+
+def test_a_claim_that_does_not_fit_beside_the_promises_fails_naming_them(dra_node):
+    dra_node.start()
+    train = dra_node.claim("train", "8Gi", "25")
+    big = dra_node.claim("big", "12Gi", "25")
+    dra_node.kubelet.prepare(DRIVER, [train])
+
+    answer = dra_node.kubelet.prepare(DRIVER, [big])[big.uid]
+
+    assert answer.error and not answer.devices
+    assert "claim team-a/big does not fit" in answer.error, answer.error
+    assert claim_partition(train.uid, 0) in answer.error and "8GiB" in answer.error, answer.error
+    assert claim_partition(big.uid, 0) not in partitions_of(dra_node.gpu)
+    assert not dra_node.spec_path(big).exists()
+    assert list(json.loads(dra_node.checkpoint.read_text())["claims"]) == [train.uid]
+
+
+def test_a_claim_with_an_unknown_config_key_fails_naming_the_claim_and_the_key(dra_node):
+    dra_node.start()
+    bad = dra_node.claim("bad", "4Gi", "25", config={**gpu_config(priority="high"), "colour": "blue"})
+    good = dra_node.claim("good", "4Gi", "25")
+
+    answers = dra_node.kubelet.prepare(DRIVER, [bad, good])
+
+    assert "team-a/bad" in answers[bad.uid].error and "colour" in answers[bad.uid].error, answers[bad.uid].error
+    assert answers[good.uid].error == ""   # one claim's error is its own
+    assert set(n for n in partitions_of(dra_node.gpu) if n.startswith("k8s-claim-")) == {claim_partition(good.uid, 0)}
+
+
+def test_an_older_kubelet_speaks_v1beta1(dra_node):
+    dra_node.start(service="v1beta1.DRAPlugin")
+    train = dra_node.claim("train", "8Gi", "25")
+    answers = dra_node.kubelet.prepare(DRIVER, [train])
+    assert devices(answers[train.uid]) == [(["gpu"], NODE, "gpu-0", [cdi_id(train)])]
+    assert dra_node.kubelet.unprepare(DRIVER, [train]) == {train.uid: ""}
+
+
+def test_a_claim_whose_partition_is_in_use_is_unprepared_only_once_its_processes_end(dra_node, clients):
+    dra_node.start()
+    train = dra_node.claim("train", "8Gi", "25")
+    dra_node.kubelet.prepare(DRIVER, [train])
+    job = dra_node.gpu.popen(sys.executable, "-m", "fracgpu", "run", "--partition", claim_partition(train.uid, 0),
+                             "--", clients.lcuda, "hold", "64", "60")
+    try:
+        assert wait_for(lambda: partitions_of(dra_node.gpu)[claim_partition(train.uid, 0)]["processes"], bool, 30)
+        error = dra_node.kubelet.unprepare(DRIVER, [train])[train.uid]
+        assert "claim team-a/train is still in use" in error and "process" in error, error
+        assert claim_partition(train.uid, 0) in partitions_of(dra_node.gpu)
+    finally:
+        job.kill()
+        job.wait(timeout=30)
+    assert dra_node.kubelet.unprepare(DRIVER, [train]) == {train.uid: ""}
+    assert claim_partition(train.uid, 0) not in partitions_of(dra_node.gpu)
+
+
+def test_the_plugin_publishes_the_nodes_slice_on_start(dra_node):
+    from fracgpu.kube import resources
+
+    dra_node.start()
+    api = resources.api_client(str(dra_node.kubeconfig))
+    slices = [s for s in _slices(api) if s.spec.driver == DRIVER and s.spec.node_name == NODE]
+    assert len(slices) == 1 and [d.name for d in slices[0].spec.devices] == ["gpu-0"]
+
+
+def _slices(api):
+    import kubernetes
+
+    return kubernetes.client.ResourceV1Api(api).list_resource_slice().items
+
+
+def test_help_and_bad_options_give_clear_errors(dra_node):
+    help_text = dra_node.gpu.fracgpu("kubelet-plugin", "--help").stdout
+    for option in ("--node-name", "--kubeconfig", "--kubelet-registrar-directory-path",
+                   "--kubelet-plugins-directory-path", "--cdi-root"):
+        assert option in help_text
+    argv = dra_node.plugin_argv()
+    without_node = argv[:4] + argv[6:]
+    missing = dra_node.gpu.run(*without_node, check=False, env={"NODE_NAME": ""})
+    assert missing.returncode == 2 and "--node-name" in missing.stderr, missing.stderr
+    unreadable = dra_node.gpu.run(*[a if a != str(dra_node.kubeconfig) else "/nonexistent/kubeconfig" for a in argv],
+                                  check=False)
+    assert unreadable.returncode == 2 and "/nonexistent/kubeconfig" in unreadable.stderr, unreadable.stderr
+    garbage = dra_node.folder / "garbage"
+    garbage.write_text("this: is: not a kubeconfig\n")
+    refused = dra_node.gpu.run(*[a if a != str(dra_node.kubeconfig) else str(garbage) for a in argv], check=False,
+                               timeout=120)
+    assert refused.returncode == 2 and f"the kubeconfig {garbage} cannot be used" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_a_plugin_that_cannot_reach_the_api_server_says_so_and_exits(dra_node):
+    dra_node.api.stop()
+    result = dra_node.gpu.run(*dra_node.plugin_argv(), check=False, timeout=120)
+    assert result.returncode == 2 and "cannot publish this node's ResourceSlice" in result.stderr, result.stderr
+    assert not (dra_node.registrar_dir / f"{DRIVER}-reg.sock").exists()
+
