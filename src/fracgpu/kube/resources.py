@@ -51,8 +51,8 @@ if TYPE_CHECKING:   # the kubernetes client is imported where it is used: `impor
     import kubernetes
 
 __all__ = ["API_VERSION", "CONFIG_API_VERSION", "CONFIG_KIND", "MEMORY_STEP", "PRIORITIES", "ApiConfigError",
-           "ClaimError", "DevicePlan", "Gpu", "api_client", "device_name", "node_gpus", "node_slice", "plan_claim",
-           "publish", "read_claim", "slice_name_prefix", "unpublish"]
+           "ClaimError", "DevicePlan", "Gpu", "api_client", "byte_quantity", "device_name", "node_gpus", "node_slice",
+           "plan_claim", "publish", "read_claim", "slice_name_prefix", "unpublish"]
 
 API_VERSION = "resource.k8s.io/v1"
 CONFIG_API_VERSION = "gpu.fracgpu.dev/v1alpha1"
@@ -86,6 +86,7 @@ def api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
     """A client of the API server: from the kubeconfig file when one is given, else the pod's own service
     account (in-cluster: ``KUBERNETES_SERVICE_HOST`` and the mounted token). ApiConfigError when neither is
     there or the file does not load."""
+    import yaml
     from kubernetes import client, config
 
     if kubeconfig:
@@ -93,7 +94,7 @@ def api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
             raise ApiConfigError(f"the kubeconfig {kubeconfig} does not exist")
         try:
             return config.new_client_from_config(config_file=kubeconfig)
-        except (config.ConfigException, OSError, ValueError, TypeError, KeyError) as e:
+        except (config.ConfigException, yaml.YAMLError, OSError, ValueError, TypeError, KeyError) as e:
             raise ApiConfigError(f"the kubeconfig {kubeconfig} cannot be used: {e}") from None
     if not os.environ.get("KUBERNETES_SERVICE_HOST"):
         raise ApiConfigError("no API server to talk to: give a kubeconfig file (--kubeconfig), or run in a pod, "
@@ -151,10 +152,23 @@ def _version(text: str) -> str | None:
     return ".".join(parts + ["0"] * (3 - len(parts)))
 
 
+_BINARY = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+
+
+def byte_quantity(n: int) -> str:
+    """``n`` bytes as a Kubernetes quantity, with the largest binary suffix that writes it exactly ("16Gi")."""
+    power = 0
+    while n and n % 1024 == 0 and power < len(_BINARY) - 1:
+        n //= 1024
+        power += 1
+    return f"{n}{_BINARY[power]}"
+
+
 def _device(gpu: Gpu) -> kubernetes.client.V1Device:
     from kubernetes import client
 
-    whole = gpu.memory // MEMORY_STEP * MEMORY_STEP   # what a claim can consume: whole steps
+    whole = byte_quantity(gpu.memory // MEMORY_STEP * MEMORY_STEP)   # what a claim can consume: whole steps
+    step = byte_quantity(MEMORY_STEP)
     attributes = {"type": client.V1DeviceAttribute(string="gpu"),
                   "uuid": client.V1DeviceAttribute(string=gpu.uuid),
                   "productName": client.V1DeviceAttribute(string=gpu.name[:64]),
@@ -165,9 +179,9 @@ def _device(gpu: Gpu) -> kubernetes.client.V1Device:
         if (version := _version(text)) is not None:
             attributes[key] = client.V1DeviceAttribute(version=version)
     capacity = {
-        MEMORY_CAPACITY: client.V1DeviceCapacity(value=str(gpu.memory), request_policy=client.V1CapacityRequestPolicy(
-            default=str(whole), valid_range=client.V1CapacityRequestPolicyRange(
-                min=str(MEMORY_STEP), max=str(whole), step=str(MEMORY_STEP)))),
+        MEMORY_CAPACITY: client.V1DeviceCapacity(
+            value=byte_quantity(gpu.memory), request_policy=client.V1CapacityRequestPolicy(
+                default=whole, valid_range=client.V1CapacityRequestPolicyRange(min=step, max=whole, step=step))),
         COMPUTE_CAPACITY: client.V1DeviceCapacity(value="100", request_policy=client.V1CapacityRequestPolicy(
             default="100", valid_range=client.V1CapacityRequestPolicyRange(min="1", max="100", step="1"))),
     }
@@ -206,8 +220,26 @@ def _node_slices(resource: kubernetes.client.ResourceV1Api, node_name: str) -> l
     return [s for s in listing.items or [] if s.spec.node_name == node_name and s.spec.driver == DRIVER]
 
 
+def _comparable(devices: list | None) -> list[dict]:
+    """Devices as plain values, each capacity's quantities as numbers: the API server rewrites a quantity in its
+    canonical form ("16000000000" reads back as "16G"), which is the same quantity."""
+    from kubernetes.utils import parse_quantity
+
+    def numbers(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: numbers(v) for k, v in value.items()}
+        return parse_quantity(value) if isinstance(value, str) else value
+
+    out = []
+    for device in devices or []:
+        d = device.to_dict()
+        d["capacity"] = numbers(d.get("capacity") or {})
+        out.append(d)
+    return out
+
+
 def _same_devices(a, b) -> bool:
-    return [d.to_dict() for d in a.devices or []] == [d.to_dict() for d in b.devices or []]
+    return _comparable(a.devices) == _comparable(b.devices)
 
 
 def publish(api: kubernetes.client.ApiClient, node_name: str, gpus: list[Gpu]) -> None:
