@@ -46,6 +46,8 @@ def test_the_kubelet_finds_the_plugin_and_prepares_two_claims_into_partitions_wi
     assert {uid: a.error for uid, a in answers.items()} == {train.uid: "", serve.uid: ""}
     for claim in (train, serve):
         assert devices(answers[claim.uid]) == [(["gpu"], NODE, "gpu-0", [cdi_id(claim)])]
+        (result,) = dra_node.api.claims[("team-a", claim.name)]["status"]["allocation"]["devices"]["results"]
+        assert answers[claim.uid].devices[0].share_id == result["shareID"]   # this claim's share of gpu-0
         spec = json.loads(dra_node.spec_path(claim).read_text())
         assert spec["kind"] == CLAIM_CDI_KIND
         assert [d["name"] for d in spec["devices"]] == [f"{claim.uid}-gpu0"]
@@ -171,18 +173,24 @@ def test_a_claim_whose_partition_is_in_use_is_unprepared_only_once_its_processes
 
 
 def test_the_plugin_publishes_the_nodes_slice_on_start(dra_node):
-    from fracgpu.kube import resources
-
     dra_node.start()
-    api = resources.api_client(str(dra_node.kubeconfig))
-    slices = [s for s in _slices(api) if s.spec.driver == DRIVER and s.spec.node_name == NODE]
-    assert len(slices) == 1 and [d.name for d in slices[0].spec.devices] == ["gpu-0"]
+    (published,) = dra_node.api.slice_list()
+    assert (published["spec"]["driver"], published["spec"]["nodeName"]) == (DRIVER, NODE)
+    assert [d["name"] for d in published["spec"]["devices"]] == ["gpu-0"]
+    assert published["spec"]["devices"][0]["capacity"]["memory"]["value"] == "16Gi"
 
 
-def _slices(api):
+def test_the_plugin_keeps_the_slice_current_and_removes_it_at_exit_when_asked(dra_node):
+    dra_node.start("--publish-interval", "0.2", "--remove-slices")
+    (first,) = dra_node.api.slice_list()
     import kubernetes
 
-    return kubernetes.client.ResourceV1Api(api).list_resource_slice().items
+    # Someone deletes it behind the plugin's back.
+    kubernetes.client.ResourceV1Api(dra_node.api.client()).delete_resource_slice(first["metadata"]["name"])
+    (again,) = wait_for(dra_node.api.slice_list, bool, 10)
+    assert again["spec"] == first["spec"]
+    dra_node.stop()
+    assert dra_node.api.slice_list() == []
 
 
 def test_help_and_bad_options_give_clear_errors(dra_node):

@@ -25,7 +25,7 @@ NAMESPACE = "team-a"
 @dataclasses.dataclass
 class DraNode:
     gpu: SimGPU
-    api: object                    # the test API server
+    api: object                    # the test API server (tests.support.kube_apiserver.KubeApiServer)
     kubeconfig: pathlib.Path
     folder: pathlib.Path           # short: the sockets live under it
     cdi_root: pathlib.Path
@@ -80,9 +80,7 @@ class DraNode:
         made = self.api.add_claim(kube_apiserver.allocated_claim(
             NAMESPACE, name, driver=DRIVER, pool=NODE, device="gpu-0", request="gpu",
             consumed={"memory": memory, "compute": compute}, config=config))
-        meta = made["metadata"] if isinstance(made, dict) else made.metadata
-        uid = meta["uid"] if isinstance(meta, dict) else meta.uid
-        self.claims.append(Claim(NAMESPACE, name, uid))
+        self.claims.append(Claim(NAMESPACE, name, made["metadata"]["uid"]))
         return self.claims[-1]
 
     def spec_path(self, claim: Claim) -> pathlib.Path:
@@ -103,8 +101,7 @@ def dra_node(make_gpu, tmp_path):
 
     gpu = make_gpu(memory=16 * GiB)
     folder = pathlib.Path(tempfile.mkdtemp(prefix="dra-", dir="/tmp"))   # unix socket paths stay short
-    server = kube_apiserver.ApiServer()
-    server.start()
+    server = kube_apiserver.KubeApiServer().start()
     kubeconfig = tmp_path / "kubeconfig"
     server.kubeconfig(kubeconfig)
     node = DraNode(gpu, server, kubeconfig, folder, folder / "cdi", Kubelet(str(folder / "registry")))
