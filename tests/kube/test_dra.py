@@ -107,6 +107,9 @@ def test_a_restarted_plugin_answers_and_unprepares_the_claims_it_prepared_before
     assert not dra_node.spec_path(train).exists() and not dra_node.spec_path(serve).exists()
 
 
+@pytest.mark.fault("The DRA kubelet plugin is killed (SIGKILL) after preparing a claim, and started again",
+                   "the kubelet's unprepare of that claim removes its partition and CDI spec: nothing lost, "
+                   "nothing doubled")
 def test_a_plugin_killed_mid_way_loses_no_claim(dra_node):
     dra_node.start()
     train = dra_node.claim("train", "8Gi", "25")
@@ -118,6 +121,10 @@ def test_a_plugin_killed_mid_way_loses_no_claim(dra_node):
     assert not any(name.startswith("k8s-claim-") for name in partitions_of(dra_node.gpu))
 
 
+@pytest.mark.fault("A stale slice lets the scheduler send the DRA plugin a claim that does not fit beside the "
+                   "claims already prepared on the GPU",
+                   "that claim's prepare fails (its error field, the kubelet retries) naming the claim and the "
+                   "GPU's promises; nothing is made")
 def test_a_claim_that_does_not_fit_beside_the_promises_fails_naming_them(dra_node):
     dra_node.start()
     train = dra_node.claim("train", "8Gi", "25")
@@ -134,6 +141,8 @@ def test_a_claim_that_does_not_fit_beside_the_promises_fails_naming_them(dra_nod
     assert list(json.loads(dra_node.checkpoint.read_text())["claims"]) == [train.uid]
 
 
+@pytest.mark.fault("A claim's opaque config for the DRA driver has an unknown key",
+                   "its prepare fails naming the claim and the key; the other claims of the call are prepared")
 def test_a_claim_with_an_unknown_config_key_fails_naming_the_claim_and_the_key(dra_node):
     dra_node.start()
     bad = dra_node.claim("bad", "4Gi", "25", config={**gpu_config(priority="high"), "colour": "blue"})
@@ -154,6 +163,9 @@ def test_an_older_kubelet_speaks_v1beta1(dra_node):
     assert dra_node.kubelet.unprepare(DRIVER, [train]) == {train.uid: ""}
 
 
+@pytest.mark.fault("The kubelet unprepares a claim whose partition still has live processes",
+                   "refused for that claim naming the processes (the kubelet retries); the partition is removed "
+                   "once they have ended")
 def test_a_claim_whose_partition_is_in_use_is_unprepared_only_once_its_processes_end(dra_node, clients):
     dra_node.start()
     train = dra_node.claim("train", "8Gi", "25")

@@ -54,7 +54,9 @@ def test_a_container_given_a_claims_device_is_held_to_the_claims_memory_on_the_d
     monitor = node.gpu.popen(sys.executable, "-c", MONITOR, _sim_nvml())
     assert monitor.stdout.readline().strip() == "ready"
     try:
-        result = runner.run(rootfs, ["/opt/clients/client_lcuda", "alloc-until-oom", BLOCK_MIB, 0, 1], devices=ids[claim])
+        # Blocks until refused, held a second: the device's figure is read while the container holds them.
+        result = runner.run(rootfs, ["/opt/clients/client_lcuda", "alloc-until-oom", BLOCK_MIB, 0, 1],
+                            devices=ids[claim])
     finally:
         facts = parse_facts(monitor.communicate("", timeout=60)[0])
     assert result.returncode == 0, result.stderr

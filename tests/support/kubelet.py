@@ -89,7 +89,8 @@ class Kubelet:
                 registration.NotifyRegistrationStatus(pluginregistration_v1_pb2.RegistrationStatus(
                     plugin_registered=False, error=f"none of {list(info.supported_versions)} is spoken here"),
                     timeout=5)
-                raise AssertionError(f"{driver} offers {list(info.supported_versions)}, not {service or list(SERVICES)}")
+                raise AssertionError(f"{driver} offers {list(info.supported_versions)}, not "
+                                     f"{service or list(SERVICES)}")
             _wait_for_socket_server(f"unix://{info.endpoint}", 5.0).close()
             registration.NotifyRegistrationStatus(pluginregistration_v1_pb2.RegistrationStatus(plugin_registered=True),
                                                   timeout=5)

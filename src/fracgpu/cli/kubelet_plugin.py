@@ -46,7 +46,8 @@ def kubelet_plugin(node_name: str, kubeconfig: str | None, registrar_dir: str, p
     from fracgpu.kube import dra, resources
 
     if not node_name.strip():
-        raise click.BadParameter("the node's name is empty: give --node-name or set NODE_NAME", param_hint="--node-name")
+        raise click.BadParameter("the node's name is empty: give --node-name or set NODE_NAME",
+                                 param_hint="--node-name")
     logging.basicConfig(level=logging.INFO, format="fracgpu kubelet-plugin: %(message)s", stream=sys.stderr)
     with refusals():
         api = _api_client(kubeconfig)
