@@ -155,6 +155,23 @@ def test_a_claim_with_an_unknown_config_key_fails_naming_the_claim_and_the_key(d
     assert set(n for n in partitions_of(dra_node.gpu) if n.startswith("k8s-claim-")) == {claim_partition(good.uid, 0)}
 
 
+def test_a_claim_given_a_whole_gpu_gets_all_its_memory_and_time(dra_node):
+    dra_node.start()
+    whole = dra_node.claim("whole", None, None)
+    assert dra_node.kubelet.prepare(DRIVER, [whole])[whole.uid].error == ""
+    made = partitions_of(dra_node.gpu)[claim_partition(whole.uid, 0)]
+    assert (made["memory_limit"], made["compute_share"]) == (16 * GiB, 1.0)
+
+
+def test_two_requests_of_a_claim_on_one_gpu_share_its_partition(dra_node):
+    dra_node.start()
+    pair = dra_node.claim("pair", "2Gi", "10", more=(("sidecar", "4Gi", "25"),))
+    answer = dra_node.kubelet.prepare(DRIVER, [pair])[pair.uid]
+    assert devices(answer) == [(["gpu"], NODE, "gpu-0", [cdi_id(pair)]), (["sidecar"], NODE, "gpu-0", [cdi_id(pair)])]
+    made = partitions_of(dra_node.gpu)[claim_partition(pair.uid, 0)]
+    assert (made["memory_limit"], made["compute_share"]) == (6 * GiB, 0.35)
+
+
 def test_an_older_kubelet_speaks_v1beta1(dra_node):
     dra_node.start(service="v1beta1.DRAPlugin")
     train = dra_node.claim("train", "8Gi", "25")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import pytest
 
@@ -72,14 +73,23 @@ class DraNode:
         assert self.plugin.returncode == 0 or sig == signal.SIGKILL, err
         return err
 
-    def claim(self, name: str, memory: str, compute: str, config: dict | None = None) -> Claim:
-        """An allocated claim of ``memory`` and ``compute`` percent of GPU 0, as the scheduler leaves it
-        in the API server."""
+    def claim(self, name: str, memory: str | None, compute: str | None, config: dict | None = None,
+              more: tuple[tuple[str, str, str], ...] = ()) -> Claim:
+        """An allocated claim of ``memory`` and ``compute`` percent of GPU 0 (None, None: all of it), as the
+        scheduler leaves it in the API server; ``more``: (request, memory, compute) of other requests
+        of the claim, given shares of GPU 0 too."""
+        from kubernetes import client
+
         from tests.support import kube_apiserver
 
-        made = self.api.add_claim(kube_apiserver.allocated_claim(
+        made = kube_apiserver.allocated_claim(
             NAMESPACE, name, driver=DRIVER, pool=NODE, device="gpu-0", request="gpu",
-            consumed={"memory": memory, "compute": compute}, config=config))
+            consumed={"memory": memory, "compute": compute} if memory else None, config=config)
+        for request, more_memory, more_compute in more:
+            made.status.allocation.devices.results.append(client.V1DeviceRequestAllocationResult(
+                request=request, driver=DRIVER, pool=NODE, device="gpu-0", share_id=str(uuid.uuid4()),
+                consumed_capacity={"memory": more_memory, "compute": more_compute}))
+        made = self.api.add_claim(made)
         self.claims.append(Claim(NAMESPACE, name, made["metadata"]["uid"]))
         return self.claims[-1]
 

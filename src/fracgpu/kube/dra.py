@@ -208,8 +208,6 @@ class Driver:
                 gpus = self.gpus()
                 got = resources.read_claim(self.api, namespace, name, uid)
                 plans = [dataclasses.asdict(p) for p in resources.plan_claim(got, self.node_name, gpus)]
-                if not plans:
-                    raise PrepareError(f"claim {claim} has no device of driver {DRIVER} on node {self.node_name}")
                 entry = {"namespace": namespace, "name": name, "plans": plans, "prepared": False}
                 _partitions_of(claim, plans)   # refused before anything is written
                 self.checkpoint.claims[uid] = entry
@@ -249,9 +247,9 @@ class Driver:
                 except state.DoesNotFit as e:
                     raise PrepareError(f"claim {claim} does not fit on GPU {part.gpu_index}: {e}") from None
                 made.append((name, part.gpu_index))
-            names = [claim_partition(uid, i) for i in sorted({p["gpu_index"] for p in plans})]
-            cdi.write_spec(self.layout, names, spec_path(self.cdi_root, uid), CLAIM_CDI_KIND,
-                           names={n: claim_cdi_device(uid, claim_of_partition(n)[1]) for n in names})
+            indices = sorted({p["gpu_index"] for p in plans})
+            devices = {claim_partition(uid, i): claim_cdi_device(uid, i) for i in indices}
+            cdi.write_spec(self.layout, list(devices), spec_path(self.cdi_root, uid), CLAIM_CDI_KIND, names=devices)
         except BaseException:
             for name, index in made:
                 with contextlib.suppress(Exception):
