@@ -242,6 +242,14 @@ def test_help_and_bad_options_give_clear_errors(dra_node):
     assert "Traceback" not in refused.stderr
 
 
+def test_without_the_kubernetes_extra_the_command_says_what_to_install(dra_node):
+    code = ("import sys; sys.modules['grpc'] = None\n"   # as if grpcio were not installed
+            "from fracgpu.cli import main; main(['kubelet-plugin', '--node-name', 'n'], prog_name='fracgpu')")
+    result = dra_node.gpu.python(code, check=False)
+    assert result.returncode == 2 and "pip install 'fracgpu[kubernetes]'" in result.stderr, result.stderr
+    assert "grpc is not installed" in result.stderr
+
+
 def test_a_plugin_that_cannot_reach_the_api_server_says_so_and_exits(dra_node):
     dra_node.api.stop()
     result = dra_node.gpu.run(*dra_node.plugin_argv(), check=False, timeout=120)

@@ -43,6 +43,12 @@ def kubelet_plugin(node_name: str, kubeconfig: str | None, registrar_dir: str, p
     capacity, registers with the kubelet, and for each claim the kubelet prepares makes a partition
     per GPU with the memory and compute share the claim consumed (and the priority and cap of its
     config), and a CDI spec that puts the container in it. Runs until SIGTERM or Ctrl-C."""
+    try:
+        import grpc  # noqa: F401
+        import kubernetes  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"the kubelet plugin needs the kubernetes extra ({e.name} is not installed): "
+                         "pip install 'fracgpu[kubernetes]'") from None
     from fracgpu.kube import dra, resources
 
     if not node_name.strip():
