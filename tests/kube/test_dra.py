@@ -172,6 +172,18 @@ def test_two_requests_of_a_claim_on_one_gpu_share_its_partition(dra_node):
     assert (made["memory_limit"], made["compute_share"]) == (6 * GiB, 0.35)
 
 
+def test_a_claim_on_the_second_gpu_gets_its_partition_and_device_there(dra_node, make_gpu):
+    dra_node.gpu = make_gpu(memory=16 * GiB, devices=2)
+    dra_node.start()
+    second = dra_node.claim("second", "8Gi", "25", device="gpu-1")
+    answer = dra_node.kubelet.prepare(DRIVER, [second])[second.uid]
+    assert devices(answer) == [(["gpu"], NODE, "gpu-1", [f"{CLAIM_CDI_KIND}={second.uid}-gpu1"])]
+    usage = json.loads(dra_node.gpu.fracgpu("partition", "list", "--json").stdout)
+    assert [(u["index"], [p["name"] for p in u["partitions"]]) for u in usage] == \
+        [(1, [claim_partition(second.uid, 1)])]
+    assert dra_node.kubelet.unprepare(DRIVER, [second]) == {second.uid: ""}
+
+
 def test_an_older_kubelet_speaks_v1beta1(dra_node):
     dra_node.start(service="v1beta1.DRAPlugin")
     train = dra_node.claim("train", "8Gi", "25")

@@ -74,20 +74,20 @@ class DraNode:
         return err
 
     def claim(self, name: str, memory: str | None, compute: str | None, config: dict | None = None,
-              more: tuple[tuple[str, str, str], ...] = ()) -> Claim:
-        """An allocated claim of ``memory`` and ``compute`` percent of GPU 0 (None, None: all of it), as the
-        scheduler leaves it in the API server; ``more``: (request, memory, compute) of other requests
-        of the claim, given shares of GPU 0 too."""
+              more: tuple[tuple[str, str, str], ...] = (), device: str = "gpu-0") -> Claim:
+        """An allocated claim of ``memory`` and ``compute`` percent of ``device`` (None, None: all of it), as
+        the scheduler leaves it in the API server; ``more``: (request, memory, compute) of other requests
+        of the claim, given shares of the same device."""
         from kubernetes import client
 
         from tests.support import kube_apiserver
 
         made = kube_apiserver.allocated_claim(
-            NAMESPACE, name, driver=DRIVER, pool=NODE, device="gpu-0", request="gpu",
+            NAMESPACE, name, driver=DRIVER, pool=NODE, device=device, request="gpu",
             consumed={"memory": memory, "compute": compute} if memory else None, config=config)
         for request, more_memory, more_compute in more:
             made.status.allocation.devices.results.append(client.V1DeviceRequestAllocationResult(
-                request=request, driver=DRIVER, pool=NODE, device="gpu-0", share_id=str(uuid.uuid4()),
+                request=request, driver=DRIVER, pool=NODE, device=device, share_id=str(uuid.uuid4()),
                 consumed_capacity={"memory": more_memory, "compute": more_compute}))
         made = self.api.add_claim(made)
         self.claims.append(Claim(NAMESPACE, name, made["metadata"]["uid"]))
