@@ -221,7 +221,7 @@ def test_results_of_other_drivers_are_not_this_drivers(api, kube_apiserver):
 
 
 @pytest.mark.fault("A DRA claim whose opaque configuration has an unknown key, a bad value, or the wrong "
-                   "apiVersion or kind", "its preparation fails with an error naming the claim and the key")
+                   "apiVersion or kind", "the claim is refused with an error naming the claim and the key")
 @pytest.mark.parametrize("parameters, key", [
     (config(priority="high", color="red"), "color"),
     (config(priority="urgent"), "priority"),
@@ -238,7 +238,7 @@ def test_a_bad_configuration_is_refused_naming_the_claim_and_the_key(api, kube_a
 
 
 @pytest.mark.fault("A DRA claim allocated a device of another node's pool, or one this node does not have "
-                   "(a stale ResourceSlice)", "its preparation fails naming the claim, the device and the pool")
+                   "(a stale ResourceSlice)", "the claim is refused naming the claim, the device and the pool")
 @pytest.mark.parametrize("pool, device, key", [("node-b", "gpu-0", "pool"), (NODE, "gpu-3", "device")])
 def test_a_device_this_node_does_not_have_is_refused(api, kube_apiserver, pool, device, key):
     with pytest.raises(ClaimError) as refused:
@@ -331,6 +331,8 @@ def test_the_test_api_server_refuses_what_the_real_one_refuses(api, kube_apiserv
     code, message = refused(lambda b: b["spec"]["devices"][0]["capacity"]["memory"]["requestPolicy"].update(
         default="1000Mi"))
     assert code == 422 and "multiple of step" in message
+    code, message = refused(lambda b: b["spec"]["devices"][0].pop("allowMultipleAllocations"))
+    assert code == 422 and "multiple allocations" in message
     code, message = refused(lambda b: b["spec"]["devices"][0]["attributes"]["index"].update(string="0"))
     assert code == 422 and "exactly one value" in message
     code, message = refused(lambda b: b["spec"]["devices"][0]["attributes"]["computeCapability"].update(

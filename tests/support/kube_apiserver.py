@@ -166,8 +166,9 @@ def _check_name(invalid, field: str, key: str) -> None:
 
 
 def _check_capacity(invalid, field: str, cap: dict, multiple: bool) -> None:
-    """Value, and the request policy's rules (KEP-5075): with a validRange, a default within it;
-    min <= default <= max <= value; max and default multiples of step; min + step <= value."""
+    """Value, and the request policy's rules (KEP-5075), as the API server's validation has them: a policy only
+    on a device that allows multiple allocations; validRange and validValues exclusive, either needing a default;
+    min <= default <= max <= value; default and max are min plus a multiple of step; min + step <= value."""
     value = _quantity(f"{field}.value", cap.get("value"))
     cap["value"] = canonical_quantity(cap["value"])
     policy = cap.get("requestPolicy")
@@ -203,9 +204,9 @@ def _check_capacity(invalid, field: str, cap: dict, multiple: bool) -> None:
         if step <= 0 or low + step > value:
             raise invalid(f"{field}.requestPolicy.validRange.step", "must be positive, and min + step <= value")
         for key, amount in (("max", high), ("default", default)):
-            if amount is not None and amount % step != 0:
+            if amount is not None and (amount - low) % step != 0:
                 raise invalid(f"{field}.requestPolicy.{'validRange.' if key == 'max' else ''}{key}",
-                              "must be a multiple of step")
+                              "must be min plus a multiple of step")
 
 
 def _selector_matches(selector: str, get) -> bool:
