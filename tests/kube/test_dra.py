@@ -262,6 +262,15 @@ def test_without_the_kubernetes_extra_the_command_says_what_to_install(dra_node)
     assert "grpc is not installed" in result.stderr
 
 
+def test_a_damaged_checkpoint_is_refused_before_the_plugin_serves(dra_node):
+    dra_node.checkpoint.parent.mkdir(parents=True)
+    dra_node.checkpoint.write_text("{not json")
+    result = dra_node.gpu.run(*dra_node.plugin_argv(), check=False, timeout=120)
+    assert result.returncode == 2 and f"the checkpoint {dra_node.checkpoint} cannot be read" in result.stderr, \
+        result.stderr
+    assert "move it away" in result.stderr and not (dra_node.registrar_dir / f"{DRIVER}-reg.sock").exists()
+
+
 def test_a_plugin_that_cannot_reach_the_api_server_says_so_and_exits(dra_node):
     dra_node.api.stop()
     result = dra_node.gpu.run(*dra_node.plugin_argv(), check=False, timeout=120)
