@@ -89,6 +89,20 @@ def test_a_repeated_prepare_answers_the_same_and_makes_nothing_twice(dra_node):
     assert list(json.loads(dra_node.checkpoint.read_text())["claims"]) == [train.uid]
 
 
+def test_a_partition_of_the_claims_name_is_its_own_only_with_the_claims_limits(dra_node):
+    dra_node.start()
+    train, serve = dra_node.claim("train", "8Gi", "25"), dra_node.claim("serve", "4Gi", "50")
+    dra_node.gpu.fracgpu("partition", "create", claim_partition(train.uid, 0), "--memory", "8GiB", "--compute", "25%")
+    dra_node.gpu.fracgpu("partition", "create", claim_partition(serve.uid, 0), "--memory", "2GiB")
+
+    answers = dra_node.kubelet.prepare(DRIVER, [train, serve])
+
+    assert answers[train.uid].error == "" and devices(answers[train.uid])[0][3] == [cdi_id(train)]
+    assert f"partition '{claim_partition(serve.uid, 0)}' exists with other limits (2GiB, no share, normal) than " \
+        "the claim's (4GiB, 50%, normal)" in answers[serve.uid].error, answers[serve.uid].error
+    assert partitions_of(dra_node.gpu)[claim_partition(serve.uid, 0)]["memory_limit"] == 2 * GiB   # left as it was
+
+
 def test_a_restarted_plugin_answers_and_unprepares_the_claims_it_prepared_before(dra_node):
     dra_node.start()
     train, serve = dra_node.claim("train", "8Gi", "25"), dra_node.claim("serve", "4Gi", "50")
