@@ -12,6 +12,7 @@ import click
 
 from fracgpu import cdi, state
 from fracgpu.cli.common import InputError, refusals
+from fracgpu.kube import dra   # grpc and kubernetes are imported where they are used
 
 
 @click.command("kubelet-plugin")
@@ -21,12 +22,12 @@ from fracgpu.cli.common import InputError, refusals
               type=click.Path(exists=True, dir_okay=False, readable=True),
               help="The kubeconfig to reach the API server with; without it, the pod's in-cluster service account.")
 @click.option("--kubelet-registrar-directory-path", "registrar_dir", metavar="DIR", show_default=True,
-              default="/var/lib/kubelet/plugins_registry",
+              default=dra.REGISTRAR_DIR,
               help="Where the kubelet looks for plugins' registration sockets.")
 @click.option("--kubelet-plugins-directory-path", "plugins_dir", metavar="DIR", show_default=True,
-              default="/var/lib/kubelet/plugins",
+              default=dra.PLUGINS_DIR,
               help="The kubelet's plugins folder: the DRA socket and the checkpoint go in gpu.fracgpu.dev/ under it.")
-@click.option("--cdi-root", metavar="DIR", default=cdi.SPEC_DIR, show_default=True,
+@click.option("--cdi-root", metavar="DIR", default=dra.CDI_ROOT, show_default=True,
               help="Where the claims' transient CDI specs are written (a folder the container runtime reads).")
 @click.option("--cdi-config-dir", metavar="DIR", default=cdi.CONFIG_DIR, show_default=True,
               help="Where the files the specs mount are written (each claim partition's node configuration).")
@@ -49,7 +50,7 @@ def kubelet_plugin(node_name: str, kubeconfig: str | None, registrar_dir: str, p
     except ImportError as e:
         raise InputError(f"the kubelet plugin needs the kubernetes extra ({e.name} is not installed): "
                          "pip install 'fracgpu[kubernetes]'") from None
-    from fracgpu.kube import dra, resources
+    from fracgpu.kube import resources
 
     if not node_name.strip():
         raise click.BadParameter("the node's name is empty: give --node-name or set NODE_NAME",
