@@ -107,7 +107,8 @@ def test_a_restarted_plugin_answers_and_unprepares_the_claims_it_prepared_before
     dra_node.start()
     train, serve = dra_node.claim("train", "8Gi", "25"), dra_node.claim("serve", "4Gi", "50")
     first = dra_node.kubelet.prepare(DRIVER, [train, serve])
-    err = dra_node.stop()
+    err = dra_node.stop()   # SIGTERM, as the kubelet's DaemonSet update sends
+    assert "registered with the kubelet" in err
     assert not (dra_node.registrar_dir / f"{DRIVER}-reg.sock").exists(), err
     assert not (dra_node.plugins_dir / DRIVER / "dra.sock").exists()
     assert len([n for n in partitions_of(dra_node.gpu) if n.startswith("k8s-claim-")]) == 2   # prepared stays
@@ -244,8 +245,9 @@ def test_the_plugin_keeps_the_slice_current_and_removes_it_at_exit_when_asked(dr
     kubernetes.client.ResourceV1Api(dra_node.api.client()).delete_resource_slice(first["metadata"]["name"])
     (again,) = wait_for(dra_node.api.slice_list, bool, 10)
     assert again["spec"] == first["spec"]
-    dra_node.stop()
+    dra_node.stop(signal.SIGINT)   # Ctrl-C
     assert dra_node.api.slice_list() == []
+    assert not (dra_node.plugins_dir / DRIVER / "dra.sock").exists()
 
 
 def test_help_and_bad_options_give_clear_errors(dra_node):
