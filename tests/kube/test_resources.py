@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import sys
 import urllib.error
 import urllib.request
 
@@ -259,8 +260,10 @@ def test_a_consumed_capacity_the_gpu_cannot_give_is_refused(api, kube_apiserver,
 @pytest.mark.fault("The kubelet asks to prepare a DRA claim that was deleted and made again under the same name",
                    "refused: the claim's UID is not the one asked for")
 def test_a_claim_of_another_uid_is_stale(api, kube_apiserver):
-    name, uid = add(kube_apiserver, "again", consumed={"memory": "8Gi", "compute": "25"})
-    asked = "0f4c6a52-8d0e-4f7b-9a35-000000000000"
+    name, asked = add(kube_apiserver, "again", consumed={"memory": "8Gi", "compute": "25"})
+    kube_apiserver.remove_claim("team-a", name)
+    name, uid = add(kube_apiserver, "again", consumed={"memory": "4Gi", "compute": "25"})
+    assert uid != asked
     with pytest.raises(ClaimError, match=f"team-a/again: has UID {uid}, not {asked}"):
         resources.read_claim(api, "team-a", name, asked)
 
@@ -287,6 +290,12 @@ def test_without_a_kubeconfig_or_a_pod_the_client_says_what_to_give(monkeypatch,
     (tmp_path / "broken").write_text("clusters: [")
     with pytest.raises(resources.ApiConfigError, match="cannot be used"):
         resources.api_client(str(tmp_path / "broken"))
+
+
+def test_without_the_kubernetes_extra_the_client_says_what_to_install(monkeypatch, kube_apiserver, tmp_path):
+    monkeypatch.setitem(sys.modules, "kubernetes", None)   # as if not installed
+    with pytest.raises(resources.ApiConfigError, match=r"pip install 'fracgpu\[kubernetes\]'"):
+        resources.api_client(kube_apiserver.kubeconfig(tmp_path / "kubeconfig"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,3 +369,22 @@ def test_the_test_api_server_refuses_what_the_real_one_refuses(api, kube_apiserv
                                              ("1024Mi", "1Gi"), ("0.5", "500m"), ("100", "100"), ("1536Mi", "1536Mi")])
 def test_the_test_api_server_stores_quantities_canonically(written, stored):
     assert canonical_quantity(written) == stored
+
+
+def test_the_test_api_server_lists_and_deletes_by_selector(api, kube_apiserver):
+    rapi = client.ResourceV1Api(api)
+    for node, team in (("node-a", "red"), ("node-b", "blue"), ("node-c", "red")):
+        s = resources.node_slice(node, [GPU])
+        s.metadata.labels = {"team": team}
+        rapi.create_resource_slice(s)
+    assert {s.spec.node_name for s in rapi.list_resource_slice(label_selector="team=red").items} == {"node-a", "node-c"}
+    assert {s.spec.node_name for s in rapi.list_resource_slice(label_selector="team!=red").items} == {"node-b"}
+    assert [s.spec.node_name for s in rapi.list_resource_slice(field_selector="spec.nodeName=node-b").items] == [
+        "node-b"]
+    rapi.delete_collection_resource_slice(field_selector=f"spec.driver={DRIVER},spec.nodeName=node-a")
+    assert sorted(s.spec.node_name for s in rapi.list_resource_slice().items) == ["node-b", "node-c"]
+
+    add(kube_apiserver, "one", consumed=None)
+    add(kube_apiserver, "two", consumed=None)
+    names = [c.metadata.name for c in rapi.list_namespaced_resource_claim("team-a").items]
+    assert names == ["one", "two"] and rapi.list_namespaced_resource_claim("team-b").items == []

@@ -282,14 +282,6 @@ class KubeApiServer:
             json.dump(config, f)   # JSON is YAML
         return str(path)
 
-    def client(self):
-        """A kubernetes ApiClient for this server."""
-        from kubernetes import client
-
-        configuration = client.Configuration(host=self.url, api_key={"authorization": TOKEN},
-                                             api_key_prefix={"authorization": "Bearer"})
-        return client.ApiClient(configuration)
-
     # -- what the tests put in and read --------------------------------------------------------------------
     def _stamp(self, obj: dict, new: bool) -> None:
         """Sets what the API server sets on a write: resourceVersion, and uid/creationTimestamp/generation on create,

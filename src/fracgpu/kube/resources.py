@@ -6,9 +6,10 @@ device allows multiple allocations (consumable capacity, KEP-5075) and has two c
 
 - ``memory``: the GPU's memory in bytes. A claim consumes it in steps of ``MEMORY_STEP`` (256Mi),
   at least one step; one that names no memory consumes the whole GPU's (rounded down to a step).
-  Why 256Mi: a CUDA context alone takes 300-600 MiB of a real GPU, so a finer grain sells nothing a
-  job could use, while the scheduler rounds each request up to a step, so no claim pays for more
-  than 256Mi it did not ask for; a whole number of steps also keeps the promised totals exact.
+  Why 256Mi: a CUDA context alone takes 300-600 MiB of a real GPU (and is charged to the claim), so a
+  finer grain buys a job nothing it could use, while the scheduler rounds each request up to the next
+  step, so no claim is given (and billed) more than 256Mi beyond what it asked for. Peers differ:
+  HAMi's driver uses 1Mi steps.
 - ``compute``: the share of the GPU's time, in percent, 1 to 100 in steps of 1; one that names
   none consumes 100 (the whole GPU's time).
 
@@ -31,6 +32,9 @@ key, the claim's wins)::
 
 ``priority`` is high, normal (the default) or low; ``cap: true`` holds the partition to its compute
 share even when the GPU is otherwise idle (default false: it may use what others leave).
+
+What the plugin's service account needs (RBAC, API group ``resource.k8s.io``): ``resourceslices``: get, list,
+create, update, delete; ``resourceclaims``: get.
 
 Needs the ``kubernetes`` extra: ``pip install 'fracgpu[kubernetes]'``.
 """
@@ -85,10 +89,12 @@ class ClaimError(ValueError):
 def api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
     """A client of the API server: from the kubeconfig file when one is given, else the pod's own service
     account (in-cluster: ``KUBERNETES_SERVICE_HOST`` and the mounted token). ApiConfigError when neither is
-    there or the file does not load."""
-    import yaml
-    from kubernetes import client, config
-
+    there, the file does not load, or the ``kubernetes`` extra is not installed."""
+    try:
+        import yaml
+        from kubernetes import client, config
+    except ImportError:
+        raise ApiConfigError("the Kubernetes client is not installed: pip install 'fracgpu[kubernetes]'") from None
     if kubeconfig:
         if not os.path.isfile(kubeconfig):
             raise ApiConfigError(f"the kubeconfig {kubeconfig} does not exist")
