@@ -57,11 +57,12 @@ def kubelet_plugin(node_name: str, kubeconfig: str | None, registrar_dir: str, p
                                  param_hint="--node-name")
     logging.basicConfig(level=logging.INFO, format="fracgpu kubelet-plugin: %(message)s", stream=sys.stderr)
     with refusals():
-        api = _api_client(kubeconfig)
+        api = resources.api_client(kubeconfig)
         state_dir = state.resolve_state_dir()
         state.usage(state_dir)   # an unsafe or damaged state is refused before starting
         layout = cdi.Layout.for_node(config_dir=cdi_config_dir)
         driver = dra.Driver(api, node_name, plugins_dir, cdi_root, layout, state_dir=state_dir)
+        driver.gpus()   # no GPU, or no driver, is refused as such, before the API server is asked
     try:
         driver.publish()
     except Exception as e:   # the API server's refusal or no connection: nothing is served without a slice
@@ -95,19 +96,6 @@ def kubelet_plugin(node_name: str, kubeconfig: str | None, registrar_dir: str, p
             except FileNotFoundError:
                 pass
         logging.info("stopped; prepared claims stay prepared (checkpoint %s)", driver.checkpoint.path)
-
-
-def _api_client(kubeconfig: str | None) -> object:
-    """``resources.api_client``, with a kubeconfig that is not YAML refused as one that does not load."""
-    import yaml
-
-    from fracgpu.kube import resources
-
-    try:
-        return resources.api_client(kubeconfig)
-    except yaml.YAMLError as e:
-        raise resources.ApiConfigError(f"the kubeconfig {kubeconfig} cannot be used: it is not YAML "
-                                       f"({' '.join(str(e).split())})") from None
 
 
 def _write_ready(path: str) -> None:
