@@ -14,11 +14,12 @@ import uuid
 
 import pytest
 
+from fracgpu import sim
 from fracgpu.kube import DRIVER
-from tests.containers.test_cdi_containers import MONITOR, _sim_nvml
+from tests.containers.test_cdi_containers import MONITOR
 from tests.shim.test_compute import completions, shares_of_device_time, windows
 from tests.support.containers import CDI_DIR, podman  # noqa: F401
-from tests.support.dra_node import gpu_config, dra_node  # noqa: F401
+from tests.support.dra_node import dra_node, gpu_config  # noqa: F401
 from tests.support.simgpu import GiB, MiB, parse_facts
 
 pytest.importorskip("grpc")
@@ -51,7 +52,7 @@ def test_a_container_given_a_claims_device_is_held_to_the_claims_memory_on_the_d
                                                                                          claim, quota):
     node, ids = claims_on_the_node
     runner, rootfs = podman
-    monitor = node.gpu.popen(sys.executable, "-c", MONITOR, _sim_nvml())
+    monitor = node.gpu.popen(sys.executable, "-c", MONITOR, sim.library_dir() / "libnvidia-ml.so.1")
     assert monitor.stdout.readline().strip() == "ready"
     try:
         # Blocks until refused, held a second: the device's figure is read while the container holds them.
