@@ -241,8 +241,11 @@ def test_the_plugin_keeps_the_slice_current_and_removes_it_at_exit_when_asked(dr
     (first,) = dra_node.api.slice_list()
     import kubernetes
 
+    from fracgpu.kube import resources
+
     # Someone deletes it behind the plugin's back.
-    kubernetes.client.ResourceV1Api(dra_node.api.client()).delete_resource_slice(first["metadata"]["name"])
+    api = resources.api_client(str(dra_node.kubeconfig))
+    kubernetes.client.ResourceV1Api(api).delete_resource_slice(first["metadata"]["name"])
     (again,) = wait_for(dra_node.api.slice_list, bool, 10)
     assert again["spec"] == first["spec"]
     dra_node.stop(signal.SIGINT)   # Ctrl-C
