@@ -281,9 +281,8 @@ class Driver:
                 raise PrepareError(f"claim {claim} is still in use: " + "; ".join(
                     f"partition '{name}' by {node.describe_users(users)}" for name, users in busy) +
                     "; it is unprepared once they have ended")
-            for name, region in mine:
-                region.reap_all_namespaces()
-                region.remove_partition(name)
+            for name, _ in mine:
+                partitions.remove(name, state_dir=self.state_dir, env=self.env)
             names = sorted({name for name, _ in mine} |
                            {claim_partition(uid, p["gpu_index"]) for p in entry.get("plans", [])})
             cdi.remove_spec(self.layout, names, spec_path(self.cdi_root, uid))
