@@ -36,6 +36,7 @@ plugin can refresh it whenever partitions change while runtimes read it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -46,7 +47,8 @@ from collections.abc import Iterable, Mapping
 from fracgpu import config, settings, shim, state
 
 __all__ = ["KIND", "SPEC_DIR", "CONFIG_DIR", "GLIBC_FLOOR", "Layout", "Refused", "check_kind", "device_name", "spec",
-           "minimum_version", "write_spec", "write_spec_file", "default_spec_path", "partition_names", "qualified_names"]
+           "minimum_version", "write_spec", "write_spec_file", "remove_spec", "default_spec_path", "partition_names",
+           "qualified_names"]
 
 KIND = "fracgpu.dev/partition"
 SPEC_DIR = "/var/run/cdi"
@@ -204,9 +206,22 @@ def partition_config(layout: Layout, partition: str) -> dict[str, str]:
     return values
 
 
-def spec(layout: Layout, partitions: Iterable[str], kind: str = KIND) -> dict:
-    """The CDI spec of ``partitions`` (each one device) on ``layout``, as a JSON-ready dict.
-    Partitions CDI cannot name are left out (``qualified_names`` says which are in)."""
+def _devices(partitions: Iterable[str], names: Mapping[str, str] | None) -> list[tuple[str, str]]:
+    """(partition, CDI device name) of each partition CDI can name: its own name, or ``names[partition]``."""
+    out = []
+    for partition in partitions:
+        try:
+            out.append((partition, device_name((names or {}).get(partition, partition))))
+        except Refused:
+            continue
+    return out
+
+
+def spec(layout: Layout, partitions: Iterable[str], kind: str = KIND,
+         names: Mapping[str, str] | None = None) -> dict:
+    """The CDI spec of ``partitions`` (each one device, named after it, or ``names[partition]``) on
+    ``layout``, as a JSON-ready dict. Partitions CDI cannot name are left out (``qualified_names``
+    says which are in)."""
     common = [_mount(host, inside) for host, inside in _container_shims(layout)]
     common.append(_mount(_preload_file(layout), PRELOAD))
     common.append(_mount(layout.driver, f"{DRIVER_DIR}/libcuda.so.1"))
@@ -218,11 +233,7 @@ def spec(layout: Layout, partitions: Iterable[str], kind: str = KIND) -> dict:
         common.append(_mount(layout.sim[settings.SIM_DIR], SIM_DIR, writable=True))
         env = [f"{k}={v}" for k, v in sorted({**layout.sim, settings.SIM_DIR: SIM_DIR}.items())]
     devices = []
-    for name in partitions:
-        try:
-            device = device_name(name)
-        except Refused:
-            continue
+    for name, device in _devices(partitions, names):
         edits: dict = {"mounts": [*common, _mount(_partition_file(layout, name), config.PATH)]}
         if env:
             edits["env"] = env
@@ -278,20 +289,20 @@ def default_spec_path(kind: str = KIND) -> str:
     return os.path.join(SPEC_DIR, kind.replace("/", "-") + ".json")
 
 
-def write_spec(layout: Layout, partitions: Iterable[str], path: str | None = None, kind: str = KIND) -> dict:
-    """Writes the spec of ``partitions`` to ``path`` (default ``default_spec_path``) and the files
-    it mounts (each partition's node configuration, the ld.so.preload) under
-    ``layout.config_dir``, each atomically (a temporary file renamed into place: a runtime
-    reading it meanwhile sees the old file or the new one). Returns the spec."""
+def write_spec(layout: Layout, partitions: Iterable[str], path: str | None = None, kind: str = KIND,
+               names: Mapping[str, str] | None = None) -> dict:
+    """Writes the spec of ``partitions`` (devices named as ``spec`` names them) to ``path``
+    (default ``default_spec_path``) and the files it mounts (each partition's node configuration,
+    the ld.so.preload) under ``layout.config_dir``, each atomically (a temporary file renamed into
+    place: a runtime reading it meanwhile sees the old file or the new one). Returns the spec."""
     partitions = list(partitions)
-    made = spec(layout, partitions, kind)
+    made = spec(layout, partitions, kind, names)
     preload = "\n".join(inside for _, inside in _container_shims(layout)) + "\n"
     _write_atomically(_preload_file(layout), preload, 0o644)
-    for device in made["devices"]:
-        name = device["name"]
+    for name, device in _devices(partitions, names):
         _write_atomically(_partition_file(layout, name),
                           config.text(partition_config(layout, name),
-                                      comment=f"fracgpu: a container given CDI device {kind}={name} is in "
+                                      comment=f"fracgpu: a container given CDI device {kind}={device} is in "
                                               f"partition '{name}'"), 0o644)
     write_spec_file(path or default_spec_path(kind), made)
     return made
@@ -300,3 +311,13 @@ def write_spec(layout: Layout, partitions: Iterable[str], path: str | None = Non
 def write_spec_file(path: str, cdi_spec: dict) -> None:
     """Writes the CDI spec ``cdi_spec`` to ``path`` atomically (a runtime sees the old file or the new one)."""
     _write_atomically(path, json.dumps(cdi_spec, indent=2) + "\n", 0o644)
+
+
+def remove_spec(layout: Layout, partitions: Iterable[str], path: str) -> None:
+    """Removes a spec ``write_spec`` wrote to ``path`` for ``partitions``, and their node configuration
+    files (not the ld.so.preload, which every spec of the node mounts). What is already gone is fine."""
+    for name in partitions:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_partition_file(layout, name))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

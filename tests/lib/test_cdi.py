@@ -74,6 +74,22 @@ def test_each_partition_is_one_device_bound_by_its_mounted_node_file(tmp_path):
     assert not [p for p in os.listdir(tmp_path / "cdi") if p.endswith(".tmp")]
 
 
+def test_a_device_may_be_named_apart_from_its_partition_and_its_spec_removed(tmp_path):
+    """A Kubernetes claim's device is named after the claim (``<uid>-gpu0``), its partition after the
+    claim too but with a prefix; the device binds the container to the partition all the same."""
+    uid = "0f4c6a52-8d0e-4f7b-9a35-6a1d2b3c4d5e"
+    path = str(tmp_path / "claim.json")
+    spec = cdi.write_spec(layout(tmp_path), [f"k8s-claim-{uid}-gpu0"], path, "k8s.gpu.fracgpu.dev/claim",
+                          names={f"k8s-claim-{uid}-gpu0": f"{uid}-gpu0"})
+    assert [d["name"] for d in spec["devices"]] == [f"{uid}-gpu0"]
+    assert spec["cdiVersion"] == "0.5.0"   # a device name that starts with a digit, as a UID may
+    bound = config.read(str(tmp_path / "cdi" / f"k8s-claim-{uid}-gpu0.conf"))
+    assert bound.partition == f"k8s-claim-{uid}-gpu0"
+    cdi.remove_spec(layout(tmp_path), [f"k8s-claim-{uid}-gpu0"], path)
+    assert not os.path.exists(path) and not (tmp_path / "cdi" / f"k8s-claim-{uid}-gpu0.conf").exists()
+    cdi.remove_spec(layout(tmp_path), [f"k8s-claim-{uid}-gpu0"], path)   # what is gone already is fine
+
+
 @pytest.mark.parametrize("change, version", [
     ({}, "0.3.0"),
     ({"mount_type": "bind"}, "0.4.0"),

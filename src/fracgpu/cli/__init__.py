@@ -42,6 +42,7 @@ COMMANDS = {
     "device-plugin": "fracgpu.cli.device_plugin:device_plugin_command",
     "exporter": "fracgpu.cli.exporter:exporter",
     "gpus": "fracgpu.cli.gpus:gpus",
+    "kubelet-plugin": "fracgpu.cli.kubelet_plugin:kubelet_plugin",
     "node": "fracgpu.cli.node:node_command",
     "partition": "fracgpu.cli.partition:partition_group",
     "report": "fracgpu.cli.report:report",
