@@ -22,6 +22,7 @@ import fracgpu
 from fracgpu import sim
 
 pytest.importorskip("kubernetes", reason="the kubernetes extra is not installed")
+from tests.support import kubelet_devices
 from tests.support.manifests import MANIFESTS, check_all, cli_command, daemonsets, load, unknown_options
 from tests.support.containers import _copy_with_libraries, podman  # noqa: F401  (a fixture)
 from tests.node.test_node_agent import Job
@@ -57,13 +58,7 @@ class Pod:
         self.runner, self.gpu = runner, gpu
         self.spec = daemonsets(check_all(load(MANIFESTS / daemonset)))[0].spec.template.spec
         for c in self.spec.containers:
-            if not cli_command(c.args[0]):
-                pytest.skip(f"`fracgpu {c.args[0]}` is not on this branch yet (another part of the Kubernetes work "
-                            "adds it)")
-            missing = unknown_options(c.args)
-            if missing:
-                pytest.skip(f"`fracgpu {c.args[0]}` has no {', '.join(missing)} on this branch yet (another part of "
-                            "the Kubernetes work adds it)")
+            assert cli_command(c.args[0]) and not unknown_options(c.args), c.args   # test_manifests says which
         # A root filesystem of this test's own (the session's is the minimal image other tests rely on),
         # with the libraries of the extension modules the commands load beyond the interpreter: the
         # standard library's (sqlite3 for the ledger), fracgpu's native module, and the kubernetes
@@ -177,8 +172,6 @@ def test_the_device_plugin_registers_and_writes_cdi_specs_the_host_can_read(pod)
     the shims' (here where fracgpu is imported from, mounted at its own path as /opt/fracgpu is copied)."""
     devices = pod("device-plugin")
     plugin = devices.container("device-plugin")
-    kubelet_devices = pytest.importorskip("tests.support.kubelet_devices",
-                                          reason="the test kubelet of the device plugin is not on this branch yet")
     from fracgpu import kube
 
     kubelet = kubelet_devices.TestKubelet(str(devices.host["device-plugins"]))

@@ -21,14 +21,11 @@ from kubernetes import client  # noqa: E402
 from kubernetes.utils import parse_quantity  # noqa: E402
 
 from tests.support.manifests import (MANIFESTS, ROOT, as_model, check_all, cli_command,  # noqa: E402
-                                     daemonsets, difference, load, unknown_options)
+                                     daemonsets, difference, load)
 
 CHART = ROOT / "deploy" / "helm" / "fracgpu"
 NAMESPACE = "fracgpu-system"
 # Options the issue gives commands that another part of this work adds (the lead merges them all).
-PENDING_OPTIONS = {("node", "--pod-resources-socket")}
-
-
 def test_every_manifest_loads_into_the_clients_model_of_its_kind():
     objects = check_all(load(MANIFESTS))
     assert {kind for kind, _ in objects} == {"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
@@ -106,24 +103,17 @@ def test_the_daemonsets_give_each_command_only_options_it_has_and_values_it_take
     ds = daemonsets(check_all(load(MANIFESTS / daemonset)))[0]
     [(c, name, args)] = [x for x in fracgpu_containers(ds) if x[0].name == container]
     command = cli_command(name)
-    if command is None:
-        pytest.skip(f"`fracgpu {name}` is not on this branch yet (another part of the Kubernetes work adds it)")
+    assert command is not None, f"there is no `fracgpu {name}`"
     options = {opt: p for p in command.params if isinstance(p, click.Option) for opt in p.opts}
     env = {e.name for e in c.env}
-    pending = [option for option in unknown_options(c.args) if (name, option) in PENDING_OPTIONS]
     for arg in args:
         option, _, value = arg.partition("=")
         assert arg.startswith("--") and value, f"{name}: write options as --name=value ({arg!r})"
-        if option in pending:
-            continue
         assert option in options, f"`fracgpu {name}` has no option {option}"
         if value.startswith("$("):   # the kubelet expands $(VAR) from the container's environment
             assert value[2:-1] in env, f"{arg}: {value[2:-1]} is not in the container's environment"
         elif not isinstance(options[option].type, click.Path):   # paths are the node's, not this machine's
             options[option].type.convert(value, options[option], None)
-    if pending:
-        pytest.skip(f"`fracgpu {name}` has no {', '.join(pending)} on this branch yet (another part of the Kubernetes "
-                    "work adds it); its other options are right")
 
 
 def mounts(container) -> dict[str, str]:
