@@ -22,8 +22,10 @@ from fracgpu import devices, kube, sim, state
 from fracgpu.kube import device_plugin
 from tests.support.containers import CDI_DIR, podman  # noqa: F401  (the podman fixture)
 from tests.support.device_watch import DeviceWatch
-from tests.support.kubelet_devices import DeviceStream, PodResources, TestKubelet
-from tests.support.simgpu import GiB, MiB, parse_facts, partition_books
+from tests.support.kubelet_devices import DeviceStream, TestKubelet
+from tests.support.podresources import Container, Pod, Served
+from tests.node.test_node_agent import Agent
+from tests.support.simgpu import GiB, MiB, parse_facts, partition_books, wait_for
 
 SLICES = 4
 
@@ -255,18 +257,18 @@ def test_a_partition_whose_slices_went_to_another_container_is_replaced(make_gpu
     (uuid,) = uuids(gpu)
     ids = slices_of(uuid)
     plugin.kubelet.allocate(plugin.stub, ids[:2])
-    pods = PodResources(plugin.pods_socket)
+    pods = Served(plugin.pods_socket)
     try:
         # While the kubelet's pod resources say a pod holds slice 1, its partition stays, and Allocate says who.
-        pods.pods = [("team-a", "train", "main", kube.SLICE_RESOURCE, ids[:2])]
+        pods.service.set_pods(Pod("team-a", "train", [Container("main", slices={uuid: [0, 1]})]))
         error = refusal(lambda: plugin.kubelet.allocate(plugin.stub, ids[1:]))
         assert "team-a/train/main holds" in error.details() and "k8s-slices-gpu0-0-1" in error.details()
         assert [p.name for p in state.usage(str(gpu.state_dir))[0].partitions] == ["k8s-slices-gpu0-0-1"]
         # Its container has gone, and the kubelet gives slice 1 to another one before `fracgpu node` saw the pod go.
-        pods.pods = []
+        pods.service.set_pods()
         (answer,) = plugin.kubelet.allocate(plugin.stub, ids[1:]).container_responses
     finally:
-        pods.close()
+        pods.stop()
     assert [d.name for d in answer.cdi_devices] == ["k8s.fracgpu.dev/slices=k8s-slices-gpu0-1-2-3"]
     (now,) = state.usage(str(gpu.state_dir))
     assert [(p.name, p.memory_limit, p.compute_share) for p in now.partitions] == [
@@ -309,3 +311,31 @@ def test_a_gpu_the_driver_no_longer_lists_is_unhealthy(make_gpu):
     one = {**gpu.env, "FRACGPU_SIM_DEVICES": "1"}
     assert device_plugin.check_health(gpus, folder, one) == {first: True, second: False}
     assert device_plugin.check_health(gpus, folder, sim.without(gpu.env)) == {first: False, second: False}
+
+
+def test_a_pods_slices_go_once_the_kubelet_no_longer_lists_the_pod(make_gpu, start_plugin, tmp_path):
+    """Allocate 2 of 4 slices; the pod resources service lists the pod holding them, then stops listing it
+    (the pod ended: device plugins get no call for that), and `fracgpu node` removes the partition and
+    its CDI device."""
+    gpu = make_gpu(memory=16 * GiB)
+    plugin = start_plugin(gpu)
+    (uuid,) = uuids(gpu)
+    (answer,) = plugin.kubelet.allocate(plugin.stub, slices_of(uuid)[:2]).container_responses
+    partition = kube.slices_partition(0, [0, 1])
+    assert [d.name for d in answer.cdi_devices] == [f"{kube.SLICES_CDI_KIND}={partition}"]
+    spec = plugin.cdi_root / "k8s.fracgpu.dev-slices.json"
+    pods = Served(plugin.pods_socket)
+    pods.service.set_pods(Pod("team-a", "train", [Container("main", slices={uuid: [0, 1]})]))
+    node = Agent(gpu, tmp_path, "--pod-resources-socket", plugin.pods_socket, "--pod-resources-grace", "0.5",
+                 "--cdi-root", plugin.cdi_root)
+    try:
+        asked = pods.service.lists
+        wait_for(lambda: pods.service.lists, lambda n: n >= asked + 3, 10.0)
+        assert [p.name for p in state.usage(str(gpu.state_dir))[0].partitions] == [partition]   # held: kept
+        pods.service.set_pods()
+        assert not wait_for(lambda: state.usage(str(gpu.state_dir))[0].partitions, lambda p: not p, 10.0)
+        assert not spec.exists()   # its only device went with it
+    finally:
+        log = node.stop()
+        pods.stop()
+    assert f"removed partition '{partition}'" in log

@@ -49,6 +49,8 @@ def test_slices_of_one_gpu_name_one_partition_whatever_their_order():
     assert kube.parse_slice_id(kube.slice_id(uuid, 3)) == (uuid, 3)
     assert kube.slices_partition(0, [3, 1]) == kube.slices_partition(0, [1, 3]) == "k8s-slices-gpu0-1-3"
     assert kube.is_slices_partition(kube.slices_partition(0, [1, 3]))
+    assert kube.slices_of_partition(kube.slices_partition(0, [3, 1])) == (0, frozenset({1, 3}))
     many = kube.slices_partition(2, range(64))
     assert len(many) < 64 and kube.is_slices_partition(many) and many != kube.slices_partition(2, range(63))
+    assert kube.slices_of_partition(many) == (2, None) and kube.slices_of_partition("team") is None
     assert not kube.is_slices_partition("team")

@@ -5,8 +5,7 @@ own (the kubelet's device plugin folder) and records each ``Register`` call; the
 kubelet's device manager does, it dials the endpoint a plugin registered (a socket in that same
 folder), reads ``ListAndWatch`` and calls ``GetPreferredAllocation`` and ``Allocate``.
 ``restart()`` makes a new ``kubelet.sock`` and empties the folder, as a restarted kubelet does.
-``PodResources`` serves the kubelet's pod resources API (``v1.PodResourcesLister/List``) with the
-pods a test says hold which devices.
+(The kubelet's pod resources API is played by ``tests.support.podresources``.)
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ import grpc
 
 from fracgpu.kube.api import deviceplugin_v1beta1_pb2 as api
 from fracgpu.kube.api import deviceplugin_v1beta1_pb2_grpc as api_grpc
-from fracgpu.kube.api import podresources_v1_pb2 as pod_api
-from fracgpu.kube.api import podresources_v1_pb2_grpc as pod_api_grpc
 
 
 class _Registration(api_grpc.RegistrationServicer):
@@ -139,25 +136,3 @@ class TestKubelet:
             channel.close()
         if self._server is not None:
             self._server.stop(grace=None).wait()
-
-
-class PodResources(pod_api_grpc.PodResourcesListerServicer):
-    """The kubelet's pod resources API on ``socket``: ``List`` answers ``pods``, a list of
-    (namespace, pod, container, resource name, device ids) the test changes as pods come and go."""
-
-    def __init__(self, socket: str):
-        self.pods: list[tuple[str, str, str, str, list[str]]] = []
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        pod_api_grpc.add_PodResourcesListerServicer_to_server(self, self._server)
-        assert self._server.add_insecure_port(f"unix://{socket}") != 0, f"cannot listen on {socket}"
-        self._server.start()
-
-    def List(self, request: pod_api.ListPodResourcesRequest,
-             context: grpc.ServicerContext) -> pod_api.ListPodResourcesResponse:
-        return pod_api.ListPodResourcesResponse(pod_resources=[
-            pod_api.PodResources(namespace=namespace, name=pod, containers=[pod_api.ContainerResources(
-                name=container, devices=[pod_api.ContainerDevices(resource_name=resource, device_ids=ids)])])
-            for namespace, pod, container, resource, ids in self.pods])
-
-    def close(self) -> None:
-        self._server.stop(grace=None).wait()

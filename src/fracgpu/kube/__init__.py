@@ -28,7 +28,8 @@ from collections.abc import Iterable
 
 __all__ = ["DRIVER", "CLAIM_CDI_KIND", "SLICES_CDI_KIND", "SLICE_RESOURCE", "LABELS", "NAMESPACE_LABEL",
            "POD_LABEL", "CONTAINER_LABEL", "CLAIM_LABEL", "claim_partition", "claim_of_partition", "slice_id",
-           "parse_slice_id", "slices_partition", "is_slices_partition", "claim_cdi_device", "claim_of_cdi_device"]
+           "parse_slice_id", "slices_partition", "slices_of_partition", "is_slices_partition", "claim_cdi_device",
+           "claim_of_cdi_device"]
 
 # The DRA driver's name: ResourceSlices' spec.driver, DeviceClass selectors, the kubelet's plugin name.
 DRIVER = "gpu.fracgpu.dev"
@@ -104,6 +105,17 @@ def slices_partition(index: int, slices: Iterable[int]) -> str:
     if len(name) > 63:
         name = f"k8s-slices-gpu{int(index)}-h" + hashlib.sha256(",".join(map(str, ks)).encode()).hexdigest()[:16]
     return name
+
+
+def slices_of_partition(name: str) -> tuple[int, frozenset[int] | None] | None:
+    """(GPU index, slices) of a partition the device plugin made; the slices are None when the name
+    carries a digest in their place. None for any other partition."""
+    m = _SLICES_PARTITION.fullmatch(name)
+    if not m:
+        return None
+    rest = m["rest"].split("-")
+    ks = frozenset(int(k) for k in rest) if all(k.isdigit() for k in rest) else None
+    return int(m["index"]), ks
 
 
 def is_slices_partition(name: str) -> bool:

@@ -43,10 +43,9 @@ from concurrent import futures
 import grpc
 
 from fracgpu import cdi, devices, kube, node, partitions, state
+from fracgpu.kube import podresources
 from fracgpu.kube.api import deviceplugin_v1beta1_pb2 as api
 from fracgpu.kube.api import deviceplugin_v1beta1_pb2_grpc as api_grpc
-from fracgpu.kube.api import podresources_v1_pb2 as pod_api
-from fracgpu.kube.api import podresources_v1_pb2_grpc as pod_api_grpc
 
 __all__ = ["API_VERSION", "HEALTHY", "UNHEALTHY", "SOCKET", "MAX_SLICES", "GPU", "AllocationError", "check_slices",
            "slice_ids", "gpu_of", "preferred", "spec_path", "held_slices", "check_health", "SlicePlugin",
@@ -319,11 +318,8 @@ class SlicePlugin(api_grpc.DevicePluginServicer):
 def _slices_of(partition: str, index: int) -> set[int]:
     """The slices of GPU ``index`` that ``partition`` is made of, when its name lists them (a name too
     long for that carries a digest: empty, as for any other partition)."""
-    prefix = f"k8s-slices-gpu{index}-"
-    if not kube.is_slices_partition(partition) or not partition.startswith(prefix):
-        return set()
-    rest = partition[len(prefix):].split("-")
-    return {int(k) for k in rest} if all(k.isdigit() for k in rest) else set()
+    found = kube.slices_of_partition(partition)
+    return set(found[1]) if found and found[0] == index and found[1] is not None else set()
 
 
 def options() -> api.DevicePluginOptions:
@@ -338,11 +334,9 @@ def held_slices(socket: str | None) -> dict[str, str] | None:
     if not socket or not os.path.exists(socket):
         return None
     try:
-        with grpc.insecure_channel(f"unix://{socket}") as channel:
-            answer = pod_api_grpc.PodResourcesListerStub(channel).List(pod_api.ListPodResourcesRequest(),
-                                                                      timeout=POD_RESOURCES_TIMEOUT_S)
-    except grpc.RpcError as e:
-        log.warning("the kubelet's pod resources API (%s) did not answer: %s %s", socket, e.code().name, e.details())
+        answer = podresources.list_pods(socket, timeout=POD_RESOURCES_TIMEOUT_S)
+    except podresources.PodResourcesError as e:
+        log.warning("%s", e)
         return None
     return {device_id: f"{pod.namespace}/{pod.name}/{container.name}"
             for pod in answer.pod_resources for container in pod.containers for devices_ in container.devices

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 
@@ -56,8 +55,6 @@ log = logging.getLogger("fracgpu.node")
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 GRACE_S = 30.0    # how long a slices partition stays unheld before it goes (a restarting kubelet's pods)
 TIMEOUT_S = 5.0   # the kubelet answers List from memory; a longer wait is a kubelet that is stuck
-
-_SLICES_INDEX = re.compile(r"k8s-slices-gpu(?P<index>\d+)-")
 
 
 class PodResourcesError(OSError):
@@ -93,10 +90,10 @@ class Holdings:
         """The pod labels of ``partition`` on GPU ``uuid``; None when no container holds it."""
         if kube.claim_of_partition(partition):
             return self.claims.get(partition)
-        found = _SLICES_INDEX.match(partition) if kube.is_slices_partition(partition) else None
+        found = kube.slices_of_partition(partition)
         if not found:
             return None
-        index = int(found["index"])
+        index = found[0]
         return next((labels for ks, labels in self.slices.get(uuid, ())
                      if kube.slices_partition(index, ks) == partition), None)
 
