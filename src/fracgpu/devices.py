@@ -46,6 +46,7 @@ class Device:
     pci_bus_id: str = ""   # "00000000:3B:00.0", as NVML and dcgm-exporter write it; "" when the driver cannot say
     compute_capability: str = ""   # "9.0" (major.minor); "" when the driver cannot say
     driver_version: str = ""       # the CUDA version the driver implements (cuDriverGetVersion), "13.0"; or ""
+    nvidia_driver_version: str = ""   # the NVIDIA driver's own version (NVML), "580.65.06"; or ""
     # What the device itself (NVML) says each process holds on it, contexts included, when the
     # probe looked: ((pid, bytes), ...); None when NVML cannot say.
     processes: tuple[tuple[int, int], ...] | None = dataclasses.field(default=None, compare=False)

@@ -151,6 +151,7 @@ def test_a_claim_that_does_not_fit_beside_the_promises_fails_naming_them(dra_nod
     assert answer.error and not answer.devices
     assert "claim team-a/big does not fit" in answer.error, answer.error
     assert claim_partition(train.uid, 0) in answer.error and "8GiB" in answer.error, answer.error
+    assert "--overcommit" not in answer.error   # the CLI's way out; a claim has none
     assert claim_partition(big.uid, 0) not in partitions_of(dra_node.gpu)
     assert not dra_node.spec_path(big).exists()
     assert list(json.loads(dra_node.checkpoint.read_text())["claims"]) == [train.uid]
@@ -176,6 +177,18 @@ def test_a_claim_given_a_whole_gpu_gets_all_its_memory_and_time(dra_node):
     assert dra_node.kubelet.prepare(DRIVER, [whole])[whole.uid].error == ""
     made = partitions_of(dra_node.gpu)[claim_partition(whole.uid, 0)]
     assert (made["memory_limit"], made["compute_share"]) == (16 * GiB, 1.0)
+
+
+def test_a_claim_for_memory_alone_is_promised_no_share_and_leaves_the_gpu_shareable(dra_node):
+    dra_node.start()
+    memory = dra_node.claim("memory-only", "8Gi", "0")   # the slice's default when a request names no compute
+    full = dra_node.claim("full-time", "4Gi", "100")
+    answers = dra_node.kubelet.prepare(DRIVER, [memory, full])
+    assert [answers[c.uid].error for c in (memory, full)] == ["", ""]
+    made = partitions_of(dra_node.gpu)
+    assert (made[claim_partition(memory.uid, 0)]["memory_limit"], made[claim_partition(memory.uid, 0)]["compute_share"]) \
+        == (8 * GiB, None)   # no share
+    assert made[claim_partition(full.uid, 0)]["compute_share"] == 1.0
 
 
 def test_two_requests_of_a_claim_on_one_gpu_share_its_partition(dra_node):

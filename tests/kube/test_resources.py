@@ -71,13 +71,14 @@ def test_a_node_publishes_its_gpu_with_consumable_memory_and_compute(make_gpu, a
     assert attributes == {"type": {"string": "gpu"}, "uuid": {"string": probed.uuid},
                           "productName": {"string": gpu.config.name}, "index": {"int": 0},
                           "memory": {"int": 16 * GiB}, "computeCapability": {"version": "9.0.0"},
-                          "driverVersion": {"version": sim_cuda_version()}, "simulated": {"bool": True}}
+                          "cudaDriverVersion": {"version": sim_cuda_version()},
+                          "driverVersion": {"version": "580.0.0"}, "simulated": {"bool": True}}
     memory, compute = device.capacity["memory"], device.capacity["compute"]
     assert memory.value == "16Gi"
     assert plain(memory.request_policy) == {"default": "16Gi",
                                                "validRange": {"min": "256Mi", "max": "16Gi", "step": "256Mi"}}
     assert compute.value == "100"
-    assert plain(compute.request_policy) == {"default": "100", "validRange": {"min": "1", "max": "100", "step": "1"}}
+    assert plain(compute.request_policy) == {"default": "0", "validRange": {"min": "0", "max": "100", "step": "1"}}
 
 
 def test_publishing_again_changes_nothing_and_a_gpu_change_bumps_the_pool_generation(make_gpu, api, kube_apiserver):
@@ -184,6 +185,7 @@ def test_claims_get_the_memory_and_share_they_consumed_and_their_priority(api, k
     ("8589934592", "100", (8 * GiB, 1.0)),
     ("8G", "500m", (8_000_000_000, 0.005)),
     ("1.5Gi", "12.5", (1536 * MiB, 0.125)),
+    ("8Gi", "0", (8 * GiB, 0.0)),   # memory alone: no share promised, the time the shares leave
 ])
 def test_consumed_capacity_is_read_as_kubernetes_quantities(api, kube_apiserver, memory, compute, expected):
     (got,) = plan(api, kube_apiserver, "q", consumed={"memory": memory, "compute": compute})
@@ -246,6 +248,12 @@ def test_a_device_this_node_does_not_have_is_refused(api, kube_apiserver, pool, 
         plan(api, kube_apiserver, "elsewhere", pool=pool, device=device, consumed={"memory": "8Gi", "compute": "25"})
     assert refused.value.key == key
     assert "team-a/elsewhere" in str(refused.value) and device in str(refused.value) and pool in str(refused.value)
+
+
+def test_a_cap_without_a_share_is_refused_naming_the_claim(api, kube_apiserver):
+    with pytest.raises(ClaimError) as refused:
+        plan(api, kube_apiserver, "capped", consumed={"memory": "8Gi", "compute": "0"}, config=config(cap=True))
+    assert refused.value.key == "cap" and "team-a/capped" in str(refused.value)
 
 
 @pytest.mark.parametrize("consumed, key", [({"memory": "17Gi", "compute": "25"}, "memory"),

@@ -34,10 +34,11 @@ def pci_bus_id(text: str) -> str:
     return f"{domain.zfill(8)}:{rest}".upper() if sep else text.strip().upper()
 
 
-def nvml_processes(uuids: list[str]) -> dict[str, list[list[int]]]:
+def nvml_processes(uuids: list[str]) -> tuple[dict[str, list[list[int]]], str]:
     """In the probe process: what NVML says each process holds on each GPU of ``uuids`` (the
-    device's own figure, contexts included), as ``{uuid: [[pid, bytes], ...]}``; a GPU NVML
-    cannot answer for is left out (no NVML: an empty dict)."""
+    device's own figure, contexts included), as ``{uuid: [[pid, bytes], ...]}``, a GPU NVML
+    cannot answer for left out (no NVML: an empty dict); and the NVIDIA driver's version
+    (``nvmlSystemGetDriverVersion``, "580.65.06"), "" when NVML cannot say."""
     import ctypes
 
     class ProcessInfo(ctypes.Structure):   # nvmlProcessInfo_t (_v2 and _v3 share it)
@@ -49,11 +50,13 @@ def nvml_processes(uuids: list[str]) -> dict[str, list[list[int]]]:
         listing = getattr(nvml, "nvmlDeviceGetComputeRunningProcesses_v3", None) or \
             nvml.nvmlDeviceGetComputeRunningProcesses_v2
     except (OSError, AttributeError):
-        return {}
+        return {}, ""
     if nvml.nvmlInit_v2() != 0:
-        return {}
+        return {}, ""
     out = {}
     try:
+        text = ctypes.create_string_buffer(96)   # NVML_SYSTEM_DRIVER_VERSION_BUFFER_SIZE is 80
+        version = text.value.decode(errors="replace") if nvml.nvmlSystemGetDriverVersion(text, len(text)) == 0 else ""
         for uuid in uuids:
             handle = ctypes.c_void_p()
             if nvml.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(handle)) != 0:
@@ -69,7 +72,7 @@ def nvml_processes(uuids: list[str]) -> dict[str, list[list[int]]]:
                 out[uuid] = [[infos[i].pid, infos[i].usedGpuMemory] for i in range(count.value)]
     finally:
         nvml.nvmlShutdown()
-    return out
+    return out, version
 
 
 def list_devices() -> dict:
@@ -120,9 +123,10 @@ def list_devices() -> dict:
         devices.append({"index": index, "uuid": uuid_text(bytes(uuid)), "name": name.value.decode(errors="replace"),
                         "total_memory": total.value, "pci_bus_id": bus_id, "compute_capability": capability,
                         "driver_version": driver_version})
-    held = nvml_processes([d["uuid"] for d in devices])
+    held, nvidia_driver = nvml_processes([d["uuid"] for d in devices])
     for d in devices:
         d["processes"] = held.get(d["uuid"])
+        d["nvidia_driver_version"] = nvidia_driver
     return {"devices": devices}
 
 

@@ -241,11 +241,13 @@ class Driver:
                                            f"remove it (`fracgpu partition rm {name}`) and retry")
                     continue
                 try:
-                    partitions.create(name, part.memory, compute=part.compute, cap=part.cap,
+                    partitions.create(name, part.memory, compute=part.compute or None, cap=part.cap,
                                       priority=part.priority, device_index=part.gpu_index, state_dir=self.state_dir,
                                       env=self.env)
                 except state.DoesNotFit as e:
-                    raise PrepareError(f"claim {claim} does not fit on GPU {part.gpu_index}: {e}") from None
+                    # The promises named; not the CLI's way out (--overcommit), which a claim does not have.
+                    reason = str(e).replace(", or pass --overcommit", "")
+                    raise PrepareError(f"claim {claim} does not fit on GPU {part.gpu_index}: {reason}") from None
                 made.append((name, part.gpu_index))
             indices = sorted({p["gpu_index"] for p in plans})
             devices = {claim_partition(uid, i): claim_cdi_device(uid, i) for i in indices}

@@ -10,12 +10,14 @@ device allows multiple allocations (consumable capacity, KEP-5075) and has two c
   finer grain buys a job nothing it could use, while the scheduler rounds each request up to the next
   step, so no claim is given (and billed) more than 256Mi beyond what it asked for. Peers differ:
   HAMi's driver uses 1Mi steps.
-- ``compute``: the share of the GPU's time, in percent, 1 to 100 in steps of 1; one that names
-  none consumes 100 (the whole GPU's time).
+- ``compute``: the share of the GPU's time promised, in percent, 0 to 100 in steps of 1; one that
+  names none consumes 0: no promise, the claim's work runs on the time the shares leave (so that a
+  claim for memory alone still shares the GPU, rather than taking all of its time).
 
 and these attributes (in the driver's domain, so a selector reads
 ``device.attributes["gpu.fracgpu.dev"].productName``): ``type`` ("gpu"), ``uuid``, ``productName``,
 ``index`` (int), ``memory`` (int, bytes), ``computeCapability`` (version, "9.0.0"), ``driverVersion``
+(version: the NVIDIA driver's, "580.65.6", as NVIDIA's DRA driver names it), ``cudaDriverVersion``
 (version: the CUDA version the node's driver implements, "13.0.0") and ``simulated`` (bool).
 
 ``publish`` keeps that slice current: it creates it, or updates it (bumping the pool's generation)
@@ -128,6 +130,7 @@ class Gpu:
     compute_capability: str    # "9.0"; "" when the driver does not say
     driver_version: str        # the CUDA version the driver implements, "13.0"; "" when it does not say
     simulated: bool            # the simulated GPU, not a real one
+    nvidia_driver_version: str = ""   # the NVIDIA driver's version (NVML), "580.65.06"; "" when it does not say
 
 
 def node_gpus(env: Mapping[str, str] | None = None) -> list[Gpu]:
@@ -135,8 +138,8 @@ def node_gpus(env: Mapping[str, str] | None = None) -> list[Gpu]:
     simulated one when ``env`` selects it). DeviceError when there is no driver or no GPU."""
     env = dict(os.environ if env is None else env)
     simulated = sim.selected(env)
-    return [Gpu(d.index, d.uuid, d.name, d.total_memory, d.compute_capability, d.driver_version, simulated)
-            for d in devices.probe(env)]
+    return [Gpu(d.index, d.uuid, d.name, d.total_memory, d.compute_capability, d.driver_version, simulated,
+                d.nvidia_driver_version) for d in devices.probe(env)]
 
 
 def device_name(gpu: Gpu) -> str:
@@ -181,7 +184,8 @@ def _device(gpu: Gpu) -> kubernetes.client.V1Device:
                   "index": client.V1DeviceAttribute(int=gpu.index),
                   "memory": client.V1DeviceAttribute(int=gpu.memory),
                   "simulated": client.V1DeviceAttribute(bool=gpu.simulated)}
-    for key, text in (("computeCapability", gpu.compute_capability), ("driverVersion", gpu.driver_version)):
+    for key, text in (("computeCapability", gpu.compute_capability), ("cudaDriverVersion", gpu.driver_version),
+                      ("driverVersion", gpu.nvidia_driver_version)):
         if (version := _version(text)) is not None:
             attributes[key] = client.V1DeviceAttribute(version=version)
     capacity = {
@@ -189,7 +193,7 @@ def _device(gpu: Gpu) -> kubernetes.client.V1Device:
             value=byte_quantity(gpu.memory), request_policy=client.V1CapacityRequestPolicy(
                 default=whole, valid_range=client.V1CapacityRequestPolicyRange(min=step, max=whole, step=step))),
         COMPUTE_CAPACITY: client.V1DeviceCapacity(value="100", request_policy=client.V1CapacityRequestPolicy(
-            default="100", valid_range=client.V1CapacityRequestPolicyRange(min="1", max="100", step="1"))),
+            default="0", valid_range=client.V1CapacityRequestPolicyRange(min="0", max="100", step="1"))),
     }
     return client.V1Device(name=device_name(gpu), allow_multiple_allocations=True, attributes=attributes,
                            capacity=capacity)
@@ -309,7 +313,7 @@ class DevicePlan:
     gpu_index: int
     uuid: str
     memory: int           # bytes consumed (the whole GPU's memory when the claim consumed no capacity)
-    compute: float        # fraction of the GPU's time in (0, 1] (1.0: the whole GPU)
+    compute: float        # fraction of the GPU's time promised, in [0, 1] (0: none; 1.0: the whole GPU)
     priority: str         # "high" | "normal" | "low"
     cap: bool             # held to its share even when the GPU is otherwise idle
     share_id: str | None  # the allocation's share of a device that allows several; None for an exclusive one
@@ -419,9 +423,9 @@ def _consumed(claim_id: tuple[str, str], consumed: Mapping[str, str] | None, gpu
                              f"GPU {gpu.index}'s {gpu.memory} bytes", key=MEMORY_CAPACITY)
     if COMPUTE_CAPACITY in consumed:
         percent = _quantity(claim_id, COMPUTE_CAPACITY, consumed[COMPUTE_CAPACITY])
-        if not 0 < percent <= 100:
+        if not 0 <= percent <= 100:
             raise ClaimError(*claim_id, f"consumed compute {consumed[COMPUTE_CAPACITY]} is not a percentage in "
-                             "(0, 100]", key=COMPUTE_CAPACITY)
+                             "[0, 100]", key=COMPUTE_CAPACITY)
         compute = float(percent / 100)
     return memory, compute
 
@@ -454,6 +458,9 @@ def plan_claim(claim: Any, node_name: str, gpus: list[Gpu]) -> list[DevicePlan]:
                              f"node {node_name} (it has {have}): a stale ResourceSlice?", key="device")
         memory, compute = _consumed(claim_id, result.consumed_capacity, gpu)
         settings = _device_config(claim_id, configs, result.request)
+        if settings.get("cap") and compute == 0:
+            raise ClaimError(*claim_id, f"cap is true for request {result.request}, which consumed no compute share: "
+                             "a cap holds a partition to its share; request compute as well, or drop cap", key="cap")
         plans.append(DevicePlan(request=result.request, pool=result.pool, device=result.device, gpu_index=gpu.index,
                                 uuid=gpu.uuid, memory=memory, compute=compute,
                                 priority=settings.get("priority", "normal"), cap=settings.get("cap", False),
