@@ -154,7 +154,8 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
     removes it), compute share, cap, or priority class; what is not given stays. Running jobs
     see the change at their next allocation or launch; a limit below what the
     partition holds refuses new allocations until use falls under it. A new
-    limit must fit beside the GPU's other promises (StateError naming them),
+    limit must fit beside the GPU's other promises and what the device says is held outside
+    these books (StateError naming them),
     unless ``overcommit``: the partition is then best effort; a limit that fits
     (or none) makes it hold a promise again.
 
@@ -177,6 +178,12 @@ def update(name: str, *, memory: str | int | None = None, compute: str | float |
         jobs.check_limit(limit, region.total_memory, region.uuid)
     elif unlimited:
         limit = 0
+    if limit:   # a new promise: what the device holds beyond these books is nobody's to promise
+        try:
+            held = next((d.processes for d in devices.probe(env) if d.uuid == region.uuid), None)
+        except devices.DeviceError:
+            held = None   # no driver answers here: the books alone
+        region.count_held_outside(held)
     with _limits_recorded() as record:
         now = region.update_partition(name, limit, share, cap, overcommit=overcommit, priority=klass)
         record(region.uuid, now.name, Limits.of_partition(now))

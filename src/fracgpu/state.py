@@ -240,8 +240,15 @@ class Region:
         Every later promise check of this object counts it as taken, and a refusal names them."""
         if not processes:
             return
-        known = {p.pid for p in self.processes() if not p.exited}
-        outside = sorted(((pid, used) for pid, used in processes if pid not in known and used),
+        # NVML names processes by their pid here; a slot names its process in its own pid
+        # namespace (a container's), so an unknown pid is looked up as its namespace names it.
+        own = pid_namespace()
+        known = {(p.pid_ns or own, p.pid) for p in self.processes() if not p.exited}
+
+        def ours(pid: int) -> bool:
+            return (own, pid) in known or namespace_pid(pid) in known
+
+        outside = sorted(((pid, used) for pid, used in processes if used and not ours(pid)),
                          key=lambda item: -item[1])
         if not outside:
             return

@@ -202,6 +202,10 @@ def test_a_promise_respects_memory_another_state_folder_holds_on_the_device(gpu4
             assert "is held outside these books (pid " in result.stderr, result.stderr
             assert "another state folder's jobs, or jobs without fracgpu" in result.stderr
         assert gpu4.fracgpu("run", "--memory", "1GiB", "--", "echo", "started").stdout == "started\n"
+        gpu4.fracgpu("partition", "create", "small", "--memory", "1GiB")   # fits beside it; grown, it would not
+        result = gpu4.fracgpu("partition", "set", "small", "--memory", "2GiB", check=False)
+        assert result.returncode == 2 and "is held outside these books (pid " in result.stderr, result.stderr
+        gpu4.fracgpu("partition", "rm", "small")
         out = gpu4.fracgpu("partition", "create", "team", "--memory", "2GiB", "--overcommit").stdout
         assert "best effort" in out
     finally:

@@ -141,3 +141,17 @@ def test_removing_a_partition_a_container_uses_is_refused_naming_the_container(n
     finally:
         if container.proc.poll() is None:
             container.kill()
+
+
+def test_a_containers_memory_is_its_partitions_not_memory_held_outside_the_books(node, podman, cdi_kind):
+    """The device (NVML) names a container's process by its host pid, its slot by its pid in the
+    container: a new promise counts what it holds as its partition's (inside that promise), not as
+    memory held outside these books, so the rest of the GPU can still be promised (a second pod's claim)."""
+    gpu, start = node
+    start()
+    container = Container(podman, cdi_kind)
+    try:
+        made = gpu.fracgpu("partition", "create", "b", "--memory", "3GiB", check=False)   # 1 GiB (a) + 3 GiB: all
+        assert made.returncode == 0, made.stderr
+    finally:
+        container.kill()
