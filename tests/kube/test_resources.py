@@ -81,6 +81,31 @@ def test_a_node_publishes_its_gpu_with_consumable_memory_and_compute(make_gpu, a
     assert plain(compute.request_policy) == {"default": "0", "validRange": {"min": "0", "max": "100", "step": "1"}}
 
 
+def test_the_slice_is_owned_by_its_node_once_the_node_can_be_read(make_gpu, api, kube_apiserver, caplog):
+    """As Kubernetes' own kubelet-plugin helper does: the Node owns its slice, so the API server's
+    garbage collector deletes it with the node. A node that cannot be read (no such node, no RBAC for
+    nodes) gets an unowned slice, said once; once it can be, the slice is given its owner (nothing else
+    changes: the pool's generation stays)."""
+    gpu = make_gpu(memory=16 * GiB)
+    resources._unowned.discard(NODE)   # said once a process: this test's publishes are the ones to say it
+    resources.publish(api, NODE, resources.node_gpus(gpu.env))
+    resources.publish(api, NODE, resources.node_gpus(gpu.env))
+    (unowned,) = node_slices(api)
+    assert not unowned.metadata.owner_references
+    assert sum(f"node {NODE} cannot be read" in r.getMessage() for r in caplog.records) == 1
+
+    node = kube_apiserver.add_node(NODE)
+    resources.publish(api, NODE, resources.node_gpus(gpu.env))
+    (owned,) = node_slices(api)
+    (owner,) = owned.metadata.owner_references
+    assert (owner.api_version, owner.kind, owner.name, owner.uid, owner.controller) == \
+        ("v1", "Node", NODE, node["metadata"]["uid"], True)
+    assert owned.spec.pool.generation == unowned.spec.pool.generation
+    writes = kube_apiserver.writes()
+    resources.publish(api, NODE, resources.node_gpus(gpu.env))
+    assert kube_apiserver.writes() == writes   # owned and current: nothing to write
+
+
 def test_publishing_again_changes_nothing_and_a_gpu_change_bumps_the_pool_generation(make_gpu, api, kube_apiserver):
     one = make_gpu(memory=16 * GiB)
     resources.publish(api, NODE, resources.node_gpus(one.env))

@@ -9,6 +9,7 @@ No API server runs here, so the tests play one over HTTP, with the JSON bodies o
   ``spec.nodeName``, ``spec.driver``, ``spec.pool.name`` and ``metadata.name``; ``labelSelector`` with
   ``k=v``, ``k!=v``, ``k``), create (``generateName`` honoured; 409 AlreadyExists), read, replace (409
   Conflict on a stale ``resourceVersion``), delete, and deletecollection.
+- Nodes, ``/api/v1/nodes/{name}``: GET, of the nodes the test adds with ``add_node`` (a slice's owner).
 
 It is as strict as the real server where a driver could go wrong: a bearer token is required (the
 kubeconfig's), every body it accepts must load into the ``kubernetes`` client's own model of its kind
@@ -60,7 +61,7 @@ def _model(kind: str):
 
     return {"ResourceSlice": client.V1ResourceSlice, "ResourceSliceList": client.V1ResourceSliceList,
             "ResourceClaim": client.ResourceV1ResourceClaim, "ResourceClaimList": client.V1ResourceClaimList,
-            "Status": client.V1Status}[kind]
+            "Status": client.V1Status, "Node": client.V1Node}[kind]
 
 
 def through_models(kind: str, body: dict) -> dict:
@@ -241,6 +242,7 @@ class KubeApiServer:
         self._version = 0
         self.slices: dict[str, dict] = {}
         self.claims: dict[tuple[str, str], dict] = {}
+        self.nodes: dict[str, dict] = {}
         self.requests: list[tuple[str, str]] = []
         # Called with (method, path) before each request is served: a test plays another writer here.
         self.before: Callable[[str, str], None] | None = None
@@ -315,6 +317,14 @@ class KubeApiServer:
             self.claims[(meta["namespace"], meta["name"])] = body
         return copy.deepcopy(body)
 
+    def add_node(self, name: str) -> dict:
+        """Puts a Node in (uid assigned); the stored dict."""
+        node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+        with self._lock:
+            self._stamp(node, new=True)
+            self.nodes[name] = node
+        return copy.deepcopy(node)
+
     def remove_claim(self, namespace: str, name: str) -> None:
         with self._lock:
             del self.claims[(namespace, name)]
@@ -336,6 +346,12 @@ class KubeApiServer:
     def handle(self, method: str, path: str, query: dict[str, str], body: dict | None) -> tuple[int, str, dict]:
         """(status, kind of the answer, answer) for one request; Invalid for a refusal."""
         parts = [p for p in path.split("/") if p]
+        if parts[:3] == ["api", "v1", "nodes"] and len(parts) == 4 and method == "GET":
+            with self._lock:
+                node = self.nodes.get(parts[3])
+            if node is None:
+                raise Invalid(404, "NotFound", f'nodes "{parts[3]}" not found')
+            return 200, "Node", copy.deepcopy(node)
         base = [p for p in RESOURCE.split("/") if p]
         if parts[:len(base)] != base:
             raise Invalid(404, "NotFound", f"the server could not find the requested resource ({path})")

@@ -36,7 +36,8 @@ key, the claim's wins)::
 share even when the GPU is otherwise idle (default false: it may use what others leave).
 
 What the plugin's service account needs (RBAC, API group ``resource.k8s.io``): ``resourceslices``: get, list,
-create, update, delete; ``resourceclaims``: get.
+create, update, delete; ``resourceclaims``: get; and (core group) ``nodes``: get, for the slice's owner
+reference: the node, so that the API server's garbage collector deletes the slice with it.
 
 Needs the ``kubernetes`` extra: ``pip install 'fracgpu[kubernetes]'``.
 """
@@ -44,6 +45,7 @@ Needs the ``kubernetes`` extra: ``pip install 'fracgpu[kubernetes]'``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -58,7 +60,9 @@ if TYPE_CHECKING:   # the kubernetes client is imported where it is used: `impor
 
 __all__ = ["API_VERSION", "CONFIG_API_VERSION", "CONFIG_KIND", "MEMORY_STEP", "PRIORITIES", "ApiConfigError",
            "ClaimError", "DevicePlan", "Gpu", "api_client", "byte_quantity", "device_name", "node_gpus", "node_slice",
-           "plan_claim", "publish", "read_claim", "slice_name_prefix", "unpublish"]
+           "node_uid", "plan_claim", "publish", "read_claim", "slice_name_prefix", "unpublish"]
+
+log = logging.getLogger("fracgpu.kube.resources")
 
 API_VERSION = "resource.k8s.io/v1"
 CONFIG_API_VERSION = "gpu.fracgpu.dev/v1alpha1"
@@ -199,8 +203,10 @@ def _device(gpu: Gpu) -> kubernetes.client.V1Device:
                            capacity=capacity)
 
 
-def node_slice(node_name: str, gpus: list[Gpu], generation: int = 1) -> kubernetes.client.V1ResourceSlice:
-    """The ResourceSlice that publishes ``gpus`` for node ``node_name`` (pool generation ``generation``)."""
+def node_slice(node_name: str, gpus: list[Gpu], generation: int = 1,
+               node_uid: str | None = None) -> kubernetes.client.V1ResourceSlice:
+    """The ResourceSlice that publishes ``gpus`` for node ``node_name`` (pool generation ``generation``),
+    owned by the Node (``node_uid``: its UID) so that it goes when the node is deleted."""
     from kubernetes import client
 
     if not gpus:
@@ -211,11 +217,39 @@ def node_slice(node_name: str, gpus: list[Gpu], generation: int = 1) -> kubernet
                          f"a published GPU needs at least {2 * MEMORY_STEP} (two steps of {MEMORY_STEP})")
     return client.V1ResourceSlice(
         api_version=API_VERSION, kind="ResourceSlice",
-        metadata=client.V1ObjectMeta(generate_name=slice_name_prefix(node_name)),
+        metadata=client.V1ObjectMeta(generate_name=slice_name_prefix(node_name),
+                                     owner_references=_owners(node_name, node_uid)),
         spec=client.V1ResourceSliceSpec(
             driver=DRIVER, node_name=node_name,
             pool=client.V1ResourcePool(name=node_name, generation=generation, resource_slice_count=1),
             devices=[_device(g) for g in sorted(gpus, key=lambda g: g.index)]))
+
+
+def _owners(node_name: str, node_uid: str | None) -> list | None:
+    from kubernetes import client
+
+    return [client.V1OwnerReference(api_version="v1", kind="Node", name=node_name, uid=node_uid,
+                                    controller=True)] if node_uid else None
+
+
+_unowned: set[str] = set()   # nodes whose UID could not be read (said once)
+
+
+def node_uid(api: kubernetes.client.ApiClient, node_name: str) -> str | None:
+    """The UID of Node ``node_name``, for its slice's owner reference (as Kubernetes' own kubelet-plugin
+    helper sets it: the API server's garbage collector then deletes the slice with the node); None, said
+    once, when it cannot be read (no RBAC for nodes, no such node): the slice is published unowned."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return client.CoreV1Api(api).read_node(node_name).metadata.uid
+    except ApiException as e:
+        if node_name not in _unowned:
+            _unowned.add(node_name)
+            log.warning("node %s cannot be read (%s %s): its ResourceSlice is published without an owner, so "
+                        "it is not deleted with the node", node_name, e.status, e.reason)
+        return None
 
 
 def _resource_api(api: kubernetes.client.ApiClient) -> kubernetes.client.ResourceV1Api:
@@ -259,6 +293,8 @@ def publish(api: kubernetes.client.ApiClient, node_name: str, gpus: list[Gpu]) -
     from kubernetes.client.exceptions import ApiException
 
     resource = _resource_api(api)
+    uid = node_uid(api, node_name)
+    owners = _owners(node_name, uid)
     for _ in range(_UPDATE_TRIES):
         current = _node_slices(resource, node_name)
         keep = next((s for s in current if s.spec.pool.name == node_name), None)
@@ -267,13 +303,18 @@ def publish(api: kubernetes.client.ApiClient, node_name: str, gpus: list[Gpu]) -
                 if stale is not keep:
                     _delete(resource, stale.metadata.name)
             if keep is None:
-                resource.create_resource_slice(node_slice(node_name, gpus))
+                resource.create_resource_slice(node_slice(node_name, gpus, node_uid=uid))
                 return
             wanted = node_slice(node_name, gpus, generation=keep.spec.pool.generation)
+            owned = not uid or any(o.uid == uid for o in keep.metadata.owner_references or [])
             if _same_devices(keep.spec, wanted.spec) and keep.spec.pool.resource_slice_count == 1:
-                return
-            wanted.spec.pool.generation = keep.spec.pool.generation + 1
+                if owned:
+                    return
+            else:
+                wanted.spec.pool.generation = keep.spec.pool.generation + 1
             wanted.metadata = keep.metadata
+            if owners:
+                wanted.metadata.owner_references = owners
             resource.replace_resource_slice(keep.metadata.name, wanted)
             return
         except ApiException as e:
