@@ -36,15 +36,13 @@ plugin can refresh it whenever partitions change while runtimes read it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 
-from fracgpu import config, settings, shim, state
+from fracgpu import config, files, settings, shim, state
 
 __all__ = ["KIND", "SPEC_DIR", "CONFIG_DIR", "GLIBC_FLOOR", "Layout", "Refused", "check_kind", "device_name", "spec",
            "minimum_version", "write_spec", "write_spec_file", "remove_spec", "default_spec_path", "partition_names",
@@ -265,25 +263,6 @@ def minimum_version(cdi_spec: Mapping) -> str:
     return EARLIEST_VERSION
 
 
-def _write_atomically(path: str, text: str, mode: int) -> None:
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, mode=0o755, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=".fracgpu-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def default_spec_path(kind: str = KIND) -> str:
     """``/var/run/cdi/fracgpu.dev-partition.json`` for the kind ``fracgpu.dev/partition``."""
     return os.path.join(SPEC_DIR, kind.replace("/", "-") + ".json")
@@ -298,9 +277,9 @@ def write_spec(layout: Layout, partitions: Iterable[str], path: str | None = Non
     partitions = list(partitions)
     made = spec(layout, partitions, kind, names)
     preload = "\n".join(inside for _, inside in _container_shims(layout)) + "\n"
-    _write_atomically(_preload_file(layout), preload, 0o644)
+    files.write_atomically(_preload_file(layout), preload, 0o644)
     for name, device in _devices(partitions, names):
-        _write_atomically(_partition_file(layout, name),
+        files.write_atomically(_partition_file(layout, name),
                           config.text(partition_config(layout, name),
                                       comment=f"fracgpu: a container given CDI device {kind}={device} is in "
                                               f"partition '{name}'"), 0o644)
@@ -310,14 +289,12 @@ def write_spec(layout: Layout, partitions: Iterable[str], path: str | None = Non
 
 def write_spec_file(path: str, cdi_spec: dict) -> None:
     """Writes the CDI spec ``cdi_spec`` to ``path`` atomically (a runtime sees the old file or the new one)."""
-    _write_atomically(path, json.dumps(cdi_spec, indent=2) + "\n", 0o644)
+    files.write_atomically(path, json.dumps(cdi_spec, indent=2) + "\n", 0o644)
 
 
 def remove_spec(layout: Layout, partitions: Iterable[str], path: str) -> None:
     """Removes a spec ``write_spec`` wrote to ``path`` for ``partitions``, and their node configuration
     files (not the ld.so.preload, which every spec of the node mounts). What is already gone is fine."""
     for name in partitions:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(_partition_file(layout, name))
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        files.remove(_partition_file(layout, name))
+    files.remove(path)

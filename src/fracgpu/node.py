@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from fracgpu import cdi, kube, state
+from fracgpu import cdi, files, kube, state
 from fracgpu.ledger import Ledger, LedgerError
 from fracgpu.recorder import JobRecorder, Reading
 
@@ -279,16 +279,10 @@ class NodeAgent:
                 stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
         finally:
             if self.ready_file:
-                try:
-                    os.unlink(self.ready_file)
-                except FileNotFoundError:
-                    pass
+                files.remove(self.ready_file)
 
     def _write_ready(self) -> None:
-        tmp = f"{self.ready_file}.{self.pid}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"pid {self.pid}\nstate {self.state_dir}\nledger {self.ledger.path}\n")
-        os.replace(tmp, self.ready_file)
+        files.write_atomically(self.ready_file, f"pid {self.pid}\nstate {self.state_dir}\nledger {self.ledger.path}\n")
         log.info("ready: keeping the partitions in %s, recording in %s", self.state_dir, self.ledger.path)
 
     def regions(self) -> list[state.Region]:

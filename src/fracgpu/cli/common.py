@@ -233,6 +233,17 @@ def refused_before_start() -> Iterator[None]:
         raise
 
 
+def needs_kubernetes_extra(command: str) -> None:
+    """InputError saying what to install when ``fracgpu COMMAND`` lacks the kubernetes extra (gRPC, the
+    kubernetes client), rather than a traceback from an import deep inside it."""
+    try:
+        import grpc  # noqa: F401
+        import kubernetes  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"fracgpu {command} needs the kubernetes extra ({e.name} is not installed): "
+                         "pip install 'fracgpu[kubernetes]'") from None
+
+
 @contextlib.contextmanager
 def refusals() -> Iterator[None]:
     """The library's refusals (a bad value, an unsafe or damaged state, no GPU, fracgpu not

@@ -11,16 +11,13 @@ import threading
 import click
 
 from fracgpu import cdi, devices, kube
-from fracgpu.cli.common import InputError, converted_by, refusals
+from fracgpu.cli.common import converted_by, needs_kubernetes_extra, refusals
 
 
 def _library():
     """``fracgpu.kube.device_plugin``; InputError saying what to install when the extra is missing."""
-    try:
-        from fracgpu.kube import device_plugin
-    except ImportError as e:
-        raise InputError(f"fracgpu device-plugin needs the kubernetes extra ({e}): "
-                         "pip install 'fracgpu[kubernetes]'") from None
+    needs_kubernetes_extra("device-plugin")
+    from fracgpu.kube import device_plugin
     return device_plugin
 
 

@@ -10,8 +10,8 @@ import threading
 
 import click
 
-from fracgpu import cdi, state
-from fracgpu.cli.common import InputError, refusals
+from fracgpu import cdi, files, state
+from fracgpu.cli.common import InputError, needs_kubernetes_extra, refusals
 from fracgpu.kube import dra   # grpc and kubernetes are imported where they are used
 
 
@@ -44,12 +44,7 @@ def kubelet_plugin(node_name: str, kubeconfig: str | None, registrar_dir: str, p
     capacity, registers with the kubelet, and for each claim the kubelet prepares makes a partition
     per GPU with the memory and compute share the claim consumed (and the priority and cap of its
     config), and a CDI spec that puts the container in it. Runs until SIGTERM or Ctrl-C."""
-    try:
-        import grpc  # noqa: F401
-        import kubernetes  # noqa: F401
-    except ImportError as e:
-        raise InputError(f"the kubelet plugin needs the kubernetes extra ({e.name} is not installed): "
-                         "pip install 'fracgpu[kubernetes]'") from None
+    needs_kubernetes_extra("kubelet-plugin")
     from fracgpu.kube import resources
 
     if not node_name.strip():
@@ -76,7 +71,7 @@ def kubelet_plugin(node_name: str, kubeconfig: str | None, registrar_dir: str, p
     logging.info("serving %s (%s) for node %s; registration %s", plugin.dra_socket, ", ".join(dra.SERVICES),
                  node_name, plugin.registration_socket)
     if ready_file:
-        _write_ready(ready_file)
+        files.write_atomically(ready_file, f"{os.getpid()}\n")
     try:
         while not stop.wait(publish_interval):
             try:
@@ -91,15 +86,5 @@ def kubelet_plugin(node_name: str, kubeconfig: str | None, registrar_dir: str, p
             except Exception as e:
                 logging.error("cannot delete this node's ResourceSlices: %s", e)
         if ready_file:
-            try:
-                os.unlink(ready_file)
-            except FileNotFoundError:
-                pass
+            files.remove(ready_file)
         logging.info("stopped; prepared claims stay prepared (checkpoint %s)", driver.checkpoint.path)
-
-
-def _write_ready(path: str) -> None:
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(temporary, path)

@@ -42,7 +42,7 @@ from concurrent import futures
 
 import grpc
 
-from fracgpu import cdi, devices, kube, node, partitions, state
+from fracgpu import cdi, devices, files, kube, node, partitions, state
 from fracgpu.kube import podresources
 from fracgpu.kube.api import deviceplugin_v1beta1_pb2 as api
 from fracgpu.kube.api import deviceplugin_v1beta1_pb2_grpc as api_grpc
@@ -401,8 +401,7 @@ class DevicePlugin:
                     registered = kubelet if self._register() else None
                     retry_at = time.monotonic() + REGISTER_RETRY_S
                     if registered is not None and self.ready_file:
-                        with open(self.ready_file, "w") as f:
-                            f.write(f"{os.getpid()}\n{self.socket}\n")
+                        files.write_atomically(self.ready_file, f"{os.getpid()}\n{self.socket}\n")
                 if time.monotonic() >= next_health:
                     self.plugin.refresh()
                     next_health = time.monotonic() + self.health_interval
@@ -413,14 +412,14 @@ class DevicePlugin:
             if self._server is not None:
                 self._server.stop(grace=1).wait()
             if _inode(self.socket) == self._socket_inode:
-                _unlink(self.socket)
+                files.remove(self.socket)
             if self.ready_file:
-                _unlink(self.ready_file)
+                files.remove(self.ready_file)
 
     def _serve(self) -> None:
         if self._server is not None:
             self._server.stop(grace=None)
-        _unlink(self.socket)
+        files.remove(self.socket)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="device-plugin"))
         api_grpc.add_DevicePluginServicer_to_server(self.plugin, server)
         if server.add_insecure_port(f"unix://{self.socket}") == 0:
@@ -450,11 +449,3 @@ def _inode(path: str) -> int | None:
         return os.stat(path).st_ino
     except OSError:
         return None
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-

@@ -43,13 +43,12 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from typing import Any
 
-from fracgpu import cdi, node, partitions, state
+from fracgpu import cdi, files, node, partitions, state
 from fracgpu.kube import CLAIM_CDI_KIND, DRIVER, claim_cdi_device, claim_of_partition, claim_partition, resources
 
 __all__ = ["REGISTRAR_DIR", "PLUGINS_DIR", "CDI_ROOT", "SERVICES", "PreparedDevice", "Driver", "Plugin",
@@ -157,19 +156,8 @@ class Checkpoint:
         self.claims = data["claims"]
 
     def save(self) -> None:
-        folder = os.path.dirname(self.path)
-        os.makedirs(folder, mode=0o750, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=folder, prefix=".checkpoint-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": CHECKPOINT_VERSION, "claims": self.claims}, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
+        files.write_atomically(self.path, json.dumps({"version": CHECKPOINT_VERSION, "claims": self.claims},
+                                                     indent=1, sort_keys=True), mode=0o600, folder_mode=0o750)
 
 
 class Driver:
@@ -394,8 +382,7 @@ class Plugin:
 
     def _listen(self, server: Any, path: str) -> None:
         # A socket left by an earlier run is replaced (the kubelet's plugin watcher expects that).
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        files.remove(path)
         if not server.add_insecure_port(f"unix://{path}"):
             raise OSError(f"cannot listen on {path}")
         server.start()
@@ -404,6 +391,5 @@ class Plugin:
     def stop(self, grace: float = 1.0) -> None:
         for server, path in reversed(self._servers):
             server.stop(grace).wait()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            files.remove(path)
         self._servers.clear()
