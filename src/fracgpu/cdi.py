@@ -263,9 +263,10 @@ def minimum_version(cdi_spec: Mapping) -> str:
     return EARLIEST_VERSION
 
 
-def default_spec_path(kind: str = KIND) -> str:
-    """``/var/run/cdi/fracgpu.dev-partition.json`` for the kind ``fracgpu.dev/partition``."""
-    return os.path.join(SPEC_DIR, kind.replace("/", "-") + ".json")
+def default_spec_path(kind: str = KIND, root: str = SPEC_DIR, suffix: str = "") -> str:
+    """``/var/run/cdi/fracgpu.dev-partition.json`` for the kind ``fracgpu.dev/partition``: a spec file of
+    ``kind`` in ``root``, its name the kind's with ``suffix`` (one spec file per claim, say) before ``.json``."""
+    return os.path.join(root, kind.replace("/", "-") + suffix + ".json")
 
 
 def write_spec(layout: Layout, partitions: Iterable[str], path: str | None = None, kind: str = KIND,

@@ -505,7 +505,7 @@ class NodeAgent:
         """Removes the removed partition's CDI device from the device plugin's specs in the CDI root
         (``SLICES_CDI_KIND``, a device named for the partition): a spec left with no device goes."""
         kind = kube.SLICES_CDI_KIND
-        for path in glob.glob(os.path.join(self.cdi_root, kind.replace("/", "-") + "*.json")):
+        for path in glob.glob(cdi.default_spec_path(kind, self.cdi_root, "*")):
             try:
                 with open(path) as f:
                     spec = json.load(f)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fracgpu import kube, ledger, state
@@ -75,17 +75,23 @@ def read(state_dir: str | os.PathLike | None = None) -> Read:
     return time.monotonic(), gpus
 
 
-def running_jobs(ledger_path: str | os.PathLike | None = None) -> dict[int, ledger.JobRecord]:
-    """The jobs the ledger (``ledger_path``, default the usual one) has running, by their recorder's
-    pid; empty when there is no ledger yet or it cannot be read (a view goes on without names)."""
+def _from_ledger(read: Callable[[ledger.Ledger], dict], ledger_path: str | os.PathLike | None) -> dict:
+    """``read`` of the ledger (``ledger_path``, default the usual one); empty when there is no ledger yet
+    or it cannot be read (a view goes on without what it would have said)."""
     path = ledger_path if ledger_path is not None else ledger.default_path()
     if not os.path.isfile(path):
         return {}
     try:
         with ledger.Ledger(path) as books:
-            return books.running()
+            return read(books)
     except ledger.LedgerError:
         return {}
+
+
+def running_jobs(ledger_path: str | os.PathLike | None = None) -> dict[int, ledger.JobRecord]:
+    """The jobs the ledger (``ledger_path``, default the usual one) has running, by their recorder's
+    pid; empty when there is no ledger yet or it cannot be read (a view goes on without names)."""
+    return _from_ledger(lambda books: books.running(), ledger_path)
 
 
 def pods_of(jobs: Iterable[ledger.JobRecord]) -> dict[tuple[str, str], dict[str, str]]:
@@ -104,15 +110,8 @@ def pods_of(jobs: Iterable[ledger.JobRecord]) -> dict[tuple[str, str], dict[str,
 def running_pods(ledger_path: str | os.PathLike | None = None) -> dict[tuple[str, str], dict[str, str]]:
     """``pods_of`` the jobs the ledger (default the usual one) has running now; empty when there is
     no ledger or it cannot be read."""
-    path = ledger_path if ledger_path is not None else ledger.default_path()
-    if not os.path.isfile(path):
-        return {}
     now = time.time()
-    try:
-        with ledger.Ledger(path) as books:
-            return pods_of(books.jobs_during(now, now))
-    except ledger.LedgerError:
-        return {}
+    return _from_ledger(lambda books: pods_of(books.jobs_during(now, now)), ledger_path)
 
 
 def take(before: Read | None, after: Read, jobs: dict[int, ledger.JobRecord] | None = None,

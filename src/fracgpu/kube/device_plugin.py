@@ -151,7 +151,7 @@ def preferred(available: Iterable[str], must_include: Iterable[str], size: int) 
 
 def spec_path(cdi_root: str) -> str:
     """The one CDI spec file of every slice partition of the node, in ``cdi_root``."""
-    return os.path.join(cdi_root, kube.SLICES_CDI_KIND.replace("/", "-") + ".json")
+    return cdi.default_spec_path(kube.SLICES_CDI_KIND, cdi_root)
 
 
 def _share_equal(a: float | None, b: float) -> bool:

@@ -92,7 +92,7 @@ def registration_socket(registrar_dir: str) -> str:
 
 def spec_path(cdi_root: str, uid: str) -> str:
     """The transient CDI spec of claim ``uid``: ``k8s.gpu.fracgpu.dev-claim_<uid>.json``."""
-    return os.path.join(cdi_root, f"{CLAIM_CDI_KIND.replace('/', '-')}_{uid}.json")
+    return cdi.default_spec_path(CLAIM_CDI_KIND, cdi_root, f"_{uid}")
 
 
 @dataclasses.dataclass(frozen=True)
